@@ -1,0 +1,30 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "rawmount",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "rawmount", targets: ["rawmount"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+    ],
+    targets: [
+        // libfuse3 through a system-library module map; the only C in the project.
+        .systemLibrary(name: "CFuse3", path: "Modules/CFuse3", pkgConfig: "fuse3",
+                       providers: [.apt(["libfuse3-dev"])]),
+        // Shared engine: file I/O, errors, mappings, table cache, allocator, locking.
+        .target(name: "BlockEngine"),
+        // Format probes and drivers, one folder per format.
+        .target(name: "ImageFormats", dependencies: ["BlockEngine"]),
+        // libfuse3 low-level adapter: knows block devices, not formats.
+        .target(name: "FuseAdapter", dependencies: ["CFuse3", "BlockEngine"]),
+        .executableTarget(name: "rawmount", dependencies: [
+            "FuseAdapter", "ImageFormats", "BlockEngine",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
+        .testTarget(name: "BlockEngineTests", dependencies: ["BlockEngine", "ImageFormats"]),
+        .testTarget(name: "IntegrationTests", dependencies: ["BlockEngine"]),
+    ]
+)

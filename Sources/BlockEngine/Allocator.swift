@@ -1,0 +1,38 @@
+import Synchronization
+
+/// End-of-file bump allocation in aligned units, serialized under one lock per image.
+/// Formats with their own free-space rules (qcow2 refcounts) keep their own policy and use
+/// this only to grow the file.
+public final class Allocator: Sendable {
+    private let state: Mutex<UInt64>
+    public let alignment: UInt64
+    /// Highest host offset a format can address (e.g. 32-bit sector numbers); nil for none.
+    public let limit: UInt64?
+    public let file: String
+
+    /// `nextOffset` is rounded up to `alignment` (a power of two).
+    public init(file: String, nextOffset: UInt64, alignment: UInt64, limit: UInt64? = nil) {
+        precondition(alignment.isPowerOfTwo)
+        self.alignment = alignment
+        self.limit = limit
+        self.file = file
+        self.state = Mutex(nextOffset.alignedUp(alignment))
+    }
+
+    /// Reserves `bytes` (rounded up to the alignment) and returns where they start.
+    public func allocate(_ bytes: UInt64) throws -> UInt64 {
+        let size = bytes.alignedUp(alignment)
+        return try state.withLock { next in
+            let (end, overflow) = next.addingReportingOverflow(size)
+            if overflow || (limit.map { end > $0 } ?? false) {
+                throw BlockError.io(file: file, operation: "allocate", offset: next, errno: 27 /* EFBIG */)
+            }
+            let start = next
+            next = end
+            return start
+        }
+    }
+
+    /// The next offset that will be handed out (the logical end of the image).
+    public var end: UInt64 { state.withLock { $0 } }
+}

@@ -1,0 +1,231 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Synchronization
+
+/// The engine: one image driver plus its backing chain, doing all data I/O for every format.
+/// Reads walk the driver's mappings and issue one pread per contiguous host run without any
+/// lock; allocating writes are serialized per image and write data before the driver links it.
+public final class BlockDevice: Sendable {
+    public let driver: any ImageDriver
+    public let backing: BlockDevice?
+    public let virtualSize: UInt64
+    public let clusterSize: UInt64
+    /// Serializes allocation + fill + link, so two writers never allocate the same cluster.
+    private let allocationLock = Mutex<Void>(())
+
+    public init(driver: any ImageDriver, backing: BlockDevice? = nil) {
+        self.driver = driver
+        self.backing = backing
+        self.virtualSize = driver.info.virtualSize
+        self.clusterSize = max(driver.info.clusterSize, 512)
+    }
+
+    public var isWritable: Bool { driver.isWritable }
+
+    // MARK: read
+
+    /// Fills `buffer` with guest bytes from `offset`; bytes past the virtual size read as zeros.
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
+        guard let base = buffer.baseAddress, buffer.count > 0 else { return }
+        let total = UInt64(buffer.count)
+        let inside = offset >= virtualSize ? 0 : min(total, virtualSize - offset)
+        if inside < total { memset(base + Int(inside), 0, Int(total - inside)) }
+        var pos: UInt64 = 0
+        // A pending contiguous host run, so adjacent data mappings cost one pread.
+        var runHost: UInt64 = 0, runGuest: UInt64 = 0, runLen: UInt64 = 0
+        func issueRun() throws {
+            if runLen > 0 {
+                try driver.file.readZeroFilled(into: UnsafeMutableRawBufferPointer(start: base + Int(runGuest), count: Int(runLen)),
+                                               at: runHost)
+                runLen = 0
+            }
+        }
+        while pos < inside {
+            let m = try driver.map(offset + pos, maxLength: inside - pos)
+            let n = min(max(m.length, 1), inside - pos)
+            let piece = UnsafeMutableRawBufferPointer(start: base + Int(pos), count: Int(n))
+            switch m {
+            case let .data(host, _):
+                if runLen > 0 && runHost + runLen == host && runGuest + runLen == pos {
+                    runLen += n
+                } else {
+                    try issueRun()
+                    runHost = host; runGuest = pos; runLen = n
+                }
+            case .zero:
+                try issueRun()
+                memset(piece.baseAddress!, 0, piece.count)
+            case .unallocated:
+                try issueRun()
+                try readBacking(into: piece, at: offset + pos)
+            case .compressed:
+                try issueRun()
+                try driver.readCompressed(m, guestOffset: offset + pos, into: piece)
+            }
+            pos += n
+        }
+        try issueRun()
+    }
+
+    private func readBacking(into piece: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
+        if let backing { try backing.read(into: piece, at: offset) } // zeros past its end
+        else { memset(piece.baseAddress!, 0, piece.count) }
+    }
+
+    // MARK: write
+
+    /// Writes guest bytes; the disk never grows, so a write past the end fails.
+    public func write(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
+        guard driver.isWritable else { throw BlockError.readOnly(file: driver.file.path) }
+        let total = UInt64(data.count)
+        guard offset <= virtualSize, total <= virtualSize - offset else {
+            throw BlockError.outOfRange(offset: offset, length: total, size: virtualSize)
+        }
+        var pos: UInt64 = 0
+        while pos < total {
+            let m = try driver.map(offset + pos, maxLength: total - pos)
+            let n = min(max(m.length, 1), total - pos)
+            if case let .data(host, _) = m {
+                try driver.file.write(UnsafeRawBufferPointer(rebasing: data[Int(pos)..<Int(pos + n)]), at: host)
+                pos += n
+            } else {
+                pos += try allocatingWrite(data, dataOffset: pos, guestOffset: offset + pos, length: n)
+            }
+        }
+    }
+
+    /// Allocates clusters for a non-data range, fills them (backing or zeros around the
+    /// request), writes them, then lets the driver link them. Returns bytes consumed.
+    private func allocatingWrite(_ data: UnsafeRawBufferPointer, dataOffset: UInt64,
+                                 guestOffset: UInt64, length: UInt64) throws -> UInt64 {
+        try allocationLock.withLock { _ in
+            // Another writer may have allocated it while we waited.
+            let m = try driver.map(guestOffset, maxLength: length)
+            let n = min(max(m.length, 1), length)
+            if case let .data(host, _) = m {
+                try driver.file.write(UnsafeRawBufferPointer(rebasing: data[Int(dataOffset)..<Int(dataOffset + n)]), at: host)
+                return n
+            }
+            let a = try driver.allocate(guestOffset, length: n)
+            precondition(a.guestOffset <= guestOffset && a.guestOffset + a.length > guestOffset, "driver allocation misses the request")
+            let take = min(n, a.guestOffset + a.length - guestOffset)
+            let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(a.length), alignment: 4096)
+            defer { buf.deallocate() }
+            // Fill what the request does not cover with what the guest sees there now.
+            let head = guestOffset - a.guestOffset
+            let tailStart = head + take
+            if head > 0 { try fill(UnsafeMutableRawBufferPointer(rebasing: buf[0..<Int(head)]), at: a.guestOffset, like: m) }
+            if tailStart < a.length {
+                try fill(UnsafeMutableRawBufferPointer(rebasing: buf[Int(tailStart)...]), at: a.guestOffset + tailStart, like: m)
+            }
+            UnsafeMutableRawBufferPointer(rebasing: buf[Int(head)..<Int(tailStart)])
+                .copyMemory(from: UnsafeRawBufferPointer(rebasing: data[Int(dataOffset)..<Int(dataOffset + take)]))
+            try driver.file.write(UnsafeRawBufferPointer(buf), at: a.hostOffset)
+            try driver.commit(a)
+            return take
+        }
+    }
+
+    /// Old contents of a range that is being allocated: zeros for zero clusters, the backing
+    /// image for unallocated ones; anything else re-reads through the normal path.
+    private func fill(_ piece: UnsafeMutableRawBufferPointer, at offset: UInt64, like m: Mapping) throws {
+        let end = min(offset + UInt64(piece.count), virtualSize)
+        if offset >= end { memset(piece.baseAddress!, 0, piece.count); return }
+        if case .zero = m { memset(piece.baseAddress!, 0, piece.count); return }
+        try read(into: piece, at: offset) // unallocated -> backing/zeros; beyond disk -> zeros
+    }
+
+    // MARK: zeroing
+
+    /// PUNCH_HOLE / ZERO_RANGE: afterwards the range reads as zeros, or this throws.
+    public func zero(at offset: UInt64, length: UInt64, deallocate: Bool) throws {
+        guard driver.isWritable else { throw BlockError.readOnly(file: driver.file.path) }
+        guard offset <= virtualSize, length <= virtualSize - offset else {
+            throw BlockError.outOfRange(offset: offset, length: length, size: virtualSize)
+        }
+        var pos = offset
+        let end = offset + length
+        while pos < end {
+            let done = try allocationLock.withLock { _ in try driver.zeroRange(pos, length: end - pos, deallocate: deallocate) }
+            if done.length > 0 && done.offset == pos { pos += done.length; continue }
+            // The driver handles nothing at `pos` (partial cluster): write zeros up to what it can take.
+            let stop = done.length > 0 ? done.offset : min(end, (pos / clusterSize + 1) * clusterSize)
+            try writeZeros(at: pos, length: stop - pos)
+            pos = stop
+        }
+    }
+
+    /// Writes zeros only where the range does not already read as zeros.
+    private func writeZeros(at offset: UInt64, length: UInt64) throws {
+        var pos = offset
+        let end = offset + length
+        let chunk = min(length, 1 << 20)
+        let zeros = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(chunk), alignment: 4096)
+        defer { zeros.deallocate() }
+        memset(zeros.baseAddress!, 0, zeros.count)
+        while pos < end {
+            let m = try driver.map(pos, maxLength: min(end - pos, chunk))
+            let n = min(max(m.length, 1), end - pos, chunk)
+            let alreadyZero: Bool
+            switch m {
+            case .zero: alreadyZero = true
+            case .unallocated: alreadyZero = backing == nil
+            default: alreadyZero = false
+            }
+            if !alreadyZero { try write(UnsafeRawBufferPointer(rebasing: zeros[0..<Int(n)]), at: pos) }
+            pos += n
+        }
+    }
+
+    // MARK: status
+
+    /// Whether guest bytes from `offset` are data (here or in the backing chain) and for how long.
+    public func status(_ offset: UInt64, maxLength: UInt64) throws -> (data: Bool, length: UInt64) {
+        let m = try driver.status(offset, maxLength: maxLength)
+        let n = min(max(m.length, 1), maxLength)
+        switch m {
+        case .data, .compressed: return (true, n)
+        case .zero: return (false, n)
+        case .unallocated:
+            guard let backing, offset < backing.virtualSize else { return (false, n) }
+            let b = try backing.status(offset, maxLength: min(n, backing.virtualSize - offset))
+            return (b.data, b.length)
+        }
+    }
+
+    /// SEEK_DATA (`data: true`) or SEEK_HOLE from `offset`; nil when no data follows
+    /// (ENXIO). The end of the disk counts as a hole.
+    public func seek(from offset: UInt64, data: Bool) throws -> UInt64? {
+        guard offset < virtualSize else { return nil }
+        var pos = offset
+        while pos < virtualSize {
+            let s = try status(pos, maxLength: virtualSize - pos)
+            if s.data == data { return pos }
+            pos += s.length
+        }
+        return data ? nil : virtualSize
+    }
+
+    /// Guest bytes that hold data in this image (for st_blocks).
+    public func allocatedBytes() throws -> UInt64 {
+        var pos: UInt64 = 0, total: UInt64 = 0
+        while pos < virtualSize {
+            let m = try driver.status(pos, maxLength: virtualSize - pos)
+            let n = min(max(m.length, 1), virtualSize - pos)
+            if case .data = m { total += n } else if case .compressed = m { total += n }
+            pos += n
+        }
+        return total
+    }
+
+    // MARK: lifecycle
+
+    public func flush() throws { if driver.isWritable { try driver.flush() } }
+
+    /// Closes the whole chain, top first.
+    public func close() throws {
+        try driver.close()
+        try backing?.close()
+    }
+}

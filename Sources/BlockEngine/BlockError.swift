@@ -1,0 +1,65 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Every failure the engine and the format drivers report. Each case carries enough context
+/// (file, offset, field) to print one clear sentence at the CLI and to pick an errno at the
+/// FUSE edge.
+public enum BlockError: Error, Equatable, CustomStringConvertible {
+    /// A system call failed.
+    case io(file: String, operation: String, offset: UInt64?, errno: Int32)
+    /// The file ended before a structure that must be there.
+    case truncated(file: String, what: String, offset: UInt64, needed: UInt64, fileSize: UInt64)
+    /// A header field or table entry has a value the format does not allow.
+    case invalid(file: String, field: String, detail: String)
+    /// A valid image uses something rawmount does not implement.
+    case unsupported(file: String, feature: String)
+    /// Not recognised as any supported format.
+    case unknownFormat(file: String)
+    /// A guest request outside the virtual disk.
+    case outOfRange(offset: UInt64, length: UInt64, size: UInt64)
+    /// A write to an image opened read-only.
+    case readOnly(file: String)
+    /// Another process holds a conflicting lock on the image.
+    case locked(file: String, detail: String)
+    /// A request the caller got wrong (bad size string, missing file...).
+    case usage(String)
+
+    public var description: String {
+        switch self {
+        case let .io(file, op, offset, err):
+            let at = offset.map { " at offset \($0)" } ?? ""
+            return "\(file): \(op) failed\(at): \(String(cString: strerror(err)))"
+        case let .truncated(file, what, offset, needed, size):
+            return "\(file): file is truncated: \(what) needs bytes \(offset)..<\(offset &+ needed) but the file is \(size) bytes"
+        case let .invalid(file, field, detail):
+            return "\(file): invalid \(field): \(detail)"
+        case let .unsupported(file, feature):
+            return "\(file): unsupported: \(feature)"
+        case let .unknownFormat(file):
+            return "\(file): not a recognised disk image format"
+        case let .outOfRange(offset, length, size):
+            return "request \(offset)+\(length) is outside the \(size)-byte disk"
+        case let .readOnly(file):
+            return "\(file): image is open read-only"
+        case let .locked(file, detail):
+            return "\(file): image is in use: \(detail)"
+        case let .usage(text):
+            return text
+        }
+    }
+
+    /// The errno a FUSE reply carries for this error.
+    public var errnoValue: Int32 {
+        switch self {
+        case let .io(_, _, _, err): return err
+        case .truncated, .invalid: return EIO
+        case .unsupported: return EOPNOTSUPP
+        case .unknownFormat: return EINVAL
+        case .outOfRange: return ENOSPC
+        case .readOnly: return EROFS
+        case .locked: return EBUSY
+        case .usage: return EINVAL
+        }
+    }
+}

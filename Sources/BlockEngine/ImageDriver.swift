@@ -1,0 +1,88 @@
+/// What a guest range `[offset, offset+length)` is, as one format driver sees it.
+public enum Mapping: Equatable, Sendable {
+    /// Bytes live in this image file, contiguous from `host`.
+    case data(host: UInt64, length: UInt64)
+    /// Reads as zeros and stops backing-file lookup (zero flag, discarded block, ZERO extent).
+    case zero(length: UInt64)
+    /// Not in this image: the backing image answers, or zeros without one.
+    case unallocated(length: UInt64)
+    /// A compressed cluster; the driver inflates it through `readCompressed`.
+    case compressed(host: UInt64, size: UInt64, length: UInt64)
+
+    public var length: UInt64 {
+        switch self {
+        case let .data(_, n), let .zero(n), let .unallocated(n), let .compressed(_, _, n): return n
+        }
+    }
+}
+
+/// Host space the engine writes a new cluster run into before the driver links it.
+public struct Allocation: Sendable, Equatable {
+    /// First guest byte of the run (cluster aligned).
+    public var guestOffset: UInt64
+    /// First host byte of the run.
+    public var hostOffset: UInt64
+    /// Bytes in the run (whole clusters).
+    public var length: UInt64
+    public init(guestOffset: UInt64, hostOffset: UInt64, length: UInt64) {
+        self.guestOffset = guestOffset; self.hostOffset = hostOffset; self.length = length
+    }
+}
+
+/// Facts `rawmount info` prints.
+public struct ImageInfo: Sendable {
+    public var format: String
+    public var virtualSize: UInt64
+    public var clusterSize: UInt64
+    public var details: [(String, String)]
+    public init(format: String, virtualSize: UInt64, clusterSize: UInt64, details: [(String, String)] = []) {
+        self.format = format; self.virtualSize = virtualSize; self.clusterSize = clusterSize; self.details = details
+    }
+}
+
+/// The contract every format implements: translate guest ranges and keep tables; the
+/// `BlockDevice` engine does all data I/O.
+public protocol ImageDriver: AnyObject, Sendable {
+    var file: ImageFile { get }
+    var info: ImageInfo { get }
+    var isWritable: Bool { get }
+
+    /// Mapping of `[offset, offset+n)` for some `0 < n <= maxLength` (the engine never asks
+    /// past the virtual size).
+    func map(_ offset: UInt64, maxLength: UInt64) throws -> Mapping
+    /// Like `map`, for SEEK_DATA/SEEK_HOLE and st_blocks; drivers may answer more precisely
+    /// (raw asks the host file system about holes).
+    func status(_ offset: UInt64, maxLength: UInt64) throws -> Mapping
+
+    /// Reserves host space for the clusters covering `[offset, offset+length)`; the result
+    /// starts at or before `offset` and may cover less than `length` (the engine loops).
+    /// Tables are not touched yet.
+    func allocate(_ offset: UInt64, length: UInt64) throws -> Allocation
+    /// Links a run the engine has filled with data into the tables.
+    func commit(_ allocation: Allocation) throws
+
+    /// Makes whole, aligned units of `[offset, offset+length)` read as zeros without data
+    /// writes (zero flag, unallocation, hole punching). Returns the sub-range it handled; the
+    /// engine writes zeros over the rest.
+    func zeroRange(_ offset: UInt64, length: UInt64, deallocate: Bool) throws -> (offset: UInt64, length: UInt64)
+
+    /// Inflates one compressed cluster and copies guest bytes `[offset, offset+buffer.count)` out.
+    func readCompressed(_ mapping: Mapping, guestOffset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws
+
+    /// Writes back dirty metadata, then makes everything durable.
+    func flush() throws
+    /// Flushes and marks the image cleanly closed.
+    func close() throws
+}
+
+extension ImageDriver {
+    public func status(_ offset: UInt64, maxLength: UInt64) throws -> Mapping { try map(offset, maxLength: maxLength) }
+    public func allocate(_ offset: UInt64, length: UInt64) throws -> Allocation { throw BlockError.readOnly(file: file.path) }
+    public func commit(_ allocation: Allocation) throws { throw BlockError.readOnly(file: file.path) }
+    public func zeroRange(_ offset: UInt64, length: UInt64, deallocate: Bool) throws -> (offset: UInt64, length: UInt64) {
+        (offset, 0)
+    }
+    public func readCompressed(_ mapping: Mapping, guestOffset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws {
+        throw BlockError.unsupported(file: file.path, feature: "compressed clusters")
+    }
+}

@@ -1,0 +1,160 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One open image file. All positioned I/O of the project goes through here: the loops
+/// retry short transfers and EINTR, and every failure names the file and offset.
+public final class ImageFile: Sendable {
+    public let path: String
+    public let fd: Int32
+    public let isWritable: Bool
+
+    /// Opens `path`. Read-only opens add O_NOATIME where the kernel allows it, so forensic
+    /// reads leave the access time alone.
+    public init(path: String, writable: Bool) throws {
+        self.path = path
+        self.isWritable = writable
+        var flags = (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC
+        if !writable { flags |= 0o1000000 /* O_NOATIME */ }
+        var fd = open(path, flags)
+        if fd < 0 && errno == EPERM && !writable {
+            fd = open(path, O_RDONLY | O_CLOEXEC) // O_NOATIME needs ownership
+        }
+        if fd < 0 { throw BlockError.io(file: path, operation: "open", offset: nil, errno: errno) }
+        var st = Glibc.stat()
+        if fstat(fd, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR {
+            close(fd)
+            throw BlockError.io(file: path, operation: "open", offset: nil, errno: EISDIR)
+        }
+        self.fd = fd
+    }
+
+    deinit { close(fd) }
+
+    /// Current size in bytes (works for block devices too).
+    public func size() throws -> UInt64 {
+        let end = lseek(fd, 0, SEEK_END)
+        if end < 0 { throw BlockError.io(file: path, operation: "lseek", offset: nil, errno: errno) }
+        return UInt64(end)
+    }
+
+    /// Reads exactly `buffer.count` bytes; the file ending early is an error naming `what`.
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, what: String = "data") throws {
+        let got = try readUpTo(into: buffer, at: offset)
+        if got < buffer.count {
+            throw BlockError.truncated(file: path, what: what, offset: offset, needed: UInt64(buffer.count),
+                                       fileSize: (try? size()) ?? offset + UInt64(got))
+        }
+    }
+
+    /// Reads until the buffer is full or the file ends; returns the bytes read.
+    public func readUpTo(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws -> Int {
+        guard let base = buffer.baseAddress, buffer.count > 0 else { return 0 }
+        guard offset <= UInt64(Int.max) - UInt64(buffer.count) else {
+            throw BlockError.io(file: path, operation: "read", offset: offset, errno: EOVERFLOW)
+        }
+        var done = 0
+        while done < buffer.count {
+            let n = pread(fd, base + done, buffer.count - done, off_t(offset) + off_t(done))
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw BlockError.io(file: path, operation: "read", offset: offset + UInt64(done), errno: errno)
+            }
+            if n == 0 { break }
+            done += n
+        }
+        return done
+    }
+
+    /// Reads, and fills whatever lies past the end of the file with zeros (QEMU's file layer
+    /// does the same; callers that must not accept it use `read(into:at:what:)`).
+    public func readZeroFilled(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
+        let got = try readUpTo(into: buffer, at: offset)
+        if got < buffer.count, let base = buffer.baseAddress {
+            memset(base + got, 0, buffer.count - got)
+        }
+    }
+
+    public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
+        guard let base = buffer.baseAddress, buffer.count > 0 else { return }
+        guard isWritable else { throw BlockError.readOnly(file: path) }
+        guard offset <= UInt64(Int.max) - UInt64(buffer.count) else {
+            throw BlockError.io(file: path, operation: "write", offset: offset, errno: EOVERFLOW)
+        }
+        var done = 0
+        while done < buffer.count {
+            let n = pwrite(fd, base + done, buffer.count - done, off_t(offset) + off_t(done))
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw BlockError.io(file: path, operation: "write", offset: offset + UInt64(done), errno: errno)
+            }
+            if n == 0 { throw BlockError.io(file: path, operation: "write", offset: offset + UInt64(done), errno: EIO) }
+            done += n
+        }
+    }
+
+    public func write(_ bytes: [UInt8], at offset: UInt64) throws {
+        try bytes.withUnsafeBytes { try write($0, at: offset) }
+    }
+
+    /// Reads `count` bytes into a new array (for headers and small structures).
+    public func readBytes(count: Int, at offset: UInt64, what: String) throws -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: count)
+        try out.withUnsafeMutableBytes { try read(into: $0, at: offset, what: what) }
+        return out
+    }
+
+    /// Makes written data durable.
+    public func sync() throws {
+        guard isWritable else { return }
+        while fdatasync(fd) != 0 {
+            if errno == EINTR { continue }
+            throw BlockError.io(file: path, operation: "fdatasync", offset: nil, errno: errno)
+        }
+    }
+
+    /// fallocate(2); returns false when the file system does not support `mode`.
+    public func fallocate(mode: Int32, offset: UInt64, length: UInt64) throws -> Bool {
+        while true {
+            if linuxFallocate(fd, mode, off_t(offset), off_t(length)) == 0 { return true }
+            let e = errno
+            if e == EINTR { continue }
+            if e == EOPNOTSUPP || e == ENOSYS || e == EINVAL { return false }
+            throw BlockError.io(file: path, operation: "fallocate", offset: offset, errno: e)
+        }
+    }
+
+    public func truncate(to size: UInt64) throws {
+        if ftruncate(fd, off_t(size)) != 0 {
+            throw BlockError.io(file: path, operation: "ftruncate", offset: size, errno: errno)
+        }
+    }
+
+    /// The next offset at or after `offset` that holds data (`data: true`) or is a hole in
+    /// the host file; nil past the end of the file.
+    public func seek(_ offset: UInt64, data: Bool) throws -> UInt64? {
+        let r = lseek(fd, off_t(offset), data ? 3 /* SEEK_DATA */ : 4 /* SEEK_HOLE */)
+        if r < 0 {
+            if errno == ENXIO { return nil }
+            if errno == EINVAL { return data ? offset : (try size()) } // no support: all data
+            throw BlockError.io(file: path, operation: "lseek", offset: offset, errno: errno)
+        }
+        return UInt64(r)
+    }
+
+    /// Bytes the host file system has allocated for this file.
+    public func allocatedBytes() -> UInt64 {
+        var st = Glibc.stat()
+        guard fstat(fd, &st) == 0 else { return 0 }
+        return UInt64(st.st_blocks) * 512
+    }
+
+    public func fileStatus() -> Glibc.stat? {
+        var st = Glibc.stat()
+        return fstat(fd, &st) == 0 ? st : nil
+    }
+}
+
+/// glibc's fallocate(2); Swift's Glibc module hides it behind _GNU_SOURCE.
+@_silgen_name("fallocate")
+private func linuxFallocate(_ fd: Int32, _ mode: Int32, _ offset: off_t, _ length: off_t) -> Int32

@@ -1,0 +1,194 @@
+import Synchronization
+
+/// How entries of a metadata table are stored on disk.
+public enum TableEncoding: Sendable {
+    case u32LE, u64LE, u64BE
+    public var width: Int { self == .u32LE ? 4 : 8 }
+}
+
+/// A bounded, thread-safe LRU cache of fixed-size metadata tables (QED L2, VMDK grain tables,
+/// qcow2 L2, chunks of the VDI block map and Bochs catalog), keyed by host offset.
+///
+/// Write-back order: a table is written only after every table whose last change came
+/// before its own last change. Changing an already-dirty table moves it to the back of the
+/// queue, so a parent table (L1, directory) that was changed to point at a new child is
+/// always written after the child. `beforeWriteBack` runs once before each batch of table
+/// writes (formats pass an fdatasync so data lands before the metadata that points at it).
+public final class TableCache: Sendable {
+    public let tableBytes: Int
+    public let encoding: TableEncoding
+    public let capacity: Int
+    public var entriesPerTable: Int { tableBytes / encoding.width }
+
+    private let file: ImageFile
+    private let beforeWriteBack: (@Sendable () throws -> Void)?
+    private let state: Mutex<State>
+
+    final class Slot: @unchecked Sendable { // only touched under `state`
+        var bytes: [UInt8]
+        var lastUse: UInt64 = 0
+        var dirtySeq: UInt64? = nil
+        init(bytes: [UInt8]) { self.bytes = bytes }
+    }
+    struct State: ~Copyable {
+        var slots: [UInt64: Slot] = [:]
+        var clock: UInt64 = 0
+        var stats = Stats()
+    }
+    public struct Stats: Sendable, Equatable {
+        public var hits = 0, misses = 0, evictions = 0, tableWrites = 0, writeBackBatches = 0
+    }
+
+    public init(file: ImageFile, tableBytes: Int, encoding: TableEncoding, capacity: Int,
+                beforeWriteBack: (@Sendable () throws -> Void)? = nil) {
+        precondition(tableBytes > 0 && tableBytes % encoding.width == 0 && capacity > 0)
+        self.file = file
+        self.tableBytes = tableBytes
+        self.encoding = encoding
+        self.capacity = capacity
+        self.beforeWriteBack = beforeWriteBack
+        self.state = Mutex(State())
+    }
+
+    public var stats: Stats { state.withLock { $0.stats } }
+    public var dirtyCount: Int { state.withLock { $0.slots.values.filter { $0.dirtySeq != nil }.count } }
+
+    /// Entry `index` of the table at `table`, reading the table on a miss.
+    public func entry(table: UInt64, index: Int) throws -> UInt64 {
+        precondition(index >= 0 && index < entriesPerTable)
+        if let v = state.withLock({ s -> UInt64? in
+            guard let slot = s.slots[table] else { return nil }
+            s.clock += 1; slot.lastUse = s.clock; s.stats.hits += 1
+            return decode(slot.bytes, index)
+        }) { return v }
+        let bytes = try file.readBytes(count: tableBytes, at: table, what: "metadata table")
+        return try state.withLock { s in
+            let slot = try insertLocked(&s, table: table, bytes: bytes)
+            return decode(slot.bytes, index)
+        }
+    }
+
+    /// Calls `body` with entries `range` of the table, under the lock (no I/O in `body`).
+    public func withEntries<R>(table: UInt64, _ body: (TableView) throws -> R) throws -> R {
+        if let r = try state.withLock({ s -> R? in
+            guard let slot = s.slots[table] else { return nil }
+            s.clock += 1; slot.lastUse = s.clock; s.stats.hits += 1
+            return try body(TableView(bytes: slot.bytes, encoding: encoding))
+        }) { return r }
+        let bytes = try file.readBytes(count: tableBytes, at: table, what: "metadata table")
+        return try state.withLock { s in
+            let slot = try insertLocked(&s, table: table, bytes: bytes)
+            return try body(TableView(bytes: slot.bytes, encoding: encoding))
+        }
+    }
+
+    /// Sets an entry and marks the table dirty (moving it to the back of the write order).
+    public func setEntry(table: UInt64, index: Int, value: UInt64) throws {
+        precondition(index >= 0 && index < entriesPerTable)
+        let loaded: [UInt8]? = state.withLock { $0.slots[table] == nil } ?
+            try file.readBytes(count: tableBytes, at: table, what: "metadata table") : nil
+        try state.withLock { s in
+            let slot: Slot
+            if let existing = s.slots[table] { slot = existing } else {
+                slot = try insertLocked(&s, table: table, bytes: loaded ?? [UInt8](repeating: 0, count: tableBytes))
+            }
+            encode(&slot.bytes, index, value)
+            s.clock += 1; slot.lastUse = s.clock; slot.dirtySeq = s.clock
+        }
+    }
+
+    /// Puts a brand-new table (all `fill`) into the cache, dirty, without reading the disk.
+    public func install(table: UInt64, fill: UInt64 = 0) throws {
+        var bytes = [UInt8](repeating: 0, count: tableBytes)
+        if fill != 0 { for i in 0..<entriesPerTable { encode(&bytes, i, fill) } }
+        try state.withLock { s in
+            let slot = try insertLocked(&s, table: table, bytes: bytes)
+            slot.bytes = bytes
+            s.clock += 1; slot.lastUse = s.clock; slot.dirtySeq = s.clock
+        }
+    }
+
+    /// Writes `table` and every table dirtied before its last change.
+    public func writeBack(table: UInt64) throws {
+        try state.withLock { s in
+            guard let seq = s.slots[table]?.dirtySeq else { return }
+            try writeDirtyLocked(&s, upTo: seq)
+        }
+    }
+
+    /// Writes every dirty table, oldest change first.
+    public func flush() throws {
+        try state.withLock { s in try writeDirtyLocked(&s, upTo: .max) }
+    }
+
+    /// Drops a clean table (after it was freed); a dirty one is written first.
+    public func evict(table: UInt64) throws {
+        try state.withLock { s in
+            if let seq = s.slots[table]?.dirtySeq { try writeDirtyLocked(&s, upTo: seq) }
+            s.slots[table] = nil
+        }
+    }
+
+    // MARK: - internals (state lock held)
+
+    private func insertLocked(_ s: inout State, table: UInt64, bytes: [UInt8]) throws -> Slot {
+        if let existing = s.slots[table] { // another thread loaded it meanwhile
+            s.clock += 1; existing.lastUse = s.clock
+            return existing
+        }
+        s.stats.misses += 1
+        while s.slots.count >= capacity {
+            guard let victim = s.slots.min(by: { $0.value.lastUse < $1.value.lastUse }) else { break }
+            if let seq = victim.value.dirtySeq { try writeDirtyLocked(&s, upTo: seq) }
+            s.slots[victim.key] = nil
+            s.stats.evictions += 1
+        }
+        let slot = Slot(bytes: bytes)
+        s.clock += 1; slot.lastUse = s.clock
+        s.slots[table] = slot
+        return slot
+    }
+
+    private func writeDirtyLocked(_ s: inout State, upTo seq: UInt64) throws {
+        let batch = s.slots.filter { ($0.value.dirtySeq ?? .max) <= seq }
+            .sorted { $0.value.dirtySeq! < $1.value.dirtySeq! }
+        guard !batch.isEmpty else { return }
+        try beforeWriteBack?()
+        s.stats.writeBackBatches += 1
+        for (offset, slot) in batch {
+            try file.write(slot.bytes, at: offset)
+            slot.dirtySeq = nil
+            s.stats.tableWrites += 1
+        }
+    }
+
+    @inline(__always) private func decode(_ b: [UInt8], _ i: Int) -> UInt64 {
+        TableView(bytes: b, encoding: encoding)[i]
+    }
+
+    @inline(__always) private func encode(_ b: inout [UInt8], _ i: Int, _ v: UInt64) {
+        let o = i * encoding.width
+        switch encoding {
+        case .u32LE: for k in 0..<4 { b[o + k] = UInt8(truncatingIfNeeded: v >> (8 * UInt64(k))) }
+        case .u64LE: for k in 0..<8 { b[o + k] = UInt8(truncatingIfNeeded: v >> (8 * UInt64(k))) }
+        case .u64BE: for k in 0..<8 { b[o + k] = UInt8(truncatingIfNeeded: v >> (8 * UInt64(7 - k))) }
+        }
+    }
+}
+
+/// Read-only access to a cached table's entries.
+public struct TableView {
+    let bytes: [UInt8]
+    let encoding: TableEncoding
+    public var count: Int { bytes.count / encoding.width }
+    public subscript(i: Int) -> UInt64 {
+        bytes.withUnsafeBytes { raw in
+            let o = i * encoding.width
+            switch encoding {
+            case .u32LE: return UInt64(UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: o, as: UInt32.self)))
+            case .u64LE: return UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: o, as: UInt64.self))
+            case .u64BE: return UInt64(bigEndian: raw.loadUnaligned(fromByteOffset: o, as: UInt64.self))
+            }
+        }
+    }
+}

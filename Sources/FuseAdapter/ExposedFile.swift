@@ -1,0 +1,79 @@
+import BlockEngine
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One file the mount shows: a name and the block device behind it.
+public struct ExposedFile: Sendable {
+    public let name: String
+    public let device: BlockDevice
+    public let readOnly: Bool
+    /// Preferred I/O size (st_blksize): the image's cluster size.
+    public var blockSize: Int { Int(min(max(device.clusterSize, 512), 1 << 20)) }
+
+    public init(name: String, device: BlockDevice, readOnly: Bool) {
+        self.name = name
+        self.device = device
+        self.readOnly = readOnly || !device.isWritable
+    }
+}
+
+/// The tree a mount shows: either the mountpoint itself is the raw file (a file mountpoint),
+/// or the mountpoint is a directory listing the files. Inode 1 is the root.
+public final class FuseFilesystem: Sendable {
+    public let files: [ExposedFile]
+    public let rootIsFile: Bool
+    let uid: uid_t, gid: gid_t
+    /// Times shown for every inode: those of the top image file at mount time.
+    let times: (atime: timespec, mtime: timespec, ctime: timespec)
+
+    public init(files: [ExposedFile], rootIsFile: Bool) {
+        precondition(!files.isEmpty && (!rootIsFile || files.count == 1))
+        self.files = files
+        self.rootIsFile = rootIsFile
+        uid = getuid(); gid = getgid()
+        if let st = files[0].device.driver.file.fileStatus() {
+            times = (st.st_atim, st.st_mtim, st.st_ctim)
+        } else {
+            var now = timespec(); clock_gettime(CLOCK_REALTIME, &now)
+            times = (now, now, now)
+        }
+    }
+
+    static let rootInode: UInt64 = 1
+
+    /// The file behind an inode, or nil for the root directory / unknown inodes.
+    @inline(__always)
+    func file(_ ino: UInt64) -> ExposedFile? {
+        if rootIsFile { return ino == Self.rootInode ? files[0] : nil }
+        let i = Int(truncatingIfNeeded: ino) - 2
+        return i >= 0 && i < files.count ? files[i] : nil
+    }
+
+    func inode(named name: String) -> UInt64? {
+        guard !rootIsFile, let i = files.firstIndex(where: { $0.name == name }) else { return nil }
+        return UInt64(i + 2)
+    }
+
+    func attributes(_ ino: UInt64) -> stat? {
+        var st = stat()
+        st.st_ino = __ino_t(ino)
+        st.st_uid = uid; st.st_gid = gid
+        st.st_atim = times.atime; st.st_mtim = times.mtime; st.st_ctim = times.ctime
+        if let f = file(ino) {
+            st.st_mode = S_IFREG | (f.readOnly ? 0o444 : 0o644)
+            st.st_nlink = 1
+            st.st_size = off_t(f.device.virtualSize)
+            st.st_blksize = Int(f.blockSize)
+            let used = (try? f.device.allocatedBytes()) ?? f.device.virtualSize
+            st.st_blocks = blkcnt_t((used + 511) / 512)
+            return st
+        }
+        guard ino == Self.rootInode && !rootIsFile else { return nil }
+        st.st_mode = S_IFDIR | 0o755
+        st.st_nlink = 2
+        st.st_size = 4096
+        st.st_blksize = 4096
+        return st
+    }
+}

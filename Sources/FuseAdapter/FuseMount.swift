@@ -1,0 +1,72 @@
+import CFuse3
+import BlockEngine
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A mounted filesystem: a libfuse session, its mountpoint, and the loop that serves it.
+public final class FuseMount {
+    public let mountpoint: String
+    let filesystem: FuseFilesystem
+    private var session: OpaquePointer?
+    private var ops = makeOperations()
+    private var argStorage: [UnsafeMutablePointer<CChar>?] = []
+
+    /// Mounts. `fsName` shows up in `mount`/`df` (the image path); `readOnly` adds the `ro`
+    /// option so the kernel refuses write opens even for root; `extraOptions` are the user's -o.
+    public init(filesystem: FuseFilesystem, mountpoint: String, fsName: String, readOnly: Bool,
+                extraOptions: [String], threads: Int = 8) throws {
+        self.filesystem = filesystem
+        self.mountpoint = mountpoint
+        self.threads = threads
+        let escapedName = fsName.replacingAll(",", with: "\\,")
+        var opts = ["fsname=\(escapedName)", "subtype=rawmount", "default_permissions"]
+        if readOnly { opts.append("ro") }
+        opts.append(contentsOf: extraOptions.filter { !$0.isEmpty })
+        let argv = ["rawmount", "-o", opts.joined(separator: ",")]
+        argStorage = argv.map { strdup($0) } + [nil]
+        var args = rm_fuse_args_init(Int32(argv.count), &argStorage)
+        let userdata = Unmanaged.passUnretained(filesystem).toOpaque()
+        session = fuse_session_new(&args, &ops, MemoryLayout<fuse_lowlevel_ops>.size, userdata)
+        guard session != nil else {
+            throw BlockError.usage("\(mountpoint): cannot create FUSE session (bad -o option?)")
+        }
+        if fuse_session_mount(session, mountpoint) != 0 {
+            fuse_session_destroy(session)
+            session = nil
+            throw BlockError.usage("\(mountpoint): mount failed (is /dev/fuse available and the mountpoint an existing directory or file?)")
+        }
+    }
+
+    let threads: Int
+
+    /// Serves requests until the mount goes away or SIGINT/SIGTERM/SIGHUP arrives.
+    public func run() -> Int32 {
+        guard let session else { return -1 }
+        fuse_set_signal_handlers(session)
+        let r = rm_session_loop_mt(session, UInt32(threads), 1)
+        fuse_remove_signal_handlers(session)
+        return r
+    }
+
+    /// Unmounts (lazily if still busy) and frees the session. Callers close the images after.
+    public func unmount() {
+        guard let session else { return }
+        fuse_session_unmount(session)
+        fuse_session_destroy(session)
+        self.session = nil
+    }
+
+    deinit {
+        unmount()
+        for p in argStorage { free(p) }
+    }
+}
+
+extension String {
+    func replacingAll(_ target: Character, with replacement: String) -> String {
+        var out = ""
+        for c in self { if c == target { out += replacement } else { out.append(c) } }
+        return out
+    }
+}

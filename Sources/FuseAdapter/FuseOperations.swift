@@ -1,0 +1,221 @@
+import CFuse3
+import BlockEngine
+#if canImport(Glibc)
+import Glibc
+#endif
+
+// libfuse3 low-level callbacks. Each answers on the libfuse worker thread that called it;
+// the filesystem object arrives through the session's userdata.
+
+@inline(__always)
+private func filesystem(_ req: fuse_req_t?) -> FuseFilesystem {
+    Unmanaged<FuseFilesystem>.fromOpaque(fuse_req_userdata(req)!).takeUnretainedValue()
+}
+
+@inline(__always)
+private func reply(_ req: fuse_req_t?, error: Error) {
+    let code = (error as? BlockError)?.errnoValue ?? EIO
+    fuse_reply_err(req, code)
+}
+
+private let attrTimeout = 1.0
+
+private func replyEntry(_ req: fuse_req_t?, _ fs: FuseFilesystem, _ ino: UInt64) {
+    guard let st = fs.attributes(ino) else { fuse_reply_err(req, ENOENT); return }
+    var e = fuse_entry_param()
+    e.ino = ino
+    e.generation = 1
+    e.attr = st
+    e.attr_timeout = attrTimeout
+    e.entry_timeout = attrTimeout
+    fuse_reply_entry(req, &e)
+}
+
+func makeOperations() -> fuse_lowlevel_ops {
+    var ops = fuse_lowlevel_ops()
+
+    ops.`init` = { userdata, conn in
+        guard let conn else { return }
+        // O_TRUNC arrives in open flags instead of as a size-0 setattr, so `dd of=` without
+        // conv=notrunc leaves the disk intact.
+        if conn.pointee.capable & UInt32(FUSE_CAP_ATOMIC_O_TRUNC) != 0 {
+            conn.pointee.want |= UInt32(FUSE_CAP_ATOMIC_O_TRUNC)
+        }
+        conn.pointee.want &= ~UInt32(FUSE_CAP_WRITEBACK_CACHE)
+        conn.pointee.max_background = 64
+        conn.pointee.congestion_threshold = 48
+    }
+
+    ops.lookup = { req, parent, name in
+        let fs = filesystem(req)
+        guard parent == FuseFilesystem.rootInode, let name, let ino = fs.inode(named: String(cString: name)) else {
+            fuse_reply_err(req, ENOENT); return
+        }
+        replyEntry(req, fs, ino)
+    }
+
+    ops.getattr = { req, ino, _ in
+        guard var st = filesystem(req).attributes(ino) else { fuse_reply_err(req, ENOENT); return }
+        fuse_reply_attr(req, &st, attrTimeout)
+    }
+
+    ops.setattr = { req, ino, attr, toSet, _ in
+        let fs = filesystem(req)
+        guard var st = fs.attributes(ino) else { fuse_reply_err(req, ENOENT); return }
+        if toSet & FUSE_SET_ATTR_SIZE != 0, let attr {
+            // The disk's size is the image's virtual size; only "no change" is accepted.
+            if attr.pointee.st_size != st.st_size { fuse_reply_err(req, EPERM); return }
+            if fs.file(ino)?.readOnly ?? true { fuse_reply_err(req, EROFS); return }
+        }
+        // Mode, owner and time changes are accepted and not stored.
+        fuse_reply_attr(req, &st, attrTimeout)
+    }
+
+    ops.open = { req, ino, fi in
+        let fs = filesystem(req)
+        guard let file = fs.file(ino), let fi else {
+            fuse_reply_err(req, fs.rootIsFile ? ENOENT : EISDIR); return
+        }
+        let flags = rm_fi_flags(fi)
+        if (flags & O_ACCMODE) != O_RDONLY && file.readOnly { fuse_reply_err(req, EROFS); return }
+        if flags & rm_O_DIRECT != 0 { rm_fi_set_direct_io(fi, 1) }
+        fuse_reply_open(req, fi)
+    }
+
+    ops.read = { req, ino, size, off, _ in
+        let fs = filesystem(req)
+        guard let file = fs.file(ino) else { fuse_reply_err(req, EISDIR); return }
+        let disk = file.device.virtualSize
+        guard off >= 0, UInt64(off) < disk else { fuse_reply_buf(req, nil, 0); return }
+        let n = Int(min(UInt64(size), disk - UInt64(off)))
+        let buf = ThreadBuffer.get(n)
+        do {
+            try file.device.read(into: buf, at: UInt64(off))
+            fuse_reply_buf(req, buf.baseAddress!.assumingMemoryBound(to: CChar.self), n)
+        } catch {
+            reply(req, error: error)
+        }
+    }
+
+    ops.write = { req, ino, buf, size, off, _ in
+        let fs = filesystem(req)
+        guard let file = fs.file(ino), let buf else { fuse_reply_err(req, EISDIR); return }
+        if file.readOnly { fuse_reply_err(req, EROFS); return }
+        let disk = file.device.virtualSize
+        guard off >= 0, UInt64(off) < disk else { fuse_reply_err(req, ENOSPC); return }
+        // Like a block device: a write running past the end is cut short there.
+        let n = Int(min(UInt64(size), disk - UInt64(off)))
+        do {
+            try file.device.write(UnsafeRawBufferPointer(start: buf, count: n), at: UInt64(off))
+            fuse_reply_write(req, n)
+        } catch {
+            reply(req, error: error)
+        }
+    }
+
+    ops.flush = { req, ino, fi in
+        let fs = filesystem(req)
+        guard let file = fs.file(ino) else { fuse_reply_err(req, 0); return }
+        if !file.readOnly, let fi, rm_fi_flags(fi) & O_ACCMODE != O_RDONLY {
+            do { try file.device.flush() } catch { reply(req, error: error); return }
+        }
+        fuse_reply_err(req, 0)
+    }
+
+    ops.release = { req, _, _ in fuse_reply_err(req, 0) }
+
+    ops.fsync = { req, ino, _, _ in
+        let fs = filesystem(req)
+        guard let file = fs.file(ino) else { fuse_reply_err(req, 0); return }
+        do { try file.device.flush(); fuse_reply_err(req, 0) } catch { reply(req, error: error) }
+    }
+
+    ops.opendir = { req, ino, fi in
+        let fs = filesystem(req)
+        guard ino == FuseFilesystem.rootInode, !fs.rootIsFile else { fuse_reply_err(req, ENOTDIR); return }
+        fuse_reply_open(req, fi)
+    }
+
+    ops.readdir = { req, ino, size, off, _ in
+        let fs = filesystem(req)
+        guard ino == FuseFilesystem.rootInode, !fs.rootIsFile else { fuse_reply_err(req, ENOTDIR); return }
+        var names: [(String, UInt64, mode_t)] = [(".", 1, S_IFDIR), ("..", 1, S_IFDIR)]
+        for (i, f) in fs.files.enumerated() { names.append((f.name, UInt64(i + 2), S_IFREG)) }
+        let buf = UnsafeMutablePointer<CChar>.allocate(capacity: max(size, 1))
+        defer { buf.deallocate() }
+        var used = 0
+        var index = Int(off)
+        while index < names.count {
+            var st = stat()
+            st.st_ino = __ino_t(names[index].1)
+            st.st_mode = names[index].2
+            let need = fuse_add_direntry(req, buf + used, size - used, names[index].0, &st, off_t(index + 1))
+            if need > size - used { break }
+            used += need
+            index += 1
+        }
+        fuse_reply_buf(req, buf, used)
+    }
+
+    ops.releasedir = { req, _, _ in fuse_reply_err(req, 0) }
+
+    ops.statfs = { req, _ in
+        let fs = filesystem(req)
+        var sv = statvfs()
+        let total = fs.files.reduce(UInt64(0)) { $0 + $1.device.virtualSize }
+        sv.f_bsize = 4096
+        sv.f_frsize = 4096
+        sv.f_blocks = fsblkcnt_t((total + 4095) / 4096)
+        sv.f_bfree = 0
+        sv.f_bavail = 0
+        sv.f_files = fsfilcnt_t(fs.files.count + 1)
+        sv.f_namemax = 255
+        fuse_reply_statfs(req, &sv)
+    }
+
+    ops.fallocate = { req, ino, mode, offset, length, _ in
+        let fs = filesystem(req)
+        guard let file = fs.file(ino) else { fuse_reply_err(req, EISDIR); return }
+        if file.readOnly { fuse_reply_err(req, EROFS); return }
+        guard offset >= 0, length > 0 else { fuse_reply_err(req, EINVAL); return }
+        let disk = file.device.virtualSize
+        let start = UInt64(offset)
+        let end = start + UInt64(length)
+        let punch = mode & rm_FALLOC_FL_PUNCH_HOLE != 0
+        let zero = mode & rm_FALLOC_FL_ZERO_RANGE != 0
+        let known = rm_FALLOC_FL_PUNCH_HOLE | rm_FALLOC_FL_ZERO_RANGE | rm_FALLOC_FL_KEEP_SIZE
+        guard mode & ~known == 0, !(punch && zero) else { fuse_reply_err(req, EOPNOTSUPP); return }
+        if punch && mode & rm_FALLOC_FL_KEEP_SIZE == 0 { fuse_reply_err(req, EOPNOTSUPP); return }
+        if !punch && !zero {
+            // Preallocation: every byte of the disk already exists; growing is not possible.
+            fuse_reply_err(req, end <= disk ? 0 : EOPNOTSUPP); return
+        }
+        // Zeroing never changes the size: clip to the disk.
+        guard start < disk else { fuse_reply_err(req, mode & rm_FALLOC_FL_KEEP_SIZE != 0 ? 0 : EOPNOTSUPP); return }
+        if end > disk && mode & rm_FALLOC_FL_KEEP_SIZE == 0 { fuse_reply_err(req, EOPNOTSUPP); return }
+        do {
+            try file.device.zero(at: start, length: min(end, disk) - start, deallocate: punch)
+            fuse_reply_err(req, 0)
+        } catch {
+            reply(req, error: error)
+        }
+    }
+
+    ops.lseek = { req, ino, off, whence, _ in
+        let fs = filesystem(req)
+        guard let file = fs.file(ino) else { fuse_reply_err(req, EISDIR); return }
+        guard whence == rm_SEEK_DATA || whence == rm_SEEK_HOLE else { fuse_reply_err(req, EINVAL); return }
+        guard off >= 0 else { fuse_reply_err(req, ENXIO); return }
+        do {
+            if let pos = try file.device.seek(from: UInt64(off), data: whence == rm_SEEK_DATA) {
+                fuse_reply_lseek(req, off_t(pos))
+            } else {
+                fuse_reply_err(req, ENXIO)
+            }
+        } catch {
+            reply(req, error: error)
+        }
+    }
+
+    return ops
+}

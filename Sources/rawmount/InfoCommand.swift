@@ -1,0 +1,86 @@
+import ArgumentParser
+import BlockEngine
+import ImageFormats
+
+struct InfoCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "info",
+        abstract: "Print an image's format, virtual size, cluster size, allocation and backing chain.")
+
+    @Flag(help: "Print JSON for scripts.")
+    var json = false
+
+    @Option(name: [.customShort("f"), .long], help: "Image format; probed when omitted.")
+    var format: String?
+
+    @Argument(help: "The disk image.")
+    var image: String
+
+    func run() throws {
+        do {
+            let fmt = format.flatMap { ImageFormat(rawValue: $0.lowercased()) }
+            if let format, fmt == nil { throw BlockError.usage("unknown format '\(format)'") }
+            // Like `qemu-img info -U`: no lock, so it works on a mounted image.
+            let device = try ImageOpener.open(path: image, options: .init(writable: false, format: fmt, lock: false))
+            var chain: [BlockDevice] = []
+            var d: BlockDevice? = device
+            while let cur = d { chain.append(cur); d = cur.backing }
+            let allocated = try device.allocatedBytes()
+            let info = device.driver.info
+            if json {
+                var fields: [String] = [
+                    "\"filename\": \(jsonString(device.driver.file.path))",
+                    "\"format\": \(jsonString(info.format))",
+                    "\"virtual-size\": \(info.virtualSize)",
+                    "\"cluster-size\": \(info.clusterSize)",
+                    "\"allocated-bytes\": \(allocated)",
+                    "\"file-size\": \(try device.driver.file.size())",
+                ]
+                let backing = chain.dropFirst().map { "{\"filename\": \(jsonString($0.driver.file.path)), \"format\": \(jsonString($0.driver.info.format))}" }
+                fields.append("\"backing-chain\": [\(backing.joined(separator: ", "))]")
+                let details = info.details.map { "\(jsonString($0.0)): \(jsonString($0.1))" }
+                fields.append("\"details\": {\(details.joined(separator: ", "))}")
+                print("{\n  " + fields.joined(separator: ",\n  ") + "\n}")
+            } else {
+                print("image: \(device.driver.file.path)")
+                print("format: \(info.format)")
+                print("virtual size: \(humanSize(info.virtualSize)) (\(info.virtualSize) bytes)")
+                print("cluster size: \(info.clusterSize)")
+                print("allocated: \(humanSize(allocated)) (\(allocated) bytes)")
+                print("file size: \(try device.driver.file.size()) bytes")
+                for (k, v) in info.details { print("\(k): \(v)") }
+                for (i, b) in chain.dropFirst().enumerated() {
+                    print("backing file \(i + 1): \(b.driver.file.path) (\(b.driver.info.format))")
+                }
+            }
+            try? device.close()
+        } catch let e as ExitCode {
+            throw e
+        } catch {
+            printError("rawmount: \(describe(error))")
+            throw ExitCode.failure
+        }
+    }
+}
+
+func jsonString(_ s: String) -> String {
+    var out = "\""
+    for u in s.unicodeScalars {
+        switch u {
+        case "\"": out += "\\\""
+        case "\\": out += "\\\\"
+        case "\n": out += "\\n"
+        case "\t": out += "\\t"
+        default:
+            if u.value < 0x20 { out += "\\u00" + (u.value < 16 ? "0" : "") + String(u.value, radix: 16) } else { out.unicodeScalars.append(u) }
+        }
+    }
+    return out + "\""
+}
+
+func humanSize(_ n: UInt64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"]
+    var v = Double(n); var i = 0
+    while v >= 1024 && i < units.count - 1 { v /= 1024; i += 1 }
+    return i == 0 ? "\(n) B" : "\((v * 10).rounded() / 10) \(units[i])"
+}

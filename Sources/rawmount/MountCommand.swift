@@ -1,0 +1,162 @@
+import ArgumentParser
+import BlockEngine
+import FuseAdapter
+import ImageFormats
+#if canImport(Glibc)
+import Glibc
+#endif
+
+struct MountCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "mount",
+        abstract: "Mount IMAGE so that its guest disk appears as a raw file.",
+        discussion: """
+        If MOUNTPOINT is a directory, it shows <image name>.raw (win.vmdk -> win.raw). If it is an
+        existing regular file, that file becomes the raw view. Returns once the raw file is ready;
+        without --foreground the serving process detaches. Stop it with `rawmount unmount`.
+        """)
+
+    @Flag(name: [.customShort("r"), .long], help: "Mount read-only: the image is opened O_RDONLY and never changes.")
+    var readOnly = false
+
+    @Option(name: [.customShort("f"), .long], help: "Image format (\(ImageFormat.allCases.map(\.rawValue).joined(separator: ", "))); probed when omitted.")
+    var format: String?
+
+    @Flag(name: [.customShort("F"), .long], help: "Stay in the foreground and serve until unmounted or signalled.")
+    var foreground = false
+
+    @Option(name: .customShort("o"), help: "Extra FUSE mount options, comma-separated (e.g. allow_other).")
+    var options: [String] = []
+
+    @Option(name: .customLong("ready-fd"), help: .hidden)
+    var readyFd: Int32?
+
+    @Argument(help: "The disk image.")
+    var image: String
+
+    @Argument(help: "An existing directory or regular file to mount on.")
+    var mountpoint: String
+
+    func validate() throws {
+        if let format, ImageFormat(rawValue: format.lowercased()) == nil {
+            throw ValidationError("unknown format '\(format)'; known: \(ImageFormat.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+    }
+
+    func run() throws {
+        if !foreground && readyFd == nil {
+            throw ExitCode(Detach.spawnAndWait(arguments: Array(CommandLine.arguments.dropFirst())))
+        }
+        do {
+            try serve()
+        } catch {
+            report(describe(error))
+            throw ExitCode.failure
+        }
+    }
+
+    /// Sends a message to the waiting parent (detached mode) or prints it.
+    private func report(_ message: String) {
+        if let fd = readyFd {
+            _ = "error: \(message)".withCString { write(fd, $0, strlen($0)) }
+            close(fd)
+        } else {
+            printError("rawmount: \(message)")
+        }
+    }
+
+    private func serve() throws {
+        let imagePath = try Paths.realPath(image)
+        let mp = try Paths.realPath(mountpoint)
+        var st = stat()
+        guard stat(mp, &st) == 0 else { throw BlockError.io(file: mountpoint, operation: "stat", offset: nil, errno: errno) }
+        let mode = st.st_mode & S_IFMT
+        guard mode == S_IFDIR || mode == S_IFREG else {
+            throw BlockError.usage("\(mountpoint): mountpoint must be a directory or a regular file")
+        }
+        if mp == imagePath { throw BlockError.usage("\(mountpoint): cannot mount an image on itself") }
+
+        let fmt = format.flatMap { ImageFormat(rawValue: $0.lowercased()) }
+        let device = try ImageOpener.open(path: imagePath, options: .init(writable: !readOnly, format: fmt))
+        var ro = readOnly
+        if !readOnly && !device.isWritable {
+            printError("rawmount: \(image): \(device.driver.info.format) images are read-only; mounting read-only")
+            ro = true
+        }
+        let file = ExposedFile(name: Paths.rawName(forImage: imagePath), device: device, readOnly: ro)
+        let fs = FuseFilesystem(files: [file], rootIsFile: mode == S_IFREG)
+        let mount: FuseMount
+        do {
+            mount = try FuseMount(filesystem: fs, mountpoint: mp, fsName: imagePath, readOnly: ro,
+                                  extraOptions: options.flatMap { $0.split(separator: ",").map(String.init) })
+        } catch {
+            try? device.close()
+            throw error
+        }
+        let pidFile = Paths.pidFile(forMountpoint: mp)
+        Paths.writeFile(pidFile, "\(getpid())\n")
+        if let fd = readyFd {
+            _ = "ok".withCString { write(fd, $0, 2) }
+            close(fd)
+        }
+        _ = mount.run()
+        mount.unmount()
+        var failed = false
+        do { try device.close() } catch {
+            printError("rawmount: closing \(image): \(describe(error))")
+            failed = true
+        }
+        unlink(pidFile)
+        if failed { throw ExitCode.failure }
+    }
+}
+
+/// Detaching: re-run ourselves in a new session with --ready-fd and wait until the child
+/// says the raw file is ready (or why it is not).
+enum Detach {
+    static func spawnAndWait(arguments: [String]) -> Int32 {
+        var fds: [Int32] = [0, 0]
+        guard pipe(&fds) == 0 else { printError("rawmount: pipe: \(String(cString: strerror(errno)))"); return 1 }
+        let (readEnd, writeEnd) = (fds[0], fds[1])
+        _ = fcntl(readEnd, F_SETFD, FD_CLOEXEC)
+
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0)
+        var attr = posix_spawnattr_t()
+        posix_spawnattr_init(&attr)
+        defer { posix_spawnattr_destroy(&attr) }
+        posix_spawnattr_setflags(&attr, Int16(0x80)) // POSIX_SPAWN_SETSID
+
+        let argv = ["rawmount"] + arguments + ["--ready-fd", String(writeEnd)]
+        var cargs: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) } + [nil]
+        defer { for p in cargs { free(p) } }
+        var pid: pid_t = 0
+        let rc = posix_spawn(&pid, "/proc/self/exe", &actions, &attr, &cargs, environ)
+        close(writeEnd)
+        guard rc == 0 else { printError("rawmount: cannot start server: \(String(cString: strerror(rc)))"); return 1 }
+
+        var message = [UInt8]()
+        var buf = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = read(readEnd, &buf, buf.count)
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { break }
+            message += buf[0..<n]
+        }
+        close(readEnd)
+        let text = String(decoding: message, as: UTF8.self)
+        if text == "ok" { return 0 }
+        var status: Int32 = 0
+        _ = waitpid(pid, &status, 0)
+        if text.hasPrefix("error: ") {
+            printError("rawmount: " + text.dropFirst(7))
+        } else {
+            printError("rawmount: the server exited before the mount was ready (status \(status))")
+        }
+        return 1
+    }
+}

@@ -1,0 +1,105 @@
+import ArgumentParser
+import BlockEngine
+#if canImport(Glibc)
+import Glibc
+#endif
+
+struct UnmountCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "unmount",
+        abstract: "Unmount a rawmount mount; returns after the image is flushed and closed.")
+
+    @Option(help: "Seconds to wait for the server to flush and exit.")
+    var timeout: Double = 120
+
+    @Argument(help: "The mountpoint given to `rawmount mount`.")
+    var mountpoint: String
+
+    func run() throws {
+        let mp: String
+        do { mp = try Paths.realPath(mountpoint) } catch {
+            printError("rawmount: \(describe(error))"); throw ExitCode.failure
+        }
+        guard MountTable.isRawmount(mp) else {
+            printError("rawmount: \(mountpoint): not a rawmount mount")
+            throw ExitCode.failure
+        }
+        let pidFile = Paths.pidFile(forMountpoint: mp)
+        let pid = Paths.readFile(pidFile).flatMap { pid_t($0.trimmingSpaces) }
+        if umount2(mp, 0) != 0 {
+            let e = errno
+            if e == EPERM {
+                let rc = run(["fusermount3", "-u", mp])
+                if rc != 0 { throw ExitCode(rc) }
+            } else {
+                printError("rawmount: \(mountpoint): \(String(cString: strerror(e)))\(e == EBUSY ? " (close files and detach loop devices using it first)" : "")")
+                throw ExitCode.failure
+            }
+        }
+        guard let pid else { return }
+        // The server flushes and closes the image when its loop ends; wait for that.
+        let deadline = monotonicSeconds() + timeout
+        while processAlive(pid) {
+            if monotonicSeconds() > deadline {
+                printError("rawmount: \(mountpoint): unmounted, but server \(pid) has not exited after \(Int(timeout)) s")
+                throw ExitCode.failure
+            }
+            usleep(10_000)
+        }
+    }
+
+    private func run(_ argv: [String]) -> Int32 {
+        var cargs: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) } + [nil]
+        defer { for p in cargs { free(p) } }
+        var pid: pid_t = 0
+        guard posix_spawnp(&pid, argv[0], nil, nil, &cargs, environ) == 0 else { return 1 }
+        var status: Int32 = 0
+        waitpid(pid, &status, 0)
+        return (status >> 8) & 0xff
+    }
+}
+
+/// True while `pid` exists and is not a zombie (a detached server's reaper may be slow).
+func processAlive(_ pid: pid_t) -> Bool {
+    if kill(pid, 0) != 0 && errno == ESRCH { return false }
+    guard let stat = Paths.readFile("/proc/\(pid)/stat"),
+          let close = stat.lastIndex(of: ")") else { return false }
+    let rest = stat[stat.index(after: close)...].drop(while: { $0 == " " })
+    return rest.first != "Z" && rest.first != "X"
+}
+
+func monotonicSeconds() -> Double {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+}
+
+enum MountTable {
+    /// Whether /proc/self/mountinfo has a fuse.rawmount mount at `path`.
+    static func isRawmount(_ path: String) -> Bool {
+        guard let text = Paths.readFile("/proc/self/mountinfo") else { return false }
+        for line in text.split(separator: "\n") {
+            let parts = line.split(separator: " ")
+            guard parts.count > 5, let dash = parts.firstIndex(of: "-"), dash + 1 < parts.count else { continue }
+            if unescape(String(parts[4])) == path && parts[dash + 1] == "fuse.rawmount" { return true }
+        }
+        return false
+    }
+
+    /// mountinfo escapes space, tab, newline and backslash as \ooo.
+    static func unescape(_ s: String) -> String {
+        var out = [UInt8](); let b = Array(s.utf8); var i = 0
+        while i < b.count {
+            if b[i] == 0x5C, i + 3 < b.count, let v = UInt8(String(decoding: b[i+1...i+3], as: UTF8.self), radix: 8) {
+                out.append(v); i += 4
+            } else { out.append(b[i]); i += 1 }
+        }
+        return String(decoding: out, as: UTF8.self)
+    }
+}
+
+extension String {
+    var trimmingSpaces: String {
+        String(self.drop(while: { $0.isWhitespace }).reversed().drop(while: { $0.isWhitespace }).reversed())
+    }
+}
