@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The main job on a built-in sample: make an image, mount it as a raw file, partition it,
+# make a file system through a loop device, list it, unmount. Uses each supported format.
+set -euo pipefail
+RAWMOUNT=${RAWMOUNT:-.build/release/rawmount}
+RAWMOUNT=$(realpath "$RAWMOUNT")
+work=$(mktemp -d /tmp/rawmount-demo.XXXXXX)
+loop=""
+cleanup() {
+  set +e
+  mountpoint -q "$work/fs" && umount "$work/fs"
+  [ -n "$loop" ] && losetup -d "$loop"
+  mountpoint -q "$work/mnt" && "$RAWMOUNT" unmount "$work/mnt"
+  rm -rf "$work"
+}
+trap cleanup EXIT
+mkdir -p "$work/mnt" "$work/fs"
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "create a 256 MiB sample disk image"
+image="$work/sample.img"
+truncate -s 256M "$image"
+"$RAWMOUNT" info "$image"
+
+step "mount it: rawmount mount $image $work/mnt"
+"$RAWMOUNT" mount "$image" "$work/mnt"
+ls -l "$work/mnt"
+
+step "partition the raw view (sfdisk) and look at it with fdisk"
+printf 'label: gpt\n,128M,L\n,,L\n' | sfdisk -q "$work/mnt/sample.raw"
+fdisk -l "$work/mnt/sample.raw"
+
+step "loop device on partition 1, mkfs.ext4, mount, write, list"
+# Offset and size from the partition table (partition nodes need udev, which containers lack).
+read -r start sectors < <(partx -g -o START,SECTORS -n 1 "$work/mnt/sample.raw")
+loop=$(losetup --show -f -o $((start * 512)) --sizelimit $((sectors * 512)) "$work/mnt/sample.raw")
+mkfs.ext4 -q -L rawmount-demo "$loop"
+mount "$loop" "$work/fs"
+echo "hello from inside a disk image" > "$work/fs/hello.txt"
+cp /etc/os-release "$work/fs/"
+mkdir "$work/fs/docs"
+ls -la "$work/fs"
+cat "$work/fs/hello.txt"
+df -h "$work/fs"
+umount "$work/fs"
+e2fsck -fn "$loop"
+losetup -d "$loop"; loop=""
+
+step "unmount (returns after the image is flushed and closed)"
+"$RAWMOUNT" unmount "$work/mnt"
+
+step "the partition table and file system are in the image itself"
+fdisk -l "$image" | sed -n '1,12p'
+"$RAWMOUNT" info "$image"
+echo
+echo "demo finished: partitioned, formatted and listed a disk image through rawmount"
