@@ -150,8 +150,10 @@ public final class TableCache: Sendable {
     }
 
     private func writeDirtyLocked(_ s: inout State, upTo seq: UInt64) throws {
-        let batch = s.slots.filter { ($0.value.dirtySeq ?? .max) <= seq }
-            .sorted { $0.value.dirtySeq! < $1.value.dirtySeq! }
+        let batch = s.slots.compactMap { (offset, slot) -> (UInt64, UInt64, Slot)? in
+            guard let d = slot.dirtySeq, d <= seq else { return nil }
+            return (d, offset, slot)
+        }.sorted { $0.0 < $1.0 }.map { ($0.1, $0.2) }
         guard !batch.isEmpty else { return }
         try beforeWriteBack?()
         s.stats.writeBackBatches += 1

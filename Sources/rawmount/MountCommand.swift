@@ -119,6 +119,7 @@ enum Detach {
         guard pipe(&fds) == 0 else { printError("rawmount: pipe: \(String(cString: strerror(errno)))"); return 1 }
         let (readEnd, writeEnd) = (fds[0], fds[1])
         _ = fcntl(readEnd, F_SETFD, FD_CLOEXEC)
+        closeInheritedDescriptors(except: writeEnd)
 
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
@@ -159,4 +160,17 @@ enum Detach {
         }
         return 1
     }
+}
+
+/// Marks every descriptor above stderr close-on-exec, so the detached server does not hold
+/// our caller's pipes or sockets open (a caller waiting for EOF would wait forever).
+private func closeInheritedDescriptors(except keep: Int32) {
+    guard let dir = opendir("/proc/self/fd") else { return }
+    defer { closedir(dir) }
+    var fds: [Int32] = []
+    while let entry = readdir(dir) {
+        let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        if let fd = Int32(name), fd > 2, fd != keep { fds.append(fd) }
+    }
+    for fd in fds { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
 }

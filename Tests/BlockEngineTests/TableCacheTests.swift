@@ -1,0 +1,145 @@
+import XCTest
+import Synchronization
+@testable import BlockEngine
+
+/// Records the order of table writes by watching the file between batches.
+final class TableCacheTests: XCTestCase {
+    var dir: String!
+    override func setUpWithError() throws {
+        dir = NSTemporaryDirectory() + "tc-" + UUID().uuidString
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+    }
+    override func tearDownWithError() throws { try? FileManager.default.removeItem(atPath: dir) }
+
+    func makeFile(_ bytes: [UInt8]) throws -> ImageFile {
+        let p = dir + "/f"
+        FileManager.default.createFile(atPath: p, contents: Data(bytes))
+        return try ImageFile(path: p, writable: true)
+    }
+
+    func testDecodesAllThreeEncodings() throws {
+        var b = [UInt8](repeating: 0, count: 64)
+        b[0..<8] = [1, 2, 3, 4, 5, 6, 7, 8][...]
+        let f = try makeFile(b)
+        XCTAssertEqual(try TableCache(file: f, tableBytes: 16, encoding: .u32LE, capacity: 2).entry(table: 0, index: 0), 0x04030201)
+        XCTAssertEqual(try TableCache(file: f, tableBytes: 16, encoding: .u32LE, capacity: 2).entry(table: 0, index: 1), 0x08070605)
+        XCTAssertEqual(try TableCache(file: f, tableBytes: 16, encoding: .u64LE, capacity: 2).entry(table: 0, index: 0), 0x0807060504030201)
+        XCTAssertEqual(try TableCache(file: f, tableBytes: 16, encoding: .u64BE, capacity: 2).entry(table: 0, index: 0), 0x0102030405060708)
+    }
+
+    func testSetEntryEncodesAndWritesBackOnFlush() throws {
+        let f = try makeFile([UInt8](repeating: 0, count: 64))
+        for enc in [TableEncoding.u32LE, .u64LE, .u64BE] {
+            let c = TableCache(file: f, tableBytes: 32, encoding: enc, capacity: 4)
+            try c.setEntry(table: 32, index: 1, value: 0xA1B2C3D4)
+            XCTAssertEqual(try f.readBytes(count: 32, at: 32, what: "t"), [UInt8](repeating: 0, count: 32), "not written before flush")
+            try c.flush()
+            let back = TableCache(file: f, tableBytes: 32, encoding: enc, capacity: 4)
+            XCTAssertEqual(try back.entry(table: 32, index: 1), 0xA1B2C3D4, "\(enc)")
+            XCTAssertEqual(try back.entry(table: 32, index: 0), 0)
+            try f.write([UInt8](repeating: 0, count: 32), at: 32)
+        }
+    }
+
+    func testCapacityIsBoundedAndDirtyVictimIsWrittenBeforeEviction() throws {
+        let f = try makeFile([UInt8](repeating: 0, count: 16 * 8))
+        let c = TableCache(file: f, tableBytes: 16, encoding: .u64LE, capacity: 3)
+        try c.setEntry(table: 0, index: 0, value: 77)       // dirty, least recently used
+        for t in 1..<8 { _ = try c.entry(table: UInt64(t * 16), index: 0) }
+        XCTAssertLessThanOrEqual(c.stats.evictions, 8)
+        XCTAssertEqual(c.stats.evictions, 5)
+        // The dirty table was evicted, so it must be on disk now.
+        XCTAssertEqual(try f.readBytes(count: 8, at: 0, what: "t"), [77, 0, 0, 0, 0, 0, 0, 0])
+        XCTAssertEqual(c.dirtyCount, 0)
+        XCTAssertEqual(try c.entry(table: 0, index: 0), 77, "re-read after eviction")
+    }
+
+    func testChangingAParentAfterItsChildWritesChildFirst() throws {
+        // L1 (table 0) dirtied first, then a new L2 (table 64) installed, then L1 updated to
+        // point at it: write-back must put L2 on disk before the L1 that references it.
+        let f = try makeFile([UInt8](repeating: 0, count: 128))
+        let order = Mutex<[UInt64]>([])
+        let c = TableCache(file: f, tableBytes: 32, encoding: .u64LE, capacity: 8)
+        try c.setEntry(table: 0, index: 0, value: 5)
+        try c.install(table: 64)
+        try c.setEntry(table: 64, index: 2, value: 9)
+        try c.setEntry(table: 0, index: 1, value: 64)
+        // Watch the order by writing back table by table.
+        try c.writeBack(table: 64)
+        order.withLock { $0.append(contentsOf: [64]) }
+        XCTAssertEqual(try f.readBytes(count: 8, at: 64 + 16, what: "t")[0], 9, "child written")
+        XCTAssertEqual(try f.readBytes(count: 16, at: 0, what: "t"), [UInt8](repeating: 0, count: 16), "parent not yet written")
+        try c.writeBack(table: 0)
+        XCTAssertEqual(try f.readBytes(count: 16, at: 0, what: "t")[8], 64)
+    }
+
+    func testWriteBackOfOneTableWritesEarlierChangesAndCallsBarrierOncePerBatch() throws {
+        let f = try makeFile([UInt8](repeating: 0, count: 256))
+        let barriers = Mutex(0)
+        let c = TableCache(file: f, tableBytes: 32, encoding: .u32LE, capacity: 8,
+                           beforeWriteBack: { barriers.withLock { $0 += 1 } })
+        try c.setEntry(table: 0, index: 0, value: 1)
+        try c.setEntry(table: 32, index: 0, value: 2)
+        try c.setEntry(table: 64, index: 0, value: 3)
+        try c.writeBack(table: 32)
+        XCTAssertEqual(barriers.withLock { $0 }, 1)
+        XCTAssertEqual(try f.readBytes(count: 1, at: 0, what: "t"), [1], "earlier change written")
+        XCTAssertEqual(try f.readBytes(count: 1, at: 32, what: "t"), [2])
+        XCTAssertEqual(try f.readBytes(count: 1, at: 64, what: "t"), [0], "later change still pending")
+        XCTAssertEqual(c.dirtyCount, 1)
+        try c.flush()
+        try c.flush() // nothing dirty: no barrier
+        XCTAssertEqual(barriers.withLock { $0 }, 2)
+        XCTAssertEqual(c.stats.tableWrites, 3)
+    }
+
+    func testInstallDoesNotReadAndFillsEntries() throws {
+        let f = try makeFile([UInt8](repeating: 0xFF, count: 64))
+        let c = TableCache(file: f, tableBytes: 32, encoding: .u32LE, capacity: 2)
+        try c.install(table: 1 << 40, fill: 0xFFFF_FFFE) // far past EOF: must not be read
+        XCTAssertEqual(try c.entry(table: 1 << 40, index: 7), 0xFFFF_FFFE)
+        XCTAssertEqual(c.stats.misses, 1)
+    }
+
+    func testReadingATablePastTheEndIsATruncationError() throws {
+        let f = try makeFile([UInt8](repeating: 0, count: 40))
+        let c = TableCache(file: f, tableBytes: 32, encoding: .u64LE, capacity: 2)
+        XCTAssertThrowsError(try c.entry(table: 32, index: 0)) { e in
+            guard case .truncated? = e as? BlockError else { return XCTFail("\(e)") }
+        }
+    }
+
+    func testConcurrentLookupsSeeConsistentValues() throws {
+        let tables = 64, perTable = 32
+        var bytes = [UInt8](repeating: 0, count: tables * perTable * 8)
+        for t in 0..<tables { for i in 0..<perTable {
+            let v = UInt64(t * 1000 + i)
+            for k in 0..<8 { bytes[(t * perTable + i) * 8 + k] = UInt8(truncatingIfNeeded: v >> (8 * UInt64(k))) }
+        } }
+        let f = try makeFile(bytes)
+        let c = TableCache(file: f, tableBytes: perTable * 8, encoding: .u64LE, capacity: 8)
+        let failures = Mutex(0)
+        DispatchQueue.concurrentPerform(iterations: 8) { worker in
+            var rng = UInt64(worker + 1)
+            for _ in 0..<4000 {
+                rng = rng &* 6364136223846793005 &+ 1442695040888963407
+                let t = Int(rng >> 33) % tables, i = Int(rng >> 20) % perTable
+                let v = try? c.entry(table: UInt64(t * perTable * 8), index: i)
+                if v != UInt64(t * 1000 + i) { failures.withLock { $0 += 1 } }
+            }
+        }
+        XCTAssertEqual(failures.withLock { $0 }, 0)
+        XCTAssertGreaterThan(c.stats.evictions, 0, "the working set exceeded the capacity")
+    }
+
+    func testConcurrentWritersToDistinctEntriesAllLand() throws {
+        let f = try makeFile([UInt8](repeating: 0, count: 4 * 64 * 4))
+        let c = TableCache(file: f, tableBytes: 64 * 4, encoding: .u32LE, capacity: 2)
+        DispatchQueue.concurrentPerform(iterations: 4) { w in
+            for i in 0..<64 { try? c.setEntry(table: UInt64(w * 256), index: i, value: UInt64(w << 16 | i)) }
+        }
+        try c.flush()
+        let check = TableCache(file: f, tableBytes: 64 * 4, encoding: .u32LE, capacity: 4)
+        for w in 0..<4 { for i in 0..<64 { XCTAssertEqual(try check.entry(table: UInt64(w * 256), index: i), UInt64(w << 16 | i)) } }
+    }
+}

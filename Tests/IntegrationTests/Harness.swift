@@ -1,0 +1,141 @@
+import Foundation
+import XCTest
+
+/// Runs commands and manages real FUSE mounts for the integration tests. Nothing here is
+/// mocked: the tests drive the built `rawmount` binary and real peers (qemu-img, fio, ...).
+struct CommandResult {
+    var status: Int32
+    var out: String
+    var err: String
+}
+
+enum Harness {
+    static let packageRoot: URL = URL(fileURLWithPath: #filePath)
+        .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+
+    static var rawmount: String {
+        if let p = ProcessInfo.processInfo.environment["RAWMOUNT_BIN"] { return p }
+        return packageRoot.appendingPathComponent(".build/debug/rawmount").path
+    }
+
+    @discardableResult
+    static func run(_ args: [String], input: Data? = nil, check: Bool = true,
+                    file: StaticString = #filePath, line: UInt = #line) throws -> CommandResult {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        p.arguments = args
+        let out = Pipe(), err = Pipe(), inp = Pipe()
+        p.standardOutput = out
+        p.standardError = err
+        p.standardInput = input == nil ? FileHandle.nullDevice : inp
+        try p.run()
+        if let input {
+            inp.fileHandleForWriting.write(input)
+            try inp.fileHandleForWriting.close()
+        }
+        // Read both pipes concurrently so a chatty child cannot block on a full pipe.
+        final class Box: @unchecked Sendable { var data = Data() }
+        let errBox = Box()
+        let group = DispatchGroup()
+        group.enter()
+        let errHandle = err.fileHandleForReading
+        DispatchQueue.global().async { errBox.data = errHandle.readDataToEndOfFile(); group.leave() }
+        let outData = out.fileHandleForReading.readDataToEndOfFile()
+        group.wait()
+        let errData = errBox.data
+        p.waitUntilExit()
+        let r = CommandResult(status: p.terminationStatus, out: String(decoding: outData, as: UTF8.self),
+                              err: String(decoding: errData, as: UTF8.self))
+        if check && r.status != 0 {
+            XCTFail("\(args.joined(separator: " ")) exited \(r.status): \(r.err)\(r.out.suffix(2000))", file: file, line: line)
+            throw NSError(domain: "command failed", code: Int(r.status))
+        }
+        return r
+    }
+
+    /// Tests that need FUSE fail (not skip) under CI=true.
+    static func requireFuse() throws {
+        let ok = FileManager.default.fileExists(atPath: "/dev/fuse") && getuid() == 0
+        if !ok {
+            if ProcessInfo.processInfo.environment["CI"] == "true" {
+                XCTFail("FUSE tests need /dev/fuse and root")
+                throw XCTSkip("failed above")
+            }
+            throw XCTSkip("needs /dev/fuse and root")
+        }
+        XCTAssertTrue(FileManager.default.fileExists(atPath: rawmount), "build rawmount first (make test does)")
+    }
+
+    static func tool(_ name: String) throws {
+        let r = try run(["sh", "-c", "command -v \(name)"], check: false)
+        if r.status != 0 {
+            if ProcessInfo.processInfo.environment["CI"] == "true" { XCTFail("\(name) missing (make test installs it)") }
+            throw XCTSkip("\(name) is not installed")
+        }
+    }
+}
+
+/// A scratch directory with a mountpoint; unmounts whatever is left on teardown.
+final class Scratch {
+    let dir: String
+    let mnt: String
+    private var mounted: [String] = []
+
+    init() throws {
+        dir = NSTemporaryDirectory() + "rawmount-test-" + UUID().uuidString.prefix(8)
+        mnt = dir + "/mnt"
+        try FileManager.default.createDirectory(atPath: mnt, withIntermediateDirectories: true)
+    }
+
+    func path(_ name: String) -> String { dir + "/" + name }
+
+    func mount(_ image: String, at mp: String? = nil, options extra: [String] = []) throws {
+        try Harness.run([Harness.rawmount, "mount"] + extra + [image, mp ?? mnt])
+        mounted.append(mp ?? mnt)
+    }
+
+    func unmount(_ mp: String? = nil) throws {
+        try Harness.run([Harness.rawmount, "unmount", mp ?? mnt])
+        mounted.removeAll { $0 == (mp ?? mnt) }
+    }
+
+    deinit {
+        for m in mounted { _ = try? Harness.run([Harness.rawmount, "unmount", m], check: false) }
+        for m in mounted { _ = try? Harness.run(["umount", "-l", m], check: false) }
+        try? FileManager.default.removeItem(atPath: dir)
+    }
+}
+
+/// Deterministic pseudo-random bytes and offsets, so a failure reproduces.
+struct SeededRandom: RandomNumberGenerator {
+    var state: UInt64
+    init(seed: UInt64) { state = seed &+ 0x9E3779B97F4A7C15 }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E3779B97F4A7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58476D1CE4E5B9
+        z = (z ^ (z >> 27)) &* 0x94D049BB133111EB
+        return z ^ (z >> 31)
+    }
+    mutating func bytes(_ n: Int) -> [UInt8] { (0..<n).map { _ in UInt8(truncatingIfNeeded: next()) } }
+}
+
+enum Files {
+    static func read(_ path: String) throws -> Data { try Data(contentsOf: URL(fileURLWithPath: path)) }
+
+    static func pwrite(_ path: String, _ bytes: [UInt8], at offset: UInt64) throws {
+        let fd = open(path, O_WRONLY)
+        guard fd >= 0 else { throw POSIXError(POSIXErrorCode(rawValue: errno)!) }
+        defer { close(fd) }
+        let n = bytes.withUnsafeBytes { Foundation.pwrite(fd, $0.baseAddress, $0.count, off_t(offset)) }
+        guard n == bytes.count else { throw POSIXError(POSIXErrorCode(rawValue: errno) ?? .EIO) }
+    }
+
+    static func sha(_ path: String) throws -> String {
+        try Harness.run(["sha256sum", path]).out.split(separator: " ").first.map(String.init) ?? ""
+    }
+}
+
+/// glibc's fallocate(2), hidden from Swift's Glibc module.
+@_silgen_name("fallocate")
+func fallocate(_ fd: Int32, _ mode: Int32, _ offset: off_t, _ length: off_t) -> Int32

@@ -1,0 +1,274 @@
+import Foundation
+import XCTest
+
+/// The raw path end to end through real FUSE mounts, with peers as oracles.
+final class RawMountTests: XCTestCase {
+    override func setUpWithError() throws { try Harness.requireFuse() }
+
+    func testDirectoryMountShowsNamedRawFileWithImageSize() throws {
+        let s = try Scratch()
+        let img = s.path("win.img")
+        try Harness.run(["truncate", "-s", "48M", img])
+        try s.mount(img)
+        let attrs = try FileManager.default.attributesOfItem(atPath: s.mnt + "/win.raw")
+        XCTAssertEqual((attrs[.size] as? NSNumber)?.uint64Value, 48 << 20)
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: s.mnt), ["win.raw"])
+        let blk = try Harness.run(["stat", "-c", "%o", s.mnt + "/win.raw"]).out
+        XCTAssertEqual(blk.trimmingCharacters(in: .whitespacesAndNewlines), "65536")
+        try s.unmount()
+        XCTAssertFalse(try Harness.run(["mountpoint", "-q", s.mnt], check: false).status == 0)
+    }
+
+    func testRandomUnalignedWritesMatchShadow() throws {
+        let s = try Scratch()
+        let img = s.path("disk.img"), shadow = s.path("shadow")
+        let size: UInt64 = 24 << 20
+        var rng = SeededRandom(seed: 42)
+        // Start from random content so untouched bytes are checked too.
+        FileManager.default.createFile(atPath: img, contents: Data(rng.bytes(Int(size))))
+        try FileManager.default.copyItem(atPath: img, toPath: shadow)
+        try s.mount(img)
+        let raw = s.mnt + "/disk.raw"
+        for _ in 0..<300 {
+            let len = Int(rng.next() % 200_000) + 1
+            let off = rng.next() % (size - UInt64(len))
+            let data = rng.bytes(len)
+            try Files.pwrite(raw, data, at: off)
+            try Files.pwrite(shadow, data, at: off)
+        }
+        XCTAssertEqual(try Files.read(raw), try Files.read(shadow), "read back through the mount")
+        try s.unmount()
+        XCTAssertEqual(try Files.read(img), try Files.read(shadow), "image after unmount")
+    }
+
+    func testPartitionMkfsLoopMountAndFsck() throws {
+        try Harness.tool("sfdisk"); try Harness.tool("mkfs.ext4")
+        let s = try Scratch()
+        let img = s.path("disk.img")
+        try Harness.run(["truncate", "-s", "96M", img])
+        try s.mount(img)
+        let raw = s.mnt + "/disk.raw"
+        try Harness.run(["sfdisk", "-q", raw], input: Data("label: dos\n,64M,L\n,,L\n".utf8))
+        let parts = try Harness.run(["partx", "-g", "-o", "START,SECTORS", "-n", "1", raw]).out
+            .split(separator: " ", omittingEmptySubsequences: true).compactMap { UInt64($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+        XCTAssertEqual(parts, [2048, 131072])
+        let loop = try Harness.run(["losetup", "--show", "-f", "-o", "\(parts[0] * 512)", "--sizelimit", "\(parts[1] * 512)", raw])
+            .out.trimmingCharacters(in: .whitespacesAndNewlines)
+        let fsdir = s.path("fs")
+        try FileManager.default.createDirectory(atPath: fsdir, withIntermediateDirectories: true)
+        defer { _ = try? Harness.run(["umount", fsdir], check: false); _ = try? Harness.run(["losetup", "-d", loop], check: false) }
+        try Harness.run(["mkfs.ext4", "-q", loop])
+        try Harness.run(["mount", loop, fsdir])
+        let payload = Data((0..<300_000).map { UInt8(truncatingIfNeeded: $0 &* 7) })
+        try payload.write(to: URL(fileURLWithPath: fsdir + "/payload.bin"))
+        try Harness.run(["umount", fsdir])
+        try Harness.run(["e2fsck", "-fn", loop])
+        try Harness.run(["losetup", "-d", loop])
+        try s.unmount()
+        // The file system is in the image itself: check it there with a fresh loop device.
+        let loop2 = try Harness.run(["losetup", "--show", "-f", "-r", "-o", "\(parts[0] * 512)", "--sizelimit", "\(parts[1] * 512)", img])
+            .out.trimmingCharacters(in: .whitespacesAndNewlines)
+        defer { _ = try? Harness.run(["losetup", "-d", loop2], check: false) }
+        try Harness.run(["e2fsck", "-fn", loop2])
+        let got = try Harness.run(["debugfs", "-R", "cat /payload.bin", loop2]).out
+        XCTAssertEqual(got.utf8.count >= 0, true)
+        let dumped = s.path("dumped")
+        try Harness.run(["debugfs", "-R", "dump /payload.bin \(dumped)", loop2])
+        XCTAssertEqual(try Files.read(dumped), payload)
+    }
+
+    func testSeekDataHoleAndPunchHole() throws {
+        let s = try Scratch()
+        let img = s.path("sparse.img")
+        try Harness.run(["truncate", "-s", "16M", img])
+        try Files.pwrite(img, [UInt8](repeating: 0xAB, count: 1 << 20), at: 4 << 20)
+        try s.mount(img)
+        let raw = s.mnt + "/sparse.raw"
+        let fd = open(raw, O_RDWR)
+        XCTAssertGreaterThanOrEqual(fd, 0)
+        XCTAssertEqual(lseek(fd, 0, 3 /* SEEK_DATA */), 4 << 20)
+        XCTAssertEqual(lseek(fd, 4 << 20, 4 /* SEEK_HOLE */), 5 << 20)
+        XCTAssertEqual(lseek(fd, 6 << 20, 3), -1)
+        XCTAssertEqual(errno, ENXIO)
+        XCTAssertEqual(lseek(fd, 6 << 20, 4), 6 << 20, "a hole starts where we are")
+        var tail = [UInt8](repeating: 0x11, count: 4096)
+        XCTAssertEqual(pwrite(fd, &tail, 4096, (16 << 20) - 4096), 4096)
+        XCTAssertEqual(lseek(fd, (16 << 20) - 4096, 4), 16 << 20, "end of disk is a hole")
+        // Punch an unaligned hole: those bytes read zeros, neighbours keep their data.
+        XCTAssertEqual(fallocate(fd, 0x02 | 0x01, (4 << 20) + 1000, 70_000), 0)
+        var buf = [UInt8](repeating: 1, count: 72_000)
+        XCTAssertEqual(pread(fd, &buf, buf.count, (4 << 20)), buf.count)
+        XCTAssertTrue(buf[0..<1000].allSatisfy { $0 == 0xAB })
+        XCTAssertTrue(buf[1000..<71_000].allSatisfy { $0 == 0 })
+        XCTAssertTrue(buf[71_000...].allSatisfy { $0 == 0xAB })
+        // Zero range without keep-size inside the disk.
+        XCTAssertEqual(fallocate(fd, 0x10, (4 << 20) + 200_000, 5000), 0)
+        XCTAssertEqual(pread(fd, &buf, 5000, (4 << 20) + 200_000), 5000)
+        XCTAssertTrue(buf[0..<5000].allSatisfy { $0 == 0 })
+        // Growing the file is refused: the disk has a fixed size.
+        XCTAssertEqual(fallocate(fd, 0, 15 << 20, 2 << 20), -1)
+        XCTAssertEqual(ftruncate(fd, 8 << 20), -1)
+        XCTAssertEqual(ftruncate(fd, 16 << 20), 0, "same-size truncate is accepted")
+        close(fd)
+        try s.unmount()
+        let data = try Files.read(img)
+        XCTAssertEqual(data.count, 16 << 20)
+        XCTAssertTrue(data[(4 << 20) + 1000 ..< (4 << 20) + 71_000].allSatisfy { $0 == 0 })
+        XCTAssertEqual(data[(4 << 20) + 500], 0xAB)
+    }
+
+    func testWritesPastTheEndFailAndSizeNeverChanges() throws {
+        let s = try Scratch()
+        let img = s.path("d.img")
+        try Harness.run(["truncate", "-s", "1M", img])
+        try s.mount(img)
+        let raw = s.mnt + "/d.raw"
+        let fd = open(raw, O_WRONLY)
+        var b = [UInt8](repeating: 9, count: 4096)
+        XCTAssertEqual(pwrite(fd, &b, 4096, 1 << 20), -1)
+        XCTAssertEqual(errno, ENOSPC)
+        XCTAssertEqual(pwrite(fd, &b, 4096, (1 << 20) - 1000), 1000, "a write running past the end is cut short")
+        close(fd)
+        // O_TRUNC leaves the disk intact.
+        let t = open(raw, O_WRONLY | O_TRUNC)
+        XCTAssertGreaterThanOrEqual(t, 0); close(t)
+        let attrs = try FileManager.default.attributesOfItem(atPath: raw)
+        XCTAssertEqual((attrs[.size] as? NSNumber)?.intValue, 1 << 20)
+        try s.unmount()
+        let data = try Files.read(img)
+        XCTAssertEqual(data.count, 1 << 20)
+        XCTAssertTrue(data.suffix(1000).allSatisfy { $0 == 9 })
+    }
+
+    func testODirectQemuImgConvertIntoMount() throws {
+        try Harness.tool("qemu-img")
+        let s = try Scratch()
+        let src = s.path("src.qcow2"), img = s.path("target.img")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", src, "32M"])
+        try Harness.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 3M", "-c", "write -P 0x33 17M 1536k",
+                         "-c", "write -P 0x71 31M 512", src])
+        try Harness.run(["truncate", "-s", "32M", img])
+        try Harness.run(["dd", "if=/dev/urandom", "of=\(img)", "bs=1M", "count=32", "conv=notrunc", "status=none"])
+        try s.mount(img)
+        try Harness.run(["qemu-img", "convert", "-n", "-t", "none", "-f", "qcow2", "-O", "raw", src, s.mnt + "/target.raw"])
+        try Harness.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", src, s.mnt + "/target.raw"])
+        try s.unmount()
+        try Harness.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", src, img])
+    }
+
+    func testParallelFioVerifyWriters() throws {
+        try Harness.tool("fio")
+        let s = try Scratch()
+        let img = s.path("fio.img")
+        try Harness.run(["truncate", "-s", "64M", img])
+        try s.mount(img)
+        let r = try Harness.run(["fio", "--name=verify", "--filename=\(s.mnt)/fio.raw", "--rw=randwrite", "--bs=4k",
+                                 "--bsrange=512-64k", "--numjobs=4", "--size=16M", "--offset_increment=16M",
+                                 "--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--ioengine=psync",
+                                 "--group_reporting", "--output-format=terse"])
+        XCTAssertFalse(r.out.isEmpty)
+        let direct = try Harness.run(["fio", "--name=directverify", "--filename=\(s.mnt)/fio.raw", "--rw=randwrite", "--bs=4k",
+                                      "--numjobs=4", "--size=8M", "--offset_increment=16M", "--direct=1",
+                                      "--verify=md5", "--verify_fatal=1", "--ioengine=psync", "--group_reporting"])
+        XCTAssertTrue(direct.out.contains("err= 0"), direct.out)
+        try s.unmount()
+    }
+
+    func testSigtermFlushesAndUnmounts() throws {
+        let s = try Scratch()
+        let img = s.path("t.img")
+        try Harness.run(["truncate", "-s", "8M", img])
+        try s.mount(img)
+        let payload = [UInt8](repeating: 0xC3, count: 1 << 20)
+        try Files.pwrite(s.mnt + "/t.raw", payload, at: 3 << 20)
+        let pidText = try String(contentsOfFile: "/run/rawmount/" + s.mnt.replacingOccurrences(of: "%", with: "%25")
+                                    .replacingOccurrences(of: "/", with: "%2F") + ".pid", encoding: .utf8)
+        let pid = pid_t(pidText.trimmingCharacters(in: .whitespacesAndNewlines))!
+        XCTAssertEqual(kill(pid, SIGTERM), 0)
+        var waited = 0
+        while kill(pid, 0) == 0 && waited < 500 {
+            let st = (try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8)) ?? ""
+            if st.contains(") Z") { break }
+            usleep(10_000); waited += 1
+        }
+        XCTAssertLessThan(waited, 500, "server did not exit on SIGTERM")
+        XCTAssertNotEqual(try Harness.run(["mountpoint", "-q", s.mnt], check: false).status, 0, "still mounted")
+        let data = try Files.read(img)
+        XCTAssertEqual(Array(data[(3 << 20)..<(4 << 20)]), payload)
+    }
+
+    func testReadOnlyMountRefusesWritesAndLeavesImageUntouched() throws {
+        let s = try Scratch()
+        let img = s.path("ro.img")
+        FileManager.default.createFile(atPath: img, contents: Data((0..<(2 << 20)).map { UInt8(truncatingIfNeeded: $0 / 3) }))
+        try Harness.run(["touch", "-d", "2020-01-02 03:04:05", img])
+        let before = try Files.sha(img)
+        let mtime = try Harness.run(["stat", "-c", "%Y", img]).out
+        try s.mount(img, options: ["--read-only"])
+        let raw = s.mnt + "/ro.raw"
+        let fd = open(raw, O_RDWR)
+        XCTAssertEqual(fd, -1)
+        XCTAssertEqual(errno, EROFS)
+        XCTAssertEqual(try Files.read(raw), try Files.read(img))
+        try s.unmount()
+        XCTAssertEqual(try Files.sha(img), before)
+        XCTAssertEqual(try Harness.run(["stat", "-c", "%Y", img]).out, mtime)
+    }
+
+    func testFileMountpointBecomesTheRawView() throws {
+        let s = try Scratch()
+        let img = s.path("img.bin"), target = s.path("view.raw")
+        FileManager.default.createFile(atPath: img, contents: Data(repeating: 0x42, count: 1 << 20))
+        FileManager.default.createFile(atPath: target, contents: Data())
+        try s.mount(img, at: target)
+        XCTAssertEqual(try Files.read(target), Data(repeating: 0x42, count: 1 << 20))
+        try s.unmount(target)
+        XCTAssertEqual(try Files.read(target).count, 0, "the placeholder file is back")
+    }
+
+    func testBadInputGivesClearErrorAndMountsNothing() throws {
+        let s = try Scratch()
+        let missing = try Harness.run([Harness.rawmount, "mount", s.path("nope.qed"), s.mnt], check: false)
+        XCTAssertNotEqual(missing.status, 0)
+        XCTAssertTrue(missing.err.contains("nope.qed"), missing.err)
+        XCTAssertNotEqual(try Harness.run(["mountpoint", "-q", s.mnt], check: false).status, 0)
+
+        let img = s.path("ok.img")
+        try Harness.run(["truncate", "-s", "1M", img])
+        let badMp = try Harness.run([Harness.rawmount, "mount", img, s.path("no-such-dir")], check: false)
+        XCTAssertNotEqual(badMp.status, 0)
+        XCTAssertTrue(badMp.err.contains("no-such-dir"), badMp.err)
+
+        let badFormat = try Harness.run([Harness.rawmount, "mount", "--format", "floppy", img, s.mnt], check: false)
+        XCTAssertNotEqual(badFormat.status, 0)
+        XCTAssertTrue(badFormat.err.contains("floppy"), badFormat.err)
+    }
+
+    func testSecondWriterIsRefusedByImageLocks() throws {
+        try Harness.tool("qemu-img")
+        let s = try Scratch()
+        let img = s.path("locked.img")
+        try Harness.run(["truncate", "-s", "1M", img])
+        try s.mount(img)
+        let mnt2 = s.path("mnt2")
+        try FileManager.default.createDirectory(atPath: mnt2, withIntermediateDirectories: true)
+        let second = try Harness.run([Harness.rawmount, "mount", img, mnt2], check: false)
+        XCTAssertNotEqual(second.status, 0)
+        XCTAssertTrue(second.err.contains("locked.img") && second.err.contains("in use"), second.err)
+        // QEMU sees our lock too (its locking bytes), and we see QEMU's.
+        let q = try Harness.run(["qemu-io", "-f", "raw", "-c", "write 0 512", img], check: false)
+        XCTAssertNotEqual(q.status, 0, "qemu-io wrote to an image rawmount has open for writing")
+        try s.unmount()
+        try Harness.run(["qemu-io", "-f", "raw", "-c", "write 0 512", img])
+    }
+
+    func testInfoJson() throws {
+        let s = try Scratch()
+        let img = s.path("i.img")
+        try Harness.run(["truncate", "-s", "3M", img])
+        let r = try Harness.run([Harness.rawmount, "info", "--json", img])
+        let obj = try JSONSerialization.jsonObject(with: Data(r.out.utf8)) as? [String: Any]
+        XCTAssertEqual(obj?["format"] as? String, "raw")
+        XCTAssertEqual((obj?["virtual-size"] as? NSNumber)?.intValue, 3 << 20)
+    }
+}
