@@ -1,0 +1,129 @@
+#!/usr/bin/env python3
+"""make bench: rawmount against qemu-storage-daemon's FUSE export on the same image, in the
+same run, alternating the two; prints medians and ratios (rawmount / qsd; > 1 is better)."""
+import json, os, statistics, subprocess, sys, tempfile, time
+
+RAWMOUNT = os.path.abspath(os.environ.get("RAWMOUNT", ".build/release/rawmount"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+SIZE_MB = int(os.environ.get("BENCH_SIZE_MB", "1024"))
+RUNTIME = os.environ.get("BENCH_RUNTIME", "5")
+FORMATS = os.environ.get("BENCH_FORMATS", "raw").split(",")
+
+
+def sh(*args, check=True, **kw):
+    return subprocess.run(args, check=check, text=True, capture_output=True, **kw)
+
+
+def fio(path, name, rw, bs, jobs, extra=()):
+    args = ["fio", f"--name={name}", f"--filename={path}", f"--rw={rw}", f"--bs={bs}", f"--numjobs={jobs}",
+            "--direct=1", "--ioengine=psync", "--group_reporting", "--output-format=json",
+            f"--size={SIZE_MB}M", *extra]
+    if rw.startswith("rand") or rw == "read":
+        args += [f"--runtime={RUNTIME}", "--time_based"]
+    out = json.loads(sh(*args).stdout)
+    job = out["jobs"][0]
+    side = job["write"] if "write" in rw else job["read"]
+    return side["bw_bytes"], side["iops"]
+
+
+class RawmountServer:
+    name = "rawmount"
+
+    def __init__(self, image, fmt, work):
+        self.image, self.fmt, self.mnt = image, fmt, os.path.join(work, "rm-mnt")
+        os.makedirs(self.mnt, exist_ok=True)
+
+    def __enter__(self):
+        sh(RAWMOUNT, "mount", "--format", self.fmt, self.image, self.mnt)
+        return os.path.join(self.mnt, os.listdir(self.mnt)[0])
+
+    def __exit__(self, *exc):
+        sh(RAWMOUNT, "unmount", self.mnt)
+
+
+class QsdServer:
+    name = "qemu-storage-daemon"
+
+    def __init__(self, image, fmt, work):
+        self.image, self.fmt, self.target = image, fmt, os.path.join(work, "qsd-target")
+        open(self.target, "w").close()
+
+    def __enter__(self):
+        self.proc = subprocess.Popen([
+            "qemu-storage-daemon",
+            "--blockdev", f"driver=file,node-name=file,filename={self.image},cache.direct=off",
+            "--blockdev", f"driver={self.fmt},node-name=fmt,file=file",
+            "--export", f"type=fuse,id=exp,node-name=fmt,mountpoint={self.target},writable=on"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for _ in range(500):
+            if sh("mountpoint", "-q", self.target, check=False).returncode == 0:
+                return self.target
+            if self.proc.poll() is not None:
+                raise RuntimeError("qemu-storage-daemon: " + self.proc.stderr.read().decode())
+            time.sleep(0.01)
+        raise RuntimeError("qemu-storage-daemon did not mount")
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def make_image(work, fmt):
+    raw = os.path.join(work, "src.raw")
+    if not os.path.exists(raw):
+        sh("dd", "if=/dev/urandom", f"of={raw}", "bs=1M", f"count={SIZE_MB}", "status=none")
+    img = os.path.join(work, f"bench.{fmt}")
+    if fmt == "raw":
+        sh("cp", "--reflink=auto", raw, img)
+    else:
+        sh("qemu-img", "convert", "-O", fmt, raw, img)
+    return img
+
+
+def empty_image(work, fmt):
+    img = os.path.join(work, f"empty.{fmt}")
+    if os.path.exists(img):
+        os.unlink(img)
+    sh("qemu-img", "create", "-q", "-f", fmt, img, f"{SIZE_MB}M")
+    return img
+
+
+TESTS = [
+    ("seq read 1M", lambda p: fio(p, "seqread", "read", "1M", 1), False),
+    ("seq read 128k", lambda p: fio(p, "seqread128", "read", "128k", 1), False),
+    ("rand read 4k x4 jobs", lambda p: fio(p, "randread", "randread", "4k", 4), False),
+    ("seq write 1M (allocating)", lambda p: fio(p, "seqwrite", "write", "1M", 1), True),
+]
+
+
+def main():
+    work = tempfile.mkdtemp(prefix="rawmount-bench-")
+    rows = []
+    try:
+        for fmt in FORMATS:
+            img = make_image(work, fmt)
+            for title, run, writes in TESTS:
+                results = {RawmountServer.name: [], QsdServer.name: []}
+                for r in range(ROUNDS):
+                    order = (RawmountServer, QsdServer) if r % 2 == 0 else (QsdServer, RawmountServer)
+                    for server in order:
+                        target = empty_image(work, fmt) if writes else img
+                        sh("sync")  # earlier runs' dirty pages must not be charged to this one
+                        with server(target, fmt, work) as path:
+                            results[server.name].append(run(path)[0])
+                ours = statistics.median(results[RawmountServer.name])
+                theirs = statistics.median(results[QsdServer.name])
+                rows.append((fmt, title, ours, theirs))
+                print(f"{fmt:6} {title:28} rawmount {ours/1e6:9.1f} MB/s   qsd {theirs/1e6:9.1f} MB/s   ratio {ours/theirs:5.2f}x",
+                      flush=True)
+    finally:
+        subprocess.run(["rm", "-rf", work])
+    print()
+    print(f"| format | test | rawmount MB/s | qemu-storage-daemon MB/s | ratio |  (median of {ROUNDS}, {SIZE_MB} MiB image)")
+    print("|---|---|---|---|---|")
+    for fmt, title, ours, theirs in rows:
+        print(f"| {fmt} | {title} | {ours/1e6:.1f} | {theirs/1e6:.1f} | {ours/theirs:.2f}x |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
