@@ -31,6 +31,14 @@ public final class ImageFile: Sendable {
 
     deinit { close(fd) }
 
+    /// Creates a new, empty file (never overwrites) and opens it for writing.
+    public static func createNew(path: String) throws -> ImageFile {
+        let fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw BlockError.io(file: path, operation: "create", offset: nil, errno: errno) }
+        close(fd)
+        return try ImageFile(path: path, writable: true)
+    }
+
     /// Current size in bytes (works for block devices too).
     public func size() throws -> UInt64 {
         let end = lseek(fd, 0, SEEK_END)

@@ -3,9 +3,14 @@ import BlockEngine
 /// The formats rawmount knows. Probing reads the first bytes once.
 public enum ImageFormat: String, CaseIterable, Sendable {
     case raw
+    case qed
 
     /// Picks the format from the file's first bytes; anything unrecognised is raw, as in QEMU.
     public static func probe(_ file: ImageFile) throws -> ImageFormat {
+        var head = [UInt8](repeating: 0, count: 512)
+        let n = try head.withUnsafeMutableBytes { try file.readUpTo(into: $0, at: 0) }
+        head.removeLast(head.count - n)
+        if QEDHeader.probe(head) { return .qed }
         return .raw
     }
 }

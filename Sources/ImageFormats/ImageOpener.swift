@@ -9,8 +9,11 @@ public enum ImageOpener {
         public var writable: Bool
         public var format: ImageFormat?
         public var lock: Bool
-        public init(writable: Bool, format: ImageFormat? = nil, lock: Bool = true) {
-            self.writable = writable; self.format = format; self.lock = lock
+        /// Told what a repair-on-open fixed (QED NEED_CHECK).
+        public var onRepair: (@Sendable (String) -> Void)?
+        public init(writable: Bool, format: ImageFormat? = nil, lock: Bool = true,
+                    onRepair: (@Sendable (String) -> Void)? = nil) {
+            self.writable = writable; self.format = format; self.lock = lock; self.onRepair = onRepair
         }
     }
 
@@ -28,6 +31,33 @@ public enum ImageOpener {
         switch format {
         case .raw:
             return BlockDevice(driver: try RawDriver(file: file))
+        case .qed:
+            let driver = try QEDDriver(file: file) { report in
+                options.onRepair?("\(path): image was not closed cleanly (NEED_CHECK); checked: \(report)")
+            }
+            var backing: BlockDevice? = nil
+            if let name = driver.backingName {
+                let noProbe = driver.header.features & QEDHeader.featureBackingNoProbe != 0
+                backing = try openBacking(name, of: path, format: noProbe ? .raw : nil, options: options, depth: depth)
+            }
+            return BlockDevice(driver: driver, backing: backing)
+        }
+    }
+
+    /// Backing files are named relative to the image's directory and opened read-only.
+    static func openBacking(_ name: String, of child: String, format: ImageFormat?, options: Options, depth: Int) throws -> BlockDevice {
+        let path: String
+        if name.hasPrefix("/") { path = name } else {
+            let dir = child.contains("/") ? String(child[..<child.lastIndex(of: "/")!]) : "."
+            path = dir + "/" + name
+        }
+        do {
+            return try open(path: path, options: .init(writable: false, format: format, lock: options.lock), depth: depth + 1)
+        } catch let e as BlockError {
+            if case .io(_, _, _, let err) = e, err == 2 {
+                throw BlockError.invalid(file: child, field: "backing file", detail: "'\(name)' not found (looked at \(path))")
+            }
+            throw e
         }
     }
 }

@@ -77,7 +77,10 @@ struct MountCommand: ParsableCommand {
         if mp == imagePath { throw BlockError.usage("\(mountpoint): cannot mount an image on itself") }
 
         let fmt = format.flatMap { ImageFormat(rawValue: $0.lowercased()) }
-        let device = try ImageOpener.open(path: imagePath, options: .init(writable: !readOnly, format: fmt))
+        let notify = readyFd
+        let device = try ImageOpener.open(path: imagePath, options: .init(writable: !readOnly, format: fmt, onRepair: { note in
+            if let fd = notify { _ = "note: \(note)\n".withCString { write(fd, $0, strlen($0)) } } else { printError("rawmount: " + note) }
+        }))
         var ro = readOnly
         if !readOnly && !device.isWritable {
             printError("rawmount: \(image): \(device.driver.info.format) images are read-only; mounting read-only")
@@ -149,7 +152,11 @@ enum Detach {
             message += buf[0..<n]
         }
         close(readEnd)
-        let text = String(decoding: message, as: UTF8.self)
+        var text = String(decoding: message, as: UTF8.self)
+        while text.hasPrefix("note: "), let nl = text.firstIndex(of: "\n") {
+            printError("rawmount: " + text[text.index(text.startIndex, offsetBy: 6)..<nl])
+            text = String(text[text.index(after: nl)...])
+        }
         if text == "ok" { return 0 }
         var status: Int32 = 0
         _ = waitpid(pid, &status, 0)

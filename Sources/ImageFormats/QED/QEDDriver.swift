@@ -1,0 +1,232 @@
+import BlockEngine
+import Synchronization
+
+/// QED read/write over the shared engine. Translation: L1 -> L2 -> cluster; L2 entry 0 is
+/// unallocated (backing image or zeros), 1 is a zero cluster. Allocation appends at the end
+/// of the file: data first (written by the engine), then a new L2 table if needed, then the
+/// L1 entry; NEED_CHECK is set before the first allocation and cleared on clean close.
+public final class QEDDriver: ImageDriver {
+    public let file: ImageFile
+    public let info: ImageInfo
+    public var isWritable: Bool { file.isWritable }
+    public let header: QEDHeader
+    public let backingName: String?
+
+    let tables: QEDTables
+    let allocator: Allocator
+    let clusterBits: UInt64
+    let l1Shift: UInt64
+    /// Header features as currently on disk (NEED_CHECK toggles); guarded by the engine's
+    /// allocation lock for writes, read under this mutex.
+    private let onDiskFeatures: Mutex<UInt64>
+
+    public init(file: ImageFile, repairReport: ((QEDCheckReport) -> Void)? = nil) throws {
+        var h = try QEDHeader.read(from: file)
+        self.file = file
+        if h.hasBacking {
+            let bytes = try file.readBytes(count: Int(h.backingNameSize), at: UInt64(h.backingNameOffset), what: "backing file name")
+            backingName = String(decoding: bytes.prefix { $0 != 0 }, as: UTF8.self)
+        } else {
+            backingName = nil
+        }
+        let cs = UInt64(h.clusterSize)
+        clusterBits = UInt64(cs.trailingZeroBitCount)
+        l1Shift = clusterBits + UInt64(h.entriesPerTable.trailingZeroBitCount)
+        let fileSize = try file.size()
+        allocator = Allocator(file: file.path, nextOffset: fileSize, alignment: cs)
+
+        if file.isWritable {
+            if h.features & QEDHeader.featureNeedCheck != 0 {
+                let report = try QEDCheck.run(file: file, header: h, repair: true)
+                repairReport?(report)
+                try file.sync()
+            }
+            // No autoclear features are defined: unknown ones are cleared before any write.
+            if h.autoclearFeatures != 0 || h.features & QEDHeader.featureNeedCheck != 0 {
+                h.autoclearFeatures = 0
+                h.features &= ~QEDHeader.featureNeedCheck
+                try file.write(h.encoded(), at: 0)
+                try file.sync()
+            }
+        }
+        header = h
+        onDiskFeatures = Mutex(h.features)
+        tables = QEDTables(file: file, header: h)
+        var details: [(String, String)] = [
+            ("table size", "\(h.tableSize) clusters"),
+            ("features", "0x" + String(h.features, radix: 16)),
+        ]
+        if let backingName { details.append(("backing file", backingName)) }
+        if h.features & QEDHeader.featureBackingNoProbe != 0 { details.append(("backing format", "raw")) }
+        info = ImageInfo(format: "qed", virtualSize: h.imageSize, clusterSize: cs, details: details)
+    }
+
+    var clusterSize: UInt64 { UInt64(header.clusterSize) }
+
+    // MARK: translation
+
+    private func l2Table(for offset: UInt64) throws -> UInt64 {
+        let l2 = try tables.entry(header.l1TableOffset, offset >> l1Shift)
+        if l2 != 0 {
+            try header.checkTableOffset(l2, path: file.path, fileSize: allocator.end, what: "L2 table offset in L1 entry \(offset >> l1Shift)")
+        }
+        return l2
+    }
+
+    private func classify(_ e: UInt64, at offset: UInt64) throws -> Mapping {
+        switch e {
+        case 0: return .unallocated(length: 0)
+        case 1: return .zero(length: 0)
+        default:
+            guard e & (clusterSize - 1) == 0, e >= header.headerBytes, e < allocator.end else {
+                throw BlockError.invalid(file: file.path, field: "L2 entry for guest offset \(offset)",
+                                         detail: "cluster offset \(e) is unaligned, inside the header or past the end of the file")
+            }
+            return .data(host: e, length: 0)
+        }
+    }
+
+    public func map(_ offset: UInt64, maxLength: UInt64) throws -> Mapping {
+        let spanEnd = min(offset + maxLength, ((offset >> l1Shift) + 1) << l1Shift)
+        let l2 = try l2Table(for: offset)
+        if l2 == 0 { return .unallocated(length: spanEnd - offset) }
+        var result: Mapping? = nil
+        var pos = offset
+        let mask = clusterSize - 1
+        let entryMask = header.entriesPerTable - 1
+        outer: while pos < spanEnd {
+            let idx = (pos >> clusterBits) & entryMask
+            let s = tables.slot(l2, idx)
+            let stopped: Bool = try tables.cache.withEntries(table: s.chunk) { view in
+                var i = s.index
+                while i < view.count && pos < spanEnd {
+                    let n = min(clusterSize - (pos & mask), spanEnd - pos)
+                    let kind = try classify(view[i], at: pos)
+                    let next: Mapping
+                    switch kind {
+                    case let .data(host, _): next = .data(host: host + (pos & mask), length: n)
+                    case .zero: next = .zero(length: n)
+                    default: next = .unallocated(length: n)
+                    }
+                    guard let cur = result else { result = next; pos += n; i += 1; continue }
+                    switch (cur, next) {
+                    case let (.data(h, l), .data(h2, l2)) where h + l == h2: result = .data(host: h, length: l + l2)
+                    case let (.zero(l), .zero(l2)): result = .zero(length: l + l2)
+                    case let (.unallocated(l), .unallocated(l2)): result = .unallocated(length: l + l2)
+                    default: return true
+                    }
+                    pos += n; i += 1
+                }
+                return false
+            }
+            if stopped { break outer }
+        }
+        return result ?? .unallocated(length: spanEnd - offset)
+    }
+
+    // MARK: allocation (engine holds its allocation lock)
+
+    /// Largest run one allocation covers, so the engine's fill buffer stays small.
+    private var maxAllocationBytes: UInt64 { max(clusterSize, 4 << 20) }
+
+    public func allocate(_ offset: UInt64, length: UInt64) throws -> Allocation {
+        guard isWritable else { throw BlockError.readOnly(file: file.path) }
+        try markNeedCheck()
+        let start = offset.alignedDown(clusterSize)
+        let tableEnd = ((offset >> l1Shift) + 1) << l1Shift
+        let end = min((offset + length).alignedUp(clusterSize), tableEnd, start + maxAllocationBytes.alignedDown(clusterSize))
+        let bytes = max(end - start, clusterSize)
+        let host = try allocator.allocate(bytes)
+        return Allocation(guestOffset: start, hostOffset: host, length: bytes)
+    }
+
+    public func commit(_ a: Allocation) throws {
+        let l2 = try l2TableCreatingIfNeeded(for: a.guestOffset)
+        let first = (a.guestOffset >> clusterBits) & (header.entriesPerTable - 1)
+        for k in 0..<(a.length / clusterSize) {
+            try tables.set(l2.offset, first + k, a.hostOffset + k * clusterSize)
+        }
+        if l2.isNew { try tables.set(header.l1TableOffset, a.guestOffset >> l1Shift, l2.offset) }
+    }
+
+    /// The L2 table for `offset`; a missing one is allocated after the data clusters. Its file
+    /// range is beyond the old end and reads as zeros once the file is extended.
+    private func l2TableCreatingIfNeeded(for offset: UInt64) throws -> (offset: UInt64, isNew: Bool) {
+        let existing = try l2Table(for: offset)
+        if existing != 0 { return (existing, false) }
+        let l2 = try allocator.allocate(header.tableBytes)
+        if try file.size() < l2 + header.tableBytes { try file.truncate(to: l2 + header.tableBytes) }
+        try tables.installEmptyChunk(l2, (offset >> clusterBits) & (header.entriesPerTable - 1))
+        return (l2, true)
+    }
+
+    /// Sets NEED_CHECK (durably) before the first metadata change, as QEMU does.
+    private func markNeedCheck() throws {
+        try onDiskFeatures.withLock { f in
+            guard f & QEDHeader.featureNeedCheck == 0 else { return }
+            var h = header
+            h.features = f | QEDHeader.featureNeedCheck
+            h.autoclearFeatures = 0
+            try file.write(h.encoded(), at: 0)
+            try file.sync()
+            f = h.features
+        }
+    }
+
+    // MARK: zeroing
+
+    public func zeroRange(_ offset: UInt64, length: UInt64, deallocate: Bool) throws -> (offset: UInt64, length: UInt64) {
+        let start = offset.alignedUp(clusterSize)
+        let end = min((offset + length).alignedDown(clusterSize), ((start >> l1Shift) + 1) << l1Shift)
+        guard start < end else { return (offset, 0) }
+        var pos = start
+        while pos < end {
+            let m = try map(pos, maxLength: end - pos)
+            let n = m.length
+            switch m {
+            case .zero:
+                break
+            case .unallocated:
+                if backingName != nil { // must hide the backing image: zero-cluster entries
+                    try markNeedCheck()
+                    let l2 = try l2TableCreatingIfNeeded(for: pos)
+                    let first = (pos >> clusterBits) & (header.entriesPerTable - 1)
+                    for k in 0..<(n / clusterSize) { try tables.set(l2.offset, first + k, 1) }
+                    if l2.isNew { try tables.set(header.l1TableOffset, pos >> l1Shift, l2.offset) }
+                }
+            case let .data(host, _):
+                // Keep the cluster (QED never reuses space; dropping it would leak) and punch
+                // its bytes in the host file so they read as zeros.
+                let keepSize: Int32 = 0x01, punchHole: Int32 = 0x02
+                guard try file.fallocate(mode: punchHole | keepSize, offset: host, length: n) else {
+                    return (start, pos - start)
+                }
+            case .compressed:
+                return (start, pos - start)
+            }
+            pos += n
+        }
+        return (start, pos - start)
+    }
+
+    // MARK: lifecycle
+
+    public func flush() throws {
+        guard isWritable else { return }
+        try tables.cache.flush()
+        try file.sync()
+    }
+
+    public func close() throws {
+        guard isWritable else { return }
+        try flush()
+        try onDiskFeatures.withLock { f in
+            guard f & QEDHeader.featureNeedCheck != 0 else { return }
+            var h = header
+            h.features = f & ~QEDHeader.featureNeedCheck
+            try file.write(h.encoded(), at: 0)
+            try file.sync()
+            f = h.features
+        }
+    }
+}

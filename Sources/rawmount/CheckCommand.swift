@@ -1,0 +1,46 @@
+import ArgumentParser
+import BlockEngine
+import ImageFormats
+#if canImport(Glibc)
+import Glibc
+#endif
+
+struct CheckCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "check",
+        abstract: "Check an image's metadata; --repair drops entries that point outside the file or twice at one cluster.",
+        discussion: "Exit status: 0 clean, 2 corruption found (and not repaired), 3 only leaked clusters, 1 error.")
+
+    @Flag(help: "Fix what can be fixed (needs exclusive access).")
+    var repair = false
+
+    @Argument(help: "The disk image.")
+    var image: String
+
+    func run() throws {
+        do {
+            let file = try ImageFile(path: image, writable: repair)
+            try ImageLock.acquire(file, writable: repair)
+            switch try ImageFormat.probe(file) {
+            case .qed:
+                let header = try QEDHeader.read(from: file)
+                let report = try QEDCheck.run(file: file, header: header, repair: repair)
+                if repair && header.features & QEDHeader.featureNeedCheck != 0 {
+                    var h = header
+                    h.features &= ~QEDHeader.featureNeedCheck
+                    try file.write(h.encoded(), at: 0)
+                }
+                try file.sync()
+                print("\(image): \(report)")
+                if report.corruptions > 0 && !repair { throw ExitCode(2) }
+                if report.leakedClusters > 0 { throw ExitCode(3) }
+                print("No errors were found on the image.")
+            case .raw:
+                print("\(image): raw images have no metadata to check")
+            }
+        } catch let e as ExitCode { throw e } catch {
+            printError("rawmount: \(describe(error))")
+            throw ExitCode.failure
+        }
+    }
+}

@@ -1,0 +1,67 @@
+import ArgumentParser
+import BlockEngine
+import ImageFormats
+
+struct CreateCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "create", abstract: "Create an empty image (qed, raw).")
+
+    @Option(name: [.customShort("f"), .long], help: "Format: qed or raw.")
+    var format: String
+
+    @Option(help: "Cluster size in bytes (QED: power of two, 4 KiB...64 MiB; default 64 KiB).")
+    var clusterSize: String?
+
+    @Option(help: "Clusters per L1/L2 table (QED: 1, 2, 4, 8 or 16; default 4).")
+    var tableSize: UInt32 = 4
+
+    @Option(help: "Backing file, stored as given (relative names are relative to IMAGE's directory).")
+    var backing: String?
+
+    @Option(help: "Backing file format (raw is stored as 'no probe').")
+    var backingFormat: String?
+
+    @Argument(help: "The image to create (must not exist).")
+    var image: String
+
+    @Argument(help: "Virtual size: bytes or with K, M, G, T suffix.")
+    var size: String
+
+    func run() throws {
+        do {
+            let bytes = try parseSize(size)
+            switch format.lowercased() {
+            case "qed":
+                let cs = try clusterSize.map(parseSize) ?? 65536
+                guard cs <= UInt64(UInt32.max) else { throw BlockError.usage("--cluster-size \(cs) is too large") }
+                try QEDCreate.create(path: image, size: bytes, clusterSize: UInt32(cs), tableSize: tableSize,
+                                     backing: backing, backingIsRaw: backingFormat?.lowercased() == "raw")
+            case "raw":
+                if backing != nil { throw BlockError.usage("raw images cannot have a backing file") }
+                let file = try ImageFile.createNew(path: image)
+                try file.truncate(to: bytes)
+            default:
+                throw BlockError.usage("rawmount create supports -f qed and -f raw")
+            }
+        } catch let e as ExitCode { throw e } catch {
+            printError("rawmount: \(describe(error))")
+            throw ExitCode.failure
+        }
+    }
+}
+
+/// "10G", "512M", "4096", "64k" -> bytes.
+func parseSize(_ text: String) throws -> UInt64 {
+    let t = text.trimmingSpaces
+    let units: [Character: UInt64] = ["K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50]
+    var digits = t
+    var mult: UInt64 = 1
+    if var last = t.last {
+        if last == "B" || last == "b", t.count > 1 { digits = String(t.dropLast()); last = digits.last ?? last }
+        if let m = units[Character(last.uppercased())] { mult = m; digits = String(digits.dropLast()) }
+    }
+    guard let n = UInt64(digits), case let (v, o) = n.multipliedReportingOverflow(by: mult), !o else {
+        throw BlockError.usage("cannot read size '\(text)' (use bytes or a K/M/G/T suffix)")
+    }
+    return v
+}
