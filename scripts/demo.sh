@@ -18,9 +18,9 @@ mkdir -p "$work/mnt" "$work/fs"
 
 step() { printf '\n== %s\n' "$*"; }
 
-step "create a 256 MiB sample disk image"
-image="$work/sample.img"
-truncate -s 256M "$image"
+step "create a 256 MiB sample QED disk image"
+image="$work/sample.qed"
+"$RAWMOUNT" create -f qed "$image" 256M
 "$RAWMOUNT" info "$image"
 
 step "mount it: rawmount mount $image $work/mnt"
@@ -50,8 +50,10 @@ losetup -d "$loop"; loop=""
 step "unmount (returns after the image is flushed and closed)"
 "$RAWMOUNT" unmount "$work/mnt"
 
-step "the partition table and file system are in the image itself"
-fdisk -l "$image" | sed -n '1,12p'
+step "the partition table and file system are in the image itself (qemu-img is the oracle)"
+qemu-img check "$image"
+qemu-img convert -O raw "$image" "$work/check.raw"
+fdisk -l "$work/check.raw" | sed -n '1,12p'
 "$RAWMOUNT" info "$image"
 echo
 echo "demo finished: partitioned, formatted and listed a disk image through rawmount"

@@ -110,6 +110,12 @@ public final class BlockDevice: Sendable {
             let a = try driver.allocate(guestOffset, length: n)
             precondition(a.guestOffset <= guestOffset && a.guestOffset + a.length > guestOffset, "driver allocation misses the request")
             let take = min(n, a.guestOffset + a.length - guestOffset)
+            if a.guestOffset == guestOffset && take == a.length {
+                // Whole clusters: no fill needed, write straight from the caller's buffer.
+                try driver.file.write(UnsafeRawBufferPointer(rebasing: data[Int(dataOffset)..<Int(dataOffset + take)]), at: a.hostOffset)
+                try driver.commit(a)
+                return take
+            }
             let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(a.length), alignment: 4096)
             defer { buf.deallocate() }
             // Fill what the request does not cover with what the guest sees there now.

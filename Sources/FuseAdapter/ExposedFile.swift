@@ -1,4 +1,5 @@
 import BlockEngine
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -16,6 +17,29 @@ public struct ExposedFile: Sendable {
         self.device = device
         self.readOnly = readOnly || !device.isWritable
     }
+
+    /// Guest allocation for st_blocks. Walking the tables of a large image on every stat
+    /// would be slow, so the answer is reused for a second (the attribute timeout).
+    private let allocation = AllocationCache()
+    var allocatedBytes: UInt64 {
+        allocation.value(now: monotonicNow()) { (try? device.allocatedBytes()) ?? device.virtualSize }
+    }
+}
+
+final class AllocationCache: Sendable {
+    private let state = Mutex<(at: Double, bytes: UInt64)?>(nil)
+    func value(now: Double, compute: () -> UInt64) -> UInt64 {
+        if let s = state.withLock({ $0 }), now - s.at < 1.0 { return s.bytes }
+        let bytes = compute()
+        state.withLock { $0 = (now, bytes) }
+        return bytes
+    }
+}
+
+func monotonicNow() -> Double {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
 }
 
 /// The tree a mount shows: either the mountpoint itself is the raw file (a file mountpoint),
@@ -65,7 +89,7 @@ public final class FuseFilesystem: Sendable {
             st.st_nlink = 1
             st.st_size = off_t(f.device.virtualSize)
             st.st_blksize = Int(f.blockSize)
-            let used = (try? f.device.allocatedBytes()) ?? f.device.virtualSize
+            let used = f.allocatedBytes
             st.st_blocks = blkcnt_t((used + 511) / 512)
             return st
         }
