@@ -22,7 +22,7 @@ public struct ExposedFile: Sendable {
     /// would be slow, so the answer is reused for a second (the attribute timeout).
     private let allocation = AllocationCache()
     var allocatedBytes: UInt64 {
-        allocation.value(now: monotonicNow()) { (try? device.allocatedBytes()) ?? device.virtualSize }
+        allocation.value(now: monotonicSeconds()) { (try? device.allocatedBytes()) ?? device.virtualSize }
     }
 }
 
@@ -36,11 +36,6 @@ final class AllocationCache: Sendable {
     }
 }
 
-func monotonicNow() -> Double {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
-}
 
 /// The tree a mount shows: either the mountpoint itself is the raw file (a file mountpoint),
 /// or the mountpoint is a directory listing the files. Inode 1 is the root.

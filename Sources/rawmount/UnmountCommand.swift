@@ -68,11 +68,6 @@ func processAlive(_ pid: pid_t) -> Bool {
     return rest.first != "Z" && rest.first != "X"
 }
 
-func monotonicSeconds() -> Double {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
-}
 
 enum MountTable {
     /// Whether /proc/self/mountinfo has a fuse.rawmount mount at `path`.
