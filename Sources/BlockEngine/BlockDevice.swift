@@ -156,7 +156,7 @@ public final class BlockDevice: Sendable {
             let done = try allocationLock.withLock { _ in try driver.zeroRange(pos, length: end - pos, deallocate: deallocate) }
             if done.length > 0 && done.offset == pos { pos += done.length; continue }
             // The driver handles nothing at `pos` (partial cluster): write zeros up to what it can take.
-            let stop = done.length > 0 ? done.offset : min(end, (pos / clusterSize + 1) * clusterSize)
+            let stop = done.length > 0 ? done.offset : pos + RangeWalk.toClusterEnd(pos, clusterSize: clusterSize, maxLength: end - pos)
             try writeZeros(at: pos, length: stop - pos)
             pos = stop
         }

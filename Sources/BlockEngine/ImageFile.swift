@@ -132,6 +132,18 @@ public final class ImageFile: Sendable {
         }
     }
 
+    /// Deallocates a host range (it reads as zeros, the file keeps its size); false if unsupported.
+    public func punchHole(offset: UInt64, length: UInt64) throws -> Bool {
+        try fallocate(mode: Self.fallocPunchHole | Self.fallocKeepSize, offset: offset, length: length)
+    }
+
+    /// Zeroes a host range without writing data; false if unsupported.
+    public func zeroRange(offset: UInt64, length: UInt64) throws -> Bool {
+        try fallocate(mode: Self.fallocZeroRange | Self.fallocKeepSize, offset: offset, length: length)
+    }
+
+    static let fallocKeepSize: Int32 = 0x01, fallocPunchHole: Int32 = 0x02, fallocZeroRange: Int32 = 0x10
+
     public func truncate(to size: UInt64) throws {
         if ftruncate(fd, off_t(size)) != 0 {
             throw BlockError.io(file: path, operation: "ftruncate", offset: size, errno: errno)

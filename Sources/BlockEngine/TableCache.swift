@@ -121,14 +121,6 @@ public final class TableCache: Sendable {
         try state.withLock { s in try writeDirtyLocked(&s, upTo: .max) }
     }
 
-    /// Drops a clean table (after it was freed); a dirty one is written first.
-    public func evict(table: UInt64) throws {
-        try state.withLock { s in
-            if let seq = s.slots[table]?.dirtySeq { try writeDirtyLocked(&s, upTo: seq) }
-            s.slots[table] = nil
-        }
-    }
-
     // MARK: - internals (state lock held)
 
     private func insertLocked(_ s: inout State, table: UInt64, bytes: [UInt8]) throws -> Slot {

@@ -100,7 +100,7 @@ public final class QEDDriver: ImageDriver {
             let stopped: Bool = try tables.cache.withEntries(table: s.chunk) { view in
                 var i = s.index
                 while i < view.count && pos < spanEnd {
-                    let n = min(clusterSize - (pos & mask), spanEnd - pos)
+                    let n = RangeWalk.toClusterEnd(pos, clusterSize: clusterSize, maxLength: spanEnd - pos)
                     let kind = try classify(view[i], at: pos)
                     let next: Mapping
                     switch kind {
@@ -197,8 +197,7 @@ public final class QEDDriver: ImageDriver {
             case let .data(host, _):
                 // Keep the cluster (QED never reuses space; dropping it would leak) and punch
                 // its bytes in the host file so they read as zeros.
-                let keepSize: Int32 = 0x01, punchHole: Int32 = 0x02
-                guard try file.fallocate(mode: punchHole | keepSize, offset: host, length: n) else {
+                guard try file.punchHole(offset: host, length: n) else {
                     return (start, pos - start)
                 }
             case .compressed:

@@ -29,14 +29,10 @@ public final class RawDriver: ImageDriver {
     }
 
     public func zeroRange(_ offset: UInt64, length: UInt64, deallocate: Bool) throws -> (offset: UInt64, length: UInt64) {
-        let keepSize: Int32 = 0x01, punchHole: Int32 = 0x02, zeroRange: Int32 = 0x10
-        if deallocate, try file.fallocate(mode: punchHole | keepSize, offset: offset, length: length) {
-            return (offset, length)
-        }
-        if try file.fallocate(mode: zeroRange | keepSize, offset: offset, length: length) { return (offset, length) }
-        if !deallocate, try file.fallocate(mode: punchHole | keepSize, offset: offset, length: length) {
-            return (offset, length)
-        }
+        // Punch first when asked to deallocate; otherwise keep the blocks if the host can.
+        if deallocate, try file.punchHole(offset: offset, length: length) { return (offset, length) }
+        if try file.zeroRange(offset: offset, length: length) { return (offset, length) }
+        if !deallocate, try file.punchHole(offset: offset, length: length) { return (offset, length) }
         return (offset, 0) // the engine writes zeros
     }
 
