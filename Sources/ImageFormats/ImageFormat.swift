@@ -4,6 +4,11 @@ import BlockEngine
 public enum ImageFormat: String, CaseIterable, Sendable {
     case raw
     case qed
+    case vdi
+    case bochs
+
+    /// Formats rawmount can write; the others are always opened read-only.
+    public var supportsWriting: Bool { self != .bochs }
 
     /// Picks the format from the file's first bytes; anything unrecognised is raw, as in QEMU.
     public static func probe(_ file: ImageFile) throws -> ImageFormat {
@@ -11,6 +16,8 @@ public enum ImageFormat: String, CaseIterable, Sendable {
         let n = try head.withUnsafeMutableBytes { try file.readUpTo(into: $0, at: 0) }
         head.removeLast(head.count - n)
         if QEDHeader.probe(head) { return .qed }
+        if VDIHeader.probe(head) { return .vdi }
+        if BochsHeader.probe(head) { return .bochs }
         return .raw
     }
 }

@@ -25,10 +25,18 @@ public enum ImageOpener {
         if depth > maxChainDepth {
             throw BlockError.invalid(file: path, field: "backing chain", detail: "deeper than \(maxChainDepth) images (a loop?)")
         }
-        let file = try ImageFile(path: path, writable: options.writable)
-        if options.lock { try ImageLock.acquire(file, writable: options.writable) }
-        let format = try options.format ?? ImageFormat.probe(file)
+        // Probe through a read-only descriptor: read-only formats (Bochs) are never opened for
+        // writing, so not a byte or timestamp of them changes.
+        let readOnlyFile = try ImageFile(path: path, writable: false)
+        let format = try options.format ?? ImageFormat.probe(readOnlyFile)
+        let writable = options.writable && format.supportsWriting
+        let file = writable ? try ImageFile(path: path, writable: true) : readOnlyFile
+        if options.lock { try ImageLock.acquire(file, writable: writable) }
         switch format {
+        case .vdi:
+            return BlockDevice(driver: try VDIDriver(file: file))
+        case .bochs:
+            return BlockDevice(driver: try BochsDriver(file: file))
         case .raw:
             return BlockDevice(driver: try RawDriver(file: file))
         case .qed:

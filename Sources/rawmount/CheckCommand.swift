@@ -35,8 +35,16 @@ struct CheckCommand: ParsableCommand {
                 if report.corruptions > 0 && !repair { throw ExitCode(2) }
                 if report.leakedClusters > 0 { throw ExitCode(3) }
                 print("No errors were found on the image.")
-            case .raw:
-                print("\(image): raw images have no metadata to check")
+            case .vdi:
+                let report = try VDICheck.run(file: file)
+                print("\(image): \(report)")
+                if report.corruptions > 0 {
+                    if repair { printError("rawmount: \(image): VDI repair is not implemented") }
+                    throw ExitCode(2)
+                }
+                print("No errors were found on the image.")
+            case .raw, .bochs:
+                print("\(image): nothing to check for this format")
             }
         } catch let e as ExitCode { throw e } catch {
             printError("rawmount: \(describe(error))")

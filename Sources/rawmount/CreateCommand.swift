@@ -4,9 +4,9 @@ import ImageFormats
 
 struct CreateCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "create", abstract: "Create an empty image (qed, raw).")
+        commandName: "create", abstract: "Create an empty image (qed, vdi, raw).")
 
-    @Option(name: [.customShort("f"), .long], help: "Format: qed or raw.")
+    @Option(name: [.customShort("f"), .long], help: "Format: qed, vdi or raw.")
     var format: String
 
     @Option(help: "Cluster size in bytes (QED: power of two, 4 KiB...64 MiB; default 64 KiB).")
@@ -14,6 +14,9 @@ struct CreateCommand: ParsableCommand {
 
     @Option(help: "Clusters per L1/L2 table (QED: 1, 2, 4, 8 or 16; default 4).")
     var tableSize: UInt32 = 4
+
+    @Flag(name: .customLong("static"), help: "VDI: allocate every block up front (sparse on the host).")
+    var isStatic = false
 
     @Option(help: "Backing file, stored as given (relative names are relative to IMAGE's directory).")
     var backing: String?
@@ -36,12 +39,15 @@ struct CreateCommand: ParsableCommand {
                 guard cs <= UInt64(UInt32.max) else { throw BlockError.usage("--cluster-size \(cs) is too large") }
                 try QEDCreate.create(path: image, size: bytes, clusterSize: UInt32(cs), tableSize: tableSize,
                                      backing: backing, backingIsRaw: backingFormat?.lowercased() == "raw")
+            case "vdi":
+                if backing != nil { throw BlockError.usage("VDI images cannot have a backing file here") }
+                try VDICreate.create(path: image, size: bytes, isStatic: isStatic)
             case "raw":
                 if backing != nil { throw BlockError.usage("raw images cannot have a backing file") }
                 let file = try ImageFile.createNew(path: image)
                 try file.truncate(to: bytes)
             default:
-                throw BlockError.usage("rawmount create supports -f qed and -f raw")
+                throw BlockError.usage("rawmount create supports -f qed, -f vdi and -f raw")
             }
         } catch let e as ExitCode { throw e } catch {
             printError("rawmount: \(describe(error))")

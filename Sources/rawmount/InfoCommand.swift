@@ -26,7 +26,10 @@ struct InfoCommand: ParsableCommand {
             var d: BlockDevice? = device
             while let cur = d { chain.append(cur); d = cur.backing }
             let allocated = try device.allocatedBytes()
-            let info = device.driver.info
+            var info = device.driver.info
+            if let bochs = device.driver as? BochsDriver {
+                info.details.append(("allocated extents", "\(try bochs.allocatedExtents())"))
+            }
             if json {
                 var fields: [String] = [
                     "\"filename\": \(jsonString(device.driver.file.path))",

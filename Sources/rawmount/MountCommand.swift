@@ -78,12 +78,14 @@ struct MountCommand: ParsableCommand {
 
         let fmt = format.flatMap { ImageFormat(rawValue: $0.lowercased()) }
         let notify = readyFd
-        let device = try ImageOpener.open(path: imagePath, options: .init(writable: !readOnly, format: fmt, onRepair: { note in
-            if let fd = notify { _ = "note: \(note)\n".withCString { write(fd, $0, strlen($0)) } } else { printError("rawmount: " + note) }
-        }))
+        // Notes reach the user's terminal even when the server has detached.
+        let note: @Sendable (String) -> Void = { text in
+            if let fd = notify { _ = "note: \(text)\n".withCString { write(fd, $0, strlen($0)) } } else { printError("rawmount: " + text) }
+        }
+        let device = try ImageOpener.open(path: imagePath, options: .init(writable: !readOnly, format: fmt, onRepair: note))
         var ro = readOnly
         if !readOnly && !device.isWritable {
-            printError("rawmount: \(image): \(device.driver.info.format) images are read-only; mounting read-only")
+            note("\(image): \(device.driver.info.format) images are read-only; mounting read-only")
             ro = true
         }
         let file = ExposedFile(name: Paths.rawName(forImage: imagePath), device: device, readOnly: ro)

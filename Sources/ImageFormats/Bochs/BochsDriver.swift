@@ -1,0 +1,81 @@
+import BlockEngine
+
+/// Bochs growing redolog, read-only. A sector is data only when its extent is in the catalog
+/// and its bit is set in the extent's bitmap; everything else reads as zeros. Catalog chunks
+/// and bitmaps come through the shared table cache; runs of present sectors map to one
+/// contiguous host range, so the engine reads them with one pread.
+public final class BochsDriver: ImageDriver {
+    public let file: ImageFile
+    public let info: ImageInfo
+    public var isWritable: Bool { false }
+    public let header: BochsHeader
+
+    let catalog: TableCache
+    let bitmaps: TableCache
+    let catalogChunk: Int
+    let fileSize: UInt64
+
+    public init(file: ImageFile) throws {
+        let h = try BochsHeader.read(from: file)
+        self.file = file
+        header = h
+        fileSize = try file.size()
+        // The chunk must divide the catalog exactly so no chunk runs past its end.
+        let catalogBytes = Int(h.catalog) * 4
+        var chunk = 4096
+        while chunk > 4 && catalogBytes % chunk != 0 { chunk /= 2 }
+        catalogChunk = max(chunk, 4)
+        catalog = TableCache(file: file, tableBytes: catalogChunk, encoding: .u32LE, capacity: max(64, (1 << 20) / catalogChunk))
+        let bitmapBytes = Int(h.bitmapSectors * 512)
+        bitmaps = TableCache(file: file, tableBytes: bitmapBytes, encoding: .u32LE, capacity: max(16, (4 << 20) / bitmapBytes))
+        var details: [(String, String)] = [
+            ("type", "\(h.type) / \(h.subtype)"),
+            ("version", h.version == BochsHeader.version2 ? "2.0" : "1.0"),
+            ("extent size", "\(h.extent)"),
+            ("bitmap size", "\(h.bitmap)"),
+            ("catalog entries", "\(h.catalog)"),
+        ]
+        if let ts = h.timestampText { details.append(("timestamp", ts)) }
+        info = ImageInfo(format: "bochs", virtualSize: h.diskSize, clusterSize: UInt64(h.extent), details: details)
+    }
+
+    /// Catalog entries that point at an extent slot (reads the whole catalog: for `info`).
+    public func allocatedExtents() throws -> Int {
+        var n = 0
+        for i in 0..<UInt64(header.catalog) where try catalogEntry(i) != UInt64(BochsHeader.unallocated) { n += 1 }
+        return n
+    }
+
+    private func catalogEntry(_ i: UInt64) throws -> UInt64 {
+        let per = UInt64(catalogChunk / 4)
+        return try catalog.entry(table: 512 + (i / per) * UInt64(catalogChunk), index: Int(i % per))
+    }
+
+    public func map(_ offset: UInt64, maxLength: UInt64) throws -> Mapping {
+        let ext = UInt64(header.extent)
+        let ei = offset / ext
+        let end = min(offset + maxLength, (ei + 1) * ext)
+        let slot = try catalogEntry(ei)
+        if slot == UInt64(BochsHeader.unallocated) { return .zero(length: end - offset) }
+        let base = header.slotsOffset + slot * header.slotBytes
+        guard slot < UInt64(header.catalog), base + header.slotBytes <= fileSize else {
+            throw BlockError.invalid(file: file.path, field: "catalog entry \(ei)",
+                                     detail: "extent slot \(slot) lies outside the \(fileSize)-byte file")
+        }
+        let dataBase = base + header.bitmapSectors * 512
+        let first = (offset % ext) / 512
+        let last = (end - 1) % ext / 512
+        // Walk the bitmap from the first sector while the bits agree.
+        return try bitmaps.withEntries(table: base) { words in
+            func present(_ k: UInt64) -> Bool { (words[Int(k / 32)] >> (k % 32)) & 1 != 0 }
+            let value = present(first)
+            var k = first + 1
+            while k <= last && present(k) == value { k += 1 }
+            let runEnd = min(end, (offset / ext) * ext + k * 512)
+            return value ? .data(host: dataBase + offset % ext, length: runEnd - offset) : .zero(length: runEnd - offset)
+        }
+    }
+
+    public func flush() throws {}
+    public func close() throws {}
+}

@@ -1,0 +1,173 @@
+import BlockEngine
+import Synchronization
+
+/// VDI read/write over the shared engine. The block map is read in sector-sized chunks
+/// through the shared table cache. New blocks are appended after the last block in the file;
+/// ordering: block data, then the map sector, then the header's blocks_allocated.
+public final class VDIDriver: ImageDriver {
+    public let file: ImageFile
+    public let info: ImageInfo
+    public var isWritable: Bool { file.isWritable }
+    public let header: VDIHeader
+
+    let map: TableCache
+    static let chunkBytes = 512
+    static let entriesPerChunk = chunkBytes / 4
+    let blockSize: UInt64
+    /// blocks_allocated as it will be written, and whether the header needs rewriting.
+    private let allocation: Mutex<(count: UInt32, next: UInt64, dirty: Bool)>
+
+    public init(file: ImageFile) throws {
+        let h = try VDIHeader.read(from: file)
+        self.file = file
+        header = h
+        blockSize = UInt64(h.blockSize)
+        map = TableCache(file: file, tableBytes: Self.chunkBytes, encoding: .u32LE, capacity: 4096,
+                         beforeWriteBack: { [file] in try file.sync() })
+        // Append after everything in the file, never under it: even if blocks_allocated is
+        // stale (a crash after the map but before the header), no block is handed out twice.
+        let fileSize = try file.size()
+        let used = fileSize > UInt64(h.offsetData) ? (fileSize - UInt64(h.offsetData) + h.blockStride - 1) / h.blockStride : 0
+        allocation = Mutex((h.blocksAllocated, max(UInt64(h.blocksAllocated), used), false))
+        info = ImageInfo(format: "vdi", virtualSize: h.virtualSize, clusterSize: blockSize, details: [
+            ("image type", h.imageType == 2 ? "static" : "dynamic"),
+            ("blocks", "\(h.blocksAllocated) of \(h.blocksInImage) allocated"),
+            ("block extra", "\(h.blockExtra)"),
+            ("header text", String(h.text.filter { $0 != "\n" })),
+        ])
+    }
+
+    private func entryLocation(_ block: UInt64) -> (chunk: UInt64, index: Int) {
+        let chunk = block / UInt64(Self.entriesPerChunk)
+        return (UInt64(header.offsetBmap) + chunk * UInt64(Self.chunkBytes), Int(block % UInt64(Self.entriesPerChunk)))
+    }
+
+    private func host(ofEntry e: UInt64) -> UInt64 {
+        UInt64(header.offsetData) + e * header.blockStride + UInt64(header.blockExtra)
+    }
+
+    public func map(_ offset: UInt64, maxLength: UInt64) throws -> Mapping {
+        var result: Mapping? = nil
+        var pos = offset
+        let end = offset + maxLength
+        while pos < end {
+            let block = pos / blockSize
+            let loc = entryLocation(block)
+            let stopped: Bool = try map.withEntries(table: loc.chunk) { view in
+                var i = loc.index
+                while i < view.count && pos < end {
+                    let b = pos / blockSize
+                    let n = RangeWalk.toClusterEnd(pos, clusterSize: blockSize, maxLength: end - pos)
+                    let e = view[i]
+                    let next: Mapping
+                    if e == UInt64(VDIHeader.blockFree) {
+                        next = .unallocated(length: n)
+                    } else if e == UInt64(VDIHeader.blockDiscarded) {
+                        next = .zero(length: n)
+                    } else if e < UInt64(header.blocksInImage) {
+                        next = .data(host: host(ofEntry: e) + pos % blockSize, length: n)
+                    } else {
+                        throw BlockError.invalid(file: file.path, field: "block map entry \(b)",
+                                                 detail: "block index \(e) is not below blocks_in_image \(header.blocksInImage)")
+                    }
+                    guard let cur = result else { result = next; pos += n; i += 1; continue }
+                    switch (cur, next) {
+                    case let (.data(h, l), .data(h2, l2)) where h + l == h2: result = .data(host: h, length: l + l2)
+                    case let (.zero(l), .zero(l2)): result = .zero(length: l + l2)
+                    case let (.unallocated(l), .unallocated(l2)): result = .unallocated(length: l + l2)
+                    default: return true
+                    }
+                    pos += n; i += 1
+                }
+                return false
+            }
+            if stopped { break }
+        }
+        return result ?? .unallocated(length: maxLength)
+    }
+
+    // MARK: allocation (engine holds its allocation lock)
+
+    public func allocate(_ offset: UInt64, length: UInt64) throws -> Allocation {
+        guard isWritable else { throw BlockError.readOnly(file: file.path) }
+        let index = allocation.withLock { $0.next }
+        guard index < UInt64(header.blocksInImage) else {
+            throw BlockError.io(file: file.path, operation: "allocate block", offset: offset, errno: 28 /* ENOSPC */)
+        }
+        if header.blockExtra > 0 { // the per-block prefix VirtualBox keeps: zeros
+            try file.write([UInt8](repeating: 0, count: Int(header.blockExtra)), at: host(ofEntry: index) - UInt64(header.blockExtra))
+        }
+        return Allocation(guestOffset: offset.alignedDown(blockSize), hostOffset: host(ofEntry: index), length: blockSize)
+    }
+
+    public func commit(_ a: Allocation) throws {
+        let index = (a.hostOffset - host(ofEntry: 0)) / header.blockStride
+        allocation.withLock { s in
+            s.next = max(s.next, index + 1)
+            s.count += 1
+            s.dirty = true
+        }
+        let loc = entryLocation(a.guestOffset / blockSize)
+        try map.setEntry(table: loc.chunk, index: loc.index, value: index)
+    }
+
+    // MARK: zeroing
+
+    /// Whole blocks: unallocated ones already read zeros; the last allocated block is
+    /// released (map 0xFFFFFFFE, blocks_allocated - 1, file shortened); any other allocated
+    /// block is hole-punched in the host file, so blocks_allocated stays exact and no index
+    /// is ever reused (QEMU allocates at index blocks_allocated).
+    public func zeroRange(_ offset: UInt64, length: UInt64, deallocate: Bool) throws -> (offset: UInt64, length: UInt64) {
+        let start = offset.alignedUp(blockSize)
+        let end = (offset + length).alignedDown(blockSize)
+        guard start < end else { return (offset, 0) }
+        var pos = start
+        while pos < end {
+            let m = try map(pos, maxLength: blockSize)
+            switch m {
+            case .unallocated, .zero: break
+            case let .data(host, _):
+                let index = (host - UInt64(header.offsetData) - UInt64(header.blockExtra)) / header.blockStride
+                let isLast = allocation.withLock { $0.next == index + 1 && UInt64($0.count) == index + 1 }
+                if isLast {
+                    let loc = entryLocation(pos / blockSize)
+                    try map.setEntry(table: loc.chunk, index: loc.index, value: UInt64(VDIHeader.blockDiscarded))
+                    try map.flush()
+                    allocation.withLock { $0.count -= 1; $0.next -= 1; $0.dirty = true }
+                    try writeHeaderIfNeeded()
+                    try file.truncate(to: host - UInt64(header.blockExtra))
+                } else if try !file.punchHole(offset: host, length: blockSize) {
+                    return (start, pos - start)
+                }
+            case .compressed:
+                return (start, pos - start)
+            }
+            pos += blockSize
+        }
+        return (start, pos - start)
+    }
+
+    // MARK: lifecycle
+
+    private func writeHeaderIfNeeded() throws {
+        let count: UInt32? = allocation.withLock { s in
+            guard s.dirty else { return nil }
+            s.dirty = false
+            return s.count
+        }
+        guard let count else { return }
+        var h = header
+        h.blocksAllocated = count
+        try file.write(Array(h.raw[0..<512]), at: 0)
+    }
+
+    public func flush() throws {
+        guard isWritable else { return }
+        try map.flush()        // data synced first by the cache's barrier, then map sectors
+        try file.sync()
+        try writeHeaderIfNeeded()
+        try file.sync()
+    }
+
+    public func close() throws { try flush() }
+}
