@@ -1,0 +1,146 @@
+import Foundation
+import XCTest
+
+/// Bochs growing images made by bximage, read through a read-only mount; qemu-img and the
+/// source file are the oracles, sleuthkit the forensic user.
+final class BochsTests: XCTestCase {
+    override func setUpWithError() throws {
+        try Harness.requireFuse()
+        try Harness.tool("bximage")
+        try Harness.tool("qemu-img")
+    }
+
+    /// A 10 MiB ext2 image with a known file, converted to a growing redolog by bximage.
+    func makeImage(_ s: Scratch) throws -> (image: String, source: String) {
+        let src = s.path("src.raw")
+        try Harness.run(["truncate", "-s", "10M", src])
+        try Harness.run(["mkfs.ext2", "-q", "-F", src])
+        let payload = s.path("evidence.txt")
+        try Data((0..<50_000).map { UInt8(truncatingIfNeeded: $0 % 251) }).write(to: URL(fileURLWithPath: payload))
+        try Harness.run(["debugfs", "-w", "-R", "write \(payload) evidence.txt", src])
+        let img = s.path("disk.img")
+        try Harness.run(["bximage", "-func=convert", "-imgmode=growing", "-q", src, img])
+        return (img, src)
+    }
+
+    func testReadsIdenticalReadOnlyAndUntouched() throws {
+        let s = try Scratch()
+        let (img, src) = try makeImage(s)
+        let sha = try Files.sha(img)
+        let mtime = try Harness.run(["stat", "-c", "%Y %X", img]).out
+        // Without --read-only it still mounts read-only, and says so.
+        let r = try Harness.run([Harness.rawmount, "mount", img, s.mnt])
+        XCTAssertTrue(r.err.contains("read-only"), r.err)
+        let raw = s.mnt + "/disk.raw"
+        XCTAssertEqual(open(raw, O_WRONLY), -1)
+        XCTAssertEqual(errno, EROFS)
+        let view = try Files.read(raw)
+        XCTAssertEqual(view, try Files.read(src).prefix(view.count))
+        let q = s.path("q.raw")
+        try Harness.run(["qemu-img", "convert", "-U", "-f", "bochs", "-O", "raw", img, q])
+        XCTAssertEqual(view, try Files.read(q))
+        // sleuthkit lists and extracts the file through the raw view.
+        try Harness.tool("fls")
+        let listing = try Harness.run(["fls", raw]).out
+        XCTAssertTrue(listing.contains("evidence.txt"), listing)
+        let inode = listing.split(separator: "\n").first { $0.contains("evidence.txt") }!
+            .split(separator: ":")[0].split(separator: " ").last!
+        let extracted = s.path("extracted")
+        try Harness.run(["sh", "-c", "icat \(raw) \(inode) > \(extracted)"])
+        XCTAssertEqual(try Files.read(extracted), try Files.read(s.path("evidence.txt")))
+        try Harness.run([Harness.rawmount, "unmount", s.mnt])
+        XCTAssertEqual(try Files.sha(img), sha)
+        XCTAssertEqual(try Harness.run(["stat", "-c", "%Y %X", img]).out, mtime, "mtime/atime changed")
+        let info = try Harness.run([Harness.rawmount, "info", img]).out
+        XCTAssertTrue(info.contains("extent size: 16384") && info.contains("catalog entries: 1024") && info.contains("allocated extents"), info)
+    }
+
+    func testBitmapDecidesWhatIsDataAndVersion1Reads() throws {
+        let s = try Scratch()
+        let (img, _) = try makeImage(s)
+        var d = try Files.read(img)
+        // Catalog entry 0 -> slot; clear the bit of sector 3 in that extent's bitmap.
+        let slot = Int(d[512]) | Int(d[513]) << 8 | Int(d[514]) << 16 | Int(d[515]) << 24
+        let slotBase = 512 + 1024 * 4 + 512 * slot * (1 + 32)
+        d[slotBase] &= ~UInt8(1 << 3)
+        let edited = s.path("edited.img")
+        try d.write(to: URL(fileURLWithPath: edited))
+        // Version 1: same data, size at offset 84.
+        var v1 = d
+        v1.replaceSubrange(64..<68, with: [0, 0, 1, 0])
+        v1.replaceSubrange(84..<92, with: d[88..<96])
+        let v1path = s.path("v1.img")
+        try v1.write(to: URL(fileURLWithPath: v1path))
+        let oracle = s.path("oracle.raw")
+        try Harness.run(["qemu-img", "convert", "-f", "bochs", "-O", "raw", edited, oracle])
+        for (p, name) in [(edited, "edited.raw"), (v1path, "v1.raw")] {
+            try s.mount(p, options: ["-r"])
+            let raw = s.mnt + "/" + name
+            XCTAssertEqual(try Files.read(raw), try Files.read(oracle), name)
+            let fd = open(raw, O_RDONLY)
+            // Sector 2 holds the ext2 superblock; its neighbour 3 is now a hole inside the extent
+            // (bximage also leaves all-zero sectors out, so sector 0 is a hole already).
+            XCTAssertEqual(lseek(fd, 2 * 512, 4 /* SEEK_HOLE */), 3 * 512, name)
+            XCTAssertGreaterThan(lseek(fd, 3 * 512, 3 /* SEEK_DATA */), 3 * 512, name)
+            close(fd)
+            try s.unmount()
+        }
+        // An empty growing image is all holes.
+        let empty = s.path("empty.img")
+        try Harness.run(["bximage", "-func=create", "-hd=10M", "-imgmode=growing", "-q", empty])
+        try s.mount(empty, options: ["-r"])
+        let fd = open(s.mnt + "/empty.raw", O_RDONLY)
+        XCTAssertEqual(lseek(fd, 0, 3), -1)
+        XCTAssertEqual(errno, ENXIO)
+        close(fd)
+        try s.unmount()
+    }
+
+    func testDamagedImagesFailCleanly() throws {
+        let s = try Scratch()
+        let (img, _) = try makeImage(s)
+        let bytes = try Files.read(img)
+        func le(_ v: UInt64, _ n: Int) -> [UInt8] { (0..<n).map { UInt8(truncatingIfNeeded: v >> (8 * UInt64($0))) } }
+        let damages: [(String, Int, [UInt8], String)] = [
+            ("magic", 0, Array("Bochs Virtual HD Imagf".utf8), "magic"),
+            ("undoable", 48, Array("Undoable\0".utf8), "Undoable"),
+            ("version", 64, le(0x30000, 4), "version"),
+            ("header", 68, le(1024, 4), "header"),
+            ("cataloghuge", 72, le(0x200000, 4), "catalog"),
+            ("catalogsmall", 72, le(16, 4), "catalog"),
+            ("bitmap0", 76, le(0, 4), "bitmap"),
+            ("extent3", 80, le(3000, 4), "extent"),
+            ("extenthuge", 80, le(16 << 20, 4), "extent"),
+            ("extent0", 80, le(0, 4), "extent"),
+            ("diskodd", 88, le(10_000_001, 8), "disk size"),
+        ]
+        for (name, off, patch, needle) in damages {
+            var d = bytes
+            d.replaceSubrange(off..<(off + patch.count), with: patch)
+            let p = s.path("\(name).img")
+            try d.write(to: URL(fileURLWithPath: p))
+            let r = try Harness.run([Harness.rawmount, "mount", "-r", "--format", "bochs", p, s.mnt], check: false)
+            XCTAssertEqual(r.status, 1, "\(name): \(r.err)")
+            XCTAssertTrue(r.err.contains("\(name).img") && r.err.contains(needle), "\(name): \(r.err)")
+            XCTAssertNotEqual(try Harness.run(["mountpoint", "-q", s.mnt], check: false).status, 0, name)
+        }
+        let cut = s.path("cut.img")
+        try bytes.prefix(2000).write(to: URL(fileURLWithPath: cut))
+        let r = try Harness.run([Harness.rawmount, "info", "--format", "bochs", cut], check: false)
+        XCTAssertEqual(r.status, 1)
+        XCTAssertTrue(r.err.contains("cut.img") && r.err.contains("truncated"), r.err)
+        // A catalog entry pointing past the file: that extent fails with EIO, others read.
+        var d = bytes
+        d.replaceSubrange(512..<516, with: le(1000, 4))
+        let past = s.path("past.img")
+        try d.write(to: URL(fileURLWithPath: past))
+        try s.mount(past, options: ["-r"])
+        let fd = open(s.mnt + "/past.raw", O_RDONLY)
+        var buf = [UInt8](repeating: 0, count: 4096)
+        XCTAssertEqual(pread(fd, &buf, 4096, 0), -1)
+        XCTAssertEqual(errno, EIO)
+        XCTAssertEqual(pread(fd, &buf, 4096, 1 << 20), 4096)
+        close(fd)
+        try s.unmount()
+    }
+}
