@@ -36,8 +36,8 @@ public final class BlockDevice: Sendable {
         var runHost: UInt64 = 0, runGuest: UInt64 = 0, runLen: UInt64 = 0
         func issueRun() throws {
             if runLen > 0 {
-                try driver.file.readZeroFilled(into: UnsafeMutableRawBufferPointer(start: base + Int(runGuest), count: Int(runLen)),
-                                               at: runHost)
+                let (file, at) = driver.resolve(host: runHost)
+                try file.readZeroFilled(into: UnsafeMutableRawBufferPointer(start: base + Int(runGuest), count: Int(runLen)), at: at)
                 runLen = 0
             }
         }
@@ -78,6 +78,7 @@ public final class BlockDevice: Sendable {
     /// Writes guest bytes; the disk never grows, so a write past the end fails.
     public func write(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
         guard driver.isWritable else { throw BlockError.readOnly(file: driver.file.path) }
+        try driver.willWrite()
         let total = UInt64(data.count)
         guard offset <= virtualSize, total <= virtualSize - offset else {
             throw BlockError.outOfRange(offset: offset, length: total, size: virtualSize)
@@ -87,7 +88,7 @@ public final class BlockDevice: Sendable {
             let m = try driver.map(offset + pos, maxLength: total - pos)
             let n = min(max(m.length, 1), total - pos)
             if case let .data(host, _) = m {
-                try driver.file.write(UnsafeRawBufferPointer(rebasing: data[Int(pos)..<Int(pos + n)]), at: host)
+                try writeHost(UnsafeRawBufferPointer(rebasing: data[Int(pos)..<Int(pos + n)]), at: host)
                 pos += n
             } else {
                 pos += try allocatingWrite(data, dataOffset: pos, guestOffset: offset + pos, length: n)
@@ -104,7 +105,7 @@ public final class BlockDevice: Sendable {
             let m = try driver.map(guestOffset, maxLength: length)
             let n = min(max(m.length, 1), length)
             if case let .data(host, _) = m {
-                try driver.file.write(UnsafeRawBufferPointer(rebasing: data[Int(dataOffset)..<Int(dataOffset + n)]), at: host)
+                try writeHost(UnsafeRawBufferPointer(rebasing: data[Int(dataOffset)..<Int(dataOffset + n)]), at: host)
                 return n
             }
             let a = try driver.allocate(guestOffset, length: n)
@@ -112,7 +113,7 @@ public final class BlockDevice: Sendable {
             let take = min(n, a.guestOffset + a.length - guestOffset)
             if a.guestOffset == guestOffset && take == a.length {
                 // Whole clusters: no fill needed, write straight from the caller's buffer.
-                try driver.file.write(UnsafeRawBufferPointer(rebasing: data[Int(dataOffset)..<Int(dataOffset + take)]), at: a.hostOffset)
+                try writeHost(UnsafeRawBufferPointer(rebasing: data[Int(dataOffset)..<Int(dataOffset + take)]), at: a.hostOffset)
                 try driver.commit(a)
                 return take
             }
@@ -127,10 +128,16 @@ public final class BlockDevice: Sendable {
             }
             UnsafeMutableRawBufferPointer(rebasing: buf[Int(head)..<Int(tailStart)])
                 .copyMemory(from: UnsafeRawBufferPointer(rebasing: data[Int(dataOffset)..<Int(dataOffset + take)]))
-            try driver.file.write(UnsafeRawBufferPointer(buf), at: a.hostOffset)
+            try writeHost(UnsafeRawBufferPointer(buf), at: a.hostOffset)
             try driver.commit(a)
             return take
         }
+    }
+
+    @inline(__always)
+    private func writeHost(_ bytes: UnsafeRawBufferPointer, at host: UInt64) throws {
+        let (file, at) = driver.resolve(host: host)
+        try file.write(bytes, at: at)
     }
 
     /// Old contents of a range that is being allocated: zeros for zero clusters, the backing
@@ -150,6 +157,7 @@ public final class BlockDevice: Sendable {
         guard offset <= virtualSize, length <= virtualSize - offset else {
             throw BlockError.outOfRange(offset: offset, length: length, size: virtualSize)
         }
+        try driver.willWrite()
         var pos = offset
         let end = offset + length
         while pos < end {

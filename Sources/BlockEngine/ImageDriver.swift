@@ -9,6 +9,17 @@ public enum Mapping: Equatable, Sendable {
     /// A compressed cluster; the driver inflates it through `readCompressed`.
     case compressed(host: UInt64, size: UInt64, length: UInt64)
 
+    /// This mapping extended by `next` when they form one run (same kind, and for data,
+    /// contiguous on the host); nil when they do not. Drivers use it to return long runs.
+    public func merged(with next: Mapping) -> Mapping? {
+        switch (self, next) {
+        case let (.data(h, l), .data(h2, l2)) where h + l == h2: return .data(host: h, length: l + l2)
+        case let (.zero(l), .zero(l2)): return .zero(length: l + l2)
+        case let (.unallocated(l), .unallocated(l2)): return .unallocated(length: l + l2)
+        default: return nil
+        }
+    }
+
     public var length: UInt64 {
         switch self {
         case let .data(_, n), let .zero(n), let .unallocated(n), let .compressed(_, _, n): return n
@@ -66,8 +77,16 @@ public protocol ImageDriver: AnyObject, Sendable {
     /// engine writes zeros over the rest.
     func zeroRange(_ offset: UInt64, length: UInt64, deallocate: Bool) throws -> (offset: UInt64, length: UInt64)
 
+    /// The file and offset a `.data` host address refers to. Single-file formats use the
+    /// default (their own file); multi-file formats (VMDK extents) encode the file in the
+    /// high bits of the host address so contiguous runs never cross files.
+    func resolve(host: UInt64) -> (file: ImageFile, offset: UInt64)
+
     /// Inflates one compressed cluster and copies guest bytes `[offset, offset+buffer.count)` out.
     func readCompressed(_ mapping: Mapping, guestOffset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws
+
+    /// Called once before every guest write or zeroing (VMDK bumps its CID on the first).
+    func willWrite() throws
 
     /// Writes back dirty metadata, then makes everything durable.
     func flush() throws
@@ -76,6 +95,9 @@ public protocol ImageDriver: AnyObject, Sendable {
 }
 
 extension ImageDriver {
+    public func willWrite() throws {}
+    @inline(__always)
+    public func resolve(host: UInt64) -> (file: ImageFile, offset: UInt64) { (file, host) }
     public func status(_ offset: UInt64, maxLength: UInt64) throws -> Mapping { try map(offset, maxLength: maxLength) }
     public func allocate(_ offset: UInt64, length: UInt64) throws -> Allocation { throw BlockError.readOnly(file: file.path) }
     public func commit(_ allocation: Allocation) throws { throw BlockError.readOnly(file: file.path) }

@@ -6,6 +6,7 @@ public enum ImageFormat: String, CaseIterable, Sendable {
     case qed
     case vdi
     case bochs
+    case vmdk
 
     /// Formats rawmount can write; the others are always opened read-only.
     public var supportsWriting: Bool { self != .bochs }
@@ -18,6 +19,7 @@ public enum ImageFormat: String, CaseIterable, Sendable {
         if QEDHeader.probe(head) { return .qed }
         if VDIHeader.probe(head) { return .vdi }
         if BochsHeader.probe(head) { return .bochs }
+        if VMDKSparseHeader.probe(head) || VMDKDescriptor.probe(head) { return .vmdk }
         return .raw
     }
 }

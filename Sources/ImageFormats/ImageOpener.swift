@@ -37,6 +37,13 @@ public enum ImageOpener {
             return BlockDevice(driver: try VDIDriver(file: file))
         case .bochs:
             return BlockDevice(driver: try BochsDriver(file: file))
+        case .vmdk:
+            let driver = try VMDKDriver(file: file) { extentPath in
+                let f = try ImageFile(path: extentPath, writable: writable)
+                if options.lock { try ImageLock.acquire(f, writable: writable) }
+                return f
+            }
+            return BlockDevice(driver: driver)
         case .raw:
             return BlockDevice(driver: try RawDriver(file: file))
         case .qed:

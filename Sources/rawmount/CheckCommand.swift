@@ -43,7 +43,7 @@ struct CheckCommand: ParsableCommand {
                     throw ExitCode(2)
                 }
                 print("No errors were found on the image.")
-            case .raw, .bochs:
+            case .raw, .bochs, .vmdk:
                 print("\(image): nothing to check for this format")
             }
         } catch let e as ExitCode { throw e } catch {

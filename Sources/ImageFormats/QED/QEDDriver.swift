@@ -108,12 +108,11 @@ public final class QEDDriver: ImageDriver {
                     case .zero: next = .zero(length: n)
                     default: next = .unallocated(length: n)
                     }
-                    guard let cur = result else { result = next; pos += n; i += 1; continue }
-                    switch (cur, next) {
-                    case let (.data(h, l), .data(h2, l2)) where h + l == h2: result = .data(host: h, length: l + l2)
-                    case let (.zero(l), .zero(l2)): result = .zero(length: l + l2)
-                    case let (.unallocated(l), .unallocated(l2)): result = .unallocated(length: l + l2)
-                    default: return true
+                    if let cur = result {
+                        guard let merged = cur.merged(with: next) else { return true }
+                        result = merged
+                    } else {
+                        result = next
                     }
                     pos += n; i += 1
                 }

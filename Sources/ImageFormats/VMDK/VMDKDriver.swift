@@ -1,0 +1,223 @@
+import BlockEngine
+import Synchronization
+
+/// VMDK over the shared engine: a descriptor (embedded or standalone) and its extents in
+/// order. Host addresses carry the extent number in their top bits so the engine's runs
+/// never cross files (`resolve`).
+public final class VMDKDriver: ImageDriver {
+    enum Kind: Sendable {
+        case sparse(VMDKSparseExtent)
+        case flat(ImageFile, offset: UInt64)
+        case zero
+    }
+    struct Extent: Sendable {
+        let start: UInt64
+        let length: UInt64
+        let kind: Kind
+        let writable: Bool
+        var file: ImageFile? {
+            switch kind { case let .sparse(s): return s.file; case let .flat(f, _): return f; case .zero: return nil }
+        }
+    }
+
+    public let file: ImageFile
+    public let info: ImageInfo
+    public let isWritable: Bool
+    public let descriptor: VMDKDescriptor?
+    let extents: [Extent]
+    static let extentShift: UInt64 = 52
+    static let offsetMask: UInt64 = (1 << 52) - 1
+    /// Where the descriptor's CID value (8 hex digits) lives, for the first-write update.
+    private let cidLocation: (file: ImageFile, offset: UInt64)?
+    private let cidUpdated = Mutex(false)
+
+    /// Opens `file` (a KDMV sparse file or a text descriptor); extent files are opened next
+    /// to it with the same access.
+    public init(file: ImageFile, openFile: (String) throws -> ImageFile) throws {
+        self.file = file
+        let head = try file.readBytes(count: min(512, Int(try file.size())), at: 0, what: "VMDK header")
+        var built: [Extent] = []
+        var desc: VMDKDescriptor? = nil
+        var cid: (ImageFile, UInt64)? = nil
+        if VMDKSparseHeader.probe(head) {
+            let sparse = try VMDKSparseExtent(file: file)
+            let h = sparse.header
+            if h.descriptorOffset != 0 && h.descriptorSize != 0 {
+                let bytes = try file.readBytes(count: Int(h.descriptorSize * 512), at: h.descriptorOffset * 512, what: "embedded VMDK descriptor")
+                desc = try VMDKDescriptor.parse(bytes, file: file.path)
+                cid = Self.findCID(bytes).map { (file, h.descriptorOffset * 512 + $0) }
+            }
+            built = [Extent(start: 0, length: sparse.length, kind: .sparse(sparse), writable: true)]
+        } else {
+            let size = try file.size()
+            guard size <= UInt64(VMDKDescriptor.maxBytes) else {
+                throw BlockError.invalid(file: file.path, field: "VMDK descriptor", detail: "\(size) bytes is larger than 1 MiB")
+            }
+            let bytes = try file.readBytes(count: Int(size), at: 0, what: "VMDK descriptor")
+            let d = try VMDKDescriptor.parse(bytes, file: file.path)
+            desc = d
+            cid = Self.findCID(bytes).map { (file, $0) }
+            guard !d.extents.isEmpty else {
+                throw BlockError.invalid(file: file.path, field: "VMDK descriptor", detail: "it lists no extents")
+            }
+            var start: UInt64 = 0
+            for (n, e) in d.extents.enumerated() {
+                let kind: Kind
+                var length = e.sectors * 512
+                switch e.type {
+                case .zero:
+                    kind = .zero
+                case .flat, .vmfs:
+                    let f = try openFile(try Self.extentPath(e.fileName!, descriptor: file.path))
+                    let (need, o) = (e.offset * 512).addingReportingOverflow(length)
+                    let have = try f.size()
+                    guard !o, need <= have else {
+                        throw BlockError.invalid(file: f.path, field: "flat extent \(n + 1)",
+                                                 detail: "needs \(need) bytes (offset \(e.offset) sectors + \(e.sectors) sectors) but the file has \(have)")
+                    }
+                    kind = .flat(f, offset: e.offset * 512)
+                case .sparse:
+                    let f = try openFile(try Self.extentPath(e.fileName!, descriptor: file.path))
+                    let s = try VMDKSparseExtent(file: f)
+                    length = s.length // QEMU: the extent header's capacity wins over SECTORS
+                    kind = .sparse(s)
+                case .vmfsSparse:
+                    throw BlockError.unsupported(file: file.path, feature: "VMFSSPARSE (COWD) extents are not implemented yet")
+                case .vmfsRDM, .vmfsRaw, .seSparse:
+                    throw BlockError.unsupported(file: file.path, feature: "VMDK extent type \(e.type.rawValue)")
+                }
+                if e.access == .noaccess {
+                    throw BlockError.unsupported(file: file.path, feature: "NOACCESS extent on line \(n + 1)")
+                }
+                built.append(Extent(start: start, length: length, kind: kind, writable: e.access == .rw))
+                start += length
+            }
+        }
+        if let d = desc, let p = d.parentCID, p != 0xFFFF_FFFF || d.parentFileNameHint != nil {
+            throw BlockError.unsupported(file: file.path, feature: "VMDK with a parent image (\(d.parentFileNameHint ?? "unnamed")) is not implemented yet")
+        }
+        guard built.count < 4096 else { throw BlockError.invalid(file: file.path, field: "VMDK descriptor", detail: "too many extents") }
+        extents = built
+        descriptor = desc
+        cidLocation = cid
+        let versionOK = built.allSatisfy { if case let .sparse(s) = $0.kind { return s.header.version < 3 } else { return true } }
+        isWritable = file.isWritable && versionOK && built.allSatisfy { $0.writable && !({ if case .zero = $0.kind { return true } else { return false } }($0)) }
+        let virtualSize = built.last.map { $0.start + $0.length } ?? 0
+        let grain: UInt64 = built.compactMap { if case let .sparse(s) = $0.kind { return s.header.grainBytes } else { return nil } }.first ?? 65536
+        var details: [(String, String)] = [("extents", "\(built.count)")]
+        if let t = desc?.createType { details.append(("create type", t)) }
+        if let c = desc?.cid { details.append(("CID", String(c, radix: 16))) }
+        if file.isWritable && !isWritable { details.append(("access", "read-only (RDONLY/ZERO extent or version 3)")) }
+        info = ImageInfo(format: "vmdk", virtualSize: virtualSize, clusterSize: grain, details: details)
+    }
+
+    /// Extent names are relative to the descriptor and must stay in its directory.
+    static func extentPath(_ name: String, descriptor: String) throws -> String {
+        let parts = name.split(separator: "/")
+        guard !name.hasPrefix("/"), !parts.contains(".."), !name.isEmpty else {
+            throw BlockError.invalid(file: descriptor, field: "extent file name", detail: "'\(name)' leaves the descriptor's directory")
+        }
+        let dir = descriptor.contains("/") ? String(descriptor[..<descriptor.lastIndex(of: "/")!]) : "."
+        return dir + "/" + name
+    }
+
+    /// Byte offset of the 8 hex digits after "CID=" at the start of a line.
+    static func findCID(_ bytes: [UInt8]) -> UInt64? {
+        let pattern = Array("CID=".utf8)
+        var i = 0
+        while i + pattern.count + 8 <= bytes.count {
+            if (i == 0 || bytes[i - 1] == 0x0A) && Array(bytes[i..<(i + 4)]) == pattern { return UInt64(i + 4) }
+            i += 1
+        }
+        return nil
+    }
+
+    private func extentIndex(_ offset: UInt64) -> Int {
+        var lo = 0, hi = extents.count - 1
+        while lo < hi {
+            let mid = (lo + hi + 1) / 2
+            if extents[mid].start <= offset { lo = mid } else { hi = mid - 1 }
+        }
+        return lo
+    }
+
+    public func resolve(host: UInt64) -> (file: ImageFile, offset: UInt64) {
+        (extents[Int(host >> Self.extentShift)].file ?? file, host & Self.offsetMask)
+    }
+
+    private func encode(_ m: Mapping, extent i: Int) -> Mapping {
+        if case let .data(h, n) = m { return .data(host: UInt64(i) << Self.extentShift | h, length: n) }
+        return m
+    }
+
+    public func map(_ offset: UInt64, maxLength: UInt64) throws -> Mapping {
+        let i = extentIndex(offset)
+        let e = extents[i]
+        let rel = offset - e.start
+        let n = min(maxLength, e.length - rel)
+        switch e.kind {
+        case let .sparse(s): return encode(try s.map(rel, maxLength: n), extent: i)
+        case let .flat(_, base): return .data(host: UInt64(i) << Self.extentShift | (base + rel), length: n)
+        case .zero: return .zero(length: n)
+        }
+    }
+
+    public func allocate(_ offset: UInt64, length: UInt64) throws -> Allocation {
+        let i = extentIndex(offset)
+        guard case let .sparse(s) = extents[i].kind, isWritable else { throw BlockError.readOnly(file: file.path) }
+        let rel = offset - extents[i].start
+        let a = try s.allocate(rel, length: min(length, extents[i].length - rel))
+        return Allocation(guestOffset: extents[i].start + a.rel, hostOffset: UInt64(i) << Self.extentShift | a.host, length: a.length)
+    }
+
+    public func commit(_ a: Allocation) throws {
+        let i = Int(a.hostOffset >> Self.extentShift)
+        guard case let .sparse(s) = extents[i].kind else { throw BlockError.readOnly(file: file.path) }
+        try s.commit(rel: a.guestOffset - extents[i].start, host: a.hostOffset & Self.offsetMask, length: a.length)
+    }
+
+    public func zeroRange(_ offset: UInt64, length: UInt64, deallocate: Bool) throws -> (offset: UInt64, length: UInt64) {
+        let i = extentIndex(offset)
+        let e = extents[i]
+        let rel = offset - e.start
+        let n = min(length, e.length - rel)
+        switch e.kind {
+        case .zero: return (offset, n)
+        case let .flat(f, base):
+            return (offset, try f.punchHole(offset: base + rel, length: n) ? n : 0)
+        case let .sparse(s):
+            let grain = s.header.grainBytes
+            let start = rel.alignedUp(grain), end = (rel + n).alignedDown(grain)
+            guard start < end else { return (offset, 0) }
+            return (e.start + start, try s.zero(start, length: end - start, hasParent: false))
+        }
+    }
+
+    /// The first write after open gives the descriptor a new CID, as VMware and QEMU do, so
+    /// children made from the old content notice the change.
+    public func willWrite() throws {
+        try cidUpdated.withLock { done in
+            guard !done else { return }
+            done = true
+            guard let (f, at) = cidLocation else { return }
+            let value = UInt32.random(in: 1...UInt32.max - 1)
+            var hex = Array(String(value, radix: 16).utf8)
+            hex = [UInt8](repeating: UInt8(ascii: "0"), count: 8 - hex.count) + hex
+            try f.write(hex, at: at)
+            try f.sync()
+        }
+    }
+
+    public func flush() throws {
+        guard isWritable else { return }
+        for e in extents {
+            switch e.kind {
+            case let .sparse(s): try s.flush()
+            case let .flat(f, _): try f.sync()
+            case .zero: break
+            }
+        }
+    }
+
+    public func close() throws { try flush() }
+}

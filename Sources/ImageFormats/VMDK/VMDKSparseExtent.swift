@@ -1,0 +1,146 @@
+import BlockEngine
+
+/// One hosted sparse (KDMV) extent: grain directory -> grain tables -> grains, through the
+/// shared table cache. Host offsets it returns are offsets in its own file.
+final class VMDKSparseExtent: Sendable {
+    let file: ImageFile
+    let header: VMDKSparseHeader
+    let directory: TableCache   // GD and redundant GD, in 512-byte chunks (never past their region)
+    let tables: TableCache      // grain tables (GT and redundant GT), one table per entry
+    let allocator: Allocator
+    static let gdChunk = 512
+
+    init(file: ImageFile) throws {
+        let h = try VMDKSparseHeader.read(from: file)
+        self.file = file
+        header = h
+        let t = TableCache(file: file, tableBytes: h.gtBytes, encoding: .u32LE, capacity: max(64, (8 << 20) / h.gtBytes),
+                           beforeWriteBack: { [file] in try file.sync() })
+        tables = t
+        // A directory entry may only reach the disk after the grain table it points to.
+        directory = TableCache(file: file, tableBytes: Self.gdChunk, encoding: .u32LE, capacity: 1024,
+                               beforeWriteBack: { [t, file] in try t.flush(); try file.sync() })
+        allocator = Allocator(file: file.path, nextOffset: try file.size(), alignment: 512, limit: UInt64(UInt32.max) * 512)
+    }
+
+    var length: UInt64 { header.capacity * 512 }
+
+    private func directoryEntry(_ gdSector: UInt64, _ i: UInt64) throws -> UInt64 {
+        let per = UInt64(Self.gdChunk / 4)
+        return try directory.entry(table: gdSector * 512 + (i / per) * UInt64(Self.gdChunk), index: Int(i % per))
+    }
+
+    private func setDirectoryEntry(_ gdSector: UInt64, _ i: UInt64, _ v: UInt64) throws {
+        let per = UInt64(Self.gdChunk / 4)
+        try directory.setEntry(table: gdSector * 512 + (i / per) * UInt64(Self.gdChunk), index: Int(i % per), value: v)
+    }
+
+    /// The grain table for directory index `i` (0 if none), checked to lie inside the file.
+    private func grainTable(_ i: UInt64, redundant: Bool = false) throws -> UInt64 {
+        let gt = try directoryEntry(redundant ? header.rgdOffset : header.gdOffset, i)
+        guard gt != 0 else { return 0 }
+        guard gt * 512 + UInt64(header.gtBytes) <= allocator.end else {
+            throw BlockError.invalid(file: file.path, field: "grain directory entry \(i)",
+                                     detail: "grain table at sector \(gt) is past the end of the file")
+        }
+        return gt * 512
+    }
+
+    func map(_ rel: UInt64, maxLength: UInt64) throws -> Mapping {
+        let cover = header.gtCoverage, grain = header.grainBytes
+        let gdi = rel / cover
+        let spanEnd = min(rel + maxLength, (gdi + 1) * cover)
+        let gt = try grainTable(gdi)
+        if gt == 0 { return .unallocated(length: spanEnd - rel) }
+        var result: Mapping? = nil
+        var pos = rel
+        let end = allocator.end
+        try tables.withEntries(table: gt) { view in
+            var i = Int((pos / grain) % UInt64(header.numGTEsPerGT))
+            while i < view.count && pos < spanEnd {
+                let n = RangeWalk.toClusterEnd(pos, clusterSize: grain, maxLength: spanEnd - pos)
+                let g = view[i]
+                let next: Mapping
+                if g == 0 {
+                    next = .unallocated(length: n)
+                } else if g == 1 && header.zeroedGrains {
+                    next = .zero(length: n)
+                } else {
+                    guard g * 512 < end, g >= 1 else {
+                        throw BlockError.invalid(file: file.path, field: "grain table entry for offset \(pos)",
+                                                 detail: "grain at sector \(g) is past the end of the file")
+                    }
+                    next = .data(host: g * 512 + pos % grain, length: n)
+                }
+                if let cur = result {
+                    guard let merged = cur.merged(with: next) else { return }
+                    result = merged
+                } else {
+                    result = next
+                }
+                pos += n; i += 1
+            }
+        }
+        return result ?? .unallocated(length: spanEnd - rel)
+    }
+
+    func allocate(_ rel: UInt64, length: UInt64) throws -> (rel: UInt64, host: UInt64, length: UInt64) {
+        let grain = header.grainBytes
+        let start = rel.alignedDown(grain)
+        let tableEnd = (rel / header.gtCoverage + 1) * header.gtCoverage
+        let end = min((rel + length).alignedUp(grain), tableEnd, start + max(grain, (4 << 20) / grain * grain))
+        let bytes = max(end - start, grain)
+        return (start, try allocator.allocate(bytes), bytes)
+    }
+
+    /// Links grains the engine has written: grain table entries (and their redundant copies),
+    /// creating a missing grain table first.
+    func commit(rel: UInt64, host: UInt64, length: UInt64) throws {
+        let gdi = rel / header.gtCoverage
+        var gt = try grainTable(gdi)
+        var rgt = header.hasRedundantGD ? try grainTable(gdi, redundant: true) : 0
+        var newTables = false
+        if gt == 0 {
+            gt = try newTable()
+            if header.hasRedundantGD { rgt = try newTable() }
+            newTables = true
+        }
+        let first = Int((rel / header.grainBytes) % UInt64(header.numGTEsPerGT))
+        for k in 0..<Int(length / header.grainBytes) {
+            let sector = (host + UInt64(k) * header.grainBytes) / 512
+            try tables.setEntry(table: gt, index: first + k, value: sector)
+            if rgt != 0 { try tables.setEntry(table: rgt, index: first + k, value: sector) }
+        }
+        if newTables {
+            try setDirectoryEntry(header.gdOffset, gdi, gt / 512)
+            if rgt != 0 { try setDirectoryEntry(header.rgdOffset, gdi, rgt / 512) }
+        }
+    }
+
+    /// A zeroed grain table at the end of the file (extending it reads as zeros).
+    private func newTable() throws -> UInt64 {
+        let off = try allocator.allocate(UInt64(header.gtBytes))
+        if try file.size() < off + UInt64(header.gtBytes) { try file.truncate(to: off + UInt64(header.gtBytes)) }
+        try tables.install(table: off)
+        return off
+    }
+
+    /// Whole grains read as zeros afterwards: zeroed-grain entries where the format has them,
+    /// hole punching of allocated grains otherwise. Returns bytes handled from `rel`.
+    func zero(_ rel: UInt64, length: UInt64, hasParent: Bool) throws -> UInt64 {
+        let m = try map(rel, maxLength: length)
+        switch m {
+        case .zero: return m.length
+        case .unallocated where !hasParent: return m.length
+        case let .data(host, n):
+            return try file.punchHole(offset: host, length: n) ? n : 0
+        default: return 0
+        }
+    }
+
+    func flush() throws {
+        try tables.flush()
+        try directory.flush()
+        try file.sync()
+    }
+}

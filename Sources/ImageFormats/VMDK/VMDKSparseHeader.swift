@@ -1,0 +1,70 @@
+import BlockEngine
+
+/// The hosted sparse extent header ("KDMV"), validated as QEMU does plus the divide-by-zero
+/// and bounds checks it misses.
+public struct VMDKSparseHeader: Sendable {
+    public static let magic: UInt32 = 0x564D_444B
+    public static let gdAtEnd: UInt64 = 0xFFFF_FFFF_FFFF_FFFF
+    static let flagRedundantGT: UInt32 = 1 << 1
+    static let flagZeroedGrain: UInt32 = 1 << 2
+    static let flagCompressed: UInt32 = 1 << 16
+    static let flagMarkers: UInt32 = 1 << 17
+
+    public var version: UInt32
+    public var flags: UInt32
+    public var capacity: UInt64        // sectors
+    public var grainSize: UInt64       // sectors
+    public var descriptorOffset: UInt64
+    public var descriptorSize: UInt64
+    public var numGTEsPerGT: UInt32
+    public var rgdOffset: UInt64
+    public var gdOffset: UInt64
+    public var overHead: UInt64
+
+    public var grainBytes: UInt64 { grainSize * 512 }
+    public var gtBytes: Int { Int(numGTEsPerGT) * 4 }
+    /// Guest bytes one grain table covers.
+    public var gtCoverage: UInt64 { UInt64(numGTEsPerGT) * grainBytes }
+    public var gdEntries: UInt64 { (capacity * 512 + gtCoverage - 1) / gtCoverage }
+    public var hasRedundantGD: Bool { flags & Self.flagRedundantGT != 0 && rgdOffset != 0 }
+    public var zeroedGrains: Bool { flags & Self.flagZeroedGrain != 0 }
+    public var isCompressed: Bool { flags & Self.flagCompressed != 0 }
+
+    public static func probe(_ b: [UInt8]) -> Bool { b.count >= 4 && le32(b, 0) == magic }
+
+    public static func read(from file: ImageFile) throws -> VMDKSparseHeader {
+        let path = file.path
+        let size = try file.size()
+        guard size >= 512 else { throw BlockError.truncated(file: path, what: "VMDK sparse header", offset: 0, needed: 512, fileSize: size) }
+        let b = try file.readBytes(count: 512, at: 0, what: "VMDK sparse header")
+        guard le32(b, 0) == magic else { throw BlockError.invalid(file: path, field: "VMDK magic", detail: "not a KDMV sparse extent") }
+        let h = VMDKSparseHeader(version: le32(b, 4), flags: le32(b, 8), capacity: le64(b, 12), grainSize: le64(b, 20),
+                                 descriptorOffset: le64(b, 28), descriptorSize: le64(b, 36), numGTEsPerGT: le32(b, 44),
+                                 rgdOffset: le64(b, 48), gdOffset: le64(b, 56), overHead: le64(b, 64))
+        func bad(_ f: String, _ d: String) -> BlockError { .invalid(file: path, field: f, detail: d) }
+        guard h.version >= 1, h.version <= 3 else { throw BlockError.unsupported(file: path, feature: "VMDK sparse version \(h.version)") }
+        if h.isCompressed || h.flags & flagMarkers != 0 || h.gdOffset == gdAtEnd {
+            throw BlockError.unsupported(file: path, feature: "streamOptimized VMDK (compressed grains) is not implemented yet")
+        }
+        guard h.grainSize.isPowerOfTwo, h.grainSize <= 0x20_0000 else { throw bad("grainSize", "\(h.grainSize) sectors is not a power of two up to 1 GiB") }
+        guard h.numGTEsPerGT >= 1, h.numGTEsPerGT <= 512, UInt64(h.numGTEsPerGT).isPowerOfTwo else {
+            throw bad("numGTEsPerGT", "\(h.numGTEsPerGT) (must be a power of two up to 512)")
+        }
+        guard h.capacity > 0, h.capacity <= UInt64(1) << 40 else { throw bad("capacity", "\(h.capacity) sectors") }
+        guard h.gdEntries <= 32 << 20 else { throw bad("capacity", "needs \(h.gdEntries) grain directory entries (limit 32 Mi)") }
+        let sectors = size / 512
+        guard h.overHead <= sectors else { throw BlockError.truncated(file: path, what: "VMDK metadata (overHead)", offset: 0, needed: h.overHead * 512, fileSize: size) }
+        let gdSectors = (h.gdEntries * 4 + 511) / 512
+        for (name, off) in [("gdOffset", h.gdOffset)] + (h.hasRedundantGD ? [("rgdOffset", h.rgdOffset)] : []) {
+            guard off >= 1, off <= sectors, gdSectors <= sectors - off else {
+                throw bad(name, "grain directory at sector \(off) (\(gdSectors) sectors) is outside the \(size)-byte file")
+            }
+        }
+        if h.descriptorOffset != 0 {
+            guard h.descriptorSize <= 2048, h.descriptorOffset <= sectors, h.descriptorSize <= sectors - h.descriptorOffset else {
+                throw bad("descriptorOffset", "embedded descriptor \(h.descriptorOffset)+\(h.descriptorSize) sectors is outside the file")
+            }
+        }
+        return h
+    }
+}
