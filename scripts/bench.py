@@ -7,7 +7,7 @@ RAWMOUNT = os.path.abspath(os.environ.get("RAWMOUNT", ".build/release/rawmount")
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 SIZE_MB = int(os.environ.get("BENCH_SIZE_MB", "1024"))
 RUNTIME = os.environ.get("BENCH_RUNTIME", "5")
-FORMATS = os.environ.get("BENCH_FORMATS", "raw,qed,vdi").split(",")
+FORMATS = os.environ.get("BENCH_FORMATS", "raw,qed,vdi,vmdk").split(",")
 
 
 def sh(*args, check=True, **kw):

@@ -1,0 +1,177 @@
+import Foundation
+import XCTest
+
+/// VMDK through real mounts, with qemu-img/qemu-io as the oracle.
+final class VMDKTests: XCTestCase {
+    override func setUpWithError() throws {
+        try Harness.requireFuse()
+        try Harness.tool("qemu-img")
+    }
+
+    func qemuRaw(_ s: Scratch, _ image: String) throws -> Data {
+        let out = s.path("oracle-\(UUID().uuidString.prefix(6)).raw")
+        try Harness.run(["qemu-img", "convert", "-U", "-O", "raw", image, out])
+        return try Files.read(out)
+    }
+
+    func testEverySubformatReadsIdentical() throws {
+        let s = try Scratch()
+        // 2100 MiB: the two-gigabyte formats get a second extent. Compared with cmp, not in memory.
+        for sf in ["monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat"] {
+            let img = s.path("\(sf).vmdk")
+            try Harness.run(["qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=\(sf)", img, "2100M"])
+            try Harness.run(["qemu-io", "-f", "vmdk", "-c", "write -P 0x61 0 100k", "-c", "write -P 0x62 2047M 2M",
+                             "-c", "write -P 0x63 2099M 1M", img])
+            try s.mount(img, options: ["-r"])
+            let raw = s.mnt + "/\(sf).raw"
+            let oracle = s.path("\(sf).oracle.raw")
+            try Harness.run(["qemu-img", "convert", "-U", "-O", "raw", img, oracle])
+            XCTAssertEqual(try Harness.run(["cmp", raw, oracle], check: false).status, 0, sf)
+            try FileManager.default.removeItem(atPath: oracle)
+            try s.unmount()
+        }
+        // zeroed-grain images (version 2): a zeroed grain reads as zeros.
+        let zg = s.path("zg.vmdk")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "vmdk", "-o", "zeroed_grain=on", zg, "8M"])
+        try Harness.run(["qemu-io", "-f", "vmdk", "-c", "write -P 0x71 0 1M", "-c", "write -z 0 128k", zg])
+        try s.mount(zg, options: ["-r"])
+        XCTAssertEqual(try Files.read(s.mnt + "/zg.raw"), try qemuRaw(s, zg))
+        try s.unmount()
+    }
+
+    func testRandomWritesAreCleanAndMatchShadow() throws {
+        let s = try Scratch()
+        var rng = SeededRandom(seed: 11)
+        for sf in ["monolithicSparse", "twoGbMaxExtentSparse", "monolithicFlat"] {
+            let img = s.path("\(sf).vmdk")
+            try Harness.run(["qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=\(sf)", img, "2060M"])
+            try Harness.run(["qemu-io", "-f", "vmdk", "-c", "write -P 0x44 2047M 2M", img])
+            let cidBefore = try Harness.run(["sh", "-c", "strings \(img) | grep -m1 '^CID='"]).out
+            try s.mount(img)
+            let raw = s.mnt + "/\(sf).raw"
+            let fd = open(raw, O_RDWR)
+            // Writes cluster near the extent boundary (2 GiB) so they span extents.
+            var writes: [(UInt64, [UInt8])] = []
+            for k in 0..<100 {
+                let len = Int(rng.next() % 200_000) + 1
+                let base: UInt64 = k % 2 == 0 ? (2048 << 20) - 1_000_000 : 0
+                let off = base + rng.next() % 2_000_000
+                let data = k % 9 == 0 ? [UInt8](repeating: 0, count: len) : rng.bytes(len)
+                XCTAssertEqual(data.withUnsafeBytes { pwrite(fd, $0.baseAddress, len, off_t(off)) }, len)
+                writes.append((off, data))
+            }
+            close(fd)
+            try s.unmount()
+            // Build the shadow from the original image plus our writes, not from our result.
+            let orig = s.path("\(sf).orig.raw")
+            try Harness.run(["qemu-img", "create", "-q", "-f", "raw", orig, "2060M"])
+            try Harness.run(["qemu-io", "-f", "raw", "-c", "write -P 0x44 2047M 2M", orig])
+            for (off, data) in writes { try Files.pwrite(orig, data, at: off) }
+            let check = try Harness.run(["qemu-img", "check", img], check: false)
+            XCTAssertEqual(check.status, 0, "\(sf): \(check.out)\(check.err)")
+            try Harness.run(["qemu-img", "compare", "-f", "vmdk", "-F", "raw", img, orig])
+            let cidAfter = try Harness.run(["sh", "-c", "strings \(img) | grep -m1 '^CID='"]).out
+            XCTAssertNotEqual(cidBefore, cidAfter, "\(sf): CID must change on the first write")
+        }
+    }
+
+    func testFilesystemOnVMDK() throws {
+        let s = try Scratch()
+        let img = s.path("fs.vmdk")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "vmdk", img, "64M"])
+        try s.mount(img)
+        let raw = s.mnt + "/fs.raw"
+        try Harness.run(["sfdisk", "-q", raw], input: Data("label: dos\n,,L\n".utf8))
+        let loop = try Harness.run(["losetup", "--show", "-f", "-o", "1048576", raw]).out.trimmingCharacters(in: .whitespacesAndNewlines)
+        let fsdir = s.path("fs")
+        try FileManager.default.createDirectory(atPath: fsdir, withIntermediateDirectories: true)
+        defer { _ = try? Harness.run(["umount", fsdir], check: false); _ = try? Harness.run(["losetup", "-d", loop], check: false) }
+        try Harness.run(["mkfs.ext4", "-q", loop])
+        try Harness.run(["mount", loop, fsdir])
+        try Data(repeating: 0x63, count: 4 << 20).write(to: URL(fileURLWithPath: fsdir + "/c"))
+        try Harness.run(["umount", fsdir])
+        try Harness.run(["e2fsck", "-fn", loop])
+        try Harness.run(["losetup", "-d", loop])
+        try s.unmount()
+        try Harness.run(["qemu-img", "check", img])
+    }
+
+    func testDescriptorProblemsAreClearErrors() throws {
+        let s = try Scratch()
+        let img = s.path("d.vmdk")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat", img, "10M"])
+        let text = try String(contentsOfFile: img, encoding: .utf8)
+        func variant(_ name: String, _ body: String) throws -> CommandResult {
+            let p = s.path(name)
+            try body.write(toFile: p, atomically: true, encoding: .utf8)
+            return try Harness.run([Harness.rawmount, "mount", "-r", p, s.mnt], check: false)
+        }
+        let cases: [(String, String, String)] = [
+            ("missing.vmdk", text.replacingOccurrences(of: "d-flat.vmdk", with: "renamed-flat.vmdk"), "renamed-flat.vmdk"),
+            ("escape.vmdk", text.replacingOccurrences(of: "\"d-flat.vmdk\"", with: "\"../../etc/passwd\""), "leaves"),
+            ("short.vmdk", text.replacingOccurrences(of: "RW 20480 FLAT", with: "RW 40960 FLAT"), "needs"),
+            ("rdm.vmdk", text.replacingOccurrences(of: "RW 20480 FLAT \"d-flat.vmdk\" 0", with: "RW 20480 VMFSRDM \"d-flat.vmdk\""), "VMFSRDM"),
+            ("weird.vmdk", text.replacingOccurrences(of: "RW 20480 FLAT", with: "RW 20480 MAGIC"), "MAGIC"),
+            ("garbage.vmdk", text + "\nthis line means nothing\n", "line"),
+            ("badnum.vmdk", text.replacingOccurrences(of: "RW 20480 FLAT", with: "RW 20x80 FLAT"), "number"),
+        ]
+        for (name, body, needle) in cases {
+            let r = try variant(name, body)
+            XCTAssertEqual(r.status, 1, "\(name): \(r.err)")
+            XCTAssertTrue(r.err.contains(needle), "\(name): \(r.err)")
+            XCTAssertNotEqual(try Harness.run(["mountpoint", "-q", s.mnt], check: false).status, 0, name)
+        }
+        // RDONLY extents make the whole mount read-only instead of disappearing.
+        let ro = s.path("ro.vmdk")
+        try text.replacingOccurrences(of: "RW 20480 FLAT", with: "RDONLY 20480 FLAT").write(toFile: ro, atomically: true, encoding: .utf8)
+        let r = try Harness.run([Harness.rawmount, "mount", ro, s.mnt])
+        XCTAssertTrue(r.err.contains("read-only"), r.err)
+        XCTAssertEqual(open(s.mnt + "/ro.raw", O_WRONLY), -1)
+        XCTAssertEqual(try Files.read(s.mnt + "/ro.raw").count, 10 << 20)
+        try Harness.run([Harness.rawmount, "unmount", s.mnt])
+    }
+
+    func testDamagedSparseHeadersFailCleanly() throws {
+        let s = try Scratch()
+        let good = s.path("good.vmdk")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "vmdk", good, "100M"])
+        try Harness.run(["qemu-io", "-f", "vmdk", "-c", "write -P 1 0 64k", good])
+        let bytes = try Files.read(good)
+        func le(_ v: UInt64, _ n: Int) -> [UInt8] { (0..<n).map { UInt8(truncatingIfNeeded: v >> (8 * UInt64($0))) } }
+        let damages: [(String, Int, [UInt8], String)] = [
+            ("grain0", 20, le(0, 8), "grainSize"),          // QEMU 7.2 divides by zero on COWD's twin of this
+            ("grainodd", 20, le(100, 8), "grainSize"),
+            ("grainhuge", 20, le(1 << 40, 8), "grainSize"),
+            ("gte0", 44, le(0, 4), "numGTEsPerGT"),
+            ("gtehuge", 44, le(1 << 20, 4), "numGTEsPerGT"),
+            ("version", 4, le(9, 4), "version"),
+            ("gdpast", 56, le(1 << 30, 8), "gdOffset"),
+            ("overhead", 64, le(1 << 30, 8), "truncated"),
+            ("capacityhuge", 12, le(1 << 50, 8), "capacity"),
+            ("compressed", 8, le(0x30003, 4), "streamOptimized"),
+        ]
+        for (name, off, patch, needle) in damages {
+            var d = bytes
+            d.replaceSubrange(off..<(off + patch.count), with: patch)
+            let p = s.path("\(name).vmdk")
+            try d.write(to: URL(fileURLWithPath: p))
+            let r = try Harness.run([Harness.rawmount, "mount", "-r", p, s.mnt], check: false)
+            XCTAssertEqual(r.status, 1, "\(name): \(r.err)")
+            XCTAssertTrue(r.err.contains("\(name).vmdk") && r.err.contains(needle), "\(name): \(r.err)")
+        }
+        // A grain directory entry pointing past the end: EIO for that range, no crash.
+        let gdSector = Int(bytes[56]) | Int(bytes[57]) << 8
+        var d = bytes
+        d.replaceSubrange((gdSector * 512)..<(gdSector * 512 + 4), with: le(0xFFFF_FF00, 4))
+        let p = s.path("gtpast.vmdk")
+        try d.write(to: URL(fileURLWithPath: p))
+        try s.mount(p, options: ["-r"])
+        let fd = open(s.mnt + "/gtpast.raw", O_RDONLY)
+        var buf = [UInt8](repeating: 0, count: 4096)
+        XCTAssertEqual(pread(fd, &buf, 4096, 0), -1)
+        XCTAssertEqual(errno, EIO)
+        XCTAssertEqual(pread(fd, &buf, 4096, 90 << 20), 4096)
+        close(fd)
+        try s.unmount()
+    }
+}
