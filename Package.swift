@@ -14,10 +14,12 @@ let package = Package(
         // libfuse3 through a system-library module map; the only C in the project.
         .systemLibrary(name: "CFuse3", path: "Modules/CFuse3", pkgConfig: "fuse3",
                        providers: [.apt(["libfuse3-dev"])]),
+        // System zlib for compressed grains.
+        .systemLibrary(name: "CZlib", path: "Modules/CZlib", pkgConfig: "zlib", providers: [.apt(["zlib1g-dev"])]),
         // Shared engine: file I/O, errors, mappings, table cache, allocator, locking.
         .target(name: "BlockEngine"),
         // Format probes and drivers, one folder per format.
-        .target(name: "ImageFormats", dependencies: ["BlockEngine"]),
+        .target(name: "ImageFormats", dependencies: ["BlockEngine", "CZlib"]),
         // libfuse3 low-level adapter: knows block devices, not formats.
         .target(name: "FuseAdapter", dependencies: ["CFuse3", "BlockEngine"]),
         .executableTarget(name: "rawmount", dependencies: [

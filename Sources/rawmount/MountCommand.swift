@@ -85,7 +85,7 @@ struct MountCommand: ParsableCommand {
         let device = try ImageOpener.open(path: imagePath, options: .init(writable: !readOnly, format: fmt, onRepair: note))
         var ro = readOnly
         if !readOnly && !device.isWritable {
-            note("\(image): \(device.driver.info.format) images are read-only; mounting read-only")
+            note("\(image): this \(device.driver.info.format) image cannot be written here (read-only format, extent or compression); mounting read-only")
             ro = true
         }
         let file = ExposedFile(name: Paths.rawName(forImage: imagePath), device: device, readOnly: ro)

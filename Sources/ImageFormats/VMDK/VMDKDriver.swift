@@ -100,14 +100,14 @@ public final class VMDKDriver: ImageDriver {
         extents = built
         descriptor = desc
         cidLocation = cid
-        let versionOK = built.allSatisfy { if case let .sparse(s) = $0.kind { return s.header.version < 3 } else { return true } }
+        let versionOK = built.allSatisfy { if case let .sparse(s) = $0.kind { return s.header.version < 3 && !s.header.isCompressed } else { return true } }
         isWritable = file.isWritable && versionOK && built.allSatisfy { $0.writable && !({ if case .zero = $0.kind { return true } else { return false } }($0)) }
         let virtualSize = built.last.map { $0.start + $0.length } ?? 0
         let grain: UInt64 = built.compactMap { if case let .sparse(s) = $0.kind { return s.header.grainBytes } else { return nil } }.first ?? 65536
         var details: [(String, String)] = [("extents", "\(built.count)")]
         if let t = desc?.createType { details.append(("create type", t)) }
         if let c = desc?.cid { details.append(("CID", String(c, radix: 16))) }
-        if file.isWritable && !isWritable { details.append(("access", "read-only (RDONLY/ZERO extent or version 3)")) }
+        if file.isWritable && !isWritable { details.append(("access", "read-only (RDONLY/ZERO extent, version 3 or compressed)")) }
         info = ImageInfo(format: "vmdk", virtualSize: virtualSize, clusterSize: grain, details: details)
     }
 
@@ -160,6 +160,15 @@ public final class VMDKDriver: ImageDriver {
         case let .flat(_, base): return .data(host: UInt64(i) << Self.extentShift | (base + rel), length: n)
         case .zero: return .zero(length: n)
         }
+    }
+
+    public func readCompressed(_ mapping: Mapping, guestOffset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws {
+        guard case let .compressed(host, _, _) = mapping else { return }
+        let i = Int(host >> Self.extentShift)
+        guard case let .sparse(s) = extents[i].kind else { return }
+        let grain = try s.grain(atSector: (host & Self.offsetMask) / 512)
+        let inGrain = Int((guestOffset - extents[i].start) % s.header.grainBytes)
+        grain.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[inGrain..<(inGrain + buffer.count)])) }
     }
 
     public func allocate(_ offset: UInt64, length: UInt64) throws -> Allocation {

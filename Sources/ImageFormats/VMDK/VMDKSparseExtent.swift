@@ -1,4 +1,6 @@
 import BlockEngine
+import CZlib
+import Synchronization
 
 /// One hosted sparse (KDMV) extent: grain directory -> grain tables -> grains, through the
 /// shared table cache. Host offsets it returns are offsets in its own file.
@@ -9,6 +11,9 @@ final class VMDKSparseExtent: Sendable {
     let tables: TableCache      // grain tables (GT and redundant GT), one table per entry
     let allocator: Allocator
     static let gdChunk = 512
+    /// Recently inflated grains (streamOptimized), so small reads do not inflate a grain again.
+    private let inflated: Mutex<(grains: [UInt64: [UInt8]], order: [UInt64])>
+    private var inflatedCapacity: Int { max(4, (8 << 20) / Int(header.grainBytes)) }
 
     init(file: ImageFile) throws {
         let h = try VMDKSparseHeader.read(from: file)
@@ -21,6 +26,45 @@ final class VMDKSparseExtent: Sendable {
         directory = TableCache(file: file, tableBytes: Self.gdChunk, encoding: .u32LE, capacity: 1024,
                                beforeWriteBack: { [t, file] in try t.flush(); try file.sync() })
         allocator = Allocator(file: file.path, nextOffset: try file.size(), alignment: 512, limit: UInt64(UInt32.max) * 512)
+        inflated = Mutex(([:], []))
+    }
+
+    /// The inflated bytes of the compressed grain at `sector` (marker + zlib stream, or a bare
+    /// zlib stream without markers).
+    func grain(atSector sector: UInt64) throws -> [UInt8] {
+        if let hit = inflated.withLock({ $0.grains[sector] }) { return hit }
+        let grainBytes = Int(header.grainBytes)
+        let at = sector * 512
+        var dataAt = at, size: UInt64
+        if header.hasMarkers {
+            let marker = try file.readBytes(count: 12, at: at, what: "compressed grain marker")
+            size = UInt64(le32(marker, 8))
+            dataAt += 12
+            guard size > 0, size <= 2 * UInt64(grainBytes) else {
+                throw BlockError.invalid(file: file.path, field: "grain marker at sector \(sector)", detail: "compressed size \(size)")
+            }
+        } else {
+            size = min(2 * UInt64(grainBytes), allocator.end - at)
+        }
+        var compressed = [UInt8](repeating: 0, count: Int(size))
+        let got = try compressed.withUnsafeMutableBytes { try file.readUpTo(into: $0, at: dataAt) }
+        var out = [UInt8](repeating: 0, count: grainBytes)
+        var outLen = uLongf(grainBytes)
+        let rc = out.withUnsafeMutableBufferPointer { o in
+            compressed.withUnsafeBufferPointer { c in uncompress(o.baseAddress, &outLen, c.baseAddress, uLong(got)) }
+        }
+        guard rc == Z_OK, outLen == uLongf(grainBytes) else {
+            throw BlockError.invalid(file: file.path, field: "compressed grain at sector \(sector)",
+                                     detail: rc == Z_OK ? "inflates to \(outLen) bytes, not one \(grainBytes)-byte grain" : "zlib error \(rc)")
+        }
+        inflated.withLock { c in
+            if c.grains[sector] == nil {
+                c.grains[sector] = out
+                c.order.append(sector)
+                if c.order.count > inflatedCapacity { c.grains[c.order.removeFirst()] = nil }
+            }
+        }
+        return out
     }
 
     var length: UInt64 { header.capacity * 512 }
@@ -70,7 +114,8 @@ final class VMDKSparseExtent: Sendable {
                         throw BlockError.invalid(file: file.path, field: "grain table entry for offset \(pos)",
                                                  detail: "grain at sector \(g) is past the end of the file")
                     }
-                    next = .data(host: g * 512 + pos % grain, length: n)
+                    next = header.isCompressed ? .compressed(host: g * 512, size: 0, length: n)
+                                               : .data(host: g * 512 + pos % grain, length: n)
                 }
                 if let cur = result {
                     guard let merged = cur.merged(with: next) else { return }

@@ -29,24 +29,46 @@ public struct VMDKSparseHeader: Sendable {
     public var hasRedundantGD: Bool { flags & Self.flagRedundantGT != 0 && rgdOffset != 0 }
     public var zeroedGrains: Bool { flags & Self.flagZeroedGrain != 0 }
     public var isCompressed: Bool { flags & Self.flagCompressed != 0 }
+    public var hasMarkers: Bool { flags & Self.flagMarkers != 0 }
+
+    public var compressAlgorithm: UInt16
 
     public static func probe(_ b: [UInt8]) -> Bool { b.count >= 4 && le32(b, 0) == magic }
+
+    static func parse(_ b: [UInt8], path: String) throws -> VMDKSparseHeader {
+        guard le32(b, 0) == magic else { throw BlockError.invalid(file: path, field: "VMDK magic", detail: "not a KDMV sparse extent") }
+        return VMDKSparseHeader(version: le32(b, 4), flags: le32(b, 8), capacity: le64(b, 12), grainSize: le64(b, 20),
+                                descriptorOffset: le64(b, 28), descriptorSize: le64(b, 36), numGTEsPerGT: le32(b, 44),
+                                rgdOffset: le64(b, 48), gdOffset: le64(b, 56), overHead: le64(b, 64),
+                                compressAlgorithm: UInt16(b[77]) | UInt16(b[78]) << 8)
+    }
 
     public static func read(from file: ImageFile) throws -> VMDKSparseHeader {
         let path = file.path
         let size = try file.size()
         guard size >= 512 else { throw BlockError.truncated(file: path, what: "VMDK sparse header", offset: 0, needed: 512, fileSize: size) }
-        let b = try file.readBytes(count: 512, at: 0, what: "VMDK sparse header")
-        guard le32(b, 0) == magic else { throw BlockError.invalid(file: path, field: "VMDK magic", detail: "not a KDMV sparse extent") }
-        let h = VMDKSparseHeader(version: le32(b, 4), flags: le32(b, 8), capacity: le64(b, 12), grainSize: le64(b, 20),
-                                 descriptorOffset: le64(b, 28), descriptorSize: le64(b, 36), numGTEsPerGT: le32(b, 44),
-                                 rgdOffset: le64(b, 48), gdOffset: le64(b, 56), overHead: le64(b, 64))
+        var h = try parse(try file.readBytes(count: 512, at: 0, what: "VMDK sparse header"), path: path)
+        if h.gdOffset == gdAtEnd {
+            // VMware's streamOptimized layout: the real header is a footer before end-of-stream.
+            guard size >= 2048 else { throw BlockError.truncated(file: path, what: "VMDK footer", offset: 0, needed: 2048, fileSize: size) }
+            let tail = try file.readBytes(count: 1536, at: size - 1536, what: "VMDK footer")
+            guard le32(tail, 8) == 0, le32(tail, 12) == 3, le32(tail, 1024 + 8) == 0, le32(tail, 1024 + 12) == 0 else {
+                throw BlockError.invalid(file: path, field: "VMDK footer", detail: "no footer and end-of-stream markers at the end of the file")
+            }
+            h = try parse(Array(tail[512..<1024]), path: path)
+            guard h.gdOffset != gdAtEnd else { throw BlockError.invalid(file: path, field: "VMDK footer", detail: "footer has no grain directory") }
+        }
         func bad(_ f: String, _ d: String) -> BlockError { .invalid(file: path, field: f, detail: d) }
         guard h.version >= 1, h.version <= 3 else { throw BlockError.unsupported(file: path, feature: "VMDK sparse version \(h.version)") }
-        if h.isCompressed || h.flags & flagMarkers != 0 || h.gdOffset == gdAtEnd {
-            throw BlockError.unsupported(file: path, feature: "streamOptimized VMDK (compressed grains) is not implemented yet")
+        if h.isCompressed {
+            guard h.compressAlgorithm == 1 else {
+                throw BlockError.unsupported(file: path, feature: "VMDK compression algorithm \(h.compressAlgorithm)")
+            }
         }
         guard h.grainSize.isPowerOfTwo, h.grainSize <= 0x20_0000 else { throw bad("grainSize", "\(h.grainSize) sectors is not a power of two up to 1 GiB") }
+        if h.isCompressed && h.grainSize > 32768 {
+            throw bad("grainSize", "\(h.grainSize) sectors is too large for compressed grains (limit 16 MiB)")
+        }
         guard h.numGTEsPerGT >= 1, h.numGTEsPerGT <= 512, UInt64(h.numGTEsPerGT).isPowerOfTwo else {
             throw bad("numGTEsPerGT", "\(h.numGTEsPerGT) (must be a power of two up to 512)")
         }
