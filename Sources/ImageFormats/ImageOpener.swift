@@ -43,7 +43,18 @@ public enum ImageOpener {
                 if options.lock { try ImageLock.acquire(f, writable: writable) }
                 return f
             }
-            return BlockDevice(driver: driver)
+            var parent: BlockDevice? = nil
+            if let hint = driver.parentFileNameHint {
+                parent = try openBacking(hint, of: path, format: nil, options: options, depth: depth)
+                // A parent whose content changed since the child was made would silently
+                // show wrong data; QEMU refuses such reads too.
+                if let p = parent?.driver as? VMDKDriver, let want = driver.descriptor?.parentCID,
+                   let have = p.descriptor?.cid, want != have {
+                    throw BlockError.invalid(file: path, field: "parentCID",
+                                             detail: "\(String(want, radix: 16)) does not match the CID \(String(have, radix: 16)) of parent \(hint)")
+                }
+            }
+            return BlockDevice(driver: driver, backing: parent)
         case .raw:
             return BlockDevice(driver: try RawDriver(file: file))
         case .qed:
@@ -59,7 +70,7 @@ public enum ImageOpener {
         }
     }
 
-    /// Backing files are named relative to the image's directory and opened read-only.
+    /// Backing files (QED backing names, VMDK parentFileNameHint) are relative to the child.
     static func openBacking(_ name: String, of child: String, format: ImageFormat?, options: Options, depth: Int) throws -> BlockDevice {
         let path: String
         if name.hasPrefix("/") { path = name } else {

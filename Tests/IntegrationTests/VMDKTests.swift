@@ -118,6 +118,54 @@ final class VMDKTests: XCTestCase {
         try s.unmount()
     }
 
+    func testChildOverParentReadsAndWrites() throws {
+        let s = try Scratch()
+        let base = s.path("base.vmdk"), child = s.path("child.vmdk")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "vmdk", base, "16M"])
+        try Harness.run(["qemu-io", "-f", "vmdk", "-c", "write -P 0x0b 0 4M", "-c", "write -P 0x0c 9M 1M", base])
+        try Harness.run(["qemu-img", "create", "-q", "-f", "vmdk", "-b", "base.vmdk", "-F", "vmdk", child])
+        try Harness.run(["qemu-io", "-f", "vmdk", "-c", "write -P 0x0d 1M 64k", "-c", "write -P 0x0e 9M 100k", child])
+        let baseSha = try Files.sha(base)
+        try s.mount(child, options: ["-r"])
+        XCTAssertEqual(try Files.read(s.mnt + "/child.raw"), try qemuRaw(s, child))
+        try s.unmount()
+        // Writes: partial grains are filled from the parent; the parent never changes.
+        let shadow = s.path("shadow.raw")
+        try qemuRaw(s, child).write(to: URL(fileURLWithPath: shadow))
+        try s.mount(child)
+        var rng = SeededRandom(seed: 21)
+        for _ in 0..<60 {
+            let len = Int(rng.next() % 100_000) + 1
+            let off = rng.next() % UInt64((16 << 20) - len)
+            let data = rng.bytes(len)
+            try Files.pwrite(s.mnt + "/child.raw", data, at: off)
+            try Files.pwrite(shadow, data, at: off)
+        }
+        try s.unmount()
+        XCTAssertEqual(try Files.sha(base), baseSha, "the parent was modified")
+        try Harness.run(["qemu-img", "check", child])
+        try Harness.run(["qemu-img", "compare", "-f", "vmdk", "-F", "raw", child, shadow])
+        // A parent whose CID changed is refused by name.
+        let baseBytes = try Files.read(base)
+        let cidAt = baseBytes.range(of: Data("CID=".utf8))!.upperBound
+        var changed = baseBytes
+        changed.replaceSubrange(cidAt..<(cidAt + 8), with: Data("0badc0de".utf8))
+        try changed.write(to: URL(fileURLWithPath: base))
+        let r = try Harness.run([Harness.rawmount, "mount", "-r", child, s.mnt], check: false)
+        XCTAssertEqual(r.status, 1)
+        XCTAssertTrue(r.err.contains("parentCID") && r.err.contains("base.vmdk"), r.err)
+        // A child that names itself as its parent is a loop: refused, no hang.
+        let loop = s.path("loop.vmdk")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat", loop, "1M"])
+        var text = try String(contentsOfFile: loop, encoding: .utf8)
+        let cid = text.split(separator: "\n").first { $0.hasPrefix("CID=") }!.dropFirst(4)
+        text = text.replacingOccurrences(of: "parentCID=ffffffff", with: "parentCID=\(cid)\nparentFileNameHint=\"loop.vmdk\"")
+        try text.write(toFile: loop, atomically: true, encoding: .utf8)
+        let l = try Harness.run([Harness.rawmount, "mount", "-r", loop, s.mnt], check: false)
+        XCTAssertEqual(l.status, 1)
+        XCTAssertTrue(l.err.contains("deeper than 16"), l.err)
+    }
+
     func testFilesystemOnVMDK() throws {
         let s = try Scratch()
         let img = s.path("fs.vmdk")

@@ -93,8 +93,8 @@ public final class VMDKDriver: ImageDriver {
                 start += length
             }
         }
-        if let d = desc, let p = d.parentCID, p != 0xFFFF_FFFF || d.parentFileNameHint != nil {
-            throw BlockError.unsupported(file: file.path, feature: "VMDK with a parent image (\(d.parentFileNameHint ?? "unnamed")) is not implemented yet")
+        if let d = desc, let p = d.parentCID, p != 0xFFFF_FFFF, d.parentFileNameHint == nil {
+            throw BlockError.invalid(file: file.path, field: "parentCID", detail: "the descriptor names a parent CID but no parentFileNameHint")
         }
         guard built.count < 4096 else { throw BlockError.invalid(file: file.path, field: "VMDK descriptor", detail: "too many extents") }
         extents = built
@@ -139,6 +139,12 @@ public final class VMDKDriver: ImageDriver {
             if extents[mid].start <= offset { lo = mid } else { hi = mid - 1 }
         }
         return lo
+    }
+
+    /// The parent image named by the descriptor, if any.
+    public var parentFileNameHint: String? {
+        guard let d = descriptor, let p = d.parentCID, p != 0xFFFF_FFFF else { return nil }
+        return d.parentFileNameHint
     }
 
     public func resolve(host: UInt64) -> (file: ImageFile, offset: UInt64) {
@@ -198,7 +204,7 @@ public final class VMDKDriver: ImageDriver {
             let grain = s.header.grainBytes
             let start = rel.alignedUp(grain), end = (rel + n).alignedDown(grain)
             guard start < end else { return (offset, 0) }
-            return (e.start + start, try s.zero(start, length: end - start, hasParent: false))
+            return (e.start + start, try s.zero(start, length: end - start, hasParent: parentFileNameHint != nil))
         }
     }
 
