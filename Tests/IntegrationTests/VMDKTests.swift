@@ -166,6 +166,44 @@ final class VMDKTests: XCTestCase {
         XCTAssertTrue(l.err.contains("deeper than 16"), l.err)
     }
 
+    func testCOWDBareAndThroughVmfsSparseDescriptor() throws {
+        let s = try Scratch()
+        let src = s.path("src.raw")
+        var rng = SeededRandom(seed: 8)
+        var data = Data(rng.bytes(1 << 20))
+        data.append(Data(count: 3 << 20))
+        data.append(Data(rng.bytes(40_000)))
+        data.append(Data(count: 8192 - 40_000 % 8192))
+        try data.write(to: URL(fileURLWithPath: src))
+        let delta = s.path("c-delta.vmdk"), desc = s.path("c.vmdk")
+        try Harness.run(["python3", Harness.packageRoot.path + "/Tests/IntegrationTests/Fixtures/make_cowd.py", src, delta, desc])
+        try Harness.run(["qemu-img", "compare", "-f", "raw", "-F", "vmdk", src, desc]) // the oracle agrees
+        try s.mount(delta, options: ["-r"])    // QEMU cannot open a bare COWD file; we can
+        XCTAssertEqual(try Files.read(s.mnt + "/c-delta.raw"), data)
+        try s.unmount()
+        // Writes through the descriptor, checked by QEMU against a shadow copy.
+        let shadow = s.path("shadow.raw")
+        try data.write(to: URL(fileURLWithPath: shadow))
+        try s.mount(desc)
+        for _ in 0..<40 {
+            let len = Int(rng.next() % 50_000) + 1
+            let off = rng.next() % UInt64(data.count - len)
+            let bytes = rng.bytes(len)
+            try Files.pwrite(s.mnt + "/c.raw", bytes, at: off)
+            try Files.pwrite(shadow, bytes, at: off)
+        }
+        try s.unmount()
+        try Harness.run(["qemu-img", "compare", "-f", "vmdk", "-F", "raw", desc, shadow])
+        // grainSize 0 makes QEMU 7.2 die with SIGFPE; here it is a clear error.
+        var bad = try Files.read(delta)
+        bad.replaceSubrange(16..<20, with: [0, 0, 0, 0])
+        let p = s.path("zero-grain.vmdk")
+        try bad.write(to: URL(fileURLWithPath: p))
+        let r = try Harness.run([Harness.rawmount, "mount", "-r", p, s.mnt], check: false)
+        XCTAssertEqual(r.status, 1)
+        XCTAssertTrue(r.err.contains("zero-grain.vmdk") && r.err.contains("grainSize"), r.err)
+    }
+
     func testFilesystemOnVMDK() throws {
         let s = try Scratch()
         let img = s.path("fs.vmdk")

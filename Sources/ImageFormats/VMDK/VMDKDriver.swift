@@ -76,13 +76,11 @@ public final class VMDKDriver: ImageDriver {
                                                  detail: "needs \(need) bytes (offset \(e.offset) sectors + \(e.sectors) sectors) but the file has \(have)")
                     }
                     kind = .flat(f, offset: e.offset * 512)
-                case .sparse:
+                case .sparse, .vmfsSparse:
                     let f = try openFile(try Self.extentPath(e.fileName!, descriptor: file.path))
                     let s = try VMDKSparseExtent(file: f)
                     length = s.length // QEMU: the extent header's capacity wins over SECTORS
                     kind = .sparse(s)
-                case .vmfsSparse:
-                    throw BlockError.unsupported(file: file.path, feature: "VMFSSPARSE (COWD) extents are not implemented yet")
                 case .vmfsRDM, .vmfsRaw, .seSparse:
                     throw BlockError.unsupported(file: file.path, feature: "VMDK extent type \(e.type.rawValue)")
                 }

@@ -4,6 +4,8 @@ import BlockEngine
 /// and bounds checks it misses.
 public struct VMDKSparseHeader: Sendable {
     public static let magic: UInt32 = 0x564D_444B
+    /// VMDK3 / ESX "COWD" sparse extents (vmfsSparse deltas), 4096-entry grain tables.
+    public static let cowdMagic: UInt32 = 0x4457_4F43
     public static let gdAtEnd: UInt64 = 0xFFFF_FFFF_FFFF_FFFF
     static let flagRedundantGT: UInt32 = 1 << 1
     static let flagZeroedGrain: UInt32 = 1 << 2
@@ -32,8 +34,23 @@ public struct VMDKSparseHeader: Sendable {
     public var hasMarkers: Bool { flags & Self.flagMarkers != 0 }
 
     public var compressAlgorithm: UInt16
+    public var isCOWD = false
 
-    public static func probe(_ b: [UInt8]) -> Bool { b.count >= 4 && le32(b, 0) == magic }
+    public static func probe(_ b: [UInt8]) -> Bool { b.count >= 4 && (le32(b, 0) == magic || le32(b, 0) == cowdMagic) }
+
+    /// A COWD header in the same terms: GD at gdOffset with numGDEntries entries, no
+    /// redundant directory, no embedded descriptor, grains after the tables.
+    static func parseCOWD(_ b: [UInt8], path: String) throws -> VMDKSparseHeader {
+        let gdEntries = UInt64(le32(b, 24))
+        let gdOffset = UInt64(le32(b, 20))
+        var h = VMDKSparseHeader(version: 1, flags: 0, capacity: UInt64(le32(b, 12)), grainSize: UInt64(le32(b, 16)),
+                                 descriptorOffset: 0, descriptorSize: 0, numGTEsPerGT: 4096, rgdOffset: 0,
+                                 gdOffset: gdOffset, overHead: gdOffset + (gdEntries * 4 + 511) / 512, compressAlgorithm: 0)
+        h.isCOWD = true
+        h.cowdGDEntries = gdEntries
+        return h
+    }
+    var cowdGDEntries: UInt64 = 0
 
     static func parse(_ b: [UInt8], path: String) throws -> VMDKSparseHeader {
         guard le32(b, 0) == magic else { throw BlockError.invalid(file: path, field: "VMDK magic", detail: "not a KDMV sparse extent") }
@@ -47,7 +64,8 @@ public struct VMDKSparseHeader: Sendable {
         let path = file.path
         let size = try file.size()
         guard size >= 512 else { throw BlockError.truncated(file: path, what: "VMDK sparse header", offset: 0, needed: 512, fileSize: size) }
-        var h = try parse(try file.readBytes(count: 512, at: 0, what: "VMDK sparse header"), path: path)
+        let first = try file.readBytes(count: 512, at: 0, what: "VMDK sparse header")
+        var h = le32(first, 0) == cowdMagic ? try parseCOWD(first, path: path) : try parse(first, path: path)
         if h.gdOffset == gdAtEnd {
             // VMware's streamOptimized layout: the real header is a footer before end-of-stream.
             guard size >= 2048 else { throw BlockError.truncated(file: path, what: "VMDK footer", offset: 0, needed: 2048, fileSize: size) }
@@ -69,8 +87,13 @@ public struct VMDKSparseHeader: Sendable {
         if h.isCompressed && h.grainSize > 32768 {
             throw bad("grainSize", "\(h.grainSize) sectors is too large for compressed grains (limit 16 MiB)")
         }
-        guard h.numGTEsPerGT >= 1, h.numGTEsPerGT <= 512, UInt64(h.numGTEsPerGT).isPowerOfTwo else {
+        guard h.numGTEsPerGT >= 1, h.numGTEsPerGT <= (h.isCOWD ? 4096 : 512), UInt64(h.numGTEsPerGT).isPowerOfTwo else {
             throw bad("numGTEsPerGT", "\(h.numGTEsPerGT) (must be a power of two up to 512)")
+        }
+        if h.isCOWD {
+            guard h.cowdGDEntries >= h.gdEntries, h.cowdGDEntries <= 32 << 20 else {
+                throw bad("numGDEntries", "\(h.cowdGDEntries) does not cover \(h.capacity) sectors (needs \(h.gdEntries))")
+            }
         }
         guard h.capacity > 0, h.capacity <= UInt64(1) << 40 else { throw bad("capacity", "\(h.capacity) sectors") }
         guard h.gdEntries <= 32 << 20 else { throw bad("capacity", "needs \(h.gdEntries) grain directory entries (limit 32 Mi)") }
