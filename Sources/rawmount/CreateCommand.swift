@@ -4,9 +4,9 @@ import ImageFormats
 
 struct CreateCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "create", abstract: "Create an empty image (qed, vdi, raw).")
+        commandName: "create", abstract: "Create an empty image (qed, vdi, vmdk, raw).")
 
-    @Option(name: [.customShort("f"), .long], help: "Format: qed, vdi or raw.")
+    @Option(name: [.customShort("f"), .long], help: "Format: qed, vdi, vmdk or raw.")
     var format: String
 
     @Option(help: "Cluster size in bytes (QED: power of two, 4 KiB...64 MiB; default 64 KiB).")
@@ -14,6 +14,9 @@ struct CreateCommand: ParsableCommand {
 
     @Option(help: "Clusters per L1/L2 table (QED: 1, 2, 4, 8 or 16; default 4).")
     var tableSize: UInt32 = 4
+
+    @Option(help: "VMDK: \(VMDKCreate.Subformat.allCases.map(\.rawValue).joined(separator: ", ")) (default monolithicSparse).")
+    var subformat: String = "monolithicSparse"
 
     @Flag(name: .customLong("static"), help: "VDI: allocate every block up front (sparse on the host).")
     var isStatic = false
@@ -39,6 +42,22 @@ struct CreateCommand: ParsableCommand {
                 guard cs <= UInt64(UInt32.max) else { throw BlockError.usage("--cluster-size \(cs) is too large") }
                 try QEDCreate.create(path: image, size: bytes, clusterSize: UInt32(cs), tableSize: tableSize,
                                      backing: backing, backingIsRaw: backingFormat?.lowercased() == "raw")
+            case "vmdk":
+                guard let sub = VMDKCreate.Subformat(rawValue: subformat) else {
+                    throw BlockError.usage("unknown VMDK subformat '\(subformat)'")
+                }
+                var parentCID: UInt32? = nil
+                if let backing {
+                    // Record the parent's CID, so later changes to the parent are noticed.
+                    let dir = image.contains("/") ? String(image[..<image.lastIndex(of: "/")!]) + "/" : ""
+                    let parentPath = backing.hasPrefix("/") ? backing : dir + backing
+                    let parent = try ImageOpener.open(path: parentPath, options: .init(writable: false, lock: false))
+                    guard let vmdk = parent.driver as? VMDKDriver, let cid = vmdk.descriptor?.cid else {
+                        throw BlockError.usage("\(backing): a VMDK parent must itself be a VMDK with a CID")
+                    }
+                    parentCID = cid
+                }
+                try VMDKCreate.create(path: image, size: bytes, subformat: sub, backing: backing, parentCID: parentCID)
             case "vdi":
                 if backing != nil { throw BlockError.usage("VDI images cannot have a backing file here") }
                 try VDICreate.create(path: image, size: bytes, isStatic: isStatic)
@@ -47,7 +66,7 @@ struct CreateCommand: ParsableCommand {
                 let file = try ImageFile.createNew(path: image)
                 try file.truncate(to: bytes)
             default:
-                throw BlockError.usage("rawmount create supports -f qed, -f vdi and -f raw")
+                throw BlockError.usage("rawmount create supports -f qed, -f vdi, -f vmdk and -f raw")
             }
         } catch let e as ExitCode { throw e } catch {
             printError("rawmount: \(describe(error))")

@@ -204,6 +204,31 @@ final class VMDKTests: XCTestCase {
         XCTAssertTrue(r.err.contains("zero-grain.vmdk") && r.err.contains("grainSize"), r.err)
     }
 
+    func testCreateEverySubformatAndChild() throws {
+        let s = try Scratch()
+        for sf in ["monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat", "streamOptimized"] {
+            let img = s.path("\(sf).vmdk")
+            try Harness.run([Harness.rawmount, "create", "-f", "vmdk", "--subformat", sf, img, "2050M"])
+            try Harness.run(["qemu-img", "check", img])
+            let info = try JSONSerialization.jsonObject(with: Data(try Harness.run(["qemu-img", "info", "--output=json", img]).out.utf8)) as! [String: Any]
+            XCTAssertEqual((info["virtual-size"] as! NSNumber).intValue, 2050 << 20, sf)
+            XCTAssertEqual(((info["format-specific"] as? [String: Any])?["data"] as? [String: Any])?["create-type"] as? String, sf)
+            if sf != "streamOptimized" {
+                try s.mount(img)
+                try Files.pwrite(s.mnt + "/\(sf).raw", [UInt8](repeating: 0x3C, count: 70_000), at: (2048 << 20) - 30_000)
+                try s.unmount()
+                try Harness.run(["qemu-img", "check", img])
+                let back = try Harness.run(["qemu-io", "-f", "vmdk", "-c", "read -P 0x3c \((2048 << 20) - 30_000) 70000", img])
+                XCTAssertFalse(back.out.contains("Pattern verification failed"), back.out)
+            }
+        }
+        let child = s.path("child.vmdk")
+        try Harness.run([Harness.rawmount, "create", "-f", "vmdk", "--backing", "monolithicSparse.vmdk", child, "2050M"])
+        let info = try JSONSerialization.jsonObject(with: Data(try Harness.run(["qemu-img", "info", "--output=json", child]).out.utf8)) as! [String: Any]
+        XCTAssertEqual(info["backing-filename"] as? String, "monolithicSparse.vmdk")
+        try Harness.run(["qemu-img", "compare", s.path("monolithicSparse.vmdk"), child])
+    }
+
     func testFilesystemOnVMDK() throws {
         let s = try Scratch()
         let img = s.path("fs.vmdk")
