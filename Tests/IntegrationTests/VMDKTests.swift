@@ -229,6 +229,25 @@ final class VMDKTests: XCTestCase {
         try Harness.run(["qemu-img", "compare", s.path("monolithicSparse.vmdk"), child])
     }
 
+    func testBximageVMware4ImageReadsAndWrites() throws {
+        try Harness.tool("bximage")
+        let s = try Scratch()
+        let src = s.path("src.raw")
+        var rng = SeededRandom(seed: 4)
+        var data = Data(rng.bytes(3 << 20))
+        data.append(Data(count: 7 << 20))
+        try data.write(to: URL(fileURLWithPath: src))
+        let img = s.path("bx.vmdk")
+        try Harness.run(["bximage", "-func=convert", "-imgmode=vmware4", "-q", src, img])
+        try s.mount(img)
+        XCTAssertEqual(try Files.read(s.mnt + "/bx.raw"), data)
+        try Files.pwrite(s.mnt + "/bx.raw", [UInt8](repeating: 0x99, count: 100_000), at: 5_000_000)
+        try Files.pwrite(src, [UInt8](repeating: 0x99, count: 100_000), at: 5_000_000)
+        try s.unmount()
+        try Harness.run(["qemu-img", "check", img])
+        try Harness.run(["qemu-img", "compare", "-f", "vmdk", "-F", "raw", img, src])
+    }
+
     func testFilesystemOnVMDK() throws {
         let s = try Scratch()
         let img = s.path("fs.vmdk")
