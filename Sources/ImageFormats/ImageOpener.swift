@@ -72,11 +72,7 @@ public enum ImageOpener {
 
     /// Backing files (QED backing names, VMDK parentFileNameHint) are relative to the child.
     static func openBacking(_ name: String, of child: String, format: ImageFormat?, options: Options, depth: Int) throws -> BlockDevice {
-        let path: String
-        if name.hasPrefix("/") { path = name } else {
-            let dir = child.contains("/") ? String(child[..<child.lastIndex(of: "/")!]) : "."
-            path = dir + "/" + name
-        }
+        let path = PathName.resolve(name, relativeTo: child)
         do {
             return try open(path: path, options: .init(writable: false, format: format, lock: options.lock), depth: depth + 1)
         } catch let e as BlockError {

@@ -49,8 +49,7 @@ struct CreateCommand: ParsableCommand {
                 var parentCID: UInt32? = nil
                 if let backing {
                     // Record the parent's CID, so later changes to the parent are noticed.
-                    let dir = image.contains("/") ? String(image[..<image.lastIndex(of: "/")!]) + "/" : ""
-                    let parentPath = backing.hasPrefix("/") ? backing : dir + backing
+                    let parentPath = PathName.resolve(backing, relativeTo: image)
                     let parent = try ImageOpener.open(path: parentPath, options: .init(writable: false, lock: false))
                     guard let vmdk = parent.driver as? VMDKDriver, let cid = vmdk.descriptor?.cid else {
                         throw BlockError.usage("\(backing): a VMDK parent must itself be a VMDK with a CID")

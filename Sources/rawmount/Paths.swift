@@ -12,13 +12,10 @@ enum Paths {
         return String(cString: p)
     }
 
-    static func baseName(_ path: String) -> String {
-        String(path.split(separator: "/", omittingEmptySubsequences: true).last ?? Substring(path))
-    }
 
     /// `win.vmdk` -> `win.raw`; a name without extension just gains `.raw`.
     static func rawName(forImage path: String) -> String {
-        let base = baseName(path)
+        let base = PathName.baseName(path)
         if let dot = base.lastIndex(of: "."), dot != base.startIndex {
             return String(base[..<dot]) + ".raw"
         }

@@ -248,6 +248,33 @@ final class VMDKTests: XCTestCase {
         try Harness.run(["qemu-img", "compare", "-f", "vmdk", "-F", "raw", img, src])
     }
 
+    /// QEMU refuses writes under a zero directory entry; rawmount allocates the grain table
+    /// (and its redundant copy) at the end of the file.
+    func testWriteUnderEmptyDirectoryEntryAllocatesGrainTables() throws {
+        let s = try Scratch()
+        let img = s.path("gd.vmdk")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "vmdk", img, "100M"])
+        var d = try Files.read(img)
+        func le(_ o: Int, _ n: Int) -> Int { (0..<n).reduce(0) { $0 | Int(d[o + $1]) << (8 * $1) } }
+        let rgd = le(48, 8), gd = le(56, 8)
+        for dir in [rgd, gd] { d.replaceSubrange((dir * 512 + 4)..<(dir * 512 + 8), with: [0, 0, 0, 0]) } // entry 1: 32..64 MiB
+        try d.write(to: URL(fileURLWithPath: img))
+        let sizeBefore = d.count
+        try s.mount(img)
+        try Files.pwrite(s.mnt + "/gd.raw", [UInt8](repeating: 0x47, count: 200_000), at: 40 << 20)
+        try s.unmount()
+        let after = try Files.read(img)
+        XCTAssertGreaterThan(after.count, sizeBefore + 2 * 2048, "new grain tables were appended")
+        let newGT = (0..<4).reduce(0) { $0 | Int(after[gd * 512 + 4 + $1]) << (8 * $1) }
+        let newRGT = (0..<4).reduce(0) { $0 | Int(after[rgd * 512 + 4 + $1]) << (8 * $1) }
+        XCTAssertNotEqual(newGT, 0); XCTAssertNotEqual(newRGT, 0); XCTAssertNotEqual(newGT, newRGT)
+        XCTAssertEqual(after.subdata(in: (newGT * 512)..<(newGT * 512 + 2048)), after.subdata(in: (newRGT * 512)..<(newRGT * 512 + 2048)),
+                       "redundant grain table mirrors the primary")
+        try Harness.run(["qemu-img", "check", img])
+        let r = try Harness.run(["qemu-io", "-f", "vmdk", "-c", "read -P 0x47 \(40 << 20) 200000", img])
+        XCTAssertFalse(r.out.contains("Pattern verification failed"), r.out)
+    }
+
     func testFilesystemOnVMDK() throws {
         let s = try Scratch()
         let img = s.path("fs.vmdk")

@@ -14,9 +14,9 @@ public enum VMDKCreate {
                               parentCID: UInt32? = nil) throws {
         let sectors = size.alignedUp(512) / 512
         guard sectors > 0 else { throw BlockError.usage("\(path): size must be at least 512 bytes") }
-        let base = Paths.baseName(path)
+        let base = PathName.baseName(path)
         let stem = base.hasSuffix(".vmdk") ? String(base.dropLast(5)) : base
-        let dir = path.contains("/") ? String(path[..<path.lastIndex(of: "/")!]) + "/" : ""
+        let dir = PathName.directory(of: path) + "/"
         var extentLines: [String] = []
         switch subformat {
         case .monolithicSparse, .streamOptimized:
@@ -96,11 +96,5 @@ public enum VMDKCreate {
             try file.write(dir, at: dirSector * 512)
         }
         try file.sync()
-    }
-}
-
-enum Paths {
-    static func baseName(_ path: String) -> String {
-        String(path.split(separator: "/", omittingEmptySubsequences: true).last ?? Substring(path))
     }
 }

@@ -15,6 +15,7 @@ public final class VMDKDriver: ImageDriver {
         let length: UInt64
         let kind: Kind
         let writable: Bool
+        var isZero: Bool { if case .zero = kind { return true } else { return false } }
         var file: ImageFile? {
             switch kind { case let .sparse(s): return s.file; case let .flat(f, _): return f; case .zero: return nil }
         }
@@ -99,7 +100,7 @@ public final class VMDKDriver: ImageDriver {
         descriptor = desc
         cidLocation = cid
         let versionOK = built.allSatisfy { if case let .sparse(s) = $0.kind { return s.header.version < 3 && !s.header.isCompressed } else { return true } }
-        isWritable = file.isWritable && versionOK && built.allSatisfy { $0.writable && !({ if case .zero = $0.kind { return true } else { return false } }($0)) }
+        isWritable = file.isWritable && versionOK && built.allSatisfy { $0.writable && !$0.isZero }
         let virtualSize = built.last.map { $0.start + $0.length } ?? 0
         let grain: UInt64 = built.compactMap { if case let .sparse(s) = $0.kind { return s.header.grainBytes } else { return nil } }.first ?? 65536
         var details: [(String, String)] = [("extents", "\(built.count)")]
@@ -115,8 +116,7 @@ public final class VMDKDriver: ImageDriver {
         guard !name.hasPrefix("/"), !parts.contains(".."), !name.isEmpty else {
             throw BlockError.invalid(file: descriptor, field: "extent file name", detail: "'\(name)' leaves the descriptor's directory")
         }
-        let dir = descriptor.contains("/") ? String(descriptor[..<descriptor.lastIndex(of: "/")!]) : "."
-        return dir + "/" + name
+        return PathName.resolve(name, relativeTo: descriptor)
     }
 
     /// Byte offset of the 8 hex digits after "CID=" at the start of a line.

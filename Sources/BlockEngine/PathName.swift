@@ -1,0 +1,19 @@
+/// File-name arithmetic for images that name other files (backing files, VMDK extents and
+/// parents): names are relative to the directory of the file that mentions them.
+public enum PathName {
+    /// "a/b/c.vmdk" -> "a/b"; "c.vmdk" -> ".".
+    public static func directory(of path: String) -> String {
+        guard let slash = path.lastIndex(of: "/") else { return "." }
+        return slash == path.startIndex ? "/" : String(path[..<slash])
+    }
+
+    /// "a/b/c.vmdk" -> "c.vmdk".
+    public static func baseName(_ path: String) -> String {
+        String(path.split(separator: "/", omittingEmptySubsequences: true).last ?? Substring(path))
+    }
+
+    /// `name` as seen from the file `referrer`: absolute names stay, others join its directory.
+    public static func resolve(_ name: String, relativeTo referrer: String) -> String {
+        name.hasPrefix("/") ? name : directory(of: referrer) + "/" + name
+    }
+}
