@@ -139,3 +139,22 @@ enum Files {
 /// glibc's fallocate(2), hidden from Swift's Glibc module.
 @_silgen_name("fallocate")
 func fallocate(_ fd: Int32, _ mode: Int32, _ offset: off_t, _ length: off_t) -> Int32
+
+extension Scratch {
+    /// The user path on a mounted raw view: one DOS partition (sfdisk), a loop device at its
+    /// offset, mkfs.ext4, mount, a file of `bytes` bytes, umount, e2fsck. Fails the test on
+    /// any step.
+    func partitionFormatAndCheck(raw: String, bytes: Int, fill: UInt8) throws {
+        try Harness.tool("mkfs.ext4")
+        try Harness.run(["sfdisk", "-q", raw], input: Data("label: dos\n,,L\n".utf8))
+        let loop = try Harness.run(["losetup", "--show", "-f", "-o", "1048576", raw]).out.trimmingCharacters(in: .whitespacesAndNewlines)
+        let fsdir = path("fs")
+        try FileManager.default.createDirectory(atPath: fsdir, withIntermediateDirectories: true)
+        defer { _ = try? Harness.run(["umount", fsdir], check: false); _ = try? Harness.run(["losetup", "-d", loop], check: false) }
+        try Harness.run(["mkfs.ext4", "-q", loop])
+        try Harness.run(["mount", loop, fsdir])
+        try Data(repeating: fill, count: bytes).write(to: URL(fileURLWithPath: fsdir + "/payload"))
+        try Harness.run(["umount", fsdir])
+        try Harness.run(["e2fsck", "-fn", loop])
+    }
+}

@@ -91,17 +91,7 @@ final class QEDTests: XCTestCase {
         try Harness.run([Harness.rawmount, "create", "-f", "qed", img, "64M"])
         try s.mount(img)
         let raw = s.mnt + "/fs.raw"
-        try Harness.run(["sfdisk", "-q", raw], input: Data("label: dos\n,,L\n".utf8))
-        let loop = try Harness.run(["losetup", "--show", "-f", "-o", "1048576", raw]).out.trimmingCharacters(in: .whitespacesAndNewlines)
-        let fsdir = s.path("fs")
-        try FileManager.default.createDirectory(atPath: fsdir, withIntermediateDirectories: true)
-        defer { _ = try? Harness.run(["umount", fsdir], check: false); _ = try? Harness.run(["losetup", "-d", loop], check: false) }
-        try Harness.run(["mkfs.ext4", "-q", loop])
-        try Harness.run(["mount", loop, fsdir])
-        try Data(repeating: 0x61, count: 3 << 20).write(to: URL(fileURLWithPath: fsdir + "/a"))
-        try Harness.run(["umount", fsdir])
-        try Harness.run(["e2fsck", "-fn", loop])
-        try Harness.run(["losetup", "-d", loop])
+        try s.partitionFormatAndCheck(raw: raw, bytes: 3 << 20, fill: 0x61)
         try s.unmount()
         let check = try Harness.run(["qemu-img", "check", img], check: false)
         XCTAssertEqual(check.status, 0, check.out)

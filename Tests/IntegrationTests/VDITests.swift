@@ -71,17 +71,7 @@ final class VDITests: XCTestCase {
         try Harness.run([Harness.rawmount, "create", "-f", "vdi", img, "64M"])
         try s.mount(img)
         let raw = s.mnt + "/fs.raw"
-        try Harness.run(["sfdisk", "-q", raw], input: Data("label: dos\n,,L\n".utf8))
-        let loop = try Harness.run(["losetup", "--show", "-f", "-o", "1048576", raw]).out.trimmingCharacters(in: .whitespacesAndNewlines)
-        let fsdir = s.path("fs")
-        try FileManager.default.createDirectory(atPath: fsdir, withIntermediateDirectories: true)
-        defer { _ = try? Harness.run(["umount", fsdir], check: false); _ = try? Harness.run(["losetup", "-d", loop], check: false) }
-        try Harness.run(["mkfs.ext4", "-q", loop])
-        try Harness.run(["mount", loop, fsdir])
-        try Data(repeating: 0x62, count: 5 << 20).write(to: URL(fileURLWithPath: fsdir + "/b"))
-        try Harness.run(["umount", fsdir])
-        try Harness.run(["e2fsck", "-fn", loop])
-        try Harness.run(["losetup", "-d", loop])
+        try s.partitionFormatAndCheck(raw: raw, bytes: 5 << 20, fill: 0x62)
         try s.unmount()
         try Harness.run(["qemu-img", "check", img])
         let info = try JSONSerialization.jsonObject(with: Data(try Harness.run(["qemu-img", "info", "--output=json", img]).out.utf8)) as! [String: Any]
