@@ -152,7 +152,9 @@ final class VMDKTests: XCTestCase {
         changed.replaceSubrange(cidAt..<(cidAt + 8), with: Data("0badc0de".utf8))
         try changed.write(to: URL(fileURLWithPath: base))
         let r = try Harness.run([Harness.rawmount, "mount", "-r", child, s.mnt], check: false)
-        XCTAssertEqual(r.status, 1)
+        if r.status == 0 { _ = try? Harness.run([Harness.rawmount, "unmount", s.mnt], check: false) }
+        let diag = (try? Harness.run(["sh", "-c", "strings \(child) | grep CID; strings \(base) | grep CID"], check: false).out) ?? ""
+        XCTAssertEqual(r.status, 1, "mounted despite a changed parent CID:\n\(diag)")
         XCTAssertTrue(r.err.contains("parentCID") && r.err.contains("base.vmdk"), r.err)
         // A child that names itself as its parent is a loop: refused, no hang.
         let loop = s.path("loop.vmdk")
