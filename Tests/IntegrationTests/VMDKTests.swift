@@ -147,7 +147,9 @@ final class VMDKTests: XCTestCase {
         try Harness.run(["qemu-img", "compare", "-f", "vmdk", "-F", "raw", child, shadow])
         // A parent whose CID changed is refused by name.
         let baseBytes = try Files.read(base)
-        let cidAt = baseBytes.range(of: Data("CID=".utf8))!.upperBound
+        // Find "\nCID=" by hand: the descriptor's own line, not "parentCID=".
+        let needle = Array("\nCID=".utf8), hay = [UInt8](baseBytes)
+        let cidAt = (0..<(hay.count - needle.count)).first { Array(hay[$0..<($0 + needle.count)]) == needle }! + needle.count
         var changed = baseBytes
         changed.replaceSubrange(cidAt..<(cidAt + 8), with: Data("0badc0de".utf8))
         try changed.write(to: URL(fileURLWithPath: base))
