@@ -145,6 +145,28 @@ final class QEDTests: XCTestCase {
         XCTAssertEqual(try Harness.run(["qemu-img", "check", img], check: false).status, 0)
     }
 
+    /// Like QEMU: NEED_CHECK is set before the first allocation and cleared after 5 idle
+    /// seconds, so a mount killed while idle leaves a clean image with the data.
+    func testIdleMountClearsNeedCheckAndSurvivesSigkill() throws {
+        let s = try Scratch()
+        let img = s.path("idle.qed")
+        try Harness.run([Harness.rawmount, "create", "-f", "qed", img, "16M"])
+        try s.mount(img)
+        try Files.pwrite(s.mnt + "/idle.raw", [UInt8](repeating: 0x6B, count: 300_000), at: 1_000_000)
+        XCTAssertEqual(try Files.read(img)[16] & 0x02, 0x02, "NEED_CHECK set before the first allocation")
+        var waited = 0
+        while try Files.read(img)[16] & 0x02 != 0 && waited < 100 { usleep(100_000); waited += 1 }
+        XCTAssertLessThan(waited, 100, "NEED_CHECK still set after 10 s idle")
+        let pidFile = "/run/rawmount/" + s.mnt.replacingOccurrences(of: "%", with: "%25").replacingOccurrences(of: "/", with: "%2F") + ".pid"
+        let pid = pid_t(try String(contentsOfFile: pidFile, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines))!
+        XCTAssertEqual(kill(pid, SIGKILL), 0)
+        usleep(200_000)
+        _ = try Harness.run(["umount", "-l", s.mnt], check: false)
+        try Harness.run(["qemu-img", "check", img])
+        let r = try Harness.run(["qemu-io", "-f", "qed", "-c", "read -P 0x6b 1000000 300000", img])
+        XCTAssertFalse(r.out.contains("Pattern verification failed"), r.out)
+    }
+
     func testCreateAndCheckCommands() throws {
         let s = try Scratch()
         let base = s.path("b.qed"), child = s.path("c.qed")

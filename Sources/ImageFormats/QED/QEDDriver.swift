@@ -1,4 +1,5 @@
 import BlockEngine
+import Dispatch
 import Synchronization
 
 /// QED read/write over the shared engine. Translation: L1 -> L2 -> cluster; L2 entry 0 is
@@ -19,6 +20,10 @@ public final class QEDDriver: ImageDriver {
     /// Header features as currently on disk (NEED_CHECK toggles); guarded by the engine's
     /// allocation lock for writes, read under this mutex.
     private let onDiskFeatures: Mutex<UInt64>
+    /// Bumped by every metadata change; the idle timer clears NEED_CHECK only if it did not
+    /// move for `idleClean` seconds (QEMU does the same after 5 s).
+    private let changes = Mutex<(generation: UInt64, closed: Bool)>((0, false))
+    static let idleClean = 5.0
 
     public init(file: ImageFile, repairReport: ((QEDCheckReport) -> Void)? = nil) throws {
         var h = try QEDHeader.read(from: file)
@@ -140,6 +145,8 @@ public final class QEDDriver: ImageDriver {
     }
 
     public func commit(_ a: Allocation) throws {
+        try beginMetadataChange()
+        defer { scheduleIdleClean() }
         let l2 = try l2TableCreatingIfNeeded(for: a.guestOffset)
         let first = (a.guestOffset >> clusterBits) & (header.entriesPerTable - 1)
         for k in 0..<(a.length / clusterSize) {
@@ -187,7 +194,8 @@ public final class QEDDriver: ImageDriver {
                 break
             case .unallocated:
                 if backingName != nil { // must hide the backing image: zero-cluster entries
-                    try markNeedCheck()
+                    try beginMetadataChange()
+                    defer { scheduleIdleClean() }
                     let l2 = try l2TableCreatingIfNeeded(for: pos)
                     let first = (pos >> clusterBits) & (header.entriesPerTable - 1)
                     for k in 0..<(n / clusterSize) { try tables.set(l2.offset, first + k, 1) }
@@ -215,7 +223,41 @@ public final class QEDDriver: ImageDriver {
         try file.sync()
     }
 
+    /// Called before any table changes: stops a pending idle clean from passing its check,
+    /// then makes sure NEED_CHECK is on disk (the timer may have cleared it since allocate()).
+    private func beginMetadataChange() throws {
+        changes.withLock { $0.generation += 1 }
+        try markNeedCheck()
+    }
+
+    /// After a quiet period, write the tables back and clear NEED_CHECK, so a crash of a
+    /// long-idle mount leaves a clean image.
+    private func scheduleIdleClean() {
+        let generation = changes.withLock { c -> UInt64 in c.generation += 1; return c.generation }
+        DispatchQueue.global().asyncAfter(deadline: .now() + Self.idleClean) { [weak self] in
+            self?.cleanIfIdle(since: generation)
+        }
+    }
+
+    private func cleanIfIdle(since generation: UInt64) {
+        guard changes.withLock({ $0.generation == generation && !$0.closed }) else { return }
+        try? onDiskFeatures.withLock { f in
+            guard f & QEDHeader.featureNeedCheck != 0 else { return }
+            // Re-check under the header lock: a commit sets NEED_CHECK again before it changes
+            // any table, so clearing here never leaves a change unflagged.
+            guard changes.withLock({ $0.generation == generation && !$0.closed }) else { return }
+            try tables.cache.flush()
+            try file.sync()
+            var h = header
+            h.features = f & ~QEDHeader.featureNeedCheck
+            try file.write(h.encoded(), at: 0)
+            try file.sync()
+            f = h.features
+        }
+    }
+
     public func close() throws {
+        changes.withLock { $0.closed = true }
         guard isWritable else { return }
         try flush()
         try onDiskFeatures.withLock { f in
