@@ -158,3 +158,13 @@ extension Scratch {
         try Harness.run(["e2fsck", "-fn", loop])
     }
 }
+
+extension Scratch {
+    /// The oracle's view of an image: `qemu-img convert -O raw`, read into memory.
+    func qemuRaw(_ image: String) throws -> Data {
+        let out = path("oracle-\(UUID().uuidString.prefix(6)).raw")
+        try Harness.run(["qemu-img", "convert", "-U", "-O", "raw", image, out])
+        defer { try? FileManager.default.removeItem(atPath: out) }
+        return try Files.read(out)
+    }
+}

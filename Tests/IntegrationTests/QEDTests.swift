@@ -8,12 +8,6 @@ final class QEDTests: XCTestCase {
         try Harness.tool("qemu-img")
     }
 
-    func qemuRaw(_ s: Scratch, _ image: String) throws -> Data {
-        let out = s.path("oracle-\(UUID().uuidString.prefix(6)).raw")
-        try Harness.run(["qemu-img", "convert", "-U", "-O", "raw", image, out])
-        return try Files.read(out)
-    }
-
     func populate(_ image: String, _ cmds: [String]) throws {
         try Harness.run(["qemu-io", "-f", "qed"] + cmds.flatMap { ["-c", $0] } + [image])
     }
@@ -39,7 +33,7 @@ final class QEDTests: XCTestCase {
                                "write -P 0x77 6M 64k", "write -P 0x33 12582400 512"])
             try s.mount(img, options: ["--read-only"])
             let raw = s.mnt + "/" + name.replacingOccurrences(of: ".qed", with: ".raw")
-            XCTAssertEqual(try Files.read(raw), try qemuRaw(s, img), name)
+            XCTAssertEqual(try Files.read(raw), try s.qemuRaw(img), name)
             try s.unmount()
         }
     }
@@ -54,7 +48,7 @@ final class QEDTests: XCTestCase {
             let img = s.path(name), shadow = s.path(name + ".shadow")
             try Harness.run(["qemu-img", "create", "-q", "-f", "qed"] + opts + [img, "16M"])
             try populate(img, ["write -P 0x42 3M 200k"])
-            try qemuRaw(s, img).write(to: URL(fileURLWithPath: shadow))
+            try s.qemuRaw(img).write(to: URL(fileURLWithPath: shadow))
             try s.mount(img)
             let raw = s.mnt + "/" + name.replacingOccurrences(of: ".qed", with: ".raw")
             let fd = open(raw, O_RDWR)

@@ -8,12 +8,6 @@ final class VDITests: XCTestCase {
         try Harness.tool("qemu-img")
     }
 
-    func qemuRaw(_ s: Scratch, _ image: String) throws -> Data {
-        let out = s.path("oracle-\(UUID().uuidString.prefix(6)).raw")
-        try Harness.run(["qemu-img", "convert", "-U", "-O", "raw", image, out])
-        return try Files.read(out)
-    }
-
     func testDynamicAndStaticImagesReadIdentical() throws {
         let s = try Scratch()
         for (name, opts, size) in [("dyn.vdi", [String](), "20M"), ("static.vdi", ["-o", "static=on"], "6M"), ("odd.vdi", [], "3000000")] {
@@ -22,7 +16,7 @@ final class VDITests: XCTestCase {
             try Harness.run(["qemu-io", "-f", "vdi", "-c", "write -P 0x77 1536k 4k", "-c", "write -P 0x12 2M 700k",
                              "-c", "write -P 0x9 0 512", img])
             try s.mount(img, options: ["-r"])
-            XCTAssertEqual(try Files.read(s.mnt + "/" + name.replacingOccurrences(of: ".vdi", with: ".raw")), try qemuRaw(s, img), name)
+            XCTAssertEqual(try Files.read(s.mnt + "/" + name.replacingOccurrences(of: ".vdi", with: ".raw")), try s.qemuRaw(img), name)
             try s.unmount()
         }
     }
@@ -34,7 +28,7 @@ final class VDITests: XCTestCase {
             let img = s.path(name), shadow = s.path(name + ".shadow")
             try Harness.run(["qemu-img", "create", "-q", "-f", "vdi"] + opts + [img, "12M"])
             try Harness.run(["qemu-io", "-f", "vdi", "-c", "write -P 0x44 3M 1M", img])
-            try qemuRaw(s, img).write(to: URL(fileURLWithPath: shadow))
+            try s.qemuRaw(img).write(to: URL(fileURLWithPath: shadow))
             try s.mount(img)
             let raw = s.mnt + "/" + name.replacingOccurrences(of: ".vdi", with: ".raw")
             let fd = open(raw, O_RDWR)

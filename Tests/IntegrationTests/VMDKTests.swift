@@ -8,12 +8,6 @@ final class VMDKTests: XCTestCase {
         try Harness.tool("qemu-img")
     }
 
-    func qemuRaw(_ s: Scratch, _ image: String) throws -> Data {
-        let out = s.path("oracle-\(UUID().uuidString.prefix(6)).raw")
-        try Harness.run(["qemu-img", "convert", "-U", "-O", "raw", image, out])
-        return try Files.read(out)
-    }
-
     func testEverySubformatReadsIdentical() throws {
         let s = try Scratch()
         // 2100 MiB: the two-gigabyte formats get a second extent. Compared with cmp, not in memory.
@@ -35,7 +29,7 @@ final class VMDKTests: XCTestCase {
         try Harness.run(["qemu-img", "create", "-q", "-f", "vmdk", "-o", "zeroed_grain=on", zg, "8M"])
         try Harness.run(["qemu-io", "-f", "vmdk", "-c", "write -P 0x71 0 1M", "-c", "write -z 0 128k", zg])
         try s.mount(zg, options: ["-r"])
-        XCTAssertEqual(try Files.read(s.mnt + "/zg.raw"), try qemuRaw(s, zg))
+        XCTAssertEqual(try Files.read(s.mnt + "/zg.raw"), try s.qemuRaw(zg))
         try s.unmount()
     }
 
@@ -127,11 +121,11 @@ final class VMDKTests: XCTestCase {
         try Harness.run(["qemu-io", "-f", "vmdk", "-c", "write -P 0x0d 1M 64k", "-c", "write -P 0x0e 9M 100k", child])
         let baseSha = try Files.sha(base)
         try s.mount(child, options: ["-r"])
-        XCTAssertEqual(try Files.read(s.mnt + "/child.raw"), try qemuRaw(s, child))
+        XCTAssertEqual(try Files.read(s.mnt + "/child.raw"), try s.qemuRaw(child))
         try s.unmount()
         // Writes: partial grains are filled from the parent; the parent never changes.
         let shadow = s.path("shadow.raw")
-        try qemuRaw(s, child).write(to: URL(fileURLWithPath: shadow))
+        try s.qemuRaw(child).write(to: URL(fileURLWithPath: shadow))
         try s.mount(child)
         var rng = SeededRandom(seed: 21)
         for _ in 0..<60 {
