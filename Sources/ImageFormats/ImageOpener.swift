@@ -49,9 +49,10 @@ public enum ImageOpener {
                 // A parent whose content changed since the child was made would silently
                 // show wrong data; QEMU refuses such reads too.
                 if let p = parent?.driver as? VMDKDriver, let want = driver.descriptor?.parentCID,
-                   let have = p.descriptor?.cid, want != have {
+                   p.descriptor?.cid != want {
+                    let have = p.descriptor?.cid.map { String($0, radix: 16) } ?? "no readable CID"
                     throw BlockError.invalid(file: path, field: "parentCID",
-                                             detail: "\(String(want, radix: 16)) does not match the CID \(String(have, radix: 16)) of parent \(hint)")
+                                             detail: "\(String(want, radix: 16)) does not match the parent \(hint) (\(have))")
                 }
             }
             return BlockDevice(driver: driver, backing: parent)

@@ -141,11 +141,12 @@ final class VMDKTests: XCTestCase {
         try Harness.run(["qemu-img", "compare", "-f", "vmdk", "-F", "raw", child, shadow])
         // A parent whose CID changed is refused by name.
         let baseBytes = try Files.read(base)
-        // Find "\nCID=" by hand: the descriptor's own line, not "parentCID=".
+        // Replace the descriptor's CID value (QEMU does not zero-pad it) up to its newline.
         let needle = Array("\nCID=".utf8), hay = [UInt8](baseBytes)
         let cidAt = (0..<(hay.count - needle.count)).first { Array(hay[$0..<($0 + needle.count)]) == needle }! + needle.count
+        let cidEnd = hay[cidAt...].firstIndex(of: 0x0A)!
         var changed = baseBytes
-        changed.replaceSubrange(cidAt..<(cidAt + 8), with: Data("0badc0de".utf8))
+        changed.replaceSubrange(cidAt..<cidEnd, with: Data(String(repeating: "b", count: cidEnd - cidAt).utf8))
         try changed.write(to: URL(fileURLWithPath: base))
         let r = try Harness.run([Harness.rawmount, "mount", "-r", child, s.mnt], check: false)
         if r.status == 0 { _ = try? Harness.run([Harness.rawmount, "unmount", s.mnt], check: false) }
@@ -271,6 +272,36 @@ final class VMDKTests: XCTestCase {
         try Harness.run(["qemu-img", "check", img])
         let r = try Harness.run(["qemu-io", "-f", "vmdk", "-c", "read -P 0x47 \(40 << 20) 200000", img])
         XCTAssertFalse(r.out.contains("Pattern verification failed"), r.out)
+    }
+
+    /// QEMU writes the CID without zero padding ("CID=5ef7b00"); the first-write CID update
+    /// must keep the descriptor's layout (an 8-digit write once swallowed the newline).
+    func testShortCIDIsRewrittenInPlace() throws {
+        let s = try Scratch()
+        for (name, sub) in [("flat.vmdk", "monolithicFlat"), ("sparse.vmdk", "monolithicSparse")] {
+            let img = s.path(name)
+            try Harness.run(["qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=\(sub)", img, "4M"])
+            var bytes = [UInt8](try Files.read(img))
+            let needle = Array("\nCID=".utf8)
+            let at = (0..<(bytes.count - needle.count)).first { Array(bytes[$0..<($0 + needle.count)]) == needle }! + needle.count
+            // Make it 7 digits by moving the rest of the descriptor up one byte.
+            let end = bytes[at...].firstIndex(of: 0x0A)!
+            let nulAt = bytes[at...].firstIndex(of: 0) ?? bytes.count
+            let tail = Array(bytes[end..<nulAt])
+            bytes.replaceSubrange(at..<nulAt, with: Array("5ef7b00".utf8) + tail + [0])
+            if sub == "monolithicFlat" { bytes.removeLast() }
+            try Data(bytes).write(to: URL(fileURLWithPath: img))
+            try Harness.run(["qemu-img", "info", img])
+            try s.mount(img)
+            try Files.pwrite(s.mnt + "/" + name.replacingOccurrences(of: ".vmdk", with: ".raw"), [1, 2, 3], at: 4096)
+            try s.unmount()
+            let text = String(decoding: try Files.read(img).prefix(65536).map { $0 == 0 ? 0x20 : $0 }, as: UTF8.self)
+            let cidLine = text.split(separator: "\n").first { $0.hasPrefix("CID=") }!
+            XCTAssertEqual(cidLine.count, 4 + 7, "\(name): \(cidLine)")
+            XCTAssertNotEqual(cidLine, "CID=5ef7b00", "\(name): CID must change on the first write")
+            XCTAssertTrue(text.contains("\nparentCID=ffffffff\n"), name)
+            try Harness.run(["qemu-img", "check", img])
+        }
     }
 
     func testFilesystemOnVMDK() throws {

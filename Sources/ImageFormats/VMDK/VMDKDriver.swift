@@ -29,7 +29,7 @@ public final class VMDKDriver: ImageDriver {
     static let extentShift: UInt64 = 52
     static let offsetMask: UInt64 = (1 << 52) - 1
     /// Where the descriptor's CID value (8 hex digits) lives, for the first-write update.
-    private let cidLocation: (file: ImageFile, offset: UInt64)?
+    private let cidLocation: (file: ImageFile, offset: UInt64, digits: Int)?
     private let cidUpdated = Mutex(false)
 
     /// Opens `file` (a KDMV sparse file or a text descriptor); extent files are opened next
@@ -39,14 +39,14 @@ public final class VMDKDriver: ImageDriver {
         let head = try file.readBytes(count: min(512, Int(try file.size())), at: 0, what: "VMDK header")
         var built: [Extent] = []
         var desc: VMDKDescriptor? = nil
-        var cid: (ImageFile, UInt64)? = nil
+        var cid: (ImageFile, UInt64, Int)? = nil
         if VMDKSparseHeader.probe(head) {
             let sparse = try VMDKSparseExtent(file: file)
             let h = sparse.header
             if h.descriptorOffset != 0 && h.descriptorSize != 0 {
                 let bytes = try file.readBytes(count: Int(h.descriptorSize * 512), at: h.descriptorOffset * 512, what: "embedded VMDK descriptor")
                 desc = try VMDKDescriptor.parse(bytes, file: file.path)
-                cid = Self.findCID(bytes).map { (file, h.descriptorOffset * 512 + $0) }
+                cid = Self.findCID(bytes).map { (file, h.descriptorOffset * 512 + $0.offset, $0.digits) }
             }
             built = [Extent(start: 0, length: sparse.length, kind: .sparse(sparse), writable: true)]
         } else {
@@ -57,7 +57,7 @@ public final class VMDKDriver: ImageDriver {
             let bytes = try file.readBytes(count: Int(size), at: 0, what: "VMDK descriptor")
             let d = try VMDKDescriptor.parse(bytes, file: file.path)
             desc = d
-            cid = Self.findCID(bytes).map { (file, $0) }
+            cid = Self.findCID(bytes).map { (file, $0.offset, $0.digits) }
             guard !d.extents.isEmpty else {
                 throw BlockError.invalid(file: file.path, field: "VMDK descriptor", detail: "it lists no extents")
             }
@@ -119,12 +119,19 @@ public final class VMDKDriver: ImageDriver {
         return PathName.resolve(name, relativeTo: descriptor)
     }
 
-    /// Byte offset of the 8 hex digits after "CID=" at the start of a line.
-    static func findCID(_ bytes: [UInt8]) -> UInt64? {
+    /// Where the value after "CID=" (at the start of a line) lives and how many hex digits it
+    /// has: QEMU writes the CID without zero padding, so it can be shorter than 8.
+    static func findCID(_ bytes: [UInt8]) -> (offset: UInt64, digits: Int)? {
         let pattern = Array("CID=".utf8)
         var i = 0
-        while i + pattern.count + 8 <= bytes.count {
-            if (i == 0 || bytes[i - 1] == 0x0A) && Array(bytes[i..<(i + 4)]) == pattern { return UInt64(i + 4) }
+        while i + pattern.count < bytes.count {
+            if (i == 0 || bytes[i - 1] == 0x0A) && Array(bytes[i..<(i + 4)]) == pattern {
+                let start = i + 4
+                var end = start
+                while end < bytes.count, end - start < 8, let c = Optional(bytes[end]),
+                      (c >= 0x30 && c <= 0x39) || (c >= 0x61 && c <= 0x66) || (c >= 0x41 && c <= 0x46) { end += 1 }
+                return end > start ? (UInt64(start), end - start) : nil
+            }
             i += 1
         }
         return nil
@@ -212,10 +219,12 @@ public final class VMDKDriver: ImageDriver {
         try cidUpdated.withLock { done in
             guard !done else { return }
             done = true
-            guard let (f, at) = cidLocation else { return }
-            let value = UInt32.random(in: 1...UInt32.max - 1)
+            guard let (f, at, digits) = cidLocation else { return }
+            // Same number of digits, so the descriptor keeps its length and layout.
+            let limit: UInt64 = digits >= 8 ? UInt64(UInt32.max) : (1 << (4 * UInt64(digits))) - 1
+            let value = UInt64.random(in: 1...max(1, limit - 1))
             var hex = Array(String(value, radix: 16).utf8)
-            hex = [UInt8](repeating: UInt8(ascii: "0"), count: 8 - hex.count) + hex
+            hex = [UInt8](repeating: UInt8(ascii: "0"), count: digits - hex.count) + hex
             try f.write(hex, at: at)
             try f.sync()
         }
