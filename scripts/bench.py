@@ -6,6 +6,8 @@ import json, os, statistics, subprocess, sys, tempfile, time
 RAWMOUNT = os.path.abspath(os.environ.get("RAWMOUNT", ".build/release/rawmount"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 SIZE_MB = int(os.environ.get("BENCH_SIZE_MB", "1024"))
+# Allocating writes fill a fresh empty image of this size; longer runs average out more noise.
+WRITE_MB = int(os.environ.get("BENCH_WRITE_MB", "4096"))
 RUNTIME = os.environ.get("BENCH_RUNTIME", "5")
 FORMATS = os.environ.get("BENCH_FORMATS", "raw,qed,vdi,vmdk,vmdk-stream").split(",")
 ONLY = os.environ.get("BENCH_ONLY", "")  # run only tests whose title contains this
@@ -18,9 +20,10 @@ def sh(*args, check=True, **kw):
 
 
 def fio(path, name, rw, bs, jobs, extra=()):
+    size = WRITE_MB if "write" in rw else SIZE_MB
     args = ["fio", f"--name={name}", f"--filename={path}", f"--rw={rw}", f"--bs={bs}", f"--numjobs={jobs}",
             "--direct=1", "--ioengine=psync", "--group_reporting", "--output-format=json",
-            f"--size={SIZE_MB}M", *extra]
+            f"--size={size}M", *extra]
     if rw.startswith("rand") or rw == "read":
         args += [f"--runtime={RUNTIME}", "--time_based"]
     out = json.loads(sh(*args).stdout)
@@ -88,7 +91,7 @@ def empty_image(work, fmt):
     img = os.path.join(work, f"empty.{fmt}")
     if os.path.exists(img):
         os.unlink(img)
-    sh("qemu-img", "create", "-q", "-f", fmt, img, f"{SIZE_MB}M")
+    sh("qemu-img", "create", "-q", "-f", fmt, img, f"{WRITE_MB}M")
     return img
 
 
@@ -100,14 +103,42 @@ TESTS = [
 ]
 
 
+# Some VMs hand every freed guest page back to the hypervisor at once (free page reporting
+# with no delay); each new page of a growing image then costs a host fault, and write rows
+# swing 5x from run to run. While the bench runs, freed pages wait 60 s before being reported.
+PAGE_REPORTING_DELAY = "/sys/module/page_reporting/parameters/min_free_ms"
+
+
+def hold_freed_pages():
+    try:
+        with open(PAGE_REPORTING_DELAY) as f:
+            old = f.read().strip()
+        if old != "0":
+            return None
+        with open(PAGE_REPORTING_DELAY, "w") as f:
+            f.write("60000")
+        print(f"note: {PAGE_REPORTING_DELAY} 0 -> 60000 for the run (restored after)")
+        return old
+    except OSError:
+        return None
+
+
+def restore_freed_pages(old):
+    if old is not None:
+        with open(PAGE_REPORTING_DELAY, "w") as f:
+            f.write(old)
+
+
 def main():
     # Images live on tmpfs when there is room: otherwise the host disk's writeback decides the
     # write rows (seen here: 400 MB/s to 3 GB/s for the same server within minutes).
     shm = "/dev/shm"
     room = os.statvfs(shm).f_bavail * os.statvfs(shm).f_frsize if os.path.isdir(shm) else 0
-    work = tempfile.mkdtemp(prefix="rawmount-bench-", dir=shm if room > 4 * SIZE_MB * 2**20 else None)
+    need = (3 * SIZE_MB + WRITE_MB) * 2**20
+    work = tempfile.mkdtemp(prefix="rawmount-bench-", dir=shm if room > need else None)
     print(f"images in {work}")
     rows = []
+    old_delay = hold_freed_pages()
     try:
         for fmt in FORMATS:
             img = make_image(work, fmt)
@@ -117,13 +148,17 @@ def main():
                 if fmt in SUBFORMAT and (writes or "rand" not in title):
                     continue  # streamOptimized: read-only; its row of interest is random reads
                 results = {RawmountServer.name: [], QsdServer.name: []}
-                for r in range(ROUNDS):
+                # Allocating writes: one unmeasured round first, so neither server pays for
+                # memory the machine has not handed out yet.
+                for r in range(-1 if writes else 0, ROUNDS):
                     order = (RawmountServer, QsdServer) if r % 2 == 0 else (QsdServer, RawmountServer)
                     for server in order:
                         target = empty_image(work, fmt) if writes else img
                         sh("sync")  # earlier runs' dirty pages must not be charged to this one
                         with server(target, SUBFORMAT.get(fmt, (fmt, []))[0], work) as path:
-                            results[server.name].append(run(path)[0])
+                            got = run(path)[0]
+                        if r >= 0:
+                            results[server.name].append(got)
                 ours = statistics.median(results[RawmountServer.name])
                 theirs = statistics.median(results[QsdServer.name])
                 rows.append((fmt, title, ours, theirs))
@@ -131,9 +166,10 @@ def main():
                 print(f"{fmt:6} {title:28} rawmount {ours/1e6:9.1f} MB/s   qsd {theirs/1e6:9.1f} MB/s   ratio {ours/theirs:5.2f}x"
                       f"   (runs: {spread(results[RawmountServer.name])} vs {spread(results[QsdServer.name])})", flush=True)
     finally:
+        restore_freed_pages(old_delay)
         subprocess.run(["rm", "-rf", work])
     print()
-    print(f"| format | test | rawmount MB/s | qemu-storage-daemon MB/s | ratio |  (median of {ROUNDS}, {SIZE_MB} MiB image)")
+    print(f"| format | test | rawmount MB/s | qemu-storage-daemon MB/s | ratio |  (median of {ROUNDS}; reads: {SIZE_MB} MiB image, writes: {WRITE_MB} MiB)")
     print("|---|---|---|---|---|")
     for fmt, title, ours, theirs in rows:
         print(f"| {fmt} | {title} | {ours/1e6:.1f} | {theirs/1e6:.1f} | {ours/theirs:.2f}x |")

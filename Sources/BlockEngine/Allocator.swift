@@ -9,20 +9,25 @@ public final class Allocator: Sendable {
     /// Highest host offset a format can address (e.g. 32-bit sector numbers); nil for none.
     public let limit: UInt64?
     public let file: String
+    /// Reserves host space ahead of the frontier (writable images only).
+    private let preallocator: Preallocator?
 
-    /// `nextOffset` is rounded up to `alignment` (a power of two).
-    public init(file: String, nextOffset: UInt64, alignment: UInt64, limit: UInt64? = nil) {
+    /// `nextOffset` is rounded up to `alignment` (a power of two). With `preallocating`, host
+    /// space is reserved ahead of the frontier in that file when it is writable.
+    public init(file: String, nextOffset: UInt64, alignment: UInt64, limit: UInt64? = nil,
+                preallocating host: ImageFile? = nil) {
         precondition(alignment.isPowerOfTwo)
         self.alignment = alignment
         self.limit = limit
         self.file = file
+        self.preallocator = host.flatMap { $0.isWritable ? Preallocator(file: $0) : nil }
         self.state = Mutex(nextOffset.alignedUp(alignment))
     }
 
     /// Reserves `bytes` (rounded up to the alignment) and returns where they start.
     public func allocate(_ bytes: UInt64) throws -> UInt64 {
         let size = bytes.alignedUp(alignment)
-        return try state.withLock { next in
+        let start = try state.withLock { next in
             let (end, overflow) = next.addingReportingOverflow(size)
             if overflow || (limit.map { end > $0 } ?? false) {
                 throw BlockError.io(file: file, operation: "allocate", offset: next, errno: 27 /* EFBIG */)
@@ -31,7 +36,15 @@ public final class Allocator: Sendable {
             next = end
             return start
         }
+        preallocator?.reached(start + size)
+        return start
     }
+
+    /// Waits for pending reservations (tests).
+    func settle() { preallocator?.settle() }
+
+    /// Returns unused reserved host space; call on close, after the last allocation.
+    public func release() { preallocator?.release() }
 
     /// The next offset that will be handed out (the logical end of the image).
     public var end: UInt64 { state.withLock { $0 } }

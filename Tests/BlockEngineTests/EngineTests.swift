@@ -31,6 +31,29 @@ final class AllocatorTests: XCTestCase {
         XCTAssertEqual(Set(offsets).count, 4000)
         XCTAssertEqual(offsets.last, 3999 * 65536)
     }
+
+    func testHostSpaceIsReservedAheadWithoutGrowingTheFileAndReturnedOnRelease() throws {
+        let p = NSTemporaryDirectory() + "prealloc-" + UUID().uuidString
+        FileManager.default.createFile(atPath: p, contents: Data(count: 65536))
+        defer { try? FileManager.default.removeItem(atPath: p) }
+        let f = try ImageFile(path: p, writable: true)
+        let a = Allocator(file: p, nextOffset: 65536, alignment: 65536, preallocating: f)
+        let at = try a.allocate(1 << 20)
+        try f.write([UInt8](repeating: 9, count: 1 << 20), at: at)
+        a.settle()
+        XCTAssertEqual(try f.size(), 65536 + (1 << 20), "the reservation must not move the file's end")
+        XCTAssertGreaterThanOrEqual(f.allocatedBytes(), 16 << 20, "space past the frontier is reserved")
+        a.release()
+        XCTAssertEqual(try f.size(), 65536 + (1 << 20))
+        XCTAssertLessThanOrEqual(f.allocatedBytes(), (1 << 20) + 65536 + 8192, "the unused reservation is returned")
+        _ = try? a.allocate(65536) // after release: allocation still works, nothing is reserved
+        a.settle()
+        XCTAssertLessThanOrEqual(f.allocatedBytes(), (1 << 20) + 65536 + 8192)
+        let readOnly = Allocator(file: p, nextOffset: 0, alignment: 512, preallocating: try ImageFile(path: p, writable: false))
+        _ = try readOnly.allocate(512)
+        readOnly.settle()
+        XCTAssertLessThanOrEqual(f.allocatedBytes(), (1 << 20) + 65536 + 8192, "a read-only file is never touched")
+    }
 }
 
 final class RangeWalkTests: XCTestCase {

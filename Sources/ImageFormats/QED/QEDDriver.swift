@@ -38,7 +38,7 @@ public final class QEDDriver: ImageDriver {
         clusterBits = UInt64(cs.trailingZeroBitCount)
         l1Shift = clusterBits + UInt64(h.entriesPerTable.trailingZeroBitCount)
         let fileSize = try file.size()
-        allocator = Allocator(file: file.path, nextOffset: fileSize, alignment: cs)
+        allocator = Allocator(file: file.path, nextOffset: fileSize, alignment: cs, preallocating: file)
 
         if file.isWritable {
             if h.features & QEDHeader.featureNeedCheck != 0 {
@@ -259,6 +259,7 @@ public final class QEDDriver: ImageDriver {
     public func close() throws {
         changes.withLock { $0.closed = true }
         guard isWritable else { return }
+        defer { allocator.release() }
         try flush()
         try onDiskFeatures.withLock { f in
             guard f & QEDHeader.featureNeedCheck != 0 else { return }

@@ -16,6 +16,8 @@ public final class VDIDriver: ImageDriver {
     let blockSize: UInt64
     /// blocks_allocated as it will be written, and whether the header needs rewriting.
     private let allocation: Mutex<(count: UInt32, next: UInt64, dirty: Bool)>
+    /// Reserves host space for the next blocks off the write path.
+    private let preallocator: Preallocator?
 
     public init(file: ImageFile) throws {
         let h = try VDIHeader.read(from: file)
@@ -29,6 +31,7 @@ public final class VDIDriver: ImageDriver {
         let fileSize = try file.size()
         let used = fileSize > UInt64(h.offsetData) ? (fileSize - UInt64(h.offsetData) + h.blockStride - 1) / h.blockStride : 0
         allocation = Mutex((h.blocksAllocated, max(UInt64(h.blocksAllocated), used), false))
+        preallocator = file.isWritable ? Preallocator(file: file) : nil
         info = ImageInfo(format: "vdi", virtualSize: h.virtualSize, clusterSize: blockSize, details: [
             ("image type", h.imageType == 2 ? "static" : "dynamic"),
             ("blocks", "\(h.blocksAllocated) of \(h.blocksInImage) allocated"),
@@ -108,6 +111,7 @@ public final class VDIDriver: ImageDriver {
         }
         let loc = entryLocation(a.guestOffset / blockSize)
         try map.setEntry(table: loc.chunk, index: loc.index, value: index)
+        preallocator?.reached(host(ofEntry: index + 1))
     }
 
     // MARK: zeroing
@@ -168,5 +172,8 @@ public final class VDIDriver: ImageDriver {
         try file.sync()
     }
 
-    public func close() throws { try flush() }
+    public func close() throws {
+        defer { preallocator?.release() }
+        try flush()
+    }
 }

@@ -241,5 +241,8 @@ public final class VMDKDriver: ImageDriver {
         }
     }
 
-    public func close() throws { try flush() }
+    public func close() throws {
+        try flush()
+        for e in extents { if case let .sparse(s) = e.kind { s.allocator.release() } }
+    }
 }

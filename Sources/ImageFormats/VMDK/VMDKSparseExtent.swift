@@ -25,7 +25,8 @@ final class VMDKSparseExtent: Sendable {
         // A directory entry may only reach the disk after the grain table it points to.
         directory = TableCache(file: file, tableBytes: Self.gdChunk, encoding: .u32LE, capacity: 1024,
                                beforeWriteBack: { [t, file] in try t.flush(); try file.sync() })
-        allocator = Allocator(file: file.path, nextOffset: try file.size(), alignment: 512, limit: UInt64(UInt32.max) * 512)
+        allocator = Allocator(file: file.path, nextOffset: try file.size(), alignment: 512, limit: UInt64(UInt32.max) * 512,
+                              preallocating: file)
         inflated = Mutex(([:], []))
     }
 
