@@ -6,8 +6,10 @@ import json, os, statistics, subprocess, sys, tempfile, time
 RAWMOUNT = os.path.abspath(os.environ.get("RAWMOUNT", ".build/release/rawmount"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 SIZE_MB = int(os.environ.get("BENCH_SIZE_MB", "1024"))
-# Allocating writes fill a fresh empty image of this size; longer runs average out more noise.
-WRITE_MB = int(os.environ.get("BENCH_WRITE_MB", "4096"))
+# Allocating writes fill a fresh empty image of this size. Here, runs much longer than 1 GiB
+# are noisier, not calmer: the VM's fresh-memory cost varies 2x for a 4 GiB tmpfs file.
+WRITE_MB = int(os.environ.get("BENCH_WRITE_MB", str(SIZE_MB)))
+WRITE_ROUNDS = int(os.environ.get("BENCH_WRITE_ROUNDS", "5"))
 RUNTIME = os.environ.get("BENCH_RUNTIME", "5")
 FORMATS = os.environ.get("BENCH_FORMATS", "raw,qed,vdi,vmdk,vmdk-stream").split(",")
 ONLY = os.environ.get("BENCH_ONLY", "")  # run only tests whose title contains this
@@ -135,7 +137,8 @@ def main():
     shm = "/dev/shm"
     room = os.statvfs(shm).f_bavail * os.statvfs(shm).f_frsize if os.path.isdir(shm) else 0
     need = (3 * SIZE_MB + WRITE_MB) * 2**20
-    work = tempfile.mkdtemp(prefix="rawmount-bench-", dir=shm if room > need else None)
+    where = os.environ.get("BENCH_DIR") or (shm if room > need else None)  # BENCH_DIR: e.g. a disk
+    work = tempfile.mkdtemp(prefix="rawmount-bench-", dir=where)
     print(f"images in {work}")
     rows = []
     old_delay = hold_freed_pages()
@@ -150,7 +153,7 @@ def main():
                 results = {RawmountServer.name: [], QsdServer.name: []}
                 # Allocating writes: one unmeasured round first, so neither server pays for
                 # memory the machine has not handed out yet.
-                for r in range(-1 if writes else 0, ROUNDS):
+                for r in range(-1 if writes else 0, WRITE_ROUNDS if writes else ROUNDS):
                     order = (RawmountServer, QsdServer) if r % 2 == 0 else (QsdServer, RawmountServer)
                     for server in order:
                         target = empty_image(work, fmt) if writes else img
@@ -169,7 +172,7 @@ def main():
         restore_freed_pages(old_delay)
         subprocess.run(["rm", "-rf", work])
     print()
-    print(f"| format | test | rawmount MB/s | qemu-storage-daemon MB/s | ratio |  (median of {ROUNDS}; reads: {SIZE_MB} MiB image, writes: {WRITE_MB} MiB)")
+    print(f"| format | test | rawmount MB/s | qemu-storage-daemon MB/s | ratio |  (median of {ROUNDS} reads, {WRITE_ROUNDS} writes; reads: {SIZE_MB} MiB image, writes: {WRITE_MB} MiB)")
     print("|---|---|---|---|---|")
     for fmt, title, ours, theirs in rows:
         print(f"| {fmt} | {title} | {ours/1e6:.1f} | {theirs/1e6:.1f} | {ours/theirs:.2f}x |")

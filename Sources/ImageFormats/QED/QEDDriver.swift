@@ -22,7 +22,14 @@ public final class QEDDriver: ImageDriver {
     private let onDiskFeatures: Mutex<UInt64>
     /// Bumped by every metadata change; the idle timer clears NEED_CHECK only if it did not
     /// move for `idleClean` seconds (QEMU does the same after 5 s).
-    private let changes = Mutex<(generation: UInt64, closed: Bool)>((0, false))
+    private let changes = Mutex(ChangeState())
+    private struct ChangeState {
+        var generation: UInt64 = 0
+        var closed = false
+        /// One timer at a time, re-armed from the last change (not one timer per change).
+        var timerArmed = false
+        var lastChange = 0.0
+    }
     static let idleClean = 5.0
 
     public init(file: ImageFile, repairReport: ((QEDCheckReport) -> Void)? = nil) throws {
@@ -233,10 +240,29 @@ public final class QEDDriver: ImageDriver {
     /// After a quiet period, write the tables back and clear NEED_CHECK, so a crash of a
     /// long-idle mount leaves a clean image.
     private func scheduleIdleClean() {
-        let generation = changes.withLock { c -> UInt64 in c.generation += 1; return c.generation }
-        DispatchQueue.global().asyncAfter(deadline: .now() + Self.idleClean) { [weak self] in
-            self?.cleanIfIdle(since: generation)
+        let arm = changes.withLock { c -> Bool in
+            c.generation += 1
+            c.lastChange = monotonicSeconds()
+            defer { c.timerArmed = true }
+            return !c.timerArmed
         }
+        if arm { armIdleTimer(after: Self.idleClean) }
+    }
+
+    private func armIdleTimer(after seconds: Double) {
+        DispatchQueue.global().asyncAfter(deadline: .now() + seconds) { [weak self] in
+            self?.idleTimerFired()
+        }
+    }
+
+    private func idleTimerFired() {
+        let (wait, generation) = changes.withLock { c -> (Double?, UInt64) in
+            let quiet = monotonicSeconds() - c.lastChange
+            if !c.closed && quiet < Self.idleClean { return (Self.idleClean - quiet, c.generation) }
+            c.timerArmed = false
+            return (nil, c.generation)
+        }
+        if let wait { armIdleTimer(after: wait) } else { cleanIfIdle(since: generation) }
     }
 
     private func cleanIfIdle(since generation: UInt64) {
