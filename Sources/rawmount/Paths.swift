@@ -12,6 +12,18 @@ enum Paths {
         return String(cString: p)
     }
 
+    /// Like `realPath`, but also for a FUSE mountpoint whose server died: stat on it fails
+    /// with ENOTCONN, so its parent is resolved instead.
+    static func mountpointPath(_ path: String) throws -> String {
+        do { return try realPath(path) } catch let error as BlockError {
+            guard error.errnoValue == ENOTCONN else { throw error }
+            var trimmed = path
+            while trimmed.count > 1 && trimmed.hasSuffix("/") { trimmed.removeLast() }
+            let parent = PathName.directory(of: trimmed)
+            let resolved = try realPath(parent.isEmpty ? "." : parent)
+            return (resolved == "/" ? "" : resolved) + "/" + PathName.baseName(trimmed)
+        }
+    }
 
     /// `win.vmdk` -> `win.raw`; a name without extension just gains `.raw`.
     static func rawName(forImage path: String) -> String {

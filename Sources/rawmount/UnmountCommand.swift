@@ -17,7 +17,7 @@ struct UnmountCommand: ParsableCommand {
 
     func run() throws {
         let mp: String
-        do { mp = try Paths.realPath(mountpoint) } catch {
+        do { mp = try Paths.mountpointPath(mountpoint) } catch {
             printError("rawmount: \(describe(error))"); throw ExitCode.failure
         }
         guard MountTable.isRawmount(mp) else {
@@ -26,6 +26,8 @@ struct UnmountCommand: ParsableCommand {
         }
         let pidFile = Paths.pidFile(forMountpoint: mp)
         let pid = Paths.readFile(pidFile).flatMap { pid_t($0.trimmingSpaces) }
+        // Checked before unmounting: a live server exits by itself right after.
+        let serverDied = pid.map { !processAlive($0) } ?? false
         if umount2(mp, 0) != 0 {
             let e = errno
             if e == EPERM {
@@ -37,6 +39,12 @@ struct UnmountCommand: ParsableCommand {
             }
         }
         guard let pid else { return }
+        if serverDied {
+            // It died without cleaning up (killed, or crashed): nothing was flushed at exit.
+            unlink(pidFile)
+            printError("rawmount: \(mountpoint): unmounted; its server (pid \(pid)) had already exited, so the image was not closed cleanly (writes it had not flushed may be lost)")
+            return
+        }
         // The server flushes and closes the image when its loop ends; wait for that.
         let deadline = monotonicSeconds() + timeout
         while processAlive(pid) {
