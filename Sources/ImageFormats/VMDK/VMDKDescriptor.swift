@@ -2,6 +2,9 @@ import BlockEngine
 
 /// A VMDK text descriptor (embedded in a sparse file or standalone), parsed line by line.
 public struct VMDKDescriptor: Sendable {
+    /// Bound on sector counts and offsets, so byte arithmetic on them cannot overflow.
+    static let maxSectors: UInt64 = 1 << 44
+
     public enum Access: String, Sendable { case rw = "RW", rdonly = "RDONLY", noaccess = "NOACCESS" }
     public enum ExtentType: String, Sendable {
         case sparse = "SPARSE", flat = "FLAT", zero = "ZERO", vmfs = "VMFS", vmfsSparse = "VMFSSPARSE"
@@ -76,6 +79,7 @@ public struct VMDKDescriptor: Sendable {
         }
         guard let a = word(), let access = Access(rawValue: a) else { throw bad("unknown access") }
         guard let s = word(), let sectors = UInt64(s) else { throw bad("sector count is not a number") }
+        guard sectors <= Self.maxSectors else { throw bad("sector count \(sectors) is beyond 2^44 (8 PiB)") }
         guard let t = word() else { throw bad("missing extent type") }
         guard let type = ExtentType(rawValue: t) else {
             throw BlockError.unsupported(file: file, feature: "VMDK extent type '\(t)'")
@@ -84,6 +88,7 @@ public struct VMDKDescriptor: Sendable {
         var offset: UInt64 = 0
         if let o = word() {
             guard let v = UInt64(o) else { throw bad("extent offset is not a number") }
+            guard v <= Self.maxSectors else { throw bad("extent offset \(v) is beyond 2^44 sectors") }
             offset = v
         }
         if type != .zero && name == nil { throw bad("missing file name") }

@@ -1,4 +1,7 @@
 import BlockEngine
+#if canImport(Glibc)
+import Glibc
+#endif
 import Synchronization
 
 /// VMDK over the shared engine: a descriptor (embedded or standalone) and its extents in
@@ -69,16 +72,16 @@ public final class VMDKDriver: ImageDriver {
                 case .zero:
                     kind = .zero
                 case .flat, .vmfs:
-                    let f = try openFile(try Self.extentPath(e.fileName!, descriptor: file.path))
+                    let f = try Self.openExtent(e, number: n + 1, descriptor: file.path, openFile)
                     let (need, o) = (e.offset * 512).addingReportingOverflow(length)
                     let have = try f.size()
                     guard !o, need <= have else {
-                        throw BlockError.invalid(file: f.path, field: "flat extent \(n + 1)",
-                                                 detail: "needs \(need) bytes (offset \(e.offset) sectors + \(e.sectors) sectors) but the file has \(have)")
+                        throw BlockError.invalid(file: file.path, field: "flat extent \(n + 1)",
+                                                 detail: "needs \(need) bytes (offset \(e.offset) sectors + \(e.sectors) sectors) but \(e.fileName!) has \(have)")
                     }
                     kind = .flat(f, offset: e.offset * 512)
                 case .sparse, .vmfsSparse:
-                    let f = try openFile(try Self.extentPath(e.fileName!, descriptor: file.path))
+                    let f = try Self.openExtent(e, number: n + 1, descriptor: file.path, openFile)
                     let s = try VMDKSparseExtent(file: f)
                     length = s.length // QEMU: the extent header's capacity wins over SECTORS
                     kind = .sparse(s)
@@ -89,7 +92,11 @@ public final class VMDKDriver: ImageDriver {
                     throw BlockError.unsupported(file: file.path, feature: "NOACCESS extent on line \(n + 1)")
                 }
                 built.append(Extent(start: start, length: length, kind: kind, writable: e.access == .rw))
-                start += length
+                let (next, overflow) = start.addingReportingOverflow(length)
+                guard !overflow, next <= UInt64(1) << 60 else {
+                    throw BlockError.invalid(file: file.path, field: "VMDK descriptor", detail: "extents add up to more than 2^60 bytes")
+                }
+                start = next
             }
         }
         if let d = desc, let p = d.parentCID, p != 0xFFFF_FFFF, d.parentFileNameHint == nil {
@@ -111,6 +118,16 @@ public final class VMDKDriver: ImageDriver {
     }
 
     /// Extent names are relative to the descriptor and must stay in its directory.
+    /// A missing extent file is the descriptor's problem: the error names the descriptor.
+    static func openExtent(_ e: VMDKDescriptor.Extent, number: Int, descriptor: String,
+                           _ openFile: (String) throws -> ImageFile) throws -> ImageFile {
+        let path = try extentPath(e.fileName!, descriptor: descriptor)
+        do { return try openFile(path) } catch let error as BlockError {
+            guard case let .io(_, _, _, err) = error, err == ENOENT else { throw error }
+            throw BlockError.invalid(file: descriptor, field: "extent \(number)", detail: "file '\(e.fileName!)' not found (looked at \(path))")
+        }
+    }
+
     static func extentPath(_ name: String, descriptor: String) throws -> String {
         let parts = name.split(separator: "/")
         guard !name.hasPrefix("/"), !parts.contains(".."), !name.isEmpty else {

@@ -90,15 +90,16 @@ public struct VMDKSparseHeader: Sendable {
         guard h.numGTEsPerGT >= 1, h.numGTEsPerGT <= (h.isCOWD ? 4096 : 512), UInt64(h.numGTEsPerGT).isPowerOfTwo else {
             throw bad("numGTEsPerGT", "\(h.numGTEsPerGT) (must be a power of two up to 512)")
         }
+        // Capacity first: everything derived from it (gdEntries) assumes it is bounded.
+        guard h.capacity > 0, h.capacity <= UInt64(1) << 40 else { throw bad("capacity", "\(h.capacity) sectors") }
         if h.isCOWD {
             guard h.cowdGDEntries >= h.gdEntries, h.cowdGDEntries <= 32 << 20 else {
                 throw bad("numGDEntries", "\(h.cowdGDEntries) does not cover \(h.capacity) sectors (needs \(h.gdEntries))")
             }
         }
-        guard h.capacity > 0, h.capacity <= UInt64(1) << 40 else { throw bad("capacity", "\(h.capacity) sectors") }
         guard h.gdEntries <= 32 << 20 else { throw bad("capacity", "needs \(h.gdEntries) grain directory entries (limit 32 Mi)") }
         let sectors = size / 512
-        guard h.overHead <= sectors else { throw BlockError.truncated(file: path, what: "VMDK metadata (overHead)", offset: 0, needed: h.overHead * 512, fileSize: size) }
+        guard h.overHead <= sectors else { throw BlockError.truncated(file: path, what: "VMDK metadata (overHead)", offset: 0, needed: min(h.overHead, UInt64.max / 512) * 512, fileSize: size) }
         let gdSectors = (h.gdEntries * 4 + 511) / 512
         for (name, off) in [("gdOffset", h.gdOffset)] + (h.hasRedundantGD ? [("rgdOffset", h.rgdOffset)] : []) {
             guard off >= 1, off <= sectors, gdSectors <= sectors - off else {

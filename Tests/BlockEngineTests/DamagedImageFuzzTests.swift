@@ -1,0 +1,189 @@
+import XCTest
+import Foundation
+import Synchronization
+@testable import BlockEngine
+@testable import ImageFormats
+
+/// Seeded random damage to real images (made by qemu-img), opened through the same path a
+/// mount uses. Every case must end in data or a typed error naming the file: no trap, no
+/// hang (a watchdog fails the case), no runaway memory.
+final class DamagedImageFuzzTests: XCTestCase {
+    /// RAWMOUNT_FUZZ_CASES / RAWMOUNT_FUZZ_SEED run a longer or different campaign by hand.
+    static let casesPerImage = Int(ProcessInfo.processInfo.environment["RAWMOUNT_FUZZ_CASES"] ?? "") ?? 300
+    static let seedOffset = UInt64(ProcessInfo.processInfo.environment["RAWMOUNT_FUZZ_SEED"] ?? "") ?? 0
+
+    struct Rng: RandomNumberGenerator {
+        var state: UInt64
+        mutating func next() -> UInt64 {
+            state &+= 0x9E3779B97F4A7C15
+            var z = state
+            z = (z ^ (z >> 30)) &* 0xBF58476D1CE4E5B9
+            z = (z ^ (z >> 27)) &* 0x94D049BB133111EB
+            return z ^ (z >> 31)
+        }
+    }
+
+    var dir = ""
+
+    override func setUpWithError() throws {
+        dir = NSTemporaryDirectory() + "fuzz-" + UUID().uuidString
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+    }
+
+    override func tearDown() { try? FileManager.default.removeItem(atPath: dir) }
+
+    @discardableResult
+    func run(_ args: [String]) throws -> Int32 {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        p.arguments = args
+        p.standardOutput = FileHandle.nullDevice
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        p.waitUntilExit()
+        return p.terminationStatus
+    }
+
+    /// A 6 MiB source disk: random data in some 64 KiB pieces, zeros and holes elsewhere.
+    func source() throws -> String {
+        let path = dir + "/src.raw"
+        var rng = Rng(state: 7)
+        var bytes = [UInt8](repeating: 0, count: 6 << 20)
+        for piece in stride(from: 0, to: bytes.count, by: 65536) where rng.next() % 3 == 0 {
+            for i in piece..<(piece + 65536) { bytes[i] = UInt8(truncatingIfNeeded: rng.next()) }
+        }
+        _ = FileManager.default.createFile(atPath: path, contents: Data(bytes))
+        return path
+    }
+
+    func image(_ name: String, _ convertArgs: [String]) throws -> [UInt8] {
+        let out = dir + "/" + name
+        XCTAssertEqual(try run(["qemu-img", "convert"] + convertArgs + [try source(), out]), 0, "qemu-img convert \(convertArgs)")
+        return [UInt8](try Data(contentsOf: URL(fileURLWithPath: out)))
+    }
+
+    /// Damage: bytes anywhere in the metadata-heavy start, huge or zero integers, or a cut.
+    func damage(_ original: [UInt8], _ rng: inout Rng) -> [UInt8] {
+        var b = original
+        for _ in 0..<(1 + Int(rng.next() % 4)) {
+            let region = rng.next() % 10  // headers, then tables, then anywhere
+            let span = region < 4 ? min(b.count, 1024) : region < 7 ? min(b.count, 1 << 16) : b.count
+            guard span > 8 else { break }
+            let at = Int(rng.next() % UInt64(span - 8))
+            switch rng.next() % 6 {
+            case 0: b[at] = UInt8(truncatingIfNeeded: rng.next())
+            case 1: for i in 0..<4 { b[at + i] = 0xFF }
+            case 2: for i in 0..<8 { b[at + i] = 0 }
+            case 3: b[at] ^= UInt8(1) << (rng.next() % 8)
+            case 4: for i in 0..<8 { b[at + i] = UInt8(truncatingIfNeeded: rng.next()) }
+            default: b.removeSubrange(Int(rng.next() % UInt64(b.count))...)
+            }
+            if b.isEmpty { break }
+        }
+        return b
+    }
+
+    /// What a mount does with an image: open, getattr's allocated-bytes scan, reads at the
+    /// start and at random places, SEEK_DATA/SEEK_HOLE, and (writable) a write and a close.
+    enum Outcome { case opened, refused, problem(String) }
+
+    static func exercise(_ path: String, writable: Bool, format: ImageFormat, seed: UInt64) -> Outcome {
+        var rng = Rng(state: seed)
+        let device: BlockDevice
+        do {
+            device = try ImageOpener.open(path: path, options: .init(writable: writable, format: format, lock: false))
+        } catch {
+            let text = "\(error)"
+            return text.contains(path) || text.contains(PathName.baseName(path)) ? .refused : .problem("error does not name the file: \(text)")
+        }
+        let size = device.virtualSize
+        let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 18, alignment: 4096)
+        defer { buf.deallocate() }
+        _ = try? device.allocatedBytes()
+        var pos: UInt64 = 0
+        while pos < min(size, 6 << 20) {
+            _ = try? device.read(into: buf, at: pos)
+            pos += UInt64(buf.count)
+        }
+        for _ in 0..<8 where size > 0 {
+            _ = try? device.read(into: UnsafeMutableRawBufferPointer(rebasing: buf[0..<65536]), at: rng.next() % size)
+        }
+        var at: UInt64 = 0
+        for k in 0..<64 {
+            guard let next = try? device.seek(from: at, data: k % 2 == 0) else { break }
+            at = next
+        }
+        if writable && size > 65536 {
+            let off = (rng.next() % (size - 65536)) & ~511
+            _ = try? device.write(UnsafeRawBufferPointer(rebasing: buf[0..<65536]), at: off)
+            _ = try? device.zero(at: off, length: 4096, deallocate: true)
+        }
+        _ = try? device.close()
+        return .opened
+    }
+
+    func fuzz(_ name: String, _ original: [UInt8], format: ImageFormat, writable: Bool, seed: UInt64) throws {
+        var rng = Rng(state: seed &+ Self.seedOffset &* 1000)
+        let path = dir + "/case-" + name
+        var opened = 0
+        for n in 0..<Self.casesPerImage {
+            let damaged = damage(original, &rng)
+            _ = FileManager.default.createFile(atPath: path, contents: Data(damaged))
+            let seed = rng.next()
+            let result = Mutex<Outcome?>(nil)
+            let done = DispatchSemaphore(value: 0)
+            let writes = writable && n % 2 == 1
+            Thread.detachNewThread {
+                let outcome = Self.exercise(path, writable: writes, format: format, seed: seed)
+                result.withLock { $0 = outcome }
+                done.signal()
+            }
+            if done.wait(timeout: .now() + 20) == .timedOut {
+                try? FileManager.default.copyItem(atPath: path, toPath: "/tmp/rawmount-fuzz-hang-\(name)")
+                XCTFail("\(name) case \(n): still running after 20 s (saved as /tmp/rawmount-fuzz-hang-\(name))")
+                return
+            }
+            switch result.withLock({ $0 }) {
+            case .opened?: opened += 1
+            case let .problem(text)?: XCTFail("\(name) case \(n): \(text)")
+            default: break
+            }
+        }
+        // Most damage lands in data or spare bytes; if nothing opens, the fuzz tests nothing.
+        XCTAssertGreaterThan(opened, Self.casesPerImage / 4, "\(name): only \(opened) damaged copies opened")
+        print("\(name): \(opened) of \(Self.casesPerImage) damaged copies opened and were read, sought\(writable ? ", written" : "")")
+        XCTAssertLessThan(residentHighWater(), 3 << 30, "memory stayed bounded")
+    }
+
+    func residentHighWater() -> UInt64 {
+        let status = (try? String(contentsOfFile: "/proc/self/status", encoding: .utf8)) ?? ""
+        for line in status.split(separator: "\n") where line.hasPrefix("VmHWM:") {
+            let kb = line.split(separator: " ", omittingEmptySubsequences: true).dropFirst().first.flatMap { UInt64($0) }
+            return (kb ?? 0) * 1024
+        }
+        return 0
+    }
+
+    func testDamagedQED() throws {
+        try fuzz("qed", try image("a.qed", ["-O", "qed", "-o", "cluster_size=4096,table_size=2"]), format: .qed, writable: true, seed: 11)
+        try fuzz("qed64k", try image("b.qed", ["-O", "qed"]), format: .qed, writable: true, seed: 12)
+    }
+
+    func testDamagedVDI() throws {
+        try fuzz("vdi", try image("a.vdi", ["-O", "vdi"]), format: .vdi, writable: true, seed: 21)
+    }
+
+    func testDamagedBochs() throws {
+        let out = dir + "/a.img"
+        XCTAssertEqual(try run(["bximage", "-func=convert", "-imgmode=growing", "-q", try source(), out]), 0, "bximage convert")
+        try fuzz("bochs", [UInt8](try Data(contentsOf: URL(fileURLWithPath: out))), format: .bochs, writable: false, seed: 41)
+    }
+
+    func testDamagedVMDK() throws {
+        try fuzz("vmdk", try image("a.vmdk", ["-O", "vmdk"]), format: .vmdk, writable: true, seed: 31)
+        try fuzz("vmdk-stream", try image("b.vmdk", ["-O", "vmdk", "-o", "subformat=streamOptimized"]), format: .vmdk, writable: false, seed: 32)
+        // Standalone descriptors: the damage is to the text; extents keep their names.
+        try fuzz("vmdk-flat-descriptor", try image("c.vmdk", ["-O", "vmdk", "-o", "subformat=monolithicFlat"]), format: .vmdk, writable: true, seed: 33)
+        try fuzz("vmdk-split-descriptor", try image("d.vmdk", ["-O", "vmdk", "-o", "subformat=twoGbMaxExtentSparse"]), format: .vmdk, writable: true, seed: 34)
+    }
+}
