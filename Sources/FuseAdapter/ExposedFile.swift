@@ -42,13 +42,16 @@ final class AllocationCache: Sendable {
 public final class FuseFilesystem: Sendable {
     public let files: [ExposedFile]
     public let rootIsFile: Bool
+    /// Where failed requests are recorded (mount --log); nil: nowhere.
+    public let log: ServerLog?
     let uid: uid_t, gid: gid_t
     /// Times shown for every inode: those of the top image file at mount time.
     let times: (atime: timespec, mtime: timespec, ctime: timespec)
 
-    public init(files: [ExposedFile], rootIsFile: Bool) {
+    public init(files: [ExposedFile], rootIsFile: Bool, log: ServerLog? = nil) {
         precondition(!files.isEmpty && (!rootIsFile || files.count == 1))
         self.files = files
+        self.log = log
         self.rootIsFile = rootIsFile
         uid = getuid(); gid = getgid()
         if let st = files[0].device.driver.file.fileStatus() {

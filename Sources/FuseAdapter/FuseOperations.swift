@@ -12,9 +12,10 @@ private func filesystem(_ req: fuse_req_t?) -> FuseFilesystem {
     Unmanaged<FuseFilesystem>.fromOpaque(fuse_req_userdata(req)!).takeUnretainedValue()
 }
 
-@inline(__always)
-private func reply(_ req: fuse_req_t?, error: Error) {
+/// Answers a failed request with the error's errno and records it in the server log.
+private func reply(_ req: fuse_req_t?, _ fs: FuseFilesystem, _ request: @autoclosure () -> String, error: Error) {
     let code = (error as? BlockError)?.errnoValue ?? EIO
+    if let log = fs.log { log.record("\(request()): \(String(cString: strerror(code))): \(error)") }
     fuse_reply_err(req, code)
 }
 
@@ -93,7 +94,7 @@ func makeOperations() -> fuse_lowlevel_ops {
             try file.device.read(into: buf, at: UInt64(off))
             fuse_reply_buf(req, buf.baseAddress!.assumingMemoryBound(to: CChar.self), n)
         } catch {
-            reply(req, error: error)
+            reply(req, fs, "read \(n) bytes at \(off)", error: error)
         }
     }
 
@@ -109,7 +110,7 @@ func makeOperations() -> fuse_lowlevel_ops {
             try file.device.write(UnsafeRawBufferPointer(start: buf, count: n), at: UInt64(off))
             fuse_reply_write(req, n)
         } catch {
-            reply(req, error: error)
+            reply(req, fs, "write \(n) bytes at \(off)", error: error)
         }
     }
 
@@ -117,7 +118,7 @@ func makeOperations() -> fuse_lowlevel_ops {
         let fs = filesystem(req)
         guard let file = fs.file(ino) else { fuse_reply_err(req, 0); return }
         if !file.readOnly, let fi, rm_fi_flags(fi) & O_ACCMODE != O_RDONLY {
-            do { try file.device.flush() } catch { reply(req, error: error); return }
+            do { try file.device.flush() } catch { reply(req, fs, "flush", error: error); return }
         }
         fuse_reply_err(req, 0)
     }
@@ -127,7 +128,7 @@ func makeOperations() -> fuse_lowlevel_ops {
     ops.fsync = { req, ino, _, _ in
         let fs = filesystem(req)
         guard let file = fs.file(ino) else { fuse_reply_err(req, 0); return }
-        do { try file.device.flush(); fuse_reply_err(req, 0) } catch { reply(req, error: error) }
+        do { try file.device.flush(); fuse_reply_err(req, 0) } catch { reply(req, fs, "fsync", error: error) }
     }
 
     ops.opendir = { req, ino, fi in
@@ -197,7 +198,7 @@ func makeOperations() -> fuse_lowlevel_ops {
             try file.device.zero(at: start, length: min(end, disk) - start, deallocate: punch)
             fuse_reply_err(req, 0)
         } catch {
-            reply(req, error: error)
+            reply(req, fs, "fallocate mode \(mode) \(length) bytes at \(offset)", error: error)
         }
     }
 
@@ -213,7 +214,7 @@ func makeOperations() -> fuse_lowlevel_ops {
                 fuse_reply_err(req, ENXIO)
             }
         } catch {
-            reply(req, error: error)
+            reply(req, fs, "lseek from \(off) whence \(whence)", error: error)
         }
     }
 

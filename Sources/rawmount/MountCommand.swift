@@ -28,6 +28,9 @@ struct MountCommand: ParsableCommand {
     @Option(name: .customShort("o"), help: "Extra FUSE mount options, comma-separated (e.g. allow_other).")
     var options: [String] = []
 
+    @Option(name: .long, help: "Append each failed request (read, write, flush...) with its cause to this file; the detached server has no terminal.")
+    var log: String?
+
     @Option(name: .customLong("ready-fd"), help: .hidden)
     var readyFd: Int32?
 
@@ -89,7 +92,12 @@ struct MountCommand: ParsableCommand {
             ro = true
         }
         let file = ExposedFile(name: Paths.rawName(forImage: imagePath), device: device, readOnly: ro)
-        let fs = FuseFilesystem(files: [file], rootIsFile: mode == S_IFREG)
+        let serverLog: ServerLog?
+        do { serverLog = try log.map { try ServerLog(path: $0) } } catch {
+            try? device.close()
+            throw error
+        }
+        let fs = FuseFilesystem(files: [file], rootIsFile: mode == S_IFREG, log: serverLog)
         let mount: FuseMount
         do {
             mount = try FuseMount(filesystem: fs, mountpoint: mp, fsName: imagePath, readOnly: ro,
@@ -108,6 +116,7 @@ struct MountCommand: ParsableCommand {
         mount.unmount()
         var failed = false
         do { try device.close() } catch {
+            serverLog?.record("closing \(imagePath): \(describe(error))")
             printError("rawmount: closing \(image): \(describe(error))")
             failed = true
         }

@@ -89,8 +89,11 @@ final class Scratch {
 
     func path(_ name: String) -> String { dir + "/" + name }
 
+    /// Every mount logs failed requests here; a test that fails shows what the server saw.
+    var serverLog: String { dir + "/server.log" }
+
     func mount(_ image: String, at mp: String? = nil, options extra: [String] = []) throws {
-        try Harness.run([Harness.rawmount, "mount"] + extra + [image, mp ?? mnt])
+        try Harness.run([Harness.rawmount, "mount", "--log", serverLog] + extra + [image, mp ?? mnt])
         mounted.append(mp ?? mnt)
     }
 
@@ -102,6 +105,9 @@ final class Scratch {
     deinit {
         for m in mounted { _ = try? Harness.run([Harness.rawmount, "unmount", m], check: false) }
         for m in mounted { _ = try? Harness.run(["umount", "-l", m], check: false) }
+        if let text = try? String(contentsOfFile: serverLog, encoding: .utf8), !text.isEmpty {
+            print("server log of \(dir):\n" + text)
+        }
         try? FileManager.default.removeItem(atPath: dir)
     }
 }

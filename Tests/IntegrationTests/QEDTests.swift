@@ -169,6 +169,42 @@ final class QEDTests: XCTestCase {
         XCTAssertFalse(r.out.contains("Pattern verification failed"), r.out)
     }
 
+    /// The other direction of the lock test: an image QEMU has open for writing is refused,
+    /// read-only too (as QEMU's own readers refuse it), and nothing gets mounted.
+    func testImageInUseByQemuIsRefused() throws {
+        try Harness.tool("qemu-storage-daemon")
+        let s = try Scratch()
+        let img = s.path("busy.qed")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qed", img, "8M"])
+        let target = s.path("qsd-target")
+        FileManager.default.createFile(atPath: target, contents: nil)
+        let qsd = Process()
+        qsd.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        qsd.arguments = ["qemu-storage-daemon",
+                         "--blockdev", "driver=file,node-name=file,filename=\(img)",
+                         "--blockdev", "driver=qed,node-name=fmt,file=file",
+                         "--export", "type=fuse,id=exp,node-name=fmt,mountpoint=\(target),writable=on"]
+        qsd.standardOutput = FileHandle.nullDevice
+        qsd.standardError = FileHandle.nullDevice
+        try qsd.run()
+        defer { qsd.terminate(); qsd.waitUntilExit() }
+        var waited = 0
+        while try Harness.run(["mountpoint", "-q", target], check: false).status != 0 && waited < 500 {
+            usleep(10_000); waited += 1
+        }
+        XCTAssertLessThan(waited, 500, "qemu-storage-daemon did not export the image")
+        for extra in [[], ["--read-only"]] {
+            let r = try Harness.run([Harness.rawmount, "mount"] + extra + [img, s.mnt], check: false)
+            XCTAssertNotEqual(r.status, 0, "mounted an image QEMU has open for writing (\(extra))")
+            XCTAssertTrue(r.err.contains("busy.qed") && r.err.contains("in use"), r.err)
+            XCTAssertNotEqual(try Harness.run(["mountpoint", "-q", s.mnt], check: false).status, 0, "nothing mounted")
+        }
+        qsd.terminate()
+        qsd.waitUntilExit()
+        try s.mount(img)
+        try s.unmount()
+    }
+
     func testCreateAndCheckCommands() throws {
         let s = try Scratch()
         let base = s.path("b.qed"), child = s.path("c.qed")
@@ -252,7 +288,13 @@ final class QEDTests: XCTestCase {
             let fd = open(s.mnt + "/\(name).raw", O_RDONLY)
             var buf = [UInt8](repeating: 0, count: 4096)
             let n = pread(fd, &buf, 4096, 0)
-            if n < 0 { XCTAssertEqual(errno, EIO, name) } else if name != "l2self" { XCTFail("\(name): read \(n) bytes of a bad cluster") }
+            if n < 0 {
+                XCTAssertEqual(errno, EIO, name)
+                // The server log says which request failed, in which image, and why.
+                let log = (try? String(contentsOfFile: s.serverLog, encoding: .utf8)) ?? ""
+                let line = log.split(separator: "\n").last { $0.contains("\(name).qed") } ?? ""
+                XCTAssertTrue(line.contains("read ") && line.contains(" at 0: Input/output error"), "\(name): log line '\(line)'")
+            } else if name != "l2self" { XCTFail("\(name): read \(n) bytes of a bad cluster") }
             if !name.hasPrefix("l2") { // a bad L1 entry takes its whole L2 range with it
                 XCTAssertEqual(pread(fd, &buf, 4096, 7 << 20), 4096, "\(name): unaffected ranges still read")
             }

@@ -284,12 +284,21 @@ final class VMDKTests: XCTestCase {
             var bytes = [UInt8](try Files.read(img))
             let needle = Array("\nCID=".utf8)
             let at = (0..<(bytes.count - needle.count)).first { Array(bytes[$0..<($0 + needle.count)]) == needle }! + needle.count
-            // Make it 7 digits by moving the rest of the descriptor up one byte.
+            // Make it 7 digits. QEMU's own CID may have 8 or fewer digits; an embedded
+            // descriptor must keep every byte after it in place, so its NUL padding absorbs
+            // the difference.
             let end = bytes[at...].firstIndex(of: 0x0A)!
-            let nulAt = bytes[at...].firstIndex(of: 0) ?? bytes.count
-            let tail = Array(bytes[end..<nulAt])
-            bytes.replaceSubrange(at..<nulAt, with: Array("5ef7b00".utf8) + tail + [0])
-            if sub == "monolithicFlat" { bytes.removeLast() }
+            let newCID = Array("5ef7b00".utf8)
+            if sub == "monolithicFlat" {
+                bytes.replaceSubrange(at..<end, with: newCID)
+            } else {
+                let nulAt = bytes[at...].firstIndex(of: 0)!
+                var region = newCID + Array(bytes[end..<nulAt])
+                let old = max(nulAt - at, region.count)
+                XCTAssertTrue(bytes[nulAt..<(at + old)].allSatisfy { $0 == 0 }, "descriptor padding")
+                region += [UInt8](repeating: 0, count: old - region.count)
+                bytes.replaceSubrange(at..<(at + old), with: region)
+            }
             try Data(bytes).write(to: URL(fileURLWithPath: img))
             try Harness.run(["qemu-img", "info", img])
             try s.mount(img)

@@ -99,7 +99,9 @@ final class VMDKSparseExtent: Sendable {
         if gt == 0 { return .unallocated(length: spanEnd - rel) }
         var result: Mapping? = nil
         var pos = rel
-        let end = allocator.end
+        // The frontier is read before the entries; a grain committed meanwhile was allocated
+        // after that read, so an entry past it is checked again against a fresh frontier.
+        var end = allocator.end
         try tables.withEntries(table: gt) { view in
             var i = Int((pos / grain) % UInt64(header.numGTEsPerGT))
             while i < view.count && pos < spanEnd {
@@ -111,6 +113,7 @@ final class VMDKSparseExtent: Sendable {
                 } else if g == 1 && header.zeroedGrains {
                     next = .zero(length: n)
                 } else {
+                    if g * 512 >= end { end = allocator.end }
                     guard g * 512 < end, g >= 1 else {
                         throw BlockError.invalid(file: file.path, field: "grain table entry for offset \(pos)",
                                                  detail: "grain at sector \(g) is past the end of the file")
