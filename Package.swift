@@ -26,7 +26,9 @@ let package = Package(
             "FuseAdapter", "ImageFormats", "BlockEngine",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
-        .testTarget(name: "BlockEngineTests", dependencies: ["BlockEngine", "ImageFormats"]),
-        .testTarget(name: "IntegrationTests", dependencies: ["BlockEngine"]),
+        // Seeded randomness both test targets share, so failures reproduce.
+        .target(name: "TestSupport", path: "Tests/TestSupport"),
+        .testTarget(name: "BlockEngineTests", dependencies: ["BlockEngine", "ImageFormats", "TestSupport"]),
+        .testTarget(name: "IntegrationTests", dependencies: ["BlockEngine", "TestSupport"]),
     ]
 )

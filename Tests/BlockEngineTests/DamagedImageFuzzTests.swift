@@ -3,6 +3,7 @@ import Foundation
 import Synchronization
 @testable import BlockEngine
 @testable import ImageFormats
+import TestSupport
 
 /// Seeded random damage to real images (made by qemu-img), opened through the same path a
 /// mount uses. Every case must end in data or a typed error naming the file: no trap, no
@@ -11,17 +12,6 @@ final class DamagedImageFuzzTests: XCTestCase {
     /// RAWMOUNT_FUZZ_CASES / RAWMOUNT_FUZZ_SEED run a longer or different campaign by hand.
     static let casesPerImage = Int(ProcessInfo.processInfo.environment["RAWMOUNT_FUZZ_CASES"] ?? "") ?? 300
     static let seedOffset = UInt64(ProcessInfo.processInfo.environment["RAWMOUNT_FUZZ_SEED"] ?? "") ?? 0
-
-    struct Rng: RandomNumberGenerator {
-        var state: UInt64
-        mutating func next() -> UInt64 {
-            state &+= 0x9E3779B97F4A7C15
-            var z = state
-            z = (z ^ (z >> 30)) &* 0xBF58476D1CE4E5B9
-            z = (z ^ (z >> 27)) &* 0x94D049BB133111EB
-            return z ^ (z >> 31)
-        }
-    }
 
     var dir = ""
 
@@ -47,7 +37,7 @@ final class DamagedImageFuzzTests: XCTestCase {
     /// A 6 MiB source disk: random data in some 64 KiB pieces, zeros and holes elsewhere.
     func source() throws -> String {
         let path = dir + "/src.raw"
-        var rng = Rng(state: 7)
+        var rng = SeededRandom(seed: 7)
         var bytes = [UInt8](repeating: 0, count: 6 << 20)
         for piece in stride(from: 0, to: bytes.count, by: 65536) where rng.next() % 3 == 0 {
             for i in piece..<(piece + 65536) { bytes[i] = UInt8(truncatingIfNeeded: rng.next()) }
@@ -63,7 +53,7 @@ final class DamagedImageFuzzTests: XCTestCase {
     }
 
     /// Damage: bytes anywhere in the metadata-heavy start, huge or zero integers, or a cut.
-    func damage(_ original: [UInt8], _ rng: inout Rng) -> [UInt8] {
+    func damage(_ original: [UInt8], _ rng: inout SeededRandom) -> [UInt8] {
         var b = original
         for _ in 0..<(1 + Int(rng.next() % 4)) {
             let region = rng.next() % 10  // headers, then tables, then anywhere
@@ -88,7 +78,7 @@ final class DamagedImageFuzzTests: XCTestCase {
     enum Outcome { case opened, refused, problem(String) }
 
     static func exercise(_ path: String, writable: Bool, format: ImageFormat, seed: UInt64) -> Outcome {
-        var rng = Rng(state: seed)
+        var rng = SeededRandom(seed: seed)
         let device: BlockDevice
         do {
             device = try ImageOpener.open(path: path, options: .init(writable: writable, format: format, lock: false))
@@ -123,7 +113,7 @@ final class DamagedImageFuzzTests: XCTestCase {
     }
 
     func fuzz(_ name: String, _ original: [UInt8], format: ImageFormat, writable: Bool, seed: UInt64) throws {
-        var rng = Rng(state: seed &+ Self.seedOffset &* 1000)
+        var rng = SeededRandom(seed: seed &+ Self.seedOffset &* 1000)
         let path = dir + "/case-" + name
         var opened = 0
         for n in 0..<Self.casesPerImage {

@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+import TestSupport
 import Synchronization
 
 /// Readers racing an allocating writer through a real mount: reads, SEEK_DATA/HOLE and

@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+import TestSupport
 
 /// The raw path end to end through real FUSE mounts, with peers as oracles.
 final class RawMountTests: XCTestCase {

@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+import TestSupport
 
 /// VDI through real mounts, with qemu-img/qemu-io as the oracle.
 final class VDITests: XCTestCase {

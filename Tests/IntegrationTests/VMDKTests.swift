@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+import TestSupport
 
 /// VMDK through real mounts, with qemu-img/qemu-io as the oracle.
 final class VMDKTests: XCTestCase {
