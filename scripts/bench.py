@@ -105,6 +105,7 @@ TESTS = [
     ("seq read 128k", lambda p: fio(p, "seqread128", "read", "128k", 1), False),
     ("rand read 4k x4 jobs", lambda p: fio(p, "randread", "randread", "4k", 4), False),
     ("seq write 1M (allocating)", lambda p: fio(p, "seqwrite", "write", "1M", 1), True),
+    ("seq write 128k (allocating)", lambda p: fio(p, "seqwrite128", "write", "128k", 1), True),
 ]
 
 

@@ -117,11 +117,20 @@ public final class BlockDevice: Sendable {
                 try driver.commit(a)
                 return take
             }
+            let head = guestOffset - a.guestOffset
+            let tailStart = head + take
+            if a.fresh && fillIsZeros(m) {
+                // Fresh host space already reads as zeros: write only the guest's bytes, and
+                // extend the file over the whole run so it ends where the allocator thinks.
+                try writeHost(UnsafeRawBufferPointer(rebasing: data[Int(dataOffset)..<Int(dataOffset + take)]), at: a.hostOffset + head)
+                let (file, at) = driver.resolve(host: a.hostOffset)
+                if try file.size() < at + a.length { try file.truncate(to: at + a.length) }
+                try driver.commit(a)
+                return take
+            }
             let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(a.length), alignment: 4096)
             defer { buf.deallocate() }
             // Fill what the request does not cover with what the guest sees there now.
-            let head = guestOffset - a.guestOffset
-            let tailStart = head + take
             if head > 0 { try fill(UnsafeMutableRawBufferPointer(rebasing: buf[0..<Int(head)]), at: a.guestOffset, like: m) }
             if tailStart < a.length {
                 try fill(UnsafeMutableRawBufferPointer(rebasing: buf[Int(tailStart)...]), at: a.guestOffset + tailStart, like: m)
@@ -138,6 +147,15 @@ public final class BlockDevice: Sendable {
     private func writeHost(_ bytes: UnsafeRawBufferPointer, at host: UInt64) throws {
         let (file, at) = driver.resolve(host: host)
         try file.write(bytes, at: at)
+    }
+
+    /// Whether what the guest sees around a write into mapping `m` is zeros.
+    private func fillIsZeros(_ m: Mapping) -> Bool {
+        switch m {
+        case .zero: return true
+        case .unallocated: return backing == nil
+        default: return false
+        }
     }
 
     /// Old contents of a range that is being allocated: zeros for zero clusters, the backing

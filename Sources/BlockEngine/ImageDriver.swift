@@ -35,8 +35,11 @@ public struct Allocation: Sendable, Equatable {
     public var hostOffset: UInt64
     /// Bytes in the run (whole clusters).
     public var length: UInt64
-    public init(guestOffset: UInt64, hostOffset: UInt64, length: UInt64) {
-        self.guestOffset = guestOffset; self.hostOffset = hostOffset; self.length = length
+    /// The host range was never written (appended past everything in the file), so it already
+    /// reads as zeros: a zero fill around the guest's bytes need not be written.
+    public var fresh: Bool
+    public init(guestOffset: UInt64, hostOffset: UInt64, length: UInt64, fresh: Bool = false) {
+        self.guestOffset = guestOffset; self.hostOffset = hostOffset; self.length = length; self.fresh = fresh
     }
 }
 

@@ -148,7 +148,7 @@ public final class QEDDriver: ImageDriver {
         let end = min((offset + length).alignedUp(clusterSize), tableEnd, start + maxAllocationBytes.alignedDown(clusterSize))
         let bytes = max(end - start, clusterSize)
         let host = try allocator.allocate(bytes)
-        return Allocation(guestOffset: start, hostOffset: host, length: bytes)
+        return Allocation(guestOffset: start, hostOffset: host, length: bytes, fresh: true) // appended
     }
 
     public func commit(_ a: Allocation) throws {

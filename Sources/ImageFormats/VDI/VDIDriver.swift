@@ -99,7 +99,8 @@ public final class VDIDriver: ImageDriver {
         if header.blockExtra > 0 { // the per-block prefix VirtualBox keeps: zeros
             try file.write([UInt8](repeating: 0, count: Int(header.blockExtra)), at: host(ofEntry: index) - UInt64(header.blockExtra))
         }
-        return Allocation(guestOffset: offset.alignedDown(blockSize), hostOffset: host(ofEntry: index), length: blockSize)
+        // Blocks are appended after everything in the file (see `allocation`): fresh.
+        return Allocation(guestOffset: offset.alignedDown(blockSize), hostOffset: host(ofEntry: index), length: blockSize, fresh: true)
     }
 
     public func commit(_ a: Allocation) throws {

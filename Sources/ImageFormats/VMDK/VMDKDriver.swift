@@ -204,7 +204,8 @@ public final class VMDKDriver: ImageDriver {
         guard case let .sparse(s) = extents[i].kind, isWritable else { throw BlockError.readOnly(file: file.path) }
         let rel = offset - extents[i].start
         let a = try s.allocate(rel, length: min(length, extents[i].length - rel))
-        return Allocation(guestOffset: extents[i].start + a.rel, hostOffset: UInt64(i) << Self.extentShift | a.host, length: a.length)
+        return Allocation(guestOffset: extents[i].start + a.rel, hostOffset: UInt64(i) << Self.extentShift | a.host,
+                          length: a.length, fresh: true) // appended to the extent file
     }
 
     public func commit(_ a: Allocation) throws {
