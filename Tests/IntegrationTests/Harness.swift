@@ -97,6 +97,23 @@ final class Scratch {
         mounted.append(mp ?? mnt)
     }
 
+    /// Writes a damaged image as `name`, mounts it read-only, and checks that reading at
+    /// `bad` fails with EIO while reading at `good` still works.
+    func assertDamageIsLocal(_ bytes: Data, name: String, bad: off_t, good: off_t,
+                             file: StaticString = #filePath, line: UInt = #line) throws {
+        let image = path(name)
+        try bytes.write(to: URL(fileURLWithPath: image))
+        try mount(image, options: ["-r"])
+        let stem = name.split(separator: ".").dropLast().joined(separator: ".")
+        let fd = open(mnt + "/" + stem + ".raw", O_RDONLY)
+        var buf = [UInt8](repeating: 0, count: 4096)
+        XCTAssertEqual(pread(fd, &buf, 4096, bad), -1, "\(name): damaged range read", file: file, line: line)
+        XCTAssertEqual(errno, EIO, name, file: file, line: line)
+        XCTAssertEqual(pread(fd, &buf, 4096, good), 4096, "\(name): undamaged range", file: file, line: line)
+        close(fd)
+        try unmount()
+    }
+
     func unmount(_ mp: String? = nil) throws {
         try Harness.run([Harness.rawmount, "unmount", mp ?? mnt])
         mounted.removeAll { $0 == (mp ?? mnt) }
