@@ -49,6 +49,13 @@ public enum BlockError: Error, Equatable, CustomStringConvertible {
         }
     }
 
+    /// A file that was to be opened does not exist (for errors about a missing backing or
+    /// extent file, reported against the image that names it).
+    public var isFileNotFound: Bool {
+        if case let .io(_, _, _, err) = self { return err == ENOENT }
+        return false
+    }
+
     /// The errno a FUSE reply carries for this error.
     public var errnoValue: Int32 {
         switch self {

@@ -142,8 +142,7 @@ public final class ImageFile: Sendable {
         try fallocate(mode: Self.fallocZeroRange | Self.fallocKeepSize, offset: offset, length: length)
     }
 
-    public static let fallocKeepSize: Int32 = 0x01
-    static let fallocPunchHole: Int32 = 0x02, fallocZeroRange: Int32 = 0x10
+    static let fallocKeepSize: Int32 = 0x01, fallocPunchHole: Int32 = 0x02, fallocZeroRange: Int32 = 0x10
 
     public func truncate(to size: UInt64) throws {
         if ftruncate(fd, off_t(size)) != 0 {

@@ -9,10 +9,10 @@ import Synchronization
 /// end of the image, never moves, and a crash leaves only unused blocks past the end.
 /// `release()` gives them back on close. A file system without fallocate switches it off.
 public final class Preallocator: Sendable {
-    public let file: ImageFile
+    let file: ImageFile
     /// How far past the allocation frontier to keep reserved, and the step it grows by.
-    public let ahead: UInt64
-    public let step: UInt64
+    let ahead: UInt64
+    let step: UInt64
     private struct State {
         var reservedEnd: UInt64 = 0
         var target: UInt64 = 0

@@ -76,11 +76,8 @@ public enum ImageOpener {
         let path = PathName.resolve(name, relativeTo: child)
         do {
             return try open(path: path, options: .init(writable: false, format: format, lock: options.lock), depth: depth + 1)
-        } catch let e as BlockError {
-            if case .io(_, _, _, let err) = e, err == 2 {
-                throw BlockError.invalid(file: child, field: "backing file", detail: "'\(name)' not found (looked at \(path))")
-            }
-            throw e
+        } catch let e as BlockError where e.isFileNotFound {
+            throw BlockError.invalid(file: child, field: "backing file", detail: "'\(name)' not found (looked at \(path))")
         }
     }
 }

@@ -206,6 +206,25 @@ final class QEDTests: XCTestCase {
         try s.unmount()
     }
 
+    /// A missing backing file or extent file is the referring image's problem: the message
+    /// names that image and the name it looked for, and nothing is mounted.
+    func testMissingReferencedFilesAreNamed() throws {
+        let s = try Scratch()
+        let child = s.path("child.qed"), base = s.path("gone.raw")
+        try Harness.run(["truncate", "-s", "4M", base])
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qed", "-b", "gone.raw", "-F", "raw", child, "4M"])
+        let flat = s.path("flat.vmdk")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat", flat, "4M"])
+        try FileManager.default.removeItem(atPath: base)
+        try FileManager.default.removeItem(atPath: s.path("flat-flat.vmdk"))
+        for (image, missing) in [(child, "gone.raw"), (flat, "flat-flat.vmdk")] {
+            let r = try Harness.run([Harness.rawmount, "mount", "-r", image, s.mnt], check: false)
+            XCTAssertEqual(r.status, 1, r.err)
+            XCTAssertTrue(r.err.contains(image + ":") && r.err.contains("'\(missing)' not found"), r.err)
+            XCTAssertNotEqual(try Harness.run(["mountpoint", "-q", s.mnt], check: false).status, 0)
+        }
+    }
+
     func testCreateAndCheckCommands() throws {
         let s = try Scratch()
         let base = s.path("b.qed"), child = s.path("c.qed")

@@ -1,7 +1,4 @@
 import BlockEngine
-#if canImport(Glibc)
-import Glibc
-#endif
 import Synchronization
 
 /// VMDK over the shared engine: a descriptor (embedded or standalone) and its extents in
@@ -122,8 +119,7 @@ public final class VMDKDriver: ImageDriver {
     static func openExtent(_ e: VMDKDescriptor.Extent, number: Int, descriptor: String,
                            _ openFile: (String) throws -> ImageFile) throws -> ImageFile {
         let path = try extentPath(e.fileName!, descriptor: descriptor)
-        do { return try openFile(path) } catch let error as BlockError {
-            guard case let .io(_, _, _, err) = error, err == ENOENT else { throw error }
+        do { return try openFile(path) } catch let error as BlockError where error.isFileNotFound {
             throw BlockError.invalid(file: descriptor, field: "extent \(number)", detail: "file '\(e.fileName!)' not found (looked at \(path))")
         }
     }
