@@ -100,7 +100,6 @@ final class BochsTests: XCTestCase {
         let s = try Scratch()
         let (img, _) = try makeImage(s)
         let bytes = try Files.read(img)
-        func le(_ v: UInt64, _ n: Int) -> [UInt8] { (0..<n).map { UInt8(truncatingIfNeeded: v >> (8 * UInt64($0))) } }
         let damages: [(String, Int, [UInt8], String)] = [
             ("magic", 0, Array("Bochs Virtual HD Imagf".utf8), "magic"),
             ("undoable", 48, Array("Undoable\0".utf8), "Undoable"),
@@ -114,16 +113,7 @@ final class BochsTests: XCTestCase {
             ("extent0", 80, le(0, 4), "extent"),
             ("diskodd", 88, le(10_000_001, 8), "disk size"),
         ]
-        for (name, off, patch, needle) in damages {
-            var d = bytes
-            d.replaceSubrange(off..<(off + patch.count), with: patch)
-            let p = s.path("\(name).img")
-            try d.write(to: URL(fileURLWithPath: p))
-            let r = try Harness.run([Harness.rawmount, "mount", "-r", "--format", "bochs", p, s.mnt], check: false)
-            XCTAssertEqual(r.status, 1, "\(name): \(r.err)")
-            XCTAssertTrue(r.err.contains("\(name).img") && r.err.contains(needle), "\(name): \(r.err)")
-            XCTAssertNotEqual(try Harness.run(["mountpoint", "-q", s.mnt], check: false).status, 0, name)
-        }
+        try s.assertDamagedCopiesRefused(bytes, ext: "img", mountOptions: ["-r", "--format", "bochs"], damages)
         let cut = s.path("cut.img")
         try bytes.prefix(2000).write(to: URL(fileURLWithPath: cut))
         let r = try Harness.run([Harness.rawmount, "info", "--format", "bochs", cut], check: false)

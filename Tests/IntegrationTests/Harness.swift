@@ -114,6 +114,25 @@ final class Scratch {
         try unmount()
     }
 
+    /// One damaged copy of `bytes` per entry (`patch` written at `offset`, saved as
+    /// `name.ext`): mounting it must exit 1 with a message naming the copy and containing
+    /// `needle` (when not empty), and leave nothing mounted.
+    func assertDamagedCopiesRefused(_ bytes: Data, ext: String, mountOptions: [String],
+                                    _ damages: [(name: String, offset: Int, patch: [UInt8], needle: String)],
+                                    file: StaticString = #filePath, line: UInt = #line) throws {
+        for (name, off, patch, needle) in damages {
+            var d = bytes
+            d.replaceSubrange(off..<(off + patch.count), with: patch)
+            let p = path("\(name).\(ext)")
+            try d.write(to: URL(fileURLWithPath: p))
+            let r = try Harness.run([Harness.rawmount, "mount"] + mountOptions + [p, mnt], check: false)
+            XCTAssertEqual(r.status, 1, "\(name): \(r.err)", file: file, line: line)
+            XCTAssertTrue(r.err.contains("\(name).\(ext)") && (needle.isEmpty || r.err.contains(needle)), "\(name): \(r.err)",
+                          file: file, line: line)
+            XCTAssertNotEqual(try Harness.run(["mountpoint", "-q", mnt], check: false).status, 0, name, file: file, line: line)
+        }
+    }
+
     func unmount(_ mp: String? = nil) throws {
         try Harness.run([Harness.rawmount, "unmount", mp ?? mnt])
         mounted.removeAll { $0 == (mp ?? mnt) }
@@ -128,6 +147,9 @@ final class Scratch {
         try? FileManager.default.removeItem(atPath: dir)
     }
 }
+
+/// `v` as `n` little-endian bytes, for patching image headers.
+func le(_ v: UInt64, _ n: Int) -> [UInt8] { (0..<n).map { UInt8(truncatingIfNeeded: v >> (8 * UInt64($0))) } }
 
 enum Files {
     static func read(_ path: String) throws -> Data { try Data(contentsOf: URL(fileURLWithPath: path)) }

@@ -259,7 +259,6 @@ final class QEDTests: XCTestCase {
         try Harness.run(["qemu-img", "create", "-q", "-f", "qed", "-o", "cluster_size=4096", good, "8M"])
         try populate(good, ["write -P 3 0 8k"])
         let bytes = try Files.read(good)
-        func le(_ v: UInt64, _ n: Int) -> [UInt8] { (0..<n).map { UInt8(truncatingIfNeeded: v >> (8 * UInt64($0))) } }
         let damages: [(String, Int, [UInt8], String)] = [
             ("magic", 0, [0x51, 0x45, 0x44, 0x01], "magic"),
             ("cluster0", 4, le(0, 4), "cluster_size"),
@@ -276,16 +275,7 @@ final class QEDTests: XCTestCase {
             ("headerhuge", 12, le(0xFFFF_FFFF, 4), "header_size"),
             ("backingname", 16, le(1, 8) + le(0, 16) + le(4096, 8) + le(8 << 20, 8) + le(60, 4) + le(1000, 4), "backing"),
         ]
-        for (name, off, patch, needle) in damages {
-            var d = bytes
-            d.replaceSubrange(off..<(off + patch.count), with: patch)
-            let p = s.path("\(name).qed")
-            try d.write(to: URL(fileURLWithPath: p))
-            let r = try Harness.run([Harness.rawmount, "mount", "-r", "--format", "qed", p, s.mnt], check: false)
-            XCTAssertEqual(r.status, 1, "\(name): \(r.err)")
-            XCTAssertTrue(r.err.contains("\(name).qed") && r.err.contains(needle), "\(name): \(r.err)")
-            XCTAssertNotEqual(try Harness.run(["mountpoint", "-q", s.mnt], check: false).status, 0, name)
-        }
+        try s.assertDamagedCopiesRefused(bytes, ext: "qed", mountOptions: ["-r", "--format", "qed"], damages)
         // Truncated: header cut short, and L1 cut off.
         for (name, len) in [("cut40", 40), ("cutl1", 4096 + 100)] {
             let p = s.path("\(name).qed")

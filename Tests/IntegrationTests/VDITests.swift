@@ -149,7 +149,6 @@ final class VDITests: XCTestCase {
         let good = s.path("good.vdi")
         try Harness.run(["qemu-img", "create", "-q", "-f", "vdi", good, "3M"])
         let bytes = try Files.read(good)
-        func le(_ v: UInt64, _ n: Int) -> [UInt8] { (0..<n).map { UInt8(truncatingIfNeeded: v >> (8 * UInt64($0))) } }
         let damages: [(String, Int, [UInt8], String)] = [
             ("sig", 0x40, le(0xBEDA107E, 4), "signature"),
             ("version", 0x44, le(0x00010000, 4), "version"),
@@ -166,16 +165,7 @@ final class VDITests: XCTestCase {
             ("allocated", 0x184, le(9, 4), "blocks_allocated"),
             ("extra", 0x17C, le(100, 4), "block_extra"),
         ]
-        for (name, off, patch, needle) in damages {
-            var d = bytes
-            d.replaceSubrange(off..<(off + patch.count), with: patch)
-            let p = s.path("\(name).vdi")
-            try d.write(to: URL(fileURLWithPath: p))
-            let r = try Harness.run([Harness.rawmount, "mount", "-r", "--format", "vdi", p, s.mnt], check: false)
-            XCTAssertEqual(r.status, 1, "\(name): \(r.err)")
-            XCTAssertTrue(r.err.contains("\(name).vdi") && (needle.isEmpty || r.err.contains(needle)), "\(name): \(r.err)")
-            XCTAssertNotEqual(try Harness.run(["mountpoint", "-q", s.mnt], check: false).status, 0, name)
-        }
+        try s.assertDamagedCopiesRefused(bytes, ext: "vdi", mountOptions: ["-r", "--format", "vdi"], damages)
         let cut = s.path("cut.vdi")
         try bytes.prefix(300).write(to: URL(fileURLWithPath: cut))
         let r = try Harness.run([Harness.rawmount, "info", "--format", "vdi", cut], check: false)
