@@ -121,10 +121,13 @@ public final class BlockDevice: Sendable {
             let tailStart = head + take
             if a.fresh && fillIsZeros(m) {
                 // Fresh host space already reads as zeros: write only the guest's bytes, and
-                // extend the file over the whole run so it ends where the allocator thinks.
+                // (when they stop short of the run's end) extend the file over the whole run
+                // so it ends where the allocator thinks.
                 try writeHost(UnsafeRawBufferPointer(rebasing: data[Int(dataOffset)..<Int(dataOffset + take)]), at: a.hostOffset + head)
-                let (file, at) = driver.resolve(host: a.hostOffset)
-                if try file.size() < at + a.length { try file.truncate(to: at + a.length) }
+                if tailStart < a.length {
+                    let (file, at) = driver.resolve(host: a.hostOffset)
+                    if try file.size() < at + a.length { try file.truncate(to: at + a.length) }
+                }
                 try driver.commit(a)
                 return take
             }
