@@ -166,11 +166,12 @@ final class RawMountTests: XCTestCase {
         let r = try Harness.run(["fio", "--name=verify", "--filename=\(s.mnt)/fio.raw", "--rw=randwrite", "--bs=4k",
                                  "--bsrange=512-64k", "--numjobs=4", "--size=16M", "--offset_increment=16M",
                                  "--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--ioengine=psync",
-                                 "--group_reporting", "--output-format=terse"])
+                                 "--group_reporting", "--output-format=terse", "--verify_state_save=0"])
         XCTAssertFalse(r.out.isEmpty)
         let direct = try Harness.run(["fio", "--name=directverify", "--filename=\(s.mnt)/fio.raw", "--rw=randwrite", "--bs=4k",
                                       "--numjobs=4", "--size=8M", "--offset_increment=16M", "--direct=1",
-                                      "--verify=md5", "--verify_fatal=1", "--ioengine=psync", "--group_reporting"])
+                                      "--verify=md5", "--verify_fatal=1", "--ioengine=psync", "--group_reporting",
+                                      "--verify_state_save=0"])
         XCTAssertTrue(direct.out.contains("err= 0"), direct.out)
         try s.unmount()
     }
