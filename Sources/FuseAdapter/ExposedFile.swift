@@ -9,6 +9,8 @@ public struct ExposedFile: Sendable {
     public let name: String
     public let device: BlockDevice
     public let readOnly: Bool
+    /// Large writes applied in the background (nil when read-only); see WriteBehind.
+    public let writeBehind: WriteBehind?
     /// Preferred I/O size (st_blksize): the image's cluster size.
     public var blockSize: Int { Int(min(max(device.clusterSize, 512), 1 << 20)) }
 
@@ -16,6 +18,7 @@ public struct ExposedFile: Sendable {
         self.name = name
         self.device = device
         self.readOnly = readOnly || !device.isWritable
+        writeBehind = self.readOnly ? nil : WriteBehind(device: device)
     }
 
     /// Guest allocation for st_blocks. Walking the tables of a large image on every stat

@@ -14,7 +14,7 @@ private func filesystem(_ req: fuse_req_t?) -> FuseFilesystem {
 
 /// Answers a failed request with the error's errno and records it in the server log.
 private func reply(_ req: fuse_req_t?, _ fs: FuseFilesystem, _ request: @autoclosure () -> String, error: Error) {
-    let code = (error as? BlockError)?.errnoValue ?? EIO
+    let code = (error as? BlockError)?.errnoValue ?? (error as? WriteBehindFailure)?.errnoValue ?? EIO
     if let log = fs.log { log.record("\(request()): \(String(cString: strerror(code))): \(error)") }
     fuse_reply_err(req, code)
 }
@@ -90,6 +90,7 @@ func makeOperations() -> fuse_lowlevel_ops {
         guard off >= 0, UInt64(off) < disk else { fuse_reply_buf(req, nil, 0); return }
         let n = Int(min(UInt64(size), disk - UInt64(off)))
         let buf = ThreadBuffer.get(n)
+        file.writeBehind?.drain()
         do {
             try file.device.read(into: buf, at: UInt64(off))
             fuse_reply_buf(req, buf.baseAddress!.assumingMemoryBound(to: CChar.self), n)
@@ -106,8 +107,14 @@ func makeOperations() -> fuse_lowlevel_ops {
         guard off >= 0, UInt64(off) < disk else { fuse_reply_err(req, ENOSPC); return }
         // Like a block device: a write running past the end is cut short there.
         let n = Int(min(UInt64(size), disk - UInt64(off)))
+        let data = UnsafeRawBufferPointer(start: buf, count: n)
         do {
-            try file.device.write(UnsafeRawBufferPointer(start: buf, count: n), at: UInt64(off))
+            if let behind = file.writeBehind {
+                try behind.reportFailure()
+                if behind.accept(data, at: UInt64(off)) { fuse_reply_write(req, n); return }
+                behind.drain()
+            }
+            try file.device.write(data, at: UInt64(off))
             fuse_reply_write(req, n)
         } catch {
             reply(req, fs, "write \(n) bytes at \(off)", error: error)
@@ -118,7 +125,10 @@ func makeOperations() -> fuse_lowlevel_ops {
         let fs = filesystem(req)
         guard let file = fs.file(ino) else { fuse_reply_err(req, 0); return }
         if !file.readOnly, let fi, rm_fi_flags(fi) & O_ACCMODE != O_RDONLY {
-            do { try file.device.flush() } catch { reply(req, fs, "flush", error: error); return }
+            do {
+                try file.writeBehind?.settle()
+                try file.device.flush()
+            } catch { reply(req, fs, "flush", error: error); return }
         }
         fuse_reply_err(req, 0)
     }
@@ -128,7 +138,11 @@ func makeOperations() -> fuse_lowlevel_ops {
     ops.fsync = { req, ino, _, _ in
         let fs = filesystem(req)
         guard let file = fs.file(ino) else { fuse_reply_err(req, 0); return }
-        do { try file.device.flush(); fuse_reply_err(req, 0) } catch { reply(req, fs, "fsync", error: error) }
+        do {
+            try file.writeBehind?.settle()
+            try file.device.flush()
+            fuse_reply_err(req, 0)
+        } catch { reply(req, fs, "fsync", error: error) }
     }
 
     ops.opendir = { req, ino, fi in
@@ -195,6 +209,7 @@ func makeOperations() -> fuse_lowlevel_ops {
         guard start < disk else { fuse_reply_err(req, mode & rm_FALLOC_FL_KEEP_SIZE != 0 ? 0 : EOPNOTSUPP); return }
         if end > disk && mode & rm_FALLOC_FL_KEEP_SIZE == 0 { fuse_reply_err(req, EOPNOTSUPP); return }
         do {
+            try file.writeBehind?.settle()
             try file.device.zero(at: start, length: min(end, disk) - start, deallocate: punch)
             fuse_reply_err(req, 0)
         } catch {
@@ -207,6 +222,7 @@ func makeOperations() -> fuse_lowlevel_ops {
         guard let file = fs.file(ino) else { fuse_reply_err(req, EISDIR); return }
         guard whence == rm_SEEK_DATA || whence == rm_SEEK_HOLE else { fuse_reply_err(req, EINVAL); return }
         guard off >= 0 else { fuse_reply_err(req, ENXIO); return }
+        file.writeBehind?.drain()
         do {
             if let pos = try file.device.seek(from: UInt64(off), data: whence == rm_SEEK_DATA) {
                 fuse_reply_lseek(req, off_t(pos))

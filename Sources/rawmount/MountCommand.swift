@@ -115,6 +115,11 @@ struct MountCommand: ParsableCommand {
         _ = mount.run()
         mount.unmount()
         var failed = false
+        do { try file.writeBehind?.settle() } catch {
+            serverLog?.record("writing \(imagePath): \(describe(error))")
+            printError("rawmount: writing \(image): \(describe(error))")
+            failed = true
+        }
         do { try device.close() } catch {
             serverLog?.record("closing \(imagePath): \(describe(error))")
             printError("rawmount: closing \(image): \(describe(error))")
