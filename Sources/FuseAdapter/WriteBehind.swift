@@ -20,6 +20,8 @@ public final class WriteBehind: Sendable {
     static let threshold = 64 << 10
     static let slotSize = 1 << 20
     static let slots = 4
+    /// Tests widen the window between acknowledging and applying a write with this.
+    static let testApplyDelay: UInt32 = getenv("RAWMOUNT_TEST_APPLY_DELAY_US").flatMap { UInt32(String(cString: $0)) } ?? 0
 
     private let queue = DispatchQueue(label: "rawmount.write-behind")
     private let pending = Atomic<Int>(0)
@@ -45,6 +47,7 @@ public final class WriteBehind: Sendable {
         let count = data.count
         pending.add(1, ordering: .sequentiallyConsistent)
         queue.async { [self] in
+            if Self.testApplyDelay > 0 { usleep(Self.testApplyDelay) }
             do {
                 try device.write(UnsafeRawBufferPointer(start: slot.base, count: count), at: offset)
             } catch {

@@ -4,8 +4,9 @@ import TestSupport
 import Synchronization
 
 /// Readers racing an allocating writer through a real mount: reads, SEEK_DATA/HOLE and
-/// stat must never fail while clusters are being allocated and linked, and the image must
-/// come out clean and equal to what was written.
+/// stat must never fail while clusters are being allocated and linked, every read must see
+/// all writes that completed before it started (large ones are applied in the background),
+/// and the image must come out clean and equal to what was written.
 final class ConcurrencyTests: XCTestCase {
     override func setUpWithError() throws {
         try Harness.requireFuse()
@@ -15,22 +16,38 @@ final class ConcurrencyTests: XCTestCase {
     func race(format: String, createOptions: [String] = []) throws {
         let s = try Scratch()
         let img = s.path("race.\(format)")
-        let size = 24 << 20, chunk = 48 << 10 // not a multiple of any cluster: fills and splits
+        // Neither chunk is a multiple of any cluster: fills and splits. 48 KiB writes are
+        // written in place, 192 KiB ones behind the acknowledgement.
+        let size = 24 << 20, chunks = [48 << 10, 192 << 10]
         try Harness.run(["qemu-img", "create", "-q", "-f", format] + createOptions + [img, "\(size)"])
-        try s.mount(img)
+        // Background writes wait 2 ms before they are applied: a read that does not wait for
+        // them sees stale data.
+        try s.mount(img, environment: ["RAWMOUNT_TEST_APPLY_DELAY_US": "2000"])
         let raw = s.mnt + "/race.raw"
         var rng = SeededRandom(seed: 99)
         let data = rng.bytes(size)
         let done = Atomic<Bool>(false)
+        let written = Atomic<Int>(0)  // every byte below this was acknowledged
         let failures = Mutex<[String]>([])
         let reader = Thread {
-            let fd = open(raw, O_RDONLY)
+            let fd = open(raw, O_RDONLY | 0o40000 /* O_DIRECT: every read reaches the server */)
             var buf = [UInt8](repeating: 0, count: 65536)
             var r = SeededRandom(seed: 7)
             var st = stat()
             while !done.load(ordering: .acquiring) {
-                let off = off_t(r.next() % UInt64(size - buf.count))
-                if pread(fd, &buf, buf.count, off) < 0 { failures.withLock { $0.append("pread at \(off): errno \(errno)") } }
+                // Reads first, several in a row: the seeks below wait for background writes.
+                var off: off_t = 0
+                for _ in 0..<8 {
+                    let before = written.load(ordering: .acquiring)
+                    // Every other read straddles the frontier, where the newest writes land.
+                    off = r.next() % 2 == 0 ? off_t(min(max(0, before - buf.count / 2), size - buf.count))
+                                            : off_t(r.next() % UInt64(size - buf.count))
+                    if pread(fd, &buf, buf.count, off) < 0 { failures.withLock { $0.append("pread at \(off): errno \(errno)") } }
+                    let seen = max(0, min(buf.count, before - Int(off)))
+                    if seen > 0 && !buf[0..<seen].elementsEqual(data[Int(off)..<Int(off) + seen]) {
+                        failures.withLock { $0.append("pread at \(off): stale data below the acknowledged \(before)") }
+                    }
+                }
                 let d = lseek(fd, off, 3 /* SEEK_DATA */)
                 if d < 0 && errno != ENXIO { failures.withLock { $0.append("SEEK_DATA from \(off): errno \(errno)") } }
                 if lseek(fd, off, 4 /* SEEK_HOLE */) < 0 { failures.withLock { $0.append("SEEK_HOLE from \(off): errno \(errno)") } }
@@ -41,12 +58,14 @@ final class ConcurrencyTests: XCTestCase {
         reader.start()
         let fd = open(raw, O_WRONLY)
         XCTAssertGreaterThanOrEqual(fd, 0)
-        var pos = 0
+        var pos = 0, turn = 0
         while pos < size {
-            let n = min(chunk, size - pos)
+            let n = min(chunks[turn % chunks.count], size - pos)
+            turn += 1
             let w = data.withUnsafeBytes { pwrite(fd, $0.baseAddress! + pos, n, off_t(pos)) }
             if w != n { failures.withLock { $0.append("pwrite at \(pos): \(w), errno \(errno)") } }
             pos += n
+            written.store(pos, ordering: .releasing)
         }
         close(fd)
         done.store(true, ordering: .releasing)

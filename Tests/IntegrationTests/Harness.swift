@@ -92,8 +92,10 @@ final class Scratch {
     /// Every mount logs failed requests here; a test that fails shows what the server saw.
     var serverLog: String { dir + "/server.log" }
 
-    func mount(_ image: String, at mp: String? = nil, options extra: [String] = []) throws {
-        try Harness.run([Harness.rawmount, "mount", "--log", serverLog] + extra + [image, mp ?? mnt])
+    /// `environment`: variables for the server (e.g. RAWMOUNT_TEST_APPLY_DELAY_US).
+    func mount(_ image: String, at mp: String? = nil, options extra: [String] = [], environment: [String: String] = [:]) throws {
+        let env = environment.map { "\($0.key)=\($0.value)" }
+        try Harness.run(env + [Harness.rawmount, "mount", "--log", serverLog] + extra + [image, mp ?? mnt])
         mounted.append(mp ?? mnt)
     }
 
