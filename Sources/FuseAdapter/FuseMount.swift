@@ -31,6 +31,11 @@ public final class FuseMount {
         guard session != nil else {
             throw BlockError.usage("\(mountpoint): cannot create FUSE session (bad -o option?)")
         }
+        if let problem = Self.fuseDeviceProblem() {
+            fuse_session_destroy(session)
+            session = nil
+            throw BlockError.usage(problem)
+        }
         if fuse_session_mount(session, mountpoint) != 0 {
             fuse_session_destroy(session)
             session = nil
@@ -39,6 +44,19 @@ public final class FuseMount {
     }
 
     let threads: Int
+
+    /// libfuse opens /dev/fuse as the calling user before anything else (fusermount3 only
+    /// mounts); say plainly when that cannot work instead of a generic mount failure.
+    static func fuseDeviceProblem() -> String? {
+        var st = stat()
+        guard stat("/dev/fuse", &st) == 0 else {
+            return "/dev/fuse: not found (load the fuse module: modprobe fuse)"
+        }
+        guard access("/dev/fuse", R_OK | W_OK) != 0 else { return nil }
+        let reason = String(cString: strerror(errno))
+        let mode = String(st.st_mode & 0o777, radix: 8)
+        return "/dev/fuse: \(reason) (mode \(mode); this user must be able to open it: most systems make it 0666, or mount as root)"
+    }
 
     /// Serves requests until the mount goes away or SIGINT/SIGTERM/SIGHUP arrives.
     public func run() -> Int32 {

@@ -176,6 +176,50 @@ final class RawMountTests: XCTestCase {
         try s.unmount()
     }
 
+    /// A user without root: the mount goes through fusermount3, the pid file lives in the
+    /// user's own directory, and `unmount` works without privileges. Where that user cannot
+    /// open /dev/fuse, the error says so (first with the machine's mode, then with 0666).
+    func testUnprivilegedUserMountsWritesAndUnmounts() throws {
+        try Harness.tool("setpriv")
+        try Harness.tool("fusermount3")
+        let s = try Scratch()
+        let bin = s.path("rawmount")
+        try FileManager.default.copyItem(atPath: Harness.rawmount, toPath: bin)
+        let img = s.path("user.qed"), src = s.path("src.bin")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qed", img, "16M"])
+        try Harness.run(["dd", "if=/dev/urandom", "of=\(src)", "bs=1M", "count=3", "status=none"])
+        try Harness.run(["chmod", "0777", s.dir, s.mnt])
+        try Harness.run(["chmod", "0755", bin])
+        try Harness.run(["chmod", "0644", src])
+        try Harness.run(["chown", "65534:65534", img])
+        let asNobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "env", "HOME=/tmp"]
+        var st = stat()
+        XCTAssertEqual(stat("/dev/fuse", &st), 0)
+        let originalMode = st.st_mode & 0o777
+        defer { chmod("/dev/fuse", originalMode) }
+        for mode in Set([originalMode, 0o666]).sorted() {
+            XCTAssertEqual(chmod("/dev/fuse", mode), 0)
+            let r = try Harness.run(asNobody + [bin, "mount", img, s.mnt], check: false)
+            if mode & 0o006 != 0o006 {
+                XCTAssertEqual(r.status, 1, r.err)
+                XCTAssertTrue(r.err.contains("/dev/fuse") && r.err.contains("Permission denied"), r.err)
+                XCTAssertNotEqual(try Harness.run(["mountpoint", "-q", s.mnt], check: false).status, 0)
+                continue
+            }
+            XCTAssertEqual(r.status, 0, r.err)
+            try Harness.run(asNobody + ["dd", "if=\(src)", "of=\(s.mnt)/user.raw", "bs=1M", "seek=2", "conv=notrunc", "status=none"])
+            try Harness.run(asNobody + ["cmp", "-n", "3145728", "-i", "0:2097152", src, s.mnt + "/user.raw"])
+            let u = try Harness.run(asNobody + [bin, "unmount", s.mnt], check: false)
+            XCTAssertEqual(u.status, 0, u.err)
+            XCTAssertNotEqual(try Harness.run(["mountpoint", "-q", s.mnt], check: false).status, 0)
+            XCTAssertFalse(FileManager.default.fileExists(atPath: "/tmp/rawmount-65534/" + s.mnt.replacingOccurrences(of: "/", with: "%2F") + ".pid"))
+            try Harness.run(["qemu-img", "check", img])
+            let image = try s.qemuRaw(img)
+            XCTAssertEqual(image.prefix(2 << 20), Data(count: 2 << 20))
+            XCTAssertTrue(image.subdata(in: 2 << 20 ..< 5 << 20) == (try Files.read(src)), "written data not in the image")
+        }
+    }
+
     func testSigtermFlushesAndUnmounts() throws {
         let s = try Scratch()
         let img = s.path("t.img")
