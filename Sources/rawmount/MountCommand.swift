@@ -19,6 +19,10 @@ struct MountCommand: ParsableCommand {
     @Flag(name: [.customShort("r"), .long], help: "Mount read-only: the image is opened O_RDONLY and never changes.")
     var readOnly = false
 
+    @Flag(name: [.customShort("U"), .customLong("force-share")],
+          help: "With --read-only: take no image locks, so an image that a VM or another tool has open for writing can be read (what it shows can change under you, as with qemu-img -U).")
+    var forceShare = false
+
     @Option(name: [.customShort("f"), .long], help: "Image format (\(ImageFormat.allCases.map(\.rawValue).joined(separator: ", "))); probed when omitted.")
     var format: String?
 
@@ -41,6 +45,9 @@ struct MountCommand: ParsableCommand {
     var mountpoint: String
 
     func validate() throws {
+        if forceShare && !readOnly {
+            throw ValidationError("--force-share needs --read-only: a writer must hold the image's locks")
+        }
         if let format, ImageFormat(rawValue: format.lowercased()) == nil {
             throw ValidationError("unknown format '\(format)'; known: \(ImageFormat.allCases.map(\.rawValue).joined(separator: ", "))")
         }
@@ -85,7 +92,7 @@ struct MountCommand: ParsableCommand {
         let note: @Sendable (String) -> Void = { text in
             if let fd = notify { _ = "note: \(text)\n".withCString { write(fd, $0, strlen($0)) } } else { printError("rawmount: " + text) }
         }
-        let device = try ImageOpener.open(path: imagePath, options: .init(writable: !readOnly, format: fmt, onRepair: note))
+        let device = try ImageOpener.open(path: imagePath, options: .init(writable: !readOnly, format: fmt, lock: !forceShare, onRepair: note))
         var ro = readOnly
         if !readOnly && !device.isWritable {
             note("\(image): this \(device.driver.info.format) image cannot be written here (read-only format, extent or compression); mounting read-only")

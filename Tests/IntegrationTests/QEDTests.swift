@@ -171,12 +171,14 @@ final class QEDTests: XCTestCase {
     }
 
     /// The other direction of the lock test: an image QEMU has open for writing is refused,
-    /// read-only too (as QEMU's own readers refuse it), and nothing gets mounted.
+    /// read-only too (as QEMU's own readers refuse it), and nothing gets mounted, unless the
+    /// user asks for a read-only look anyway with --force-share (qemu-img's -U).
     func testImageInUseByQemuIsRefused() throws {
         try Harness.tool("qemu-storage-daemon")
         let s = try Scratch()
         let img = s.path("busy.qed")
         try Harness.run(["qemu-img", "create", "-q", "-f", "qed", img, "8M"])
+        try Harness.run(["qemu-io", "-f", "qed", "-c", "write -P 0x3c 1M 1M", img])
         let target = s.path("qsd-target")
         FileManager.default.createFile(atPath: target, contents: nil)
         let qsd = Process()
@@ -200,6 +202,18 @@ final class QEDTests: XCTestCase {
             XCTAssertTrue(r.err.contains("busy.qed") && r.err.contains("in use"), r.err)
             XCTAssertNotEqual(try Harness.run(["mountpoint", "-q", s.mnt], check: false).status, 0, "nothing mounted")
         }
+        // Asking for it: --force-share reads it anyway, read-only only.
+        let rw = try Harness.run([Harness.rawmount, "mount", "--force-share", img, s.mnt], check: false)
+        XCTAssertNotEqual(rw.status, 0)
+        XCTAssertTrue(rw.err.contains("--read-only"), rw.err)
+        let before = try Files.sha(img)
+        try s.mount(img, options: ["-r", "-U"])
+        let shown = try Files.read(s.mnt + "/busy.raw")
+        XCTAssertEqual(shown.count, 8 << 20)
+        XCTAssertTrue(shown.subdata(in: 1 << 20 ..< 2 << 20) == Data(repeating: 0x3C, count: 1 << 20))
+        XCTAssertTrue(shown.prefix(1 << 20) == Data(count: 1 << 20))
+        try s.unmount()
+        XCTAssertEqual(try Files.sha(img), before, "a force-shared read-only mount changed the image")
         qsd.terminate()
         qsd.waitUntilExit()
         try s.mount(img)
