@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""make bench: rawmount against qemu-storage-daemon's FUSE export on the same image, in the
-same run, alternating the two; prints medians and ratios (rawmount / qsd; > 1 is better)."""
+"""make bench: rawmount against qemu-storage-daemon's FUSE export (and libyal's vmdkmount on
+VMDK reads) on the same image, in the same run, alternating them; prints medians and ratios
+(rawmount / peer; > 1 is better)."""
 import json, os, statistics, subprocess, sys, tempfile, time
 
 RAWMOUNT = os.path.abspath(os.environ.get("RAWMOUNT", ".build/release/rawmount"))
@@ -79,6 +80,35 @@ class QsdServer:
         self.proc.wait()
 
 
+class VmdkmountServer:
+    """libyal's vmdkmount (read-only FUSE, daemonizes; shows MOUNTPOINT/vmdk1)."""
+    name = "vmdkmount"
+
+    def __init__(self, image, fmt, work):
+        self.image, self.mnt = image, os.path.join(work, "vm-mnt")
+        os.makedirs(self.mnt, exist_ok=True)
+
+    def __enter__(self):
+        sh("vmdkmount", self.image, self.mnt)
+        for _ in range(500):
+            if sh("mountpoint", "-q", self.mnt, check=False).returncode == 0:
+                return os.path.join(self.mnt, "vmdk1")
+            time.sleep(0.01)
+        raise RuntimeError("vmdkmount did not mount")
+
+    def __exit__(self, *exc):
+        sh("fusermount3", "-u", self.mnt)
+
+
+def peers(fmt, writes):
+    """The servers each row compares rawmount with: qsd always; libyal's read-only
+    vmdkmount on VMDK read rows when it is installed."""
+    out = [QsdServer]
+    if fmt.startswith("vmdk") and not writes and sh("sh", "-c", "command -v vmdkmount", check=False).returncode == 0:
+        out.append(VmdkmountServer)
+    return out
+
+
 def make_image(work, fmt):
     raw = os.path.join(work, "src.raw")
     if not os.path.exists(raw):
@@ -152,11 +182,14 @@ def main():
                     continue
                 if fmt in SUBFORMAT and (writes or "rand" not in title):
                     continue  # streamOptimized: read-only; its row of interest is random reads
-                results = {RawmountServer.name: [], QsdServer.name: []}
+                others = peers(fmt, writes)
+                results = {server.name: [] for server in [RawmountServer] + others}
                 # Allocating writes: one unmeasured round first, so neither server pays for
                 # memory the machine has not handed out yet.
                 for r in range(-1 if writes else 0, WRITE_ROUNDS if writes else ROUNDS):
-                    order = (RawmountServer, QsdServer) if r % 2 == 0 else (QsdServer, RawmountServer)
+                    order = [RawmountServer] + others
+                    if r % 2:
+                        order.reverse()
                     for server in order:
                         target = empty_image(work, fmt) if writes else img
                         sh("sync")  # earlier runs' dirty pages must not be charged to this one
@@ -164,21 +197,26 @@ def main():
                             got = run(path)[0]
                         if r >= 0:
                             results[server.name].append(got)
-                ours = statistics.median(results[RawmountServer.name])
-                theirs = statistics.median(results[QsdServer.name])
-                rows.append((fmt, title, ours, theirs))
+                medians = {name: statistics.median(xs) for name, xs in results.items()}
+                ours = medians.pop(RawmountServer.name)
+                rows.append((fmt, title, ours, medians))
                 spread = lambda xs: "/".join(f"{x/1e6:.0f}" for x in xs)
-                print(f"{fmt:6} {title:28} rawmount {ours/1e6:9.1f} MB/s   qsd {theirs/1e6:9.1f} MB/s   ratio {ours/theirs:5.2f}x"
-                      f"   (runs: {spread(results[RawmountServer.name])} vs {spread(results[QsdServer.name])})", flush=True)
+                line = f"{fmt:6} {title:28} rawmount {ours/1e6:9.1f} MB/s"
+                for name, theirs in medians.items():
+                    line += f"   {name} {theirs/1e6:9.1f} MB/s  ratio {ours/theirs:5.2f}x ({spread(results[name])})"
+                print(line + f"   (rawmount runs: {spread(results[RawmountServer.name])})", flush=True)
     finally:
         restore_freed_pages(old_delay)
         subprocess.run(["rm", "-rf", work])
     print()
-    print(f"| format | test | rawmount MB/s | qemu-storage-daemon MB/s | ratio |  (median of {ROUNDS} reads, {WRITE_ROUNDS} writes; reads: {SIZE_MB} MiB image, writes: {WRITE_MB} MiB)")
-    print("|---|---|---|---|---|")
-    for fmt, title, ours, theirs in rows:
-        print(f"| {fmt} | {title} | {ours/1e6:.1f} | {theirs/1e6:.1f} | {ours/theirs:.2f}x |")
-
+    print(f"| format | test | rawmount MB/s | qemu-storage-daemon MB/s | ratio | vmdkmount MB/s | ratio |  (median of {ROUNDS} reads, {WRITE_ROUNDS} writes; reads: {SIZE_MB} MiB image, writes: {WRITE_MB} MiB)")
+    print("|---|---|---|---|---|---|---|")
+    for fmt, title, ours, medians in rows:
+        cells = []
+        for name in (QsdServer.name, VmdkmountServer.name):
+            theirs = medians.get(name)
+            cells += [f"{theirs/1e6:.1f}", f"{ours/theirs:.2f}x"] if theirs else ["—", "—"]
+        print(f"| {fmt} | {title} | {ours/1e6:.1f} | " + " | ".join(cells) + " |")
 
 if __name__ == "__main__":
     sys.exit(main())
