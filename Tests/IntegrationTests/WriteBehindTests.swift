@@ -36,6 +36,21 @@ final class WriteBehindTests: XCTestCase {
         XCTAssertTrue(try s.qemuRaw(img) == expected, "the image differs from what was written")
     }
 
+    /// Unmounting while acknowledged writes are still held: they reach the image before the
+    /// server closes it, with the image clean (NEED_CHECK cleared) afterwards.
+    func testUnmountRightAfterWritesKeepsThem() throws {
+        let s = try Scratch()
+        let img = s.path("late.qed"), src = s.path("src.bin")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qed", img, "32M"])
+        try Harness.run(["dd", "if=/dev/urandom", "of=\(src)", "bs=1M", "count=8", "status=none"])
+        try s.mount(img, environment: ["RAWMOUNT_TEST_APPLY_DELAY_US": "50000"])
+        try Harness.run(["dd", "if=\(src)", "of=\(s.mnt)/late.raw", "bs=1M", "seek=16", "oflag=direct", "conv=notrunc", "status=none"])
+        try s.unmount()
+        XCTAssertEqual(try Files.read(img)[16] & 0x02, 0, "NEED_CHECK left set by a clean unmount")
+        try Harness.run(["qemu-img", "check", img])
+        XCTAssertTrue(try s.qemuRaw(img).subdata(in: 16 << 20 ..< 24 << 20) == (try Files.read(src)), "held writes lost at unmount")
+    }
+
     /// The host file system fills up under a writer: the writer gets ENOSPC (on the write
     /// itself or the next one), the log names the acknowledged write that failed, the
     /// mount still unmounts, and the image is consistent for qemu-img.
