@@ -15,6 +15,10 @@ public final class VDIDriver: ImageDriver {
     static let entriesPerChunk = chunkBytes / 4
     let blockSize: UInt64
     /// blocks_allocated as it will be written, and whether the header needs rewriting.
+    /// Not the shared `Allocator`: that one hands space out at `allocate`, so a write that
+    /// fails before `commit` would skip an index. QEMU puts its next block at index
+    /// blocks_allocated, so every index below the frontier must be linked, or QEMU would
+    /// later reuse one of ours. Here the frontier moves only at `commit`.
     private let allocation: Mutex<(count: UInt32, next: UInt64, dirty: Bool)>
     /// Reserves host space for the next blocks off the write path.
     private let preallocator: Preallocator?
