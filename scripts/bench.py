@@ -22,8 +22,11 @@ def sh(*args, check=True, **kw):
     return subprocess.run(args, check=check, text=True, capture_output=True, **kw)
 
 
-def fio(path, name, rw, bs, jobs, extra=()):
+def fio(path, name, rw, bs, jobs, extra=(), split=False):
     size = WRITE_MB if "write" in rw else SIZE_MB
+    if split:  # each job its own slice, so writers allocate instead of rewriting each other
+        size //= jobs
+        extra = (*extra, f"--offset_increment={size}M")
     args = ["fio", f"--name={name}", f"--filename={path}", f"--rw={rw}", f"--bs={bs}", f"--numjobs={jobs}",
             "--direct=1", "--ioengine=psync", "--group_reporting", "--output-format=json",
             # Only bandwidth is reported: fio's per-I/O latency clocks would otherwise be a
@@ -136,6 +139,7 @@ TESTS = [
     ("rand read 4k x4 jobs", lambda p: fio(p, "randread", "randread", "4k", 4), False),
     ("seq write 1M (allocating)", lambda p: fio(p, "seqwrite", "write", "1M", 1), True),
     ("seq write 128k (allocating)", lambda p: fio(p, "seqwrite128", "write", "128k", 1), True),
+    ("rand write 64k x4 jobs (allocating)", lambda p: fio(p, "randwrite64", "randwrite", "64k", 4, split=True), True),
 ]
 
 
