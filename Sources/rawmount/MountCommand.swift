@@ -92,7 +92,16 @@ struct MountCommand: ParsableCommand {
         let note: @Sendable (String) -> Void = { text in
             if let fd = notify { _ = "note: \(text)\n".withCString { write(fd, $0, strlen($0)) } } else { printError("rawmount: " + text) }
         }
-        let device = try ImageOpener.open(path: imagePath, options: .init(writable: !readOnly, format: fmt, lock: !forceShare, onRepair: note))
+        let device: BlockDevice
+        do {
+            device = try ImageOpener.open(path: imagePath, options: .init(writable: !readOnly, format: fmt, lock: !forceShare, onRepair: note))
+        } catch let e as BlockError {
+            // Evidence on a read-only medium, or someone else's file: say how to read it anyway.
+            if case let .io(_, "open", _, err) = e, err == EROFS || err == EACCES, !readOnly {
+                throw BlockError.usage("\(e.description); to read it without writing, mount with --read-only (-r)")
+            }
+            throw e
+        }
         var ro = readOnly
         if !readOnly && !device.isWritable {
             note("\(image): this \(device.driver.info.format) image cannot be written here (read-only format, extent or compression); mounting read-only")

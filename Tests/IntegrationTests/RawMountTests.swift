@@ -220,6 +220,27 @@ final class RawMountTests: XCTestCase {
         }
     }
 
+    /// Evidence on a read-only medium: a plain mount fails, naming the file and pointing at
+    /// --read-only; with it the image reads as the oracle does.
+    func testImageOnReadOnlyMediumPointsToReadOnly() throws {
+        let s = try Scratch()
+        let medium = s.path("medium")
+        try FileManager.default.createDirectory(atPath: medium, withIntermediateDirectories: true)
+        try Harness.run(["mount", "-t", "tmpfs", "-o", "size=16M", "tmpfs", medium])
+        defer { _ = try? Harness.run(["umount", "-l", medium], check: false) }
+        let img = medium + "/evidence.qed"
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qed", img, "8M"])
+        try Harness.run(["qemu-io", "-f", "qed", "-c", "write -P 0x61 64k 64k", img])
+        try Harness.run(["mount", "-o", "remount,ro", medium])
+        let r = try Harness.run([Harness.rawmount, "mount", img, s.mnt], check: false)
+        XCTAssertEqual(r.status, 1, r.err)
+        XCTAssertTrue(r.err.contains(img) && r.err.contains("Read-only file system") && r.err.contains("--read-only"), r.err)
+        XCTAssertNotEqual(try Harness.run(["mountpoint", "-q", s.mnt], check: false).status, 0)
+        try s.mount(img, options: ["-r"])
+        XCTAssertTrue(try Files.read(s.mnt + "/evidence.raw") == (try s.qemuRaw(img)))
+        try s.unmount()
+    }
+
     func testSigtermFlushesAndUnmounts() throws {
         let s = try Scratch()
         let img = s.path("t.img")
