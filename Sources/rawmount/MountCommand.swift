@@ -76,8 +76,14 @@ struct MountCommand: ParsableCommand {
     }
 
     private func serve() throws {
-        let imagePath = try Paths.realPath(image)
-        let mp = try Paths.realPath(mountpoint)
+        let imagePath: String, mp: String
+        do { imagePath = try Paths.realPath(image) } catch let e as BlockError {
+            throw BlockError.usage("\(image): cannot open the image: \(String(cString: strerror(e.errnoValue)))")
+        }
+        do { mp = try Paths.realPath(mountpoint) } catch let e as BlockError {
+            let hint = e.errnoValue == ENOENT ? " (create the directory first, e.g. mkdir -p \(mountpoint))" : ""
+            throw BlockError.usage("mountpoint \(mountpoint): \(String(cString: strerror(e.errnoValue)))\(hint)")
+        }
         var st = stat()
         guard stat(mp, &st) == 0 else { throw BlockError.io(file: mountpoint, operation: "stat", offset: nil, errno: errno) }
         let mode = st.st_mode & S_IFMT
