@@ -129,6 +129,8 @@ struct MountCommand: ParsableCommand {
             throw error
         }
         let pidFile = Paths.pidFile(forMountpoint: mp)
+        let errorFile = Paths.closeErrorFile(forMountpoint: mp)
+        unlink(errorFile)
         Paths.writeFile(pidFile, "\(getpid())\n")
         if let fd = readyFd {
             _ = "ok".withCString { write(fd, $0, 2) }
@@ -136,19 +138,21 @@ struct MountCommand: ParsableCommand {
         }
         _ = mount.run()
         mount.unmount()
-        var failed = false
+        var problems: [String] = []
         do { try file.writeBehind?.settle() } catch {
-            serverLog?.record("writing \(imagePath): \(describe(error))")
-            printError("rawmount: writing \(image): \(describe(error))")
-            failed = true
+            problems.append("writing \(imagePath): \(describe(error))")
         }
         do { try device.close() } catch {
-            serverLog?.record("closing \(imagePath): \(describe(error))")
-            printError("rawmount: closing \(image): \(describe(error))")
-            failed = true
+            problems.append("closing \(imagePath): \(describe(error))")
         }
+        for p in problems {
+            serverLog?.record(p)
+            printError("rawmount: " + p)
+        }
+        // A detached server has no terminal: `unmount`, which waits for this process, says it.
+        if !problems.isEmpty { Paths.writeFile(errorFile, problems.joined(separator: "\n") + "\n") }
         unlink(pidFile)
-        if failed { throw ExitCode.failure }
+        if !problems.isEmpty { throw ExitCode.failure }
     }
 }
 

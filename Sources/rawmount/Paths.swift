@@ -49,6 +49,9 @@ enum Paths {
         return dir + "/" + name + ".pid"
     }
 
+    /// Where a detached server leaves what went wrong while closing, for `unmount` to report.
+    static func closeErrorFile(forMountpoint mp: String) -> String { pidFile(forMountpoint: mp) + ".error" }
+
     static func writeFile(_ path: String, _ text: String) {
         let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
         guard fd >= 0 else { return }

@@ -54,6 +54,12 @@ struct UnmountCommand: ParsableCommand {
             }
             usleep(10_000)
         }
+        let errorFile = Paths.closeErrorFile(forMountpoint: mp)
+        if let problems = Paths.readFile(errorFile) {
+            unlink(errorFile)
+            for line in problems.split(separator: "\n") { printError("rawmount: \(mountpoint): unmounted, but \(line)") }
+            throw ExitCode.failure
+        }
     }
 
     private func run(_ argv: [String]) -> Int32 {

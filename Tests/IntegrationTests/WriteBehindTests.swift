@@ -67,7 +67,11 @@ final class WriteBehindTests: XCTestCase {
                                   "oflag=direct", "conv=notrunc,fsync", "status=none"], check: false)
         XCTAssertNotEqual(dd.status, 0, "dd succeeded on a full host file system")
         XCTAssertTrue(dd.err.contains("No space left on device"), dd.err)
-        try s.unmount()
+        // Closing fails too (QED's metadata cannot be written): unmount says so, and exits 1.
+        let u = try Harness.run([Harness.rawmount, "unmount", s.mnt], check: false)
+        XCTAssertEqual(u.status, 1, u.err)
+        XCTAssertTrue(u.err.contains("unmounted, but closing \(img)") && u.err.contains("No space left on device"), u.err)
+        XCTAssertNotEqual(try Harness.run(["mountpoint", "-q", s.mnt], check: false).status, 0)
         let log = try String(contentsOfFile: s.serverLog, encoding: .utf8)
         XCTAssertTrue(log.contains("No space left on device"), log)
         XCTAssertTrue(log.contains("full.qed") && log.contains("acknowledged earlier"), log)
