@@ -91,6 +91,10 @@ struct MountCommand: ParsableCommand {
             throw BlockError.usage("\(mountpoint): mountpoint must be a directory or a regular file")
         }
         if mp == imagePath { throw BlockError.usage("\(mountpoint): cannot mount an image on itself") }
+        // Stacked mounts would share one pid file, and `unmount` could no longer wait for both.
+        if let other = MountTable.image(mountedAt: mp) {
+            throw BlockError.usage("mountpoint \(mountpoint): already shows \(other); run `rawmount unmount \(mountpoint)` first")
+        }
 
         let fmt = format.flatMap { ImageFormat(rawValue: $0.lowercased()) }
         let notify = readyFd

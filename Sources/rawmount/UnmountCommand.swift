@@ -85,14 +85,20 @@ func processAlive(_ pid: pid_t) -> Bool {
 
 enum MountTable {
     /// Whether /proc/self/mountinfo has a fuse.rawmount mount at `path`.
-    static func isRawmount(_ path: String) -> Bool {
-        guard let text = Paths.readFile("/proc/self/mountinfo") else { return false }
+    static func isRawmount(_ path: String) -> Bool { image(mountedAt: path) != nil }
+
+    /// The image of the newest rawmount mount at `path` (its fsname), or nil.
+    static func image(mountedAt path: String) -> String? {
+        guard let text = Paths.readFile("/proc/self/mountinfo") else { return nil }
+        var found: String? = nil
         for line in text.split(separator: "\n") {
             let parts = line.split(separator: " ")
-            guard parts.count > 5, let dash = parts.firstIndex(of: "-"), dash + 1 < parts.count else { continue }
-            if unescape(String(parts[4])) == path && parts[dash + 1] == "fuse.rawmount" { return true }
+            guard parts.count > 5, let dash = parts.firstIndex(of: "-"), dash + 2 < parts.count else { continue }
+            if unescape(String(parts[4])) == path && parts[dash + 1] == "fuse.rawmount" {
+                found = unescape(String(parts[dash + 2]))
+            }
         }
-        return false
+        return found
     }
 
     /// mountinfo escapes space, tab, newline and backslash as \ooo.

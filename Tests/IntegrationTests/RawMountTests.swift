@@ -16,6 +16,13 @@ final class RawMountTests: XCTestCase {
         XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: s.mnt), ["win.raw"])
         let blk = try Harness.run(["stat", "-c", "%o", s.mnt + "/win.raw"]).out
         XCTAssertEqual(blk.trimmingCharacters(in: .whitespacesAndNewlines), "65536")
+        // A second image on the same mountpoint is refused rather than stacked on top.
+        let other = s.path("other.img")
+        try Harness.run(["truncate", "-s", "1M", other])
+        let stacked = try Harness.run([Harness.rawmount, "mount", other, s.mnt], check: false)
+        XCTAssertEqual(stacked.status, 1, stacked.err)
+        XCTAssertTrue(stacked.err.contains("already shows \(img)"), stacked.err)
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: s.mnt), ["win.raw"])
         try s.unmount()
         XCTAssertFalse(try Harness.run(["mountpoint", "-q", s.mnt], check: false).status == 0)
     }
