@@ -75,9 +75,16 @@ public final class BlockDevice: Sendable {
 
     // MARK: write
 
+    /// Whether the driver would refuse this write (see `ImageDriver.checkWrite`), so a caller
+    /// that acknowledges before writing can refuse it up front.
+    public func checkWrite(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
+        try driver.checkWrite(data, at: offset)
+    }
+
     /// Writes guest bytes; the disk never grows, so a write past the end fails.
     public func write(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
         guard driver.isWritable else { throw BlockError.readOnly(file: driver.file.path) }
+        try driver.checkWrite(data, at: offset)
         try driver.willWrite()
         let total = UInt64(data.count)
         guard offset <= virtualSize, total <= virtualSize - offset else {

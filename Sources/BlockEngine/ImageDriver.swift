@@ -91,6 +91,10 @@ public protocol ImageDriver: AnyObject, Sendable {
     /// Called once before every guest write or zeroing (VMDK bumps its CID on the first).
     func willWrite() throws
 
+    /// Refuses a guest write the image must not take (a probed raw image: another format's
+    /// header in its first sector). Called before anything is written.
+    func checkWrite(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws
+
     /// Writes back dirty metadata, then makes everything durable.
     func flush() throws
     /// Flushes and marks the image cleanly closed.
@@ -99,6 +103,7 @@ public protocol ImageDriver: AnyObject, Sendable {
 
 extension ImageDriver {
     public func willWrite() throws {}
+    public func checkWrite(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {}
     @inline(__always)
     public func resolve(host: UInt64) -> (file: ImageFile, offset: UInt64) { (file, host) }
     public func status(_ offset: UInt64, maxLength: UInt64) throws -> Mapping { try map(offset, maxLength: maxLength) }

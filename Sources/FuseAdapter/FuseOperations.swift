@@ -111,6 +111,7 @@ func makeOperations() -> fuse_lowlevel_ops {
         do {
             if let behind = file.writeBehind {
                 try behind.reportFailure()
+                try file.device.checkWrite(data, at: UInt64(off))  // refused before it is acknowledged
                 if behind.accept(data, at: UInt64(off)) { fuse_reply_write(req, n); return }
                 behind.drain()
             }

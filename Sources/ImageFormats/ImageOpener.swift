@@ -57,7 +57,7 @@ public enum ImageOpener {
             }
             return BlockDevice(driver: driver, backing: parent)
         case .raw:
-            return BlockDevice(driver: try RawDriver(file: file))
+            return BlockDevice(driver: try RawDriver(file: file, probed: options.format == nil))
         case .qed:
             let driver = try QEDDriver(file: file) { report in
                 options.onRepair?("\(path): image was not closed cleanly (NEED_CHECK); checked: \(report)")

@@ -318,6 +318,66 @@ final class RawMountTests: XCTestCase {
         XCTAssertTrue(badFormat.err.contains("floppy"), badFormat.err)
     }
 
+    /// Images QEMU reads and rawmount does not are refused, naming their format, instead of
+    /// being probed as raw (which would show container bytes and take corrupting writes);
+    /// also as a QED backing file. --format raw still shows the bytes, as asked.
+    func testFormatsRawmountDoesNotReadAreNamedNotShownAsRaw() throws {
+        try Harness.tool("qemu-img")
+        let s = try Scratch()
+        for (format, name) in [("qcow2", "qcow2 (version 3)"), ("qcow", "qcow (version 1)"), ("vhdx", "VHDX"),
+                               ("vpc", "VHD"), ("parallels", "Parallels")] {
+            let img = s.path("foreign.\(format)")
+            try Harness.run(["qemu-img", "create", "-q", "-f", format, img, "8M"])
+            let r = try Harness.run([Harness.rawmount, "mount", img, s.mnt], check: false)
+            XCTAssertEqual(r.status, 1, "\(format): \(r.err)")
+            XCTAssertTrue(r.err.contains(img) && r.err.contains("this is a \(name)"), "\(format): \(r.err)")
+            XCTAssertNotEqual(try Harness.run(["mountpoint", "-q", s.mnt], check: false).status, 0, format)
+            let info = try Harness.run([Harness.rawmount, "info", img], check: false)
+            XCTAssertNotEqual(info.status, 0, "\(format): info called it \(info.out)")
+        }
+        let qcow2 = s.path("foreign.qcow2")
+        let child = s.path("child.qed")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qed", "-b", "foreign.qcow2", "-F", "qcow2", child, "8M"])
+        let r = try Harness.run([Harness.rawmount, "mount", "-r", child, s.mnt], check: false)
+        XCTAssertEqual(r.status, 1, r.err)
+        XCTAssertTrue(r.err.contains("qcow2"), r.err)
+        try s.mount(qcow2, options: ["-r", "--format", "raw"])
+        XCTAssertEqual(try Files.sha(s.mnt + "/foreign.raw"), try Files.sha(qcow2))
+        try s.unmount()
+    }
+
+    /// As in QEMU: through a raw image whose format was probed, a write that would make its
+    /// first sector another format's header is refused (EPERM), small or large (large writes
+    /// are refused before they are acknowledged); other writes there pass. --format raw
+    /// allows it.
+    func testProbedRawRefusesAnotherFormatsHeaderInSectorZero() throws {
+        let s = try Scratch()
+        let img = s.path("plain.img"), qed = s.path("h.qed")
+        try Harness.run(["truncate", "-s", "8M", img])
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qed", "-b", "/etc/shadow", "-F", "raw", qed, "8M"])
+        let header = [UInt8](try Files.read(qed).prefix(4096))
+        try s.mount(img)
+        let raw = s.mnt + "/plain.raw"
+        for size in [512, 1 << 20] {
+            var chunk = header + [UInt8](repeating: 0, count: max(0, size - header.count))
+            chunk = Array(chunk.prefix(size))
+            XCTAssertThrowsError(try Files.pwrite(raw, chunk, at: 0), "a \(size)-byte QED header write went through") { e in
+                XCTAssertEqual((e as? POSIXError)?.code, .EPERM, "\(e)")
+            }
+        }
+        var rng = SeededRandom(seed: 5)
+        let mbr = rng.bytes(446) + [UInt8](repeating: 0, count: 64) + [0x55, 0xAA]
+        try Files.pwrite(raw, mbr, at: 0)
+        try s.unmount()
+        XCTAssertTrue(try Harness.run([Harness.rawmount, "info", img]).out.contains("format: raw"))
+        XCTAssertEqual([UInt8](try Files.read(img).prefix(512)), mbr)
+        try s.mount(img, options: ["--format", "raw"])
+        try Files.pwrite(raw, Array(header.prefix(512)), at: 0)
+        try s.unmount()
+        let info = try Harness.run([Harness.rawmount, "info", img], check: false)
+        XCTAssertTrue(info.out.contains("format: qed"), "asked for with --format raw, the header was written: \(info.out)\(info.err)")
+    }
+
     func testSecondWriterIsRefusedByImageLocks() throws {
         try Harness.tool("qemu-img")
         let s = try Scratch()

@@ -1,4 +1,7 @@
 import BlockEngine
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// A raw image: guest offset == host offset. Holes in the host file read as zeros and are
 /// reported as holes; zeroing punches or zero-ranges the host file.
@@ -10,8 +13,12 @@ public final class RawDriver: ImageDriver {
     /// Raw has no clusters; this is what st_blksize advertises.
     public static let preferredIOSize: UInt64 = 64 * 1024
 
-    public init(file: ImageFile) throws {
+    /// Opened without --format raw: the format came from probing the file's first bytes.
+    let probed: Bool
+
+    public init(file: ImageFile, probed: Bool = false) throws {
         self.file = file
+        self.probed = probed
         let size = try file.size()
         info = ImageInfo(format: "raw", virtualSize: size, clusterSize: RawDriver.preferredIOSize)
     }
@@ -34,6 +41,25 @@ public final class RawDriver: ImageDriver {
         if try file.zeroRange(offset: offset, length: length) { return (offset, length) }
         if !deallocate, try file.punchHole(offset: offset, length: length) { return (offset, length) }
         return (offset, 0) // the engine writes zeros
+    }
+
+    /// As QEMU does for a probed raw image: a write that would put another format's header
+    /// into the first sector is refused (EPERM). Otherwise whatever the guest writes there
+    /// (a QED header naming /etc/shadow as its backing file) would be trusted on the next
+    /// probing open. `--format raw` allows it.
+    public func checkWrite(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
+        guard probed, offset < 512, !data.isEmpty else { return }
+        var sector = [UInt8](repeating: 0, count: 512)
+        let have = try sector.withUnsafeMutableBytes { try file.readUpTo(into: $0, at: 0) }
+        let end = min(512, offset + UInt64(data.count))
+        sector.withUnsafeMutableBytes { s in
+            s.baseAddress!.advanced(by: Int(offset)).copyMemory(from: data.baseAddress!, byteCount: Int(end - offset))
+        }
+        let length = max(have, Int(end))
+        if let other = ImageFormat.nonRawName(head: Array(sector[0..<length])) {
+            throw BlockError.io(file: file.path, operation: "write of a \(other) header into the first sector of an image probed as raw "
+                                + "(it would be opened as \(other) next time; mount with --format raw to allow it)", offset: 0, errno: EPERM)
+        }
     }
 
     public func flush() throws { try file.sync() }
