@@ -26,7 +26,7 @@ public enum ImageFormat: String, CaseIterable, Sendable {
             let got = try tail.withUnsafeMutableBytes { try file.readUpTo(into: $0, at: size - 512) }
             tail.removeLast(tail.count - got)
         }
-        if let foreign = ForeignFormat.name(head: head, tail: tail) {
+        if let foreign = ForeignFormat.name(head: head, tail: tail, path: file.path) {
             throw BlockError.unsupported(file: file.path, feature: "this is a \(foreign) image, which rawmount does not read; "
                 + "`qemu-img convert -O qed` makes an image it does, and --format raw shows the file's own bytes")
         }
