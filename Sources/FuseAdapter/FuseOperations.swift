@@ -80,6 +80,8 @@ func makeOperations() -> fuse_lowlevel_ops {
         let flags = rm_fi_flags(fi)
         if (flags & O_ACCMODE) != O_RDONLY && file.readOnly { fuse_reply_err(req, EROFS); return }
         if flags & rm_O_DIRECT != 0 { rm_fi_set_direct_io(fi, 1) }
+        // FLUSH (on close) carries only this handle, not the open flags: keep them in it.
+        fi.pointee.fh = UInt64(UInt32(bitPattern: flags))
         fuse_reply_open(req, fi)
     }
 
@@ -99,7 +101,7 @@ func makeOperations() -> fuse_lowlevel_ops {
         }
     }
 
-    ops.write = { req, ino, buf, size, off, _ in
+    ops.write = { req, ino, buf, size, off, fi in
         let fs = filesystem(req)
         guard let file = fs.file(ino), let buf else { fuse_reply_err(req, EISDIR); return }
         if file.readOnly { fuse_reply_err(req, EROFS); return }
@@ -108,14 +110,18 @@ func makeOperations() -> fuse_lowlevel_ops {
         // Like a block device: a write running past the end is cut short there.
         let n = Int(min(UInt64(size), disk - UInt64(off)))
         let data = UnsafeRawBufferPointer(start: buf, count: n)
+        // O_SYNC/O_DSYNC: the kernel leaves these to the server on direct-I/O files; the
+        // write completes once it is durable in the image.
+        let synchronous = rm_fi_flags(fi) & (O_DSYNC | O_SYNC) != 0
         do {
             if let behind = file.writeBehind {
                 try behind.reportFailure()
                 try file.device.checkWrite(data, at: UInt64(off))  // refused before it is acknowledged
-                if behind.accept(data, at: UInt64(off)) { fuse_reply_write(req, n); return }
+                if !synchronous && behind.accept(data, at: UInt64(off)) { fuse_reply_write(req, n); return }
                 behind.drain()
             }
             try file.device.write(data, at: UInt64(off))
+            if synchronous { try file.device.flush() }
             fuse_reply_write(req, n)
         } catch {
             reply(req, fs, "write \(n) bytes at \(off)", error: error)
@@ -125,7 +131,7 @@ func makeOperations() -> fuse_lowlevel_ops {
     ops.flush = { req, ino, fi in
         let fs = filesystem(req)
         guard let file = fs.file(ino) else { fuse_reply_err(req, 0); return }
-        if !file.readOnly, let fi, rm_fi_flags(fi) & O_ACCMODE != O_RDONLY {
+        if !file.readOnly, let fi, Int32(truncatingIfNeeded: fi.pointee.fh) & O_ACCMODE != O_RDONLY {
             do {
                 try file.writeBehind?.settle()
                 try file.device.flush()

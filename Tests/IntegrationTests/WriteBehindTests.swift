@@ -51,6 +51,45 @@ final class WriteBehindTests: XCTestCase {
         XCTAssertTrue(try s.qemuRaw(img).subdata(in: 16 << 20 ..< 24 << 20) == (try Files.read(src)), "held writes lost at unmount")
     }
 
+    /// Applies held back 1 s: an O_DSYNC write, and a plain write once its file is closed,
+    /// must already be in the image when the writer gets control back.
+    func testSyncWritesAndCloseReachTheImageBeforeReturning() throws {
+        let s = try Scratch()
+        let img = s.path("sync.qed")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qed", img, "16M"])
+        try Harness.run(["qemu-io", "-f", "qed", "-c", "write -P 0x11 0 1M", img])
+        // Where guest offset 0 lives in the file: the O_DSYNC check reads it there itself,
+        // since spawning a witness would close a copy of the open descriptor, and every
+        // close makes the server flush.
+        let map = try Harness.run(["qemu-img", "map", "--output=json", img]).out
+        let host = try XCTUnwrap(map.split(separator: ",").first { $0.contains("\"offset\"") }
+            .flatMap { Int($0.split(separator: ":").last!.trimmingCharacters(in: .whitespaces.union(CharacterSet(charactersIn: "}]\n")))) })
+        let b = s.path("b.bin")
+        try Data(repeating: 0x6B, count: 1 << 20).write(to: URL(fileURLWithPath: b))
+        try s.mount(img, environment: ["RAWMOUNT_TEST_APPLY_DELAY_US": "1000000"])
+        let raw = s.mnt + "/sync.raw"
+        let fd = open(raw, O_WRONLY | 0o40000 /* O_DIRECT */ | O_DSYNC | O_CLOEXEC)
+        XCTAssertGreaterThanOrEqual(fd, 0)
+        let buf = UnsafeMutableRawPointer.allocate(byteCount: 1 << 20, alignment: 4096)
+        defer { buf.deallocate() }
+        memset(buf, 0x5A, 1 << 20)
+        XCTAssertEqual(pwrite(fd, buf, 1 << 20, 0), 1 << 20)
+        let image = open(img, O_RDONLY | O_CLOEXEC)
+        var seen = [UInt8](repeating: 0, count: 4096)
+        XCTAssertEqual(pread(image, &seen, 4096, off_t(host)), 4096)
+        close(image)
+        XCTAssertEqual(Set(seen), [0x5A], "an O_DSYNC write returned before it was in the image")
+        close(fd)
+        func imageHolds(_ pattern: String, at offset: String) throws -> Bool {
+            let r = try Harness.run(["qemu-io", "-U", "-r", "-f", "qed", "-c", "read -P \(pattern) \(offset) 1M", img], check: false)
+            return r.status == 0 && !r.out.contains("Pattern verification failed")
+        }
+        try Harness.run(["dd", "if=\(b)", "of=\(raw)", "bs=1M", "seek=4", "oflag=direct", "conv=notrunc", "status=none"])
+        XCTAssertTrue(try imageHolds("0x6b", at: "4M"), "close returned before the held write was in the image")
+        try s.unmount()
+        try Harness.run(["qemu-img", "check", img])
+    }
+
     /// The host file system fills up under a writer: the writer gets ENOSPC (on the write
     /// itself or the next one), the log names the acknowledged write that failed, the
     /// mount still unmounts, and the image is consistent for qemu-img.
