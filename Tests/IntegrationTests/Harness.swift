@@ -80,6 +80,7 @@ final class Scratch {
     let dir: String
     let mnt: String
     private var mounted: [String] = []
+    private var tmpfsMounts: [String] = []
 
     init() throws {
         dir = NSTemporaryDirectory() + "rawmount-test-" + UUID().uuidString.prefix(8)
@@ -135,6 +136,16 @@ final class Scratch {
         }
     }
 
+    /// A small tmpfs at `name` inside the scratch dir (a medium to fill up or make read-only),
+    /// unmounted when the scratch goes away.
+    func tmpfs(_ name: String, size: String) throws -> String {
+        let dir = path(name)
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        try Harness.run(["mount", "-t", "tmpfs", "-o", "size=\(size)", "tmpfs", dir])
+        tmpfsMounts.append(dir)
+        return dir
+    }
+
     func unmount(_ mp: String? = nil) throws {
         try Harness.run([Harness.rawmount, "unmount", mp ?? mnt])
         mounted.removeAll { $0 == (mp ?? mnt) }
@@ -143,6 +154,7 @@ final class Scratch {
     deinit {
         for m in mounted { _ = try? Harness.run([Harness.rawmount, "unmount", m], check: false) }
         for m in mounted { _ = try? Harness.run(["umount", "-l", m], check: false) }
+        for m in tmpfsMounts { _ = try? Harness.run(["umount", "-l", m], check: false) }
         if let text = try? String(contentsOfFile: serverLog, encoding: .utf8), !text.isEmpty {
             print("server log of \(dir):\n" + text)
         }

@@ -231,10 +231,7 @@ final class RawMountTests: XCTestCase {
     /// --read-only; with it the image reads as the oracle does.
     func testImageOnReadOnlyMediumPointsToReadOnly() throws {
         let s = try Scratch()
-        let medium = s.path("medium")
-        try FileManager.default.createDirectory(atPath: medium, withIntermediateDirectories: true)
-        try Harness.run(["mount", "-t", "tmpfs", "-o", "size=16M", "tmpfs", medium])
-        defer { _ = try? Harness.run(["umount", "-l", medium], check: false) }
+        let medium = try s.tmpfs("medium", size: "16M")
         let img = medium + "/evidence.qed"
         try Harness.run(["qemu-img", "create", "-q", "-f", "qed", img, "8M"])
         try Harness.run(["qemu-io", "-f", "qed", "-c", "write -P 0x61 64k 64k", img])

@@ -95,10 +95,7 @@ final class WriteBehindTests: XCTestCase {
     /// mount still unmounts, and the image is consistent for qemu-img.
     func testHostDiskFullReachesTheWriterAndTheLog() throws {
         let s = try Scratch()
-        let small = s.path("small")
-        try FileManager.default.createDirectory(atPath: small, withIntermediateDirectories: true)
-        try Harness.run(["mount", "-t", "tmpfs", "-o", "size=6M", "tmpfs", small])
-        defer { _ = try? Harness.run(["umount", "-l", small], check: false) }
+        let small = try s.tmpfs("small", size: "6M")
         let img = small + "/full.qed"
         try Harness.run(["qemu-img", "create", "-q", "-f", "qed", img, "64M"])
         try s.mount(img)
