@@ -15,18 +15,17 @@ public enum ImageFormat: String, CaseIterable, Sendable {
     /// Formats QEMU reads and rawmount does not (qcow2, VHDX, ...) are refused, naming the
     /// format: read as raw they would show container bytes and take writes that corrupt them.
     public static func probe(_ file: ImageFile) throws -> ImageFormat {
-        var head = [UInt8](repeating: 0, count: 512)
-        let n = try head.withUnsafeMutableBytes { try file.readUpTo(into: $0, at: 0) }
-        head.removeLast(head.count - n)
-        if let format = recognised(head: head) { return format }
-        var tail = [UInt8]()
-        let size = try file.size()
-        if size >= 1024 {
-            tail = [UInt8](repeating: 0, count: 512)
-            let got = try tail.withUnsafeMutableBytes { try file.readUpTo(into: $0, at: size - 512) }
-            tail.removeLast(tail.count - got)
+        func sector(at offset: UInt64) throws -> [UInt8] {
+            var bytes = [UInt8](repeating: 0, count: 512)
+            let n = try bytes.withUnsafeMutableBytes { try file.readUpTo(into: $0, at: offset) }
+            bytes.removeLast(bytes.count - n)
+            return bytes
         }
-        if let foreign = ForeignFormat.name(head: head, tail: tail, path: file.path) {
+        let head = try sector(at: 0)
+        if let format = recognised(head: head) { return format }
+        // DMG has no header, only a trailer; QEMU goes by the .dmg name, so only then is it read.
+        let trailer = file.path.lowercased().hasSuffix(".dmg") ? try sector(at: max(try file.size(), 512) - 512) : []
+        if let foreign = ForeignFormat.name(head: head, dmgTrailer: trailer) {
             throw BlockError.unsupported(file: file.path, feature: "this is a \(foreign) image, which rawmount does not read; "
                 + "`qemu-img convert -O qed` makes an image it does, and --format raw shows the file's own bytes")
         }
@@ -44,6 +43,6 @@ public enum ImageFormat: String, CaseIterable, Sendable {
 
     /// Which format, other than raw, a first sector like `head` would probe as; nil for raw.
     static func nonRawName(head: [UInt8]) -> String? {
-        recognised(head: head).map { $0.rawValue.uppercased() } ?? ForeignFormat.name(head: head, tail: [])
+        recognised(head: head).map { $0.rawValue.uppercased() } ?? ForeignFormat.name(head: head)
     }
 }

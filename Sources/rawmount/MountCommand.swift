@@ -107,7 +107,7 @@ struct MountCommand: ParsableCommand {
             device = try ImageOpener.open(path: imagePath, options: .init(writable: !readOnly, format: fmt, lock: !forceShare, onRepair: note))
         } catch let e as BlockError {
             // Evidence on a read-only medium, or someone else's file: say how to read it anyway.
-            if case let .io(_, "open", _, err) = e, err == EROFS || err == EACCES, !readOnly {
+            if case let .io(_, _, _, err) = e, err == EROFS || err == EACCES, !readOnly {
                 throw BlockError.usage("\(e.description); to read it without writing, mount with --read-only (-r)")
             }
             throw e
