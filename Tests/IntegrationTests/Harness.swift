@@ -117,6 +117,21 @@ final class Scratch {
         try unmount()
     }
 
+    /// `rawmount mount ARGS <scratch mnt>` must fail (exit `status`; any non-zero when nil)
+    /// with a message containing each of `mentions`, and leave nothing mounted.
+    func assertMountRefused(_ args: [String], status: Int32? = 1, mentions: [String], _ what: String = "",
+                            file: StaticString = #filePath, line: UInt = #line) throws {
+        let r = try Harness.run([Harness.rawmount, "mount"] + args + [mnt], check: false)
+        if let status {
+            XCTAssertEqual(r.status, status, "\(what): \(r.err)", file: file, line: line)
+        } else {
+            XCTAssertNotEqual(r.status, 0, "\(what): mounted", file: file, line: line)
+        }
+        XCTAssertTrue(mentions.allSatisfy { r.err.contains($0) }, "\(what): \(r.err)", file: file, line: line)
+        XCTAssertNotEqual(try Harness.run(["mountpoint", "-q", mnt], check: false).status, 0, "\(what): left mounted",
+                          file: file, line: line)
+    }
+
     /// One damaged copy of `bytes` per entry (`patch` written at `offset`, saved as
     /// `name.ext`): mounting it must exit 1 with a message naming the copy and containing
     /// `needle` (when not empty), and leave nothing mounted.
@@ -128,11 +143,8 @@ final class Scratch {
             d.replaceSubrange(off..<(off + patch.count), with: patch)
             let p = path("\(name).\(ext)")
             try d.write(to: URL(fileURLWithPath: p))
-            let r = try Harness.run([Harness.rawmount, "mount"] + mountOptions + [p, mnt], check: false)
-            XCTAssertEqual(r.status, 1, "\(name): \(r.err)", file: file, line: line)
-            XCTAssertTrue(r.err.contains("\(name).\(ext)") && (needle.isEmpty || r.err.contains(needle)), "\(name): \(r.err)",
-                          file: file, line: line)
-            XCTAssertNotEqual(try Harness.run(["mountpoint", "-q", mnt], check: false).status, 0, name, file: file, line: line)
+            try assertMountRefused(mountOptions + [p], mentions: ["\(name).\(ext)"] + (needle.isEmpty ? [] : [needle]), name,
+                                   file: file, line: line)
         }
     }
 
