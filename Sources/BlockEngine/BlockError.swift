@@ -49,6 +49,17 @@ public enum BlockError: Error, Equatable, CustomStringConvertible {
         }
     }
 
+    /// The file the error is about, when there is one (its description then starts with it).
+    public var file: String? {
+        switch self {
+        case let .io(file, _, _, _), let .truncated(file, _, _, _, _), let .invalid(file, _, _),
+             let .unsupported(file, _), let .unknownFormat(file), let .readOnly(file), let .locked(file, _):
+            return file
+        case .outOfRange, .usage:
+            return nil
+        }
+    }
+
     /// A file that was to be opened does not exist (for errors about a missing backing or
     /// extent file, reported against the image that names it).
     public var isFileNotFound: Bool {

@@ -143,12 +143,12 @@ struct MountCommand: ParsableCommand {
         _ = mount.run()
         mount.unmount()
         var problems: [String] = []
-        do { try file.writeBehind?.settle() } catch {
-            problems.append("writing \(imagePath): \(describe(error))")
+        // Name the image unless the error already names the file it is about.
+        func problem(_ doing: String, _ error: Error) -> String {
+            (error as? BlockError)?.file != nil ? "\(doing) \(describe(error))" : "\(doing) \(imagePath): \(describe(error))"
         }
-        do { try device.close() } catch {
-            problems.append("closing \(imagePath): \(describe(error))")
-        }
+        do { try file.writeBehind?.settle() } catch { problems.append(problem("writing", error)) }
+        do { try device.close() } catch { problems.append(problem("closing", error)) }
         for p in problems {
             serverLog?.record(p)
             printError("rawmount: " + p)

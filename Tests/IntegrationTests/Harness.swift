@@ -80,7 +80,7 @@ final class Scratch {
     let dir: String
     let mnt: String
     private var mounted: [String] = []
-    private var tmpfsMounts: [String] = []
+    private var mediaMounts: [String] = []
 
     init() throws {
         dir = NSTemporaryDirectory() + "rawmount-test-" + UUID().uuidString.prefix(8)
@@ -154,8 +154,30 @@ final class Scratch {
         let dir = path(name)
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         try Harness.run(["mount", "-t", "tmpfs", "-o", "size=\(size)", "tmpfs", dir])
-        tmpfsMounts.append(dir)
+        mediaMounts.append(dir)
         return dir
+    }
+
+    /// A small ext4 on a loop device at `name` inside the scratch dir: a medium that can be
+    /// shut down (see `shutDownFileSystem`), unmounted when the scratch goes away.
+    func ext4(_ name: String, size: String) throws -> String {
+        let backing = path(name + ".ext4"), dir = path(name)
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        try Harness.run(["truncate", "-s", size, backing])
+        try Harness.run(["mkfs.ext4", "-q", "-F", backing])
+        try Harness.run(["mount", "-o", "loop", backing, dir])
+        mediaMounts.append(dir)
+        return dir
+    }
+
+    /// Makes every later write to the ext4 at `dir` fail with EIO, as a dying disk does
+    /// (EXT4_IOC_SHUTDOWN, without flushing the journal).
+    func shutDownFileSystem(_ dir: String) throws {
+        let fd = open(dir, O_RDONLY | O_DIRECTORY)
+        guard fd >= 0 else { throw POSIXError(POSIXErrorCode(rawValue: errno) ?? .EIO) }
+        defer { close(fd) }
+        var flags: UInt32 = 2  // EXT4_GOING_FLAGS_NOLOGFLUSH
+        guard ioctl(fd, 0x8004_587D, &flags) == 0 else { throw POSIXError(POSIXErrorCode(rawValue: errno) ?? .EIO) }
     }
 
     func unmount(_ mp: String? = nil) throws {
@@ -166,7 +188,7 @@ final class Scratch {
     deinit {
         for m in mounted { _ = try? Harness.run([Harness.rawmount, "unmount", m], check: false) }
         for m in mounted { _ = try? Harness.run(["umount", "-l", m], check: false) }
-        for m in tmpfsMounts { _ = try? Harness.run(["umount", "-l", m], check: false) }
+        for m in mediaMounts { _ = try? Harness.run(["umount", "-l", m], check: false) }
         if let text = try? String(contentsOfFile: serverLog, encoding: .utf8), !text.isEmpty {
             print("server log of \(dir):\n" + text)
         }
