@@ -36,7 +36,7 @@ public enum ImageFormat: String, CaseIterable, Sendable {
     static func recognised(head: [UInt8]) -> ImageFormat? {
         if QEDHeader.probe(head) { return .qed }
         if VDIHeader.probe(head) { return .vdi }
-        if BochsHeader.probe(head) { return .bochs }
+        if BochsHeader.probe(head) || BochsSparseHeader.probe(head) { return .bochs }
         if VMDKSparseHeader.probe(head) || VMDKDescriptor.probe(head) { return .vmdk }
         return nil
     }

@@ -36,7 +36,18 @@ public enum ImageOpener {
         case .vdi:
             return BlockDevice(driver: try VDIDriver(file: file))
         case .bochs:
-            return BlockDevice(driver: try BochsDriver(file: file))
+            let head = try file.readBytes(count: 4, at: 0, what: "Bochs header")
+            guard BochsSparseHeader.hasMagic(head) else { return BlockDevice(driver: try BochsDriver(file: file)) }
+            let driver = try BochsSparseDriver(file: file)
+            guard let parentPath = BochsSparseDriver.parentPath(of: path) else { return BlockDevice(driver: driver) }
+            let parent = try open(path: parentPath, options: .init(writable: false, lock: options.lock), depth: depth + 1)
+            // Bochs refuses a stack whose layers differ in page size or page count.
+            guard let p = parent.driver as? BochsSparseDriver, p.header.pageSize == driver.header.pageSize,
+                  p.header.pages == driver.header.pages else {
+                throw BlockError.invalid(file: path, field: "parent image",
+                                         detail: "\(parentPath) (which Bochs stacks this image on, by name) is not a Bochs sparse image with the same page size and page count")
+            }
+            return BlockDevice(driver: driver, backing: parent)
         case .vmdk:
             let driver = try VMDKDriver(file: file) { extentPath in
                 let f = try ImageFile(path: extentPath, writable: writable)

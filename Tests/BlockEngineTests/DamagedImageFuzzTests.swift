@@ -167,6 +167,9 @@ final class DamagedImageFuzzTests: XCTestCase {
         let out = dir + "/a.img"
         XCTAssertEqual(try run(["bximage", "-func=convert", "-imgmode=growing", "-q", try source(), out]), 0, "bximage convert")
         try fuzz("bochs", [UInt8](try Data(contentsOf: URL(fileURLWithPath: out))), format: .bochs, writable: false, seed: 41)
+        let sparse = dir + "/b.img"
+        XCTAssertEqual(try run(["bximage", "-func=convert", "-imgmode=sparse", "-q", try source(), sparse]), 0, "bximage convert")
+        try fuzz("bochs-sparse", [UInt8](try Data(contentsOf: URL(fileURLWithPath: sparse))), format: .bochs, writable: false, seed: 42)
     }
 
     func testDamagedVMDK() throws {

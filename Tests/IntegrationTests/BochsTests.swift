@@ -10,16 +10,17 @@ final class BochsTests: XCTestCase {
         try Harness.tool("qemu-img")
     }
 
-    /// A 10 MiB ext2 image with a known file, converted to a growing redolog by bximage.
-    func makeImage(_ s: Scratch) throws -> (image: String, source: String) {
+    /// A 10 MiB ext2 image with a known file, converted by bximage to a growing redolog
+    /// (or to `mode`, e.g. sparse).
+    func makeImage(_ s: Scratch, mode: String = "growing", name: String = "disk.img") throws -> (image: String, source: String) {
         let src = s.path("src.raw")
         try Harness.run(["truncate", "-s", "10M", src])
         try Harness.run(["mkfs.ext2", "-q", "-F", src])
         let payload = s.path("evidence.txt")
         try Data((0..<50_000).map { UInt8(truncatingIfNeeded: $0 % 251) }).write(to: URL(fileURLWithPath: payload))
         try Harness.run(["debugfs", "-w", "-R", "write \(payload) evidence.txt", src])
-        let img = s.path("disk.img")
-        try Harness.run(["bximage", "-func=convert", "-imgmode=growing", "-q", src, img])
+        let img = s.path(name)
+        try Harness.run(["bximage", "-func=convert", "-imgmode=\(mode)", "-q", src, img])
         return (img, src)
     }
 
@@ -123,5 +124,104 @@ final class BochsTests: XCTestCase {
         var d = bytes
         d.replaceSubrange(512..<516, with: le(1000, 4))
         try s.assertDamageIsLocal(d, name: "past.img", bad: 0, good: 1 << 20)
+    }
+
+    /// A Bochs sparse image: 256-byte header, page table, then the `present` pages (each
+    /// filled with its byte) in order from the first page boundary past the table.
+    func sparseImage(pageSize: Int, pages: Int, disk: UInt64?, present: [(page: Int, fill: UInt8)]) -> Data {
+        var d = Data(le(0x0246_8ACE, 4) + le(disk == nil ? 1 : 2, 4) + le(UInt64(pageSize), 4) + le(UInt64(pages), 4))
+        d += Data(le(disk ?? 0, 8))
+        d += Data(count: 256 - d.count)
+        var table = [UInt8](repeating: 0xFF, count: pages * 4)
+        for (k, p) in present.enumerated() { table.replaceSubrange(p.page * 4 ..< p.page * 4 + 4, with: le(UInt64(k), 4)) }
+        d += Data(table)
+        d += Data(count: (pageSize - d.count % pageSize) % pageSize)
+        for p in present { d += Data(repeating: p.fill, count: pageSize) }
+        return d
+    }
+
+    /// bximage's sparse mode (which QEMU cannot read: it probes as raw) reads as its source,
+    /// read-only, with unallocated pages as holes and the image untouched.
+    func testSparseImagesReadLikeTheirSource() throws {
+        let s = try Scratch()
+        let (img, src) = try makeImage(s, mode: "sparse")
+        let sha = try Files.sha(img)
+        let times = try Harness.run(["stat", "-c", "%Y %X", img]).out
+        let r = try Harness.run([Harness.rawmount, "mount", img, s.mnt])
+        XCTAssertTrue(r.err.contains("read-only"), r.err)
+        let raw = s.mnt + "/disk.raw"
+        XCTAssertEqual(open(raw, O_WRONLY), -1)
+        XCTAssertEqual(errno, EROFS)
+        let source = try Files.read(src)
+        XCTAssertTrue(try Files.read(raw) == source, "the sparse image does not read as its source")
+        // The first all-zero page of the source is a hole in the image and in the raw view.
+        let page = 32768
+        let firstZero = try XCTUnwrap(stride(from: 0, to: source.count, by: page).first { o in
+            source[o ..< o + page].allSatisfy { $0 == 0 } })
+        let fd = open(raw, O_RDONLY)
+        XCTAssertEqual(lseek(fd, 0, 4 /* SEEK_HOLE */), off_t(firstZero))
+        close(fd)
+        let listing = try Harness.run(["fls", raw]).out
+        XCTAssertTrue(listing.contains("evidence.txt"), listing)
+        try s.unmount()
+        XCTAssertEqual(try Files.sha(img), sha)
+        XCTAssertEqual(try Harness.run(["stat", "-c", "%Y %X", img]).out, times, "mtime/atime changed")
+        let info = try Harness.run([Harness.rawmount, "info", img]).out
+        XCTAssertTrue(info.contains("format: bochs") && info.contains("type: sparse") && info.contains("page size: 32768"), info)
+        // An empty image straight from bximage: its header size, all zeros.
+        let empty = s.path("empty.img")
+        try Harness.run(["bximage", "-func=create", "-hd=10M", "-imgmode=sparse", "-q", empty])
+        try s.mount(empty, options: ["-r"])
+        let view = try Files.read(s.mnt + "/empty.raw")
+        XCTAssertEqual(view.count, 10_321_920)
+        XCTAssertTrue(view.allSatisfy { $0 == 0 })
+        try s.unmount()
+    }
+
+    /// Bochs stacks sparse images by name: layer1 reads through to layer0 where it has no
+    /// page. Layers that do not match are refused, naming the parent.
+    func testSparseLayersStackByName() throws {
+        let s = try Scratch()
+        let (base, src) = try makeImage(s, mode: "sparse", name: "layer0")
+        let b = try Files.read(base)
+        let pageSize = Int(b[8]) | Int(b[9]) << 8 | Int(b[10]) << 16 | Int(b[11]) << 24
+        let pages = Int(b[12]) | Int(b[13]) << 8 | Int(b[14]) << 16 | Int(b[15]) << 24
+        let disk = UInt64(b[16]) | UInt64(b[17]) << 8 | UInt64(b[18]) << 16 | UInt64(b[19]) << 24
+        try sparseImage(pageSize: pageSize, pages: pages, disk: disk, present: [(1, 0xA1), (5, 0xA5), (200, 0xC8)])
+            .write(to: URL(fileURLWithPath: s.path("layer1")))
+        var expected = try Files.read(src)
+        for (p, fill) in [(1, UInt8(0xA1)), (5, 0xA5), (200, 0xC8)] {
+            expected.replaceSubrange(p * pageSize ..< (p + 1) * pageSize, with: Data(repeating: fill, count: pageSize))
+        }
+        try s.mount(s.path("layer1"), options: ["-r"])
+        XCTAssertTrue(try Files.read(s.mnt + "/layer1.raw") == expected, "layer1 over layer0 reads wrong")
+        try s.unmount()
+        let info = try Harness.run([Harness.rawmount, "info", s.path("layer1")]).out
+        XCTAssertTrue(info.contains("backing file 1: \(base)"), info)
+        // A layer whose parent has another page count is refused, naming the parent.
+        try sparseImage(pageSize: pageSize, pages: pages + 1, disk: disk, present: [])
+            .write(to: URL(fileURLWithPath: s.path("other0")))
+        try sparseImage(pageSize: pageSize, pages: pages, disk: disk, present: [(0, 1)])
+            .write(to: URL(fileURLWithPath: s.path("other1")))
+        try s.assertMountRefused(["-r", s.path("other1")], mentions: ["other1", "other0", "page count"], "mismatched layers")
+    }
+
+    func testDamagedSparseImagesFailCleanly() throws {
+        let s = try Scratch()
+        let bytes = sparseImage(pageSize: 4096, pages: 64, disk: 64 * 4096, present: [(0, 0x11), (9, 0x99)])
+        let damages: [(String, Int, [UInt8], String)] = [
+            ("version", 4, le(3, 4), "version"),
+            ("pagesize1000", 8, le(1000, 4), "page size"),
+            ("pagesize256", 8, le(256, 4), "page size"),
+            ("pages0", 12, le(0, 4), "page count"),
+            ("pageshuge", 12, le(0x7FFF_FFFF, 4), "truncated"),
+            ("diskbig", 16, le(65 * 4096, 8), "disk size"),
+            ("diskodd", 16, le(4097, 8), "disk size"),
+        ]
+        try s.assertDamagedCopiesRefused(bytes, ext: "img", mountOptions: ["-r", "--format", "bochs"], damages)
+        // A page table entry past the file: that page fails with EIO, others read.
+        var d = bytes
+        d.replaceSubrange(256..<260, with: le(1000, 4))
+        try s.assertDamageIsLocal(d, name: "past.img", bad: 0, good: 9 * 4096)
     }
 }

@@ -1,0 +1,84 @@
+import BlockEngine
+import Glibc
+
+/// Bochs sparse image, read-only. A page is either in this file (page table entry = its
+/// physical page number) or not here: then the parent answers (Bochs stacks sparse images
+/// by name, see `parentPath`), or zeros. The page table is read in chunks through the
+/// shared table cache; runs of pages that are contiguous on the host map as one range.
+public final class BochsSparseDriver: ImageDriver {
+    public let file: ImageFile
+    public let info: ImageInfo
+    public var isWritable: Bool { false }
+    public let header: BochsSparseHeader
+
+    let pageTable: TableCache
+    let chunkEntries: UInt64
+    let fileSize: UInt64
+    /// Longest run one `map` call assembles, so a call stays cheap on huge requests.
+    static let maxPagesPerMap: UInt64 = 256
+
+    public init(file: ImageFile) throws {
+        let h = try BochsSparseHeader.read(from: file)
+        self.file = file
+        header = h
+        fileSize = try file.size()
+        // Whole chunks must stay inside the file; the table is usually followed by at least
+        // the padding up to the first page, so 4 KiB chunks almost always fit.
+        var chunk: UInt64 = 4096
+        while chunk > 4 && BochsSparseHeader.headerSize + (h.pageTableBytes + chunk - 1) / chunk * chunk > fileSize { chunk /= 2 }
+        chunkEntries = chunk / 4
+        pageTable = TableCache(file: file, tableBytes: Int(chunk), encoding: .u32LE, capacity: max(64, Int((1 << 20) / chunk)))
+        info = ImageInfo(format: "bochs", virtualSize: h.diskSize, clusterSize: UInt64(h.pageSize), details: [
+            ("type", "sparse"),
+            ("version", "\(h.version)"),
+            ("page size", "\(h.pageSize)"),
+            ("pages", "\(h.pages)"),
+        ])
+    }
+
+    /// The image Bochs stacks this one on: when the file name ends in a digit 1-9, the same
+    /// name with that digit one lower (disk.img2 over disk.img1 over disk.img0), if it exists.
+    public static func parentPath(of path: String) -> String? {
+        guard let last = path.unicodeScalars.last, ("1"..."9").contains(last) else { return nil }
+        let parent = String(path.unicodeScalars.dropLast()) + String(UnicodeScalar(last.value - 1)!)
+        return access(parent, F_OK) == 0 ? parent : nil
+    }
+
+    private func entry(_ page: UInt64) throws -> UInt64 {
+        let table = BochsSparseHeader.headerSize + (page / chunkEntries) * chunkEntries * 4
+        return try pageTable.entry(table: table, index: Int(page % chunkEntries))
+    }
+
+    private func mapPage(_ page: UInt64, from offset: UInt64, to end: UInt64) throws -> Mapping {
+        let size = UInt64(header.pageSize)
+        let physical = try entry(page)
+        if physical == UInt64(BochsSparseHeader.notAllocated) { return .unallocated(length: end - offset) }
+        let start = header.dataStart + physical * size
+        guard start + size <= fileSize else {
+            throw BlockError.invalid(file: file.path, field: "page table entry \(page)",
+                                     detail: "physical page \(physical) lies outside the \(fileSize)-byte file")
+        }
+        return .data(host: start + offset - page * size, length: end - offset)
+    }
+
+    public func map(_ offset: UInt64, maxLength: UInt64) throws -> Mapping {
+        let size = UInt64(header.pageSize)
+        let end = offset + maxLength
+        var page = offset / size
+        var mapping = try mapPage(page, from: offset, to: min(end, (page + 1) * size))
+        var covered = offset + mapping.length
+        let lastPage = page + Self.maxPagesPerMap
+        while covered < end && page + 1 < lastPage {
+            page += 1
+            // A bad entry further on is reported when that page itself is read.
+            guard let next = try? mapPage(page, from: covered, to: min(end, (page + 1) * size)),
+                  let longer = mapping.merged(with: next) else { break }
+            mapping = longer
+            covered = offset + mapping.length
+        }
+        return mapping
+    }
+
+    public func flush() throws {}
+    public func close() throws {}
+}
