@@ -117,7 +117,8 @@ struct MountCommand: ParsableCommand {
             note("\(image): this \(device.driver.info.format) image cannot be written here (read-only format, extent or compression); mounting read-only")
             ro = true
         }
-        let file = ExposedFile(name: Paths.rawName(forImage: imagePath), device: device, readOnly: ro)
+        // Named as the user named the image (a symlink shows under its own name).
+        let file = ExposedFile(name: Paths.rawName(forImage: image), device: device, readOnly: ro)
         let serverLog: ServerLog?
         do { serverLog = try log.map { try ServerLog(path: $0) } } catch {
             try? device.close()

@@ -25,6 +25,11 @@ final class RawMountTests: XCTestCase {
         XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: s.mnt), ["win.raw"])
         try s.unmount()
         XCTAssertFalse(try Harness.run(["mountpoint", "-q", s.mnt], check: false).status == 0)
+        // Through a symlink, the raw file is named as the user named the image.
+        try FileManager.default.createSymbolicLink(atPath: s.path("vm-disk.img"), withDestinationPath: img)
+        try s.mount(s.path("vm-disk.img"))
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: s.mnt), ["vm-disk.raw"])
+        try s.unmount()
     }
 
     func testRandomUnalignedWritesMatchShadow() throws {
