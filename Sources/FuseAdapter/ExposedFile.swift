@@ -21,12 +21,28 @@ public struct ExposedFile: Sendable {
         writeBehind = self.readOnly ? nil : WriteBehind(device: device)
     }
 
+    /// When the disk was last changed through this mount (nil: not yet); shown as the
+    /// file's mtime and ctime, so tools that compare times (make, rsync -u, backups) see it.
+    private let lastChange = ChangeClock()
+    func noteChange() { lastChange.note() }
+    var changedAt: timespec? { lastChange.time }
+
     /// Guest allocation for st_blocks. Walking the tables of a large image on every stat
     /// would be slow, so the answer is reused for a second (the attribute timeout).
     private let allocation = AllocationCache()
     var allocatedBytes: UInt64 {
         allocation.value(now: monotonicSeconds()) { (try? device.allocatedBytes()) ?? device.virtualSize }
     }
+}
+
+final class ChangeClock: Sendable {
+    private let state = Mutex<timespec?>(nil)
+    func note() {
+        var now = timespec()
+        clock_gettime(CLOCK_REALTIME, &now)
+        state.withLock { $0 = now }
+    }
+    var time: timespec? { state.withLock { $0 } }
 }
 
 final class AllocationCache: Sendable {
@@ -86,6 +102,7 @@ public final class FuseFilesystem: Sendable {
         st.st_uid = uid; st.st_gid = gid
         st.st_atim = times.atime; st.st_mtim = times.mtime; st.st_ctim = times.ctime
         if let f = file(ino) {
+            if let t = f.changedAt { st.st_mtim = t; st.st_ctim = t }
             st.st_mode = S_IFREG | (f.readOnly ? 0o444 : 0o644)
             st.st_nlink = 1
             st.st_size = off_t(f.device.virtualSize)

@@ -113,6 +113,7 @@ func makeOperations() -> fuse_lowlevel_ops {
         // O_SYNC/O_DSYNC: the kernel leaves these to the server on direct-I/O files; the
         // write completes once it is durable in the image.
         let synchronous = rm_fi_flags(fi) & (O_DSYNC | O_SYNC) != 0
+        file.noteChange()
         do {
             if let behind = file.writeBehind {
                 try behind.reportFailure()
@@ -215,6 +216,7 @@ func makeOperations() -> fuse_lowlevel_ops {
         // Zeroing never changes the size: clip to the disk.
         guard start < disk else { fuse_reply_err(req, mode & rm_FALLOC_FL_KEEP_SIZE != 0 ? 0 : EOPNOTSUPP); return }
         if end > disk && mode & rm_FALLOC_FL_KEEP_SIZE == 0 { fuse_reply_err(req, EOPNOTSUPP); return }
+        file.noteChange()
         do {
             try file.writeBehind?.settle()
             try file.device.zero(at: start, length: min(end, disk) - start, deallocate: punch)

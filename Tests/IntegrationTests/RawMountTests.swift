@@ -40,6 +40,8 @@ final class RawMountTests: XCTestCase {
         // Start from random content so untouched bytes are checked too.
         FileManager.default.createFile(atPath: img, contents: Data(rng.bytes(Int(size))))
         try FileManager.default.copyItem(atPath: img, toPath: shadow)
+        // The image's times are in the past: the raw file's mtime must move when it is written.
+        try Harness.run(["touch", "-d", "2001-01-01", img])
         try s.mount(img)
         let raw = s.mnt + "/disk.raw"
         for _ in 0..<300 {
@@ -50,6 +52,8 @@ final class RawMountTests: XCTestCase {
             try Files.pwrite(shadow, data, at: off)
         }
         XCTAssertEqual(try Files.read(raw), try Files.read(shadow), "read back through the mount")
+        let mtime = (try FileManager.default.attributesOfItem(atPath: raw)[.modificationDate] as? Date) ?? .distantPast
+        XCTAssertGreaterThan(mtime, Date(timeIntervalSinceNow: -600), "mtime did not follow the writes")
         try s.unmount()
         XCTAssertEqual(try Files.read(img), try Files.read(shadow), "image after unmount")
     }
