@@ -1,5 +1,24 @@
-// The system zlib, for VMDK streamOptimized grains (and qcow2 deflate clusters later).
+// The system zlib, for VMDK streamOptimized grains and qcow2 deflate clusters.
 #ifndef RAWMOUNT_CZLIB_SHIM_H
 #define RAWMOUNT_CZLIB_SHIM_H
+#include <string.h>
 #include <zlib.h>
+
+// Inflates a raw deflate stream (no zlib header, as qcow2 stores clusters) until `dst` is
+// full or the stream ends; bytes after that are ignored. Returns Z_OK with *produced set,
+// or a zlib error code. (inflateInit2 is a macro, which Swift cannot call.)
+static inline int rm_inflate_raw(const void *src, size_t src_len, void *dst, size_t dst_len, size_t *produced) {
+    z_stream s;
+    memset(&s, 0, sizeof s);
+    int rc = inflateInit2(&s, -15);
+    if (rc != Z_OK) return rc;
+    s.next_in = (Bytef *)src; s.avail_in = (uInt)src_len;
+    s.next_out = (Bytef *)dst; s.avail_out = (uInt)dst_len;
+    rc = inflate(&s, Z_FINISH);
+    *produced = dst_len - s.avail_out;
+    inflateEnd(&s);
+    // A full output buffer is success even if the stream goes on (Z_BUF_ERROR/Z_OK).
+    if (rc == Z_STREAM_END || s.avail_out == 0) return Z_OK;
+    return rc == Z_OK ? Z_DATA_ERROR : rc;
+}
 #endif

@@ -7,9 +7,10 @@ public enum ImageFormat: String, CaseIterable, Sendable {
     case vdi
     case bochs
     case vmdk
+    case qcow2
 
     /// Formats rawmount can write; the others are always opened read-only.
-    public var supportsWriting: Bool { self != .bochs }
+    public var supportsWriting: Bool { self != .bochs && self != .qcow2 }
 
     /// Picks the format from the file's first bytes; anything unrecognised is raw, as in QEMU.
     /// Formats QEMU reads and rawmount does not (qcow2, VHDX, ...) are refused, naming the
@@ -38,6 +39,7 @@ public enum ImageFormat: String, CaseIterable, Sendable {
         if VDIHeader.probe(head) { return .vdi }
         if BochsHeader.probe(head) || BochsSparseHeader.probe(head) { return .bochs }
         if VMDKSparseHeader.probe(head) || VMDKDescriptor.probe(head) { return .vmdk }
+        if QCOW2Header.probe(head) { return .qcow2 }
         return nil
     }
 

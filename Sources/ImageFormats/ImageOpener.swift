@@ -67,6 +67,15 @@ public enum ImageOpener {
                 }
             }
             return BlockDevice(driver: driver, backing: parent)
+        case .qcow2:
+            let driver = try QCOW2Driver(file: file)
+            var backing: BlockDevice? = nil
+            if let name = driver.header.backingName {
+                // The backing-format extension names the format; QEMU probes only without it.
+                let format = driver.header.backingFormat.flatMap { ImageFormat(rawValue: $0) }
+                backing = try openBacking(name, of: path, format: format, options: options, depth: depth)
+            }
+            return BlockDevice(driver: driver, backing: backing)
         case .raw:
             return BlockDevice(driver: try RawDriver(file: file, probed: options.format == nil))
         case .qed:

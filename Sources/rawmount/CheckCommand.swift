@@ -43,6 +43,9 @@ struct CheckCommand: ParsableCommand {
                     throw ExitCode(2)
                 }
                 print("No errors were found on the image.")
+            case .qcow2:
+                printError("rawmount: \(image): checking qcow2 images is not implemented (rawmount only reads them); `qemu-img check` does")
+                throw ExitCode.failure
             case .raw, .bochs, .vmdk:
                 print("\(image): nothing to check for this format")
             }

@@ -114,7 +114,12 @@ struct MountCommand: ParsableCommand {
         }
         var ro = readOnly
         if !readOnly && !device.isWritable {
-            note("\(image): this \(device.driver.info.format) image cannot be written here (read-only format, extent or compression); mounting read-only")
+            let why = switch device.driver.info.format {
+            case "bochs": "Bochs images are always read-only"
+            case "qcow2": "rawmount reads qcow2 but does not write it"
+            default: "read-only extent or compressed format"
+            }
+            note("\(image): this \(device.driver.info.format) image cannot be written here (\(why)); mounting read-only")
             ro = true
         }
         // Named as the user named the image (a symlink shows under its own name).

@@ -172,6 +172,12 @@ final class DamagedImageFuzzTests: XCTestCase {
         try fuzz("bochs-sparse", [UInt8](try Data(contentsOf: URL(fileURLWithPath: sparse))), format: .bochs, writable: false, seed: 42)
     }
 
+    func testDamagedQCOW2() throws {
+        try fuzz("qcow2", try image("a.qcow2", ["-O", "qcow2", "-o", "cluster_size=4096"]), format: .qcow2, writable: false, seed: 51)
+        try fuzz("qcow2-compressed", try image("b.qcow2", ["-c", "-O", "qcow2", "-o", "cluster_size=4096"]), format: .qcow2, writable: false, seed: 52)
+        try fuzz("qcow2-subclusters", try image("c.qcow2", ["-O", "qcow2", "-o", "extended_l2=on,cluster_size=16k"]), format: .qcow2, writable: false, seed: 53)
+    }
+
     func testDamagedVMDK() throws {
         try fuzz("vmdk", try image("a.vmdk", ["-O", "vmdk"]), format: .vmdk, writable: true, seed: 31)
         try fuzz("vmdk-stream", try image("b.vmdk", ["-O", "vmdk", "-o", "subformat=streamOptimized"]), format: .vmdk, writable: false, seed: 32)

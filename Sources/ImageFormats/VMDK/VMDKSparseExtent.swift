@@ -12,8 +12,7 @@ final class VMDKSparseExtent: Sendable {
     let allocator: Allocator
     static let gdChunk = 512
     /// Recently inflated grains (streamOptimized), so small reads do not inflate a grain again.
-    private let inflated: Mutex<(grains: [UInt64: [UInt8]], order: [UInt64])>
-    private var inflatedCapacity: Int { max(4, (8 << 20) / Int(header.grainBytes)) }
+    private let inflated: InflatedClusters
 
     init(file: ImageFile) throws {
         let h = try VMDKSparseHeader.read(from: file)
@@ -27,13 +26,16 @@ final class VMDKSparseExtent: Sendable {
                                beforeWriteBack: { [t, file] in try t.flush(); try file.sync() })
         allocator = Allocator(file: file.path, nextOffset: try file.size(), alignment: 512, limit: UInt64(UInt32.max) * 512,
                               preallocating: file)
-        inflated = Mutex(([:], []))
+        inflated = InflatedClusters(clusterBytes: Int(h.grainBytes))
     }
 
     /// The inflated bytes of the compressed grain at `sector` (marker + zlib stream, or a bare
     /// zlib stream without markers).
     func grain(atSector sector: UInt64) throws -> [UInt8] {
-        if let hit = inflated.withLock({ $0.grains[sector] }) { return hit }
+        try inflated.cluster(at: sector) { try inflateGrain(atSector: sector) }
+    }
+
+    private func inflateGrain(atSector sector: UInt64) throws -> [UInt8] {
         let grainBytes = Int(header.grainBytes)
         let at = sector * 512
         var dataAt = at, size: UInt64
@@ -57,13 +59,6 @@ final class VMDKSparseExtent: Sendable {
         guard rc == Z_OK, outLen == uLongf(grainBytes) else {
             throw BlockError.invalid(file: file.path, field: "compressed grain at sector \(sector)",
                                      detail: rc == Z_OK ? "inflates to \(outLen) bytes, not one \(grainBytes)-byte grain" : "zlib error \(rc)")
-        }
-        inflated.withLock { c in
-            if c.grains[sector] == nil {
-                c.grains[sector] = out
-                c.order.append(sector)
-                if c.order.count > inflatedCapacity { c.grains[c.order.removeFirst()] = nil }
-            }
         }
         return out
     }

@@ -1,0 +1,164 @@
+import BlockEngine
+import CZlib
+
+/// qcow2, read-only: the active L1 table -> L2 tables (read in slices through the shared
+/// table cache) -> clusters that are data, zero, unallocated (backing file or zeros) or
+/// deflate-compressed; extended L2 images map per subcluster. Snapshots, refcounts and dirty
+/// bitmaps do not change what the guest reads and are left untouched.
+public final class QCOW2Driver: ImageDriver {
+    public let file: ImageFile
+    public let info: ImageInfo
+    public var isWritable: Bool { false }
+    public let header: QCOW2Header
+
+    let l1: TableCache
+    let l1ChunkEntries: UInt64
+    let l2: TableCache
+    let l2SliceBytes: UInt64
+    let fileSize: UInt64
+    let inflated: InflatedClusters
+    static let offsetMask: UInt64 = 0x00FF_FFFF_FFFF_FE00
+    static let compressedFlag: UInt64 = 1 << 62
+    static let zeroFlag: UInt64 = 1
+    /// Longest run one `map` call assembles, so a call stays cheap on huge requests.
+    static let maxClustersPerMap: UInt64 = 512
+
+    public init(file: ImageFile) throws {
+        let h = try QCOW2Header.read(from: file)
+        self.file = file
+        header = h
+        fileSize = try file.size()
+        // L1 chunks must not run past the file; the L1 itself was checked to fit.
+        let l1Bytes = UInt64(h.l1Entries) * 8
+        var chunk: UInt64 = 4096
+        while chunk > 8 && h.l1Offset + (l1Bytes + chunk - 1) / chunk * chunk > fileSize { chunk /= 2 }
+        l1ChunkEntries = chunk / 8
+        l1 = TableCache(file: file, tableBytes: Int(chunk), encoding: .u64BE, capacity: 256)
+        // L2 tables are read in slices of at most 4 KiB, as QEMU does, so a 2 MiB-cluster
+        // image does not read 2 MiB of table for one small read.
+        l2SliceBytes = min(h.clusterSize, 4096)
+        l2 = TableCache(file: file, tableBytes: Int(l2SliceBytes), encoding: .u64BE, capacity: 4096)
+        inflated = InflatedClusters(clusterBytes: Int(h.clusterSize))
+        var details: [(String, String)] = [
+            ("version", "\(h.version)"),
+            ("compression type", h.compressionType == 0 ? "deflate" : "zstd"),
+        ]
+        if h.extendedL2 { details.append(("extended L2", "yes (32 subclusters per cluster)")) }
+        if h.snapshots > 0 { details.append(("internal snapshots", "\(h.snapshots) (the active disk is shown)")) }
+        if h.hasBitmaps { details.append(("dirty bitmaps", "present (left untouched)")) }
+        if h.incompatible & QCOW2Header.incompatibleDirty != 0 { details.append(("dirty", "yes (refcounts may be stale; reads are not affected)")) }
+        if h.incompatible & QCOW2Header.incompatibleCorrupt != 0 { details.append(("corrupt", "marked corrupt by QEMU")) }
+        info = ImageInfo(format: "qcow2", virtualSize: h.size, clusterSize: h.clusterSize, details: details)
+    }
+
+    private func l1Entry(_ i: UInt64) throws -> UInt64 {
+        try l1.entry(table: header.l1Offset + (i / l1ChunkEntries) * l1ChunkEntries * 8, index: Int(i % l1ChunkEntries))
+    }
+
+    /// L2 entry `i` of the table at `table` (and its subcluster bitmap with extended L2).
+    private func l2Entry(_ table: UInt64, _ i: UInt64) throws -> (entry: UInt64, bitmap: UInt64) {
+        let perSlice = l2SliceBytes / 8
+        let word = i * (header.l2EntryBytes / 8)
+        let slice = table + (word / perSlice) * l2SliceBytes
+        let entry = try l2.entry(table: slice, index: Int(word % perSlice))
+        guard header.extendedL2 else { return (entry, 0) }
+        return (entry, try l2.entry(table: slice, index: Int(word % perSlice) + 1))
+    }
+
+    public func map(_ offset: UInt64, maxLength: UInt64) throws -> Mapping {
+        let cs = header.clusterSize
+        let l1Index = offset / header.l1Coverage
+        let end = min(offset + maxLength, (l1Index + 1) * header.l1Coverage)
+        let table = try l1Entry(l1Index) & Self.offsetMask
+        if table == 0 { return .unallocated(length: end - offset) }
+        guard table % cs == 0, table <= fileSize, cs <= fileSize - table else {
+            throw BlockError.invalid(file: file.path, field: "L1 entry \(l1Index)",
+                                     detail: "L2 table offset \(table) is not a cluster inside the \(fileSize)-byte file")
+        }
+        var mapping = try mapCluster(table, offset, end)
+        var covered = offset + mapping.length
+        var clusters: UInt64 = 1
+        while covered < end && clusters < Self.maxClustersPerMap {
+            // A bad entry further on is reported when that cluster itself is read.
+            guard let next = try? mapCluster(table, covered, end), let longer = mapping.merged(with: next) else { break }
+            mapping = longer
+            covered = offset + mapping.length
+            clusters += 1
+        }
+        return mapping
+    }
+
+    /// What guest bytes from `offset` are, up to the end of their cluster (or of their run
+    /// of like subclusters) and never past `end`.
+    private func mapCluster(_ table: UInt64, _ offset: UInt64, _ end: UInt64) throws -> Mapping {
+        let cs = header.clusterSize
+        let index = (offset / cs) % header.l2Entries
+        let (e, bitmap) = try l2Entry(table, index)
+        let inCluster = offset % cs
+        let clusterEnd = min(end, offset - inCluster + cs)
+        if e & Self.compressedFlag != 0 {
+            let x = 62 - (UInt64(header.clusterBits) - 8)
+            let host = e & ((1 << x) - 1)
+            let sectors = ((e >> x) & ((1 << (UInt64(header.clusterBits) - 8)) - 1)) + 1
+            guard host < fileSize else {
+                throw BlockError.invalid(file: file.path, field: "L2 entry for guest offset \(offset - inCluster)",
+                                         detail: "compressed cluster at \(host) lies outside the \(fileSize)-byte file")
+            }
+            return .compressed(host: host, size: sectors * 512 - (host & 511), length: clusterEnd - offset)
+        }
+        let host = e & Self.offsetMask
+        if host != 0 && host % cs != 0 {
+            throw BlockError.invalid(file: file.path, field: "L2 entry for guest offset \(offset - inCluster)",
+                                     detail: "data offset \(host) is not cluster aligned")
+        }
+        guard header.extendedL2 else {
+            if e & Self.zeroFlag != 0 { return .zero(length: clusterEnd - offset) }
+            return host == 0 ? .unallocated(length: clusterEnd - offset) : .data(host: host + inCluster, length: clusterEnd - offset)
+        }
+        // Extended L2: bit sc of the bitmap allocates subcluster sc, bit 32+sc makes it read as zeros.
+        let sub = cs / 32
+        func state(_ sc: UInt64) throws -> Int {
+            let allocated = bitmap >> sc & 1 != 0, zero = bitmap >> (32 + sc) & 1 != 0
+            if allocated && zero || allocated && host == 0 {
+                throw BlockError.invalid(file: file.path, field: "L2 bitmap for guest offset \(offset - inCluster)",
+                                         detail: "subcluster \(sc) is " + (zero ? "both allocated and zero" : "allocated in an unallocated cluster"))
+            }
+            return zero ? 0 : allocated ? 1 : 2
+        }
+        let first = inCluster / sub
+        let kind = try state(first)
+        var sc = first + 1
+        while sc < 32 && (offset - inCluster) + sc * sub < clusterEnd, try state(sc) == kind { sc += 1 }
+        let runEnd = min(clusterEnd, offset - inCluster + sc * sub)
+        switch kind {
+        case 0: return .zero(length: runEnd - offset)
+        case 1: return .data(host: host + inCluster, length: runEnd - offset)
+        default: return .unallocated(length: runEnd - offset)
+        }
+    }
+
+    public func readCompressed(_ mapping: Mapping, guestOffset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws {
+        guard case let .compressed(host, size, _) = mapping else { return }
+        let cs = Int(header.clusterSize)
+        let cluster = try inflated.cluster(at: host) {
+            // The last compressed cluster may claim sectors past the end of the file.
+            var compressed = [UInt8](repeating: 0, count: Int(min(size, UInt64(2 * cs) + 512)))
+            let got = try compressed.withUnsafeMutableBytes { try file.readUpTo(into: $0, at: host) }
+            var out = [UInt8](repeating: 0, count: cs)
+            var produced = 0
+            let rc = out.withUnsafeMutableBytes { o in
+                compressed.withUnsafeBytes { c in rm_inflate_raw(c.baseAddress, got, o.baseAddress, cs, &produced) }
+            }
+            guard rc == Z_OK, produced == cs else {
+                throw BlockError.invalid(file: file.path, field: "compressed cluster at \(host)",
+                                         detail: rc == Z_OK ? "inflates to \(produced) bytes, not one \(cs)-byte cluster" : "deflate error \(rc)")
+            }
+            return out
+        }
+        let at = Int(guestOffset % header.clusterSize)
+        cluster.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[at ..< at + buffer.count])) }
+    }
+
+    public func flush() throws {}
+    public func close() throws {}
+}

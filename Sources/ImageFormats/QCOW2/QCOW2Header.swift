@@ -1,0 +1,162 @@
+import BlockEngine
+
+/// The qcow2 header (versions 2 and 3, big-endian), its extensions and backing file name,
+/// validated as QEMU does, plus checks QEMU leaves to later (tables inside the file).
+public struct QCOW2Header: Sendable {
+    public static let magic: [UInt8] = [0x51, 0x46, 0x49, 0xFB]  // "QFI\xfb"
+    static let incompatibleDirty: UInt64 = 1 << 0
+    static let incompatibleCorrupt: UInt64 = 1 << 1
+    static let incompatibleDataFile: UInt64 = 1 << 2
+    static let incompatibleCompression: UInt64 = 1 << 3
+    static let incompatibleExtendedL2: UInt64 = 1 << 4
+    static let knownIncompatible: UInt64 = 0x1F
+    /// QEMU's limits: L1 of at most 32 MiB, backing name of at most 1023 bytes.
+    static let maxL1Bytes: UInt64 = 32 << 20
+    static let maxBackingName = 1023
+
+    public var version: UInt32
+    public var clusterBits: UInt32
+    public var size: UInt64
+    public var l1Entries: UInt32
+    public var l1Offset: UInt64
+    public var snapshots: UInt32
+    public var incompatible: UInt64
+    public var compatible: UInt64
+    public var autoclear: UInt64
+    public var headerLength: UInt32
+    /// 0 deflate, 1 zstd.
+    public var compressionType: UInt8
+    public var backingName: String?
+    /// From the backing-format extension ("raw", "qcow2", ...), when present.
+    public var backingFormat: String?
+    /// Names of incompatible features from the feature-name table, by bit.
+    public var featureNames: [Int: String] = [:]
+    public var hasBitmaps = false
+
+    public var clusterSize: UInt64 { 1 << UInt64(clusterBits) }
+    public var extendedL2: Bool { incompatible & Self.incompatibleExtendedL2 != 0 }
+    /// Bytes per L2 entry: 16 with extended L2 (entry + subcluster bitmap), else 8.
+    public var l2EntryBytes: UInt64 { extendedL2 ? 16 : 8 }
+    public var l2Entries: UInt64 { clusterSize / l2EntryBytes }
+    /// Guest bytes one L1 entry covers.
+    public var l1Coverage: UInt64 { clusterSize * l2Entries }
+
+    public static func probe(_ b: [UInt8]) -> Bool {
+        b.count >= 8 && b.starts(with: magic) && (be32(b, 4) == 2 || be32(b, 4) == 3)
+    }
+
+    public static func read(from file: ImageFile) throws -> QCOW2Header {
+        let path = file.path
+        let fileSize = try file.size()
+        func bad(_ field: String, _ detail: String) -> BlockError { .invalid(file: path, field: field, detail: detail) }
+        guard fileSize >= 72 else { throw BlockError.truncated(file: path, what: "qcow2 header", offset: 0, needed: 72, fileSize: fileSize) }
+        let first = try file.readBytes(count: Int(min(fileSize, 512)), at: 0, what: "qcow2 header")
+        guard first.starts(with: magic) else { throw bad("qcow2 magic", "not a qcow2 image") }
+        let version = be32(first, 4)
+        guard version == 2 || version == 3 else {
+            throw BlockError.unsupported(file: path, feature: "qcow2 version \(version) (only 2 and 3 exist)")
+        }
+        let clusterBits = be32(first, 20)
+        guard (9...21).contains(clusterBits) else { throw bad("cluster bits", "\(clusterBits) (QEMU allows 9-21: 512 B to 2 MiB)") }
+        let clusterSize = UInt64(1) << UInt64(clusterBits)
+        // Header, extensions and backing name all live in the first cluster.
+        let head = try file.readBytes(count: Int(min(fileSize, clusterSize)), at: 0, what: "qcow2 header cluster")
+        var h = QCOW2Header(version: version, clusterBits: clusterBits, size: be64(head, 24), l1Entries: be32(head, 36),
+                            l1Offset: be64(head, 40), snapshots: be32(head, 60), incompatible: 0, compatible: 0,
+                            autoclear: 0, headerLength: 72, compressionType: 0)
+        let cryptMethod = be32(head, 32)
+        if cryptMethod != 0 {
+            throw BlockError.unsupported(file: path, feature: cryptMethod == 2 ? "LUKS-encrypted qcow2" : "AES-encrypted qcow2 (crypt method \(cryptMethod))")
+        }
+        if version == 3 {
+            guard head.count >= 104 else { throw BlockError.truncated(file: path, what: "qcow2 v3 header", offset: 0, needed: 104, fileSize: fileSize) }
+            h.incompatible = be64(head, 72); h.compatible = be64(head, 80); h.autoclear = be64(head, 88)
+            let refcountOrder = be32(head, 96)
+            guard refcountOrder <= 6 else { throw bad("refcount order", "\(refcountOrder) (at most 6)") }
+            h.headerLength = be32(head, 100)
+            guard h.headerLength >= 104, h.headerLength % 8 == 0, UInt64(h.headerLength) <= min(clusterSize, UInt64(head.count)) else {
+                throw bad("header length", "\(h.headerLength) (must be a multiple of 8 from 104 to the cluster size)")
+            }
+            if h.headerLength > 104 { h.compressionType = head[104] }
+        }
+        // Extensions: after the header, up to the backing name (or the cluster's end).
+        let backingOffset = be64(head, 8), backingSize = be32(head, 16)
+        let extensionsEnd = backingOffset != 0 ? backingOffset : UInt64(head.count)
+        guard backingOffset <= UInt64(head.count) else { throw bad("backing file offset", "\(backingOffset) lies outside the header cluster") }
+        try h.readExtensions(head, from: Int(h.headerLength), to: Int(extensionsEnd), path: path)
+
+        let unknown = h.incompatible & ~knownIncompatible
+        if unknown != 0 {
+            let bits = (0..<64).filter { unknown >> UInt64($0) & 1 != 0 }
+            let named = bits.map { b in h.featureNames[b].map { "\(b) (\($0))" } ?? "\(b)" }
+            throw BlockError.unsupported(file: path, feature: "incompatible qcow2 feature bit \(named.joined(separator: ", "))")
+        }
+        if h.incompatible & incompatibleDataFile != 0 {
+            throw BlockError.unsupported(file: path, feature: "qcow2 with an external data file")
+        }
+        guard (h.incompatible & incompatibleCompression != 0) == (h.compressionType != 0) else {
+            throw bad("compression type", "\(h.compressionType) does not agree with incompatible feature bit 3")
+        }
+        guard h.compressionType <= 1 else { throw BlockError.unsupported(file: path, feature: "qcow2 compression type \(h.compressionType)") }
+        if h.compressionType == 1 { throw BlockError.unsupported(file: path, feature: "zstd-compressed qcow2 (only deflate is read)") }
+        if h.extendedL2 && clusterBits < 14 { throw bad("cluster bits", "\(clusterBits) is too small for extended L2 (at least 14)") }
+
+        if backingOffset != 0 {
+            guard backingSize > 0, backingSize <= UInt32(maxBackingName), backingOffset + UInt64(backingSize) <= UInt64(head.count) else {
+                throw bad("backing file name", "\(backingSize) bytes at \(backingOffset) does not fit the header cluster (limit \(maxBackingName))")
+            }
+            let bytes = head[Int(backingOffset) ..< Int(backingOffset) + Int(backingSize)]
+            guard !bytes.contains(0), let name = String(validating: bytes, as: UTF8.self) else {
+                throw bad("backing file name", "contains a NUL byte or is not UTF-8")
+            }
+            h.backingName = name
+        }
+
+        guard h.size % 512 == 0 else { throw bad("size", "\(h.size) is not a multiple of 512") }
+        guard h.size <= 1 << 62 else { throw bad("size", "\(h.size) is too large") }
+        let needed = (h.size + h.l1Coverage - 1) / h.l1Coverage
+        guard UInt64(h.l1Entries) >= needed else { throw bad("L1 size", "\(h.l1Entries) entries; a \(h.size)-byte disk needs \(needed)") }
+        let l1Bytes = UInt64(h.l1Entries) * 8
+        guard l1Bytes <= maxL1Bytes else { throw bad("L1 size", "\(h.l1Entries) entries is larger than QEMU's 32 MiB limit") }
+        if h.l1Entries > 0 {
+            guard h.l1Offset % clusterSize == 0, h.l1Offset >= clusterSize else {
+                throw bad("L1 table offset", "\(h.l1Offset) is not a cluster boundary past the header")
+            }
+            guard h.l1Offset <= fileSize, l1Bytes <= fileSize - h.l1Offset else {
+                throw BlockError.truncated(file: path, what: "qcow2 L1 table", offset: h.l1Offset, needed: l1Bytes, fileSize: fileSize)
+            }
+        }
+        return h
+    }
+
+    private mutating func readExtensions(_ head: [UInt8], from start: Int, to end: Int, path: String) throws {
+        var at = start
+        while at + 8 <= end {
+            let type = be32(head, at), length = Int(be32(head, at + 4))
+            if type == 0 { return }
+            guard length <= end - at - 8 else {
+                throw BlockError.invalid(file: path, field: "header extension 0x\(String(type, radix: 16))",
+                                         detail: "\(length) bytes run past the end of the extension area")
+            }
+            let data = head[(at + 8) ..< (at + 8 + length)]
+            switch type {
+            case 0xE279_2ACA:
+                backingFormat = String(decoding: data.prefix { $0 != 0 }, as: UTF8.self)
+            case 0x6803_F857:
+                for e in stride(from: data.startIndex, to: data.endIndex - 47, by: 48) where data[e] == 0 {
+                    featureNames[Int(data[e + 1])] = String(decoding: data[(e + 2) ..< (e + 48)].prefix { $0 != 0 }, as: UTF8.self)
+                }
+            case 0x2385_2875:
+                hasBitmaps = true
+            default:
+                break  // other extensions do not change what the guest reads
+            }
+            at += 8 + (length + 7) / 8 * 8
+        }
+    }
+}
+
+func be32(_ b: [UInt8], _ o: Int) -> UInt32 {
+    UInt32(b[o]) << 24 | UInt32(b[o + 1]) << 16 | UInt32(b[o + 2]) << 8 | UInt32(b[o + 3])
+}
+func be64(_ b: [UInt8], _ o: Int) -> UInt64 { UInt64(be32(b, o)) << 32 | UInt64(be32(b, o + 4)) }

@@ -1,0 +1,143 @@
+import Foundation
+import XCTest
+
+/// qcow2 images made by qemu-img, read through a (read-only) mount and compared with
+/// `qemu-img convert -O raw`; the image must not change.
+final class QCOW2Tests: XCTestCase {
+    override func setUpWithError() throws {
+        try Harness.requireFuse()
+        try Harness.tool("qemu-img")
+    }
+
+    /// Random data in a few places, zero writes, a discard and a compressed cluster.
+    func populate(_ img: String, size: Int) throws {
+        try Harness.run(["qemu-io", "-f", "qcow2",
+                         "-c", "write -P 0x11 0 1M", "-c", "write -P 0x22 \(size / 2 + 4096) 12k",
+                         "-c", "write -z 64k 128k", "-c", "write -P 0x33 \(size - 8192) 8k",
+                         "-c", "discard 512k 64k", img])
+    }
+
+    func assertReadsLikeQemu(_ s: Scratch, _ img: String, _ what: String, file: StaticString = #filePath, line: UInt = #line) throws {
+        let sha = try Files.sha(img)
+        let r = try Harness.run([Harness.rawmount, "mount", img, s.mnt])
+        XCTAssertTrue(r.err.contains("read-only"), "\(what): \(r.err)", file: file, line: line)
+        let name = (img as NSString).lastPathComponent.split(separator: ".")[0]
+        let raw = s.mnt + "/\(name).raw"
+        XCTAssertEqual(open(raw, O_WRONLY), -1, what, file: file, line: line)
+        XCTAssertTrue(try Files.read(raw) == (try s.qemuRaw(img)), "\(what): differs from qemu-img convert", file: file, line: line)
+        try s.unmount()
+        XCTAssertEqual(try Files.sha(img), sha, "\(what): the image changed", file: file, line: line)
+    }
+
+    func testImagesFromQemuImgReadIdenticalAndStayUntouched() throws {
+        let s = try Scratch()
+        let size = 24 << 20
+        for options in ["compat=0.10", "compat=1.1", "cluster_size=512", "cluster_size=2M",
+                        "extended_l2=on,cluster_size=32k", "refcount_bits=1,lazy_refcounts=on"] {
+            let img = s.path("v.qcow2")
+            try? FileManager.default.removeItem(atPath: img)
+            try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", options, img, "\(size)"])
+            try populate(img, size: size)
+            try assertReadsLikeQemu(s, img, options)
+        }
+        // Compressed clusters (deflate), 4 KiB and 64 KiB clusters, from a random source.
+        let src = s.path("src.raw")
+        try Harness.run(["dd", "if=/dev/urandom", "of=\(src)", "bs=1M", "count=3", "status=none"])
+        try Harness.run(["truncate", "-s", "8M", src])
+        try Harness.run(["sh", "-c", "yes rawmount | head -c 2000000 | dd of=\(src) bs=1M seek=5 conv=notrunc status=none"])
+        for cs in ["4096", "65536"] {
+            let img = s.path("c\(cs).qcow2")
+            try Harness.run(["qemu-img", "convert", "-c", "-O", "qcow2", "-o", "cluster_size=\(cs)", src, img])
+            try assertReadsLikeQemu(s, img, "compressed, \(cs)-byte clusters")
+            XCTAssertTrue(try Files.read(img).count < 6 << 20, "the compressible part was not compressed")
+        }
+    }
+
+    /// A snapshot, a dirty bitmap, and writes after the snapshot: the active disk is shown,
+    /// and `info` says what else the image holds.
+    func testSnapshotsAndBitmapsAreLeftAlone() throws {
+        let s = try Scratch()
+        let img = s.path("snap.qcow2")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", img, "16M"])
+        try Harness.run(["qemu-io", "-f", "qcow2", "-c", "write -P 5 0 2M", img])
+        try Harness.run(["qemu-img", "snapshot", "-c", "before", img])
+        try Harness.run(["qemu-io", "-f", "qcow2", "-c", "write -P 6 1M 2M", img])
+        try Harness.run(["qemu-img", "bitmap", "--add", "--granularity", "65536", img, "bm0"])
+        try assertReadsLikeQemu(s, img, "snapshot and bitmap")
+        let info = try Harness.run([Harness.rawmount, "info", img]).out
+        XCTAssertTrue(info.contains("format: qcow2") && info.contains("internal snapshots: 1") && info.contains("dirty bitmaps"), info)
+        try Harness.run(["qemu-img", "check", img])
+    }
+
+    /// qcow2 in backing chains, both ways: qcow2 (extended L2, subcluster writes) over raw,
+    /// QED over qcow2 over QED.
+    func testBackingChains() throws {
+        let s = try Scratch()
+        let base = s.path("base.raw")
+        try Harness.run(["dd", "if=/dev/urandom", "of=\(base)", "bs=1M", "count=8", "status=none"])
+        let sub = s.path("sub.qcow2")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw",
+                         "-o", "extended_l2=on,cluster_size=64k", sub, "12M"])
+        try Harness.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x41 4k 2k", "-c", "write -z 10k 2k",
+                         "-c", "write -P 0x42 70k 1k", "-c", "discard 128k 64k", sub])
+        try assertReadsLikeQemu(s, sub, "extended L2 over raw")
+        let mid = s.path("mid.qed"), q = s.path("q.qcow2"), top = s.path("top.qed")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qed", "-b", "base.raw", "-F", "raw", mid, "8M"])
+        try Harness.run(["qemu-io", "-f", "qed", "-c", "write -P 1 1M 1M", mid])
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "mid.qed", "-F", "qed", q])
+        try Harness.run(["qemu-io", "-f", "qcow2", "-c", "write -P 2 1536k 1M", q])
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qed", "-b", "q.qcow2", "-F", "qcow2", top])
+        try Harness.run(["qemu-io", "-f", "qed", "-c", "write -P 3 2M 1M", top])
+        try s.mount(top, options: ["-r"])
+        XCTAssertTrue(try Files.read(s.mnt + "/top.raw") == (try s.qemuRaw(top)), "QED over qcow2 over QED over raw")
+        try s.unmount()
+    }
+
+    /// What rawmount cannot read is refused by name, not shown wrongly; `check` says it does not check qcow2.
+    func testUnsupportedFeaturesAreNamed() throws {
+        let s = try Scratch()
+        let zstd = s.path("zstd.qcow2")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "compression_type=zstd", zstd, "1M"])
+        try s.assertMountRefused(["-r", zstd], mentions: ["zstd.qcow2", "zstd"], "zstd")
+        let ext = s.path("ext.qcow2")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=ext.data", ext, "1M"])
+        try s.assertMountRefused(["-r", ext], mentions: ["ext.qcow2", "external data file"], "data file")
+        var d = try Files.read(s.path("ext.qcow2"))
+        d.replaceSubrange(72..<80, with: le(1 << 40, 8).reversed())  // unknown incompatible bit 40
+        try d.write(to: URL(fileURLWithPath: s.path("bit.qcow2")))
+        try s.assertMountRefused(["-r", s.path("bit.qcow2")], mentions: ["bit.qcow2", "feature bit 40"], "unknown bit")
+        let check = try Harness.run([Harness.rawmount, "check", zstd], check: false)
+        XCTAssertEqual(check.status, 1)
+        XCTAssertTrue(check.err.contains("qemu-img check"), check.err)
+    }
+
+    func testDamagedImagesFailCleanly() throws {
+        let s = try Scratch()
+        let img = s.path("good.qcow2")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", img, "8M"])
+        try Harness.run(["qemu-io", "-f", "qcow2", "-c", "write -P 7 0 64k", "-c", "write -P 8 4M 64k", img])
+        let bytes = try Files.read(img)
+        func be(_ v: UInt64, _ n: Int) -> [UInt8] { le(v, n).reversed() }
+        let damages: [(String, Int, [UInt8], String)] = [
+            ("version4", 4, be(4, 4), "version 4"),
+            ("bits8", 20, be(8, 4), "cluster bits"),
+            ("bits22", 20, be(22, 4), "cluster bits"),
+            ("crypt", 32, be(1, 4), "encrypted"),
+            ("l1small", 36, be(0, 4), "L1 size"),
+            ("l1huge", 36, be(0x0800_0000, 4), "L1 size"),
+            ("l1odd", 40, be(4096 + 8, 8), "L1 table offset"),
+            ("l1past", 40, be(1 << 40, 8), "truncated"),
+            ("sizeodd", 24, be(8 << 20 | 1, 8), "size"),
+            ("hdrlen", 100, be(100, 4), "header length"),
+            ("backing", 8, be(4000, 8) + be(2000, 4), "backing file name"),
+            ("refcount", 96, be(7, 4), "refcount order"),
+        ]
+        try s.assertDamagedCopiesRefused(bytes, ext: "qcow2", mountOptions: ["-r"], damages)
+        // An L2 entry with an unaligned data offset: that cluster fails with EIO, others read.
+        let l1 = Int(bytes[40...47].reduce(0) { $0 << 8 | UInt64($1) })
+        let l2 = Int(bytes[l1...(l1 + 7)].reduce(0) { $0 << 8 | UInt64($1) } & 0x00FF_FFFF_FFFF_FE00)
+        var d = bytes
+        d.replaceSubrange(l2..<(l2 + 8), with: be(0x8000_0000_0000_0000 | 0x1_0200, 8))
+        try s.assertDamageIsLocal(d, name: "unaligned.qcow2", bad: 0, good: 4 << 20)
+    }
+}
