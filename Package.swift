@@ -16,10 +16,11 @@ let package = Package(
                        providers: [.apt(["libfuse3-dev"])]),
         // System zlib for compressed grains.
         .systemLibrary(name: "CZlib", path: "Modules/CZlib", pkgConfig: "zlib", providers: [.apt(["zlib1g-dev"])]),
+        .systemLibrary(name: "CZstd", path: "Modules/CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
         // Shared engine: file I/O, errors, mappings, table cache, allocator, locking.
         .target(name: "BlockEngine"),
         // Format probes and drivers, one folder per format.
-        .target(name: "ImageFormats", dependencies: ["BlockEngine", "CZlib"]),
+        .target(name: "ImageFormats", dependencies: ["BlockEngine", "CZlib", "CZstd"]),
         // libfuse3 low-level adapter: knows block devices, not formats.
         .target(name: "FuseAdapter", dependencies: ["CFuse3", "BlockEngine"]),
         .executableTarget(name: "rawmount", dependencies: [

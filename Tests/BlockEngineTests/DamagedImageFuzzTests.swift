@@ -175,6 +175,7 @@ final class DamagedImageFuzzTests: XCTestCase {
     func testDamagedQCOW2() throws {
         try fuzz("qcow2", try image("a.qcow2", ["-O", "qcow2", "-o", "cluster_size=4096"]), format: .qcow2, writable: false, seed: 51)
         try fuzz("qcow2-compressed", try image("b.qcow2", ["-c", "-O", "qcow2", "-o", "cluster_size=4096"]), format: .qcow2, writable: false, seed: 52)
+        try fuzz("qcow2-zstd", try image("d.qcow2", ["-c", "-O", "qcow2", "-o", "cluster_size=4096,compression_type=zstd"]), format: .qcow2, writable: false, seed: 54)
         try fuzz("qcow2-subclusters", try image("c.qcow2", ["-O", "qcow2", "-o", "extended_l2=on,cluster_size=16k"]), format: .qcow2, writable: false, seed: 53)
     }
 

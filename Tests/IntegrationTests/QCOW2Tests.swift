@@ -40,16 +40,19 @@ final class QCOW2Tests: XCTestCase {
             try populate(img, size: size)
             try assertReadsLikeQemu(s, img, options)
         }
-        // Compressed clusters (deflate), 4 KiB and 64 KiB clusters, from a random source.
+        // Compressed clusters (deflate and zstd), 4 KiB and 64 KiB clusters, from a source
+        // that is part random, part compressible.
         let src = s.path("src.raw")
         try Harness.run(["dd", "if=/dev/urandom", "of=\(src)", "bs=1M", "count=3", "status=none"])
         try Harness.run(["truncate", "-s", "8M", src])
         try Harness.run(["sh", "-c", "yes rawmount | head -c 2000000 | dd of=\(src) bs=1M seek=5 conv=notrunc status=none"])
         for cs in ["4096", "65536"] {
-            let img = s.path("c\(cs).qcow2")
-            try Harness.run(["qemu-img", "convert", "-c", "-O", "qcow2", "-o", "cluster_size=\(cs)", src, img])
-            try assertReadsLikeQemu(s, img, "compressed, \(cs)-byte clusters")
-            XCTAssertTrue(try Files.read(img).count < 6 << 20, "the compressible part was not compressed")
+            for type in ["zlib", "zstd"] {
+                let img = s.path("c\(cs)\(type).qcow2")
+                try Harness.run(["qemu-img", "convert", "-c", "-O", "qcow2", "-o", "cluster_size=\(cs),compression_type=\(type)", src, img])
+                try assertReadsLikeQemu(s, img, "\(type)-compressed, \(cs)-byte clusters")
+                XCTAssertTrue(try Files.read(img).count < 4 << 20, "the compressible part was not compressed")
+            }
         }
     }
 
@@ -96,9 +99,6 @@ final class QCOW2Tests: XCTestCase {
     /// What rawmount cannot read is refused by name, not shown wrongly; `check` says it does not check qcow2.
     func testUnsupportedFeaturesAreNamed() throws {
         let s = try Scratch()
-        let zstd = s.path("zstd.qcow2")
-        try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "compression_type=zstd", zstd, "1M"])
-        try s.assertMountRefused(["-r", zstd], mentions: ["zstd.qcow2", "zstd"], "zstd")
         let ext = s.path("ext.qcow2")
         try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=ext.data", ext, "1M"])
         try s.assertMountRefused(["-r", ext], mentions: ["ext.qcow2", "external data file"], "data file")
@@ -106,7 +106,7 @@ final class QCOW2Tests: XCTestCase {
         d.replaceSubrange(72..<80, with: le(1 << 40, 8).reversed())  // unknown incompatible bit 40
         try d.write(to: URL(fileURLWithPath: s.path("bit.qcow2")))
         try s.assertMountRefused(["-r", s.path("bit.qcow2")], mentions: ["bit.qcow2", "feature bit 40"], "unknown bit")
-        let check = try Harness.run([Harness.rawmount, "check", zstd], check: false)
+        let check = try Harness.run([Harness.rawmount, "check", ext], check: false)
         XCTAssertEqual(check.status, 1)
         XCTAssertTrue(check.err.contains("qemu-img check"), check.err)
     }

@@ -1,10 +1,11 @@
 import BlockEngine
 import CZlib
+import CZstd
 
 /// qcow2, read-only: the active L1 table -> L2 tables (read in slices through the shared
 /// table cache) -> clusters that are data, zero, unallocated (backing file or zeros) or
-/// deflate-compressed; extended L2 images map per subcluster. Snapshots, refcounts and dirty
-/// bitmaps do not change what the guest reads and are left untouched.
+/// compressed (deflate or zstd); extended L2 images map per subcluster. Snapshots,
+/// refcounts and dirty bitmaps do not change what the guest reads and are left untouched.
 public final class QCOW2Driver: ImageDriver {
     public let file: ImageFile
     public let info: ImageInfo
@@ -146,12 +147,17 @@ public final class QCOW2Driver: ImageDriver {
             let got = try compressed.withUnsafeMutableBytes { try file.readUpTo(into: $0, at: host) }
             var out = [UInt8](repeating: 0, count: cs)
             var produced = 0
-            let rc = out.withUnsafeMutableBytes { o in
-                compressed.withUnsafeBytes { c in rm_inflate_raw(c.baseAddress, got, o.baseAddress, cs, &produced) }
+            let zstd = header.compressionType == 1
+            let ok = out.withUnsafeMutableBytes { o in
+                compressed.withUnsafeBytes { c in
+                    zstd ? rm_zstd_decompress_cluster(c.baseAddress, got, o.baseAddress, cs, &produced) == 0
+                         : rm_inflate_raw(c.baseAddress, got, o.baseAddress, cs, &produced) == Z_OK
+                }
             }
-            guard rc == Z_OK, produced == cs else {
+            guard ok, produced == cs else {
+                let how = zstd ? "zstd" : "deflate"
                 throw BlockError.invalid(file: file.path, field: "compressed cluster at \(host)",
-                                         detail: rc == Z_OK ? "inflates to \(produced) bytes, not one \(cs)-byte cluster" : "deflate error \(rc)")
+                                         detail: ok ? "\(how) gives \(produced) bytes, not one \(cs)-byte cluster" : "\(how) stream is damaged")
             }
             return out
         }

@@ -98,7 +98,6 @@ public struct QCOW2Header: Sendable {
             throw bad("compression type", "\(h.compressionType) does not agree with incompatible feature bit 3")
         }
         guard h.compressionType <= 1 else { throw BlockError.unsupported(file: path, feature: "qcow2 compression type \(h.compressionType)") }
-        if h.compressionType == 1 { throw BlockError.unsupported(file: path, feature: "zstd-compressed qcow2 (only deflate is read)") }
         if h.extendedL2 && clusterBits < 14 { throw bad("cluster bits", "\(clusterBits) is too small for extended L2 (at least 14)") }
 
         if backingOffset != 0 {
