@@ -100,7 +100,7 @@ final class QCOW2Tests: XCTestCase {
     func testUnsupportedFeaturesAreNamed() throws {
         let s = try Scratch()
         let ext = s.path("ext.qcow2")
-        try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=ext.data", ext, "1M"])
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=\(s.path("ext.data"))", ext, "1M"])
         try s.assertMountRefused(["-r", ext], mentions: ["ext.qcow2", "external data file"], "data file")
         var d = try Files.read(s.path("ext.qcow2"))
         d.replaceSubrange(72..<80, with: le(1 << 40, 8).reversed())  // unknown incompatible bit 40
