@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""make bench: rawmount against qemu-storage-daemon's FUSE export (and libyal's vmdkmount on
-VMDK reads) on the same image, in the same run, alternating them; prints medians and ratios
-(rawmount / peer; > 1 is better)."""
+"""make bench: rawmount against qemu-storage-daemon's FUSE export (and libyal's vmdkmount /
+qcowmount on VMDK / qcow2 reads) on the same image, in the same run, alternating them; prints
+medians and ratios (rawmount / peer; > 1 is better)."""
 import json, os, statistics, subprocess, sys, tempfile, time
 
 RAWMOUNT = os.path.abspath(os.environ.get("RAWMOUNT", ".build/release/rawmount"))
@@ -12,10 +12,15 @@ SIZE_MB = int(os.environ.get("BENCH_SIZE_MB", "1024"))
 WRITE_MB = int(os.environ.get("BENCH_WRITE_MB", str(SIZE_MB)))
 WRITE_ROUNDS = int(os.environ.get("BENCH_WRITE_ROUNDS", "5"))
 RUNTIME = os.environ.get("BENCH_RUNTIME", "5")
-FORMATS = os.environ.get("BENCH_FORMATS", "raw,qed,vdi,vmdk,vmdk-stream").split(",")
+FORMATS = os.environ.get("BENCH_FORMATS", "raw,qed,vdi,vmdk,vmdk-stream,qcow2,qcow2-compressed").split(",")
 ONLY = os.environ.get("BENCH_ONLY", "")  # run only tests whose title contains this
-# "vmdk-stream" is a streamOptimized VMDK: read-only, compressed grains.
-SUBFORMAT = {"vmdk-stream": ("vmdk", ["-o", "subformat=streamOptimized"])}
+# "vmdk-stream" is a streamOptimized VMDK: read-only, compressed grains; "qcow2-compressed"
+# holds deflate clusters (from a half-compressible source, so qemu-img keeps them compressed).
+SUBFORMAT = {"vmdk-stream": ("vmdk", ["-o", "subformat=streamOptimized"]),
+             "qcow2-compressed": ("qcow2", ["-c"])}
+# Only random reads are measured on compressed images; rawmount mounts these read-only.
+COMPRESSED = {"vmdk-stream", "qcow2-compressed"}
+READ_ONLY = COMPRESSED | {"qcow2"}
 
 
 def sh(*args, check=True, **kw):
@@ -103,12 +108,26 @@ class VmdkmountServer:
         sh("fusermount3", "-u", self.mnt)
 
 
+class QcowmountServer(VmdkmountServer):
+    """libyal's qcowmount (read-only FUSE, daemonizes; shows MOUNTPOINT/qcow1)."""
+    name = "qcowmount"
+
+    def __enter__(self):
+        sh("qcowmount", self.image, self.mnt)
+        for _ in range(500):
+            if sh("mountpoint", "-q", self.mnt, check=False).returncode == 0:
+                return os.path.join(self.mnt, "qcow1")
+            time.sleep(0.01)
+        raise RuntimeError("qcowmount did not mount")
+
+
 def peers(fmt, writes):
     """The servers each row compares rawmount with: qsd always; libyal's read-only
-    vmdkmount on VMDK read rows when it is installed."""
+    vmdkmount / qcowmount on VMDK / qcow2 read rows when installed."""
     out = [QsdServer]
-    if fmt.startswith("vmdk") and not writes and sh("sh", "-c", "command -v vmdkmount", check=False).returncode == 0:
-        out.append(VmdkmountServer)
+    libyal = VmdkmountServer if fmt.startswith("vmdk") else QcowmountServer if fmt.startswith("qcow2") else None
+    if libyal and not writes and sh("sh", "-c", f"command -v {libyal.name}", check=False).returncode == 0:
+        out.append(libyal)
     return out
 
 
@@ -116,6 +135,11 @@ def make_image(work, fmt):
     raw = os.path.join(work, "src.raw")
     if not os.path.exists(raw):
         sh("dd", "if=/dev/urandom", f"of={raw}", "bs=1M", f"count={SIZE_MB}", "status=none")
+    if fmt == "qcow2-compressed":  # every 64 KiB: half random, half zeros
+        raw = os.path.join(work, "half.raw")
+        with open(raw, "wb") as f:
+            for _ in range(SIZE_MB * 16):
+                f.write(os.urandom(32768) + bytes(32768))
     img = os.path.join(work, f"bench.{fmt}")
     if fmt == "raw":
         sh("cp", "--reflink=auto", raw, img)
@@ -187,8 +211,8 @@ def main():
             for title, run, writes in TESTS:
                 if ONLY and ONLY not in title:
                     continue
-                if fmt in SUBFORMAT and (writes or "rand" not in title):
-                    continue  # streamOptimized: read-only; its row of interest is random reads
+                if fmt in READ_ONLY and writes or fmt in COMPRESSED and "rand" not in title:
+                    continue  # compressed images: their row of interest is random reads
                 others = peers(fmt, writes)
                 results = {server.name: [] for server in [RawmountServer] + others}
                 # Allocating writes: one unmeasured round first, so neither server pays for
@@ -216,12 +240,12 @@ def main():
         restore_freed_pages(old_delay)
         subprocess.run(["rm", "-rf", work])
     print()
-    print(f"| format | test | rawmount MB/s | qemu-storage-daemon MB/s | ratio | vmdkmount MB/s | ratio |  (median of {ROUNDS} reads, {WRITE_ROUNDS} writes; reads: {SIZE_MB} MiB image, writes: {WRITE_MB} MiB)")
+    print(f"| format | test | rawmount MB/s | qemu-storage-daemon MB/s | ratio | libyal (vmdkmount/qcowmount) MB/s | ratio |  (median of {ROUNDS} reads, {WRITE_ROUNDS} writes; reads: {SIZE_MB} MiB image, writes: {WRITE_MB} MiB)")
     print("|---|---|---|---|---|---|---|")
     for fmt, title, ours, medians in rows:
         cells = []
-        for name in (QsdServer.name, VmdkmountServer.name):
-            theirs = medians.get(name)
+        for names in ((QsdServer.name,), (VmdkmountServer.name, QcowmountServer.name)):
+            theirs = next((medians[n] for n in names if n in medians), None)
             cells += [f"{theirs/1e6:.1f}", f"{ours/theirs:.2f}x"] if theirs else ["—", "—"]
         print(f"| {fmt} | {title} | {ours/1e6:.1f} | " + " | ".join(cells) + " |")
 
