@@ -30,12 +30,27 @@ struct CreateCommand: ParsableCommand {
     @Argument(help: "The image to create (must not exist).")
     var image: String
 
-    @Argument(help: "Virtual size: bytes or with K, M, G, T suffix.")
-    var size: String
+    @Argument(help: "Virtual size: bytes or with K, M, G, T suffix (with --backing: the backing image's size when omitted).")
+    var size: String?
 
     func run() throws {
         do {
-            let bytes = try parseSize(size)
+            // As qemu-img does, the backing image is opened: a typo fails now, not at first mount.
+            let parent = try backing.map { name in
+                let fmt = try backingFormat.map { f in
+                    guard let known = ImageFormat(rawValue: f.lowercased()) else { throw BlockError.usage("unknown backing format '\(f)'") }
+                    return known
+                }
+                do {
+                    return try ImageOpener.open(path: PathName.resolve(name, relativeTo: image), options: .init(writable: false, format: fmt, lock: false))
+                } catch let e as BlockError where e.isFileNotFound {
+                    throw BlockError.usage("backing file \(name): not found (looked at \(PathName.resolve(name, relativeTo: image)))")
+                }
+            }
+            defer { try? parent?.close() }
+            guard let bytes = try size.map(parseSize) ?? parent?.virtualSize else {
+                throw BlockError.usage("give the virtual SIZE (or --backing, whose size is then used)")
+            }
             switch format.lowercased() {
             case "qed":
                 let cs = try clusterSize.map(parseSize) ?? 65536
@@ -47,10 +62,8 @@ struct CreateCommand: ParsableCommand {
                     throw BlockError.usage("unknown VMDK subformat '\(subformat)'")
                 }
                 var parentCID: UInt32? = nil
-                if let backing {
+                if let backing, let parent {
                     // Record the parent's CID, so later changes to the parent are noticed.
-                    let parentPath = PathName.resolve(backing, relativeTo: image)
-                    let parent = try ImageOpener.open(path: parentPath, options: .init(writable: false, lock: false))
                     guard let vmdk = parent.driver as? VMDKDriver, let cid = vmdk.descriptor?.cid else {
                         throw BlockError.usage("\(backing): a VMDK parent must itself be a VMDK with a CID")
                     }

@@ -248,6 +248,16 @@ final class QEDTests: XCTestCase {
         try s.unmount()
         XCTAssertEqual(try Harness.run([Harness.rawmount, "check", child]).status, 0)
         try Harness.run(["qemu-img", "check", child])
+        // As with qemu-img: without SIZE the backing image's size is used, and a backing
+        // file that cannot be opened is an error, not an image that fails at mount.
+        let sized = s.path("sized.qed")
+        try Harness.run([Harness.rawmount, "create", "-f", "qed", "--backing", "c.qed", sized])
+        let sizedInfo = try Harness.run(["qemu-img", "info", "--output=json", sized]).out
+        XCTAssertTrue(sizedInfo.contains("\"virtual-size\": \(10 << 20)"), sizedInfo)
+        let typo = try Harness.run([Harness.rawmount, "create", "-f", "qed", "--backing", "c.qde", s.path("typo.qed")], check: false)
+        XCTAssertEqual(typo.status, 1)
+        XCTAssertTrue(typo.err.contains("c.qde") && typo.err.contains("not found"), typo.err)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: s.path("typo.qed")))
         // table_size=1 is valid QED (QEMU 7.2 refuses to open it): write and read back.
         let t1 = s.path("t1.qed")
         try Harness.run([Harness.rawmount, "create", "-f", "qed", "--table-size", "1", "--cluster-size", "4096", t1, "2M"])
