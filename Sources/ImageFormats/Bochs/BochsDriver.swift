@@ -10,9 +10,8 @@ public final class BochsDriver: ImageDriver {
     public var isWritable: Bool { false }
     public let header: BochsHeader
 
-    let catalog: TableCache
+    let catalog: FlatTable
     let bitmaps: TableCache
-    let catalogChunk: Int
     let fileSize: UInt64
 
     public init(file: ImageFile) throws {
@@ -20,12 +19,7 @@ public final class BochsDriver: ImageDriver {
         self.file = file
         header = h
         fileSize = try file.size()
-        // The chunk must divide the catalog exactly so no chunk runs past its end.
-        let catalogBytes = Int(h.catalog) * 4
-        var chunk = 4096
-        while chunk > 4 && catalogBytes % chunk != 0 { chunk /= 2 }
-        catalogChunk = max(chunk, 4)
-        catalog = TableCache(file: file, tableBytes: catalogChunk, encoding: .u32LE, capacity: max(64, (1 << 20) / catalogChunk))
+        catalog = FlatTable(file: file, start: 512, entries: UInt64(h.catalog), encoding: .u32LE, fileSize: fileSize)
         let bitmapBytes = Int(h.bitmapSectors * 512)
         bitmaps = TableCache(file: file, tableBytes: bitmapBytes, encoding: .u32LE, capacity: max(16, (4 << 20) / bitmapBytes))
         var details: [(String, String)] = [
@@ -46,10 +40,7 @@ public final class BochsDriver: ImageDriver {
         return n
     }
 
-    private func catalogEntry(_ i: UInt64) throws -> UInt64 {
-        let per = UInt64(catalogChunk / 4)
-        return try catalog.entry(table: 512 + (i / per) * UInt64(catalogChunk), index: Int(i % per))
-    }
+    private func catalogEntry(_ i: UInt64) throws -> UInt64 { try catalog.entry(i) }
 
     public func map(_ offset: UInt64, maxLength: UInt64) throws -> Mapping {
         let ext = UInt64(header.extent)

@@ -11,8 +11,7 @@ public final class BochsSparseDriver: ImageDriver {
     public var isWritable: Bool { false }
     public let header: BochsSparseHeader
 
-    let pageTable: TableCache
-    let chunkEntries: UInt64
+    let pageTable: FlatTable
     let fileSize: UInt64
     /// Longest run one `map` call assembles, so a call stays cheap on huge requests.
     static let maxPagesPerMap: UInt64 = 256
@@ -22,12 +21,8 @@ public final class BochsSparseDriver: ImageDriver {
         self.file = file
         header = h
         fileSize = try file.size()
-        // Whole chunks must stay inside the file; the table is usually followed by at least
-        // the padding up to the first page, so 4 KiB chunks almost always fit.
-        var chunk: UInt64 = 4096
-        while chunk > 4 && BochsSparseHeader.headerSize + (h.pageTableBytes + chunk - 1) / chunk * chunk > fileSize { chunk /= 2 }
-        chunkEntries = chunk / 4
-        pageTable = TableCache(file: file, tableBytes: Int(chunk), encoding: .u32LE, capacity: max(64, Int((1 << 20) / chunk)))
+        pageTable = FlatTable(file: file, start: BochsSparseHeader.headerSize, entries: UInt64(h.pages),
+                              encoding: .u32LE, fileSize: fileSize)
         info = ImageInfo(format: "bochs", virtualSize: h.diskSize, clusterSize: UInt64(h.pageSize), details: [
             ("type", "sparse"),
             ("version", "\(h.version)"),
@@ -44,14 +39,9 @@ public final class BochsSparseDriver: ImageDriver {
         return access(parent, F_OK) == 0 ? parent : nil
     }
 
-    private func entry(_ page: UInt64) throws -> UInt64 {
-        let table = BochsSparseHeader.headerSize + (page / chunkEntries) * chunkEntries * 4
-        return try pageTable.entry(table: table, index: Int(page % chunkEntries))
-    }
-
     private func mapPage(_ page: UInt64, from offset: UInt64, to end: UInt64) throws -> Mapping {
         let size = UInt64(header.pageSize)
-        let physical = try entry(page)
+        let physical = try pageTable.entry(page)
         if physical == UInt64(BochsSparseHeader.notAllocated) { return .unallocated(length: end - offset) }
         let start = header.dataStart + physical * size
         guard start + size <= fileSize else {

@@ -12,8 +12,7 @@ public final class QCOW2Driver: ImageDriver {
     public var isWritable: Bool { false }
     public let header: QCOW2Header
 
-    let l1: TableCache
-    let l1ChunkEntries: UInt64
+    let l1: FlatTable
     let l2: TableCache
     let l2SliceBytes: UInt64
     let fileSize: UInt64
@@ -29,12 +28,7 @@ public final class QCOW2Driver: ImageDriver {
         self.file = file
         header = h
         fileSize = try file.size()
-        // L1 chunks must not run past the file; the L1 itself was checked to fit.
-        let l1Bytes = UInt64(h.l1Entries) * 8
-        var chunk: UInt64 = 4096
-        while chunk > 8 && h.l1Offset + (l1Bytes + chunk - 1) / chunk * chunk > fileSize { chunk /= 2 }
-        l1ChunkEntries = chunk / 8
-        l1 = TableCache(file: file, tableBytes: Int(chunk), encoding: .u64BE, capacity: 256)
+        l1 = FlatTable(file: file, start: h.l1Offset, entries: UInt64(h.l1Entries), encoding: .u64BE, fileSize: fileSize)
         // L2 tables are read in slices of at most 4 KiB, as QEMU does, so a 2 MiB-cluster
         // image does not read 2 MiB of table for one small read.
         l2SliceBytes = min(h.clusterSize, 4096)
@@ -52,10 +46,6 @@ public final class QCOW2Driver: ImageDriver {
         info = ImageInfo(format: "qcow2", virtualSize: h.size, clusterSize: h.clusterSize, details: details)
     }
 
-    private func l1Entry(_ i: UInt64) throws -> UInt64 {
-        try l1.entry(table: header.l1Offset + (i / l1ChunkEntries) * l1ChunkEntries * 8, index: Int(i % l1ChunkEntries))
-    }
-
     /// L2 entry `i` of the table at `table` (and its subcluster bitmap with extended L2).
     private func l2Entry(_ table: UInt64, _ i: UInt64) throws -> (entry: UInt64, bitmap: UInt64) {
         let perSlice = l2SliceBytes / 8
@@ -70,7 +60,7 @@ public final class QCOW2Driver: ImageDriver {
         let cs = header.clusterSize
         let l1Index = offset / header.l1Coverage
         let end = min(offset + maxLength, (l1Index + 1) * header.l1Coverage)
-        let table = try l1Entry(l1Index) & Self.offsetMask
+        let table = try l1.entry(l1Index) & Self.offsetMask
         if table == 0 { return .unallocated(length: end - offset) }
         guard table % cs == 0, table <= fileSize, cs <= fileSize - table else {
             throw BlockError.invalid(file: file.path, field: "L1 entry \(l1Index)",

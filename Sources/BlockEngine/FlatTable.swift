@@ -1,0 +1,26 @@
+/// A flat on-disk array of table entries (qcow2 L1, Bochs catalog and page table) read in
+/// chunks through a `TableCache`. Chunks are the largest power of two up to 4 KiB whose
+/// whole count, from the table's start, stays inside the file, so no read runs past its end.
+public struct FlatTable: Sendable {
+    public let start: UInt64
+    public let entries: UInt64
+    let cache: TableCache
+    let perChunk: UInt64
+
+    public init(file: ImageFile, start: UInt64, entries: UInt64, encoding: TableEncoding, fileSize: UInt64,
+                cacheBytes: Int = 1 << 20) {
+        let width = UInt64(encoding.width)
+        let bytes = entries * width
+        var chunk: UInt64 = 4096
+        while chunk > width && start + (bytes + chunk - 1) / chunk * chunk > fileSize { chunk /= 2 }
+        self.start = start
+        self.entries = entries
+        perChunk = chunk / width
+        cache = TableCache(file: file, tableBytes: Int(chunk), encoding: encoding, capacity: max(64, cacheBytes / Int(chunk)))
+    }
+
+    /// Entry `i` (the caller keeps `i` below `entries`).
+    public func entry(_ i: UInt64) throws -> UInt64 {
+        try cache.entry(table: start + (i / perChunk) * perChunk * UInt64(cache.encoding.width), index: Int(i % perChunk))
+    }
+}
