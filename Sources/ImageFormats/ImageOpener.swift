@@ -9,11 +9,13 @@ public enum ImageOpener {
         public var writable: Bool
         public var format: ImageFormat?
         public var lock: Bool
+        /// qcow2: show this internal snapshot (ID or name) instead of the active disk.
+        public var snapshot: String?
         /// Told what a repair-on-open fixed (QED NEED_CHECK).
         public var onRepair: (@Sendable (String) -> Void)?
-        public init(writable: Bool, format: ImageFormat? = nil, lock: Bool = true,
+        public init(writable: Bool, format: ImageFormat? = nil, lock: Bool = true, snapshot: String? = nil,
                     onRepair: (@Sendable (String) -> Void)? = nil) {
-            self.writable = writable; self.format = format; self.lock = lock; self.onRepair = onRepair
+            self.writable = writable; self.format = format; self.lock = lock; self.snapshot = snapshot; self.onRepair = onRepair
         }
     }
 
@@ -32,6 +34,9 @@ public enum ImageOpener {
         let writable = options.writable && format.supportsWriting
         let file = writable ? try ImageFile(path: path, writable: true) : readOnlyFile
         if options.lock { try ImageLock.acquire(file, writable: writable) }
+        if let key = options.snapshot, format != .qcow2 {
+            throw BlockError.usage("\(path): snapshot '\(key)' asked for, but only qcow2 images hold internal snapshots (this is \(format.rawValue))")
+        }
         switch format {
         case .vdi:
             return BlockDevice(driver: try VDIDriver(file: file))
@@ -68,7 +73,7 @@ public enum ImageOpener {
             }
             return BlockDevice(driver: driver, backing: parent)
         case .qcow2:
-            let driver = try QCOW2Driver(file: file)
+            let driver = try QCOW2Driver(file: file, snapshot: options.snapshot)
             var backing: BlockDevice? = nil
             if let name = driver.header.backingName {
                 // The backing-format extension names the format; QEMU probes only without it.

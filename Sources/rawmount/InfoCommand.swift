@@ -30,6 +30,16 @@ struct InfoCommand: ParsableCommand {
             if let bochs = device.driver as? BochsDriver {
                 info.details.append(("allocated extents", "\(try bochs.allocatedExtents())"))
             }
+            if let qcow2 = device.driver as? QCOW2Driver {
+                // What `mount --snapshot ID|NAME` can show.
+                do {
+                    for s in try qcow2.snapshots() {
+                        info.details.append(("snapshot \(s.id)", "\(s.name), \(humanSize(s.diskSize)), taken \(s.dateText)"))
+                    }
+                } catch {
+                    info.details.append(("snapshot table", "unreadable: \(describe(error))"))  // the active disk still reads
+                }
+            }
             if json {
                 var fields: [String] = [
                     "\"filename\": \(jsonString(device.driver.file.path))",

@@ -23,6 +23,10 @@ struct MountCommand: ParsableCommand {
           help: "With --read-only: take no image locks, so an image that a VM or another tool has open for writing can be read (what it shows can change under you, as with qemu-img -U).")
     var forceShare = false
 
+    @Option(name: [.customShort("l"), .customLong("snapshot")],
+            help: "qcow2: show this internal snapshot (its ID or name, as `qemu-img snapshot -l` lists them) instead of the current disk; always read-only.")
+    var snapshot: String?
+
     @Option(name: [.customShort("f"), .long], help: "Image format (\(ImageFormat.allCases.map(\.rawValue).joined(separator: ", "))); probed when omitted.")
     var format: String?
 
@@ -104,7 +108,8 @@ struct MountCommand: ParsableCommand {
         }
         let device: BlockDevice
         do {
-            device = try ImageOpener.open(path: imagePath, options: .init(writable: !readOnly, format: fmt, lock: !forceShare, onRepair: note))
+            device = try ImageOpener.open(path: imagePath, options: .init(writable: !readOnly && snapshot == nil, format: fmt, lock: !forceShare,
+                                                                         snapshot: snapshot, onRepair: note))
         } catch let e as BlockError {
             // Evidence on a read-only medium, or someone else's file: say how to read it anyway.
             if case let .io(_, _, _, err) = e, err == EROFS || err == EACCES, !readOnly {
@@ -112,8 +117,8 @@ struct MountCommand: ParsableCommand {
             }
             throw e
         }
-        var ro = readOnly
-        if !readOnly && !device.isWritable {
+        var ro = readOnly || snapshot != nil
+        if !ro && !device.isWritable {
             let why = switch device.driver.info.format {
             case "bochs": "Bochs images are always read-only"
             case "qcow2": "rawmount reads qcow2 but does not write it"

@@ -108,6 +108,15 @@ final class DamagedImageFuzzTests: XCTestCase {
             _ = try? device.write(UnsafeRawBufferPointer(rebasing: buf[0..<65536]), at: off)
             _ = try? device.zero(at: off, length: 4096, deallocate: true)
         }
+        // qcow2: the snapshot table, and each snapshot's tables, read as `mount --snapshot` does.
+        if let q = device.driver as? QCOW2Driver {
+            for snap in (try? q.snapshots()) ?? [] {
+                guard let view = try? QCOW2Driver(file: q.file, snapshot: snap.id) else { continue }
+                let d = BlockDevice(driver: view)
+                _ = try? d.read(into: UnsafeMutableRawBufferPointer(rebasing: buf[0..<65536]), at: 0)
+                _ = try? d.allocatedBytes()
+            }
+        }
         _ = try? device.close()
         return .opened
     }
@@ -176,6 +185,12 @@ final class DamagedImageFuzzTests: XCTestCase {
         try fuzz("qcow2", try image("a.qcow2", ["-O", "qcow2", "-o", "cluster_size=4096"]), format: .qcow2, writable: false, seed: 51)
         try fuzz("qcow2-compressed", try image("b.qcow2", ["-c", "-O", "qcow2", "-o", "cluster_size=4096"]), format: .qcow2, writable: false, seed: 52)
         try fuzz("qcow2-zstd", try image("d.qcow2", ["-c", "-O", "qcow2", "-o", "cluster_size=4096,compression_type=zstd"]), format: .qcow2, writable: false, seed: 54)
+        let snap = dir + "/e.qcow2"
+        _ = try image("e.qcow2", ["-O", "qcow2", "-o", "cluster_size=4096"])
+        XCTAssertEqual(try run(["qemu-img", "snapshot", "-c", "first", snap]), 0)
+        XCTAssertEqual(try run(["qemu-io", "-f", "qcow2", "-c", "write -P 9 64k 256k", snap]), 0)
+        XCTAssertEqual(try run(["qemu-img", "snapshot", "-c", "second", snap]), 0)
+        try fuzz("qcow2-snapshots", [UInt8](try Data(contentsOf: URL(fileURLWithPath: snap))), format: .qcow2, writable: false, seed: 55)
         try fuzz("qcow2-subclusters", try image("c.qcow2", ["-O", "qcow2", "-o", "extended_l2=on,cluster_size=16k"]), format: .qcow2, writable: false, seed: 53)
     }
 

@@ -72,6 +72,44 @@ final class QCOW2Tests: XCTestCase {
         try Harness.run(["qemu-img", "check", img])
     }
 
+    /// `mount --snapshot ID|NAME` shows an internal snapshot as `qemu-img convert -l` does (at
+    /// the image's current size); a damaged snapshot table fails only that, naming the file.
+    func testInternalSnapshotsMountByIdOrName() throws {
+        let s = try Scratch()
+        let img = s.path("hist.qcow2")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", img, "8M"])
+        try Harness.run(["qemu-io", "-f", "qcow2", "-c", "write -P 1 0 3M", img])
+        try Harness.run(["qemu-img", "snapshot", "-c", "first", img])
+        try Harness.run(["qemu-io", "-f", "qcow2", "-c", "write -P 2 1M 3M", "-c", "write -z 6M 1M", img])
+        try Harness.run(["qemu-img", "snapshot", "-c", "second", img])
+        try Harness.run(["qemu-img", "resize", "-q", img, "12M"])
+        try Harness.run(["qemu-io", "-f", "qcow2", "-c", "write -P 3 9M 1M", img])
+        let sha = try Files.sha(img)
+        let info = try Harness.run([Harness.rawmount, "info", img]).out
+        XCTAssertTrue(info.contains("snapshot 1: first, 8.0 MiB") && info.contains("snapshot 2: second"), info)
+        for (key, param) in [("first", "snapshot.name=first"), ("2", "snapshot.id=2")] {
+            let oracle = s.path("oracle.raw")
+            try Harness.run(["qemu-img", "convert", "-l", param, "-O", "raw", img, oracle])
+            try s.mount(img, options: ["--snapshot", key])
+            let view = try Files.read(s.mnt + "/hist.raw")
+            XCTAssertEqual(view.count, 12 << 20, "snapshot \(key): the image's current size, as qemu-img shows it")
+            XCTAssertTrue(view == (try Files.read(oracle)), "snapshot \(key) differs from qemu-img convert -l \(param)")
+            XCTAssertEqual(open(s.mnt + "/hist.raw", O_WRONLY), -1, "a snapshot is read-only")
+            try s.unmount()
+        }
+        try s.mount(img, options: ["-r"])
+        XCTAssertTrue(try Files.read(s.mnt + "/hist.raw") == (try s.qemuRaw(img)), "the active disk")
+        try s.unmount()
+        XCTAssertEqual(try Files.sha(img), sha, "the image changed")
+        try s.assertMountRefused(["--snapshot", "third", img], mentions: ["hist.qcow2", "third", "1 (first), 2 (second)"], "unknown snapshot")
+        var d = try Files.read(img)
+        d.replaceSubrange(60..<64, with: [0, 0x10, 0, 0])  // nb_snapshots 1048576
+        try d.write(to: URL(fileURLWithPath: s.path("bad.qcow2")))
+        try s.assertMountRefused(["--snapshot", "first", s.path("bad.qcow2")], mentions: ["bad.qcow2", "snapshot"], "huge snapshot count")
+        let badInfo = try Harness.run([Harness.rawmount, "info", s.path("bad.qcow2")]).out
+        XCTAssertTrue(badInfo.contains("snapshot table: unreadable"), badInfo)
+    }
+
     /// qcow2 in backing chains, both ways: qcow2 (extended L2, subcluster writes) over raw,
     /// QED over qcow2 over QED.
     func testBackingChains() throws {

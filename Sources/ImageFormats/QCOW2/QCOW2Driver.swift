@@ -11,6 +11,8 @@ public final class QCOW2Driver: ImageDriver {
     public let info: ImageInfo
     public var isWritable: Bool { false }
     public let header: QCOW2Header
+    /// The internal snapshot shown instead of the active disk, if one was asked for.
+    public let snapshot: QCOW2Snapshot?
 
     let l1: FlatTable
     let l2: TableCache
@@ -23,12 +25,28 @@ public final class QCOW2Driver: ImageDriver {
     /// Longest run one `map` call assembles, so a call stays cheap on huge requests.
     static let maxClustersPerMap: UInt64 = 512
 
-    public init(file: ImageFile) throws {
+    /// `snapshot`: an internal snapshot's ID or name, to show that instead of the active disk.
+    public init(file: ImageFile, snapshot key: String? = nil) throws {
         let h = try QCOW2Header.read(from: file)
         self.file = file
         header = h
         fileSize = try file.size()
-        l1 = FlatTable(file: file, start: h.l1Offset, entries: UInt64(h.l1Entries), encoding: .u64BE, fileSize: fileSize)
+        var l1Offset = h.l1Offset, l1Entries = h.l1Entries
+        if let key {
+            let s = try QCOW2Snapshots.find(key, in: try QCOW2Snapshots.read(from: file, header: h), file: file.path)
+            try h.checkL1(offset: s.l1Offset, entries: s.l1Entries, diskSize: s.diskSize, fileSize: fileSize,
+                          path: file.path, what: "snapshot '\(s.name)' L1")
+            guard s.diskSize % 512 == 0 else {
+                throw BlockError.invalid(file: file.path, field: "snapshot '\(s.name)' disk size", detail: "\(s.diskSize) is not a multiple of 512")
+            }
+            // As qemu-img convert -l and qemu-nbd -l show it: the snapshot's tables at the
+            // image's current size (past what its L1 covers reads as unallocated).
+            (l1Offset, l1Entries) = (s.l1Offset, s.l1Entries)
+            snapshot = s
+        } else {
+            snapshot = nil
+        }
+        l1 = FlatTable(file: file, start: l1Offset, entries: UInt64(l1Entries), encoding: .u64BE, fileSize: fileSize)
         // L2 tables are read in slices of at most 4 KiB, as QEMU does, so a 2 MiB-cluster
         // image does not read 2 MiB of table for one small read.
         l2SliceBytes = min(h.clusterSize, 4096)
@@ -39,7 +57,11 @@ public final class QCOW2Driver: ImageDriver {
             ("compression type", h.compressionType == 0 ? "deflate" : "zstd"),
         ]
         if h.extendedL2 { details.append(("extended L2", "yes (32 subclusters per cluster)")) }
-        if h.snapshots > 0 { details.append(("internal snapshots", "\(h.snapshots) (the active disk is shown)")) }
+        if let s = snapshot {
+            details.append(("snapshot shown", "\(s.id) (\(s.name)), taken \(s.dateText) when the disk was \(s.diskSize) bytes"))
+        } else if h.snapshots > 0 {
+            details.append(("internal snapshots", "\(h.snapshots) (the active disk is shown)"))
+        }
         if h.hasBitmaps { details.append(("dirty bitmaps", "present (left untouched)")) }
         if h.incompatible & QCOW2Header.incompatibleDirty != 0 { details.append(("dirty", "yes (refcounts may be stale; reads are not affected)")) }
         if h.incompatible & QCOW2Header.incompatibleCorrupt != 0 { details.append(("corrupt", "marked corrupt by QEMU")) }
@@ -60,6 +82,7 @@ public final class QCOW2Driver: ImageDriver {
         let cs = header.clusterSize
         let l1Index = offset / header.l1Coverage
         let end = min(offset + maxLength, (l1Index + 1) * header.l1Coverage)
+        guard l1Index < l1.entries else { return .unallocated(length: end - offset) }
         let table = try l1.entry(l1Index) & Self.offsetMask
         if table == 0 { return .unallocated(length: end - offset) }
         guard table % cs == 0, table <= fileSize, cs <= fileSize - table else {
@@ -127,6 +150,9 @@ public final class QCOW2Driver: ImageDriver {
         default: return .unallocated(length: runEnd - offset)
         }
     }
+
+    /// The image's internal snapshots (reads the snapshot table).
+    public func snapshots() throws -> [QCOW2Snapshot] { try QCOW2Snapshots.read(from: file, header: header) }
 
     public func readCompressed(_ mapping: Mapping, guestOffset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws {
         guard case let .compressed(host, size, _) = mapping else { return }

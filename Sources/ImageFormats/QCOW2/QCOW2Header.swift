@@ -20,6 +20,7 @@ public struct QCOW2Header: Sendable {
     public var l1Entries: UInt32
     public var l1Offset: UInt64
     public var snapshots: UInt32
+    public var snapshotsOffset: UInt64
     public var incompatible: UInt64
     public var compatible: UInt64
     public var autoclear: UInt64
@@ -62,7 +63,7 @@ public struct QCOW2Header: Sendable {
         // Header, extensions and backing name all live in the first cluster.
         let head = try file.readBytes(count: Int(min(fileSize, clusterSize)), at: 0, what: "qcow2 header cluster")
         var h = QCOW2Header(version: version, clusterBits: clusterBits, size: be64(head, 24), l1Entries: be32(head, 36),
-                            l1Offset: be64(head, 40), snapshots: be32(head, 60), incompatible: 0, compatible: 0,
+                            l1Offset: be64(head, 40), snapshots: be32(head, 60), snapshotsOffset: be64(head, 64), incompatible: 0, compatible: 0,
                             autoclear: 0, headerLength: 72, compressionType: 0)
         let cryptMethod = be32(head, 32)
         if cryptMethod != 0 {
@@ -113,19 +114,25 @@ public struct QCOW2Header: Sendable {
 
         guard h.size % 512 == 0 else { throw bad("size", "\(h.size) is not a multiple of 512") }
         guard h.size <= 1 << 62 else { throw bad("size", "\(h.size) is too large") }
-        let needed = (h.size + h.l1Coverage - 1) / h.l1Coverage
-        guard UInt64(h.l1Entries) >= needed else { throw bad("L1 size", "\(h.l1Entries) entries; a \(h.size)-byte disk needs \(needed)") }
-        let l1Bytes = UInt64(h.l1Entries) * 8
-        guard l1Bytes <= maxL1Bytes else { throw bad("L1 size", "\(h.l1Entries) entries is larger than QEMU's 32 MiB limit") }
-        if h.l1Entries > 0 {
-            guard h.l1Offset % clusterSize == 0, h.l1Offset >= clusterSize else {
-                throw bad("L1 table offset", "\(h.l1Offset) is not a cluster boundary past the header")
-            }
-            guard h.l1Offset <= fileSize, l1Bytes <= fileSize - h.l1Offset else {
-                throw BlockError.truncated(file: path, what: "qcow2 L1 table", offset: h.l1Offset, needed: l1Bytes, fileSize: fileSize)
-            }
-        }
+        try h.checkL1(offset: h.l1Offset, entries: h.l1Entries, diskSize: h.size, fileSize: fileSize, path: path, what: "L1")
         return h
+    }
+
+    /// An L1 table (the active one or a snapshot's) must cover the disk, stay within QEMU's
+    /// 32 MiB limit, start on a cluster past the header and lie inside the file.
+    func checkL1(offset: UInt64, entries: UInt32, diskSize: UInt64, fileSize: UInt64, path: String, what: String) throws {
+        func bad(_ field: String, _ detail: String) -> BlockError { .invalid(file: path, field: field, detail: detail) }
+        let needed = (diskSize + l1Coverage - 1) / l1Coverage
+        guard UInt64(entries) >= needed else { throw bad("\(what) size", "\(entries) entries; a \(diskSize)-byte disk needs \(needed)") }
+        let bytes = UInt64(entries) * 8
+        guard bytes <= Self.maxL1Bytes else { throw bad("\(what) size", "\(entries) entries is larger than QEMU's 32 MiB limit") }
+        guard entries > 0 else { return }
+        guard offset % clusterSize == 0, offset >= clusterSize else {
+            throw bad("\(what) table offset", "\(offset) is not a cluster boundary past the header")
+        }
+        guard offset <= fileSize, bytes <= fileSize - offset else {
+            throw BlockError.truncated(file: path, what: "qcow2 \(what) table", offset: offset, needed: bytes, fileSize: fileSize)
+        }
     }
 
     private mutating func readExtensions(_ head: [UInt8], from start: Int, to end: Int, path: String) throws {

@@ -1,0 +1,72 @@
+import BlockEngine
+import Glibc
+
+/// One internal snapshot from the qcow2 snapshot table: its own L1 table and disk size.
+public struct QCOW2Snapshot: Sendable {
+    public var id: String
+    public var name: String
+    public var l1Offset: UInt64
+    public var l1Entries: UInt32
+    /// The disk's size when the snapshot was taken (extra data), else the image's size.
+    public var diskSize: UInt64
+    public var dateSeconds: UInt32
+    public var vmStateSize: UInt64
+
+    /// "YYYY-MM-DD hh:mm:ss" (UTC) of the snapshot.
+    public var dateText: String {
+        var t = time_t(dateSeconds)
+        var parts = tm()
+        gmtime_r(&t, &parts)
+        var out = [CChar](repeating: 0, count: 32)
+        strftime(&out, out.count, "%Y-%m-%d %H:%M:%S", &parts)
+        return String(decoding: out.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+}
+
+/// Reads and checks the snapshot table with QEMU's limits: at most 65536 snapshots, a table
+/// of at most 64 MiB, at most 1 KiB of extra data per entry, and every L1 like the active one.
+enum QCOW2Snapshots {
+    static let maxSnapshots: UInt32 = 65536
+    static let maxTableBytes: UInt64 = 64 << 20
+    static let maxExtraData = 1024
+
+    static func read(from file: ImageFile, header h: QCOW2Header) throws -> [QCOW2Snapshot] {
+        guard h.snapshots > 0 else { return [] }
+        let path = file.path, fileSize = try file.size()
+        func bad(_ detail: String) -> BlockError { .invalid(file: path, field: "snapshot table", detail: detail) }
+        guard h.snapshots <= maxSnapshots else { throw bad("\(h.snapshots) snapshots is more than QEMU's \(maxSnapshots)") }
+        guard h.snapshotsOffset % h.clusterSize == 0, h.snapshotsOffset >= h.clusterSize, h.snapshotsOffset < fileSize else {
+            throw bad("offset \(h.snapshotsOffset) is not a cluster inside the \(fileSize)-byte file")
+        }
+        var at = h.snapshotsOffset
+        var list: [QCOW2Snapshot] = []
+        for n in 0..<h.snapshots {
+            guard at - h.snapshotsOffset + 40 <= maxTableBytes else { throw bad("larger than QEMU's 64 MiB limit") }
+            let fixed = try file.readBytes(count: 40, at: at, what: "snapshot \(n + 1) header")
+            let idSize = Int(fixed[12]) << 8 | Int(fixed[13]), nameSize = Int(fixed[14]) << 8 | Int(fixed[15])
+            let extraSize = Int(be32(fixed, 36))
+            guard extraSize <= maxExtraData else { throw bad("snapshot \(n + 1) has \(extraSize) bytes of extra data (QEMU allows \(maxExtraData))") }
+            let rest = try file.readBytes(count: extraSize + idSize + nameSize, at: at + 40, what: "snapshot \(n + 1) entry")
+            let extra = Array(rest[0..<extraSize])
+            var s = QCOW2Snapshot(
+                id: String(decoding: rest[extraSize ..< extraSize + idSize], as: UTF8.self),
+                name: String(decoding: rest[(extraSize + idSize)...], as: UTF8.self),
+                l1Offset: be64(fixed, 0), l1Entries: be32(fixed, 8), diskSize: h.size, dateSeconds: be32(fixed, 16),
+                vmStateSize: UInt64(be32(fixed, 32)))
+            if extraSize >= 8 { s.vmStateSize = be64(extra, 0) }
+            if extraSize >= 16 { s.diskSize = be64(extra, 8) }
+            list.append(s)
+            let entryBytes = UInt64(40 + extraSize + idSize + nameSize)
+            at += (entryBytes + 7) / 8 * 8
+        }
+        guard at - h.snapshotsOffset <= maxTableBytes else { throw bad("larger than QEMU's 64 MiB limit") }
+        return list
+    }
+
+    /// The snapshot named `key`, by ID first and then by name, as qemu-img and qemu-nbd pick it.
+    static func find(_ key: String, in list: [QCOW2Snapshot], file: String) throws -> QCOW2Snapshot {
+        if let s = list.first(where: { $0.id == key }) ?? list.first(where: { $0.name == key }) { return s }
+        let known = list.isEmpty ? "the image has none" : "it has " + list.map { "\($0.id) (\($0.name))" }.joined(separator: ", ")
+        throw BlockError.invalid(file: file, field: "snapshot", detail: "no snapshot with ID or name '\(key)'; \(known)")
+    }
+}
