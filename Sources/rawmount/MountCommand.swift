@@ -48,8 +48,14 @@ struct MountCommand: ParsableCommand {
     @Argument(help: "An existing directory or regular file to mount on.")
     var mountpoint: String
 
+    /// --read-only, or the FUSE option `-o ro` (which alone would leave the image open for
+    /// writing, and locked against other readers, under a read-only mount).
+    var asksReadOnly: Bool {
+        readOnly || options.flatMap { $0.split(separator: ",") }.contains { $0 == "ro" }
+    }
+
     func validate() throws {
-        if forceShare && !readOnly {
+        if forceShare && !asksReadOnly {
             throw ValidationError("--force-share needs --read-only: a writer must hold the image's locks")
         }
         if let format, ImageFormat(rawValue: format.lowercased()) == nil {
@@ -108,16 +114,16 @@ struct MountCommand: ParsableCommand {
         }
         let device: BlockDevice
         do {
-            device = try ImageOpener.open(path: imagePath, options: .init(writable: !readOnly && snapshot == nil, format: fmt, lock: !forceShare,
+            device = try ImageOpener.open(path: imagePath, options: .init(writable: !asksReadOnly && snapshot == nil, format: fmt, lock: !forceShare,
                                                                          snapshot: snapshot, onRepair: note))
         } catch let e as BlockError {
             // Evidence on a read-only medium, or someone else's file: say how to read it anyway.
-            if case let .io(_, _, _, err) = e, err == EROFS || err == EACCES, !readOnly {
+            if case let .io(_, _, _, err) = e, err == EROFS || err == EACCES, !asksReadOnly {
                 throw BlockError.usage("\(e.description); to read it without writing, mount with --read-only (-r)")
             }
             throw e
         }
-        var ro = readOnly || snapshot != nil
+        var ro = asksReadOnly || snapshot != nil
         if !ro && !device.isWritable {
             let why = switch device.driver.info.format {
             case "bochs": "Bochs images are always read-only"

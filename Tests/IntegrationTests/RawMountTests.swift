@@ -290,6 +290,14 @@ final class RawMountTests: XCTestCase {
         try s.unmount()
         XCTAssertEqual(try Files.sha(img), before)
         XCTAssertEqual(try Harness.run(["stat", "-c", "%Y", img]).out, mtime)
+        // The FUSE option `-o ro` means the same: the image is not opened for writing, so a
+        // reader that excludes writers (qemu-img info) still gets in.
+        try s.mount(img, options: ["-o", "ro"])
+        XCTAssertEqual(open(raw, O_RDWR), -1)
+        XCTAssertEqual(errno, EROFS)
+        try Harness.run(["qemu-img", "info", img])
+        try s.unmount()
+        XCTAssertEqual(try Files.sha(img), before)
     }
 
     func testFileMountpointBecomesTheRawView() throws {
