@@ -31,7 +31,8 @@ public enum ImageOpener {
         // writing, so not a byte or timestamp of them changes.
         let readOnlyFile = try ImageFile(path: path, writable: false)
         let format = try options.format ?? ImageFormat.probe(readOnlyFile)
-        let writable = options.writable && format.supportsWriting
+        let differencing = try isVDIDifferencing(readOnlyFile, format)
+        let writable = options.writable && format.supportsWriting && !differencing
         let file = writable ? try ImageFile(path: path, writable: true) : readOnlyFile
         if options.lock { try ImageLock.acquire(file, writable: writable) }
         if let key = options.snapshot, format != .qcow2 {
@@ -39,7 +40,11 @@ public enum ImageOpener {
         }
         switch format {
         case .vdi:
-            return BlockDevice(driver: try VDIDriver(file: file))
+            let driver = try VDIDriver(file: file)
+            guard driver.header.isDifferencing else { return BlockDevice(driver: driver) }
+            let parentPath = try VDIParent.find(for: path, header: driver.header)
+            let parent = try open(path: parentPath, options: .init(writable: false, format: .vdi, lock: options.lock), depth: depth + 1)
+            return BlockDevice(driver: driver, backing: parent)
         case .bochs:
             let head = try file.readBytes(count: 4, at: 0, what: "Bochs header")
             guard BochsSparseHeader.hasMagic(head) else { return BlockDevice(driver: try BochsDriver(file: file)) }
@@ -94,6 +99,12 @@ public enum ImageOpener {
             }
             return BlockDevice(driver: driver, backing: backing)
         }
+    }
+
+    /// VirtualBox differencing images are served read-only, so they are opened read-only.
+    static func isVDIDifferencing(_ file: ImageFile, _ format: ImageFormat) throws -> Bool {
+        guard format == .vdi, try file.size() >= 0x50 else { return false }
+        return le32(try file.readBytes(count: 0x50, at: 0, what: "VDI header"), 0x4C) == 4
     }
 
     /// Backing files (QED backing names, VMDK parentFileNameHint) are relative to the child.

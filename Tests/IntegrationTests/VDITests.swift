@@ -144,6 +144,50 @@ final class VDITests: XCTestCase {
         try s.unmount()
     }
 
+    /// A VirtualBox snapshot (differencing) image in VM/Snapshots, its base in VM/: the child
+    /// finds its parent by UUID; its blocks overlay the parent's, free blocks read through,
+    /// zero blocks read as zeros. Served read-only, image untouched; a missing parent is named.
+    func testDifferencingImageReadsThroughItsParent() throws {
+        let s = try Scratch()
+        let vm = s.path("VM"), snaps = s.path("VM/Snapshots")
+        try FileManager.default.createDirectory(atPath: snaps, withIntermediateDirectories: true)
+        let base = vm + "/base.vdi"
+        try Harness.run(["qemu-img", "create", "-q", "-f", "vdi", base, "8M"])
+        try Harness.run(["qemu-io", "-f", "vdi", "-c", "write -P 0x11 0 8M", base])
+        let plain = s.path("plain.vdi")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "vdi", plain, "8M"])
+        try Harness.run(["qemu-io", "-f", "vdi", "-c", "write -P 0x22 1M 1M", "-c", "write -P 0x33 3M 4k", "-c", "write -P 0x44 5M 4k", plain])
+        // Make it a differencing image of base: type 4, parent UUID = base's UUID, block 5 zero.
+        var child = try Files.read(plain)
+        let baseHeader = try Files.read(base).prefix(512)
+        child.replaceSubrange(0x4C..<0x50, with: le(4, 4))
+        child.replaceSubrange(0x1A8..<0x1B8, with: baseHeader[0x188..<0x198])
+        let mapAt = Int(child[0x154]) | Int(child[0x155]) << 8
+        child.replaceSubrange((mapAt + 5 * 4)..<(mapAt + 6 * 4), with: le(0xFFFF_FFFE, 4))
+        let snap = snaps + "/{6d1f0c2e-0000-4000-8000-000000000001}.vdi"
+        try child.write(to: URL(fileURLWithPath: snap))
+        let sha = try Files.sha(snap), baseSha = try Files.sha(base)
+        var expected = Data(repeating: 0x11, count: 8 << 20)
+        let plainView = try s.qemuRaw(plain)
+        expected.replaceSubrange(1 << 20 ..< 2 << 20, with: plainView[1 << 20 ..< 2 << 20])  // allocated in the child
+        expected.replaceSubrange(3 << 20 ..< 4 << 20, with: plainView[3 << 20 ..< 4 << 20])
+        expected.replaceSubrange(5 << 20 ..< 6 << 20, with: Data(count: 1 << 20))           // zero block
+        let r = try Harness.run([Harness.rawmount, "mount", snap, s.mnt])
+        XCTAssertTrue(r.err.contains("differencing") && r.err.contains("read-only"), r.err)
+        let raw = s.mnt + "/{6d1f0c2e-0000-4000-8000-000000000001}.raw"
+        XCTAssertTrue(try Files.read(raw) == expected, "the snapshot does not read as its blocks over its parent")
+        XCTAssertEqual(open(raw, O_WRONLY), -1)
+        try s.unmount()
+        XCTAssertEqual(try Files.sha(snap), sha)
+        XCTAssertEqual(try Files.sha(base), baseSha)
+        let info = try Harness.run([Harness.rawmount, "info", snap]).out
+        XCTAssertTrue(info.contains("differencing (parent {") && info.contains("backing file 1: \(base)"), info)
+        // Without its parent: refused, naming the UUID it needs.
+        try FileManager.default.moveItem(atPath: base, toPath: s.path("elsewhere.vdi"))
+        let uuid = try XCTUnwrap(info.split(separator: "\n").first { $0.contains("parent {") }?.split(separator: "{").last?.prefix(36))
+        try s.assertMountRefused(["-r", snap], mentions: ["6d1f0c2e", "needs its parent {\(uuid)}"], "parent missing")
+    }
+
     func testDamagedHeadersFailCleanly() throws {
         let s = try Scratch()
         let good = s.path("good.vdi")
@@ -153,7 +197,7 @@ final class VDITests: XCTestCase {
             ("sig", 0x40, le(0xBEDA107E, 4), "signature"),
             ("version", 0x44, le(0x00010000, 4), "version"),
             ("type", 0x4C, le(3, 4), "type"),
-            ("diff", 0x1A8, le(1, 8), "differencing"),
+            ("diffnoparent", 0x4C, le(4, 4), "parent UUID"),
             ("sector", 0x168, le(4096, 4), "sector_size"),
             ("block", 0x178, le(2 << 20, 4), "block_size"),
             ("bmapalign", 0x154, le(0x201, 4), "offset_bmap"),

@@ -7,7 +7,9 @@ import Synchronization
 public final class VDIDriver: ImageDriver {
     public let file: ImageFile
     public let info: ImageInfo
-    public var isWritable: Bool { file.isWritable }
+    /// Differencing images are read-only: VirtualBox keeps their chain's consistency (the
+    /// parent's modification UUID) in its own registry, which writes here would bypass.
+    public var isWritable: Bool { file.isWritable && !header.isDifferencing }
     public let header: VDIHeader
 
     let map: TableCache
@@ -37,7 +39,8 @@ public final class VDIDriver: ImageDriver {
         allocation = Mutex((h.blocksAllocated, max(UInt64(h.blocksAllocated), used), false))
         preallocator = file.isWritable ? Preallocator(file: file) : nil
         info = ImageInfo(format: "vdi", virtualSize: h.virtualSize, clusterSize: blockSize, details: [
-            ("image type", h.imageType == 2 ? "static" : "dynamic"),
+            ("image type", h.imageType == 2 ? "static" : h.isDifferencing ? "differencing (parent \(VDIHeader.uuidText(h.uuidLink)))" : "dynamic"),
+            ("UUID", VDIHeader.uuidText(h.uuidImage)),
             ("blocks", "\(h.blocksAllocated) of \(h.blocksInImage) allocated"),
             ("block extra", "\(h.blockExtra)"),
             ("header text", String(h.text.filter { $0 != "\n" })),

@@ -29,8 +29,18 @@ public struct VDIHeader: Sendable {
         set { put32(&raw, 0x184, newValue) }
     }
     public var uuidImage: [UInt8] { Array(raw[0x188..<0x198]) }
-    var uuidLink: [UInt8] { Array(raw[0x1A8..<0x1B8]) }
+    /// A differencing image's parent: the parent's uuidImage (VirtualBox's uuidLinkage).
+    public var uuidLink: [UInt8] { Array(raw[0x1A8..<0x1B8]) }
     var uuidParent: [UInt8] { Array(raw[0x1B8..<0x1C8]) }
+    /// VirtualBox snapshot images: blocks not here (0xFFFFFFFF) come from the parent.
+    public var isDifferencing: Bool { imageType == 4 }
+
+    /// A UUID as VirtualBox prints it (the first three fields are stored little-endian).
+    public static func uuidText(_ u: [UInt8]) -> String {
+        func hex(_ bytes: [UInt8]) -> String { bytes.map { String($0, radix: 16).count == 1 ? "0" + String($0, radix: 16) : String($0, radix: 16) }.joined() }
+        return "{" + [hex(u[0..<4].reversed()), hex(u[4..<6].reversed()), hex(u[6..<8].reversed()), hex(Array(u[8..<10])), hex(Array(u[10..<16]))]
+            .joined(separator: "-") + "}"
+    }
 
     /// Virtual size: disk_size rounded up to a sector, as QEMU does.
     public var virtualSize: UInt64 { diskSize.alignedUp(512) }
@@ -59,10 +69,10 @@ public struct VDIHeader: Sendable {
         }
         guard headerSize >= 0x180, headerSize <= 0x1B8 else { throw bad("header_size", "\(headerSize) is not a VDI 1.1 header size") }
         guard imageType == 1 || imageType == 2 || imageType == 4 else {
-            throw BlockError.unsupported(file: path, feature: "VDI image type \(imageType) (only dynamic and static images)")
+            throw BlockError.unsupported(file: path, feature: "VDI image type \(imageType) (only dynamic, static and differencing images)")
         }
-        if imageType == 4 || uuidLink.contains(where: { $0 != 0 }) || uuidParent.contains(where: { $0 != 0 }) {
-            throw BlockError.unsupported(file: path, feature: "VDI differencing image (it needs its parent, which rawmount does not resolve); merge it with VirtualBox first")
+        if isDifferencing && !uuidLink.contains(where: { $0 != 0 }) {
+            throw bad("parent UUID", "a differencing image must name its parent")
         }
         guard sectorSize == 512 else { throw bad("sector_size", "\(sectorSize) (must be 512)") }
         guard blockSize == Self.blockSizeRequired else { throw bad("block_size", "\(blockSize) (must be 1 MiB)") }
