@@ -47,7 +47,20 @@ public enum ImageOpener {
             return BlockDevice(driver: driver, backing: parent)
         case .bochs:
             let head = try file.readBytes(count: 4, at: 0, what: "Bochs header")
-            guard BochsSparseHeader.hasMagic(head) else { return BlockDevice(driver: try BochsDriver(file: file)) }
+            guard BochsSparseHeader.hasMagic(head) else {
+                let driver = try BochsDriver(file: file)
+                guard driver.header.isUndoable else { return BlockDevice(driver: driver) }
+                guard let basePath = BochsDriver.basePath(ofRedolog: path) else {
+                    throw BlockError.invalid(file: path, field: "base image",
+                                             detail: "this Bochs undoable redolog reads through its base image, which Bochs finds by name (<base>.redolog); rename it so")
+                }
+                do {
+                    let base = try open(path: basePath, options: .init(writable: false, lock: options.lock), depth: depth + 1)
+                    return BlockDevice(driver: driver, backing: base)
+                } catch let e as BlockError where e.isFileNotFound {
+                    throw BlockError.invalid(file: path, field: "base image", detail: "'\(basePath)' not found (an undoable redolog reads through it)")
+                }
+            }
             let driver = try BochsSparseDriver(file: file)
             guard let parentPath = BochsSparseDriver.parentPath(of: path) else { return BlockDevice(driver: driver) }
             let parent = try open(path: parentPath, options: .init(writable: false, lock: options.lock), depth: depth + 1)

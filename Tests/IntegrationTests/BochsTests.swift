@@ -97,13 +97,47 @@ final class BochsTests: XCTestCase {
         try s.unmount()
     }
 
+    /// An undoable redolog (Bochs' <base>.redolog) reads through its base where it holds no
+    /// sector, exactly as `bximage -func=commit` merges the two; base and log stay untouched.
+    func testUndoableRedologReadsOverItsBase() throws {
+        let s = try Scratch()
+        let (growing, _) = try makeImage(s, name: "growing.img")
+        let base = s.path("disk.img")
+        try Harness.run(["dd", "if=/dev/urandom", "of=\(base)", "bs=1M", "count=10", "status=none"])
+        var log = try Files.read(growing)
+        log.replaceSubrange(48..<64, with: Array("Undoable".utf8) + [UInt8](repeating: 0, count: 8))
+        let redolog = s.path("disk.img.redolog")
+        try log.write(to: URL(fileURLWithPath: redolog))
+        // The oracle: bximage merges a copy (commit consumes the redolog it is given). It
+        // insists that the base's mtime is the redolog's timestamp (FAT local time).
+        let info = try Harness.run(["env", "TZ=UTC", Harness.rawmount, "info", redolog]).out
+        let stamp = try XCTUnwrap(info.split(separator: "\n").first { $0.hasPrefix("timestamp: ") }?.dropFirst(11), info)
+        let merged = s.path("merged/disk.img")
+        try FileManager.default.createDirectory(atPath: s.path("merged"), withIntermediateDirectories: true)
+        try FileManager.default.copyItem(atPath: base, toPath: merged)
+        try FileManager.default.copyItem(atPath: redolog, toPath: merged + ".redolog")
+        try Harness.run(["env", "TZ=UTC", "touch", "-d", String(stamp), merged])
+        try Harness.run(["env", "TZ=UTC", "bximage", "-func=commit", "-q", merged, merged + ".redolog"])
+        let shas = (try Files.sha(base), try Files.sha(redolog))
+        try s.mount(redolog)
+        XCTAssertTrue(try Files.read(s.mnt + "/disk.img.raw") == (try Files.read(merged)), "redolog over base differs from bximage's commit")
+        try s.unmount()
+        XCTAssertEqual(try Files.sha(base), shas.0)
+        XCTAssertEqual(try Files.sha(redolog), shas.1)
+        // Bochs finds the base by name: without it, or under another name, the mount says so.
+        try FileManager.default.copyItem(atPath: redolog, toPath: s.path("renamed.log"))
+        try s.assertMountRefused([s.path("renamed.log")], mentions: ["renamed.log", "<base>.redolog"], "not named .redolog")
+        try FileManager.default.removeItem(atPath: base)
+        try s.assertMountRefused([redolog], mentions: ["disk.img.redolog", "disk.img' not found"], "base missing")
+    }
+
     func testDamagedImagesFailCleanly() throws {
         let s = try Scratch()
         let (img, _) = try makeImage(s)
         let bytes = try Files.read(img)
         let damages: [(String, Int, [UInt8], String)] = [
             ("magic", 0, Array("Bochs Virtual HD Imagf".utf8), "magic"),
-            ("undoable", 48, Array("Undoable\0".utf8), "Undoable"),
+            ("volatile", 48, Array("Volatile\0".utf8), "Volatile"),
             ("version", 64, le(0x30000, 4), "version"),
             ("header", 68, le(1024, 4), "header"),
             ("cataloghuge", 72, le(0x200000, 4), "catalog"),

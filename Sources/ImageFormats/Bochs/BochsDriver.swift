@@ -47,7 +47,7 @@ public final class BochsDriver: ImageDriver {
         let ei = offset / ext
         let end = min(offset + maxLength, (ei + 1) * ext)
         let slot = try catalogEntry(ei)
-        if slot == UInt64(BochsHeader.unallocated) { return .zero(length: end - offset) }
+        if slot == UInt64(BochsHeader.unallocated) { return absent(end - offset) }
         let base = header.slotsOffset + slot * header.slotBytes
         guard slot < UInt64(header.catalog), base + header.slotBytes <= fileSize else {
             throw BlockError.invalid(file: file.path, field: "catalog entry \(ei)",
@@ -63,8 +63,17 @@ public final class BochsDriver: ImageDriver {
             var k = first + 1
             while k <= last && present(k) == value { k += 1 }
             let runEnd = min(end, (offset / ext) * ext + k * 512)
-            return value ? .data(host: dataBase + offset % ext, length: runEnd - offset) : .zero(length: runEnd - offset)
+            return value ? .data(host: dataBase + offset % ext, length: runEnd - offset) : absent(runEnd - offset)
         }
+    }
+
+    /// Sectors the redolog does not hold: the base image's (undoable) or zeros (growing).
+    private func absent(_ n: UInt64) -> Mapping { header.isUndoable ? .unallocated(length: n) : .zero(length: n) }
+
+    /// The base image of an undoable redolog: its own name without ".redolog", as Bochs names it.
+    public static func basePath(ofRedolog path: String) -> String? {
+        path.hasSuffix(BochsHeader.undoableSuffix) && path.count > BochsHeader.undoableSuffix.count
+            ? String(path.dropLast(BochsHeader.undoableSuffix.count)) : nil
     }
 
     public func flush() throws {}

@@ -6,6 +6,9 @@ public struct BochsHeader: Sendable {
     public static let magic = "Bochs Virtual HD Image"
     public static let redologType = "Redolog"
     public static let growingSubtype = "Growing"
+    /// A redolog over a read-only base image (Bochs names it <base>.redolog).
+    public static let undoableSubtype = "Undoable"
+    public static let undoableSuffix = ".redolog"
     static let version1: UInt32 = 0x0001_0000, version2: UInt32 = 0x0002_0000
     static let maxCatalog: UInt32 = 0x10_0000
     static let maxExtent: UInt32 = 8 << 20
@@ -33,6 +36,9 @@ public struct BochsHeader: Sendable {
         String(decoding: b[range].prefix { $0 != 0 }, as: UTF8.self)
     }
 
+    /// Sectors not in an undoable redolog come from its base image; in a growing image they are zeros.
+    public var isUndoable: Bool { subtype == Self.undoableSubtype }
+
     public static func probe(_ b: [UInt8]) -> Bool {
         b.count >= 64 && string(b, 0..<32) == magic && string(b, 32..<48) == redologType
     }
@@ -45,8 +51,8 @@ public struct BochsHeader: Sendable {
         func bad(_ field: String, _ detail: String) -> BlockError { .invalid(file: path, field: field, detail: detail) }
         guard string(b, 0..<32) == magic, string(b, 32..<48) == redologType else { throw bad("Bochs magic", "not a Bochs redolog image") }
         let subtype = string(b, 48..<64)
-        guard subtype == growingSubtype else {
-            throw BlockError.unsupported(file: path, feature: "Bochs '\(subtype)' redolog (only 'Growing' images stand alone; undoable and volatile logs need their base image)")
+        guard subtype == growingSubtype || subtype == undoableSubtype else {
+            throw BlockError.unsupported(file: path, feature: "Bochs '\(subtype)' redolog (growing images and undoable redologs are read; a volatile log is a temporary file of a running Bochs)")
         }
         let version = le32(b, 64)
         guard version == version1 || version == version2 else { throw bad("Bochs version", "0x\(String(version, radix: 16)) (expected 1.0 or 2.0)") }
