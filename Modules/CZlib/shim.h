@@ -4,13 +4,14 @@
 #include <string.h>
 #include <zlib.h>
 
-// Inflates a raw deflate stream (no zlib header, as qcow2 stores clusters) until `dst` is
-// full or the stream ends; bytes after that are ignored. Returns Z_OK with *produced set,
-// or a zlib error code. (inflateInit2 is a macro, which Swift cannot call.)
-static inline int rm_inflate_raw(const void *src, size_t src_len, void *dst, size_t dst_len, size_t *produced) {
+// Inflates a deflate stream until `dst` is full or the stream ends; bytes after that are
+// ignored. window_bits: -15 for raw deflate (qcow2 clusters), 15 for a zlib stream (VMDK
+// grains). Returns Z_OK with *produced set, or a zlib error code. (inflateInit2 is a macro,
+// which Swift cannot call.)
+static inline int rm_inflate(const void *src, size_t src_len, void *dst, size_t dst_len, size_t *produced, int window_bits) {
     z_stream s;
     memset(&s, 0, sizeof s);
-    int rc = inflateInit2(&s, -15);
+    int rc = inflateInit2(&s, window_bits);
     if (rc != Z_OK) return rc;
     s.next_in = (Bytef *)src; s.avail_in = (uInt)src_len;
     s.next_out = (Bytef *)dst; s.avail_out = (uInt)dst_len;

@@ -157,27 +157,27 @@ public final class QCOW2Driver: ImageDriver {
     public func readCompressed(_ mapping: Mapping, guestOffset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws {
         guard case let .compressed(host, size, _) = mapping else { return }
         let cs = Int(header.clusterSize)
-        let cluster = try inflated.cluster(at: host) {
+        let at = Int(guestOffset % header.clusterSize)
+        let cluster = try inflated.cluster(at: host, need: at + buffer.count) { limit in
             // The last compressed cluster may claim sectors past the end of the file.
             var compressed = [UInt8](repeating: 0, count: Int(min(size, UInt64(2 * cs) + 512)))
             let got = try compressed.withUnsafeMutableBytes { try file.readUpTo(into: $0, at: host) }
-            var out = [UInt8](repeating: 0, count: cs)
+            var out = [UInt8](repeating: 0, count: limit)
             var produced = 0
             let zstd = header.compressionType == 1
             let ok = out.withUnsafeMutableBytes { o in
                 compressed.withUnsafeBytes { c in
-                    zstd ? rm_zstd_decompress_cluster(c.baseAddress, got, o.baseAddress, cs, &produced) == 0
-                         : rm_inflate_raw(c.baseAddress, got, o.baseAddress, cs, &produced) == Z_OK
+                    zstd ? rm_zstd_decompress_cluster(c.baseAddress, got, o.baseAddress, limit, &produced) == 0
+                         : rm_inflate(c.baseAddress, got, o.baseAddress, limit, &produced, -15) == Z_OK
                 }
             }
-            guard ok, produced == cs else {
+            guard ok, produced == limit else {
                 let how = zstd ? "zstd" : "deflate"
                 throw BlockError.invalid(file: file.path, field: "compressed cluster at \(host)",
                                          detail: ok ? "\(how) gives \(produced) bytes, not one \(cs)-byte cluster" : "\(how) stream is damaged")
             }
             return out
         }
-        let at = Int(guestOffset % header.clusterSize)
         cluster.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[at ..< at + buffer.count])) }
     }
 

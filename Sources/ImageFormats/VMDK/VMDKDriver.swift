@@ -190,8 +190,8 @@ public final class VMDKDriver: ImageDriver {
         guard case let .compressed(host, _, _) = mapping else { return }
         let i = Int(host >> Self.extentShift)
         guard case let .sparse(s) = extents[i].kind else { return }
-        let grain = try s.grain(atSector: (host & Self.offsetMask) / 512)
         let inGrain = Int((guestOffset - extents[i].start) % s.header.grainBytes)
+        let grain = try s.grain(atSector: (host & Self.offsetMask) / 512, need: inGrain + buffer.count)
         grain.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[inGrain..<(inGrain + buffer.count)])) }
     }
 

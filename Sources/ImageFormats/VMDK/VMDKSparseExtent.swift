@@ -29,13 +29,13 @@ final class VMDKSparseExtent: Sendable {
         inflated = InflatedClusters(clusterBytes: Int(h.grainBytes))
     }
 
-    /// The inflated bytes of the compressed grain at `sector` (marker + zlib stream, or a bare
-    /// zlib stream without markers).
-    func grain(atSector sector: UInt64) throws -> [UInt8] {
-        try inflated.cluster(at: sector) { try inflateGrain(atSector: sector) }
+    /// At least the first `need` inflated bytes of the compressed grain at `sector` (marker +
+    /// zlib stream, or a bare zlib stream without markers).
+    func grain(atSector sector: UInt64, need: Int) throws -> [UInt8] {
+        try inflated.cluster(at: sector, need: need) { try inflateGrain(atSector: sector, limit: $0) }
     }
 
-    private func inflateGrain(atSector sector: UInt64) throws -> [UInt8] {
+    private func inflateGrain(atSector sector: UInt64, limit: Int) throws -> [UInt8] {
         let grainBytes = Int(header.grainBytes)
         let at = sector * 512
         var dataAt = at, size: UInt64
@@ -51,14 +51,23 @@ final class VMDKSparseExtent: Sendable {
         }
         var compressed = [UInt8](repeating: 0, count: Int(size))
         let got = try compressed.withUnsafeMutableBytes { try file.readUpTo(into: $0, at: dataAt) }
-        var out = [UInt8](repeating: 0, count: grainBytes)
-        var outLen = uLongf(grainBytes)
-        let rc = out.withUnsafeMutableBufferPointer { o in
-            compressed.withUnsafeBufferPointer { c in uncompress(o.baseAddress, &outLen, c.baseAddress, uLong(got)) }
+        var out = [UInt8](repeating: 0, count: limit)
+        var produced = 0
+        let rc: Int32
+        if limit == grainBytes {  // the whole grain: uncompress also checks the stream's checksum
+            var outLen = uLongf(grainBytes)
+            rc = out.withUnsafeMutableBufferPointer { o in
+                compressed.withUnsafeBufferPointer { c in uncompress(o.baseAddress, &outLen, c.baseAddress, uLong(got)) }
+            }
+            produced = Int(outLen)
+        } else {
+            rc = out.withUnsafeMutableBytes { o in
+                compressed.withUnsafeBytes { c in rm_inflate(c.baseAddress, got, o.baseAddress, limit, &produced, 15) }
+            }
         }
-        guard rc == Z_OK, outLen == uLongf(grainBytes) else {
+        guard rc == Z_OK, produced == limit else {
             throw BlockError.invalid(file: file.path, field: "compressed grain at sector \(sector)",
-                                     detail: rc == Z_OK ? "inflates to \(outLen) bytes, not one \(grainBytes)-byte grain" : "zlib error \(rc)")
+                                     detail: rc == Z_OK ? "inflates to \(produced) bytes, not one \(grainBytes)-byte grain" : "zlib error \(rc)")
         }
         return out
     }
