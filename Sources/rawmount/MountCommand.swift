@@ -10,11 +10,10 @@ struct MountCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "mount",
         abstract: "Mount IMAGE so that its guest disk appears as a raw file.",
-        discussion: """
-        If MOUNTPOINT is a directory, it shows <image name>.raw (win.vmdk -> win.raw). If it is an
-        existing regular file, that file becomes the raw view. Returns once the raw file is ready;
-        without --foreground the serving process detaches. Stop it with `rawmount unmount`.
-        """)
+        // One line per paragraph: the help printer wraps them itself.
+        discussion: "If MOUNTPOINT is a directory, it shows <image name>.raw (win.vmdk -> win.raw). "
+            + "If it is an existing regular file, that file becomes the raw view. Returns once the raw file is ready; "
+            + "without --foreground the serving process detaches. Stop it with `rawmount unmount`.")
 
     @Flag(name: [.customShort("r"), .long], help: "Mount read-only: the image is opened O_RDONLY and never changes.")
     var readOnly = false
