@@ -83,35 +83,6 @@ func processAlive(_ pid: pid_t) -> Bool {
 }
 
 
-enum MountTable {
-    /// Whether /proc/self/mountinfo has a fuse.rawmount mount at `path`.
-    static func isRawmount(_ path: String) -> Bool { image(mountedAt: path) != nil }
-
-    /// The image of the newest rawmount mount at `path` (its fsname), or nil.
-    static func image(mountedAt path: String) -> String? {
-        guard let text = Paths.readFile("/proc/self/mountinfo") else { return nil }
-        var found: String? = nil
-        for line in text.split(separator: "\n") {
-            let parts = line.split(separator: " ")
-            guard parts.count > 5, let dash = parts.firstIndex(of: "-"), dash + 2 < parts.count else { continue }
-            if unescape(String(parts[4])) == path && parts[dash + 1] == "fuse.rawmount" {
-                found = unescape(String(parts[dash + 2]))
-            }
-        }
-        return found
-    }
-
-    /// mountinfo escapes space, tab, newline and backslash as \ooo.
-    static func unescape(_ s: String) -> String {
-        var out = [UInt8](); let b = Array(s.utf8); var i = 0
-        while i < b.count {
-            if b[i] == 0x5C, i + 3 < b.count, let v = UInt8(String(decoding: b[i+1...i+3], as: UTF8.self), radix: 8) {
-                out.append(v); i += 4
-            } else { out.append(b[i]); i += 1 }
-        }
-        return String(decoding: out, as: UTF8.self)
-    }
-}
 
 extension String {
     var trimmingSpaces: String {

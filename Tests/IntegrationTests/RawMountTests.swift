@@ -16,6 +16,8 @@ final class RawMountTests: XCTestCase {
         XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: s.mnt), ["win.raw"])
         let blk = try Harness.run(["stat", "-c", "%o", s.mnt + "/win.raw"]).out
         XCTAssertEqual(blk.trimmingCharacters(in: .whitespacesAndNewlines), "65536")
+        let list = try Harness.run([Harness.rawmount, "list"]).out
+        XCTAssertTrue(list.contains("\(s.mnt)\t\(img)\trw"), list)
         // A second image on the same mountpoint is refused rather than stacked on top.
         let other = s.path("other.img")
         try Harness.run(["truncate", "-s", "1M", other])
