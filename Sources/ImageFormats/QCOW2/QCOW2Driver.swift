@@ -142,7 +142,8 @@ public final class QCOW2Driver: ImageDriver {
         let first = inCluster / sub
         let kind = try state(first)
         var sc = first + 1
-        while sc < 32 && (offset - inCluster) + sc * sub < clusterEnd, try state(sc) == kind { sc += 1 }
+        // A bad subcluster further on ends the run; it is reported when it is read itself.
+        while sc < 32 && (offset - inCluster) + sc * sub < clusterEnd, (try? state(sc)) == kind { sc += 1 }
         let runEnd = min(clusterEnd, offset - inCluster + sc * sub)
         switch kind {
         case 0: return .zero(length: runEnd - offset)
