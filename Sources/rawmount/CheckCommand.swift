@@ -46,7 +46,16 @@ struct CheckCommand: ParsableCommand {
             case .qcow2:
                 printError("rawmount: \(image): checking qcow2 images is not implemented (rawmount only reads them); `qemu-img check` does")
                 throw ExitCode.failure
-            case .raw, .bochs, .vmdk:
+            case .vmdk:
+                let device = try ImageOpener.open(path: image, options: .init(writable: false, format: .vmdk, lock: false))
+                defer { try? device.close() }
+                guard let driver = device.driver as? VMDKDriver else { throw ExitCode.failure }
+                let report = try VMDKCheck.run(driver)
+                print("\(image): \(report)")
+                if repair && report.corruptions > 0 { printError("rawmount: \(image): VMDK repair is not implemented") }
+                if report.corruptions > 0 { throw ExitCode(2) }
+                print("No errors were found on the image.")
+            case .raw, .bochs:
                 print("\(image): nothing to check for this format")
             }
         } catch let e as ExitCode { throw e } catch {

@@ -373,3 +373,43 @@ final class VMDKTests: XCTestCase {
         try s.assertDamageIsLocal(d, name: "gtpast.vmdk", bad: 0, good: 90 << 20)
     }
 }
+
+extension VMDKTests {
+    /// `rawmount check` on VMDKs: clean for qemu-img's sub-formats; a grain past the end of the
+    /// file (which qemu-img check also reports) and a redundant grain table that differs
+    /// from its primary are errors (exit 2), each named.
+    func testCheckFindsGrainsPastTheEndAndRedundantTableMismatch() throws {
+        let s = try Scratch()
+        for sub in ["monolithicSparse", "twoGbMaxExtentSparse", "streamOptimized", "monolithicFlat"] {
+            let img = s.path("\(sub).vmdk")
+            try Harness.run(["qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=\(sub)", img, "8M"])
+            if sub != "streamOptimized" { try Harness.run(["qemu-io", "-f", "vmdk", "-c", "write -P 7 0 256k", "-c", "write -P 8 5M 64k", img]) }
+            let r = try Harness.run([Harness.rawmount, "check", img], check: false)
+            XCTAssertEqual(r.status, 0, "\(sub): \(r.out)\(r.err)")
+            XCTAssertTrue(r.out.contains("No errors were found"), r.out)
+        }
+        let img = s.path("monolithicSparse.vmdk")
+        let bytes = try Files.read(img)
+        let info = try Harness.run([Harness.rawmount, "check", img]).out
+        XCTAssertTrue(info.contains("5 grains allocated"), info)  // 4 grains of 64 KiB at 0, 1 at 5 MiB
+        // The primary grain directory (header offset 56, in sectors) -> grain table 0.
+        func u64(_ d: Data, _ o: Int) -> Int { (0..<8).reduce(0) { $0 | Int(d[o + $1]) << (8 * $1) } }
+        func u32(_ d: Data, _ o: Int) -> Int { (0..<4).reduce(0) { $0 | Int(d[o + $1]) << (8 * $1) } }
+        let gd = u64(bytes, 56) * 512, rgd = u64(bytes, 48) * 512
+        let gt = u32(bytes, gd) * 512, rgt = u32(bytes, rgd) * 512
+        var past = bytes
+        past.replaceSubrange(gt..<(gt + 4), with: le(UInt64(bytes.count / 512 + 100), 4))
+        past.replaceSubrange(rgt..<(rgt + 4), with: le(UInt64(bytes.count / 512 + 100), 4))
+        try past.write(to: URL(fileURLWithPath: s.path("past.vmdk")))
+        let p = try Harness.run([Harness.rawmount, "check", s.path("past.vmdk")], check: false)
+        XCTAssertEqual(p.status, 2, p.out + p.err)
+        XCTAssertTrue(p.out.contains("guest offset 0 starts at sector") && p.out.contains("past the end"), p.out)
+        XCTAssertNotEqual(try Harness.run(["qemu-img", "check", s.path("past.vmdk")], check: false).status, 0, "qemu-img agrees it is damaged")
+        var differ = bytes
+        differ.replaceSubrange(rgt..<(rgt + 4), with: le(0, 4))
+        try differ.write(to: URL(fileURLWithPath: s.path("differ.vmdk")))
+        let d = try Harness.run([Harness.rawmount, "check", s.path("differ.vmdk")], check: false)
+        XCTAssertEqual(d.status, 2, d.out + d.err)
+        XCTAssertTrue(d.out.contains("grain table 0 and its redundant copy differ"), d.out)
+    }
+}
