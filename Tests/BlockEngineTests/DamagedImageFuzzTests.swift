@@ -108,6 +108,8 @@ final class DamagedImageFuzzTests: XCTestCase {
             _ = try? device.write(UnsafeRawBufferPointer(rebasing: buf[0..<65536]), at: off)
             _ = try? device.zero(at: off, length: 4096, deallocate: true)
         }
+        // VMDK: `rawmount check` walks every table.
+        if let v = device.driver as? VMDKDriver { _ = try? VMDKCheck.run(v) }
         // qcow2: the snapshot table, and each snapshot's tables, read as `mount --snapshot` does.
         if let q = device.driver as? QCOW2Driver {
             for snap in (try? q.snapshots()) ?? [] {
