@@ -88,37 +88,33 @@ class QsdServer:
         self.proc.wait()
 
 
-class VmdkmountServer:
-    """libyal's vmdkmount (read-only FUSE, daemonizes; shows MOUNTPOINT/vmdk1)."""
-    name = "vmdkmount"
+class LibyalServer:
+    """libyal's read-only FUSE tools (vmdkmount, qcowmount): they daemonize and show one file,
+    MOUNTPOINT/<shown>."""
+    name = shown = ""
 
     def __init__(self, image, fmt, work):
-        self.image, self.mnt = image, os.path.join(work, "vm-mnt")
+        self.image, self.mnt = image, os.path.join(work, "libyal-mnt")
         os.makedirs(self.mnt, exist_ok=True)
 
     def __enter__(self):
-        sh("vmdkmount", self.image, self.mnt)
+        sh(self.name, self.image, self.mnt)
         for _ in range(500):
             if sh("mountpoint", "-q", self.mnt, check=False).returncode == 0:
-                return os.path.join(self.mnt, "vmdk1")
+                return os.path.join(self.mnt, self.shown)
             time.sleep(0.01)
-        raise RuntimeError("vmdkmount did not mount")
+        raise RuntimeError(f"{self.name} did not mount")
 
     def __exit__(self, *exc):
         sh("fusermount3", "-u", self.mnt)
 
 
-class QcowmountServer(VmdkmountServer):
-    """libyal's qcowmount (read-only FUSE, daemonizes; shows MOUNTPOINT/qcow1)."""
-    name = "qcowmount"
+class VmdkmountServer(LibyalServer):
+    name, shown = "vmdkmount", "vmdk1"
 
-    def __enter__(self):
-        sh("qcowmount", self.image, self.mnt)
-        for _ in range(500):
-            if sh("mountpoint", "-q", self.mnt, check=False).returncode == 0:
-                return os.path.join(self.mnt, "qcow1")
-            time.sleep(0.01)
-        raise RuntimeError("qcowmount did not mount")
+
+class QcowmountServer(LibyalServer):
+    name, shown = "qcowmount", "qcow1"
 
 
 def peers(fmt, writes):
