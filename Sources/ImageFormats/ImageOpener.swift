@@ -46,31 +46,7 @@ public enum ImageOpener {
             let parent = try open(path: parentPath, options: .init(writable: false, format: .vdi, lock: options.lock), depth: depth + 1)
             return BlockDevice(driver: driver, backing: parent)
         case .bochs:
-            let head = try file.readBytes(count: 4, at: 0, what: "Bochs header")
-            guard BochsSparseHeader.hasMagic(head) else {
-                let driver = try BochsDriver(file: file)
-                guard driver.header.isUndoable else { return BlockDevice(driver: driver) }
-                guard let basePath = BochsDriver.basePath(ofRedolog: path) else {
-                    throw BlockError.invalid(file: path, field: "base image",
-                                             detail: "this Bochs undoable redolog reads through its base image, which Bochs finds by name (<base>.redolog); rename it so")
-                }
-                do {
-                    let base = try open(path: basePath, options: .init(writable: false, lock: options.lock), depth: depth + 1)
-                    return BlockDevice(driver: driver, backing: base)
-                } catch let e as BlockError where e.isFileNotFound {
-                    throw BlockError.invalid(file: path, field: "base image", detail: "'\(basePath)' not found (an undoable redolog reads through it)")
-                }
-            }
-            let driver = try BochsSparseDriver(file: file)
-            guard let parentPath = BochsSparseDriver.parentPath(of: path) else { return BlockDevice(driver: driver) }
-            let parent = try open(path: parentPath, options: .init(writable: false, lock: options.lock), depth: depth + 1)
-            // Bochs refuses a stack whose layers differ in page size or page count.
-            guard let p = parent.driver as? BochsSparseDriver, p.header.pageSize == driver.header.pageSize,
-                  p.header.pages == driver.header.pages else {
-                throw BlockError.invalid(file: path, field: "parent image",
-                                         detail: "\(parentPath) (which Bochs stacks this image on, by name) is not a Bochs sparse image with the same page size and page count")
-            }
-            return BlockDevice(driver: driver, backing: parent)
+            return try openBochs(file, path: path, options: options, depth: depth)
         case .vmdk:
             let driver = try VMDKDriver(file: file) { extentPath in
                 let f = try ImageFile(path: extentPath, writable: writable)
@@ -112,6 +88,36 @@ public enum ImageOpener {
             }
             return BlockDevice(driver: driver, backing: backing)
         }
+    }
+
+    /// Bochs images: a growing redolog stands alone; an undoable one reads through its base
+    /// (<base>.redolog); a sparse image stacks on the one numbered below it, as Bochs does.
+    static func openBochs(_ file: ImageFile, path: String, options: Options, depth: Int) throws -> BlockDevice {
+        let head = try file.readBytes(count: 4, at: 0, what: "Bochs header")
+        guard BochsSparseHeader.hasMagic(head) else {
+            let driver = try BochsDriver(file: file)
+            guard driver.header.isUndoable else { return BlockDevice(driver: driver) }
+            guard let basePath = BochsDriver.basePath(ofRedolog: path) else {
+                throw BlockError.invalid(file: path, field: "base image",
+                                         detail: "this Bochs undoable redolog reads through its base image, which Bochs finds by name (<base>.redolog); rename it so")
+            }
+            do {
+                let base = try open(path: basePath, options: .init(writable: false, lock: options.lock), depth: depth + 1)
+                return BlockDevice(driver: driver, backing: base)
+            } catch let e as BlockError where e.isFileNotFound {
+                throw BlockError.invalid(file: path, field: "base image", detail: "'\(basePath)' not found (an undoable redolog reads through it)")
+            }
+        }
+        let driver = try BochsSparseDriver(file: file)
+        guard let parentPath = BochsSparseDriver.parentPath(of: path) else { return BlockDevice(driver: driver) }
+        let parent = try open(path: parentPath, options: .init(writable: false, lock: options.lock), depth: depth + 1)
+        // Bochs refuses a stack whose layers differ in page size or page count.
+        guard let p = parent.driver as? BochsSparseDriver, p.header.pageSize == driver.header.pageSize,
+              p.header.pages == driver.header.pages else {
+            throw BlockError.invalid(file: path, field: "parent image",
+                                     detail: "\(parentPath) (which Bochs stacks this image on, by name) is not a Bochs sparse image with the same page size and page count")
+        }
+        return BlockDevice(driver: driver, backing: parent)
     }
 
     /// VirtualBox differencing images are served read-only, so they are opened read-only.

@@ -37,7 +37,7 @@ public struct VDIHeader: Sendable {
 
     /// A UUID as VirtualBox prints it (the first three fields are stored little-endian).
     public static func uuidText(_ u: [UInt8]) -> String {
-        func hex(_ bytes: [UInt8]) -> String { bytes.map { String($0, radix: 16).count == 1 ? "0" + String($0, radix: 16) : String($0, radix: 16) }.joined() }
+        func hex(_ bytes: [UInt8]) -> String { bytes.map { ($0 < 16 ? "0" : "") + String($0, radix: 16) }.joined() }
         return "{" + [hex(u[0..<4].reversed()), hex(u[4..<6].reversed()), hex(u[6..<8].reversed()), hex(Array(u[8..<10])), hex(Array(u[10..<16]))]
             .joined(separator: "-") + "}"
     }
