@@ -30,6 +30,7 @@ let package = Package(
         // Seeded randomness both test targets share, so failures reproduce.
         .target(name: "TestSupport", path: "Tests/TestSupport"),
         .testTarget(name: "BlockEngineTests", dependencies: ["BlockEngine", "ImageFormats", "TestSupport"]),
-        .testTarget(name: "IntegrationTests", dependencies: ["BlockEngine", "TestSupport"]),
+        // Fixtures/ holds Python scripts the tests run, not sources.
+        .testTarget(name: "IntegrationTests", dependencies: ["BlockEngine", "TestSupport"], exclude: ["Fixtures"]),
     ]
 )

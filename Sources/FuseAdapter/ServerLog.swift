@@ -25,7 +25,7 @@ public final class ServerLog: Sendable {
         gmtime_r(&now, &parts)
         var stamp = [CChar](repeating: 0, count: 32)
         strftime(&stamp, stamp.count, "%Y-%m-%dT%H:%M:%SZ", &parts)
-        let line = String(cString: stamp) + " " + message + "\n"
+        let line = String(decoding: stamp.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self) + " " + message + "\n"
         writeLock.withLock { _ in _ = line.withCString { write(fd, $0, strlen($0)) } }
     }
 }

@@ -34,7 +34,7 @@ final class AllocatorTests: XCTestCase {
 
     func testHostSpaceIsReservedAheadWithoutGrowingTheFileAndReturnedOnRelease() throws {
         let p = NSTemporaryDirectory() + "prealloc-" + UUID().uuidString
-        FileManager.default.createFile(atPath: p, contents: Data(count: 65536))
+        XCTAssertTrue(FileManager.default.createFile(atPath: p, contents: Data(count: 65536)))
         defer { try? FileManager.default.removeItem(atPath: p) }
         let f = try ImageFile(path: p, writable: true)
         let a = Allocator(file: p, nextOffset: 65536, alignment: 65536, preallocating: f)
@@ -88,7 +88,7 @@ final class ImageFileTests: XCTestCase {
 
     func testShortReadIsATruncationErrorNamingTheFile() throws {
         let p = path()
-        FileManager.default.createFile(atPath: p, contents: Data(repeating: 7, count: 100))
+        XCTAssertTrue(FileManager.default.createFile(atPath: p, contents: Data(repeating: 7, count: 100)))
         defer { try? FileManager.default.removeItem(atPath: p) }
         let f = try ImageFile(path: p, writable: false)
         XCTAssertThrowsError(try f.readBytes(count: 64, at: 64, what: "L1 table")) { e in
@@ -111,7 +111,7 @@ final class ImageFileTests: XCTestCase {
 
     func testLocksConflictBetweenWritersButNotReaders() throws {
         let p = path()
-        FileManager.default.createFile(atPath: p, contents: Data(count: 4096))
+        XCTAssertTrue(FileManager.default.createFile(atPath: p, contents: Data(count: 4096)))
         defer { try? FileManager.default.removeItem(atPath: p) }
         let r1 = try ImageFile(path: p, writable: false), r2 = try ImageFile(path: p, writable: false)
         try ImageLock.acquire(r1, writable: false)
@@ -126,7 +126,7 @@ final class ImageFileTests: XCTestCase {
 final class RawEngineTests: XCTestCase {
     func testEngineReadWriteZeroOnRaw() throws {
         let p = NSTemporaryDirectory() + "raw-" + UUID().uuidString
-        FileManager.default.createFile(atPath: p, contents: Data(repeating: 0x55, count: 1 << 20))
+        XCTAssertTrue(FileManager.default.createFile(atPath: p, contents: Data(repeating: 0x55, count: 1 << 20)))
         defer { try? FileManager.default.removeItem(atPath: p) }
         let dev = try ImageOpener.open(path: p, options: .init(writable: true))
         XCTAssertEqual(dev.virtualSize, 1 << 20)

@@ -13,7 +13,7 @@ final class TableCacheTests: XCTestCase {
 
     func makeFile(_ bytes: [UInt8]) throws -> ImageFile {
         let p = dir + "/f"
-        FileManager.default.createFile(atPath: p, contents: Data(bytes))
+        XCTAssertTrue(FileManager.default.createFile(atPath: p, contents: Data(bytes)))
         return try ImageFile(path: p, writable: true)
     }
 

@@ -17,7 +17,7 @@ final class QEDTests: XCTestCase {
         let s = try Scratch()
         let base = s.path("base.raw")
         var rng = SeededRandom(seed: 7)
-        FileManager.default.createFile(atPath: base, contents: Data(rng.bytes(5 << 20))) // shorter than the child
+        XCTAssertTrue(FileManager.default.createFile(atPath: base, contents: Data(rng.bytes(5 << 20)))) // shorter than the child
         let qedBase = s.path("base.qed")
         try Harness.run(["qemu-img", "convert", "-O", "qed", base, qedBase])
         let cases: [(String, [String])] = [
@@ -43,7 +43,7 @@ final class QEDTests: XCTestCase {
         let s = try Scratch()
         let base = s.path("base.raw")
         var rng = SeededRandom(seed: 99)
-        FileManager.default.createFile(atPath: base, contents: Data(rng.bytes(6 << 20)))
+        XCTAssertTrue(FileManager.default.createFile(atPath: base, contents: Data(rng.bytes(6 << 20))))
         for (name, opts) in [("plain.qed", ["-o", "cluster_size=4096"]),
                              ("child.qed", ["-o", "cluster_size=65536", "-b", "base.raw", "-F", "raw"])] {
             let img = s.path(name), shadow = s.path(name + ".shadow")
@@ -95,7 +95,7 @@ final class QEDTests: XCTestCase {
     func testSeekDataHoleAgreesWithQemuImgMap() throws {
         let s = try Scratch()
         let base = s.path("b.raw")
-        FileManager.default.createFile(atPath: base, contents: Data(repeating: 1, count: 1 << 20))
+        XCTAssertTrue(FileManager.default.createFile(atPath: base, contents: Data(repeating: 1, count: 1 << 20)))
         let img = s.path("m.qed")
         try Harness.run(["qemu-img", "create", "-q", "-f", "qed", "-o", "cluster_size=4096", "-b", "b.raw", "-F", "raw", img, "8M"])
         try populate(img, ["write -P 1 2M 64k", "write -z 512k 64k", "write -P 2 5M 4k"])
@@ -180,7 +180,7 @@ final class QEDTests: XCTestCase {
         try Harness.run(["qemu-img", "create", "-q", "-f", "qed", img, "8M"])
         try Harness.run(["qemu-io", "-f", "qed", "-c", "write -P 0x3c 1M 1M", img])
         let target = s.path("qsd-target")
-        FileManager.default.createFile(atPath: target, contents: nil)
+        XCTAssertTrue(FileManager.default.createFile(atPath: target, contents: nil))
         let qsd = Process()
         qsd.executableURL = URL(fileURLWithPath: "/usr/bin/env")
         qsd.arguments = ["qemu-storage-daemon",

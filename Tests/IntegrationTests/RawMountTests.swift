@@ -40,7 +40,7 @@ final class RawMountTests: XCTestCase {
         let size: UInt64 = 24 << 20
         var rng = SeededRandom(seed: 42)
         // Start from random content so untouched bytes are checked too.
-        FileManager.default.createFile(atPath: img, contents: Data(rng.bytes(Int(size))))
+        XCTAssertTrue(FileManager.default.createFile(atPath: img, contents: Data(rng.bytes(Int(size)))))
         try FileManager.default.copyItem(atPath: img, toPath: shadow)
         // The image's times are in the past: the raw file's mtime must move when it is written.
         try Harness.run(["touch", "-d", "2001-01-01", img])
@@ -279,7 +279,7 @@ final class RawMountTests: XCTestCase {
     func testReadOnlyMountRefusesWritesAndLeavesImageUntouched() throws {
         let s = try Scratch()
         let img = s.path("ro.img")
-        FileManager.default.createFile(atPath: img, contents: Data((0..<(2 << 20)).map { UInt8(truncatingIfNeeded: $0 / 3) }))
+        XCTAssertTrue(FileManager.default.createFile(atPath: img, contents: Data((0..<(2 << 20)).map { UInt8(truncatingIfNeeded: $0 / 3) })))
         try Harness.run(["touch", "-d", "2020-01-02 03:04:05", img])
         let before = try Files.sha(img)
         let mtime = try Harness.run(["stat", "-c", "%Y", img]).out
@@ -305,8 +305,8 @@ final class RawMountTests: XCTestCase {
     func testFileMountpointBecomesTheRawView() throws {
         let s = try Scratch()
         let img = s.path("img.bin"), target = s.path("view.raw")
-        FileManager.default.createFile(atPath: img, contents: Data(repeating: 0x42, count: 1 << 20))
-        FileManager.default.createFile(atPath: target, contents: Data())
+        XCTAssertTrue(FileManager.default.createFile(atPath: img, contents: Data(repeating: 0x42, count: 1 << 20)))
+        XCTAssertTrue(FileManager.default.createFile(atPath: target, contents: Data()))
         try s.mount(img, at: target)
         XCTAssertEqual(try Files.read(target), Data(repeating: 0x42, count: 1 << 20))
         try s.unmount(target)
