@@ -11,11 +11,12 @@ public enum ImageOpener {
         public var lock: Bool
         /// qcow2: show this internal snapshot (ID or name) instead of the active disk.
         public var snapshot: String?
-        /// Told what a repair-on-open fixed (QED NEED_CHECK).
-        public var onRepair: (@Sendable (String) -> Void)?
+        /// Told what the user should know about the image: what a repair-on-open fixed (QED
+        /// NEED_CHECK), a Bochs base modified after its redolog.
+        public var onNote: (@Sendable (String) -> Void)?
         public init(writable: Bool, format: ImageFormat? = nil, lock: Bool = true, snapshot: String? = nil,
-                    onRepair: (@Sendable (String) -> Void)? = nil) {
-            self.writable = writable; self.format = format; self.lock = lock; self.snapshot = snapshot; self.onRepair = onRepair
+                    onNote: (@Sendable (String) -> Void)? = nil) {
+            self.writable = writable; self.format = format; self.lock = lock; self.snapshot = snapshot; self.onNote = onNote
         }
     }
 
@@ -79,7 +80,7 @@ public enum ImageOpener {
             return BlockDevice(driver: try RawDriver(file: file, probed: options.format == nil))
         case .qed:
             let driver = try QEDDriver(file: file) { report in
-                options.onRepair?("\(path): image was not closed cleanly (NEED_CHECK); checked: \(report)")
+                options.onNote?("\(path): image was not closed cleanly (NEED_CHECK); checked: \(report)")
             }
             var backing: BlockDevice? = nil
             if let name = driver.backingName {
@@ -103,6 +104,14 @@ public enum ImageOpener {
             }
             do {
                 let base = try open(path: basePath, options: .init(writable: false, lock: options.lock), depth: depth + 1)
+                // Bochs refuses a base whose mtime is not the redolog's timestamp; evidence
+                // copies often lose mtimes, so rawmount reads them and says so.
+                if let stamp = driver.header.timestamp, stamp != 0, let st = base.driver.file.fileStatus(),
+                   BochsHeader.fatTimestamp(st.st_mtim.tv_sec) != stamp {
+                    options.onNote?("\(path): its base \(basePath) was modified after the redolog was made "
+                        + "(redolog \(driver.header.timestampText ?? "?"), base \(BochsHeader.fatText(BochsHeader.fatTimestamp(st.st_mtim.tv_sec)))); "
+                        + "Bochs would refuse the pair, rawmount shows them as they are")
+                }
                 return BlockDevice(driver: driver, backing: base)
             } catch let e as BlockError where e.isFileNotFound {
                 throw BlockError.invalid(file: path, field: "base image", detail: "'\(basePath)' not found (an undoable redolog reads through it)")

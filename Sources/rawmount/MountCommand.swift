@@ -114,7 +114,7 @@ struct MountCommand: ParsableCommand {
         let device: BlockDevice
         do {
             device = try ImageOpener.open(path: imagePath, options: .init(writable: !asksReadOnly && snapshot == nil, format: fmt, lock: !forceShare,
-                                                                         snapshot: snapshot, onRepair: note))
+                                                                         snapshot: snapshot, onNote: note))
         } catch let e as BlockError {
             // Evidence on a read-only medium, or someone else's file: say how to read it anyway.
             if case let .io(_, _, _, err) = e, err == EROFS || err == EACCES, !asksReadOnly {

@@ -1,4 +1,5 @@
 import BlockEngine
+import Glibc
 
 /// The 512-byte header of a Bochs growing redolog, versions 1 and 2, with QEMU's limits
 /// and the checks QEMU skips (header size, bitmap large enough, disk size a sector multiple).
@@ -79,8 +80,20 @@ public struct BochsHeader: Sendable {
     }
 
     /// The v2 timestamp as "YYYY-MM-DD hh:mm:ss" (FAT encoding).
-    public var timestampText: String? {
-        guard let t = timestamp else { return nil }
+    public var timestampText: String? { timestamp.map(Self.fatText) }
+
+    /// A file time as Bochs stamps it: FAT date << 16 | FAT time, in local time.
+    public static func fatTimestamp(_ seconds: Int) -> UInt32 {
+        var t = time_t(seconds)
+        var parts = tm()
+        localtime_r(&t, &parts)
+        let date = UInt32(max(0, parts.tm_year - 80)) << 9 | UInt32(parts.tm_mon + 1) << 5 | UInt32(parts.tm_mday)
+        let time = UInt32(parts.tm_hour) << 11 | UInt32(parts.tm_min) << 5 | UInt32(parts.tm_sec / 2)
+        return date << 16 | time
+    }
+
+    /// A FAT date << 16 | time as "YYYY-MM-DD hh:mm:ss".
+    public static func fatText(_ t: UInt32) -> String {
         let date = t >> 16, time = t & 0xFFFF
         let y = 1980 + (date >> 9), mo = (date >> 5) & 15, d = date & 31
         let hh = time >> 11, mm = (time >> 5) & 63, ss = (time & 31) * 2
