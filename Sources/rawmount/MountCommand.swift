@@ -85,8 +85,14 @@ struct MountCommand: ParsableCommand {
     }
 
     private func serve() throws {
-        let imagePath: String, mp: String
-        do { imagePath = try Paths.realPath(image) } catch let e as BlockError {
+        // The image as named (absolute, its directory resolved, a symlink at the end kept):
+        // backing files, Bochs layers and VDI parents are found next to that name, as QEMU
+        // and Bochs find them. The fully resolved path only guards against mounting on itself.
+        let imagePath: String, realImage: String, mp: String
+        do {
+            realImage = try Paths.realPath(image)
+            imagePath = try Paths.asNamed(image)
+        } catch let e as BlockError {
             throw BlockError.usage("\(image): cannot open the image: \(String(cString: strerror(e.errnoValue)))")
         }
         do { mp = try Paths.realPath(mountpoint) } catch let e as BlockError {
@@ -99,7 +105,7 @@ struct MountCommand: ParsableCommand {
         guard mode == S_IFDIR || mode == S_IFREG else {
             throw BlockError.usage("\(mountpoint): mountpoint must be a directory or a regular file")
         }
-        if mp == imagePath { throw BlockError.usage("\(mountpoint): cannot mount an image on itself") }
+        if mp == realImage { throw BlockError.usage("\(mountpoint): cannot mount an image on itself") }
         // Stacked mounts would share one pid file, and `unmount` could no longer wait for both.
         if let other = MountTable.image(mountedAt: mp) {
             throw BlockError.usage("mountpoint \(mountpoint): already shows \(other); run `rawmount unmount \(mountpoint)` first")

@@ -12,16 +12,22 @@ enum Paths {
         return String(cString: p)
     }
 
+    /// `path` made absolute with its directory resolved, but its last component kept as
+    /// named (a symlinked image stays the link, as QEMU opens it).
+    static func asNamed(_ path: String) throws -> String {
+        var trimmed = path
+        while trimmed.count > 1 && trimmed.hasSuffix("/") { trimmed.removeLast() }
+        let dir = PathName.directory(of: trimmed)
+        let resolved = try realPath(dir.isEmpty ? "." : dir)
+        return (resolved == "/" ? "" : resolved) + "/" + PathName.baseName(trimmed)
+    }
+
     /// Like `realPath`, but also for a FUSE mountpoint whose server died: stat on it fails
     /// with ENOTCONN, so its parent is resolved instead.
     static func mountpointPath(_ path: String) throws -> String {
         do { return try realPath(path) } catch let error as BlockError {
             guard error.errnoValue == ENOTCONN else { throw error }
-            var trimmed = path
-            while trimmed.count > 1 && trimmed.hasSuffix("/") { trimmed.removeLast() }
-            let parent = PathName.directory(of: trimmed)
-            let resolved = try realPath(parent.isEmpty ? "." : parent)
-            return (resolved == "/" ? "" : resolved) + "/" + PathName.baseName(trimmed)
+            return try asNamed(path)
         }
     }
 

@@ -232,6 +232,25 @@ final class QEDTests: XCTestCase {
         }
     }
 
+    /// A symlinked image finds its backing file next to the link, as qemu-img does (the
+    /// target's folder holds a different base here).
+    func testSymlinkedImageFindsBackingNextToTheLink() throws {
+        let s = try Scratch()
+        for (dir, pattern) in [("a", "0xaa"), ("b", "0xbb")] {
+            try FileManager.default.createDirectory(atPath: s.path(dir), withIntermediateDirectories: true)
+            try Harness.run(["qemu-img", "create", "-q", "-f", "qed", s.path("\(dir)/base.qed"), "1M"])
+            try Harness.run(["qemu-io", "-f", "qed", "-c", "write -P \(pattern) 0 64k", s.path("\(dir)/base.qed")])
+        }
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qed", "-b", "base.qed", "-F", "qed", s.path("a/child.qed")])
+        try FileManager.default.createSymbolicLink(atPath: s.path("b/link.qed"), withDestinationPath: "../a/child.qed")
+        let link = s.path("b/link.qed")
+        try s.mount(link, options: ["-r"])
+        let view = try Files.read(s.mnt + "/link.raw")
+        XCTAssertTrue(view == (try s.qemuRaw(link)), "differs from qemu-img convert of the link")
+        XCTAssertEqual(view.first, 0xBB, "the backing file next to the link")
+        try s.unmount()
+    }
+
     func testCreateAndCheckCommands() throws {
         let s = try Scratch()
         let base = s.path("b.qed"), child = s.path("c.qed")
