@@ -14,7 +14,7 @@ public final class BochsSparseDriver: ImageDriver {
     let pageTable: FlatTable
     let fileSize: UInt64
     /// Longest run one `map` call assembles, so a call stays cheap on huge requests.
-    static let maxPagesPerMap: UInt64 = 256
+    static let maxPagesPerMap = 256
 
     public init(file: ImageFile) throws {
         let h = try BochsSparseHeader.read(from: file)
@@ -52,21 +52,11 @@ public final class BochsSparseDriver: ImageDriver {
     }
 
     public func map(_ offset: UInt64, maxLength: UInt64) throws -> Mapping {
-        let size = UInt64(header.pageSize)
-        let end = offset + maxLength
-        var page = offset / size
-        var mapping = try mapPage(page, from: offset, to: min(end, (page + 1) * size))
-        var covered = offset + mapping.length
-        let lastPage = page + Self.maxPagesPerMap
-        while covered < end && page + 1 < lastPage {
-            page += 1
-            // A bad entry further on is reported when that page itself is read.
-            guard let next = try? mapPage(page, from: covered, to: min(end, (page + 1) * size)),
-                  let longer = mapping.merged(with: next) else { break }
-            mapping = longer
-            covered = offset + mapping.length
+        let size = UInt64(header.pageSize), end = offset + maxLength
+        return try Mapping.run(from: offset, to: end, maxUnits: Self.maxPagesPerMap) { pos in
+            let page = pos / size
+            return try mapPage(page, from: pos, to: min(end, (page + 1) * size))
         }
-        return mapping
     }
 
     public func flush() throws {}

@@ -23,7 +23,7 @@ public final class QCOW2Driver: ImageDriver {
     static let compressedFlag: UInt64 = 1 << 62
     static let zeroFlag: UInt64 = 1
     /// Longest run one `map` call assembles, so a call stays cheap on huge requests.
-    static let maxClustersPerMap: UInt64 = 512
+    static let maxClustersPerMap = 512
 
     /// `snapshot`: an internal snapshot's ID or name, to show that instead of the active disk.
     public init(file: ImageFile, snapshot key: String? = nil) throws {
@@ -89,17 +89,7 @@ public final class QCOW2Driver: ImageDriver {
             throw BlockError.invalid(file: file.path, field: "L1 entry \(l1Index)",
                                      detail: "L2 table offset \(table) is not a cluster inside the \(fileSize)-byte file")
         }
-        var mapping = try mapCluster(table, offset, end)
-        var covered = offset + mapping.length
-        var clusters: UInt64 = 1
-        while covered < end && clusters < Self.maxClustersPerMap {
-            // A bad entry further on is reported when that cluster itself is read.
-            guard let next = try? mapCluster(table, covered, end), let longer = mapping.merged(with: next) else { break }
-            mapping = longer
-            covered = offset + mapping.length
-            clusters += 1
-        }
-        return mapping
+        return try Mapping.run(from: offset, to: end, maxUnits: Self.maxClustersPerMap) { try mapCluster(table, $0, end) }
     }
 
     /// What guest bytes from `offset` are, up to the end of their cluster (or of their run
