@@ -76,6 +76,9 @@ public protocol ImageDriver: AnyObject, Sendable {
     var file: ImageFile { get }
     var info: ImageInfo { get }
     var isWritable: Bool { get }
+    /// Why this image is served read-only even when writing was asked for (nil: it is not,
+    /// or only because its file was opened read-only); `mount` tells the user.
+    var readOnlyReason: String? { get }
 
     /// Mapping of `[offset, offset+n)` for some `0 < n <= maxLength` (the engine never asks
     /// past the virtual size).
@@ -118,6 +121,7 @@ public protocol ImageDriver: AnyObject, Sendable {
 }
 
 extension ImageDriver {
+    public var readOnlyReason: String? { nil }
     public func willWrite() throws {}
     public func checkWrite(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {}
     @inline(__always)

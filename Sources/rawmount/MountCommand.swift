@@ -130,13 +130,7 @@ struct MountCommand: ParsableCommand {
         }
         var ro = asksReadOnly || snapshot != nil
         if !ro && !device.isWritable {
-            let differencing = (device.driver as? VDIDriver)?.header.isDifferencing ?? false
-            let why = switch device.driver.info.format {
-            case "bochs": "Bochs images are always read-only"
-            case "qcow2": "rawmount reads qcow2 but does not write it"
-            case "vdi" where differencing: "VirtualBox differencing (snapshot) images are served read-only"
-            default: "read-only extent or compressed format"
-            }
+            let why = device.driver.readOnlyReason ?? "its file is read-only"
             note("\(image): this \(device.driver.info.format) image cannot be written here (\(why)); mounting read-only")
             ro = true
         }

@@ -8,6 +8,7 @@ public final class BochsDriver: ImageDriver {
     public let file: ImageFile
     public let info: ImageInfo
     public var isWritable: Bool { false }
+    public var readOnlyReason: String? { "Bochs images are always read-only" }
     public let header: BochsHeader
 
     let catalog: FlatTable

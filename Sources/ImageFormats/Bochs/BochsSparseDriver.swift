@@ -9,6 +9,7 @@ public final class BochsSparseDriver: ImageDriver {
     public let file: ImageFile
     public let info: ImageInfo
     public var isWritable: Bool { false }
+    public var readOnlyReason: String? { "Bochs images are always read-only" }
     public let header: BochsSparseHeader
 
     let pageTable: FlatTable

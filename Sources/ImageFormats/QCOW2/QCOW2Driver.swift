@@ -10,6 +10,7 @@ public final class QCOW2Driver: ImageDriver {
     public let file: ImageFile
     public let info: ImageInfo
     public var isWritable: Bool { false }
+    public var readOnlyReason: String? { "rawmount reads qcow2 but does not write it" }
     public let header: QCOW2Header
     /// The internal snapshot shown instead of the active disk, if one was asked for.
     public let snapshot: QCOW2Snapshot?

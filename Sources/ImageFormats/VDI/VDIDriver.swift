@@ -10,6 +10,7 @@ public final class VDIDriver: ImageDriver {
     /// Differencing images are read-only: VirtualBox keeps their chain's consistency (the
     /// parent's modification UUID) in its own registry, which writes here would bypass.
     public var isWritable: Bool { file.isWritable && !header.isDifferencing }
+    public var readOnlyReason: String? { header.isDifferencing ? "VirtualBox differencing (snapshot) images are served read-only" : nil }
     public let header: VDIHeader
 
     let map: TableCache

@@ -24,6 +24,7 @@ public final class VMDKDriver: ImageDriver {
     public let file: ImageFile
     public let info: ImageInfo
     public let isWritable: Bool
+    public let readOnlyReason: String?
     public let descriptor: VMDKDescriptor?
     let extents: [Extent]
     static let extentShift: UInt64 = 52
@@ -105,12 +106,13 @@ public final class VMDKDriver: ImageDriver {
         cidLocation = cid
         let versionOK = built.allSatisfy { if case let .sparse(s) = $0.kind { return s.header.version < 3 && !s.header.isCompressed } else { return true } }
         isWritable = file.isWritable && versionOK && built.allSatisfy { $0.writable && !$0.isZero }
+        readOnlyReason = file.isWritable && !isWritable ? "an RDONLY or ZERO extent, version 3, or compressed grains" : nil
         let virtualSize = built.last.map { $0.start + $0.length } ?? 0
         let grain: UInt64 = built.compactMap { if case let .sparse(s) = $0.kind { return s.header.grainBytes } else { return nil } }.first ?? 65536
         var details: [(String, String)] = [("extents", "\(built.count)")]
         if let t = desc?.createType { details.append(("create type", t)) }
         if let c = desc?.cid { details.append(("CID", String(c, radix: 16))) }
-        if file.isWritable && !isWritable { details.append(("access", "read-only (RDONLY/ZERO extent, version 3 or compressed)")) }
+        if let readOnlyReason { details.append(("access", "read-only (\(readOnlyReason))")) }
         info = ImageInfo(format: "vmdk", virtualSize: virtualSize, clusterSize: grain, details: details)
     }
 
