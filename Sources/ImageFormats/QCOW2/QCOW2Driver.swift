@@ -1,6 +1,4 @@
 import BlockEngine
-import CZlib
-import CZstd
 
 /// qcow2, read-only: the active L1 table -> L2 tables (read in slices through the shared
 /// table cache) -> clusters that are data, zero, unallocated (backing file or zeros) or
@@ -151,24 +149,9 @@ public final class QCOW2Driver: ImageDriver {
         let cs = Int(header.clusterSize)
         let at = Int(guestOffset % header.clusterSize)
         let cluster = try inflated.cluster(at: host, need: at + buffer.count) { limit in
-            // The last compressed cluster may claim sectors past the end of the file.
-            var compressed = [UInt8](repeating: 0, count: Int(min(size, UInt64(2 * cs) + 512)))
-            let got = try compressed.withUnsafeMutableBytes { try file.readUpTo(into: $0, at: host) }
-            var out = [UInt8](repeating: 0, count: limit)
-            var produced = 0
-            let zstd = header.compressionType == 1
-            let ok = out.withUnsafeMutableBytes { o in
-                compressed.withUnsafeBytes { c in
-                    zstd ? rm_zstd_decompress_cluster(c.baseAddress, got, o.baseAddress, limit, &produced) == 0
-                         : rm_inflate(c.baseAddress, got, o.baseAddress, limit, &produced, -15) == Z_OK
-                }
-            }
-            guard ok, produced == limit else {
-                let how = zstd ? "zstd" : "deflate"
-                throw BlockError.invalid(file: file.path, field: "compressed cluster at \(host)",
-                                         detail: ok ? "\(how) gives \(produced) bytes, not one \(cs)-byte cluster" : "\(how) stream is damaged")
-            }
-            return out
+            let stored = try Decompress.stored(file, count: Int(min(size, UInt64(2 * cs) + 512)), at: host)
+            return try Decompress.first(limit, of: stored, as: header.compressionType == 1 ? .zstd : .rawDeflate, whole: cs,
+                                        file: file.path, what: "compressed cluster at \(host)")
         }
         cluster.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[at ..< at + buffer.count])) }
     }

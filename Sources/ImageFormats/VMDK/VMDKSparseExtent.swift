@@ -1,5 +1,4 @@
 import BlockEngine
-import CZlib
 import Synchronization
 
 /// One hosted sparse (KDMV) extent: grain directory -> grain tables -> grains, through the
@@ -49,27 +48,9 @@ final class VMDKSparseExtent: Sendable {
         } else {
             size = min(2 * UInt64(grainBytes), allocator.end - at)
         }
-        var compressed = [UInt8](repeating: 0, count: Int(size))
-        let got = try compressed.withUnsafeMutableBytes { try file.readUpTo(into: $0, at: dataAt) }
-        var out = [UInt8](repeating: 0, count: limit)
-        var produced = 0
-        let rc: Int32
-        if limit == grainBytes {  // the whole grain: uncompress also checks the stream's checksum
-            var outLen = uLongf(grainBytes)
-            rc = out.withUnsafeMutableBufferPointer { o in
-                compressed.withUnsafeBufferPointer { c in uncompress(o.baseAddress, &outLen, c.baseAddress, uLong(got)) }
-            }
-            produced = Int(outLen)
-        } else {
-            rc = out.withUnsafeMutableBytes { o in
-                compressed.withUnsafeBytes { c in rm_inflate(c.baseAddress, got, o.baseAddress, limit, &produced, 15) }
-            }
-        }
-        guard rc == Z_OK, produced == limit else {
-            throw BlockError.invalid(file: file.path, field: "compressed grain at sector \(sector)",
-                                     detail: rc == Z_OK ? "inflates to \(produced) bytes, not one \(grainBytes)-byte grain" : "zlib error \(rc)")
-        }
-        return out
+        let stored = try Decompress.stored(file, count: Int(size), at: dataAt)
+        return try Decompress.first(limit, of: stored, as: .zlib, whole: grainBytes, file: file.path,
+                                    what: "compressed grain at sector \(sector)")
     }
 
     var length: UInt64 { header.capacity * 512 }
