@@ -35,14 +35,18 @@ public struct ExposedFile: Sendable {
     }
 }
 
+/// The time of the last change, in nanoseconds (0: none); noted on every write, so no lock.
 final class ChangeClock: Sendable {
-    private let state = Mutex<timespec?>(nil)
+    private let nanoseconds = Atomic<Int64>(0)
     func note() {
         var now = timespec()
         clock_gettime(CLOCK_REALTIME, &now)
-        state.withLock { $0 = now }
+        nanoseconds.store(Int64(now.tv_sec) * 1_000_000_000 + Int64(now.tv_nsec), ordering: .relaxed)
     }
-    var time: timespec? { state.withLock { $0 } }
+    var time: timespec? {
+        let ns = nanoseconds.load(ordering: .relaxed)
+        return ns == 0 ? nil : timespec(tv_sec: Int(ns / 1_000_000_000), tv_nsec: Int(ns % 1_000_000_000))
+    }
 }
 
 final class AllocationCache: Sendable {

@@ -107,9 +107,9 @@ public enum ImageOpener {
                 // Bochs refuses a base whose mtime is not the redolog's timestamp; evidence
                 // copies often lose mtimes, so rawmount reads them and says so.
                 if let stamp = driver.header.timestamp, stamp != 0, let st = base.driver.file.fileStatus(),
-                   BochsHeader.fatTimestamp(st.st_mtim.tv_sec) != stamp {
+                   case let baseStamp = BochsHeader.fatTimestamp(st.st_mtim.tv_sec), baseStamp != stamp {
                     options.onNote?("\(path): its base \(basePath) was modified after the redolog was made "
-                        + "(redolog \(driver.header.timestampText ?? "?"), base \(BochsHeader.fatText(BochsHeader.fatTimestamp(st.st_mtim.tv_sec)))); "
+                        + "(redolog \(BochsHeader.fatText(stamp)), base \(BochsHeader.fatText(baseStamp))); "
                         + "Bochs would refuse the pair, rawmount shows them as they are")
                 }
                 return BlockDevice(driver: driver, backing: base)
