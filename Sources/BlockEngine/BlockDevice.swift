@@ -81,6 +81,19 @@ public final class BlockDevice: Sendable {
         try driver.checkWrite(data, at: offset)
     }
 
+    /// The same check for zeroing (PUNCH_HOLE, ZERO_RANGE): it changes guest bytes as a write
+    /// of zeros does, so it must not turn the first sector into a header either. Every path
+    /// that changes guest bytes comes through `write` or `zero`, and both ask here.
+    public func checkZeroing(at offset: UInt64, length: UInt64) throws {
+        guard length > 0, offset < Self.guardedPrefix else { return }
+        let n = Int(min(length, Self.guardedPrefix - offset))
+        try [UInt8](repeating: 0, count: n).withUnsafeBytes { try driver.checkWrite($0, at: offset) }
+    }
+
+    /// Bytes at the start of the disk whose changes drivers may refuse (a probed raw image's
+    /// first sector); zeroing elsewhere needs no check.
+    static let guardedPrefix: UInt64 = 4096
+
     /// Writes guest bytes; the disk never grows, so a write past the end fails.
     public func write(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
         guard driver.isWritable else { throw BlockError.readOnly(file: driver.file.path) }
@@ -185,6 +198,7 @@ public final class BlockDevice: Sendable {
         guard offset <= virtualSize, length <= virtualSize - offset else {
             throw BlockError.outOfRange(offset: offset, length: length, size: virtualSize)
         }
+        try checkZeroing(at: offset, length: length)
         try driver.willWrite()
         var pos = offset
         let end = offset + length

@@ -10,23 +10,65 @@ public final class ImageFile: Sendable {
     public let isWritable: Bool
 
     /// Opens `path`. Read-only opens add O_NOATIME where the kernel allows it, so forensic
-    /// reads leave the access time alone.
+    /// reads leave the access time alone. Only regular files and block devices are images:
+    /// the open does not wait (O_NONBLOCK, so a FIFO cannot hang it) and anything else is
+    /// refused by name before a byte is read.
     public init(path: String, writable: Bool) throws {
         self.path = path
         self.isWritable = writable
-        var flags = (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC
+        var flags = (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC | O_NONBLOCK | O_NOCTTY
         if !writable { flags |= 0o1000000 /* O_NOATIME */ }
         var fd = open(path, flags)
         if fd < 0 && errno == EPERM && !writable {
-            fd = open(path, O_RDONLY | O_CLOEXEC) // O_NOATIME needs ownership
+            fd = open(path, flags & ~0o1000000) // O_NOATIME needs ownership
         }
         if fd < 0 { throw BlockError.io(file: path, operation: "open", offset: nil, errno: errno) }
         var st = Glibc.stat()
-        if fstat(fd, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR {
+        guard fstat(fd, &st) == 0 else {
+            let e = errno
             close(fd)
-            throw BlockError.io(file: path, operation: "open", offset: nil, errno: EISDIR)
+            throw BlockError.io(file: path, operation: "fstat", offset: nil, errno: e)
         }
+        let type = st.st_mode & S_IFMT
+        guard type == S_IFREG || type == S_IFBLK else {
+            close(fd)
+            if type == S_IFDIR { throw BlockError.io(file: path, operation: "open", offset: nil, errno: EISDIR) }
+            throw BlockError.invalid(file: path, field: "file type",
+                                     detail: "\(Self.typeName(type)) is not a disk image (only regular files and block devices are)")
+        }
+        _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK)
         self.fd = fd
+    }
+
+    static func typeName(_ type: mode_t) -> String {
+        switch type {
+        case S_IFIFO: return "a FIFO"
+        case S_IFSOCK: return "a socket"
+        case S_IFCHR: return "a character device"
+        case S_IFLNK: return "a symbolic link"
+        default: return "this kind of file"
+        }
+    }
+
+    /// The path of what this descriptor actually opened (every symlink resolved), as the
+    /// kernel records it; nil if it cannot say (deleted file, no /proc).
+    public var resolvedPath: String? {
+        var buf = [UInt8](repeating: 0, count: 4096)
+        let n = buf.withUnsafeMutableBytes { readlink("/proc/self/fd/\(fd)", $0.baseAddress!.assumingMemoryBound(to: CChar.self), 4096) }
+        guard n > 0, n < 4096, buf[0] == 0x2F else { return nil }
+        let text = String(decoding: buf[0..<n], as: UTF8.self)
+        return text.hasSuffix(" (deleted)") ? nil : text
+    }
+
+    /// Whether `other` is the same file (device and inode) as this one.
+    public func isSameFile(as other: ImageFile) -> Bool {
+        guard let a = fileStatus(), let b = other.fileStatus() else { return false }
+        return a.st_dev == b.st_dev && a.st_ino == b.st_ino
+    }
+
+    /// (device, inode): identifies the file whatever name reached it.
+    public var identity: FileIdentity? {
+        fileStatus().map { FileIdentity(device: UInt64($0.st_dev), inode: UInt64($0.st_ino)) }
     }
 
     deinit { close(fd) }
@@ -173,6 +215,11 @@ public final class ImageFile: Sendable {
         var st = Glibc.stat()
         return fstat(fd, &st) == 0 ? st : nil
     }
+}
+
+public struct FileIdentity: Hashable, Sendable {
+    public var device: UInt64
+    public var inode: UInt64
 }
 
 /// glibc's fallocate(2); Swift's Glibc module hides it behind _GNU_SOURCE.

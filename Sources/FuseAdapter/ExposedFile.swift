@@ -67,7 +67,9 @@ public final class FuseFilesystem: Sendable {
     public let rootIsFile: Bool
     /// Where failed requests are recorded (mount --log); nil: nowhere.
     public let log: ServerLog?
-    let uid: uid_t, gid: gid_t
+    /// Owner and permission bits of the raw file: the top image file's, so a 0600 image is
+    /// not readable by others under allow_other (write bits dropped when read-only).
+    let uid: uid_t, gid: gid_t, mode: mode_t
     /// Times shown for every inode: those of the top image file at mount time.
     let times: (atime: timespec, mtime: timespec, ctime: timespec)
 
@@ -76,12 +78,13 @@ public final class FuseFilesystem: Sendable {
         self.files = files
         self.log = log
         self.rootIsFile = rootIsFile
-        uid = getuid(); gid = getgid()
         if let st = files[0].device.driver.file.fileStatus() {
             times = (st.st_atim, st.st_mtim, st.st_ctim)
+            uid = st.st_uid; gid = st.st_gid; mode = st.st_mode & 0o777
         } else {
             var now = timespec(); clock_gettime(CLOCK_REALTIME, &now)
             times = (now, now, now)
+            uid = getuid(); gid = getgid(); mode = 0o600
         }
     }
 
@@ -107,7 +110,7 @@ public final class FuseFilesystem: Sendable {
         st.st_atim = times.atime; st.st_mtim = times.mtime; st.st_ctim = times.ctime
         if let f = file(ino) {
             if let t = f.changedAt { st.st_mtim = t; st.st_ctim = t }
-            st.st_mode = S_IFREG | (f.readOnly ? 0o444 : 0o644)
+            st.st_mode = S_IFREG | (f.readOnly ? mode & ~0o222 : mode)
             st.st_nlink = 1
             st.st_size = off_t(f.device.virtualSize)
             st.st_blksize = Int(f.blockSize)

@@ -19,8 +19,7 @@ public final class FuseMount {
         self.filesystem = filesystem
         self.mountpoint = mountpoint
         self.threads = threads
-        let escapedName = fsName.replacingAll(",", with: "\\,")
-        var opts = ["fsname=\(escapedName)", "subtype=rawmount", "default_permissions"]
+        var opts = ["fsname=" + Self.escapedOptionValue(fsName), "subtype=rawmount", "default_permissions"]
         if readOnly { opts.append("ro") }
         opts.append(contentsOf: extraOptions.filter { !$0.isEmpty })
         let argv = ["rawmount", "-o", opts.joined(separator: ",")]
@@ -81,10 +80,24 @@ public final class FuseMount {
     }
 }
 
-extension String {
-    func replacingAll(_ target: Character, with replacement: String) -> String {
+extension FuseMount {
+    /// `value` as one libfuse option value: libfuse's option parser splits on `,` and turns
+    /// `\x` into `x` and `\ooo` into that byte, so every byte outside a plain set is written
+    /// as `\ooo`. A file name then cannot end the value early, add options (`e\,allow_other`)
+    /// or swallow the ones after it (a trailing `\`).
+    static func escapedOptionValue(_ value: String) -> String {
         var out = ""
-        for c in self { if c == target { out += replacement } else { out.append(c) } }
+        for byte in value.utf8 {
+            switch byte {
+            case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"),
+                 UInt8(ascii: "0")...UInt8(ascii: "9"), UInt8(ascii: "/"), UInt8(ascii: "."),
+                 UInt8(ascii: "_"), UInt8(ascii: "-"), UInt8(ascii: "+"), UInt8(ascii: ":"):
+                out.unicodeScalars.append(Unicode.Scalar(byte))
+            default:
+                let octal = String(byte, radix: 8)
+                out += "\\" + String(repeating: "0", count: 3 - octal.count) + octal
+            }
+        }
         return out
     }
 }

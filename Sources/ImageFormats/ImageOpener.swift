@@ -1,9 +1,11 @@
 import BlockEngine
 
 /// Opens an image file as a `BlockDevice`: probes (or takes) the format, locks, validates,
-/// and follows backing files with a depth limit.
+/// and follows backing files (see `ReferencedFiles` for which files an image may name).
 public enum ImageOpener {
-    public static let maxChainDepth = 16
+    /// Chains as deep as QEMU opens (it opens 1000 in well under a second); each level holds
+    /// one descriptor and tables it has read, and loops are caught by file identity.
+    public static let maxChainDepth = 1000
 
     public struct Options: Sendable {
         public var writable: Bool
@@ -21,20 +23,29 @@ public enum ImageOpener {
     }
 
     public static func open(path: String, options: Options) throws -> BlockDevice {
-        try open(path: path, options: options, depth: 0)
+        try open(path: path, options: options, chain: [])
     }
 
-    static func open(path: String, options: Options, depth: Int) throws -> BlockDevice {
-        if depth > maxChainDepth {
-            throw BlockError.invalid(file: path, field: "backing chain", detail: "deeper than \(maxChainDepth) images (a loop?)")
+    /// `chain`: the files (device, inode) of the images above this one, child first.
+    static func open(path: String, options: Options, chain: [FileIdentity]) throws -> BlockDevice {
+        if chain.count > maxChainDepth {
+            throw BlockError.invalid(file: path, field: "backing chain", detail: "deeper than \(maxChainDepth) images")
         }
         // Probe through a read-only descriptor: read-only formats (Bochs) are never opened for
         // writing, so not a byte or timestamp of them changes.
         let readOnlyFile = try ImageFile(path: path, writable: false)
+        guard let identity = readOnlyFile.identity else {
+            throw BlockError.io(file: path, operation: "fstat", offset: nil, errno: 5 /* EIO */)
+        }
+        if chain.contains(identity) {
+            throw BlockError.invalid(file: path, field: "backing chain",
+                                     detail: "it loops: this file is already in the chain above it (\(chain.count) images up)")
+        }
+        let chain = chain + [identity]
         let format = try options.format ?? ImageFormat.probe(readOnlyFile)
         let differencing = try isVDIDifferencing(readOnlyFile, format)
         let writable = options.writable && format.supportsWriting && !differencing
-        let file = writable ? try ImageFile(path: path, writable: true) : readOnlyFile
+        let file = writable ? try ReferencedFiles.reopenForWriting(readOnlyFile) : readOnlyFile
         if options.lock { try ImageLock.acquire(file, writable: writable) }
         if let key = options.snapshot, format != .qcow2 {
             throw BlockError.usage("\(path): snapshot '\(key)' asked for, but only qcow2 images hold internal snapshots (this is \(format.rawValue))")
@@ -44,19 +55,25 @@ public enum ImageOpener {
             let driver = try VDIDriver(file: file)
             guard driver.header.isDifferencing else { return BlockDevice(driver: driver) }
             let parentPath = try VDIParent.find(for: path, header: driver.header)
-            let parent = try open(path: parentPath, options: .init(writable: false, format: .vdi, lock: options.lock), depth: depth + 1)
+            let parent = try open(path: parentPath, options: .init(writable: false, format: .vdi, lock: options.lock), chain: chain)
             return BlockDevice(driver: driver, backing: parent)
         case .bochs:
-            return try openBochs(file, path: path, options: options, depth: depth)
+            return try openBochs(file, path: path, options: options, chain: chain)
         case .vmdk:
             let driver = try VMDKDriver(file: file) { extentPath in
-                let f = try ImageFile(path: extentPath, writable: writable)
-                if options.lock { try ImageLock.acquire(f, writable: writable) }
+                let f = try ReferencedFiles.openPart(extentPath, of: path, writable: writable)
+                if options.lock { try ImageLock.acquire(f, writable: f.isWritable) }
                 return f
             }
             var parent: BlockDevice? = nil
             if let hint = driver.parentFileNameHint {
-                parent = try openBacking(hint, of: path, format: nil, options: options, depth: depth)
+                parent = try openBacking(hint, of: path, format: nil, options: options, chain: chain)
+                // QEMU refuses a VMDK parent of another format; a parentFileNameHint naming
+                // any host file (/etc/shadow) would otherwise be shown as the disk under it.
+                if let p = parent, !(p.driver is VMDKDriver) {
+                    throw BlockError.invalid(file: path, field: "parentFileNameHint",
+                                             detail: "the parent \(hint) is a \(p.driver.info.format) image; a VMDK's parent must be a VMDK (QEMU refuses others too)")
+                }
                 // A parent whose content changed since the child was made would silently
                 // show wrong data; QEMU refuses such reads too.
                 if let p = parent?.driver as? VMDKDriver, let want = driver.descriptor?.parentCID,
@@ -73,7 +90,7 @@ public enum ImageOpener {
             if let name = driver.header.backingName {
                 // The backing-format extension names the format; QEMU probes only without it.
                 let format = driver.header.backingFormat.flatMap { ImageFormat(rawValue: $0) }
-                backing = try openBacking(name, of: path, format: format, options: options, depth: depth)
+                backing = try openBacking(name, of: path, format: format, options: options, chain: chain)
             }
             return BlockDevice(driver: driver, backing: backing)
         case .raw:
@@ -85,7 +102,7 @@ public enum ImageOpener {
             var backing: BlockDevice? = nil
             if let name = driver.backingName {
                 let noProbe = driver.header.features & QEDHeader.featureBackingNoProbe != 0
-                backing = try openBacking(name, of: path, format: noProbe ? .raw : nil, options: options, depth: depth)
+                backing = try openBacking(name, of: path, format: noProbe ? .raw : nil, options: options, chain: chain)
             }
             return BlockDevice(driver: driver, backing: backing)
         }
@@ -93,7 +110,7 @@ public enum ImageOpener {
 
     /// Bochs images: a growing redolog stands alone; an undoable one reads through its base
     /// (<base>.redolog); a sparse image stacks on the one numbered below it, as Bochs does.
-    static func openBochs(_ file: ImageFile, path: String, options: Options, depth: Int) throws -> BlockDevice {
+    static func openBochs(_ file: ImageFile, path: String, options: Options, chain: [FileIdentity]) throws -> BlockDevice {
         let head = try file.readBytes(count: 4, at: 0, what: "Bochs header")
         guard BochsSparseHeader.hasMagic(head) else {
             let driver = try BochsDriver(file: file)
@@ -103,7 +120,7 @@ public enum ImageOpener {
                                          detail: "this Bochs undoable redolog reads through its base image, which Bochs finds by name (<base>.redolog); rename it so")
             }
             do {
-                let base = try open(path: basePath, options: .init(writable: false, lock: options.lock), depth: depth + 1)
+                let base = try open(path: basePath, options: .init(writable: false, lock: options.lock), chain: chain)
                 // Bochs refuses a base whose mtime is not the redolog's timestamp; evidence
                 // copies often lose mtimes, so rawmount reads them and says so.
                 if let stamp = driver.header.timestamp, stamp != 0, let st = base.driver.file.fileStatus(),
@@ -119,7 +136,7 @@ public enum ImageOpener {
         }
         let driver = try BochsSparseDriver(file: file)
         guard let parentPath = BochsSparseDriver.parentPath(of: path) else { return BlockDevice(driver: driver) }
-        let parent = try open(path: parentPath, options: .init(writable: false, lock: options.lock), depth: depth + 1)
+        let parent = try open(path: parentPath, options: .init(writable: false, lock: options.lock), chain: chain)
         // Bochs refuses a stack whose layers differ in page size or page count.
         guard let p = parent.driver as? BochsSparseDriver, p.header.pageSize == driver.header.pageSize,
               p.header.pages == driver.header.pages else {
@@ -136,10 +153,10 @@ public enum ImageOpener {
     }
 
     /// Backing files (QED backing names, VMDK parentFileNameHint) are relative to the child.
-    static func openBacking(_ name: String, of child: String, format: ImageFormat?, options: Options, depth: Int) throws -> BlockDevice {
+    static func openBacking(_ name: String, of child: String, format: ImageFormat?, options: Options, chain: [FileIdentity]) throws -> BlockDevice {
         let path = PathName.resolve(name, relativeTo: child)
         do {
-            return try open(path: path, options: .init(writable: false, format: format, lock: options.lock), depth: depth + 1)
+            return try open(path: path, options: .init(writable: false, format: format, lock: options.lock), chain: chain)
         } catch let e as BlockError where e.isFileNotFound {
             throw BlockError.invalid(file: child, field: "backing file", detail: "'\(name)' not found (looked at \(path))")
         }

@@ -106,6 +106,11 @@ struct MountCommand: ParsableCommand {
             throw BlockError.usage("\(mountpoint): mountpoint must be a directory or a regular file")
         }
         if mp == realImage { throw BlockError.usage("\(mountpoint): cannot mount an image on itself") }
+        if let why = Paths.unsuitableMountpoint(mp) {
+            throw BlockError.usage("mountpoint \(mountpoint): refused: \(why)")
+        }
+        let pidFile = try Paths.pidFile(forMountpoint: mp)
+        let errorFile = try Paths.closeErrorFile(forMountpoint: mp)
         // Stacked mounts would share one pid file, and `unmount` could no longer wait for both.
         if let other = MountTable.image(mountedAt: mp) {
             throw BlockError.usage("mountpoint \(mountpoint): already shows \(other); run `rawmount unmount \(mountpoint)` first")
@@ -150,8 +155,6 @@ struct MountCommand: ParsableCommand {
             try? device.close()
             throw error
         }
-        let pidFile = Paths.pidFile(forMountpoint: mp)
-        let errorFile = Paths.closeErrorFile(forMountpoint: mp)
         unlink(errorFile)
         Paths.writeFile(pidFile, "\(getpid())\n")
         if let fd = readyFd {

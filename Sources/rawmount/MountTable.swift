@@ -25,6 +25,21 @@ enum MountTable {
         return found
     }
 
+    /// The type of the file system `path` (resolved) lies on: the mount with the longest
+    /// mountpoint that contains it.
+    static func fileSystemType(containing path: String) -> String? {
+        guard let text = Paths.readFile("/proc/self/mountinfo") else { return nil }
+        var best: (length: Int, type: String)? = nil
+        for line in text.split(separator: "\n") {
+            let parts = line.split(separator: " ")
+            guard parts.count > 5, let dash = parts.firstIndex(of: "-"), dash + 1 < parts.count else { continue }
+            let mp = unescape(String(parts[4]))
+            let contains = mp == "/" || path == mp || path.hasPrefix(mp + "/")
+            if contains && mp.count >= (best?.length ?? -1) { best = (mp.count, String(parts[dash + 1])) }
+        }
+        return best?.type
+    }
+
     /// mountinfo escapes space, tab, newline and backslash as \ooo.
     static func unescape(_ s: String) -> String {
         var out = [UInt8](); let b = Array(s.utf8); var i = 0

@@ -40,10 +40,30 @@ enum Paths {
         return base + ".raw"
     }
 
+    /// Where serving processes record their pids: /run/rawmount for root, /tmp/rawmount-<uid>
+    /// otherwise. /tmp is shared, so the folder must be a real directory (not a link) owned by
+    /// this user and writable by nobody else; it is created 0700.
+    static func stateDirectory() throws -> String {
+        let uid = getuid()
+        let dir = uid == 0 ? "/run/rawmount" : "/tmp/rawmount-\(uid)"
+        if mkdir(dir, 0o700) != 0 && errno != EEXIST {
+            throw BlockError.io(file: dir, operation: "create the pid folder", offset: nil, errno: errno)
+        }
+        var st = stat()
+        guard lstat(dir, &st) == 0 else { throw BlockError.io(file: dir, operation: "lstat", offset: nil, errno: errno) }
+        guard st.st_mode & S_IFMT == S_IFDIR else {
+            throw BlockError.usage("\(dir): the pid folder is not a directory (a link or a file is in its place); remove it")
+        }
+        guard st.st_uid == uid, st.st_mode & 0o022 == 0 else {
+            throw BlockError.usage("\(dir): the pid folder is owned by uid \(st.st_uid) with mode \(String(st.st_mode & 0o777, radix: 8)); "
+                + "it must belong to uid \(uid) and be writable by nobody else (remove it and rawmount makes it again)")
+        }
+        return dir
+    }
+
     /// Where a serving process records its pid, keyed by the canonical mountpoint.
-    static func pidFile(forMountpoint mp: String) -> String {
-        let dir = getuid() == 0 ? "/run/rawmount" : "/tmp/rawmount-\(getuid())"
-        mkdir(dir, 0o700)
+    static func pidFile(forMountpoint mp: String) throws -> String {
+        let dir = try stateDirectory()
         var name = ""
         for c in mp.unicodeScalars {
             switch c {
@@ -56,13 +76,30 @@ enum Paths {
     }
 
     /// Where a detached server leaves what went wrong while closing, for `unmount` to report.
-    static func closeErrorFile(forMountpoint mp: String) -> String { pidFile(forMountpoint: mp) + ".error" }
+    static func closeErrorFile(forMountpoint mp: String) throws -> String { try pidFile(forMountpoint: mp) + ".error" }
 
+    /// Writes a small state file; never through a link someone placed at its name.
     static func writeFile(_ path: String, _ text: String) {
-        let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0o644)
         guard fd >= 0 else { return }
         _ = text.withCString { write(fd, $0, strlen($0)) }
         close(fd)
+    }
+
+    /// Why `mp` (resolved) must not be a mountpoint: pseudo file systems (proc, sysfs, devtmpfs,
+    /// cgroup...) and anything inside /proc, /sys or /dev, where a mount hides what the
+    /// system and rawmount itself rely on. nil: it may be used.
+    static func unsuitableMountpoint(_ mp: String) -> String? {
+        for top in ["/proc", "/sys", "/dev"] where mp == top || mp.hasPrefix(top + "/") {
+            return "it is inside \(top), which belongs to the kernel"
+        }
+        let pseudo: Set<String> = ["proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "debugfs", "securityfs",
+                                   "tracefs", "bpf", "pstore", "efivarfs", "configfs", "fusectl", "binfmt_misc", "mqueue",
+                                   "autofs", "rpc_pipefs", "nsfs", "selinuxfs"]
+        if let type = MountTable.fileSystemType(containing: mp), pseudo.contains(type) {
+            return "it is on \(type), a kernel pseudo file system"
+        }
+        return nil
     }
 
     static func readFile(_ path: String) -> String? {

@@ -1,4 +1,7 @@
 import ArgumentParser
+#if canImport(Glibc)
+import Glibc
+#endif
 
 @main
 struct Rawmount: ParsableCommand {
@@ -8,4 +11,26 @@ struct Rawmount: ParsableCommand {
         discussion: "Reads and writes raw, QED, VDI and VMDK; reads qcow2 (and its internal snapshots) and Bochs images.",
         version: "0.4.0",
         subcommands: [MountCommand.self, UnmountCommand.self, ListCommand.self, InfoCommand.self, CreateCommand.self, CheckCommand.self])
+
+    /// Swift's arguments replace bytes that are not UTF-8, so such a file name would be opened
+    /// as a different name: say so instead.
+    static func main() {
+        for i in 1..<Int(CommandLine.argc) {
+            guard let raw = CommandLine.unsafeArgv[i], String(validatingCString: raw) == nil else { continue }
+            var shown = ""
+            for byte in UnsafeBufferPointer(start: UnsafeRawPointer(raw).assumingMemoryBound(to: UInt8.self), count: strlen(raw)) {
+                shown += (0x20..<0x7F).contains(byte) ? String(UnicodeScalar(byte)) : "\\x" + String(byte, radix: 16)
+            }
+            printError("rawmount: argument '\(shown)' is not valid UTF-8; rawmount needs UTF-8 file names (rename the file or make a symlink to it)")
+            Glibc.exit(1)
+        }
+        // Deep backing chains hold one descriptor per image: allow as many as the system lets us.
+        var limit = rlimit()
+        let nofile = __rlimit_resource_t(RLIMIT_NOFILE.rawValue)
+        if getrlimit(nofile, &limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max
+            _ = setrlimit(nofile, &limit)
+        }
+        Self.main(nil)
+    }
 }

@@ -24,7 +24,7 @@ struct UnmountCommand: ParsableCommand {
             printError("rawmount: \(mountpoint): not a rawmount mount")
             throw ExitCode.failure
         }
-        let pidFile = Paths.pidFile(forMountpoint: mp)
+        let pidFile = try Paths.pidFile(forMountpoint: mp)
         let pid = Paths.readFile(pidFile).flatMap { pid_t($0.trimmingSpaces) }
         // Checked before unmounting: a live server exits by itself right after.
         let serverDied = pid.map { !processAlive($0) } ?? false
@@ -54,7 +54,7 @@ struct UnmountCommand: ParsableCommand {
             }
             usleep(10_000)
         }
-        let errorFile = Paths.closeErrorFile(forMountpoint: mp)
+        let errorFile = try Paths.closeErrorFile(forMountpoint: mp)
         if let problems = Paths.readFile(errorFile) {
             unlink(errorFile)
             for line in problems.split(separator: "\n") { printError("rawmount: \(mountpoint): unmounted, but \(line)") }

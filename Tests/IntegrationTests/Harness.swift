@@ -180,6 +180,9 @@ final class Scratch {
         guard ioctl(fd, 0x8004_587D, &flags) == 0 else { throw POSIXError(POSIXErrorCode(rawValue: errno) ?? .EIO) }
     }
 
+    /// Something the test mounted at `dir` that the scratch unmounts when it goes away.
+    func registerMediaMount(_ dir: String) { mediaMounts.append(dir) }
+
     func unmount(_ mp: String? = nil) throws {
         try Harness.run([Harness.rawmount, "unmount", mp ?? mnt])
         mounted.removeAll { $0 == (mp ?? mnt) }

@@ -39,7 +39,7 @@ public struct VMDKDescriptor: Sendable {
         }
         var d = VMDKDescriptor()
         let text = String(decoding: bytes.prefix { $0 != 0 }, as: UTF8.self)
-        for (n, rawLine) in text.split(whereSeparator: { $0 == "\n" || $0 == "\r" }).enumerated() {
+        for (n, rawLine) in text.split(whereSeparator: { $0.isNewline }).enumerated() {
             let line = rawLine.trimmed
             if line.isEmpty || line.hasPrefix("#") { continue }
             if let first = line.split(separator: " ", maxSplits: 1).first, Access(rawValue: String(first)) != nil {

@@ -105,8 +105,17 @@ public final class VMDKDriver: ImageDriver {
         descriptor = desc
         cidLocation = cid
         let versionOK = built.allSatisfy { if case let .sparse(s) = $0.kind { return s.header.version < 3 && !s.header.isCompressed } else { return true } }
-        isWritable = file.isWritable && versionOK && built.allSatisfy { $0.writable && !$0.isZero }
-        readOnlyReason = file.isWritable && !isWritable ? "an RDONLY or ZERO extent, version 3, or compressed grains" : nil
+        // An extent file opened read-only (the file policy: it resolves outside the
+        // descriptor's folder) makes the whole image read-only.
+        let outside = built.enumerated().first { $0.element.file.map { !$0.isWritable } ?? false }
+        isWritable = file.isWritable && versionOK && outside == nil && built.allSatisfy { $0.writable && !$0.isZero }
+        if !file.isWritable || isWritable {
+            readOnlyReason = nil
+        } else if let (n, e) = outside, versionOK, built.allSatisfy({ $0.writable && !$0.isZero }) {
+            readOnlyReason = "extent \(n + 1) (\(e.file!.path)) resolves to \(e.file!.resolvedPath ?? "a file") outside the descriptor's folder; such files are only read"
+        } else {
+            readOnlyReason = "an RDONLY or ZERO extent, version 3, or compressed grains"
+        }
         let virtualSize = built.last.map { $0.start + $0.length } ?? 0
         let grain: UInt64 = built.compactMap { if case let .sparse(s) = $0.kind { return s.header.grainBytes } else { return nil } }.first ?? 65536
         var details: [(String, String)] = [("extents", "\(built.count)")]
