@@ -251,11 +251,15 @@ public final class BlockDevice: Sendable {
     }
 
     /// SEEK_DATA (`data: true`) or SEEK_HOLE from `offset`; nil when no data follows
-    /// (ENXIO). The end of the disk counts as a hole.
-    public func seek(from offset: UInt64, data: Bool) throws -> UInt64? {
+    /// (ENXIO). The end of the disk counts as a hole. A walk that runs out of `budget` answers
+    /// as if the rest were data (data here for SEEK_DATA, no hole before the end for
+    /// SEEK_HOLE), which lseek allows and every reader handles.
+    public func seek(from offset: UInt64, data: Bool, budget: WorkBudget = .seek) throws -> UInt64? {
         guard offset < virtualSize else { return nil }
+        var budget = budget
         var pos = offset
         while pos < virtualSize {
+            guard budget.spend() else { return data ? pos : virtualSize }
             let s = try status(pos, maxLength: virtualSize - pos)
             if s.data == data { return pos }
             pos += s.length
@@ -263,16 +267,25 @@ public final class BlockDevice: Sendable {
         return data ? nil : virtualSize
     }
 
-    /// Guest bytes that hold data in this image (for st_blocks).
-    public func allocatedBytes() throws -> UInt64 {
+    /// Guest bytes that hold data in this image (for st_blocks); nil when the walk runs out
+    /// of `budget` (callers then estimate from the host file).
+    public func allocatedBytes(budget: WorkBudget = .report) throws -> UInt64? {
+        var budget = budget
         var pos: UInt64 = 0, total: UInt64 = 0
         while pos < virtualSize {
+            guard budget.spend() else { return nil }
             let m = try driver.status(pos, maxLength: virtualSize - pos)
             let n = min(max(m.length, 1), virtualSize - pos)
             if case .data = m { total += n } else if case .compressed = m { total += n }
             pos += n
         }
         return total
+    }
+
+    /// What st_blocks shows when the walk is too long: the host file's allocation, at most
+    /// the disk's size.
+    public func estimatedAllocatedBytes() -> UInt64 {
+        min(driver.file.allocatedBytes(), virtualSize)
     }
 
     // MARK: lifecycle

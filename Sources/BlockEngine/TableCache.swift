@@ -28,6 +28,8 @@ public final class TableCache: Sendable {
         var bytes: [UInt8]
         var lastUse: UInt64 = 0
         var dirtySeq: UInt64? = nil
+        /// Whether every entry is 0, once asked (nil: not known, or changed since).
+        var allZero: Bool? = nil
         init(bytes: [UInt8]) { self.bytes = bytes }
     }
     struct State: ~Copyable {
@@ -82,6 +84,27 @@ public final class TableCache: Sendable {
         }
     }
 
+    /// Whether every entry of the table is 0 (an empty table a walk can skip in one step);
+    /// remembered per cached table, so a table that many parents alias is scanned once.
+    public func isEmpty(table: UInt64) throws -> Bool {
+        try withSlot(table) { slot in
+            if let known = slot.allZero { return known }
+            let zero = slot.bytes.allSatisfy { $0 == 0 }
+            slot.allZero = zero
+            return zero
+        }
+    }
+
+    private func withSlot<R>(_ table: UInt64, _ body: (Slot) throws -> R) throws -> R {
+        if let r = try state.withLock({ s -> R? in
+            guard let slot = s.slots[table] else { return nil }
+            s.clock += 1; slot.lastUse = s.clock; s.stats.hits += 1
+            return try body(slot)
+        }) { return r }
+        let bytes = try file.readBytes(count: tableBytes, at: table, what: "metadata table")
+        return try state.withLock { s in try body(try insertLocked(&s, table: table, bytes: bytes)) }
+    }
+
     /// Sets an entry and marks the table dirty (moving it to the back of the write order).
     public func setEntry(table: UInt64, index: Int, value: UInt64) throws {
         precondition(index >= 0 && index < entriesPerTable)
@@ -93,6 +116,7 @@ public final class TableCache: Sendable {
                 slot = try insertLocked(&s, table: table, bytes: loaded ?? [UInt8](repeating: 0, count: tableBytes))
             }
             encode(&slot.bytes, index, value)
+            slot.allZero = nil
             s.clock += 1; slot.lastUse = s.clock; slot.dirtySeq = s.clock
         }
     }
@@ -104,6 +128,7 @@ public final class TableCache: Sendable {
         try state.withLock { s in
             let slot = try insertLocked(&s, table: table, bytes: bytes)
             slot.bytes = bytes
+            slot.allZero = nil
             s.clock += 1; slot.lastUse = s.clock; slot.dirtySeq = s.clock
         }
     }

@@ -28,10 +28,16 @@ public struct ExposedFile: Sendable {
     var changedAt: timespec? { lastChange.time }
 
     /// Guest allocation for st_blocks. Walking the tables of a large image on every stat
-    /// would be slow, so the answer is reused for a second (the attribute timeout).
+    /// would be slow, so the answer is reused for a second (the attribute timeout); a walk
+    /// past the stat budget gives way to the host file's allocation, for good.
     private let allocation = AllocationCache()
     var allocatedBytes: UInt64 {
-        allocation.value(now: monotonicSeconds()) { (try? device.allocatedBytes()) ?? device.virtualSize }
+        allocation.value(now: monotonicSeconds()) { walk in
+            guard walk, let bytes = try? device.allocatedBytes(budget: .stat) else {
+                return (device.estimatedAllocatedBytes(), false)
+            }
+            return (bytes, true)
+        }
     }
 }
 
@@ -51,9 +57,13 @@ final class ChangeClock: Sendable {
 
 final class AllocationCache: Sendable {
     private let state = Mutex<(at: Double, bytes: UInt64)?>(nil)
-    func value(now: Double, compute: () -> UInt64) -> UInt64 {
+    /// Whether walking the tables still fits the budget (false after one walk did not).
+    private let walkable = Atomic<Bool>(true)
+    /// `compute(walk)` returns the bytes and whether walking may be tried again.
+    func value(now: Double, compute: (Bool) -> (UInt64, Bool)) -> UInt64 {
         if let s = state.withLock({ $0 }), now - s.at < 1.0 { return s.bytes }
-        let bytes = compute()
+        let (bytes, again) = compute(walkable.load(ordering: .relaxed))
+        if !again { walkable.store(false, ordering: .relaxed) }
         state.withLock { $0 = (now, bytes) }
         return bytes
     }

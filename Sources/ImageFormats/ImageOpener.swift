@@ -26,8 +26,18 @@ public enum ImageOpener {
         try open(path: path, options: options, chain: [])
     }
 
+    /// Every driver's size passes the same bound, whatever its header parser checked.
+    static func checkedDevice(_ device: BlockDevice, path: String) throws -> BlockDevice {
+        try VirtualSize.checked(device.virtualSize, file: path, field: "virtual size", sectors: false)
+        return device
+    }
+
     /// `chain`: the files (device, inode) of the images above this one, child first.
     static func open(path: String, options: Options, chain: [FileIdentity]) throws -> BlockDevice {
+        try checkedDevice(try openUnchecked(path: path, options: options, chain: chain), path: path)
+    }
+
+    static func openUnchecked(path: String, options: Options, chain: [FileIdentity]) throws -> BlockDevice {
         if chain.count > maxChainDepth {
             throw BlockError.invalid(file: path, field: "backing chain", detail: "deeper than \(maxChainDepth) images")
         }

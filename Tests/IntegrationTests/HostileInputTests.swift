@@ -222,3 +222,140 @@ enum Paths {
         return image + ".raw"
     }
 }
+
+/// Crafted metadata: sizes at the edge of what 64 bits hold, tables every entry of which
+/// aliases one table, chains that loop or run deep.
+final class HostileMetadataTests: XCTestCase {
+    override func setUpWithError() throws { try Harness.requireFuse() }
+
+    /// `python3 -c script args...` (the crafted images are a few lines of struct packing).
+    func python(_ script: String, _ args: [String]) throws {
+        try Harness.run(["python3", "-c", script] + args)
+    }
+
+    /// Runs `args` under a watchdog: a hang fails the test instead of stalling the suite.
+    func bounded(_ args: [String], check: Bool = true) throws -> CommandResult {
+        let r = try Harness.run(["timeout", "60"] + args, check: false)
+        XCTAssertNotEqual(r.status, 124, "\(args): still running after 60 s")
+        if check { XCTAssertEqual(r.status, 0, "\(args): \(r.err)") }
+        return r
+    }
+
+    func testSizesPast2To63AreRefusedNotTrapped() throws {
+        let s = try Scratch()
+        let img = s.path("huge.qed")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qed", "-o", "cluster_size=1M", img, "1G"])
+        try Harness.run(["truncate", "-s", "64M", img])
+        for size: UInt64 in [1 << 63, UInt64.max - 511] {
+            // 16 MiB clusters: a geometry whose maximum size overflows 64 bits.
+            try python("""
+            import struct,sys
+            f=open(sys.argv[1],'r+b'); f.seek(4); f.write(struct.pack('<I',16<<20)); f.seek(40); f.write(struct.pack('<QQ',16<<20,int(sys.argv[2])))
+            """, [img, String(size)])
+            let info = try bounded([Harness.rawmount, "info", img], check: false)
+            XCTAssertEqual(info.status, 1, "info \(size): \(info.err)")
+            XCTAssertTrue(info.err.contains("huge.qed") && info.err.contains("2^63-1"), info.err)
+            try s.assertMountRefused(["-r", img], mentions: ["huge.qed", "image_size"], "size \(size)")
+        }
+    }
+
+    /// 131072 L1 entries of a 64 TiB qcow2 all naming one empty L2 table (1.3 MB file): stat,
+    /// lseek and info answer in bounded time (conservatively where the walk is cut short).
+    func testAliasedTablesDoNotMakeStatOrSeekUnbounded() throws {
+        let s = try Scratch()
+        let img = s.path("bomb.qcow2")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", img, "64T"])
+        try python("""
+        import struct,sys
+        f=open(sys.argv[1],'r+b'); h=f.read(48)
+        n=struct.unpack('>I',h[36:40])[0]; l1=struct.unpack('>Q',h[40:48])[0]
+        f.seek(0,2); end=(f.tell()+65535)//65536*65536; f.seek(end); f.write(b'\\0'*65536)
+        f.seek(l1); f.write(struct.pack('>Q',end|1<<63)*n)
+        """, [img])
+        let vdi = s.path("bomb.vdi")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "vdi", vdi, "2T"])
+        try Harness.run(["qemu-io", "-f", "vdi", "-c", "write -P 7 0 4k", vdi])
+        // Every block-map entry names block 0.
+        try python("""
+        import struct,sys
+        f=open(sys.argv[1],'r+b'); f.seek(0x154); bmap=struct.unpack('<I',f.read(4))[0]
+        f.seek(0x180); n=struct.unpack('<I',f.read(4))[0]
+        f.seek(bmap); f.write(b'\\0'*(4*n))
+        """, [vdi])
+        for (image, raw) in [(img, "bomb.raw"), (vdi, "bomb.raw")] {
+            let info = try bounded([Harness.rawmount, "info", image])
+            XCTAssertTrue(info.out.contains("allocated:"), info.out)
+            try s.mount(image, options: ["-r"])
+            let file = s.mnt + "/" + raw
+            let stat = try bounded(["stat", "-c", "%b %s", file])
+            let parts = stat.out.split(separator: " ").compactMap { UInt64($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+            XCTAssertEqual(parts.count, 2)
+            if parts.count == 2 { XCTAssertLessThanOrEqual(parts[0] * 512, parts[1], "st_blocks past the disk size") }
+            let seek = try bounded(["python3", "-c", """
+            import os,sys
+            fd=os.open(sys.argv[1],os.O_RDONLY)
+            for start in (0, 1<<40):
+                for w in (os.SEEK_DATA, os.SEEK_HOLE):
+                    try: print(os.lseek(fd,start,w))
+                    except OSError as e: print('ENXIO' if e.errno==6 else e)
+            """, file])
+            let answers = seek.out.split(separator: "\n").map(String.init)
+            XCTAssertEqual(answers.count, 4, seek.out + seek.err)
+            XCTAssertTrue(answers.allSatisfy { $0 == "ENXIO" || UInt64($0) != nil }, seek.out)
+            // Whatever SEEK_DATA says, reading there works and the disk reads as the oracle has it.
+            _ = try bounded(["dd", "if=\(file)", "of=/dev/null", "bs=1M", "count=4", "status=none"])
+            try s.unmount()
+        }
+    }
+
+    func testChainsLoopByIdentityAndRunDeep() throws {
+        let s = try Scratch()
+        // A -> B -> A: a writable mount says the chain loops (it said "in use").
+        let a = s.path("a.qed"), b = s.path("b.qcow2")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", b, "8M"])
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qed", "-u", "-b", "b.qcow2", "-F", "qcow2", a, "8M"])
+        try Harness.run(["qemu-img", "rebase", "-q", "-u", "-f", "qcow2", "-b", "a.qed", "-F", "qed", b])
+        try s.assertMountRefused([a], mentions: ["loops"], "A -> B -> A, writable")
+        // The same file under another name (a hard link) is the same image.
+        try Harness.run(["ln", a, s.path("alias.qed")])
+        try Harness.run(["qemu-img", "rebase", "-q", "-u", "-f", "qcow2", "-b", "alias.qed", "-F", "qed", b])
+        try s.assertMountRefused(["-r", a], mentions: ["loops"], "hard-linked loop")
+        // 200 levels (the limit was 16): each level holds one written cluster.
+        var below = s.path("level0.qed")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qed", below, "16M"])
+        for i in 1...200 {
+            let cur = s.path("level\(i).qed")
+            try Harness.run(["qemu-img", "create", "-q", "-f", "qed", "-u", "-b", (below as NSString).lastPathComponent, "-F", "qed", cur, "16M"])
+            if i % 50 == 0 { try Harness.run(["qemu-io", "-f", "qed", "-c", "write -P \(i / 50) \(i * 65536) 64k", cur]) }
+            below = cur
+        }
+        try s.mount(below, options: ["-r"])
+        let raw = try Files.read(s.mnt + "/level200.raw")
+        try s.unmount()
+        XCTAssertTrue(raw == (try s.qemuRaw(below)), "a 200-deep chain reads as qemu-img reads it")
+    }
+
+    func testVMDKParentMustBeVMDKAndCRLFDescriptorsRead() throws {
+        let s = try Scratch()
+        let child = s.path("child.vmdk"), base = s.path("base.vmdk")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat", base, "4M"])
+        try Harness.run(["qemu-io", "-f", "vmdk", "-c", "write -P 0x5a 0 64k", base])
+        try Harness.run(["qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=twoGbMaxExtentSparse", "-b", "base.vmdk", "-F", "vmdk", child, "4M"])
+        try Harness.run(["qemu-io", "-f", "vmdk", "-c", "write -P 0x33 1M 64k", child])
+        // The same descriptors with CRLF line ends, as Windows tools save them.
+        for d in [child, base] {
+            let text = try String(contentsOfFile: d, encoding: .utf8)
+            try text.replacingOccurrences(of: "\n", with: "\r\n").write(toFile: d, atomically: false, encoding: .utf8)
+        }
+        try s.mount(child, options: ["-r"])
+        XCTAssertTrue(try Files.read(s.mnt + "/child.raw") == (try s.qemuRaw(child)), "CRLF descriptors read as QEMU reads them")
+        try s.unmount()
+        // A parent hint naming any other file (here /etc/shadow's stand-in) is refused.
+        let secret = s.path("secret.txt")
+        try Data(repeating: 0x41, count: 4 << 20).write(to: URL(fileURLWithPath: secret))
+        var text = try String(contentsOfFile: child, encoding: .utf8)
+        text = text.replacingOccurrences(of: "base.vmdk", with: secret)
+        try text.write(toFile: child, atomically: false, encoding: .utf8)
+        try s.assertMountRefused(["-r", child], mentions: ["child.vmdk", "must be a VMDK"], "raw parent")
+    }
+}

@@ -70,7 +70,7 @@ public struct BochsHeader: Sendable {
         guard h.bitmap > 0, UInt64(h.bitmap) * 8 >= ext / 512, h.bitmap <= 64 << 10 else {
             throw bad("bitmap size", "\(h.bitmap) bytes does not fit \(ext / 512) sectors per extent")
         }
-        guard h.diskSize % 512 == 0 else { throw bad("disk size", "\(h.diskSize) is not a multiple of 512") }
+        try VirtualSize.checked(h.diskSize, file: path, field: "Bochs disk size")
         let needed = (h.diskSize / 512 + ext / 512 - 1) / (ext / 512)
         guard UInt64(h.catalog) >= needed else { throw bad("catalog", "\(h.catalog) entries are too few for a \(h.diskSize)-byte disk") }
         guard h.slotsOffset <= size else {

@@ -48,7 +48,7 @@ public struct BochsSparseHeader: Sendable {
         guard pages > 0 else { throw bad("page count", "0") }
         let allPages = UInt64(pageSize) * UInt64(pages)
         let disk = version == 2 ? le64(b, 16) : allPages
-        guard disk % 512 == 0 else { throw bad("disk size", "\(disk) is not a multiple of 512") }
+        try VirtualSize.checked(disk, file: path, field: "Bochs sparse disk size")
         guard disk <= allPages else {
             throw bad("disk size", "\(disk) bytes is more than its \(pages) pages of \(pageSize) bytes hold")
         }

@@ -18,6 +18,8 @@ public final class QCOW2Driver: ImageDriver {
     let l2SliceBytes: UInt64
     let fileSize: UInt64
     let inflated: InflatedClusters
+    /// Header cluster, the L1 and the L2 tables it names: no data cluster may point into them.
+    let metadata: MetadataRanges
     static let offsetMask: UInt64 = 0x00FF_FFFF_FFFF_FE00
     static let compressedFlag: UInt64 = 1 << 62
     static let zeroFlag: UInt64 = 1
@@ -51,6 +53,7 @@ public final class QCOW2Driver: ImageDriver {
         l2SliceBytes = min(h.clusterSize, 4096)
         l2 = TableCache(file: file, tableBytes: Int(l2SliceBytes), encoding: .u64BE, capacity: 4096)
         inflated = InflatedClusters(clusterBytes: Int(h.clusterSize))
+        metadata = try Self.metadataRanges(file: file, header: h, l1Offset: l1Offset, l1Entries: UInt64(l1Entries), fileSize: fileSize)
         var details: [(String, String)] = [
             ("version", "\(h.version)"),
             ("compression type", h.compressionType == 0 ? "deflate" : "zstd"),
@@ -65,6 +68,25 @@ public final class QCOW2Driver: ImageDriver {
         if h.incompatible & QCOW2Header.incompatibleDirty != 0 { details.append(("dirty", "yes (refcounts may be stale; reads are not affected)")) }
         if h.incompatible & QCOW2Header.incompatibleCorrupt != 0 { details.append(("corrupt", "marked corrupt by QEMU")) }
         info = ImageInfo(format: "qcow2", virtualSize: h.size, clusterSize: h.clusterSize, details: details)
+    }
+
+    /// The L1 entries the disk's range uses are read once (at most QEMU's 32 MiB L1).
+    static func metadataRanges(file: ImageFile, header h: QCOW2Header, l1Offset: UInt64, l1Entries: UInt64,
+                               fileSize: UInt64) throws -> MetadataRanges {
+        var ranges = [MetadataRanges.Range(start: 0, length: h.clusterSize, what: "the header cluster"),
+                      MetadataRanges.Range(start: l1Offset, length: l1Entries * 8, what: "the L1 table")]
+        let used = min(l1Entries, (h.size + h.l1Coverage - 1) / h.l1Coverage)
+        var first: UInt64 = 0
+        while first < used, l1Offset + (first + min(used - first, 1 << 17)) * 8 <= fileSize {
+            let n = min(used - first, 1 << 17)
+            let bytes = try file.readBytes(count: Int(n * 8), at: l1Offset + first * 8, what: "qcow2 L1 table")
+            for i in 0..<Int(n) {
+                let table = be64(bytes, i * 8) & offsetMask
+                if table != 0 { ranges.append(.init(start: table, length: h.clusterSize, what: "an L2 table")) }
+            }
+            first += n
+        }
+        return try MetadataRanges(ranges, file: file.path)
     }
 
     /// L2 entry `i` of the table at `table` (and its subcluster bitmap with extended L2).
@@ -88,7 +110,19 @@ public final class QCOW2Driver: ImageDriver {
             throw BlockError.invalid(file: file.path, field: "L1 entry \(l1Index)",
                                      detail: "L2 table offset \(table) is not a cluster inside the \(fileSize)-byte file")
         }
+        // Long walks (status, SEEK_DATA) skip an empty L2 table in one step; the cache
+        // remembers it, so L1 entries that all alias one table cost one scan.
+        if end - offset > 64 * cs, try isEmptyL2(table) { return .unallocated(length: end - offset) }
         return try Mapping.run(from: offset, to: end, maxUnits: Self.maxClustersPerMap) { try mapCluster(table, $0, end) }
+    }
+
+    private func isEmptyL2(_ table: UInt64) throws -> Bool {
+        var slice = table
+        while slice < table + header.clusterSize {
+            guard try l2.isEmpty(table: slice) else { return false }
+            slice += l2SliceBytes
+        }
+        return true
     }
 
     /// What guest bytes from `offset` are, up to the end of their cluster (or of their run
@@ -107,12 +141,20 @@ public final class QCOW2Driver: ImageDriver {
                 throw BlockError.invalid(file: file.path, field: "L2 entry for guest offset \(offset - inCluster)",
                                          detail: "compressed cluster at \(host) lies outside the \(fileSize)-byte file")
             }
+            if let m = metadata.overlap(host, 1) {
+                throw BlockError.invalid(file: file.path, field: "L2 entry for guest offset \(offset - inCluster)",
+                                         detail: "compressed cluster at \(host) lies in \(m.what) at \(m.start)")
+            }
             return .compressed(host: host, size: sectors * 512 - (host & 511), length: clusterEnd - offset)
         }
         let host = e & Self.offsetMask
         if host != 0 && host % cs != 0 {
             throw BlockError.invalid(file: file.path, field: "L2 entry for guest offset \(offset - inCluster)",
                                      detail: "data offset \(host) is not cluster aligned")
+        }
+        if host != 0, let m = metadata.overlap(host, cs) {
+            throw BlockError.invalid(file: file.path, field: "L2 entry for guest offset \(offset - inCluster)",
+                                     detail: "data cluster \(host) lies in \(m.what) at \(m.start)")
         }
         guard header.extendedL2 else {
             if e & Self.zeroFlag != 0 { return .zero(length: clusterEnd - offset) }

@@ -30,22 +30,22 @@ public enum QEDCheck {
         let cs = UInt64(h.clusterSize)
         let fileSize = try file.size()
         let fileClusters = (fileSize + cs - 1) / cs
-        var used = [UInt64](repeating: 0, count: Int((fileClusters + 63) / 64))
-        func mark(_ off: UInt64, _ bytes: UInt64) -> Bool { // false if any cluster was used already
+        // Clusters referenced so far (memory follows the references, not the file size); the
+        // header area is a range, so a huge header_size costs nothing.
+        var used = SparseBitmap(file: file.path)
+        var usedInFile: UInt64 = 0
+        func mark(_ off: UInt64, _ bytes: UInt64) throws -> Bool { // false if any cluster was used already
             var fresh = true
             var c = off / cs
             while c < (off + bytes + cs - 1) / cs {
-                if c < fileClusters {
-                    let (w, b) = (Int(c / 64), c % 64)
-                    if used[w] & (1 << b) != 0 { fresh = false }
-                    used[w] |= 1 << b
-                }
+                if try used.insert(c) { if c < fileClusters { usedInFile += 1 } } else { fresh = false }
                 c += 1
             }
             return fresh
         }
-        _ = mark(0, max(h.headerBytes, cs))
-        _ = mark(h.l1TableOffset, h.tableBytes)
+        let headerEnd = max(h.headerBytes, cs)
+        let headerClusters = min(headerEnd.alignedUp(cs) / cs, fileClusters)
+        _ = try mark(h.l1TableOffset, h.tableBytes)
 
         let chunk = min(h.tableBytes, 64 << 10)
         let n = h.entriesPerTable
@@ -76,7 +76,7 @@ public enum QEDCheck {
                 if repair { report.repaired += 1 }
                 return 0
             }
-            guard mark(l2, h.tableBytes) else {
+            guard try mark(l2, h.tableBytes) else {
                 report.duplicateReferences += 1
                 if repair { report.repaired += 1 }
                 return 0
@@ -89,7 +89,7 @@ public enum QEDCheck {
                     if repair { report.repaired += 1 }
                     return 0
                 }
-                guard mark(c, cs) else {
+                guard try mark(c, cs) else {
                     report.duplicateReferences += 1
                     if repair { report.repaired += 1 }
                     return 0
@@ -99,9 +99,7 @@ public enum QEDCheck {
             }
             return nil
         }
-        var leaked = 0
-        for c in 0..<fileClusters where used[Int(c / 64)] & (1 << (c % 64)) == 0 { leaked += 1 }
-        report.leakedClusters = leaked
+        report.leakedClusters = Int(fileClusters - min(fileClusters, headerClusters + usedInFile))
         return report
     }
 }

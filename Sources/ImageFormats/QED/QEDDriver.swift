@@ -14,6 +14,8 @@ public final class QEDDriver: ImageDriver {
     public let backingName: String?
 
     let tables: QEDTables
+    /// Header, L1 and every L2 table: no data cluster may point into them.
+    let metadata: MetadataRanges
     let allocator: Allocator
     let clusterBits: UInt64
     let l1Shift: UInt64
@@ -64,6 +66,7 @@ public final class QEDDriver: ImageDriver {
         header = h
         onDiskFeatures = Mutex(h.features)
         tables = QEDTables(file: file, header: h)
+        metadata = try Self.metadataRanges(file: file, header: h, l1Shift: l1Shift)
         var details: [(String, String)] = [
             ("table size", "\(h.tableSize) clusters"),
             ("features", "0x" + String(h.features, radix: 16)),
@@ -75,12 +78,37 @@ public final class QEDDriver: ImageDriver {
 
     var clusterSize: UInt64 { UInt64(header.clusterSize) }
 
+    /// The L2 tables the L1 names for the disk's range (read once, in 1 MiB pieces; bounded
+    /// by the L1, not by the data), plus the header area and the L1 itself.
+    static func metadataRanges(file: ImageFile, header h: QEDHeader, l1Shift: UInt64) throws -> MetadataRanges {
+        let cs = UInt64(h.clusterSize)
+        var ranges = [MetadataRanges.Range(start: 0, length: max(h.headerBytes, cs), what: "the header"),
+                      MetadataRanges.Range(start: h.l1TableOffset, length: h.tableBytes, what: "the L1 table")]
+        let used = min(h.entriesPerTable, (h.imageSize + (1 << l1Shift) - 1) >> l1Shift)
+        var first: UInt64 = 0
+        while first < used {
+            let n = min(used - first, 1 << 17)
+            let bytes = try file.readBytes(count: Int(n * 8), at: h.l1TableOffset + first * 8, what: "QED L1 table")
+            for i in 0..<Int(n) {
+                let e = le64(bytes, i * 8)
+                if e != 0 { ranges.append(.init(start: e, length: h.tableBytes, what: "an L2 table")) }
+            }
+            first += n
+        }
+        return try MetadataRanges(ranges, file: file.path)
+    }
+
     // MARK: translation
 
     private func l2Table(for offset: UInt64) throws -> UInt64 {
         let l2 = try tables.entry(header.l1TableOffset, offset >> l1Shift)
         if l2 != 0 {
             try header.checkTableOffset(l2, path: file.path, fileSize: allocator.end, what: "L2 table offset in L1 entry \(offset >> l1Shift)")
+            let l1 = header.l1TableOffset
+            if l2 < l1 + header.tableBytes && l1 < l2 + header.tableBytes {
+                throw BlockError.invalid(file: file.path, field: "L2 table offset in L1 entry \(offset >> l1Shift)",
+                                         detail: "table at \(l2) overlaps the L1 table at \(l1)")
+            }
         }
         return l2
     }
@@ -93,6 +121,10 @@ public final class QEDDriver: ImageDriver {
             guard e & (clusterSize - 1) == 0, e >= header.headerBytes, e < allocator.end else {
                 throw BlockError.invalid(file: file.path, field: "L2 entry for guest offset \(offset)",
                                          detail: "cluster offset \(e) is unaligned, inside the header or past the end of the file")
+            }
+            if let m = metadata.overlap(e, clusterSize) {
+                throw BlockError.invalid(file: file.path, field: "L2 entry for guest offset \(offset)",
+                                         detail: "data cluster \(e) lies in \(m.what) at \(m.start)")
             }
             return .data(host: e, length: 0)
         }
@@ -170,6 +202,7 @@ public final class QEDDriver: ImageDriver {
         let l2 = try allocator.allocate(header.tableBytes)
         if try file.size() < l2 + header.tableBytes { try file.truncate(to: l2 + header.tableBytes) }
         try tables.installEmptyChunk(l2, (offset >> clusterBits) & (header.entriesPerTable - 1))
+        metadata.insert(.init(start: l2, length: header.tableBytes, what: "an L2 table"))
         return (l2, true)
     }
 

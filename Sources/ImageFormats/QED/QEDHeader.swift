@@ -64,9 +64,7 @@ public struct QEDHeader: Equatable, Sendable {
         guard UInt64(tableSize).isPowerOfTwo, tableSize <= 16 else {
             throw BlockError.invalid(file: path, field: "table_size", detail: "\(tableSize) is not a power of two in 1...16")
         }
-        guard imageSize % 512 == 0 else {
-            throw BlockError.invalid(file: path, field: "image_size", detail: "\(imageSize) is not a multiple of 512")
-        }
+        try VirtualSize.checked(imageSize, file: path, field: "image_size")
         let n = entriesPerTable
         let (maxSize, o1) = n.multipliedReportingOverflow(by: n)
         let (maxImage, o2) = maxSize.multipliedReportingOverflow(by: cs)

@@ -66,9 +66,11 @@ public enum VMDKCheck {
                 let grain = UInt64(le32(table, k * 4))
                 if grain == 0 || (grain == 1 && h.zeroedGrains) { continue }
                 report.grains += 1
+                let guest = (UInt64(i) * UInt64(h.numGTEsPerGT) + UInt64(k)) * h.grainBytes
                 if grain * 512 >= size {
-                    let guest = (UInt64(i) * UInt64(h.numGTEsPerGT) + UInt64(k)) * h.grainBytes
                     report.problem("\(file.path): the grain for guest offset \(guest) starts at sector \(grain), past the end of the file")
+                } else if let m = s.metadata.overlap(grain * 512, h.isCompressed ? 512 : h.grainBytes) {
+                    report.problem("\(file.path): the grain for guest offset \(guest) at sector \(grain) lies in \(m.what) (at sector \(m.start / 512))")
                 }
             }
         }

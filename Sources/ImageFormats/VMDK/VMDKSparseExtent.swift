@@ -9,6 +9,10 @@ final class VMDKSparseExtent: Sendable {
     let directory: TableCache   // GD and redundant GD, in 512-byte chunks (never past their region)
     let tables: TableCache      // grain tables (GT and redundant GT), one table per entry
     let allocator: Allocator
+    /// Header area (overHead), descriptor, both grain directories and every grain table: no
+    /// grain may point into them (a grain at sector 1 would let a guest write rewrite the
+    /// embedded descriptor).
+    let metadata: MetadataRanges
     static let gdChunk = 512
     /// Recently inflated grains (streamOptimized), so small reads do not inflate a grain again.
     private let inflated: InflatedClusters
@@ -26,6 +30,31 @@ final class VMDKSparseExtent: Sendable {
         allocator = Allocator(file: file.path, nextOffset: try file.size(), alignment: 512, limit: UInt64(UInt32.max) * 512,
                               preallocating: file)
         inflated = InflatedClusters(clusterBytes: Int(h.grainBytes))
+        metadata = try Self.metadataRanges(file: file, header: h)
+    }
+
+    /// Reads both directories once (bounded by their size, 32 Mi entries at most).
+    static func metadataRanges(file: ImageFile, header h: VMDKSparseHeader) throws -> MetadataRanges {
+        var ranges = [MetadataRanges.Range(start: 0, length: h.overHead * 512, what: "the header area")]
+        if h.descriptorOffset != 0 {
+            ranges.append(.init(start: h.descriptorOffset * 512, length: h.descriptorSize * 512, what: "the descriptor"))
+        }
+        let size = try file.size()
+        for gd in [h.gdOffset] + (h.hasRedundantGD ? [h.rgdOffset] : []) where gd != 0 && gd != VMDKSparseHeader.gdAtEnd {
+            ranges.append(.init(start: gd * 512, length: h.gdEntries * 4, what: "a grain directory"))
+            var first: UInt64 = 0
+            while first < h.gdEntries {
+                let n = min(h.gdEntries - first, 1 << 18)
+                guard gd * 512 + (first + n) * 4 <= size else { break }  // reported when used
+                let bytes = try file.readBytes(count: Int(n * 4), at: gd * 512 + first * 4, what: "VMDK grain directory")
+                for i in 0..<Int(n) {
+                    let gt = UInt64(le32(bytes, i * 4))
+                    if gt != 0 { ranges.append(.init(start: gt * 512, length: UInt64(h.gtBytes), what: "a grain table")) }
+                }
+                first += n
+            }
+        }
+        return try MetadataRanges(ranges, file: file.path)
     }
 
     /// At least the first `need` inflated bytes of the compressed grain at `sector` (marker +
@@ -103,6 +132,10 @@ final class VMDKSparseExtent: Sendable {
                         throw BlockError.invalid(file: file.path, field: "grain table entry for offset \(pos)",
                                                  detail: "grain at sector \(g) is past the end of the file")
                     }
+                    if let m = metadata.overlap(g * 512, header.isCompressed ? 512 : grain) {
+                        throw BlockError.invalid(file: file.path, field: "grain table entry for offset \(pos)",
+                                                 detail: "grain at sector \(g) lies in \(m.what) (at sector \(m.start / 512))")
+                    }
                     next = header.isCompressed ? .compressed(host: g * 512, size: 0, length: n)
                                                : .data(host: g * 512 + pos % grain, length: n)
                 }
@@ -156,6 +189,7 @@ final class VMDKSparseExtent: Sendable {
         let off = try allocator.allocate(UInt64(header.gtBytes))
         if try file.size() < off + UInt64(header.gtBytes) { try file.truncate(to: off + UInt64(header.gtBytes)) }
         try tables.install(table: off)
+        metadata.insert(.init(start: off, length: UInt64(header.gtBytes), what: "a grain table"))
         return off
     }
 

@@ -1,0 +1,91 @@
+import Synchronization
+
+/// Where an image keeps its own metadata in its file (header, descriptor, L1 / grain
+/// directory, every L2 / grain table), so that no data mapping may point into it: a hostile
+/// table entry naming the embedded descriptor or an L2 table would otherwise let a guest
+/// write rewrite the image's own structure. Drivers build it at open from the tables they
+/// already validate, add tables they allocate, and ask `overlap` for every data run.
+public final class MetadataRanges: Sendable {
+    public struct Range: Sendable {
+        public var start: UInt64
+        public var end: UInt64
+        public var what: StaticString
+        public init(start: UInt64, length: UInt64, what: StaticString) {
+            self.start = start
+            self.end = start &+ length < start ? UInt64.max : start + length
+            self.what = what
+        }
+    }
+
+    /// Bound on tables recorded (memory stays under ~50 MiB); images with more are refused.
+    public static let maxRanges = 1 << 21
+
+    /// Sorted by start; ranges may overlap (aliased or damaged tables), so `maxEnd[i]` is the
+    /// largest end among the first i+1 ranges, which keeps the search logarithmic.
+    private let state: Mutex<(ranges: [Range], maxEnd: [UInt64])>
+
+    public init(_ ranges: [Range], file: String) throws {
+        guard ranges.count <= Self.maxRanges else {
+            throw BlockError.invalid(file: file, field: "metadata tables", detail: "more than \(Self.maxRanges) tables")
+        }
+        var sorted = ranges.filter { $0.end > $0.start }.sorted { ($0.start, $0.end) < ($1.start, $1.end) }
+        // Aliased tables (many entries naming one) are recorded once.
+        var unique: [Range] = []
+        unique.reserveCapacity(sorted.count)
+        for r in sorted where unique.last.map({ $0.start != r.start || $0.end != r.end }) ?? true { unique.append(r) }
+        sorted = unique
+        state = Mutex((sorted, Self.prefixMax(sorted)))
+    }
+
+    private static func prefixMax(_ ranges: [Range]) -> [UInt64] {
+        var out: [UInt64] = []
+        out.reserveCapacity(ranges.count)
+        var m: UInt64 = 0
+        for r in ranges { m = max(m, r.end); out.append(m) }
+        return out
+    }
+
+    /// Records a table allocated while the image is open.
+    public func insert(_ r: Range) {
+        state.withLock { s in
+            let i = s.ranges.partitionIndex { ($0.start, $0.end) >= (r.start, r.end) }
+            if i == s.ranges.count {
+                // New tables go at the end of the file: the common case appends.
+                s.ranges.append(r)
+                s.maxEnd.append(max(s.maxEnd.last ?? 0, r.end))
+            } else {
+                s.ranges.insert(r, at: i)
+                s.maxEnd = Self.prefixMax(s.ranges)
+            }
+        }
+    }
+
+    /// A metadata range that `[start, start+length)` overlaps, if any.
+    public func overlap(_ start: UInt64, _ length: UInt64) -> Range? {
+        let end = start &+ length < start ? UInt64.max : start + length
+        return state.withLock { s -> Range? in
+            // The last range starting before `end`; walk back while some earlier one may still reach `start`.
+            var i = s.ranges.partitionIndex { $0.start >= end } - 1
+            while i >= 0 && s.maxEnd[i] > start {
+                if s.ranges[i].end > start { return s.ranges[i] }
+                i -= 1
+            }
+            return nil
+        }
+    }
+
+    public var count: Int { state.withLock { $0.ranges.count } }
+}
+
+extension Array {
+    /// The first index whose element satisfies `belongs` (which must be false then true
+    /// along the array); `count` if none does.
+    func partitionIndex(_ belongs: (Element) -> Bool) -> Int {
+        var lo = 0, hi = count
+        while lo < hi {
+            let mid = (lo + hi) / 2
+            if belongs(self[mid]) { hi = mid } else { lo = mid + 1 }
+        }
+        return lo
+    }
+}
