@@ -98,14 +98,17 @@ public final class BlockDevice: Sendable {
     public func write(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
         guard driver.isWritable else { throw BlockError.readOnly(file: driver.file.path) }
         try driver.checkWrite(data, at: offset)
-        try driver.willWrite()
         let total = UInt64(data.count)
         guard offset <= virtualSize, total <= virtualSize - offset else {
             throw BlockError.outOfRange(offset: offset, length: total, size: virtualSize)
         }
         var pos: UInt64 = 0
+        var announced = false
         while pos < total {
             let m = try driver.map(offset + pos, maxLength: total - pos)
+            // After the first mapping: a write refused for a damaged table changes nothing
+            // (VMDK would otherwise already have a new CID).
+            if !announced { try driver.willWrite(); announced = true }
             let n = min(max(m.length, 1), total - pos)
             if case let .data(host, _) = m {
                 try writeHost(UnsafeRawBufferPointer(rebasing: data[Int(pos)..<Int(pos + n)]), at: host)

@@ -359,3 +359,96 @@ final class HostileMetadataTests: XCTestCase {
         try s.assertMountRefused(["-r", child], mentions: ["child.vmdk", "must be a VMDK"], "raw parent")
     }
 }
+
+/// Table entries that point into the image's own metadata, and checks of sparse giants.
+final class MetadataOverlapTests: XCTestCase {
+    override func setUpWithError() throws { try Harness.requireFuse() }
+
+    func le32At(_ d: Data, _ o: Int) -> UInt64 { (0..<4).reduce(UInt64(0)) { $0 | UInt64(d[o + $1]) << (8 * UInt64($1)) } }
+    func le64At(_ d: Data, _ o: Int) -> UInt64 { (0..<8).reduce(UInt64(0)) { $0 | UInt64(d[o + $1]) << (8 * UInt64($1)) } }
+
+    /// pread/pwrite of 4 KiB at 0 on the mounted raw file: both must fail with EIO.
+    func assertIOFails(_ raw: String, _ what: String, file: StaticString = #filePath, line: UInt = #line) {
+        let fd = open(raw, O_RDWR | 0o40000 /* O_DIRECT */)
+        XCTAssertGreaterThanOrEqual(fd, 0, what, file: file, line: line)
+        let buf = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
+        defer { buf.deallocate(); close(fd) }
+        memset(buf, 0x66, 4096)
+        XCTAssertEqual(pread(fd, buf, 4096, 0), -1, "\(what): read", file: file, line: line)
+        XCTAssertEqual(errno, EIO, what, file: file, line: line)
+        XCTAssertEqual(pwrite(fd, buf, 4096, 0), -1, "\(what): write went through", file: file, line: line)
+        XCTAssertEqual(errno, EIO, what, file: file, line: line)
+    }
+
+    func testVMDKGrainPointingAtItsDescriptorIsRefused() throws {
+        let s = try Scratch()
+        let img = s.path("d.vmdk")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "vmdk", img, "8M"])
+        try Harness.run(["qemu-io", "-f", "vmdk", "-c", "write -P 0x11 0 64k", img])
+        var bytes = try Files.read(img)
+        let descStart = Int(le64At(bytes, 28)) * 512, descSize = Int(le64At(bytes, 36)) * 512
+        let gd = Int(le64At(bytes, 56)) * 512
+        let gt = Int(le32At(bytes, gd)) * 512
+        bytes.replaceSubrange(gt..<(gt + 4), with: le(1, 4))       // grain 0 -> sector 1, the descriptor
+        try bytes.write(to: URL(fileURLWithPath: img))
+        let descriptor = bytes.subdata(in: descStart..<(descStart + descSize))
+        try s.mount(img)
+        assertIOFails(s.mnt + "/d.raw", "grain in the descriptor")
+        try s.unmount()
+        XCTAssertEqual(try Files.read(img).subdata(in: descStart..<(descStart + descSize)), descriptor, "the descriptor was rewritten")
+        let check = try Harness.run([Harness.rawmount, "check", img], check: false)
+        XCTAssertEqual(check.status, 2, check.out + check.err)
+        XCTAssertTrue((check.out + check.err).contains("lies in"), check.out + check.err)
+    }
+
+    func testQEDDataClusterInsideTheL1IsRefused() throws {
+        let s = try Scratch()
+        let img = s.path("q.qed")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qed", "-o", "cluster_size=4096,table_size=2", img, "8M"])
+        try Harness.run(["qemu-io", "-f", "qed", "-c", "write -P 0x11 0 4k", img])
+        var bytes = try Files.read(img)
+        let l1 = Int(le64At(bytes, 40))
+        let l2 = Int(le64At(bytes, l1))
+        bytes.replaceSubrange(l2..<(l2 + 8), with: le(UInt64(l1), 8))  // data cluster 0 -> the L1 itself
+        try bytes.write(to: URL(fileURLWithPath: img))
+        let l1Before = bytes.subdata(in: l1..<(l1 + 8192))
+        try s.mount(img)
+        assertIOFails(s.mnt + "/q.raw", "data cluster in the L1")
+        try s.unmount()
+        XCTAssertEqual(try Files.read(img).subdata(in: l1..<(l1 + 8192)), l1Before, "the L1 was rewritten")
+        let check = try Harness.run([Harness.rawmount, "check", img], check: false)
+        XCTAssertEqual(check.status, 2, check.out + check.err)
+        let qemu = try Harness.run(["qemu-img", "check", img], check: false)
+        XCTAssertNotEqual(qemu.status, 0, "the oracle calls it clean too? \(qemu.out)")
+    }
+
+    /// A NEED_CHECK QED in an 8 TiB sparse file with 4 KiB clusters: the check (and the
+    /// writable open that repairs) uses memory for the clusters referenced, not the file.
+    func testQEDCheckOfASparseGiantStaysSmall() throws {
+        let s = try Scratch()
+        let img = s.path("giant.qed")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qed", "-o", "cluster_size=4096", img, "64M"])
+        try Harness.run(["qemu-io", "-f", "qed", "-c", "write -P 0x11 0 64k", img])
+        try Harness.run(["truncate", "-s", "8T", img])
+        try Files.pwrite(img, [0x02], at: 16)  // NEED_CHECK
+        let measure = """
+        import resource,subprocess,sys
+        r=subprocess.run(sys.argv[1:],capture_output=True,text=True)
+        print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+        sys.stderr.write(r.stdout+r.stderr)
+        """
+        let r = try Harness.run(["timeout", "120", "python3", "-c", measure, Harness.rawmount, "check", img], check: false)
+        let fields = r.out.split(separator: " ").compactMap { Int($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+        XCTAssertEqual(fields.count, 2, r.out + r.err)
+        guard fields.count == 2 else { return }
+        XCTAssertEqual(fields[0], 3, "leaks only: \(r.err)")  // the sparse tail counts as leaked clusters
+        XCTAssertLessThan(fields[1], 150 * 1024, "check used \(fields[1]) KiB")
+        try s.mount(img)
+        try s.unmount()
+        let fd = open(img, O_RDONLY)
+        var features: UInt8 = 0xFF
+        XCTAssertEqual(pread(fd, &features, 1, 16), 1)
+        close(fd)
+        XCTAssertEqual(features, 0, "NEED_CHECK cleared by the repairing open")
+    }
+}
