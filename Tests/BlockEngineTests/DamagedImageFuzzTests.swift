@@ -60,7 +60,20 @@ final class DamagedImageFuzzTests: XCTestCase {
             let span = region < 4 ? min(b.count, 1024) : region < 7 ? min(b.count, 1 << 16) : b.count
             guard span > 8 else { break }
             let at = Int(rng.next() % UInt64(span - 8))
-            switch rng.next() % 6 {
+            switch rng.next() % 7 {
+            case 6:
+                // An extreme integer, 4 or 8 bytes wide, little- or big-endian, at an aligned
+                // spot: sizes, counts and offsets at the edges of what they can hold.
+                let extremes: [UInt64] = [0, 1, 0x7FFF_FFFF, 0x8000_0000, 0xFFFF_FFFF, 1 << 32, 1 << 62,
+                                          UInt64(Int64.max), 1 << 63, UInt64.max - 511, UInt64.max]
+                let v = extremes[Int(rng.next() % UInt64(extremes.count))]
+                let width = rng.next() % 2 == 0 ? 4 : 8
+                let spot = at & ~(width - 1)
+                let bigEndian = rng.next() % 2 == 0
+                for i in 0..<width {
+                    let shift = UInt64(bigEndian ? width - 1 - i : i) * 8
+                    b[spot + i] = UInt8(truncatingIfNeeded: v >> shift)
+                }
             case 0: b[at] = UInt8(truncatingIfNeeded: rng.next())
             case 1: for i in 0..<4 { b[at + i] = 0xFF }
             case 2: for i in 0..<8 { b[at + i] = 0 }

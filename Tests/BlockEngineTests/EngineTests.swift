@@ -150,3 +150,25 @@ final class RawEngineTests: XCTestCase {
         try dev.close()
     }
 }
+
+/// Inflated-cluster caches share one process budget: many compressed images (a long chain,
+/// many extents) cannot each keep their own 8 MiB.
+final class InflatedClustersBudgetTests: XCTestCase {
+    func testAllCachesTogetherStayInTheProcessBudget() throws {
+        let cluster = 2 << 20
+        var caches: [InflatedClusters] = []
+        for c in 0..<64 {
+            let cache = InflatedClusters(clusterBytes: cluster)
+            for k in 0..<6 {
+                let bytes = try cache.cluster(at: UInt64(k) * 4096, need: cluster) { [UInt8](repeating: UInt8(c), count: $0) }
+                XCTAssertEqual(bytes.count, cluster)
+            }
+            caches.append(cache)
+            XCTAssertLessThanOrEqual(InflatedClusters.heldBytes, InflatedClusters.processBudget + cluster, "after \(c + 1) caches")
+        }
+        // Still answers (from cache or by inflating again), and freeing the caches gives the budget back.
+        XCTAssertEqual(try caches[0].cluster(at: 0, need: 16) { [UInt8](repeating: 0, count: $0) }.first, 0)
+        caches.removeAll()
+        XCTAssertEqual(InflatedClusters.heldBytes, 0)
+    }
+}

@@ -7,14 +7,28 @@ import Synchronization
 /// A first small read inflates only up to the bytes it needs (on average half a cluster
 /// for random reads, which are bound by inflating); a second read that needs more
 /// inflates the whole cluster.
+///
+/// Every cache of the process also shares one global budget (`processBudget`): a chain of
+/// many compressed images, or many extents, cannot add up their budgets.
 final class InflatedClusters: Sendable {
     private let state = Mutex<(items: [UInt64: [UInt8]], order: [UInt64])>(([:], []))
     private let capacity: Int
     private let clusterBytes: Int
 
+    /// Bytes all caches of the process may hold together.
+    static let processBudget = 64 << 20
+    private static let processBytes = Atomic<Int>(0)
+    /// What all caches hold now.
+    static var heldBytes: Int { processBytes.load(ordering: .relaxed) }
+
     init(clusterBytes: Int, budget: Int = 8 << 20) {
         self.clusterBytes = clusterBytes
-        capacity = min(1024, max(4, budget / max(clusterBytes, 1)))
+        capacity = min(1024, max(2, budget / max(clusterBytes, 1)))
+    }
+
+    deinit {
+        let held = state.withLock { $0.items.values.reduce(0) { $0 + $1.count } }
+        Self.processBytes.subtract(held, ordering: .relaxed)
     }
 
     /// At least the first `need` bytes of the cluster at `key`; `inflate(limit)` must return
@@ -27,8 +41,17 @@ final class InflatedClusters: Sendable {
         let bytes = try inflate(limit)
         state.withLock { c in
             if c.items[key] == nil { c.order.append(key) }
-            if (c.items[key]?.count ?? 0) < bytes.count { c.items[key] = bytes }
-            if c.order.count > capacity { c.items[c.order.removeFirst()] = nil }
+            let old = c.items[key]?.count ?? 0
+            if old < bytes.count {
+                c.items[key] = bytes
+                Self.processBytes.add(bytes.count - old, ordering: .relaxed)
+            }
+            // Over this cache's count or the process budget: drop the oldest first (under the
+            // process budget even the newest goes: the caller still gets its bytes).
+            while c.order.count > capacity || (!c.order.isEmpty && Self.processBytes.load(ordering: .relaxed) > Self.processBudget) {
+                let gone = c.items.removeValue(forKey: c.order.removeFirst())?.count ?? 0
+                Self.processBytes.subtract(gone, ordering: .relaxed)
+            }
         }
         return bytes
     }

@@ -84,8 +84,10 @@ public struct VMDKSparseHeader: Sendable {
             }
         }
         guard h.grainSize.isPowerOfTwo, h.grainSize <= 0x20_0000 else { throw bad("grainSize", "\(h.grainSize) sectors is not a power of two up to 1 GiB") }
-        if h.isCompressed && h.grainSize > 32768 {
-            throw bad("grainSize", "\(h.grainSize) sectors is too large for compressed grains (limit 16 MiB)")
+        // Each reader of a compressed grain holds it twice (stored and inflated): bounded as
+        // qcow2's largest cluster is. VMware and QEMU write 64 KiB grains.
+        if h.isCompressed && h.grainSize > 4096 {
+            throw bad("grainSize", "\(h.grainSize) sectors is too large for compressed grains (limit 2 MiB)")
         }
         guard h.numGTEsPerGT >= 1, h.numGTEsPerGT <= (h.isCOWD ? 4096 : 512), UInt64(h.numGTEsPerGT).isPowerOfTwo else {
             throw bad("numGTEsPerGT", "\(h.numGTEsPerGT) (must be a power of two up to 512)")
