@@ -62,7 +62,9 @@ public enum ImageOpener {
         }
         switch format {
         case .vdi:
-            let driver = try VDIDriver(file: file)
+            let driver = try VDIDriver(file: file) { report in
+                options.onNote?("\(path): allocation did not match the block map (a crash?); repaired: \(report)")
+            }
             guard driver.header.isDifferencing else { return BlockDevice(driver: driver) }
             let parentPath = try VDIParent.find(for: path, header: driver.header)
             let parent = try open(path: parentPath, options: .init(writable: false, format: .vdi, lock: options.lock), chain: chain)

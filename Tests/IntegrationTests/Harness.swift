@@ -180,6 +180,9 @@ final class Scratch {
         guard ioctl(fd, 0x8004_587D, &flags) == 0 else { throw POSIXError(POSIXErrorCode(rawValue: errno) ?? .EIO) }
     }
 
+    /// A mount the test took down itself (e.g. by killing its server and clearing it).
+    func forgetMount(_ mp: String) throws { mounted.removeAll { $0 == mp } }
+
     /// Something the test mounted at `dir` that the scratch unmounts when it goes away.
     func registerMediaMount(_ dir: String) { mediaMounts.append(dir) }
 

@@ -335,6 +335,16 @@ final class HostileMetadataTests: XCTestCase {
         XCTAssertTrue(raw == (try s.qemuRaw(below)), "a 200-deep chain reads as qemu-img reads it")
     }
 
+    /// 16 MiB compressed grains let a 260 KB file make each reader hold ~48 MiB.
+    func testCompressedGrainsAreCapped() throws {
+        let s = try Scratch()
+        let src = s.path("src.raw"), img = s.path("big-grain.vmdk")
+        try Harness.run(["truncate", "-s", "4M", src])
+        try Harness.run(["qemu-img", "convert", "-O", "vmdk", "-o", "subformat=streamOptimized", src, img])
+        try Files.pwrite(img, le(32768, 8), at: 20)  // grainSize: 16 MiB
+        try s.assertMountRefused(["-r", img], mentions: ["big-grain.vmdk", "grainSize", "2 MiB"], "16 MiB compressed grains")
+    }
+
     func testVMDKParentMustBeVMDKAndCRLFDescriptorsRead() throws {
         let s = try Scratch()
         let child = s.path("child.vmdk"), base = s.path("base.vmdk")

@@ -1,5 +1,8 @@
 import BlockEngine
 import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// VDI read/write over the shared engine. The block map is read in sector-sized chunks
 /// through the shared table cache. New blocks are appended after the last block in the file;
@@ -26,13 +29,35 @@ public final class VDIDriver: ImageDriver {
     /// Reserves host space for the next blocks off the write path.
     private let preallocator: Preallocator?
 
-    public init(file: ImageFile) throws {
-        let h = try VDIHeader.read(from: file)
+    /// Written before any map sector: the header's blocks_allocated covers every index the
+    /// map is about to name (set once `self` exists; see `flush`).
+    private let headerFirst = HeaderFirst()
+    final class HeaderFirst: @unchecked Sendable {  // set once in init, before any write
+        var write: (() throws -> Void)?
+    }
+
+    /// `repairReport`: told what a writable open fixed (a crash left orphaned blocks or a
+    /// blocks_allocated that disagrees with the map).
+    public init(file: ImageFile, repairReport: ((VDIRepairReport) -> Void)? = nil) throws {
+        var h = try VDIHeader.read(from: file)
+        if file.isWritable && !h.isDifferencing {
+            let report = try VDIRepair.run(file: file, header: h)
+            if report.changed {
+                repairReport?(report)
+                h = try VDIHeader.read(from: file)
+            }
+        }
         self.file = file
         header = h
         blockSize = UInt64(h.blockSize)
+        // Map sectors reach the file only after the data they point to is durable and the
+        // header counts their blocks: QEMU allocates at index blocks_allocated, so a map entry
+        // at or above it could be handed out again (QEMU itself writes the header first).
         map = TableCache(file: file, tableBytes: Self.chunkBytes, encoding: .u32LE, capacity: 4096,
-                         beforeWriteBack: { [file] in try file.sync() })
+                         beforeWriteBack: { [file, headerFirst] in
+                             try file.sync()
+                             try headerFirst.write?()
+                         })
         // Append after everything in the file, never under it: even if blocks_allocated is
         // stale (a crash after the map but before the header), no block is handed out twice.
         let fileSize = try file.size()
@@ -46,6 +71,9 @@ public final class VDIDriver: ImageDriver {
             ("block extra", "\(h.blockExtra)"),
             ("header text", String(h.text.filter { $0 != "\n" })),
         ])
+        headerFirst.write = { [unowned self] in
+            if try self.writeHeaderIfNeeded() { try self.file.sync() }
+        }
     }
 
     private func entryLocation(_ block: UInt64) -> (chunk: UInt64, index: Int) {
@@ -161,25 +189,40 @@ public final class VDIDriver: ImageDriver {
 
     // MARK: lifecycle
 
-    private func writeHeaderIfNeeded() throws {
+    /// Writes blocks_allocated if it changed; true if it wrote.
+    @discardableResult
+    private func writeHeaderIfNeeded() throws -> Bool {
         let count: UInt32? = allocation.withLock { s in
             guard s.dirty else { return nil }
             s.dirty = false
             return s.count
         }
-        guard let count else { return }
+        guard let count else { return false }
         var h = header
         h.blocksAllocated = count
-        try file.write(Array(h.raw[0..<512]), at: 0)
+        do { try file.write(Array(h.raw[0..<512]), at: 0) } catch {
+            allocation.withLock { $0.dirty = true }
+            throw error
+        }
+        return true
     }
 
+    /// Data, then the header (its count covers the new blocks), then the map sectors that
+    /// name them, each step durable before the next (the map cache's barrier does the first two).
     public func flush() throws {
         guard isWritable else { return }
-        try map.flush()        // data synced first by the cache's barrier, then map sectors
         try file.sync()
-        try writeHeaderIfNeeded()
+        if try writeHeaderIfNeeded() {
+            try file.sync()
+            if Self.testPauseAfterHeader > 0 { usleep(Self.testPauseAfterHeader) }
+        }
+        try map.flush()
         try file.sync()
     }
+
+    /// Tests only: a pause between the header write and the map write of a flush, so a
+    /// kill -9 can land exactly there.
+    static let testPauseAfterHeader: UInt32 = getenv("RAWMOUNT_TEST_VDI_PAUSE_AFTER_HEADER_US").flatMap { UInt32(String(cString: $0)) } ?? 0
 
     public func close() throws {
         defer { preallocator?.release() }

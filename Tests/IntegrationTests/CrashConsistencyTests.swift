@@ -1,0 +1,128 @@
+import Foundation
+import XCTest
+import TestSupport
+
+/// What a killed server leaves behind, and what the next writable open makes of it (issue 11).
+final class CrashConsistencyTests: XCTestCase {
+    override func setUpWithError() throws { try Harness.requireFuse() }
+
+    func python(_ script: String, _ args: [String]) throws {
+        try Harness.run(["python3", "-c", script] + args)
+    }
+
+    /// (blocks_allocated, file size) of a VDI.
+    func vdiState(_ path: String) throws -> (count: UInt32, size: Int) {
+        let d = try Files.read(path)
+        var count: UInt32 = 0
+        for k in 0..<4 { count |= UInt32(d[0x184 + k]) << (8 * UInt32(k)) }
+        return (count, d.count)
+    }
+
+    /// `qemu-io` writes at `offset`, then the image reads back `expect` (the oracle, not us).
+    func assertQemuWriteKeeps(_ img: String, writeAt offset: String, expect: Data, in s: Scratch,
+                              file: StaticString = #filePath, line: UInt = #line) throws {
+        let w = try Harness.run(["qemu-io", "-f", "vdi", "-c", "write -P 0x22 \(offset) 4k", img], file: file, line: line)
+        XCTAssertFalse(w.out.contains("also used") || w.err.contains("also used"), w.out + w.err, file: file, line: line)
+        let check = try Harness.run(["qemu-img", "check", img], check: false)
+        XCTAssertEqual(check.status, 0, check.out + check.err, file: file, line: line)
+        XCTAssertTrue(try s.qemuRaw(img).prefix(expect.count) == expect, "data under the QEMU write changed", file: file, line: line)
+    }
+
+    /// A map entry whose block blocks_allocated does not count (the old flush order, killed
+    /// between map and header): the writable open recounts, so QEMU's next block is a new one.
+    func testVDICountBelowTheMapIsRepairedOnOpen() throws {
+        let s = try Scratch()
+        let img = s.path("a.vdi")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "vdi", img, "8M"])
+        try Harness.run(["qemu-io", "-f", "vdi", "-c", "write -P 0x11 0 4k", img])
+        try Files.pwrite(img, le(0, 4), at: 0x184)
+        XCTAssertNotEqual(try Harness.run(["qemu-img", "check", img], check: false).status, 0, "the crafted state is what QEMU calls corrupt")
+        let r = try Harness.run([Harness.rawmount, "mount", img, s.mnt])
+        XCTAssertTrue(r.err.contains("repaired") && r.err.contains("blocks_allocated 0 -> 1"), r.err)
+        try Harness.run([Harness.rawmount, "unmount", s.mnt])
+        XCTAssertEqual(try vdiState(img).count, 1)
+        try assertQemuWriteKeeps(img, writeAt: "5M", expect: Data(repeating: 0x11, count: 4096), in: s)
+    }
+
+    /// 100 blocks written but never mapped (killed before any flush): the file is cut back
+    /// on the next writable open, so new blocks go where QEMU would put them.
+    func testVDIOrphanedBlocksAreReleased() throws {
+        let s = try Scratch()
+        let img = s.path("b.vdi")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "vdi", img, "64M"])
+        try Harness.run(["qemu-io", "-f", "vdi", "-c", "write -P 0x11 0 4k", img])
+        let clean = try vdiState(img)
+        try python("import sys; f=open(sys.argv[1],'ab'); f.write(b'\\x99'*(100<<20))", [img])
+        XCTAssertEqual(try Harness.run(["qemu-img", "check", img], check: false).status, 0, "QEMU does not see orphans")
+        let r = try Harness.run([Harness.rawmount, "mount", img, s.mnt])
+        XCTAssertTrue(r.err.contains("100 MiB of orphaned blocks released"), r.err)
+        // Every block of the disk can be written now (before, the orphans ran it out of indices).
+        let src = s.path("src")
+        try Harness.run(["dd", "if=/dev/urandom", "of=\(src)", "bs=1M", "count=64", "status=none"])
+        try Harness.run(["dd", "if=\(src)", "of=\(s.mnt)/b.raw", "bs=1M", "conv=notrunc,fsync", "status=none"])
+        try Harness.run([Harness.rawmount, "unmount", s.mnt])
+        XCTAssertEqual(try vdiState(img).count, 64)
+        XCTAssertEqual(try vdiState(img).size, clean.size + (63 << 20))
+        try Harness.run(["qemu-img", "check", img])
+        XCTAssertTrue(try s.qemuRaw(img) == (try Files.read(src)))
+    }
+
+    /// Mapped indices with a gap (map sectors persisted out of order): the block above the
+    /// gap moves down, so indices are dense again and QEMU's rule holds.
+    func testVDIGapInTheIndicesIsCompacted() throws {
+        let s = try Scratch()
+        let img = s.path("c.vdi")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "vdi", img, "8M"])
+        try Harness.run(["qemu-io", "-f", "vdi", "-c", "write -P 0x11 0 1M", "-c", "write -P 0x33 1M 1M", "-c", "write -P 0x55 2M 1M", img])
+        // Guest block 1 (index 1) loses its map entry: index 1 is an orphan in the middle.
+        let d = try Files.read(img)
+        var bmap = 0
+        for k in 0..<4 { bmap |= Int(d[0x154 + k]) << (8 * k) }
+        try Files.pwrite(img, [0xFF, 0xFF, 0xFF, 0xFF], at: UInt64(bmap + 4))
+        let expected = try s.qemuRaw(img)
+        let r = try Harness.run([Harness.rawmount, "mount", img, s.mnt])
+        XCTAssertTrue(r.err.contains("1 blocks moved"), r.err)
+        XCTAssertTrue(try Files.read(s.mnt + "/c.raw") == expected)
+        try Harness.run([Harness.rawmount, "unmount", s.mnt])
+        XCTAssertEqual(try vdiState(img).count, 2)
+        XCTAssertTrue(try s.qemuRaw(img) == expected)
+        var after = expected
+        after.replaceSubrange((5 << 20)..<((5 << 20) + 4096), with: Data(repeating: 0x22, count: 4096))
+        try assertQemuWriteKeeps(img, writeAt: "5M", expect: after, in: s)
+    }
+
+    /// Killed between the header and the map write of a flush: the header already counts the
+    /// new block, so QEMU's next write takes another one and nothing is overwritten.
+    func testVDIKillBetweenHeaderAndMapLeavesNoBlockToReuse() throws {
+        let s = try Scratch()
+        let img = s.path("d.vdi")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "vdi", img, "8M"])
+        try Harness.run(["qemu-io", "-f", "vdi", "-c", "write -P 0x11 0 4k", img])
+        try s.mount(img, environment: ["RAWMOUNT_TEST_VDI_PAUSE_AFTER_HEADER_US": "30000000"])
+        let raw = s.mnt + "/d.raw"
+        let pidFile = "/run/rawmount/" + s.mnt.replacingOccurrences(of: "%", with: "%25").replacingOccurrences(of: "/", with: "%2F") + ".pid"
+        guard let pid = pid_t((try String(contentsOfFile: pidFile, encoding: .utf8)).trimmingCharacters(in: .whitespacesAndNewlines)) else {
+            XCTFail("no pid file at \(pidFile)"); return
+        }
+        // A new block at 2M, then fsync: the flush writes the header and pauses before the map.
+        let writer = Process()
+        writer.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        writer.arguments = ["dd", "if=/dev/zero", "of=\(raw)", "bs=4k", "count=1", "seek=512", "conv=notrunc,fsync", "status=none"]
+        try writer.run()
+        var waited = 0
+        while try vdiState(img).count != 2 && waited < 200 { usleep(50_000); waited += 1 }
+        XCTAssertEqual(try vdiState(img).count, 2, "the header was not written first")
+        kill(pid, SIGKILL)
+        writer.waitUntilExit()
+        _ = try Harness.run([Harness.rawmount, "unmount", s.mnt], check: false)
+        try s.forgetMount(s.mnt)
+        // QEMU's next block is index 2: block 0 (guest 0) is not touched.
+        let w = try Harness.run(["qemu-io", "-f", "vdi", "-c", "write -P 0x22 5M 4k", img])
+        XCTAssertFalse(w.out.contains("also used"), w.out)
+        XCTAssertTrue(try s.qemuRaw(img).prefix(4096) == Data(repeating: 0x11, count: 4096), "fsync'd block 0 was overwritten")
+        // And the next writable open makes the count agree with the map for qemu-img check.
+        try s.mount(img)
+        try s.unmount()
+        try Harness.run(["qemu-img", "check", img])
+    }
+}
