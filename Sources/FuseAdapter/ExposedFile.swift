@@ -25,6 +25,10 @@ public struct ExposedFile: Sendable {
     /// file's mtime and ctime, so tools that compare times (make, rsync -u, backups) see it.
     private let lastChange = ChangeClock()
     func noteChange() { lastChange.note() }
+    /// Changes finished (or handed to the write-behind); `PeriodicFlush` writes back after it moves.
+    private let finished = Counter()
+    func noteChangeDone() { finished.add() }
+    var completedChanges: Int { finished.value }
     var changedAt: timespec? { lastChange.time }
 
     /// Guest allocation for st_blocks. Walking the tables of a large image on every stat
@@ -39,6 +43,12 @@ public struct ExposedFile: Sendable {
             return (bytes, true)
         }
     }
+}
+
+final class Counter: Sendable {
+    private let count = Atomic<Int>(0)
+    func add() { count.add(1, ordering: .relaxed) }
+    var value: Int { count.load(ordering: .relaxed) }
 }
 
 /// The time of the last change, in nanoseconds (0: none); noted on every write, so no lock.

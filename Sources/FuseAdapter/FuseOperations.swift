@@ -114,6 +114,7 @@ func makeOperations() -> fuse_lowlevel_ops {
         // write completes once it is durable in the image.
         let synchronous = rm_fi_flags(fi) & (O_DSYNC | O_SYNC) != 0
         file.noteChange()
+        defer { file.noteChangeDone() }
         do {
             if let behind = file.writeBehind {
                 try behind.reportFailure()
@@ -217,6 +218,7 @@ func makeOperations() -> fuse_lowlevel_ops {
         guard start < disk else { fuse_reply_err(req, mode & rm_FALLOC_FL_KEEP_SIZE != 0 ? 0 : EOPNOTSUPP); return }
         if end > disk && mode & rm_FALLOC_FL_KEEP_SIZE == 0 { fuse_reply_err(req, EOPNOTSUPP); return }
         file.noteChange()
+        defer { file.noteChangeDone() }
         do {
             try file.writeBehind?.settle()
             try file.device.zero(at: start, length: min(end, disk) - start, deallocate: punch)

@@ -161,8 +161,10 @@ struct MountCommand: ParsableCommand {
             _ = "ok".withCString { write(fd, $0, 2) }
             close(fd)
         }
+        let writeBack = PeriodicFlush(files: fs.files, log: serverLog)
         _ = mount.run()
         mount.unmount()
+        writeBack.stop()
         var problems: [String] = []
         // Name the image unless the error already names the file it is about.
         func problem(_ doing: String, _ error: Error) -> String {

@@ -125,4 +125,51 @@ final class CrashConsistencyTests: XCTestCase {
         try s.unmount()
         try Harness.run(["qemu-img", "check", img])
     }
+
+    /// The server's pid, from its pid file (root mounts).
+    func serverPid(_ s: Scratch) throws -> pid_t? {
+        let pidFile = "/run/rawmount/" + s.mnt.replacingOccurrences(of: "%", with: "%25").replacingOccurrences(of: "/", with: "%2F") + ".pid"
+        return pid_t((try String(contentsOfFile: pidFile, encoding: .utf8)).trimmingCharacters(in: .whitespacesAndNewlines))
+    }
+
+    /// 64 x 1 MiB and 64 x 4 KiB writes to fresh areas, no fsync, then idle past the stated
+    /// bound (PeriodicFlush: 1 s) and kill -9: every write is in the image (0 of 128 were).
+    func testAcknowledgedWritesReachTheImageWithinTheBound() throws {
+        for (format, create) in [("qed", ["-f", "qed"]), ("vdi", ["-f", "vdi"]), ("vmdk", ["-f", "vmdk"])] {
+            let s = try Scratch()
+            let img = s.path("w.\(format)")
+            try Harness.run(["qemu-img", "create", "-q"] + create + [img, "160M"])
+            try s.mount(img)
+            let raw = s.mnt + "/w.raw"
+            var expected = Data(count: 160 << 20)
+            let fd = open(raw, O_WRONLY)
+            var rng = SeededRandom(seed: 11)
+            let base = rng.bytes(1 << 20)
+            for i in 0..<64 {
+                // Each write its own bytes: the base pattern with the write's number in front.
+                var big = base
+                big.replaceSubrange(0..<8, with: le(UInt64(i) + 1, 8))
+                let small = Array(big[4096..<8192].reversed())
+                let bigAt = i * (2 << 20), smallAt = (128 << 20) + i * (1 << 19) + 512
+                XCTAssertEqual(big.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, off_t(bigAt)) }, 1 << 20)
+                XCTAssertEqual(small.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, off_t(smallAt)) }, 4096)
+                expected.replaceSubrange(bigAt..<(bigAt + big.count), with: big)
+                expected.replaceSubrange(smallAt..<(smallAt + small.count), with: small)
+            }
+            sleep(3)
+            guard let pid = try serverPid(s) else { XCTFail("\(format): no pid"); continue }
+            kill(pid, SIGKILL)
+            close(fd)
+            _ = try Harness.run([Harness.rawmount, "unmount", s.mnt], check: false)
+            try s.forgetMount(s.mnt)
+            let check = try Harness.run(["qemu-img", "check", img], check: false)
+            XCTAssertTrue(check.status == 0 || check.status == 3, "\(format): \(check.out)\(check.err)")
+            let got = try s.qemuRaw(img)
+            var lost = 0
+            for i in 0..<64 {
+                for at in [i * (2 << 20), (128 << 20) + i * (1 << 19) + 512] where got[at..<(at + 4096)] != expected[at..<(at + 4096)] { lost += 1 }
+            }
+            XCTAssertEqual(lost, 0, "\(format): \(lost) of 128 acknowledged writes lost after idle + kill -9")
+        }
+    }
 }
