@@ -8,14 +8,18 @@ public final class ImageFile: Sendable {
     public let path: String
     public let fd: Int32
     public let isWritable: Bool
+    /// Opened without locks next to a writer (`--force-share`): its tables and size can
+    /// change under us, so caches expire and the file's end is asked again.
+    public let sharedWithWriters: Bool
 
     /// Opens `path`. Read-only opens add O_NOATIME where the kernel allows it, so forensic
     /// reads leave the access time alone. Only regular files and block devices are images:
     /// the open does not wait (O_NONBLOCK, so a FIFO cannot hang it) and anything else is
     /// refused by name before a byte is read.
-    public init(path: String, writable: Bool) throws {
+    public init(path: String, writable: Bool, sharedWithWriters: Bool = false) throws {
         self.path = path
         self.isWritable = writable
+        self.sharedWithWriters = sharedWithWriters && !writable
         var flags = (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC | O_NONBLOCK | O_NOCTTY
         if !writable { flags |= 0o1000000 /* O_NOATIME */ }
         var fd = open(path, flags)
@@ -79,6 +83,13 @@ public final class ImageFile: Sendable {
         guard fd >= 0 else { throw BlockError.io(file: path, operation: "create", offset: nil, errno: errno) }
         close(fd)
         return try ImageFile(path: path, writable: true)
+    }
+
+    /// `cached` for files only this process changes; for a shared file, the size now (a writer
+    /// may have grown it since `cached` was taken).
+    public func end(cached: UInt64) -> UInt64 {
+        guard sharedWithWriters, let now = try? size() else { return cached }
+        return max(now, cached)
     }
 
     /// Current size in bytes (works for block devices too).

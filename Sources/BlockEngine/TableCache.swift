@@ -21,6 +21,10 @@ public final class TableCache: Sendable {
     public var entriesPerTable: Int { tableBytes / encoding.width }
 
     private let file: ImageFile
+    /// For a file another process may be writing (`--force-share`), tables are read again
+    /// once they are this old, so the mount follows the writer; nil: kept until evicted.
+    private let maxAge: Double?
+    static let sharedMaxAge = 0.5
     private let beforeWriteBack: (@Sendable () throws -> Void)?
     private let state: Mutex<State>
 
@@ -30,6 +34,8 @@ public final class TableCache: Sendable {
         var dirtySeq: UInt64? = nil
         /// Whether every entry is 0, once asked (nil: not known, or changed since).
         var allZero: Bool? = nil
+        /// When it was read (only kept for files other processes write, see `maxAge`).
+        var loadedAt = 0.0
         init(bytes: [UInt8]) { self.bytes = bytes }
     }
     struct State: ~Copyable {
@@ -45,6 +51,7 @@ public final class TableCache: Sendable {
                 beforeWriteBack: (@Sendable () throws -> Void)? = nil) {
         precondition(tableBytes > 0 && tableBytes % encoding.width == 0 && capacity > 0)
         self.file = file
+        maxAge = file.sharedWithWriters ? Self.sharedMaxAge : nil
         self.tableBytes = tableBytes
         self.encoding = encoding
         self.capacity = capacity
@@ -59,7 +66,7 @@ public final class TableCache: Sendable {
     public func entry(table: UInt64, index: Int) throws -> UInt64 {
         precondition(index >= 0 && index < entriesPerTable)
         if let v = state.withLock({ s -> UInt64? in
-            guard let slot = s.slots[table] else { return nil }
+            guard let slot = s.slots[table], isFresh(slot) else { return nil }
             s.clock += 1; slot.lastUse = s.clock; s.stats.hits += 1
             return decode(slot.bytes, index)
         }) { return v }
@@ -73,7 +80,7 @@ public final class TableCache: Sendable {
     /// Calls `body` with entries `range` of the table, under the lock (no I/O in `body`).
     public func withEntries<R>(table: UInt64, _ body: (TableView) throws -> R) throws -> R {
         if let r = try state.withLock({ s -> R? in
-            guard let slot = s.slots[table] else { return nil }
+            guard let slot = s.slots[table], isFresh(slot) else { return nil }
             s.clock += 1; slot.lastUse = s.clock; s.stats.hits += 1
             return try body(TableView(bytes: slot.bytes, encoding: encoding))
         }) { return r }
@@ -97,7 +104,7 @@ public final class TableCache: Sendable {
 
     private func withSlot<R>(_ table: UInt64, _ body: (Slot) throws -> R) throws -> R {
         if let r = try state.withLock({ s -> R? in
-            guard let slot = s.slots[table] else { return nil }
+            guard let slot = s.slots[table], isFresh(slot) else { return nil }
             s.clock += 1; slot.lastUse = s.clock; s.stats.hits += 1
             return try body(slot)
         }) { return r }
@@ -148,10 +155,20 @@ public final class TableCache: Sendable {
 
     // MARK: - internals (state lock held)
 
+    @inline(__always) private func isFresh(_ slot: Slot) -> Bool {
+        guard let maxAge, slot.dirtySeq == nil else { return true }
+        return monotonicSeconds() - slot.loadedAt < maxAge
+    }
+
     private func insertLocked(_ s: inout State, table: UInt64, bytes: [UInt8]) throws -> Slot {
-        if let existing = s.slots[table] { // another thread loaded it meanwhile
+        if let existing = s.slots[table] {
             s.clock += 1; existing.lastUse = s.clock
-            return existing
+            if !isFresh(existing) {  // read again for a shared file: take what is on disk now
+                existing.bytes = bytes
+                existing.allZero = nil
+                existing.loadedAt = monotonicSeconds()
+            }
+            return existing  // (or another thread loaded it meanwhile)
         }
         s.stats.misses += 1
         while s.slots.count >= capacity {
@@ -161,6 +178,7 @@ public final class TableCache: Sendable {
             s.stats.evictions += 1
         }
         let slot = Slot(bytes: bytes)
+        if maxAge != nil { slot.loadedAt = monotonicSeconds() }
         s.clock += 1; slot.lastUse = s.clock
         s.slots[table] = slot
         return slot

@@ -43,7 +43,7 @@ public enum ImageOpener {
         }
         // Probe through a read-only descriptor: read-only formats (Bochs) are never opened for
         // writing, so not a byte or timestamp of them changes.
-        let readOnlyFile = try ImageFile(path: path, writable: false)
+        let readOnlyFile = try ImageFile(path: path, writable: false, sharedWithWriters: !options.lock)
         guard let identity = readOnlyFile.identity else {
             throw BlockError.io(file: path, operation: "fstat", offset: nil, errno: 5 /* EIO */)
         }
@@ -73,7 +73,7 @@ public enum ImageOpener {
             return try openBochs(file, path: path, options: options, chain: chain)
         case .vmdk:
             let driver = try VMDKDriver(file: file) { extentPath in
-                let f = try ReferencedFiles.openPart(extentPath, of: path, writable: writable)
+                let f = try ReferencedFiles.openPart(extentPath, of: path, writable: writable, shared: !options.lock)
                 if options.lock { try ImageLock.acquire(f, writable: f.isWritable) }
                 return f
             }

@@ -15,8 +15,8 @@ import Glibc
 public enum ReferencedFiles {
     /// Opens `path`, named by the image `referrer`, for writing only if `writable` is asked
     /// and the policy allows it; the returned file's `isWritable` says which it got.
-    static func openPart(_ path: String, of referrer: String, writable: Bool) throws -> ImageFile {
-        let readOnly = try ImageFile(path: path, writable: false)
+    static func openPart(_ path: String, of referrer: String, writable: Bool, shared: Bool = false) throws -> ImageFile {
+        let readOnly = try ImageFile(path: path, writable: false, sharedWithWriters: shared)
         guard writable, isInsideFolder(readOnly, of: referrer) else { return readOnly }
         return try reopenForWriting(readOnly)
     }

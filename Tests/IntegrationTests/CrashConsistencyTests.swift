@@ -172,4 +172,43 @@ final class CrashConsistencyTests: XCTestCase {
             XCTAssertEqual(lost, 0, "\(format): \(lost) of 128 acknowledged writes lost after idle + kill -9")
         }
     }
+
+    /// `--read-only --force-share` next to a live writer: clusters it allocates after the
+    /// mount show up (they read as zeros forever, from tables cached at mount time).
+    func testForceShareFollowsALiveWriter() throws {
+        for format in ["qcow2", "qed", "vmdk", "vdi"] {
+            let s = try Scratch()
+            let img = s.path("live.\(format)")
+            try Harness.run(["qemu-img", "create", "-q", "-f", format, img, "64M"])
+            try Harness.run(["qemu-io", "-f", format, "-c", "write -P 0x11 0 64k", img])
+            try s.mount(img, options: ["-r", "-U"])
+            let raw = s.mnt + "/live.raw"
+            XCTAssertEqual(try Files.read(raw).prefix(65536), Data(repeating: 0x11, count: 65536))
+            // New clusters (and, for qcow2/QED/VMDK, a new L2 / grain table) after the mount.
+            try Harness.run(["qemu-io", "-f", format, "-c", "write -P 0x22 0 4k", "-c", "write -P 0x33 40M 64k", img])
+            usleep(1_500_000)
+            let now = try Files.read(raw)
+            XCTAssertEqual(now.prefix(4096), Data(repeating: 0x22, count: 4096), "\(format): overwrite not seen")
+            XCTAssertEqual(now.subdata(in: (40 << 20)..<((40 << 20) + 65536)), Data(repeating: 0x33, count: 65536), "\(format): new cluster not seen")
+            try s.unmount()
+        }
+    }
+
+    /// A killed QED writer leaves clusters appended but never linked: the writable open that
+    /// repairs NEED_CHECK cuts them off and says how many.
+    func testQEDRepairReleasesTheUnlinkedTail() throws {
+        let s = try Scratch()
+        let img = s.path("t.qed")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qed", img, "64M"])
+        try Harness.run(["qemu-io", "-f", "qed", "-c", "write -P 0x11 0 64k", "-c", "abort", img], check: false)
+        let linkedSize = try Files.read(img).count
+        try python("import sys; f=open(sys.argv[1],'ab'); f.write(b'\\x99'*(100*65536))", [img])
+        try Files.pwrite(img, [0x02], at: 16)  // NEED_CHECK, as the crash leaves it
+        let r = try Harness.run([Harness.rawmount, "mount", img, s.mnt])
+        XCTAssertTrue(r.err.contains("100 unreferenced clusters at the end of the file released"), r.err)
+        try Harness.run([Harness.rawmount, "unmount", s.mnt])
+        XCTAssertEqual(try Files.read(img).count, linkedSize)
+        try Harness.run(["qemu-img", "check", img])
+        XCTAssertEqual(try s.qemuRaw(img).prefix(65536), Data(repeating: 0x11, count: 65536))
+    }
 }

@@ -106,6 +106,7 @@ public final class QCOW2Driver: ImageDriver {
         guard l1Index < l1.entries else { return .unallocated(length: end - offset) }
         let table = try l1.entry(l1Index) & Self.offsetMask
         if table == 0 { return .unallocated(length: end - offset) }
+        let fileSize = file.end(cached: self.fileSize)  // a writer may have grown it (--force-share)
         guard table % cs == 0, table <= fileSize, cs <= fileSize - table else {
             throw BlockError.invalid(file: file.path, field: "L1 entry \(l1Index)",
                                      detail: "L2 table offset \(table) is not a cluster inside the \(fileSize)-byte file")
@@ -137,7 +138,7 @@ public final class QCOW2Driver: ImageDriver {
             let x = 62 - (UInt64(header.clusterBits) - 8)
             let host = e & ((1 << x) - 1)
             let sectors = ((e >> x) & ((1 << (UInt64(header.clusterBits) - 8)) - 1)) + 1
-            guard host < fileSize else {
+            guard host < fileSize || host < file.end(cached: fileSize) else {
                 throw BlockError.invalid(file: file.path, field: "L2 entry for guest offset \(offset - inCluster)",
                                          detail: "compressed cluster at \(host) lies outside the \(fileSize)-byte file")
             }

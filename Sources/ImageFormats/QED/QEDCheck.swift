@@ -8,6 +8,8 @@ public struct QEDCheckReport: Sendable, CustomStringConvertible {
     public var invalidL2Entries = 0
     public var duplicateReferences = 0
     public var leakedClusters = 0
+    /// Unreferenced clusters at the end of the file given back (repair only).
+    public var releasedClusters = 0
     public var repaired = 0
     public var corruptions: Int { invalidL1Entries + invalidL2Entries + duplicateReferences }
 
@@ -18,6 +20,7 @@ public struct QEDCheckReport: Sendable, CustomStringConvertible {
         if duplicateReferences > 0 { lines.append("\(duplicateReferences) clusters referenced twice") }
         if leakedClusters > 0 { lines.append("\(leakedClusters) leaked clusters (harmless; QED never reuses space)") }
         if repaired > 0 { lines.append("\(repaired) entries repaired (dropped)") }
+        if releasedClusters > 0 { lines.append("\(releasedClusters) unreferenced clusters at the end of the file released") }
         return lines.joined(separator: "; ")
     }
 }
@@ -34,11 +37,13 @@ public enum QEDCheck {
         // header area is a range, so a huge header_size costs nothing.
         var used = SparseBitmap(file: file.path)
         var usedInFile: UInt64 = 0
+        var highest: UInt64 = 0  // last cluster anything references, + 1
         func mark(_ off: UInt64, _ bytes: UInt64) throws -> Bool { // false if any cluster was used already
             var fresh = true
             var c = off / cs
             while c < (off + bytes + cs - 1) / cs {
                 if try used.insert(c) { if c < fileClusters { usedInFile += 1 } } else { fresh = false }
+                highest = max(highest, c + 1)
                 c += 1
             }
             return fresh
@@ -100,6 +105,14 @@ public enum QEDCheck {
             return nil
         }
         report.leakedClusters = Int(fileClusters - min(fileClusters, headerClusters + usedInFile))
+        // A crash leaves clusters appended but never linked at the end of the file (QED only
+        // appends): a repair cuts them off, as nothing can reach them.
+        let keep = max(highest, headerClusters)
+        if repair && keep < fileClusters {
+            try file.truncate(to: keep * cs)
+            report.releasedClusters = Int(fileClusters - keep)
+            report.leakedClusters -= report.releasedClusters
+        }
         return report
     }
 }

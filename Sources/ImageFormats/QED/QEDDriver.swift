@@ -103,7 +103,7 @@ public final class QEDDriver: ImageDriver {
     private func l2Table(for offset: UInt64) throws -> UInt64 {
         let l2 = try tables.entry(header.l1TableOffset, offset >> l1Shift)
         if l2 != 0 {
-            try header.checkTableOffset(l2, path: file.path, fileSize: allocator.end, what: "L2 table offset in L1 entry \(offset >> l1Shift)")
+            try header.checkTableOffset(l2, path: file.path, fileSize: file.end(cached: allocator.end), what: "L2 table offset in L1 entry \(offset >> l1Shift)")
             let l1 = header.l1TableOffset
             if l2 < l1 + header.tableBytes && l1 < l2 + header.tableBytes {
                 throw BlockError.invalid(file: file.path, field: "L2 table offset in L1 entry \(offset >> l1Shift)",
@@ -118,7 +118,7 @@ public final class QEDDriver: ImageDriver {
         case 0: return .unallocated(length: 0)
         case 1: return .zero(length: 0)
         default:
-            guard e & (clusterSize - 1) == 0, e >= header.headerBytes, e < allocator.end else {
+            guard e & (clusterSize - 1) == 0, e >= header.headerBytes, e < allocator.end || e < file.end(cached: allocator.end) else {
                 throw BlockError.invalid(file: file.path, field: "L2 entry for guest offset \(offset)",
                                          detail: "cluster offset \(e) is unaligned, inside the header or past the end of the file")
             }

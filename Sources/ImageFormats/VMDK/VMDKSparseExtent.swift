@@ -98,7 +98,7 @@ final class VMDKSparseExtent: Sendable {
     private func grainTable(_ i: UInt64, redundant: Bool = false) throws -> UInt64 {
         let gt = try directoryEntry(redundant ? header.rgdOffset : header.gdOffset, i)
         guard gt != 0 else { return 0 }
-        guard gt * 512 + UInt64(header.gtBytes) <= allocator.end else {
+        guard gt * 512 + UInt64(header.gtBytes) <= file.end(cached: allocator.end) else {
             throw BlockError.invalid(file: file.path, field: "grain directory entry \(i)",
                                      detail: "grain table at sector \(gt) is past the end of the file")
         }
@@ -127,7 +127,7 @@ final class VMDKSparseExtent: Sendable {
                 } else if g == 1 && header.zeroedGrains {
                     next = .zero(length: n)
                 } else {
-                    if g * 512 >= end { end = allocator.end }
+                    if g * 512 >= end { end = file.end(cached: allocator.end) }
                     guard g * 512 < end, g >= 1 else {
                         throw BlockError.invalid(file: file.path, field: "grain table entry for offset \(pos)",
                                                  detail: "grain at sector \(g) is past the end of the file")
