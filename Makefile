@@ -6,7 +6,7 @@ DEBUG_BIN := .build/debug/rawmount
 RELEASE_BIN := .build/release/rawmount
 APT_PACKAGES := libfuse3-dev fuse3 pkg-config zlib1g-dev libzstd-dev qemu-utils qemu-system-common fio e2fsprogs util-linux fdisk sleuthkit bximage python3 libvmdk-utils libqcow-utils
 
-.PHONY: all deps build release test demo bench clean
+.PHONY: all deps build release test demo bench crash clean
 
 all: build
 
@@ -34,6 +34,10 @@ demo: release
 
 bench: release
 	RAWMOUNT=$(RELEASE_BIN) python3 scripts/bench.py
+
+# kill -9 campaigns (CRASH_ROUNDS per format, default 20); prints the table.
+crash: build
+	RAWMOUNT=$(DEBUG_BIN) python3 scripts/crash.py --rounds $${CRASH_ROUNDS:-20}
 
 clean:
 	rm -rf .build
