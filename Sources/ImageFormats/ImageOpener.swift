@@ -72,9 +72,14 @@ public enum ImageOpener {
         case .bochs:
             return try openBochs(file, path: path, options: options, chain: chain)
         case .vmdk:
+            // A file named twice (or the descriptor named as an extent) is opened once, so its
+            // locks do not conflict with themselves; the driver decides if that is safe to write.
+            var opened: [FileIdentity: ImageFile] = file.identity.map { [$0: file] } ?? [:]
             let driver = try VMDKDriver(file: file) { extentPath in
                 let f = try ReferencedFiles.openPart(extentPath, of: path, writable: writable, shared: !options.lock)
+                if let id = f.identity, let earlier = opened[id] { return earlier }
                 if options.lock { try ImageLock.acquire(f, writable: f.isWritable) }
+                if let id = f.identity { opened[id] = f }
                 return f
             }
             var parent: BlockDevice? = nil

@@ -85,6 +85,32 @@ final class HostileInputTests: XCTestCase {
         XCTAssertEqual(try Files.sha(victim), before)
     }
 
+    /// One sparse file named as two extents would take appends into each other's tables;
+    /// two flat extents at separate offsets of one file are fine (and were refused as "in use").
+    func testExtentsSharingAFileAreOnlyWrittenWhenTheyCannotOverlap() throws {
+        let s = try Scratch()
+        let split = s.path("s.vmdk")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=twoGbMaxExtentSparse", split, "3G"])
+        var text = try String(contentsOfFile: split, encoding: .utf8)
+        text = text.replacingOccurrences(of: "s-s002.vmdk", with: "s-s001.vmdk")
+        try text.write(toFile: split, atomically: false, encoding: .utf8)
+        let r = try Harness.run([Harness.rawmount, "mount", split, s.mnt])
+        XCTAssertTrue(r.err.contains("extent 1 and extent 2 are the same file"), r.err)
+        XCTAssertEqual(try mountInfo(s.mnt)?.options.first, "ro")
+        try Harness.run([Harness.rawmount, "unmount", s.mnt])
+        let two = s.path("two.vmdk")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat", two, "2M"])
+        text = try String(contentsOfFile: two, encoding: .utf8)
+        text = text.replacingOccurrences(of: "RW 4096 FLAT \"two-flat.vmdk\" 0", with: "RW 2048 FLAT \"two-flat.vmdk\" 0\nRW 2048 FLAT \"two-flat.vmdk\" 2048")
+        try text.write(toFile: two, atomically: false, encoding: .utf8)
+        try s.mount(two)
+        var rng = SeededRandom(seed: 3)
+        let data = rng.bytes(2 << 20)
+        try Files.pwrite(s.mnt + "/two.raw", data, at: 0)
+        try s.unmount()
+        XCTAssertEqual([UInt8](try s.qemuRaw(two)), data)
+    }
+
     func testFallocateCannotForgeAHeaderInAProbedRawImage() throws {
         let s = try Scratch()
         let img = s.path("plain.img")

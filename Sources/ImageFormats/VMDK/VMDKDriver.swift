@@ -108,9 +108,12 @@ public final class VMDKDriver: ImageDriver {
         // An extent file opened read-only (the file policy: it resolves outside the
         // descriptor's folder) makes the whole image read-only.
         let outside = built.enumerated().first { $0.element.file.map { !$0.isWritable } ?? false }
-        isWritable = file.isWritable && versionOK && outside == nil && built.allSatisfy { $0.writable && !$0.isZero }
+        let shared = VMDKSparseHeader.probe(head) ? nil : Self.sharedFile(built, descriptor: file)  // standalone descriptors
+        isWritable = file.isWritable && versionOK && outside == nil && shared == nil && built.allSatisfy { $0.writable && !$0.isZero }
         if !file.isWritable || isWritable {
             readOnlyReason = nil
+        } else if let shared {
+            readOnlyReason = shared
         } else if let (n, e) = outside, versionOK, built.allSatisfy({ $0.writable && !$0.isZero }) {
             readOnlyReason = "extent \(n + 1) (\(e.file!.path)) resolves to \(e.file!.resolvedPath ?? "a file") outside the descriptor's folder; such files are only read"
         } else {
@@ -123,6 +126,29 @@ public final class VMDKDriver: ImageDriver {
         if let c = desc?.cid { details.append(("CID", String(c, radix: 16))) }
         if let readOnlyReason { details.append(("access", "read-only (\(readOnlyReason))")) }
         info = ImageInfo(format: "vmdk", virtualSize: virtualSize, clusterSize: grain, details: details)
+    }
+
+    /// Why writing would let one part of the image overwrite another: a standalone
+    /// descriptor that is also an extent file, a sparse extent file named twice (each would
+    /// append into the other's tables), or flat extents whose ranges in one file overlap.
+    static func sharedFile(_ extents: [Extent], descriptor: ImageFile) -> String? {
+        struct Use { let n: Int; let id: FileIdentity; let start: UInt64; let end: UInt64 }
+        var uses: [Use] = []
+        if let id = descriptor.identity { uses.append(Use(n: 0, id: id, start: 0, end: .max)) }
+        for (n, e) in extents.enumerated() {
+            guard let f = e.file, let id = f.identity else { continue }
+            switch e.kind {
+            case let .flat(_, offset): uses.append(Use(n: n + 1, id: id, start: offset, end: offset + e.length))
+            default: uses.append(Use(n: n + 1, id: id, start: 0, end: .max))
+            }
+        }
+        for (i, a) in uses.enumerated() {
+            for b in uses[(i + 1)...] where a.id == b.id && a.start < b.end && b.start < a.end {
+                let first = a.n == 0 ? "the descriptor" : "extent \(a.n)"
+                return "\(first) and extent \(b.n) are the same file and overlap; a write through one would change the other"
+            }
+        }
+        return nil
     }
 
     /// Extent names are relative to the descriptor and must stay in its directory.
