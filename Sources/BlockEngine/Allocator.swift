@@ -40,6 +40,17 @@ public final class Allocator: Sendable {
         return start
     }
 
+    /// Takes back the last allocation (`start`, `bytes`) when nothing will link it (its data
+    /// write failed); true if it was the last one and the frontier moved back.
+    @discardableResult
+    public func giveBack(_ start: UInt64, _ bytes: UInt64) -> Bool {
+        state.withLock { next in
+            guard start + bytes.alignedUp(alignment) == next else { return false }
+            next = start
+            return true
+        }
+    }
+
     /// Waits for pending reservations (tests).
     func settle() { preallocator?.settle() }
 

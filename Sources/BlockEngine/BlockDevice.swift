@@ -133,40 +133,54 @@ public final class BlockDevice: Sendable {
             }
             let a = try driver.allocate(guestOffset, length: n)
             precondition(a.guestOffset <= guestOffset && a.guestOffset + a.length > guestOffset, "driver allocation misses the request")
-            let take = min(n, a.guestOffset + a.length - guestOffset)
-            if a.guestOffset == guestOffset && take == a.length {
-                // Whole clusters: no fill needed, write straight from the caller's buffer.
-                try writeHost(UnsafeRawBufferPointer(rebasing: data[Int(dataOffset)..<Int(dataOffset + take)]), at: a.hostOffset)
-                try driver.commit(a)
-                return take
+            do { return try fillAndCommit(a, data, dataOffset: dataOffset, guestOffset: guestOffset, length: n, like: m) } catch {
+                if !committed(a) { driver.abandon(a) }
+                throw error
             }
-            let head = guestOffset - a.guestOffset
-            let tailStart = head + take
-            if a.fresh && fillIsZeros(m) {
-                // Fresh host space already reads as zeros: write only the guest's bytes, and
-                // (when they stop short of the run's end) extend the file over the whole run
-                // so it ends where the allocator thinks.
-                try writeHost(UnsafeRawBufferPointer(rebasing: data[Int(dataOffset)..<Int(dataOffset + take)]), at: a.hostOffset + head)
-                if tailStart < a.length {
-                    let (file, at) = driver.resolve(host: a.hostOffset)
-                    if try file.size() < at + a.length { try file.truncate(to: at + a.length) }
-                }
-                try driver.commit(a)
-                return take
-            }
-            let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(a.length), alignment: 4096)
-            defer { buf.deallocate() }
-            // Fill what the request does not cover with what the guest sees there now.
-            if head > 0 { try fill(UnsafeMutableRawBufferPointer(rebasing: buf[0..<Int(head)]), at: a.guestOffset, like: m) }
-            if tailStart < a.length {
-                try fill(UnsafeMutableRawBufferPointer(rebasing: buf[Int(tailStart)...]), at: a.guestOffset + tailStart, like: m)
-            }
-            UnsafeMutableRawBufferPointer(rebasing: buf[Int(head)..<Int(tailStart)])
-                .copyMemory(from: UnsafeRawBufferPointer(rebasing: data[Int(dataOffset)..<Int(dataOffset + take)]))
-            try writeHost(UnsafeRawBufferPointer(buf), at: a.hostOffset)
+        }
+    }
+
+    /// Whether the driver linked `a` (a commit that failed half way may have).
+    private func committed(_ a: Allocation) -> Bool {
+        guard case let .data(host, _)? = try? driver.map(a.guestOffset, maxLength: a.length) else { return false }
+        return host == a.hostOffset
+    }
+
+    private func fillAndCommit(_ a: Allocation, _ data: UnsafeRawBufferPointer, dataOffset: UInt64, guestOffset: UInt64,
+                               length n: UInt64, like m: Mapping) throws -> UInt64 {
+        let take = min(n, a.guestOffset + a.length - guestOffset)
+        if a.guestOffset == guestOffset && take == a.length {
+            // Whole clusters: no fill needed, write straight from the caller's buffer.
+            try writeHost(UnsafeRawBufferPointer(rebasing: data[Int(dataOffset)..<Int(dataOffset + take)]), at: a.hostOffset)
             try driver.commit(a)
             return take
         }
+        let head = guestOffset - a.guestOffset
+        let tailStart = head + take
+        if a.fresh && fillIsZeros(m) {
+            // Fresh host space already reads as zeros: write only the guest's bytes, and
+            // (when they stop short of the run's end) extend the file over the whole run
+            // so it ends where the allocator thinks.
+            try writeHost(UnsafeRawBufferPointer(rebasing: data[Int(dataOffset)..<Int(dataOffset + take)]), at: a.hostOffset + head)
+            if tailStart < a.length {
+                let (file, at) = driver.resolve(host: a.hostOffset)
+                if try file.size() < at + a.length { try file.truncate(to: at + a.length) }
+            }
+            try driver.commit(a)
+            return take
+        }
+        let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(a.length), alignment: 4096)
+        defer { buf.deallocate() }
+        // Fill what the request does not cover with what the guest sees there now.
+        if head > 0 { try fill(UnsafeMutableRawBufferPointer(rebasing: buf[0..<Int(head)]), at: a.guestOffset, like: m) }
+        if tailStart < a.length {
+            try fill(UnsafeMutableRawBufferPointer(rebasing: buf[Int(tailStart)...]), at: a.guestOffset + tailStart, like: m)
+        }
+        UnsafeMutableRawBufferPointer(rebasing: buf[Int(head)..<Int(tailStart)])
+            .copyMemory(from: UnsafeRawBufferPointer(rebasing: data[Int(dataOffset)..<Int(dataOffset + take)]))
+        try writeHost(UnsafeRawBufferPointer(buf), at: a.hostOffset)
+        try driver.commit(a)
+        return take
     }
 
     @inline(__always)

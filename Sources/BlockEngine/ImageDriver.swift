@@ -93,6 +93,9 @@ public protocol ImageDriver: AnyObject, Sendable {
     func allocate(_ offset: UInt64, length: UInt64) throws -> Allocation
     /// Links a run the engine has filled with data into the tables.
     func commit(_ allocation: Allocation) throws
+    /// The engine could not write the run's data (host disk full, I/O error): nothing will
+    /// link it, so the driver may take the space back instead of leaking it.
+    func abandon(_ allocation: Allocation)
 
     /// Makes whole, aligned units of `[offset, offset+length)` read as zeros without data
     /// writes (zero flag, unallocation, hole punching). Returns the sub-range it handled; the
@@ -129,6 +132,7 @@ extension ImageDriver {
     public func status(_ offset: UInt64, maxLength: UInt64) throws -> Mapping { try map(offset, maxLength: maxLength) }
     public func allocate(_ offset: UInt64, length: UInt64) throws -> Allocation { throw BlockError.readOnly(file: file.path) }
     public func commit(_ allocation: Allocation) throws { throw BlockError.readOnly(file: file.path) }
+    public func abandon(_ allocation: Allocation) {}
     public func zeroRange(_ offset: UInt64, length: UInt64, deallocate: Bool) throws -> (offset: UInt64, length: UInt64) {
         (offset, 0)
     }

@@ -194,6 +194,13 @@ public final class QEDDriver: ImageDriver {
         if l2.isNew { try tables.set(header.l1TableOffset, a.guestOffset >> l1Shift, l2.offset) }
     }
 
+    /// The data write failed (host disk full): the clusters go back, so the file does not
+    /// keep a cluster nothing links.
+    public func abandon(_ a: Allocation) {
+        guard allocator.giveBack(a.hostOffset, a.length) else { return }
+        if let size = try? file.size(), size > a.hostOffset { try? file.truncate(to: a.hostOffset) }
+    }
+
     /// The L2 table for `offset`; a missing one is allocated after the data clusters. Its file
     /// range is beyond the old end and reads as zeros once the file is extended.
     private func l2TableCreatingIfNeeded(for offset: UInt64) throws -> (offset: UInt64, isNew: Bool) {

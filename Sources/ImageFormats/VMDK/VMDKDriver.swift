@@ -241,6 +241,13 @@ public final class VMDKDriver: ImageDriver {
                           length: a.length, fresh: true) // appended to the extent file
     }
 
+    public func abandon(_ a: Allocation) {
+        guard case let .sparse(s) = extents[Int(a.hostOffset >> Self.extentShift)].kind else { return }
+        let host = a.hostOffset & Self.offsetMask
+        guard s.allocator.giveBack(host, a.length) else { return }
+        if let size = try? s.file.size(), size > host { try? s.file.truncate(to: host) }
+    }
+
     public func commit(_ a: Allocation) throws {
         let i = Int(a.hostOffset >> Self.extentShift)
         guard case let .sparse(s) = extents[i].kind else { throw BlockError.readOnly(file: file.path) }

@@ -14,6 +14,8 @@ final class VMDKSparseExtent: Sendable {
     /// embedded descriptor).
     let metadata: MetadataRanges
     static let gdChunk = 512
+    /// Most empty directory entries one `map` call passes.
+    static let emptyRunEntries: UInt64 = 1 << 16
     /// Recently inflated grains (streamOptimized), so small reads do not inflate a grain again.
     private let inflated: InflatedClusters
 
@@ -110,7 +112,17 @@ final class VMDKSparseExtent: Sendable {
         let gdi = rel / cover
         let spanEnd = min(rel + maxLength, (gdi + 1) * cover)
         let gt = try grainTable(gdi)
-        if gt == 0 { return .unallocated(length: spanEnd - rel) }
+        if gt == 0 {
+            // A long walk (status, SEEK_DATA) passes a run of empty directory entries in one
+            // step: a huge, mostly empty disk costs its directory, not one call per entry.
+            var next = gdi + 1, end = spanEnd
+            let limit = min(rel + maxLength, length)
+            while end < limit && next - gdi < Self.emptyRunEntries, try directoryEntry(header.gdOffset, next) == 0 {
+                end = min(limit, (next + 1) * cover)
+                next += 1
+            }
+            return .unallocated(length: end - rel)
+        }
         var result: Mapping? = nil
         var pos = rel
         // The frontier is read before the entries; a grain committed meanwhile was allocated
