@@ -133,6 +133,13 @@ final class DamagedImageFuzzTests: XCTestCase {
             }
         }
         _ = try? device.close()
+        // What the writes left must open again (or be refused by name) and read: a repair on
+        // the writable open (QED NEED_CHECK, VDI allocation) meets the damage too.
+        if writable, let again = try? ImageOpener.open(path: path, options: .init(writable: true, format: format, lock: false)) {
+            _ = try? again.read(into: UnsafeMutableRawBufferPointer(rebasing: buf[0..<65536]), at: 0)
+            _ = try? again.allocatedBytes()
+            _ = try? again.close()
+        }
         return .opened
     }
 

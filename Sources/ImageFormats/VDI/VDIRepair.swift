@@ -27,24 +27,19 @@ enum VDIRepair {
     static func run(file: ImageFile, header h: VDIHeader) throws -> VDIRepairReport {
         var report = VDIRepairReport(headerCount: h.blocksAllocated, mappedCount: h.blocksAllocated)
         guard h.imageType == 1 else { return report }  // static images are dense by construction
-        // guest block of each mapped index (memory follows the mapped blocks)
-        var owner: [UInt32: UInt32] = [:]
-        let perChunk = 1 << 18
-        var first = 0
-        while first < Int(h.blocksInImage) {
-            let n = min(perChunk, Int(h.blocksInImage) - first)
-            let map = try file.readBytes(count: n * 4, at: UInt64(h.offsetBmap) + UInt64(first) * 4, what: "VDI block map")
-            for i in 0..<n {
-                let e = le32(map, i * 4)
-                guard e < VDIHeader.blockDiscarded else { continue }
-                guard e < h.blocksInImage, owner[e] == nil else { return report }  // corrupt: check's business
-                owner[e] = UInt32(first + i)
-            }
-            first += n
+        // Pass 1: which indices are mapped (a bitmap: blocks_in_image bits, at most 64 MiB).
+        var used = [UInt64](repeating: 0, count: (Int(h.blocksInImage) + 63) / 64)
+        var mapped: UInt32 = 0, highest: UInt64 = 0
+        var corrupt = false
+        try forEachEntry(file, h) { _, e in
+            guard e < VDIHeader.blockDiscarded else { return }
+            guard e < h.blocksInImage, used[Int(e / 64)] & (1 << UInt64(e % 64)) == 0 else { corrupt = true; return }
+            used[Int(e / 64)] |= 1 << UInt64(e % 64)
+            mapped += 1
+            highest = max(highest, UInt64(e) + 1)
         }
-        let mapped = UInt32(owner.count)
+        guard !corrupt else { return report }  // bad or duplicate entries: check's business
         report.mappedCount = mapped
-        let highest = owner.keys.max().map { UInt64($0) + 1 } ?? 0
         func blockAt(_ index: UInt64) -> UInt64 { UInt64(h.offsetData) + index * h.blockStride }
         func writeCount(_ count: UInt32) throws {
             var header = h
@@ -54,17 +49,30 @@ enum VDIRepair {
         }
         // While blocks move, QEMU's next block must land above every one in use.
         if UInt64(h.blocksAllocated) < highest { try writeCount(UInt32(highest)) }
-        let holes = (0..<mapped).filter { owner[$0] == nil }
-        let movers = owner.keys.filter { $0 >= mapped }.sorted(by: >)
+        // Pass 2: the guest blocks whose index lies at or above the mapped count move down
+        // into the unused indices below it. A crash leaves at most what one write-back
+        // window held; more than `maxMoves` is not a crash, and is left (count above every
+        // block, so QEMU still allocates safely) for `check` to report.
+        let moversCount = highest > UInt64(mapped) ? (0..<Int(mapped)).reduce(0) { $0 + (used[$1 / 64] & (1 << UInt64($1 % 64)) == 0 ? 1 : 0) } : 0
+        guard moversCount <= Self.maxMoves else {
+            report.mappedCount = UInt32(highest)
+            return report
+        }
+        var movers: [(guest: UInt32, index: UInt32)] = []
+        if moversCount > 0 {
+            try forEachEntry(file, h) { guest, e in
+                if e < VDIHeader.blockDiscarded && e >= mapped { movers.append((guest, e)) }
+            }
+        }
+        let holes = (0..<mapped).filter { used[Int($0 / 64)] & (1 << UInt64($0 % 64)) == 0 }
         precondition(holes.count == movers.count)
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(h.blockStride), alignment: 4096)
         defer { buffer.deallocate() }
-        for (hole, mover) in zip(holes, movers) {
-            try file.read(into: buffer, at: blockAt(UInt64(mover)), what: "VDI block \(mover)")
+        for (hole, mover) in zip(holes, movers.sorted { $0.index > $1.index }) {
+            try file.read(into: buffer, at: blockAt(UInt64(mover.index)), what: "VDI block \(mover.index)")
             try file.write(UnsafeRawBufferPointer(buffer), at: blockAt(UInt64(hole)))
             try file.sync()
-            let guest = owner[mover]!
-            try file.write(Self.le(UInt64(hole), 4), at: UInt64(h.offsetBmap) + UInt64(guest) * 4)
+            try file.write(Self.le(UInt64(hole), 4), at: UInt64(h.offsetBmap) + UInt64(mover.guest) * 4)
             try file.sync()
             report.movedBlocks += 1
         }
@@ -77,6 +85,21 @@ enum VDIRepair {
             report.releasedBytes = size - end
         }
         return report
+    }
+
+    /// Most blocks one open moves (1 MiB each).
+    static let maxMoves = 4096
+
+    /// Calls `body(guest block, entry)` for every block-map entry, reading 1 MiB at a time.
+    static func forEachEntry(_ file: ImageFile, _ h: VDIHeader, _ body: (UInt32, UInt32) throws -> Void) throws {
+        let perChunk = 1 << 18
+        var first = 0
+        while first < Int(h.blocksInImage) {
+            let n = min(perChunk, Int(h.blocksInImage) - first)
+            let map = try file.readBytes(count: n * 4, at: UInt64(h.offsetBmap) + UInt64(first) * 4, what: "VDI block map")
+            for i in 0..<n { try body(UInt32(first + i), le32(map, i * 4)) }
+            first += n
+        }
     }
 
     static func le(_ v: UInt64, _ n: Int) -> [UInt8] { (0..<n).map { UInt8(truncatingIfNeeded: v >> (8 * UInt64($0))) } }
