@@ -61,6 +61,17 @@ class RawmountServer:
         sh(RAWMOUNT, "unmount", self.mnt)
 
 
+class RawmountNoWriteBack(RawmountServer):
+    """rawmount with its 1 s periodic write-back off (BENCH_WRITEBACK=1 adds it to write
+    rows), to show what the bound on unflushed writes costs."""
+    name = "rawmount-no-writeback"
+
+    def __enter__(self):
+        sh(RAWMOUNT, "mount", "--format", self.fmt, self.image, self.mnt,
+           env=dict(os.environ, RAWMOUNT_WRITEBACK_SECONDS="0"))
+        return os.path.join(self.mnt, os.listdir(self.mnt)[0])
+
+
 class QsdServer:
     name = "qemu-storage-daemon"
 
@@ -121,6 +132,8 @@ def peers(fmt, writes):
     """The servers each row compares rawmount with: qsd always; libyal's read-only
     vmdkmount / qcowmount on VMDK / qcow2 read rows when installed."""
     out = [QsdServer]
+    if writes and os.environ.get("BENCH_WRITEBACK") == "1":
+        out.append(RawmountNoWriteBack)
     libyal = VmdkmountServer if fmt.startswith("vmdk") else QcowmountServer if fmt.startswith("qcow2") else None
     if libyal and not writes and sh("sh", "-c", f"command -v {libyal.name}", check=False).returncode == 0:
         out.append(libyal)
@@ -235,6 +248,14 @@ def main():
     finally:
         restore_freed_pages(old_delay)
         subprocess.run(["rm", "-rf", work])
+    if os.environ.get("BENCH_WRITEBACK") == "1":
+        print()
+        print("| format | test | rawmount MB/s | rawmount, write-back off MB/s | cost of the 1 s write-back |")
+        print("|---|---|---|---|---|")
+        for fmt, title, ours, medians in rows:
+            if RawmountNoWriteBack.name in medians:
+                off = medians[RawmountNoWriteBack.name]
+                print(f"| {fmt} | {title} | {ours/1e6:.1f} | {off/1e6:.1f} | {100 * (off - ours) / off:+.1f}% |")
     print()
     print(f"| format | test | rawmount MB/s | qemu-storage-daemon MB/s | ratio | libyal (vmdkmount/qcowmount) MB/s | ratio |  (median of {ROUNDS} reads, {WRITE_ROUNDS} writes; reads: {SIZE_MB} MiB image, writes: {WRITE_MB} MiB)")
     print("|---|---|---|---|---|---|---|")
