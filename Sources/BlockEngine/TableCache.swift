@@ -32,8 +32,9 @@ public final class TableCache: Sendable {
         var bytes: [UInt8]
         var lastUse: UInt64 = 0
         var dirtySeq: UInt64? = nil
-        /// Whether every entry is 0, once asked (nil: not known, or changed since).
-        var allZero: Bool? = nil
+        /// The byte every byte of the table is, once asked: -1 none (mixed), nil not known
+        /// (or changed since).
+        var uniform: Int? = nil
         /// When it was read (only kept for files other processes write, see `maxAge`).
         var loadedAt = 0.0
         init(bytes: [UInt8]) { self.bytes = bytes }
@@ -93,12 +94,16 @@ public final class TableCache: Sendable {
 
     /// Whether every entry of the table is 0 (an empty table a walk can skip in one step);
     /// remembered per cached table, so a table that many parents alias is scanned once.
-    public func isEmpty(table: UInt64) throws -> Bool {
+    public func isEmpty(table: UInt64) throws -> Bool { try isFilled(table: table, with: 0) }
+
+    /// Whether every byte of the table is `byte` (VDI's unallocated map entries are 0xFF...).
+    public func isFilled(table: UInt64, with byte: UInt8) throws -> Bool {
         try withSlot(table) { slot in
-            if let known = slot.allZero { return known }
-            let zero = slot.bytes.allSatisfy { $0 == 0 }
-            slot.allZero = zero
-            return zero
+            if slot.uniform == nil {
+                let first = slot.bytes.first ?? 0
+                slot.uniform = slot.bytes.allSatisfy { $0 == first } ? Int(first) : -1
+            }
+            return slot.uniform == Int(byte)
         }
     }
 
@@ -123,7 +128,7 @@ public final class TableCache: Sendable {
                 slot = try insertLocked(&s, table: table, bytes: loaded ?? [UInt8](repeating: 0, count: tableBytes))
             }
             encode(&slot.bytes, index, value)
-            slot.allZero = nil
+            slot.uniform = nil
             s.clock += 1; slot.lastUse = s.clock; slot.dirtySeq = s.clock
         }
     }
@@ -135,7 +140,7 @@ public final class TableCache: Sendable {
         try state.withLock { s in
             let slot = try insertLocked(&s, table: table, bytes: bytes)
             slot.bytes = bytes
-            slot.allZero = nil
+            slot.uniform = nil
             s.clock += 1; slot.lastUse = s.clock; slot.dirtySeq = s.clock
         }
     }
@@ -165,7 +170,7 @@ public final class TableCache: Sendable {
             s.clock += 1; existing.lastUse = s.clock
             if !isFresh(existing) {  // read again for a shared file: take what is on disk now
                 existing.bytes = bytes
-                existing.allZero = nil
+                existing.uniform = nil
                 existing.loadedAt = monotonicSeconds()
             }
             return existing  // (or another thread loaded it meanwhile)

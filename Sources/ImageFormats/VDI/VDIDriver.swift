@@ -18,6 +18,7 @@ public final class VDIDriver: ImageDriver {
 
     let map: TableCache
     static let chunkBytes = 512
+    static let maxChunksPerMap = 64
     static let entriesPerChunk = chunkBytes / 4
     let blockSize: UInt64
     /// blocks_allocated as it will be written, and whether the header needs rewriting.
@@ -89,9 +90,22 @@ public final class VDIDriver: ImageDriver {
         var result: Mapping? = nil
         var pos = offset
         let end = offset + maxLength
-        while pos < end {
+        var chunks = 0
+        // At most `maxChunksPerMap` map sectors per call, so a status walk's work budget
+        // (and a hostile map) is counted in bounded steps.
+        while pos < end && chunks < Self.maxChunksPerMap {
+            chunks += 1
             let block = pos / blockSize
             let loc = entryLocation(block)
+            // A long walk passes a map sector of unallocated blocks in one step.
+            if loc.index == 0, end - pos > UInt64(Self.entriesPerChunk) * blockSize,
+               result.map({ if case .unallocated = $0 { return true } else { return false } }) ?? true,
+               try map.isFilled(table: loc.chunk, with: 0xFF) {
+                let n = min(end - pos, UInt64(Self.entriesPerChunk) * blockSize - pos % blockSize)
+                result = .unallocated(length: (result?.length ?? 0) + n)
+                pos += n
+                continue
+            }
             let stopped: Bool = try map.withEntries(table: loc.chunk) { view in
                 var i = loc.index
                 while i < view.count && pos < end {
