@@ -309,6 +309,9 @@ public final class BlockDevice: Sendable {
 
     public func flush() throws { if driver.isWritable { try driver.flush() } }
 
+    /// The periodic write-back (`ImageDriver.writeBack`).
+    public func writeBack() throws { if driver.isWritable { try driver.writeBack() } }
+
     /// Closes the whole chain, top first.
     public func close() throws {
         try driver.close()

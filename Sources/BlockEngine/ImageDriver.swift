@@ -119,6 +119,9 @@ public protocol ImageDriver: AnyObject, Sendable {
 
     /// Writes back dirty metadata, then makes everything durable.
     func flush() throws
+    /// Writes back metadata that has settled, in the format's order, without making it
+    /// durable (the periodic write-back that bounds what a killed server loses).
+    func writeBack() throws
     /// Flushes and marks the image cleanly closed.
     func close() throws
 }
@@ -126,6 +129,7 @@ public protocol ImageDriver: AnyObject, Sendable {
 extension ImageDriver {
     public var readOnlyReason: String? { nil }
     public func willWrite() throws {}
+    public func writeBack() throws { try flush() }
     public func checkWrite(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {}
     @inline(__always)
     public func resolve(host: UInt64) -> (file: ImageFile, offset: UInt64) { (file, host) }

@@ -35,6 +35,9 @@ public final class TableCache: Sendable {
         /// The byte every byte of the table is, once asked: -1 none (mixed), nil not known
         /// (or changed since).
         var uniform: Int? = nil
+        /// Times this table was written to the file (a periodic write-back's copy of it is
+        /// stale once this moved).
+        var writes: UInt64 = 0
         /// When it was read (only kept for files other processes write, see `maxAge`).
         var loadedAt = 0.0
         init(bytes: [UInt8]) { self.bytes = bytes }
@@ -155,7 +158,44 @@ public final class TableCache: Sendable {
 
     /// Writes every dirty table, oldest change first.
     public func flush() throws {
-        try state.withLock { s in try writeDirtyLocked(&s, upTo: .max) }
+        // The barrier (an fdatasync of the data) runs once outside the lock first, so lookups
+        // and commits go on while it waits. Tables last changed before it need no second one;
+        // only if some changed since does the barrier run again, under the lock.
+        let before = try barrierOutsideLock()
+        try state.withLock { s in
+            let again = s.slots.values.contains { ($0.dirtySeq ?? 0) > before }
+            try writeDirtyLocked(&s, upTo: .max, barrier: again)
+        }
+    }
+
+    /// The periodic write-back: every dirty table as it was before a barrier (run outside
+    /// the lock) reaches the file after that barrier, without an fdatasync after it and
+    /// without holding the lock across the barrier. A table that changed meanwhile stays
+    /// dirty for its newer entries; one that was evicted or written since is not written
+    /// again from the older copy.
+    public func writeBackSettled() throws {
+        let copies = state.withLock { s in
+            s.slots.compactMap { (offset, slot) -> (offset: UInt64, slot: Slot, bytes: [UInt8], seq: UInt64, written: UInt64)? in
+                slot.dirtySeq.map { (offset, slot, slot.bytes, $0, slot.writes) }
+            }.sorted { $0.seq < $1.seq }
+        }
+        guard !copies.isEmpty else { return }
+        try beforeWriteBack?()
+        try state.withLock { s in
+            for c in copies where s.slots[c.offset] === c.slot && c.slot.writes == c.written {
+                try file.write(c.bytes, at: c.offset)
+                c.slot.writes += 1
+                if c.slot.dirtySeq == c.seq { c.slot.dirtySeq = nil }
+                s.stats.tableWrites += 1
+            }
+        }
+    }
+
+    /// Runs the barrier if anything is dirty; returns the change sequence it covers.
+    private func barrierOutsideLock() throws -> UInt64 {
+        let (dirty, seq) = state.withLock { s in (s.slots.values.contains { $0.dirtySeq != nil }, s.clock) }
+        if dirty, let barrier = beforeWriteBack { try barrier() }
+        return seq
     }
 
     // MARK: - internals (state lock held)
@@ -189,16 +229,17 @@ public final class TableCache: Sendable {
         return slot
     }
 
-    private func writeDirtyLocked(_ s: inout State, upTo seq: UInt64) throws {
+    private func writeDirtyLocked(_ s: inout State, upTo seq: UInt64, barrier: Bool = true) throws {
         let batch = s.slots.compactMap { (offset, slot) -> (UInt64, UInt64, Slot)? in
             guard let d = slot.dirtySeq, d <= seq else { return nil }
             return (d, offset, slot)
         }.sorted { $0.0 < $1.0 }.map { ($0.1, $0.2) }
         guard !batch.isEmpty else { return }
-        try beforeWriteBack?()
+        if barrier { try beforeWriteBack?() }
         s.stats.writeBackBatches += 1
         for (offset, slot) in batch {
             try file.write(slot.bytes, at: offset)
+            slot.writes += 1
             slot.dirtySeq = nil
             s.stats.tableWrites += 1
         }

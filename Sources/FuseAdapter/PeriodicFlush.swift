@@ -39,7 +39,7 @@ public final class PeriodicFlush: Sendable {
                 guard changed != flushedAt[i] else { continue }
                 do {
                     f.writeBehind?.drain()  // a failure stays for the writer's next request to report
-                    try f.device.flush()
+                    try f.device.writeBack()
                     flushedAt[i] = changed
                 } catch {
                     // fsync, flush and unmount report it to the user; here it is only logged.

@@ -270,6 +270,11 @@ public final class QEDDriver: ImageDriver {
         try file.sync()
     }
 
+    public func writeBack() throws {
+        guard isWritable else { return }
+        try tables.cache.writeBackSettled()
+    }
+
     /// Called before any table changes: stops a pending idle clean from passing its check,
     /// then makes sure NEED_CHECK is on disk (the timer may have cleared it since allocate()).
     private func beginMetadataChange() throws {

@@ -299,6 +299,11 @@ public final class VMDKDriver: ImageDriver {
         }
     }
 
+    public func writeBack() throws {
+        guard isWritable else { return }
+        for e in extents { if case let .sparse(s) = e.kind { try s.writeBack() } }
+    }
+
     public func close() throws {
         try flush()
         for e in extents { if case let .sparse(s) = e.kind { s.allocator.release() } }

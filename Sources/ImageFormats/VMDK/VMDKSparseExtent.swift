@@ -223,4 +223,10 @@ final class VMDKSparseExtent: Sendable {
         try directory.flush()
         try file.sync()
     }
+
+    /// Grain tables that settled, then the directory entries pointing at them.
+    func writeBack() throws {
+        try tables.writeBackSettled()
+        try directory.writeBackSettled()
+    }
 }
