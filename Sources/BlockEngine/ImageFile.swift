@@ -66,8 +66,8 @@ public final class ImageFile: Sendable {
 
     /// Whether `other` is the same file (device and inode) as this one.
     public func isSameFile(as other: ImageFile) -> Bool {
-        guard let a = fileStatus(), let b = other.fileStatus() else { return false }
-        return a.st_dev == b.st_dev && a.st_ino == b.st_ino
+        guard let a = identity else { return false }
+        return a == other.identity
     }
 
     /// (device, inode): identifies the file whatever name reached it.

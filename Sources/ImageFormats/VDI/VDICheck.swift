@@ -22,22 +22,13 @@ public enum VDICheck {
         let h = try VDIHeader.read(from: file)
         var report = VDICheckReport(headerBlocksAllocated: h.blocksAllocated)
         var seen = [UInt64](repeating: 0, count: (Int(h.blocksInImage) + 63) / 64)
-        // The map can be 2 GiB: read it 1 MiB at a time.
-        let perChunk = 1 << 18
-        var first = 0
-        while first < Int(h.blocksInImage) {
-            let n = min(perChunk, Int(h.blocksInImage) - first)
-            let map = try file.readBytes(count: n * 4, at: UInt64(h.offsetBmap) + UInt64(first) * 4, what: "VDI block map")
-            for i in 0..<n {
-                let e = le32(map, i * 4)
-                if e >= VDIHeader.blockDiscarded { continue }
-                guard e < h.blocksInImage else { report.outOfRange += 1; continue }
-                let (w, b) = (Int(e / 64), UInt64(e % 64))
-                if seen[w] & (1 << b) != 0 { report.duplicates += 1; continue }
-                seen[w] |= 1 << b
-                report.mappedBlocks += 1
-            }
-            first += n
+        try VDIRepair.forEachEntry(file, h) { _, e in
+            if e >= VDIHeader.blockDiscarded { return }
+            guard e < h.blocksInImage else { report.outOfRange += 1; return }
+            let (w, b) = (Int(e / 64), UInt64(e % 64))
+            if seen[w] & (1 << b) != 0 { report.duplicates += 1; return }
+            seen[w] |= 1 << b
+            report.mappedBlocks += 1
         }
         return report
     }

@@ -53,26 +53,35 @@ enum VDIRepair {
         // into the unused indices below it. A crash leaves at most what one write-back
         // window held; more than `maxMoves` is not a crash, and is left (count above every
         // block, so QEMU still allocates safely) for `check` to report.
-        let moversCount = highest > UInt64(mapped) ? (0..<Int(mapped)).reduce(0) { $0 + (used[$1 / 64] & (1 << UInt64($1 % 64)) == 0 ? 1 : 0) } : 0
-        guard moversCount <= Self.maxMoves else {
+        // Unused indices below the count: as many as mapped indices above it (the map holds
+        // `mapped` distinct indices), collected only up to the bound.
+        var holes: [UInt32] = []
+        if highest > UInt64(mapped) {
+            for i in 0..<mapped where used[Int(i / 64)] & (1 << UInt64(i % 64)) == 0 {
+                holes.append(i)
+                if holes.count > Self.maxMoves { break }
+            }
+        }
+        guard holes.count <= Self.maxMoves else {
             report.mappedCount = UInt32(highest)
             return report
         }
         var movers: [(guest: UInt32, index: UInt32)] = []
-        if moversCount > 0 {
+        if !holes.isEmpty {
             try forEachEntry(file, h) { guest, e in
                 if e < VDIHeader.blockDiscarded && e >= mapped { movers.append((guest, e)) }
             }
         }
-        let holes = (0..<mapped).filter { used[Int($0 / 64)] & (1 << UInt64($0 % 64)) == 0 }
-        precondition(holes.count == movers.count)
+        guard holes.count == movers.count else { return report }  // cannot happen with distinct indices
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(h.blockStride), alignment: 4096)
         defer { buffer.deallocate() }
         for (hole, mover) in zip(holes, movers.sorted { $0.index > $1.index }) {
             try file.read(into: buffer, at: blockAt(UInt64(mover.index)), what: "VDI block \(mover.index)")
             try file.write(UnsafeRawBufferPointer(buffer), at: blockAt(UInt64(hole)))
             try file.sync()
-            try file.write(Self.le(UInt64(hole), 4), at: UInt64(h.offsetBmap) + UInt64(mover.guest) * 4)
+            var entry = [UInt8](repeating: 0, count: 4)
+            put32(&entry, 0, hole)
+            try file.write(entry, at: UInt64(h.offsetBmap) + UInt64(mover.guest) * 4)
             try file.sync()
             report.movedBlocks += 1
         }
@@ -90,7 +99,8 @@ enum VDIRepair {
     /// Most blocks one open moves (1 MiB each).
     static let maxMoves = 4096
 
-    /// Calls `body(guest block, entry)` for every block-map entry, reading 1 MiB at a time.
+    /// Calls `body(guest block, entry)` for every block-map entry, reading 1 MiB at a time
+    /// (the map can be 2 GiB); `check` and the repair both walk the map through this.
     static func forEachEntry(_ file: ImageFile, _ h: VDIHeader, _ body: (UInt32, UInt32) throws -> Void) throws {
         let perChunk = 1 << 18
         var first = 0
@@ -101,6 +111,4 @@ enum VDIRepair {
             first += n
         }
     }
-
-    static func le(_ v: UInt64, _ n: Int) -> [UInt8] { (0..<n).map { UInt8(truncatingIfNeeded: v >> (8 * UInt64($0))) } }
 }
