@@ -24,3 +24,26 @@ public struct FlatTable: Sendable {
         try cache.entry(table: start + (i / perChunk) * perChunk * UInt64(cache.encoding.width), index: Int(i % perChunk))
     }
 }
+
+extension FlatTable {
+    /// Calls `body(index, entry)` for entries `0..<count` of the array at `start`, read 1 MiB
+    /// at a time without caching them: one pass over a whole L1, grain directory or block
+    /// map at open or check time. Stops quietly where the file ends (`fileSize`); entries
+    /// past it are reported when they are used.
+    public static func forEachEntry(_ file: ImageFile, start: UInt64, count: UInt64, encoding: TableEncoding,
+                                    fileSize: UInt64? = nil, what: String,
+                                    _ body: (UInt64, UInt64) throws -> Void) throws {
+        let width = UInt64(encoding.width)
+        let perChunk = UInt64(1 << 20) / width
+        var first: UInt64 = 0
+        while first < count {
+            let n = min(count - first, perChunk)
+            let at = start + first * width
+            if let fileSize, at + n * width > fileSize { return }
+            let bytes = try file.readBytes(count: Int(n * width), at: at, what: what)
+            let view = TableView(bytes: bytes, encoding: encoding)
+            for i in 0..<Int(n) { try body(first + UInt64(i), view[i]) }
+            first += n
+        }
+    }
+}

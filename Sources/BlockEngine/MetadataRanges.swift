@@ -24,10 +24,15 @@ public final class MetadataRanges: Sendable {
     /// largest end among the first i+1 ranges, which keeps the search logarithmic.
     private let state: Mutex<(ranges: [Range], maxEnd: [UInt64])>
 
-    public init(_ ranges: [Range], file: String) throws {
-        guard ranges.count <= Self.maxRanges else {
-            throw BlockError.invalid(file: file, field: "metadata tables", detail: "more than \(Self.maxRanges) tables")
+    /// Drivers call this as they collect ranges, so the list never grows past the bound.
+    public static func checkCount(_ n: Int, file: String) throws {
+        guard n <= maxRanges else {
+            throw BlockError.invalid(file: file, field: "metadata tables", detail: "more than \(maxRanges) tables")
         }
+    }
+
+    public init(_ ranges: [Range], file: String) throws {
+        try Self.checkCount(ranges.count, file: file)
         var sorted = ranges.filter { $0.end > $0.start }.sorted { ($0.start, $0.end) < ($1.start, $1.end) }
         // Aliased tables (many entries naming one) are recorded once.
         var unique: [Range] = []

@@ -76,15 +76,10 @@ public final class QCOW2Driver: ImageDriver {
         var ranges = [MetadataRanges.Range(start: 0, length: h.clusterSize, what: "the header cluster"),
                       MetadataRanges.Range(start: l1Offset, length: l1Entries * 8, what: "the L1 table")]
         let used = min(l1Entries, (h.size + h.l1Coverage - 1) / h.l1Coverage)
-        var first: UInt64 = 0
-        while first < used, l1Offset + (first + min(used - first, 1 << 17)) * 8 <= fileSize {
-            let n = min(used - first, 1 << 17)
-            let bytes = try file.readBytes(count: Int(n * 8), at: l1Offset + first * 8, what: "qcow2 L1 table")
-            for i in 0..<Int(n) {
-                let table = be64(bytes, i * 8) & offsetMask
-                if table != 0 { ranges.append(.init(start: table, length: h.clusterSize, what: "an L2 table")) }
-            }
-            first += n
+        try FlatTable.forEachEntry(file, start: l1Offset, count: used, encoding: .u64BE, fileSize: fileSize, what: "qcow2 L1 table") { _, e in
+            let table = e & offsetMask
+            if table != 0 { ranges.append(.init(start: table, length: h.clusterSize, what: "an L2 table")) }
+            try MetadataRanges.checkCount(ranges.count, file: file.path)
         }
         return try MetadataRanges(ranges, file: file.path)
     }

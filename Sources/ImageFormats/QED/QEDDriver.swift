@@ -85,15 +85,9 @@ public final class QEDDriver: ImageDriver {
         var ranges = [MetadataRanges.Range(start: 0, length: max(h.headerBytes, cs), what: "the header"),
                       MetadataRanges.Range(start: h.l1TableOffset, length: h.tableBytes, what: "the L1 table")]
         let used = min(h.entriesPerTable, (h.imageSize + (1 << l1Shift) - 1) >> l1Shift)
-        var first: UInt64 = 0
-        while first < used {
-            let n = min(used - first, 1 << 17)
-            let bytes = try file.readBytes(count: Int(n * 8), at: h.l1TableOffset + first * 8, what: "QED L1 table")
-            for i in 0..<Int(n) {
-                let e = le64(bytes, i * 8)
-                if e != 0 { ranges.append(.init(start: e, length: h.tableBytes, what: "an L2 table")) }
-            }
-            first += n
+        try FlatTable.forEachEntry(file, start: h.l1TableOffset, count: used, encoding: .u64LE, what: "QED L1 table") { _, e in
+            if e != 0 { ranges.append(.init(start: e, length: h.tableBytes, what: "an L2 table")) }
+            try MetadataRanges.checkCount(ranges.count, file: file.path)
         }
         return try MetadataRanges(ranges, file: file.path)
     }

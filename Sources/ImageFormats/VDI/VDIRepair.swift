@@ -102,13 +102,7 @@ enum VDIRepair {
     /// Calls `body(guest block, entry)` for every block-map entry, reading 1 MiB at a time
     /// (the map can be 2 GiB); `check` and the repair both walk the map through this.
     static func forEachEntry(_ file: ImageFile, _ h: VDIHeader, _ body: (UInt32, UInt32) throws -> Void) throws {
-        let perChunk = 1 << 18
-        var first = 0
-        while first < Int(h.blocksInImage) {
-            let n = min(perChunk, Int(h.blocksInImage) - first)
-            let map = try file.readBytes(count: n * 4, at: UInt64(h.offsetBmap) + UInt64(first) * 4, what: "VDI block map")
-            for i in 0..<n { try body(UInt32(first + i), le32(map, i * 4)) }
-            first += n
-        }
+        try FlatTable.forEachEntry(file, start: UInt64(h.offsetBmap), count: UInt64(h.blocksInImage), encoding: .u32LE,
+                                   what: "VDI block map") { i, e in try body(UInt32(i), UInt32(e)) }
     }
 }

@@ -44,16 +44,10 @@ final class VMDKSparseExtent: Sendable {
         let size = try file.size()
         for gd in [h.gdOffset] + (h.hasRedundantGD ? [h.rgdOffset] : []) where gd != 0 && gd != VMDKSparseHeader.gdAtEnd {
             ranges.append(.init(start: gd * 512, length: h.gdEntries * 4, what: "a grain directory"))
-            var first: UInt64 = 0
-            while first < h.gdEntries {
-                let n = min(h.gdEntries - first, 1 << 18)
-                guard gd * 512 + (first + n) * 4 <= size else { break }  // reported when used
-                let bytes = try file.readBytes(count: Int(n * 4), at: gd * 512 + first * 4, what: "VMDK grain directory")
-                for i in 0..<Int(n) {
-                    let gt = UInt64(le32(bytes, i * 4))
-                    if gt != 0 { ranges.append(.init(start: gt * 512, length: UInt64(h.gtBytes), what: "a grain table")) }
-                }
-                first += n
+            try FlatTable.forEachEntry(file, start: gd * 512, count: h.gdEntries, encoding: .u32LE, fileSize: size,
+                                       what: "VMDK grain directory") { _, gt in
+                if gt != 0 { ranges.append(.init(start: gt * 512, length: UInt64(h.gtBytes), what: "a grain table")) }
+                try MetadataRanges.checkCount(ranges.count, file: file.path)
             }
         }
         return try MetadataRanges(ranges, file: file.path)
