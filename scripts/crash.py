@@ -10,11 +10,15 @@ header and the map write of a flush, so the kill lands there). Then:
   2. every region a completed fsync covered still holds that version or a later one;
   3. a writable remount (which repairs) and unmount; qemu-img check must then be 0 or 3;
   4. a qemu-io write to a fresh area must not change any other region.
+qcow2 rounds vary the layout (4 KiB and 512-byte clusters, whose refcount table must grow;
+extended L2), sometimes take an internal snapshot of pre-written regions first (so writes
+copy shared clusters and free them), and punch holes too; the snapshot must read as it
+was taken.
 Prints one row per format (and --json for the test suite).
 
-  python3 scripts/crash.py [--rounds N] [--formats qed,vdi,vmdk,raw] [--seed S] [--json]
+  python3 scripts/crash.py [--rounds N] [--formats qcow2,qed,vdi,vmdk,raw] [--seed S] [--json]
 """
-import argparse, json, os, random, shutil, signal, struct, subprocess, sys, tempfile, threading, time
+import argparse, ctypes, json, os, random, shutil, signal, struct, subprocess, sys, tempfile, threading, time
 
 REGION = 64 << 10
 SIZE = 64 << 20
@@ -31,6 +35,18 @@ def run(args, check=True, env=None):
 def pattern(region, version):
     head = struct.pack("<QQ", region, version)
     return (head * (REGION // len(head)))
+
+
+LIBC = ctypes.CDLL(None, use_errno=True)
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
+
+
+def punch(fd, offset, length):
+    return LIBC.fallocate(fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, ctypes.c_long(offset), ctypes.c_long(length)) == 0
+
+
+QCOW2_LAYOUTS = ["cluster_size=65536", "cluster_size=4096", "cluster_size=512,refcount_bits=64",
+                 "extended_l2=on,cluster_size=65536", "compat=0.10"]
 
 
 def pid_file(mnt):
@@ -52,14 +68,22 @@ def qemu_raw(fmt, img, out):
 
 
 def versions_on_disk(data, regions):
+    """Per region, the set of versions its 512-byte sectors hold (0: zeros, -1: garbage).
+    A write that was not fsync'd may be torn at sector granularity, so each sector is read
+    on its own."""
     found = {}
+    zero = bytes(512)
     for r in regions:
         chunk = data[r * REGION:(r + 1) * REGION]
-        if chunk == bytes(REGION):
-            found[r] = 0
-            continue
-        reg, ver = struct.unpack("<QQ", chunk[:16])
-        found[r] = ver if reg == r and chunk == pattern(r, ver) else -1
+        seen = set()
+        for at in range(0, REGION, 512):
+            sector = chunk[at:at + 512]
+            if sector == zero:
+                seen.add(0)
+                continue
+            reg, ver = struct.unpack("<QQ", sector[:16])
+            seen.add(ver if reg == r and sector == sector[:16] * 32 else -1)
+        found[r] = seen
     return found
 
 
@@ -69,7 +93,20 @@ def one_round(fmt, rng, work):
     os.makedirs(mnt, exist_ok=True)
     if os.path.exists(img):
         os.unlink(img)
-    run(["qemu-img", "create", "-q", "-f", fmt, img, str(SIZE)])
+    options = ["-o", rng.choice(QCOW2_LAYOUTS)] if fmt == "qcow2" else []
+    run(["qemu-img", "create", "-q", "-f", fmt] + options + [img, str(SIZE)])
+    regions = list(range(SIZE // REGION - 16))   # the last 16 regions are for the QEMU write
+    snapshot = None
+    if fmt == "qcow2" and rng.random() < 0.5:
+        # Regions written before an internal snapshot: later writes must copy them.
+        run([RAWMOUNT, "mount", img, mnt])
+        fd = os.open(os.path.join(mnt, "c.raw"), os.O_WRONLY)
+        for r in regions[::2]:
+            os.pwrite(fd, pattern(r, 0), r * REGION)
+        os.close(fd)
+        run([RAWMOUNT, "unmount", mnt])
+        run(["qemu-img", "snapshot", "-c", "before", img])
+        snapshot = qemu_raw_snapshot(img, os.path.join(work, "snap.raw"))
     env = dict(os.environ)
     paused = fmt == "vdi" and rng.random() < 0.3
     if paused:
@@ -79,9 +116,9 @@ def one_round(fmt, rng, work):
     with open(pid_file(os.path.realpath(mnt))) as f:
         pid = int(f.read().strip())
 
-    regions = list(range(SIZE // REGION - 16))   # the last 16 regions are for the QEMU write
     committed = {}          # region -> version a completed fsync covered
     attempted = {}          # region -> versions written since (may or may not have landed)
+    zeroed = set()          # versions that were hole punches (they read as zeros)
     stop = threading.Event()
 
     def writer():
@@ -94,7 +131,12 @@ def one_round(fmt, rng, work):
                     r = rng.choice(regions)
                     version += 1
                     attempted.setdefault(r, []).append(version)
-                    os.pwrite(fd, pattern(r, version), r * REGION)
+                    if fmt == "qcow2" and rng.random() < 0.1:
+                        zeroed.add(version)
+                        if not punch(fd, r * REGION, REGION):
+                            raise OSError("punch")
+                    else:
+                        os.pwrite(fd, pattern(r, version), r * REGION)
                     pending[r] = version
                 os.fsync(fd)
                 committed.update(pending)
@@ -123,8 +165,12 @@ def one_round(fmt, rng, work):
         v = on_disk[r]
         want = committed.get(r, 0)
         allowed = {want} | {a for a in attempted.get(r, []) if a > want}
-        if v not in allowed:
+        allowed = {0 if a in zeroed else a for a in allowed}
+        if not v <= allowed:
             lost += 1
+            if os.environ.get("CRASH_DEBUG"):
+                print(f"{fmt} {options} snapshot={snapshot is not None} region {r}: on disk {v}, fsync'd {want}, "
+                      f"attempted {attempted.get(r, [])[-5:]}, zeroed {[a for a in attempted.get(r, []) if a in zeroed]}", file=sys.stderr)
     result["fsynced_lost"] = lost
     # A writable remount repairs what the crash left; then the peers must agree.
     run([RAWMOUNT, "mount", img, mnt])
@@ -136,13 +182,20 @@ def one_round(fmt, rng, work):
     after = qemu_raw(fmt, img, os.path.join(work, "out.raw"))
     result["disturbed"] = int(before[:fresh] != after[:fresh] or before[fresh + REGION:] != after[fresh + REGION:])
     result["final"] = qemu_check(fmt, img)
+    result["snapshot_changed"] = int(snapshot is not None and qemu_raw_snapshot(img, os.path.join(work, "snap.raw")) != snapshot)
     return result
+
+
+def qemu_raw_snapshot(img, out):
+    run(["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", "-l", "snapshot.name=before", img, out])
+    with open(out, "rb") as f:
+        return f.read()
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=20)
-    ap.add_argument("--formats", default="raw,qed,vdi,vmdk")
+    ap.add_argument("--formats", default="raw,qcow2,qed,vdi,vmdk")
     ap.add_argument("--seed", type=int, default=int(time.time()))
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -150,7 +203,7 @@ def main():
     table = {}
     for fmt in args.formats.split(","):
         row = {"rounds": 0, "clean": 0, "leaks_only": 0, "corrupt": 0, "corrupt_after_repair": 0,
-               "fsynced_lost": 0, "disturbed_by_qemu": 0}
+               "fsynced_lost": 0, "disturbed_by_qemu": 0, "snapshot_changed": 0}
         for _ in range(args.rounds):
             work = tempfile.mkdtemp(prefix="rawmount-crash-")
             try:
@@ -163,16 +216,17 @@ def main():
             row["corrupt_after_repair"] += int(r["after_repair"] == "corrupt" or r["final"] == "corrupt")
             row["fsynced_lost"] += r["fsynced_lost"]
             row["disturbed_by_qemu"] += r["disturbed"]
+            row["snapshot_changed"] += r["snapshot_changed"]
         table[fmt] = row
     if args.json:
         print(json.dumps({"seed": args.seed, "table": table}))
     else:
         print(f"seed {args.seed}")
-        print("| format | rounds | clean | leaks only | corrupt after crash | corrupt after repair | fsync'd writes lost | disturbed by a QEMU write |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| format | rounds | clean | leaks only | corrupt after crash | corrupt after repair | fsync'd writes lost | disturbed by a QEMU write | snapshot changed |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for fmt, r in table.items():
             print(f"| {fmt} | {r['rounds']} | {r['clean']} | {r['leaks_only']} | {r['corrupt']} | "
-                  f"{r['corrupt_after_repair']} | {r['fsynced_lost']} | {r['disturbed_by_qemu']} |")
+                  f"{r['corrupt_after_repair']} | {r['fsynced_lost']} | {r['disturbed_by_qemu']} | {r['snapshot_changed']} |")
 
 
 if __name__ == "__main__":

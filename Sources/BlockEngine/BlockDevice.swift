@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import Dispatch
 import Synchronization
 
 /// The engine: one image driver plus its backing chain, doing all data I/O for every format.
@@ -11,8 +12,19 @@ public final class BlockDevice: Sendable {
     public let backing: BlockDevice?
     public let virtualSize: UInt64
     public let clusterSize: UInt64
-    /// Serializes allocation + fill + link, so two writers never allocate the same cluster.
-    private let allocationLock = Mutex<Void>(())
+    /// Serializes allocation and link, so two writers never allocate the same cluster. For
+    /// drivers that allow it (`ImageDriver.fillsConcurrently`), the data of an allocation is
+    /// written outside this lock; the guest clusters it covers are registered here meanwhile,
+    /// and only a write or zeroing that touches one of them waits.
+    private let allocationLock = Mutex<[InFlight]>([])
+
+    /// Guest clusters `[start, end)` whose new allocation is being filled.
+    final class InFlight: @unchecked Sendable {  // fields change under `allocationLock` only
+        let start: UInt64, end: UInt64
+        var waiters = 0
+        let done = DispatchSemaphore(value: 0)
+        init(start: UInt64, end: UInt64) { self.start = start; self.end = end }
+    }
 
     public init(driver: any ImageDriver, backing: BlockDevice? = nil) {
         self.driver = driver
@@ -46,7 +58,7 @@ public final class BlockDevice: Sendable {
             let n = min(max(m.length, 1), inside - pos)
             let piece = UnsafeMutableRawBufferPointer(start: base + Int(pos), count: Int(n))
             switch m {
-            case let .data(host, _):
+            case let .data(host, _), let .shared(host, _):
                 if runLen > 0 && runHost + runLen == host && runGuest + runLen == pos {
                     runLen += n
                 } else {
@@ -123,21 +135,68 @@ public final class BlockDevice: Sendable {
     /// request), writes them, then lets the driver link them. Returns bytes consumed.
     private func allocatingWrite(_ data: UnsafeRawBufferPointer, dataOffset: UInt64,
                                  guestOffset: UInt64, length: UInt64) throws -> UInt64 {
-        try allocationLock.withLock { _ in
-            // Another writer may have allocated it while we waited.
-            let m = try driver.map(guestOffset, maxLength: length)
-            let n = min(max(m.length, 1), length)
-            if case let .data(host, _) = m {
-                try writeHost(UnsafeRawBufferPointer(rebasing: data[Int(dataOffset)..<Int(dataOffset + n)]), at: host)
-                return n
-            }
-            let a = try driver.allocate(guestOffset, length: n)
-            precondition(a.guestOffset <= guestOffset && a.guestOffset + a.length > guestOffset, "driver allocation misses the request")
-            do { return try fillAndCommit(a, data, dataOffset: dataOffset, guestOffset: guestOffset, length: n, like: m) } catch {
-                if !committed(a) { driver.abandon(a) }
-                throw error
+        guard driver.fillsConcurrently else {
+            return try allocationLock.withLock { _ in
+                // Another writer may have allocated it while we waited.
+                let m = try driver.map(guestOffset, maxLength: length)
+                let n = min(max(m.length, 1), length)
+                if case let .data(host, _) = m {
+                    try writeHost(UnsafeRawBufferPointer(rebasing: data[Int(dataOffset)..<Int(dataOffset + n)]), at: host)
+                    return n
+                }
+                let a = try driver.allocate(guestOffset, length: n)
+                precondition(a.guestOffset <= guestOffset && a.guestOffset + a.length > guestOffset, "driver allocation misses the request")
+                do { return try fillAndCommit(a, data, dataOffset: dataOffset, guestOffset: guestOffset, length: n, like: m) } catch {
+                    if !committed(a) { driver.abandon(a) }
+                    throw error
+                }
             }
         }
+        enum Step { case inPlace(UInt64, UInt64), fill(Allocation, Mapping, UInt64, InFlight), wait(InFlight) }
+        while true {
+            let step: Step = try allocationLock.withLock { inFlight in
+                let m = try driver.map(guestOffset, maxLength: length)
+                let n = min(max(m.length, 1), length)
+                if case let .data(host, _) = m { return .inPlace(host, n) }
+                if let busy = Self.busy(&inFlight, guestOffset, n, clusterSize) { return .wait(busy) }
+                let a = try driver.allocate(guestOffset, length: n)
+                precondition(a.guestOffset <= guestOffset && a.guestOffset + a.length > guestOffset, "driver allocation misses the request")
+                let busy = InFlight(start: a.guestOffset.alignedDown(clusterSize), end: (a.guestOffset + a.length).alignedUp(clusterSize))
+                inFlight.append(busy)
+                return .fill(a, m, n, busy)
+            }
+            switch step {
+            case let .wait(busy):
+                busy.done.wait()  // the overlapping allocation is linked; map again
+            case let .inPlace(host, n):
+                try writeHost(UnsafeRawBufferPointer(rebasing: data[Int(dataOffset)..<Int(dataOffset + n)]), at: host)
+                return n
+            case let .fill(a, m, n, busy):
+                defer {
+                    allocationLock.withLock { inFlight in
+                        inFlight.removeAll { $0 === busy }
+                        for _ in 0..<busy.waiters { busy.done.signal() }
+                    }
+                }
+                do {
+                    return try fillAndCommit(a, data, dataOffset: dataOffset, guestOffset: guestOffset, length: n, like: m) { a in
+                        try self.allocationLock.withLock { _ in try self.driver.commit(a) }
+                    }
+                } catch {
+                    allocationLock.withLock { _ in if !committed(a) { driver.abandon(a) } }
+                    throw error
+                }
+            }
+        }
+    }
+
+    /// With the allocation lock held: the fill that `[offset, offset+length)` must wait for
+    /// (it touches a cluster being filled), counted as waited on; nil if none.
+    private static func busy(_ inFlight: inout [InFlight], _ offset: UInt64, _ length: UInt64, _ clusterSize: UInt64) -> InFlight? {
+        let start = offset.alignedDown(clusterSize), end = (offset + length).alignedUp(clusterSize)
+        guard let busy = inFlight.first(where: { $0.start < end && start < $0.end }) else { return nil }
+        busy.waiters += 1
+        return busy
     }
 
     /// Whether the driver linked `a` (a commit that failed half way may have).
@@ -146,40 +205,45 @@ public final class BlockDevice: Sendable {
         return host == a.hostOffset
     }
 
+    /// `link` commits the filled run (the caller may take a lock for it).
     private func fillAndCommit(_ a: Allocation, _ data: UnsafeRawBufferPointer, dataOffset: UInt64, guestOffset: UInt64,
-                               length n: UInt64, like m: Mapping) throws -> UInt64 {
+                               length n: UInt64, like m: Mapping, link: ((Allocation) throws -> Void)? = nil) throws -> UInt64 {
+        let commit = link ?? { try self.driver.commit($0) }
         let take = min(n, a.guestOffset + a.length - guestOffset)
         if a.guestOffset == guestOffset && take == a.length {
             // Whole clusters: no fill needed, write straight from the caller's buffer.
             try writeHost(UnsafeRawBufferPointer(rebasing: data[Int(dataOffset)..<Int(dataOffset + take)]), at: a.hostOffset)
-            try driver.commit(a)
+            try commit(a)
             return take
         }
         let head = guestOffset - a.guestOffset
         let tailStart = head + take
-        if a.fresh && fillIsZeros(m) {
+        if a.fresh && !a.mixed && fillIsZeros(m) {
             // Fresh host space already reads as zeros: write only the guest's bytes, and
             // (when they stop short of the run's end) extend the file over the whole run
             // so it ends where the allocator thinks.
             try writeHost(UnsafeRawBufferPointer(rebasing: data[Int(dataOffset)..<Int(dataOffset + take)]), at: a.hostOffset + head)
             if tailStart < a.length {
+                // The file must reach the run's end; a zero byte there never shrinks it (a
+                // truncate could, under a fill of a later run running at the same time).
                 let (file, at) = driver.resolve(host: a.hostOffset)
-                if try file.size() < at + a.length { try file.truncate(to: at + a.length) }
+                if try file.size() < at + a.length { try file.write([0], at: at + a.length - 1) }
             }
-            try driver.commit(a)
+            try commit(a)
             return take
         }
         let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(a.length), alignment: 4096)
         defer { buf.deallocate() }
         // Fill what the request does not cover with what the guest sees there now.
-        if head > 0 { try fill(UnsafeMutableRawBufferPointer(rebasing: buf[0..<Int(head)]), at: a.guestOffset, like: m) }
+        let like: Mapping = a.mixed ? .unallocated(length: 0) : m
+        if head > 0 { try fill(UnsafeMutableRawBufferPointer(rebasing: buf[0..<Int(head)]), at: a.guestOffset, like: like) }
         if tailStart < a.length {
-            try fill(UnsafeMutableRawBufferPointer(rebasing: buf[Int(tailStart)...]), at: a.guestOffset + tailStart, like: m)
+            try fill(UnsafeMutableRawBufferPointer(rebasing: buf[Int(tailStart)...]), at: a.guestOffset + tailStart, like: like)
         }
         UnsafeMutableRawBufferPointer(rebasing: buf[Int(head)..<Int(tailStart)])
             .copyMemory(from: UnsafeRawBufferPointer(rebasing: data[Int(dataOffset)..<Int(dataOffset + take)]))
         try writeHost(UnsafeRawBufferPointer(buf), at: a.hostOffset)
-        try driver.commit(a)
+        try commit(a)
         return take
     }
 
@@ -220,7 +284,11 @@ public final class BlockDevice: Sendable {
         var pos = offset
         let end = offset + length
         while pos < end {
-            let done = try allocationLock.withLock { _ in try driver.zeroRange(pos, length: end - pos, deallocate: deallocate) }
+            let (busy, done) = try allocationLock.withLock { inFlight -> (InFlight?, (offset: UInt64, length: UInt64)) in
+                if let busy = Self.busy(&inFlight, pos, end - pos, clusterSize) { return (busy, (pos, 0)) }
+                return (nil, try driver.zeroRange(pos, length: end - pos, deallocate: deallocate))
+            }
+            if let busy { busy.done.wait(); continue }  // a fill there is being linked first
             if done.length > 0 && done.offset == pos { pos += done.length; continue }
             // The driver handles nothing at `pos` (partial cluster): write zeros up to what it can take.
             let stop = done.length > 0 ? done.offset : pos + RangeWalk.toClusterEnd(pos, clusterSize: clusterSize, maxLength: end - pos)
@@ -258,7 +326,7 @@ public final class BlockDevice: Sendable {
         let m = try driver.status(offset, maxLength: maxLength)
         let n = min(max(m.length, 1), maxLength)
         switch m {
-        case .data, .compressed: return (true, n)
+        case .data, .shared, .compressed: return (true, n)
         case .zero: return (false, n)
         case .unallocated:
             guard let backing, offset < backing.virtualSize else { return (false, n) }
@@ -293,7 +361,10 @@ public final class BlockDevice: Sendable {
             guard budget.spend() else { return nil }
             let m = try driver.status(pos, maxLength: virtualSize - pos)
             let n = min(max(m.length, 1), virtualSize - pos)
-            if case .data = m { total += n } else if case .compressed = m { total += n }
+            switch m {
+            case .data, .shared, .compressed: total += n
+            case .zero, .unallocated: break
+            }
             pos += n
         }
         return total

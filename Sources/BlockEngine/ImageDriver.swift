@@ -1,7 +1,11 @@
 /// What a guest range `[offset, offset+length)` is, as one format driver sees it.
 public enum Mapping: Equatable, Sendable {
-    /// Bytes live in this image file, contiguous from `host`.
+    /// Bytes live in this image file, contiguous from `host`, and may be overwritten in place.
     case data(host: UInt64, length: UInt64)
+    /// Bytes live in this image file like `.data`, but may not be overwritten in place (a
+    /// qcow2 cluster shared with an internal snapshot): a write goes through allocate/commit,
+    /// so the engine copies the cluster and the driver links the copy.
+    case shared(host: UInt64, length: UInt64)
     /// Reads as zeros and stops backing-file lookup (zero flag, discarded block, ZERO extent).
     case zero(length: UInt64)
     /// Not in this image: the backing image answers, or zeros without one.
@@ -14,6 +18,7 @@ public enum Mapping: Equatable, Sendable {
     public func merged(with next: Mapping) -> Mapping? {
         switch (self, next) {
         case let (.data(h, l), .data(h2, l2)) where h + l == h2: return .data(host: h, length: l + l2)
+        case let (.shared(h, l), .shared(h2, l2)) where h + l == h2: return .shared(host: h, length: l + l2)
         case let (.zero(l), .zero(l2)): return .zero(length: l + l2)
         case let (.unallocated(l), .unallocated(l2)): return .unallocated(length: l + l2)
         default: return nil
@@ -38,7 +43,7 @@ public enum Mapping: Equatable, Sendable {
 
     public var length: UInt64 {
         switch self {
-        case let .data(_, n), let .zero(n), let .unallocated(n), let .compressed(_, _, n): return n
+        case let .data(_, n), let .shared(_, n), let .zero(n), let .unallocated(n), let .compressed(_, _, n): return n
         }
     }
 }
@@ -54,8 +59,13 @@ public struct Allocation: Sendable, Equatable {
     /// The host range was never written (appended past everything in the file), so it already
     /// reads as zeros: a zero fill around the guest's bytes need not be written.
     public var fresh: Bool
-    public init(guestOffset: UInt64, hostOffset: UInt64, length: UInt64, fresh: Bool = false) {
+    /// The run's guest bytes may be of several kinds (a qcow2 cluster copied whole whose
+    /// subclusters are data, zero and unallocated): the engine then fills around the request
+    /// only through the read path, never from the kind at the requested offset.
+    public var mixed: Bool
+    public init(guestOffset: UInt64, hostOffset: UInt64, length: UInt64, fresh: Bool = false, mixed: Bool = false) {
         self.guestOffset = guestOffset; self.hostOffset = hostOffset; self.length = length; self.fresh = fresh
+        self.mixed = mixed
     }
 }
 
@@ -110,6 +120,11 @@ public protocol ImageDriver: AnyObject, Sendable {
     /// Inflates one compressed cluster and copies guest bytes `[offset, offset+buffer.count)` out.
     func readCompressed(_ mapping: Mapping, guestOffset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws
 
+    /// Whether the engine may write an allocation's data outside its allocation lock while
+    /// other allocations go on (the driver's commit and abandon then must not assume they
+    /// come in allocation order).
+    var fillsConcurrently: Bool { get }
+
     /// Called once before every guest write or zeroing (VMDK bumps its CID on the first).
     func willWrite() throws
 
@@ -128,6 +143,7 @@ public protocol ImageDriver: AnyObject, Sendable {
 
 extension ImageDriver {
     public var readOnlyReason: String? { nil }
+    public var fillsConcurrently: Bool { false }
     public func willWrite() throws {}
     public func writeBack() throws { try flush() }
     public func checkWrite(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {}

@@ -65,6 +65,16 @@ public final class MetadataRanges: Sendable {
         }
     }
 
+    /// Forgets the table recorded at `start` (freed by a writer that reuses space: qcow2).
+    public func remove(start: UInt64) {
+        state.withLock { s in
+            let i = s.ranges.partitionIndex { $0.start >= start }
+            guard i < s.ranges.count, s.ranges[i].start == start else { return }
+            s.ranges.remove(at: i)
+            s.maxEnd = Self.prefixMax(s.ranges)
+        }
+    }
+
     /// A metadata range that `[start, start+length)` overlaps, if any.
     public func overlap(_ start: UInt64, _ length: UInt64) -> Range? {
         let end = start &+ length < start ? UInt64.max : start + length

@@ -136,6 +136,44 @@ public final class TableCache: Sendable {
         }
     }
 
+    /// Calls `body` with the table's raw bytes, under the lock (no I/O in `body`): for
+    /// entries no `TableEncoding` describes (qcow2 refcounts of 1 to 64 bits).
+    public func withBytes<R>(table: UInt64, _ body: ([UInt8]) throws -> R) throws -> R {
+        try withSlot(table) { try body($0.bytes) }
+    }
+
+    /// Changes the table's raw bytes and marks it dirty (moving it to the back of the write order).
+    public func modify<R>(table: UInt64, _ body: (inout [UInt8]) throws -> R) throws -> R {
+        let loaded: [UInt8]? = state.withLock { $0.slots[table] == nil } ?
+            try file.readBytes(count: tableBytes, at: table, what: "metadata table") : nil
+        return try state.withLock { s in
+            let slot: Slot
+            if let existing = s.slots[table] { slot = existing } else {
+                slot = try insertLocked(&s, table: table, bytes: loaded ?? [UInt8](repeating: 0, count: tableBytes))
+            }
+            let r = try body(&slot.bytes)
+            slot.uniform = nil
+            s.clock += 1; slot.lastUse = s.clock; slot.dirtySeq = s.clock
+            return r
+        }
+    }
+
+    /// Drops every cached table in `[start, start+length)` without writing it: the space was
+    /// freed (nothing points at it any more) and may come back as a different table.
+    public func discard(_ start: UInt64, length: UInt64) {
+        state.withLock { s in
+            if UInt64(s.slots.count) <= length / UInt64(tableBytes) {
+                for key in s.slots.keys where key >= start && key < start + length { s.slots[key] = nil }
+            } else {
+                var t = start
+                while t < start + length { s.slots[t] = nil; t += UInt64(tableBytes) }
+            }
+        }
+    }
+
+    /// Whether any table waits to be written.
+    public var isDirty: Bool { state.withLock { s in s.slots.values.contains { $0.dirtySeq != nil } } }
+
     /// Puts a brand-new table (all `fill`) into the cache, dirty, without reading the disk.
     public func install(table: UInt64, fill: UInt64 = 0) throws {
         var bytes = [UInt8](repeating: 0, count: tableBytes)
@@ -263,6 +301,7 @@ public final class TableCache: Sendable {
 public struct TableView {
     let bytes: [UInt8]
     let encoding: TableEncoding
+    public init(bytes: [UInt8], encoding: TableEncoding) { self.bytes = bytes; self.encoding = encoding }
     public var count: Int { bytes.count / encoding.width }
     public subscript(i: Int) -> UInt64 {
         bytes.withUnsafeBytes { raw in

@@ -10,7 +10,7 @@ public enum ImageFormat: String, CaseIterable, Sendable {
     case qcow2
 
     /// Formats rawmount can write; the others are always opened read-only.
-    public var supportsWriting: Bool { self != .bochs && self != .qcow2 }
+    public var supportsWriting: Bool { self != .bochs }
 
     /// Picks the format from the file's first bytes; anything unrecognised is raw, as in QEMU.
     /// Formats QEMU reads and rawmount does not (qcow2, VHDX, ...) are refused, naming the

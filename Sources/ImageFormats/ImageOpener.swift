@@ -54,7 +54,8 @@ public enum ImageOpener {
         let chain = chain + [identity]
         let format = try options.format ?? ImageFormat.probe(readOnlyFile)
         let differencing = try isVDIDifferencing(readOnlyFile, format)
-        let writable = options.writable && format.supportsWriting && !differencing
+        // An internal snapshot is shown read-only, so its image is opened read-only.
+        let writable = options.writable && format.supportsWriting && !differencing && options.snapshot == nil
         let file = writable ? try ReferencedFiles.reopenForWriting(readOnlyFile) : readOnlyFile
         if options.lock { try ImageLock.acquire(file, writable: writable) }
         if let key = options.snapshot, format != .qcow2 {
@@ -102,7 +103,9 @@ public enum ImageOpener {
             }
             return BlockDevice(driver: driver, backing: parent)
         case .qcow2:
-            let driver = try QCOW2Driver(file: file, snapshot: options.snapshot)
+            let driver = try QCOW2Driver(file: file, snapshot: options.snapshot) { report in
+                options.onNote?("\(path): the image was left dirty (lazy refcounts, not closed cleanly); refcounts rebuilt: \(report)")
+            }
             var backing: BlockDevice? = nil
             if let name = driver.header.backingName {
                 // The backing-format extension names the format; QEMU probes only without it.

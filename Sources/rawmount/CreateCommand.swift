@@ -4,13 +4,28 @@ import ImageFormats
 
 struct CreateCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "create", abstract: "Create an empty image (qed, vdi, vmdk, raw).")
+        commandName: "create", abstract: "Create an empty image (qcow2, qed, vdi, vmdk, raw).")
 
-    @Option(name: [.customShort("f"), .long], help: "Format: qed, vdi, vmdk or raw.")
+    @Option(name: [.customShort("f"), .long], help: "Format: qcow2, qed, vdi, vmdk or raw.")
     var format: String
 
-    @Option(help: "Cluster size in bytes (QED: power of two, 4 KiB...64 MiB; default 64 KiB).")
+    @Option(help: "Cluster size in bytes (QED: power of two, 4 KiB...64 MiB; qcow2: 512...2M; default 64 KiB).")
     var clusterSize: String?
+
+    @Option(help: "qcow2: 1.1 (version 3, default) or 0.10 (version 2).")
+    var compat: String = "1.1"
+
+    @Option(help: "qcow2: refcount width, 1, 2, 4, 8, 16 (default), 32 or 64 bits.")
+    var refcountBits: UInt64 = 16
+
+    @Flag(help: "qcow2: extended L2 entries (32 subclusters per cluster; clusters of 16K or more).")
+    var extendedL2 = false
+
+    @Flag(help: "qcow2: set the lazy_refcounts feature (QEMU then may leave refcounts for a check after a crash).")
+    var lazyRefcounts = false
+
+    @Option(help: "qcow2: off (default) or metadata (every L2 table and data cluster allocated up front).")
+    var preallocation: String = "off"
 
     @Option(help: "Clusters per L1/L2 table (QED: 1, 2, 4, 8 or 16; default 4).")
     var tableSize: UInt32 = 4
@@ -52,6 +67,29 @@ struct CreateCommand: ParsableCommand {
                 throw BlockError.usage("give the virtual SIZE (or --backing, whose size is then used)")
             }
             switch format.lowercased() {
+            case "qcow2":
+                var o = QCOW2Create.Options()
+                o.clusterSize = try clusterSize.map(parseSize) ?? 65536
+                switch compat {
+                case "1.1", "v3": o.version = 3
+                case "0.10", "v2": o.version = 2
+                default: throw BlockError.usage("--compat must be 1.1 or 0.10, not '\(compat)'")
+                }
+                o.refcountBits = refcountBits
+                o.extendedL2 = extendedL2
+                o.lazyRefcounts = lazyRefcounts
+                switch preallocation {
+                case "off": break
+                case "metadata": o.preallocateMetadata = true
+                default: throw BlockError.usage("--preallocation must be off or metadata, not '\(preallocation)'")
+                }
+                if o.preallocateMetadata && backing != nil { throw BlockError.usage("--preallocation metadata and --backing do not go together (as in qemu-img)") }
+                o.backing = backing
+                o.backingFormat = try backingFormat.map { f in
+                    guard let known = ImageFormat(rawValue: f.lowercased()) else { throw BlockError.usage("unknown backing format '\(f)'") }
+                    return known.rawValue
+                } ?? (backing != nil ? parent.map { $0.driver.info.format } : nil)
+                try QCOW2Create.create(path: image, size: bytes, options: o)
             case "qed":
                 let cs = try clusterSize.map(parseSize) ?? 65536
                 guard cs <= UInt64(UInt32.max) else { throw BlockError.usage("--cluster-size \(cs) is too large") }
@@ -78,7 +116,7 @@ struct CreateCommand: ParsableCommand {
                 let file = try ImageFile.createNew(path: image)
                 try file.truncate(to: bytes)
             default:
-                throw BlockError.usage("rawmount create supports -f qed, -f vdi, -f vmdk and -f raw")
+                throw BlockError.usage("rawmount create supports -f qcow2, -f qed, -f vdi, -f vmdk and -f raw")
             }
         } catch let e as ExitCode { throw e } catch {
             printError("rawmount: \(describe(error))")

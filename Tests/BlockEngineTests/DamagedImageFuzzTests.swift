@@ -121,8 +121,9 @@ final class DamagedImageFuzzTests: XCTestCase {
             _ = try? device.write(UnsafeRawBufferPointer(rebasing: buf[0..<65536]), at: off)
             _ = try? device.zero(at: off, length: 4096, deallocate: true)
         }
-        // VMDK: `rawmount check` walks every table.
+        // VMDK and qcow2: `rawmount check` walks every table.
         if let v = device.driver as? VMDKDriver { _ = try? VMDKCheck.run(v) }
+        if let q = device.driver as? QCOW2Driver { _ = try? QCOW2Check.run(file: q.file, header: q.header, repair: false) }
         // qcow2: the snapshot table, and each snapshot's tables, read as `mount --snapshot` does.
         if let q = device.driver as? QCOW2Driver {
             for snap in (try? q.snapshots()) ?? [] {
@@ -204,16 +205,16 @@ final class DamagedImageFuzzTests: XCTestCase {
     }
 
     func testDamagedQCOW2() throws {
-        try fuzz("qcow2", try image("a.qcow2", ["-O", "qcow2", "-o", "cluster_size=4096"]), format: .qcow2, writable: false, seed: 51)
-        try fuzz("qcow2-compressed", try image("b.qcow2", ["-c", "-O", "qcow2", "-o", "cluster_size=4096"]), format: .qcow2, writable: false, seed: 52)
-        try fuzz("qcow2-zstd", try image("d.qcow2", ["-c", "-O", "qcow2", "-o", "cluster_size=4096,compression_type=zstd"]), format: .qcow2, writable: false, seed: 54)
+        try fuzz("qcow2", try image("a.qcow2", ["-O", "qcow2", "-o", "cluster_size=4096"]), format: .qcow2, writable: true, seed: 51)
+        try fuzz("qcow2-compressed", try image("b.qcow2", ["-c", "-O", "qcow2", "-o", "cluster_size=4096"]), format: .qcow2, writable: true, seed: 52)
+        try fuzz("qcow2-zstd", try image("d.qcow2", ["-c", "-O", "qcow2", "-o", "cluster_size=4096,compression_type=zstd"]), format: .qcow2, writable: true, seed: 54)
         let snap = dir + "/e.qcow2"
         _ = try image("e.qcow2", ["-O", "qcow2", "-o", "cluster_size=4096"])
         XCTAssertEqual(try run(["qemu-img", "snapshot", "-c", "first", snap]), 0)
         XCTAssertEqual(try run(["qemu-io", "-f", "qcow2", "-c", "write -P 9 64k 256k", snap]), 0)
         XCTAssertEqual(try run(["qemu-img", "snapshot", "-c", "second", snap]), 0)
-        try fuzz("qcow2-snapshots", [UInt8](try Data(contentsOf: URL(fileURLWithPath: snap))), format: .qcow2, writable: false, seed: 55)
-        try fuzz("qcow2-subclusters", try image("c.qcow2", ["-O", "qcow2", "-o", "extended_l2=on,cluster_size=16k"]), format: .qcow2, writable: false, seed: 53)
+        try fuzz("qcow2-snapshots", [UInt8](try Data(contentsOf: URL(fileURLWithPath: snap))), format: .qcow2, writable: true, seed: 55)
+        try fuzz("qcow2-subclusters", try image("c.qcow2", ["-O", "qcow2", "-o", "extended_l2=on,cluster_size=16k"]), format: .qcow2, writable: true, seed: 53)
     }
 
     func testDamagedVMDK() throws {

@@ -220,12 +220,13 @@ final class CrashConsistencyTests: XCTestCase {
         let r = try Harness.run(["env", "RAWMOUNT=\(Harness.rawmount)", "python3", script, "--rounds", "2", "--seed", "\(getpid())", "--json"])
         guard let json = try JSONSerialization.jsonObject(with: Data(r.out.utf8)) as? [String: Any],
               let table = json["table"] as? [String: [String: Int]] else { XCTFail("no table: \(r.out)\(r.err)"); return }
-        XCTAssertEqual(Set(table.keys), ["raw", "qed", "vdi", "vmdk"])
+        XCTAssertEqual(Set(table.keys), ["raw", "qcow2", "qed", "vdi", "vmdk"])
         for (format, row) in table {
             XCTAssertEqual(row["rounds"], 2, format)
             XCTAssertEqual(row["corrupt_after_repair"], 0, "\(format): \(row) (seed \(json["seed"] ?? ""))")
             XCTAssertEqual(row["fsynced_lost"], 0, "\(format): \(row) (seed \(json["seed"] ?? ""))")
             XCTAssertEqual(row["disturbed_by_qemu"], 0, "\(format): \(row) (seed \(json["seed"] ?? ""))")
+            XCTAssertEqual(row["snapshot_changed"], 0, "\(format): \(row) (seed \(json["seed"] ?? ""))")
         }
         print("crash rounds: \(r.out)")
     }

@@ -1,35 +1,54 @@
 import BlockEngine
+import Synchronization
 
-/// qcow2, read-only: the active L1 table -> L2 tables (read in slices through the shared
-/// table cache) -> clusters that are data, zero, unallocated (backing file or zeros) or
-/// compressed (deflate or zstd); extended L2 images map per subcluster. Snapshots,
-/// refcounts and dirty bitmaps do not change what the guest reads and are left untouched.
+/// qcow2: the active L1 table -> L2 tables (read in slices through the shared table cache)
+/// -> clusters that are data, zero, unallocated (backing file or zeros) or compressed
+/// (deflate or zstd); extended L2 images map per subcluster. A data cluster whose COPIED
+/// flag is clear is shared (with an internal snapshot) and maps as `.shared`, so a write
+/// copies it. Writing (allocation from the refcounts, copy-on-write, zeroing, the order
+/// of table writes) is in `QCOW2Writing.swift`.
 public final class QCOW2Driver: ImageDriver {
     public let file: ImageFile
     public let info: ImageInfo
-    public var isWritable: Bool { false }
-    public var readOnlyReason: String? { "rawmount reads qcow2 but does not write it" }
+    public var isWritable: Bool { refcounts != nil }
+    public var readOnlyReason: String? { snapshot != nil && file.isWritable ? "an internal snapshot is shown read-only" : nil }
     public let header: QCOW2Header
     /// The internal snapshot shown instead of the active disk, if one was asked for.
     public let snapshot: QCOW2Snapshot?
 
-    let l1: FlatTable
+    let l1: QCOW2L1
     let l2: TableCache
+    /// Writable images only: the refcounts and the allocator on them.
+    let refcounts: QCOW2Refcounts?
+    /// Whether a backing image sits under this one (zeroing must then hide it).
+    let hasBacking: Bool
+    /// Allocations handed out and not yet linked, by host offset (engine's allocation lock).
+    let inFlight = Mutex<[UInt64: InFlightAllocation]>([:])
+    /// One flush at a time (fsync and the periodic write-back may overlap).
+    let flushLock = Mutex<Void>(())
     let l2SliceBytes: UInt64
     let fileSize: UInt64
     let inflated: InflatedClusters
     /// Header cluster, the L1 and the L2 tables it names: no data cluster may point into them.
     let metadata: MetadataRanges
     static let offsetMask: UInt64 = 0x00FF_FFFF_FFFF_FE00
+    static let copiedFlag: UInt64 = 1 << 63
     static let compressedFlag: UInt64 = 1 << 62
     static let zeroFlag: UInt64 = 1
     /// Longest run one `map` call assembles, so a call stays cheap on huge requests.
     static let maxClustersPerMap = 512
 
     /// `snapshot`: an internal snapshot's ID or name, to show that instead of the active disk.
-    public init(file: ImageFile, snapshot key: String? = nil) throws {
-        let h = try QCOW2Header.read(from: file)
+    /// `snapshot`: an internal snapshot's ID or name, to show that instead of the active disk.
+    /// `onRepair` hears what a repair of a
+    /// dirty (lazy-refcount) image fixed before a writable mount.
+    public init(file: ImageFile, snapshot key: String? = nil,
+                onRepair: ((QCOW2CheckReport) -> Void)? = nil) throws {
+        var h = try QCOW2Header.read(from: file)
         self.file = file
+        hasBacking = h.backingName != nil
+        let writable = file.isWritable && key == nil
+        if writable { h = try Self.prepareForWriting(file, h, onRepair: onRepair) }
         header = h
         fileSize = try file.size()
         var l1Offset = h.l1Offset, l1Entries = h.l1Entries
@@ -47,13 +66,32 @@ public final class QCOW2Driver: ImageDriver {
         } else {
             snapshot = nil
         }
-        l1 = FlatTable(file: file, start: l1Offset, entries: UInt64(l1Entries), encoding: .u64BE, fileSize: fileSize)
+        l1 = try QCOW2L1(file: file, offset: l1Offset, entries: UInt64(l1Entries), fileSize: fileSize, writable: writable)
         // L2 tables are read in slices of at most 4 KiB, as QEMU does, so a 2 MiB-cluster
-        // image does not read 2 MiB of table for one small read.
-        l2SliceBytes = min(h.clusterSize, 4096)
-        l2 = TableCache(file: file, tableBytes: Int(l2SliceBytes), encoding: .u64BE, capacity: 4096)
-        inflated = InflatedClusters(clusterBytes: Int(h.clusterSize))
+        // image does not read 2 MiB of table for one small read. Before any L2 slice is
+        // written, the refcounts of what it points at and the data are made durable.
         metadata = try Self.metadataRanges(file: file, header: h, l1Offset: l1Offset, l1Entries: UInt64(l1Entries), fileSize: fileSize)
+        let refcounts = writable ? try QCOW2Refcounts(file: file, header: h, fileSize: fileSize, metadata: metadata) : nil
+        self.refcounts = refcounts
+        l2SliceBytes = min(h.clusterSize, 4096)
+        var barrier: (@Sendable () throws -> Void)? = nil
+        if let refcounts { barrier = { [file] in try refcounts.writeDirty(); try file.sync() } }
+        l2 = TableCache(file: file, tableBytes: Int(l2SliceBytes), encoding: .u64BE, capacity: 4096, beforeWriteBack: barrier)
+        inflated = InflatedClusters(clusterBytes: Int(h.clusterSize))
+        if let refcounts {
+            // A write must never land on the refcount structures either.
+            let t = refcounts.tableRange
+            metadata.insert(.init(start: t.offset, length: t.bytes, what: "the refcount table"))
+            for b in refcounts.blockOffsets {
+                guard b <= fileSize, h.clusterSize <= fileSize - b else {
+                    throw BlockError.invalid(file: file.path, field: "refcount table", detail: "block offset \(b) lies outside the \(fileSize)-byte file")
+                }
+                if let m = metadata.overlap(b, h.clusterSize) {
+                    throw BlockError.invalid(file: file.path, field: "refcount table", detail: "block at \(b) lies in \(m.what) at \(m.start)")
+                }
+                metadata.insert(.init(start: b, length: h.clusterSize, what: "a refcount block"))
+            }
+        }
         var details: [(String, String)] = [
             ("version", "\(h.version)"),
             ("compression type", h.compressionType == 0 ? "deflate" : "zstd"),
@@ -64,7 +102,10 @@ public final class QCOW2Driver: ImageDriver {
         } else if h.snapshots > 0 {
             details.append(("internal snapshots", "\(h.snapshots) (the active disk is shown)"))
         }
-        if h.hasBitmaps { details.append(("dirty bitmaps", "present (left untouched)")) }
+        if h.hasBitmaps {
+            details.append(("dirty bitmaps", writable ? "present; flagged in use (inconsistent), since rawmount does not keep them yet"
+                                                      : "present (left untouched)"))
+        }
         if h.incompatible & QCOW2Header.incompatibleDirty != 0 { details.append(("dirty", "yes (refcounts may be stale; reads are not affected)")) }
         if h.incompatible & QCOW2Header.incompatibleCorrupt != 0 { details.append(("corrupt", "marked corrupt by QEMU")) }
         info = ImageInfo(format: "qcow2", virtualSize: h.size, clusterSize: h.clusterSize, details: details)
@@ -85,7 +126,7 @@ public final class QCOW2Driver: ImageDriver {
     }
 
     /// L2 entry `i` of the table at `table` (and its subcluster bitmap with extended L2).
-    private func l2Entry(_ table: UInt64, _ i: UInt64) throws -> (entry: UInt64, bitmap: UInt64) {
+    func l2Entry(_ table: UInt64, _ i: UInt64) throws -> (entry: UInt64, bitmap: UInt64) {
         let perSlice = l2SliceBytes / 8
         let word = i * (header.l2EntryBytes / 8)
         let slice = table + (word / perSlice) * l2SliceBytes
@@ -101,7 +142,7 @@ public final class QCOW2Driver: ImageDriver {
         guard l1Index < l1.entries else { return .unallocated(length: end - offset) }
         let table = try l1.entry(l1Index) & Self.offsetMask
         if table == 0 { return .unallocated(length: end - offset) }
-        let fileSize = file.end(cached: self.fileSize)  // a writer may have grown it (--force-share)
+        let fileSize = file.end(cached: knownEnd)  // a writer may have grown it (--force-share)
         guard table % cs == 0, table <= fileSize, cs <= fileSize - table else {
             throw BlockError.invalid(file: file.path, field: "L1 entry \(l1Index)",
                                      detail: "L2 table offset \(table) is not a cluster inside the \(fileSize)-byte file")
@@ -111,6 +152,9 @@ public final class QCOW2Driver: ImageDriver {
         if end - offset > 64 * cs, try isEmptyL2(table) { return .unallocated(length: end - offset) }
         return try Mapping.run(from: offset, to: end, maxUnits: Self.maxClustersPerMap) { try mapCluster(table, $0, end) }
     }
+
+    /// The file's end as far as this process knows (it grows as clusters are allocated).
+    var knownEnd: UInt64 { refcounts?.end ?? fileSize }
 
     private func isEmptyL2(_ table: UInt64) throws -> Bool {
         var slice = table
@@ -133,7 +177,7 @@ public final class QCOW2Driver: ImageDriver {
             let x = 62 - (UInt64(header.clusterBits) - 8)
             let host = e & ((1 << x) - 1)
             let sectors = ((e >> x) & ((1 << (UInt64(header.clusterBits) - 8)) - 1)) + 1
-            guard host < fileSize || host < file.end(cached: fileSize) else {
+            guard host < knownEnd || host < file.end(cached: knownEnd) else {
                 throw BlockError.invalid(file: file.path, field: "L2 entry for guest offset \(offset - inCluster)",
                                          detail: "compressed cluster at \(host) lies outside the \(fileSize)-byte file")
             }
@@ -152,9 +196,12 @@ public final class QCOW2Driver: ImageDriver {
             throw BlockError.invalid(file: file.path, field: "L2 entry for guest offset \(offset - inCluster)",
                                      detail: "data cluster \(host) lies in \(m.what) at \(m.start)")
         }
+        // A cluster other tables (snapshots) also point at is copied before it is written.
+        let owned = e & Self.copiedFlag != 0
         guard header.extendedL2 else {
             if e & Self.zeroFlag != 0 { return .zero(length: clusterEnd - offset) }
-            return host == 0 ? .unallocated(length: clusterEnd - offset) : .data(host: host + inCluster, length: clusterEnd - offset)
+            if host == 0 { return .unallocated(length: clusterEnd - offset) }
+            return owned ? .data(host: host + inCluster, length: clusterEnd - offset) : .shared(host: host + inCluster, length: clusterEnd - offset)
         }
         // Extended L2: bit sc of the bitmap allocates subcluster sc, bit 32+sc makes it read as zeros.
         let sub = cs / 32
@@ -174,7 +221,7 @@ public final class QCOW2Driver: ImageDriver {
         let runEnd = min(clusterEnd, offset - inCluster + sc * sub)
         switch kind {
         case 0: return .zero(length: runEnd - offset)
-        case 1: return .data(host: host + inCluster, length: runEnd - offset)
+        case 1: return owned ? .data(host: host + inCluster, length: runEnd - offset) : .shared(host: host + inCluster, length: runEnd - offset)
         default: return .unallocated(length: runEnd - offset)
         }
     }
@@ -194,6 +241,4 @@ public final class QCOW2Driver: ImageDriver {
         cluster.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[at ..< at + buffer.count])) }
     }
 
-    public func flush() throws {}
-    public func close() throws {}
 }

@@ -4,9 +4,9 @@ import BlockEngine
 /// validated as QEMU does, plus checks QEMU leaves to later (tables inside the file).
 public struct QCOW2Header: Sendable {
     public static let magic: [UInt8] = [0x51, 0x46, 0x49, 0xFB]  // "QFI\xfb"
-    static let incompatibleDirty: UInt64 = 1 << 0
-    static let incompatibleCorrupt: UInt64 = 1 << 1
-    static let incompatibleDataFile: UInt64 = 1 << 2
+    public static let incompatibleDirty: UInt64 = 1 << 0
+    public static let incompatibleCorrupt: UInt64 = 1 << 1
+    public static let incompatibleDataFile: UInt64 = 1 << 2
     static let incompatibleCompression: UInt64 = 1 << 3
     static let incompatibleExtendedL2: UInt64 = 1 << 4
     static let knownIncompatible: UInt64 = 0x1F
@@ -33,6 +33,22 @@ public struct QCOW2Header: Sendable {
     /// Names of incompatible features from the feature-name table, by bit.
     public var featureNames: [Int: String] = [:]
     public var hasBitmaps = false
+    /// The bitmaps extension: count, directory size and offset (for the refcount walk).
+    public var bitmapCount: UInt32 = 0
+    public var bitmapDirectorySize: UInt64 = 0
+    public var bitmapDirectoryOffset: UInt64 = 0
+    public var refcountTableOffset: UInt64 = 0
+    public var refcountTableClusters: UInt32 = 0
+    /// log2 of the refcount width in bits (v2: always 4, 16-bit refcounts).
+    public var refcountOrder: UInt32 = 4
+    public var refcountBits: UInt64 { 1 << UInt64(refcountOrder) }
+    static let compatibleLazyRefcounts: UInt64 = 1 << 0
+    static let autoclearBitmaps: UInt64 = 1 << 0
+    /// Where the fields a writer changes live in the header.
+    public enum Field { public static let l1Entries = 36, l1Offset = 40, refcountTableOffset = 48, refcountTableClusters = 56,
+                 incompatible = 72, autoclear = 88 }
+    /// QEMU's limit on the refcount table (8 MiB).
+    static let maxRefcountTableBytes: UInt64 = 8 << 20
 
     public var clusterSize: UInt64 { 1 << UInt64(clusterBits) }
     public var extendedL2: Bool { incompatible & Self.incompatibleExtendedL2 != 0 }
@@ -65,6 +81,8 @@ public struct QCOW2Header: Sendable {
         var h = QCOW2Header(version: version, clusterBits: clusterBits, size: be64(head, 24), l1Entries: be32(head, 36),
                             l1Offset: be64(head, 40), snapshots: be32(head, 60), snapshotsOffset: be64(head, 64), incompatible: 0, compatible: 0,
                             autoclear: 0, headerLength: 72, compressionType: 0)
+        h.refcountTableOffset = be64(head, 48)
+        h.refcountTableClusters = be32(head, 56)
         let cryptMethod = be32(head, 32)
         if cryptMethod != 0 {
             throw BlockError.unsupported(file: path, feature: cryptMethod == 2 ? "LUKS-encrypted qcow2" : "AES-encrypted qcow2 (crypt method \(cryptMethod))")
@@ -74,6 +92,7 @@ public struct QCOW2Header: Sendable {
             h.incompatible = be64(head, 72); h.compatible = be64(head, 80); h.autoclear = be64(head, 88)
             let refcountOrder = be32(head, 96)
             guard refcountOrder <= 6 else { throw bad("refcount order", "\(refcountOrder) (at most 6)") }
+            h.refcountOrder = refcountOrder
             h.headerLength = be32(head, 100)
             guard h.headerLength >= 104, h.headerLength % 8 == 0, UInt64(h.headerLength) <= min(clusterSize, UInt64(head.count)) else {
                 throw bad("header length", "\(h.headerLength) (must be a multiple of 8 from 104 to the cluster size)")
@@ -135,6 +154,26 @@ public struct QCOW2Header: Sendable {
         }
     }
 
+    /// The refcount table must start on a cluster past the header, lie inside the file and
+    /// stay within QEMU's 8 MiB (checked when the image is opened for writing or checked).
+    func checkRefcountTable(fileSize: UInt64, path: String) throws {
+        let bytes = UInt64(refcountTableClusters) * clusterSize
+        guard refcountTableClusters > 0, bytes <= Self.maxRefcountTableBytes else {
+            throw BlockError.invalid(file: path, field: "refcount table size", detail: "\(refcountTableClusters) clusters (QEMU allows 1 to \(Self.maxRefcountTableBytes / clusterSize))")
+        }
+        guard refcountTableOffset % clusterSize == 0, refcountTableOffset >= clusterSize else {
+            throw BlockError.invalid(file: path, field: "refcount table offset", detail: "\(refcountTableOffset) is not a cluster boundary past the header")
+        }
+        guard refcountTableOffset <= fileSize, bytes <= fileSize - refcountTableOffset else {
+            throw BlockError.truncated(file: path, what: "qcow2 refcount table", offset: refcountTableOffset, needed: bytes, fileSize: fileSize)
+        }
+    }
+
+    /// Writes one big-endian header field in place.
+    public static func writeField(_ file: ImageFile, at offset: Int, _ value: UInt64, bytes: Int) throws {
+        try file.write((0..<bytes).map { UInt8(truncatingIfNeeded: value >> (8 * UInt64(bytes - 1 - $0))) }, at: UInt64(offset))
+    }
+
     private mutating func readExtensions(_ head: [UInt8], from start: Int, to end: Int, path: String) throws {
         var at = start
         while at + 8 <= end {
@@ -154,6 +193,12 @@ public struct QCOW2Header: Sendable {
                 }
             case 0x2385_2875:
                 hasBitmaps = true
+                if length >= 24 {
+                    let d = Array(data)
+                    bitmapCount = be32(d, 0)
+                    bitmapDirectorySize = be64(d, 8)
+                    bitmapDirectoryOffset = be64(d, 16)
+                }
             default:
                 break  // other extensions do not change what the guest reads
             }

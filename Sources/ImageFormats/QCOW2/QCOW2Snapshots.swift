@@ -31,7 +31,12 @@ enum QCOW2Snapshots {
     static let maxExtraData = 1024
 
     static func read(from file: ImageFile, header h: QCOW2Header) throws -> [QCOW2Snapshot] {
-        guard h.snapshots > 0 else { return [] }
+        try readTable(from: file, header: h).snapshots
+    }
+
+    /// The snapshots and the bytes their table takes (for the refcount walk).
+    static func readTable(from file: ImageFile, header h: QCOW2Header) throws -> (snapshots: [QCOW2Snapshot], bytes: UInt64) {
+        guard h.snapshots > 0 else { return ([], 0) }
         let path = file.path, fileSize = try file.size()
         func bad(_ detail: String) -> BlockError { .invalid(file: path, field: "snapshot table", detail: detail) }
         guard h.snapshots <= maxSnapshots else { throw bad("\(h.snapshots) snapshots is more than QEMU's \(maxSnapshots)") }
@@ -60,7 +65,7 @@ enum QCOW2Snapshots {
             at += (entryBytes + 7) / 8 * 8
         }
         guard at - h.snapshotsOffset <= maxTableBytes else { throw bad("larger than QEMU's 64 MiB limit") }
-        return list
+        return (list, at - h.snapshotsOffset)
     }
 
     /// The snapshot named `key`, by ID first and then by name, as qemu-img and qemu-nbd pick it.

@@ -248,7 +248,7 @@ public final class QEDDriver: ImageDriver {
                 guard try file.punchHole(offset: host, length: n) else {
                     return (start, pos - start)
                 }
-            case .compressed:
+            case .compressed, .shared:  // (neither format has them)
                 return (start, pos - start)
             }
             pos += n

@@ -193,7 +193,7 @@ public final class VDIDriver: ImageDriver {
                 } else if try !file.punchHole(offset: host, length: blockSize) {
                     return (start, pos - start)
                 }
-            case .compressed:
+            case .compressed, .shared:  // (neither format has them)
                 return (start, pos - start)
             }
             pos += blockSize

@@ -1,0 +1,252 @@
+import BlockEngine
+import Synchronization
+
+/// What a qcow2 refcount walk found (as `qemu-img check` counts it) and, with repair, fixed.
+public struct QCOW2CheckReport: Sendable, CustomStringConvertible {
+    public var l2Tables = 0
+    public var dataClusters = 0
+    public var compressedClusters = 0
+    /// Entries that point outside the file or at unaligned offsets, bad subcluster bitmaps.
+    public var invalidEntries = 0
+    /// Clusters referenced more often than their refcount says (or with refcount 0).
+    public var refcountErrors = 0
+    /// L1/L2 entries whose COPIED flag disagrees with the refcount.
+    public var copiedErrors = 0
+    public var leakedClusters = 0
+    public var repairedRefcounts = 0
+    public var repairedCopied = 0
+    /// The first few findings, named.
+    public var messages: [String] = []
+
+    public var corruptions: Int { invalidEntries + refcountErrors + copiedErrors }
+
+    mutating func note(_ text: String) { if messages.count < 20 { messages.append(text) } }
+
+    public var description: String {
+        var parts = ["\(l2Tables) L2 tables, \(dataClusters) data clusters (\(compressedClusters) compressed)"]
+        if invalidEntries > 0 { parts.append("\(invalidEntries) invalid entries") }
+        if refcountErrors > 0 { parts.append("\(refcountErrors) clusters referenced more often than their refcount") }
+        if copiedErrors > 0 { parts.append("\(copiedErrors) COPIED flags wrong") }
+        if leakedClusters > 0 { parts.append("\(leakedClusters) leaked clusters") }
+        if repairedRefcounts > 0 { parts.append("\(repairedRefcounts) refcounts repaired") }
+        if repairedCopied > 0 { parts.append("\(repairedCopied) COPIED flags repaired") }
+        return parts.joined(separator: "; ") + messages.map { "\n  " + $0 }.joined()
+    }
+}
+
+/// References per host cluster, counted in pages so memory follows what is referenced.
+final class ReferenceCounts: @unchecked Sendable {  // used by one thread
+    private var pages: [UInt64: [UInt16]] = [:]
+    static let pageBits: UInt64 = 16
+    static let maxPages = 2048  // 256 MiB
+    let file: String
+    init(file: String) { self.file = file }
+
+    func add(_ cluster: UInt64) throws {
+        let p = cluster >> Self.pageBits
+        if pages[p] == nil {
+            guard pages.count < Self.maxPages else {
+                throw BlockError.invalid(file: file, field: "references", detail: "more referenced clusters than a check can count")
+            }
+            pages[p] = [UInt16](repeating: 0, count: 1 << Self.pageBits)
+        }
+        let i = Int(cluster & ((1 << Self.pageBits) - 1))
+        if pages[p]![i] < .max { pages[p]![i] += 1 }
+    }
+
+    func count(_ cluster: UInt64) -> UInt64 {
+        pages[cluster >> Self.pageBits].map { UInt64($0[Int(cluster & ((1 << Self.pageBits) - 1))]) } ?? 0
+    }
+}
+
+/// The qcow2 consistency check: every table and data cluster reachable from the header,
+/// the active and snapshot L1 tables, the refcount structures and the bitmaps is counted,
+/// and the counts are compared with the stored refcounts and COPIED flags. Repair sets
+/// refcounts to the counts (leaks and refcounts too low) and fixes COPIED flags, then
+/// checks again; it never drops an entry.
+public enum QCOW2Check {
+    static let l1Mask: UInt64 = 0x00FF_FFFF_FFFF_FE00
+
+    public static func run(file: ImageFile, header h: QCOW2Header, repair: Bool) throws -> QCOW2CheckReport {
+        var report = try walk(file: file, header: h, repair: repair)
+        guard repair, report.refcountErrors + report.copiedErrors + report.leakedClusters > 0 else { return report }
+        let again = try walk(file: file, header: h, repair: false)
+        report.invalidEntries = again.invalidEntries
+        report.refcountErrors = again.refcountErrors
+        report.copiedErrors = again.copiedErrors
+        report.leakedClusters = again.leakedClusters
+        report.messages = again.messages
+        return report
+    }
+
+    private static func walk(file: ImageFile, header h: QCOW2Header, repair: Bool) throws -> QCOW2CheckReport {
+        var report = QCOW2CheckReport()
+        let cs = h.clusterSize
+        let fileSize = try file.size()
+        let fileClusters = (fileSize + cs - 1) / cs
+        let counts = ReferenceCounts(file: file.path)
+        func addRange(_ start: UInt64, _ length: UInt64, _ what: String) throws -> Bool {
+            guard length > 0 else { return true }
+            guard start < fileSize, start + length <= fileClusters * cs else {
+                report.invalidEntries += 1
+                report.note("\(what) at \(start) (\(length) bytes) lies outside the \(fileSize)-byte file")
+                return false
+            }
+            var c = start / cs
+            while c <= (start + length - 1) / cs { try counts.add(c); c += 1 }
+            return true
+        }
+        _ = try addRange(0, cs, "the header")
+
+        // Every L1 (active and snapshots) counts its L2 tables, each L2 its clusters.
+        func walkL1(_ offset: UInt64, _ entries: UInt64, _ name: String) throws {
+            guard try addRange(offset, entries * 8, "\(name) L1 table") else { return }
+            try FlatTable.forEachEntry(file, start: offset, count: entries, encoding: .u64BE, what: "\(name) L1 table") { i, e in
+                let t = e & l1Mask
+                guard t != 0 else { return }
+                guard t % cs == 0 else {
+                    report.invalidEntries += 1
+                    report.note("\(name) L1 entry \(i): L2 table offset \(t) is not cluster aligned")
+                    return
+                }
+                guard try addRange(t, cs, "\(name) L1 entry \(i): L2 table") else { return }
+                report.l2Tables += 1
+                try walkL2(t, name)
+            }
+        }
+        func walkL2(_ table: UInt64, _ name: String) throws {
+            let bytes = try file.readBytes(count: Int(cs), at: table, what: "qcow2 L2 table")
+            let view = TableView(bytes: bytes, encoding: .u64BE)
+            let step = Int(h.l2EntryBytes / 8)
+            for i in stride(from: 0, to: view.count, by: step) {
+                let e = view[i]
+                let bitmap = h.extendedL2 ? view[i + 1] : 0
+                if e & QCOW2Driver.compressedFlag != 0 {
+                    let x = 62 - (UInt64(h.clusterBits) - 8)
+                    let host = e & ((1 << x) - 1)
+                    let sectors = ((e >> x) & ((1 << (UInt64(h.clusterBits) - 8)) - 1)) + 1
+                    if e & QCOW2Driver.copiedFlag != 0 {
+                        report.copiedErrors += 1
+                        report.note("\(name) L2 table at \(table), entry \(i / step): a compressed cluster has COPIED set")
+                    }
+                    if try addRange(host, sectors * 512 - (host & 511), "compressed cluster (L2 table at \(table))") { report.compressedClusters += 1 }
+                    continue
+                }
+                let host = e & QCOW2Driver.offsetMask
+                if h.extendedL2 && (bitmap & (bitmap >> 32) & 0xFFFF_FFFF != 0 || host == 0 && bitmap & 0xFFFF_FFFF != 0) {
+                    report.invalidEntries += 1
+                    report.note("\(name) L2 table at \(table), entry \(i / step): subcluster bitmap 0x\(String(bitmap, radix: 16)) is invalid")
+                }
+                guard host != 0 else { continue }
+                guard host % cs == 0 else {
+                    report.invalidEntries += 1
+                    report.note("\(name) L2 table at \(table), entry \(i / step): data offset \(host) is not cluster aligned")
+                    continue
+                }
+                if try addRange(host, cs, "data cluster (L2 table at \(table))") { report.dataClusters += 1 }
+            }
+        }
+
+        try walkL1(h.l1Offset, UInt64(h.l1Entries), "active")
+        let (snapshots, snapshotBytes) = try QCOW2Snapshots.readTable(from: file, header: h)
+        if snapshotBytes > 0 { _ = try addRange(h.snapshotsOffset, snapshotBytes, "the snapshot table") }
+        for s in snapshots { try walkL1(s.l1Offset, UInt64(s.l1Entries), "snapshot '\(s.name)'") }
+        try walkBitmaps(file: file, header: h, fileSize: fileSize, addRange)
+
+        let refcounts = try QCOW2Refcounts(file: file, header: h, fileSize: fileSize, excluded: { counts.count($0) > 0 })
+        let table = refcounts.tableRange
+        _ = try addRange(table.offset, table.bytes, "the refcount table")
+        for b in refcounts.blockOffsets {
+            guard b % cs == 0 else {
+                report.invalidEntries += 1
+                report.note("refcount block offset \(b) is not cluster aligned")
+                continue
+            }
+            _ = try addRange(b, cs, "refcount block")
+        }
+
+        // Stored refcounts against the counts.
+        var raise: [(UInt64, UInt64)] = [], lower: [(UInt64, UInt64)] = []
+        for c in 0..<fileClusters {
+            let want = counts.count(c), have = try refcounts.refcount(c)
+            if have < want {
+                report.refcountErrors += 1
+                report.note("cluster \(c): refcount \(have), referenced \(want) times")
+                raise.append((c, want))
+            } else if have > want {
+                report.leakedClusters += 1
+                lower.append((c, want))
+            }
+        }
+        if repair {
+            for (c, want) in raise { try refcounts.set(c, to: want); report.repairedRefcounts += 1 }
+            // Blocks and a moved table a raise created are in use: not leaks.
+            let t = refcounts.tableRange
+            let structures = Set(refcounts.blockOffsets.map { $0 / cs } + Array(t.offset / cs ..< (t.offset + t.bytes) / cs))
+            for (c, want) in lower where !structures.contains(c) { try refcounts.set(c, to: want); report.repairedRefcounts += 1 }
+            try refcounts.writeDirty()
+            try file.sync()
+        }
+
+        // COPIED on the active tables: set exactly when the refcount is 1.
+        func refcountNow(_ c: UInt64) throws -> UInt64 { repair ? counts.count(c) : try refcounts.refcount(c) }
+        try FlatTable.forEachEntry(file, start: h.l1Offset, count: UInt64(h.l1Entries), encoding: .u64BE, what: "active L1 table") { i, e in
+            let t = e & l1Mask
+            guard t != 0, t % cs == 0, t + cs <= fileSize else { return }
+            let copied = e & QCOW2Driver.copiedFlag != 0
+            if copied != (try refcountNow(t / cs) == 1) {
+                report.copiedErrors += 1
+                report.note("active L1 entry \(i): COPIED is \(copied ? "set" : "clear") but the L2 table's refcount is \(try refcountNow(t / cs))")
+                if repair {
+                    var b = [UInt8](repeating: 0, count: 8)
+                    put64be(&b, 0, e ^ QCOW2Driver.copiedFlag)
+                    try file.write(b, at: h.l1Offset + i * 8)
+                    report.repairedCopied += 1
+                }
+            }
+            let bytes = try file.readBytes(count: Int(cs), at: t, what: "qcow2 L2 table")
+            let view = TableView(bytes: bytes, encoding: .u64BE)
+            let step = Int(h.l2EntryBytes / 8)
+            for k in stride(from: 0, to: view.count, by: step) {
+                let x = view[k]
+                let host = x & QCOW2Driver.offsetMask
+                guard x & QCOW2Driver.compressedFlag == 0, host != 0, host % cs == 0, host < fileSize else { continue }
+                let copied = x & QCOW2Driver.copiedFlag != 0
+                let rc = try refcountNow(host / cs)
+                if copied != (rc == 1) {
+                    report.copiedErrors += 1
+                    report.note("L2 table at \(t), entry \(k / step): COPIED is \(copied ? "set" : "clear") but the cluster's refcount is \(rc)")
+                    if repair {
+                        var b = [UInt8](repeating: 0, count: 8)
+                        put64be(&b, 0, x ^ QCOW2Driver.copiedFlag)
+                        try file.write(b, at: t + UInt64(k) * 8)
+                        report.repairedCopied += 1
+                    }
+                }
+            }
+        }
+        if repair { try file.sync() }
+        return report
+    }
+
+    /// The bitmap directory, each bitmap's table and the clusters it names.
+    static func walkBitmaps(file: ImageFile, header h: QCOW2Header, fileSize: UInt64,
+                            _ addRange: (UInt64, UInt64, String) throws -> Bool) throws {
+        guard h.hasBitmaps, h.bitmapCount > 0, h.bitmapDirectorySize > 0 else { return }
+        guard h.bitmapDirectorySize <= 64 << 20, try addRange(h.bitmapDirectoryOffset, h.bitmapDirectorySize, "the bitmap directory") else { return }
+        let dir = try file.readBytes(count: Int(h.bitmapDirectorySize), at: h.bitmapDirectoryOffset, what: "qcow2 bitmap directory")
+        var at = 0
+        for _ in 0..<h.bitmapCount {
+            guard at + 24 <= dir.count else { return }
+            let tableOffset = be64(dir, at), tableEntries = UInt64(be32(dir, at + 8))
+            let nameSize = Int(dir[at + 18]) << 8 | Int(dir[at + 19]), extra = Int(be32(dir, at + 20))
+            if tableEntries > 0, tableEntries <= 1 << 24, try addRange(tableOffset, tableEntries * 8, "a bitmap table") {
+                try FlatTable.forEachEntry(file, start: tableOffset, count: tableEntries, encoding: .u64BE, what: "qcow2 bitmap table") { _, e in
+                    let c = e & l1Mask
+                    if c != 0 { _ = try addRange(c, h.clusterSize, "a bitmap data cluster") }
+                }
+            }
+            at += (24 + extra + nameSize + 7) / 8 * 8
+        }
+    }
+}

@@ -1,0 +1,58 @@
+import BlockEngine
+import Synchronization
+
+/// The L1 table a qcow2 mount uses. Read-only mounts read it in chunks on demand; writable
+/// ones hold it in memory (QEMU's limit is 32 MiB) and write changed entries back only
+/// after the L2 tables they point at are durable (`QCOW2Driver.flush`).
+final class QCOW2L1: Sendable {
+    let offset: UInt64
+    let entries: UInt64
+    private let reader: FlatTable?
+    private let state: Mutex<(table: [UInt64], dirty: Set<Int>)>
+
+    init(file: ImageFile, offset: UInt64, entries: UInt64, fileSize: UInt64, writable: Bool) throws {
+        self.offset = offset
+        self.entries = entries
+        if writable {
+            var table = [UInt64](repeating: 0, count: Int(entries))
+            try FlatTable.forEachEntry(file, start: offset, count: entries, encoding: .u64BE, what: "qcow2 L1 table") { i, e in table[Int(i)] = e }
+            reader = nil
+            state = Mutex((table, []))
+        } else {
+            reader = FlatTable(file: file, start: offset, entries: entries, encoding: .u64BE, fileSize: fileSize)
+            state = Mutex(([], []))
+        }
+    }
+
+    func entry(_ i: UInt64) throws -> UInt64 {
+        if let reader { return try reader.entry(i) }
+        return state.withLock { $0.table[Int(i)] }
+    }
+
+    func set(_ i: UInt64, _ value: UInt64) {
+        state.withLock { s in
+            s.table[Int(i)] = value
+            s.dirty.insert(Int(i))
+        }
+    }
+
+    var isDirty: Bool { state.withLock { !$0.dirty.isEmpty } }
+
+    /// Writes the 512-byte pieces holding changed entries (not durable by itself).
+    func writeDirty(_ file: ImageFile) throws {
+        let pieces: [(UInt64, [UInt8])] = state.withLock { s in
+            defer { s.dirty = [] }
+            return Set(s.dirty.map { $0 / 64 }).sorted().map { p in
+                var bytes: [UInt8] = []
+                bytes.reserveCapacity(512)
+                for i in p * 64 ..< min(p * 64 + 64, s.table.count) {
+                    var b = [UInt8](repeating: 0, count: 8)
+                    put64be(&b, 0, s.table[i])
+                    bytes += b
+                }
+                return (offset + UInt64(p) * 512, bytes)
+            }
+        }
+        for (at, bytes) in pieces { try file.write(bytes, at: at) }
+    }
+}

@@ -1,0 +1,275 @@
+import BlockEngine
+import Synchronization
+
+/// What `allocate` handed out, for `commit` and `abandon` (kept by host offset).
+struct InFlightAllocation: Sendable {
+    /// Clusters taken from the refcounts for this allocation (given back if it is abandoned).
+    var newClusters: (offset: UInt64, bytes: UInt64)?
+    /// Extended L2: the run covers only some subclusters of its cluster.
+    var partial: Bool
+}
+
+/// qcow2 writing, in QEMU's order:
+/// - guest data, then the refcount increase of every cluster it (or a new table) uses,
+///   both durable before an L2 slice naming them is written (the L2 cache's barrier);
+/// - a new or copied L2 table durable before the L1 entry naming it;
+/// - a cluster an L2 or L1 entry stopped naming keeps its refcount until that change is
+///   durable; only then does it drop (and the host range is punched), so space becomes
+///   reusable only when a crash can no longer leave two owners.
+extension QCOW2Driver {
+    static let maxClustersPerAllocation: UInt64 = 64
+
+    /// Commits look entries up again and merge subcluster bits, so fills may overlap.
+    public var fillsConcurrently: Bool { true }
+
+    /// Header features as QEMU treats them on a writable open: a corrupt image is refused,
+    /// a dirty one (lazy refcounts after a crash) has its refcounts rebuilt, and autoclear
+    /// bits (bitmaps rawmount does not keep yet, unknown ones) are cleared before any write.
+    static func prepareForWriting(_ file: ImageFile, _ header: QCOW2Header,
+                                  onRepair: ((QCOW2CheckReport) -> Void)?) throws -> QCOW2Header {
+        var h = header
+        if h.incompatible & QCOW2Header.incompatibleCorrupt != 0 {
+            throw BlockError.unsupported(file: file.path, feature: "writing an image QEMU marked corrupt (incompatible feature bit 1: "
+                + "QEMU found its metadata inconsistent and will not write it either); mount it --read-only, "
+                + "or repair it first with `rawmount check --repair` or `qemu-img check -r all`")
+        }
+        if h.incompatible & QCOW2Header.incompatibleDirty != 0 {
+            let report = try QCOW2Check.run(file: file, header: h, repair: true)
+            onRepair?(report)
+            guard report.corruptions == 0 else {
+                throw BlockError.invalid(file: file.path, field: "metadata", detail: "the image was left dirty and its check found damage refcounts cannot fix: \(report)")
+            }
+            h.incompatible &= ~QCOW2Header.incompatibleDirty
+            try QCOW2Header.writeField(file, at: QCOW2Header.Field.incompatible, h.incompatible, bytes: 8)
+            try file.sync()
+        }
+        // Bitmaps stay (flagged in use, as QEMU flags a bitmap it can no longer vouch for);
+        // unknown autoclear bits go, as the spec asks of a writer that does not know them.
+        var autoclear = h.autoclear & QCOW2Header.autoclearBitmaps
+        if autoclear != 0 {
+            let kept = h.hasBitmaps ? try QCOW2Bitmaps.markInUse(file, header: h, fileSize: try file.size()) : false
+            if !kept { autoclear = 0 }
+        }
+        if h.version == 3 && autoclear != h.autoclear {
+            h.autoclear = autoclear
+            try QCOW2Header.writeField(file, at: QCOW2Header.Field.autoclear, autoclear, bytes: 8)
+            try file.sync()
+        }
+        return h
+    }
+
+    private var writer: QCOW2Refcounts {
+        get throws {
+            guard let refcounts else { throw BlockError.readOnly(file: file.path) }
+            return refcounts
+        }
+    }
+
+    /// The L2 entry (and bitmap) for the cluster at guest `offset`, or zeros without a table.
+    private func currentEntry(_ offset: UInt64) throws -> (entry: UInt64, bitmap: UInt64) {
+        let table = try l1.entry(offset / header.l1Coverage) & Self.offsetMask
+        guard table != 0 else { return (0, 0) }
+        return try l2Entry(table, (offset / header.clusterSize) % header.l2Entries)
+    }
+
+    // MARK: allocate / commit (the engine holds its allocation lock)
+
+    public func allocate(_ offset: UInt64, length: UInt64) throws -> Allocation {
+        let refcounts = try writer
+        let cs = header.clusterSize
+        let clusterStart = offset.alignedDown(cs)
+        let (e, _) = try currentEntry(offset)
+        let host = e & Self.offsetMask
+        let compressed = e & Self.compressedFlag != 0
+        let owned = e & Self.copiedFlag != 0 && !compressed
+        let a: Allocation, record: InFlightAllocation
+        if header.extendedL2 {
+            let sub = cs / 32
+            let first = offset.alignedDown(sub)
+            let last = min((offset + length).alignedUp(sub), clusterStart + cs)
+            if host != 0 && owned && !compressed {
+                // Our own cluster: only the subclusters written become allocated, in place.
+                a = Allocation(guestOffset: first, hostOffset: host + (first - clusterStart), length: last - first)
+                record = InFlightAllocation(newClusters: nil, partial: true)
+            } else if host != 0 || compressed {
+                // Shared or compressed: the whole cluster is copied (its subclusters may be of
+                // every kind, so the engine fills through the read path).
+                let n = try refcounts.allocate(maxClusters: 1)
+                a = Allocation(guestOffset: clusterStart, hostOffset: n.offset, length: cs, fresh: n.fresh, mixed: true)
+                record = InFlightAllocation(newClusters: (n.offset, cs), partial: false)
+            } else {
+                let n = try refcounts.allocate(maxClusters: 1)
+                a = Allocation(guestOffset: first, hostOffset: n.offset + (first - clusterStart), length: last - first, fresh: n.fresh)
+                record = InFlightAllocation(newClusters: (n.offset, cs), partial: last - first < cs)
+            }
+        } else if host != 0 && !compressed && e & Self.zeroFlag != 0 && owned {
+            // A preallocated zero cluster of our own: written in place, the zero flag goes.
+            a = Allocation(guestOffset: clusterStart, hostOffset: host, length: cs)
+            record = InFlightAllocation(newClusters: nil, partial: false)
+        } else if host != 0 || compressed {
+            let n = try refcounts.allocate(maxClusters: 1)
+            a = Allocation(guestOffset: clusterStart, hostOffset: n.offset, length: cs, fresh: n.fresh)
+            record = InFlightAllocation(newClusters: (n.offset, cs), partial: false)
+        } else {
+            // Unallocated or zero clusters: a run of them, up to the end of their L2 table.
+            let tableEnd = (offset / header.l1Coverage + 1) * header.l1Coverage
+            let end = min((offset + length).alignedUp(cs), tableEnd, clusterStart + Self.maxClustersPerAllocation * cs)
+            let n = try refcounts.allocate(maxClusters: max(1, (end - clusterStart) / cs))
+            a = Allocation(guestOffset: clusterStart, hostOffset: n.offset, length: n.clusters * cs, fresh: n.fresh)
+            record = InFlightAllocation(newClusters: (n.offset, n.clusters * cs), partial: false)
+        }
+        inFlight.withLock { $0[a.hostOffset] = record }
+        return a
+    }
+
+    /// The host bytes an entry names (a compressed cluster's range may span two clusters).
+    private func replaced(_ e: UInt64) throws -> (offset: UInt64, bytes: UInt64)? {
+        if e & Self.compressedFlag != 0 {
+            let x = 62 - (UInt64(header.clusterBits) - 8)
+            let host = e & ((1 << x) - 1)
+            let sectors = ((e >> x) & ((1 << (UInt64(header.clusterBits) - 8)) - 1)) + 1
+            return (host, sectors * 512 - (host & 511))
+        }
+        let host = e & Self.offsetMask
+        return host == 0 ? nil : (host, header.clusterSize)
+    }
+
+    public func commit(_ a: Allocation) throws {
+        let record = inFlight.withLock { $0.removeValue(forKey: a.hostOffset) } ?? InFlightAllocation(partial: false)
+        let cs = header.clusterSize
+        let table = try writableL2(for: a.guestOffset)
+        let clusterStart = a.guestOffset.alignedDown(cs)
+        let hostCluster = a.hostOffset.alignedDown(cs)
+        if header.extendedL2 {
+            let (old, bitmap) = try currentEntry(clusterStart)
+            let sub = cs / 32
+            let firstSC = (a.guestOffset - clusterStart) / sub
+            let count = a.length / sub
+            let bits: UInt64 = count >= 32 ? 0xFFFF_FFFF : ((1 << count) - 1) << firstSC
+            // Compressed entries carry no bitmap; a copied cluster is allocated whole.
+            let base = old & Self.compressedFlag != 0 || count >= 32 ? 0 : bitmap
+            let newBitmap = (base | bits) & ~(bits << 32)
+            try setL2(table, clusterStart, entry: hostCluster | Self.copiedFlag, bitmap: newBitmap)
+            try freeReplaced(old, keeping: hostCluster)
+            if record.partial, record.newClusters != nil, try file.size() < hostCluster + cs {
+                // The file reaches the cluster's end (its unwritten subclusters read as zeros); a
+                // byte written there never shrinks the file under a concurrent fill.
+                try file.write([0], at: hostCluster + cs - 1)
+            }
+        } else {
+            for k in 0 ..< a.length / cs {
+                let (old, _) = try currentEntry(clusterStart + k * cs)
+                try setL2(table, clusterStart + k * cs, entry: (hostCluster + k * cs) | Self.copiedFlag, bitmap: 0)
+                try freeReplaced(old, keeping: hostCluster + k * cs)
+            }
+        }
+    }
+
+    /// Queues what an overwritten entry named (a shared, compressed or preallocated-zero
+    /// cluster) unless the new entry names the same cluster.
+    private func freeReplaced(_ old: UInt64, keeping host: UInt64) throws {
+        if let r = try replaced(old), r.offset != host { try writer.deferFree(r.offset, length: r.bytes) }
+    }
+
+    public func abandon(_ a: Allocation) {
+        guard let record = inFlight.withLock({ $0.removeValue(forKey: a.hostOffset) }), let n = record.newClusters else { return }
+        try? refcounts?.release(n.offset, length: n.bytes)
+    }
+
+    private func setL2(_ table: UInt64, _ guest: UInt64, entry: UInt64, bitmap: UInt64) throws {
+        let perSlice = l2SliceBytes / 8
+        let word = (guest / header.clusterSize) % header.l2Entries * (header.l2EntryBytes / 8)
+        let slice = table + (word / perSlice) * l2SliceBytes
+        try l2.setEntry(table: slice, index: Int(word % perSlice), value: entry)
+        if header.extendedL2 { try l2.setEntry(table: slice, index: Int(word % perSlice) + 1, value: bitmap) }
+    }
+
+    /// The L2 table for guest `offset`, ready to change: a missing one is created zeroed, a
+    /// shared one (L1 COPIED clear) is copied; either is written to its new cluster at once,
+    /// and the L1 entry changes in memory, reaching the disk after the table (`flush`).
+    private func writableL2(for offset: UInt64) throws -> UInt64 {
+        let refcounts = try writer
+        let index = offset / header.l1Coverage
+        let e = try l1.entry(index)
+        let old = e & Self.offsetMask
+        if old != 0 && e & Self.copiedFlag != 0 { return old }
+        let cs = header.clusterSize
+        let n = try refcounts.allocate(maxClusters: 1)
+        let bytes = old == 0 ? [UInt8](repeating: 0, count: Int(cs)) : try file.readBytes(count: Int(cs), at: old, what: "qcow2 L2 table")
+        l2.discard(n.offset, length: cs)
+        try file.write(bytes, at: n.offset)
+        metadata.insert(.init(start: n.offset, length: cs, what: "an L2 table"))
+        l1.set(index, n.offset | Self.copiedFlag)
+        if old != 0 { refcounts.deferFree(old, length: cs) }
+        return n.offset
+    }
+
+    // MARK: zeroing
+
+    public func zeroRange(_ offset: UInt64, length: UInt64, deallocate: Bool) throws -> (offset: UInt64, length: UInt64) {
+        let refcounts = try writer
+        let cs = header.clusterSize
+        let start = offset.alignedUp(cs)
+        let end = min((offset + length).alignedDown(cs), (start / header.l1Coverage + 1) * header.l1Coverage,
+                      start + UInt64(Self.maxClustersPerMap) * cs)
+        guard start < end else { return (offset, 0) }
+        // Without a zero flag (version 2) only unallocation reads as zeros, and only with
+        // nothing underneath.
+        if header.version < 3 && hasBacking { return (offset, 0) }
+        if try l1.entry(start / header.l1Coverage) & Self.offsetMask == 0 && !hasBacking { return (start, end - start) }
+        let table = try writableL2(for: start)
+        var pos = start
+        while pos < end {
+            let (e, bitmap) = try currentEntry(pos)
+            let entry: UInt64, newBitmap: UInt64
+            if header.extendedL2 { (entry, newBitmap) = (0, hasBacking ? 0xFFFF_FFFF << 32 : 0) } else { (entry, newBitmap) = (hasBacking ? Self.zeroFlag : 0, 0) }
+            if e != entry || bitmap != newBitmap {
+                try setL2(table, pos, entry: entry, bitmap: newBitmap)
+                if let r = try replaced(e) { refcounts.deferFree(r.offset, length: r.bytes) }
+            }
+            pos += cs
+        }
+        return (start, end - start)
+    }
+
+    // MARK: lifecycle
+
+    public func flush() throws {
+        guard let refcounts else { return }
+        try flushLock.withLock { _ in
+            // Frees queued before this point were unlinked by table changes written below.
+            let frees = refcounts.takePendingFrees()
+            try l2.flush()  // its barrier: refcounts, then data and refcounts durable
+            if l1.isDirty || !frees.isEmpty {
+                try refcounts.writeDirty()
+                try file.sync()  // new L2 tables (and their refcounts) before the L1 names them
+                try l1.writeDirty(file)
+            }
+            if !frees.isEmpty {
+                try file.sync()  // nothing durable points at the freed clusters any more
+                var freed: [UInt64] = []
+                try refcounts.applyFrees(frees) { cluster in
+                    // Before the cluster can be handed out again: its old bytes go, and it
+                    // stops counting as metadata (a freed L2 table may come back as data).
+                    metadata.remove(start: cluster)
+                    _ = try? file.punchHole(offset: cluster, length: header.clusterSize)
+                    freed.append(cluster)
+                }
+                for cluster in freed { l2.discard(cluster, length: header.clusterSize) }
+            }
+            try refcounts.writeDirty()
+            try file.sync()
+        }
+    }
+
+    /// The periodic write-back: a full flush, but only when a table changed or frees wait
+    /// (in-place data writes need no metadata; fsync makes them durable).
+    public func writeBack() throws {
+        guard let refcounts, l2.isDirty || l1.isDirty || refcounts.isDirty || refcounts.hasPendingFrees else { return }
+        try flush()
+    }
+
+    public func close() throws {
+        try flush()
+    }
+}
