@@ -18,9 +18,9 @@ mkdir -p "$work/mnt" "$work/fs"
 
 step() { printf '\n== %s\n' "$*"; }
 
-step "create a 256 MiB sample QED disk image"
-image="$work/sample.qed"
-"$RAWMOUNT" create -f qed "$image" 256M
+step "create a 256 MiB sample qcow2 disk image"
+image="$work/sample.qcow2"
+"$RAWMOUNT" create -f qcow2 "$image" 256M
 "$RAWMOUNT" info "$image"
 
 step "mount it: rawmount mount $image $work/mnt"

@@ -26,6 +26,15 @@ public final class BlockDevice: Sendable {
         init(start: UInt64, end: UInt64) { self.start = start; self.end = end }
     }
 
+    /// Host ranges commits and zeroing unlinked, waiting for a flush before `release`.
+    private let unlinked = Mutex<[HostRange]>([])
+
+    /// With the allocation lock held, right after a commit or zeroRange.
+    private func collectUnlinked() {
+        let u = driver.takeUnlinked()
+        if !u.isEmpty { unlinked.withLock { $0 += u } }
+    }
+
     public init(driver: any ImageDriver, backing: BlockDevice? = nil) {
         self.driver = driver
         self.backing = backing
@@ -180,7 +189,10 @@ public final class BlockDevice: Sendable {
                 }
                 do {
                     return try fillAndCommit(a, data, dataOffset: dataOffset, guestOffset: guestOffset, length: n, like: m) { a in
-                        try self.allocationLock.withLock { _ in try self.driver.commit(a) }
+                        try self.allocationLock.withLock { _ in
+                            defer { self.collectUnlinked() }
+                            try self.driver.commit(a)
+                        }
                     }
                 } catch {
                     allocationLock.withLock { _ in if !committed(a) { driver.abandon(a) } }
@@ -208,7 +220,10 @@ public final class BlockDevice: Sendable {
     /// `link` commits the filled run (the caller may take a lock for it).
     private func fillAndCommit(_ a: Allocation, _ data: UnsafeRawBufferPointer, dataOffset: UInt64, guestOffset: UInt64,
                                length n: UInt64, like m: Mapping, link: ((Allocation) throws -> Void)? = nil) throws -> UInt64 {
-        let commit = link ?? { try self.driver.commit($0) }
+        let commit = link ?? { a in
+            defer { self.collectUnlinked() }  // (the caller holds the allocation lock)
+            try self.driver.commit(a)
+        }
         let take = min(n, a.guestOffset + a.length - guestOffset)
         if a.guestOffset == guestOffset && take == a.length {
             // Whole clusters: no fill needed, write straight from the caller's buffer.
@@ -286,6 +301,7 @@ public final class BlockDevice: Sendable {
         while pos < end {
             let (busy, done) = try allocationLock.withLock { inFlight -> (InFlight?, (offset: UInt64, length: UInt64)) in
                 if let busy = Self.busy(&inFlight, pos, end - pos, clusterSize) { return (busy, (pos, 0)) }
+                defer { collectUnlinked() }
                 return (nil, try driver.zeroRange(pos, length: end - pos, deallocate: deallocate))
             }
             if let busy { busy.done.wait(); continue }  // a fill there is being linked first
@@ -378,13 +394,33 @@ public final class BlockDevice: Sendable {
 
     // MARK: lifecycle
 
-    public func flush() throws { if driver.isWritable { try driver.flush() } }
+    /// Writes back and makes durable everything written so far; then space unlinked before
+    /// this flush is released (and that release is made durable too).
+    public func flush() throws {
+        guard driver.isWritable else { return }
+        let batch = unlinked.withLock { u in defer { u = [] }; return u }
+        do {
+            try driver.flush()
+            if !batch.isEmpty {
+                try driver.release(batch)
+                try driver.flush()
+            }
+        } catch {
+            unlinked.withLock { $0 = batch + $0 }  // still unlinked; released by a later flush
+            throw error
+        }
+    }
 
-    /// The periodic write-back (`ImageDriver.writeBack`).
-    public func writeBack() throws { if driver.isWritable { try driver.writeBack() } }
+    /// The periodic write-back (`ImageDriver.writeBack`); a full flush when space waits to
+    /// be released, since only a durable unlink may free it.
+    public func writeBack() throws {
+        guard driver.isWritable else { return }
+        if unlinked.withLock({ !$0.isEmpty }) { try flush() } else { try driver.writeBack() }
+    }
 
     /// Closes the whole chain, top first.
     public func close() throws {
+        if driver.isWritable && unlinked.withLock({ !$0.isEmpty }) { try flush() }
         try driver.close()
         try backing?.close()
     }

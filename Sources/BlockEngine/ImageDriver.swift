@@ -69,6 +69,13 @@ public struct Allocation: Sendable, Equatable {
     }
 }
 
+/// A byte range of an image file (`resolve`d like a `.data` host address).
+public struct HostRange: Sendable, Equatable {
+    public var offset: UInt64
+    public var length: UInt64
+    public init(offset: UInt64, length: UInt64) { self.offset = offset; self.length = length }
+}
+
 /// Facts `rawmount info` prints.
 public struct ImageInfo: Sendable {
     public var format: String
@@ -106,6 +113,14 @@ public protocol ImageDriver: AnyObject, Sendable {
     /// The engine could not write the run's data (host disk full, I/O error): nothing will
     /// link it, so the driver may take the space back instead of leaking it.
     func abandon(_ allocation: Allocation)
+
+    /// Host ranges the last `commit` or `zeroRange` stopped pointing at (a copied shared
+    /// cluster, a compressed range, a discarded cluster). The engine collects them right
+    /// after that call and hands them back through `release` only once a flush has made the
+    /// change durable, so space is reused only when a crash can no longer leave two owners.
+    func takeUnlinked() -> [HostRange]
+    /// Frees ranges `takeUnlinked` reported (refcounts drop; the space may be reused).
+    func release(_ ranges: [HostRange]) throws
 
     /// Makes whole, aligned units of `[offset, offset+length)` read as zeros without data
     /// writes (zero flag, unallocation, hole punching). Returns the sub-range it handled; the
@@ -153,6 +168,8 @@ extension ImageDriver {
     public func allocate(_ offset: UInt64, length: UInt64) throws -> Allocation { throw BlockError.readOnly(file: file.path) }
     public func commit(_ allocation: Allocation) throws { throw BlockError.readOnly(file: file.path) }
     public func abandon(_ allocation: Allocation) {}
+    public func takeUnlinked() -> [HostRange] { [] }
+    public func release(_ ranges: [HostRange]) throws {}
     public func zeroRange(_ offset: UInt64, length: UInt64, deallocate: Bool) throws -> (offset: UInt64, length: UInt64) {
         (offset, 0)
     }

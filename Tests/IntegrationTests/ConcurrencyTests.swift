@@ -83,7 +83,8 @@ final class ConcurrencyTests: XCTestCase {
     /// unaligned to clusters, then read back and checked; the image must stay clean.
     func testFioVerifyingWritersOnEachFormat() throws {
         try Harness.tool("fio")
-        for (format, options) in [("qed", ["-o", "cluster_size=16384"]), ("vdi", []), ("vmdk", [])] {
+        for (format, options) in [("qed", ["-o", "cluster_size=16384"]), ("vdi", []), ("vmdk", []), ("qcow2", ["-o", "cluster_size=16384"]),
+                                  ("qcow2", ["-o", "extended_l2=on,cluster_size=64k"])] {
             let s = try Scratch()
             let img = s.path("fio.\(format)")
             try Harness.run(["qemu-img", "create", "-q", "-f", format] + options + [img, "64M"])
@@ -102,4 +103,8 @@ final class ConcurrencyTests: XCTestCase {
     func testQEDReadersDuringAllocation() throws { try race(format: "qed", createOptions: ["-o", "cluster_size=16384"]) }
     func testVDIReadersDuringAllocation() throws { try race(format: "vdi") }
     func testVMDKReadersDuringAllocation() throws { try race(format: "vmdk") }
+    func testQCOW2ReadersDuringAllocation() throws {
+        try race(format: "qcow2", createOptions: ["-o", "cluster_size=16384"])
+        try race(format: "qcow2", createOptions: ["-o", "extended_l2=on,cluster_size=64k"])
+    }
 }

@@ -158,6 +158,30 @@ final class QCOW2WriteTests: XCTestCase {
         if ranges.count == 2 { XCTAssertEqual(ranges[1].2 - ranges[0].2, 6 * sub, "both subclusters are in one host cluster") }
     }
 
+    /// PUNCH_HOLE frees clusters: after the fsync that makes the unlink durable their host
+    /// range is punched, and new data reuses them instead of growing the file.
+    func testDiscardedClustersArePunchedAndReused() throws {
+        let s = try Scratch()
+        let img = s.path("r.qcow2")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", img, "64M"])
+        try s.mount(img)
+        let raw = s.mnt + "/r.raw"
+        try Harness.run(["dd", "if=/dev/urandom", "of=\(raw)", "bs=1M", "count=8", "conv=notrunc,fsync", "status=none"])
+        let grown = try Files.read(img).count
+        let f = open(raw, O_RDWR)
+        XCTAssertEqual(fallocate(f, 0x03, 0, 8 << 20), 0)
+        XCTAssertEqual(fsync(f), 0)
+        close(f)
+        var st = stat()
+        XCTAssertEqual(stat(img, &st), 0)
+        XCTAssertLessThan(Int(st.st_blocks) * 512, 2 << 20, "the freed clusters were not punched")
+        try Harness.run(["dd", "if=/dev/urandom", "of=\(raw)", "bs=1M", "count=8", "seek=20", "conv=notrunc,fsync", "status=none"])
+        XCTAssertEqual(try Files.read(img).count, grown, "new data did not reuse the freed clusters")
+        XCTAssertEqual(try Files.read(raw).prefix(8 << 20), Data(count: 8 << 20))
+        try s.unmount()
+        try Harness.run(["qemu-img", "check", img])
+    }
+
     /// Header features as QEMU treats them when opening for writing.
     func testHeaderFeaturesOnAWritableOpen() throws {
         let s = try Scratch()

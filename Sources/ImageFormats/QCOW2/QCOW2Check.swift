@@ -229,8 +229,8 @@ public enum QCOW2Check {
         return report
     }
 
-    /// The bitmap directory, each bitmap's table and the clusters it names.
-    static func walkBitmaps(file: ImageFile, header h: QCOW2Header, fileSize: UInt64,
+    /// The bitmap directory, each bitmap's table and (unless `tablesOnly`) the clusters it names.
+    static func walkBitmaps(file: ImageFile, header h: QCOW2Header, fileSize: UInt64, tablesOnly: Bool = false,
                             _ addRange: (UInt64, UInt64, String) throws -> Bool) throws {
         guard h.hasBitmaps, h.bitmapCount > 0, h.bitmapDirectorySize > 0 else { return }
         guard h.bitmapDirectorySize <= 64 << 20, try addRange(h.bitmapDirectoryOffset, h.bitmapDirectorySize, "the bitmap directory") else { return }
@@ -240,7 +240,7 @@ public enum QCOW2Check {
             guard at + 24 <= dir.count else { return }
             let tableOffset = be64(dir, at), tableEntries = UInt64(be32(dir, at + 8))
             let nameSize = Int(dir[at + 18]) << 8 | Int(dir[at + 19]), extra = Int(be32(dir, at + 20))
-            if tableEntries > 0, tableEntries <= 1 << 24, try addRange(tableOffset, tableEntries * 8, "a bitmap table") {
+            if tableEntries > 0, tableEntries <= 1 << 24, try addRange(tableOffset, tableEntries * 8, "a bitmap table"), !tablesOnly {
                 try FlatTable.forEachEntry(file, start: tableOffset, count: tableEntries, encoding: .u64BE, what: "qcow2 bitmap table") { _, e in
                     let c = e & l1Mask
                     if c != 0 { _ = try addRange(c, h.clusterSize, "a bitmap data cluster") }

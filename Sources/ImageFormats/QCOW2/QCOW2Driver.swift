@@ -79,7 +79,18 @@ public final class QCOW2Driver: ImageDriver {
         l2 = TableCache(file: file, tableBytes: Int(l2SliceBytes), encoding: .u64BE, capacity: 4096, beforeWriteBack: barrier)
         inflated = InflatedClusters(clusterBytes: Int(h.clusterSize))
         if let refcounts {
-            // A write must never land on the refcount structures either.
+            // A write must never land on the refcount structures, the snapshot table, a
+            // snapshot's L1 or the bitmaps either (their tables are bounded by QEMU's limits).
+            let (snapshots, snapshotBytes) = try QCOW2Snapshots.readTable(from: file, header: h)
+            if snapshotBytes > 0 { metadata.insert(.init(start: h.snapshotsOffset, length: snapshotBytes, what: "the snapshot table")) }
+            for s in snapshots where s.l1Entries > 0 {
+                metadata.insert(.init(start: s.l1Offset, length: UInt64(s.l1Entries) * 8, what: "a snapshot's L1 table"))
+            }
+            let ranges = metadata
+            try QCOW2Check.walkBitmaps(file: file, header: h, fileSize: fileSize, tablesOnly: true) { start, length, _ in
+                ranges.insert(.init(start: start, length: length, what: "a bitmap directory or table"))
+                return true
+            }
             let t = refcounts.tableRange
             metadata.insert(.init(start: t.offset, length: t.bytes, what: "the refcount table"))
             for b in refcounts.blockOffsets {
@@ -95,7 +106,9 @@ public final class QCOW2Driver: ImageDriver {
         var details: [(String, String)] = [
             ("version", "\(h.version)"),
             ("compression type", h.compressionType == 0 ? "deflate" : "zstd"),
+            ("refcount bits", "\(h.refcountBits)"),
         ]
+        if h.compatible & QCOW2Header.compatibleLazyRefcounts != 0 { details.append(("lazy refcounts", "on (rawmount writes ordered refcounts all the same)")) }
         if h.extendedL2 { details.append(("extended L2", "yes (32 subclusters per cluster)")) }
         if let s = snapshot {
             details.append(("snapshot shown", "\(s.id) (\(s.name)), taken \(s.dateText) when the disk was \(s.diskSize) bytes"))

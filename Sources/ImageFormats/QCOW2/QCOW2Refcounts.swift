@@ -278,13 +278,11 @@ final class QCOW2Refcounts: Sendable {
 
     // MARK: freeing
 
-    /// Queues host bytes a table no longer points at; `applyFrees` drops their refcounts once
-    /// that table change is durable.
+    /// Notes host bytes a table no longer points at (the driver reports them through
+    /// `takeUnlinked`); `applyFrees` drops their refcounts once that change is durable.
     func deferFree(_ start: UInt64, length: UInt64) {
         state.withLock { $0.pendingFree.append((start, length)) }
     }
-
-    var hasPendingFrees: Bool { state.withLock { !$0.pendingFree.isEmpty } }
 
     func takePendingFrees() -> [(start: UInt64, length: UInt64)] {
         state.withLock { s in defer { s.pendingFree = [] }; return s.pendingFree }

@@ -234,28 +234,32 @@ extension QCOW2Driver {
 
     // MARK: lifecycle
 
+    /// What the last commit or zeroing stopped pointing at (the engine releases it after a flush).
+    public func takeUnlinked() -> [HostRange] {
+        refcounts?.takePendingFrees().map { HostRange(offset: $0.start, length: $0.length) } ?? []
+    }
+
+    /// Drops the refcounts of ranges whose unlinking the engine made durable; a cluster that
+    /// reaches 0 is punched and stops counting as metadata before it can be handed out.
+    public func release(_ ranges: [HostRange]) throws {
+        let refcounts = try writer
+        var freed: [UInt64] = []
+        try refcounts.applyFrees(ranges.map { ($0.offset, $0.length) }) { cluster in
+            metadata.remove(start: cluster)  // a freed L2 table may come back as data
+            _ = try? file.punchHole(offset: cluster, length: header.clusterSize)
+            freed.append(cluster)
+        }
+        for cluster in freed { l2.discard(cluster, length: header.clusterSize) }
+    }
+
     public func flush() throws {
         guard let refcounts else { return }
         try flushLock.withLock { _ in
-            // Frees queued before this point were unlinked by table changes written below.
-            let frees = refcounts.takePendingFrees()
             try l2.flush()  // its barrier: refcounts, then data and refcounts durable
-            if l1.isDirty || !frees.isEmpty {
+            if l1.isDirty {
                 try refcounts.writeDirty()
                 try file.sync()  // new L2 tables (and their refcounts) before the L1 names them
                 try l1.writeDirty(file)
-            }
-            if !frees.isEmpty {
-                try file.sync()  // nothing durable points at the freed clusters any more
-                var freed: [UInt64] = []
-                try refcounts.applyFrees(frees) { cluster in
-                    // Before the cluster can be handed out again: its old bytes go, and it
-                    // stops counting as metadata (a freed L2 table may come back as data).
-                    metadata.remove(start: cluster)
-                    _ = try? file.punchHole(offset: cluster, length: header.clusterSize)
-                    freed.append(cluster)
-                }
-                for cluster in freed { l2.discard(cluster, length: header.clusterSize) }
             }
             try refcounts.writeDirty()
             try file.sync()
@@ -265,7 +269,7 @@ extension QCOW2Driver {
     /// The periodic write-back: a full flush, but only when a table changed or frees wait
     /// (in-place data writes need no metadata; fsync makes them durable).
     public func writeBack() throws {
-        guard let refcounts, l2.isDirty || l1.isDirty || refcounts.isDirty || refcounts.hasPendingFrees else { return }
+        guard let refcounts, l2.isDirty || l1.isDirty || refcounts.isDirty else { return }
         try flush()
     }
 
