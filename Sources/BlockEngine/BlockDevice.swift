@@ -242,7 +242,7 @@ public final class BlockDevice: Sendable {
                 // The file must reach the run's end; a zero byte there never shrinks it (a
                 // truncate could, under a fill of a later run running at the same time).
                 let (file, at) = driver.resolve(host: a.hostOffset)
-                if try file.size() < at + a.length { try file.write([0], at: at + a.length - 1) }
+                try file.extend(to: at + a.length)
             }
             try commit(a)
             return take

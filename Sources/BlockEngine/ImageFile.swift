@@ -197,6 +197,15 @@ public final class ImageFile: Sendable {
 
     static let fallocKeepSize: Int32 = 0x01, fallocPunchHole: Int32 = 0x02, fallocZeroRange: Int32 = 0x10
 
+    /// Makes the file at least `size` bytes without ever shrinking it: a zero byte at
+    /// `size - 1` (for space past the old end, which reads as zeros anyway). Unlike a
+    /// size check and a truncate, this cannot cut off a write past `size` that another
+    /// thread makes at the same time.
+    public func extend(to size: UInt64) throws {
+        guard size > 0, try self.size() < size else { return }
+        try write([0], at: size - 1)
+    }
+
     public func truncate(to size: UInt64) throws {
         if ftruncate(fd, off_t(size)) != 0 {
             throw BlockError.io(file: path, operation: "ftruncate", offset: size, errno: errno)

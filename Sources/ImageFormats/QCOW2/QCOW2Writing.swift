@@ -151,10 +151,8 @@ extension QCOW2Driver {
             let newBitmap = (base | bits) & ~(bits << 32)
             try setL2(table, clusterStart, entry: hostCluster | Self.copiedFlag, bitmap: newBitmap)
             try freeReplaced(old, keeping: hostCluster)
-            if record.partial, record.newClusters != nil, try file.size() < hostCluster + cs {
-                // The file reaches the cluster's end (its unwritten subclusters read as zeros); a
-                // byte written there never shrinks the file under a concurrent fill.
-                try file.write([0], at: hostCluster + cs - 1)
+            if record.partial, record.newClusters != nil {
+                try file.extend(to: hostCluster + cs)  // its unwritten subclusters read as zeros
             }
         } else {
             for k in 0 ..< a.length / cs {

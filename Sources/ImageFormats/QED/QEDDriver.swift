@@ -78,6 +78,10 @@ public final class QEDDriver: ImageDriver {
 
     var clusterSize: UInt64 { UInt64(header.clusterSize) }
 
+    /// Commits set only their own entries (a missing L2 table is made at commit time), and
+    /// an abandoned run is given back only if it is still the last one: fills may overlap.
+    public var fillsConcurrently: Bool { true }
+
     /// The L2 tables the L1 names for the disk's range (read once, in 1 MiB pieces; bounded
     /// by the L1, not by the data), plus the header area and the L1 itself.
     static func metadataRanges(file: ImageFile, header h: QEDHeader, l1Shift: UInt64) throws -> MetadataRanges {
@@ -201,7 +205,7 @@ public final class QEDDriver: ImageDriver {
         let existing = try l2Table(for: offset)
         if existing != 0 { return (existing, false) }
         let l2 = try allocator.allocate(header.tableBytes)
-        if try file.size() < l2 + header.tableBytes { try file.truncate(to: l2 + header.tableBytes) }
+        try file.extend(to: l2 + header.tableBytes)
         try tables.installEmptyChunk(l2, (offset >> clusterBits) & (header.entriesPerTable - 1))
         metadata.insert(.init(start: l2, length: header.tableBytes, what: "an L2 table"))
         return (l2, true)

@@ -241,6 +241,10 @@ public final class VMDKDriver: ImageDriver {
                           length: a.length, fresh: true) // appended to the extent file
     }
 
+    /// Grain-table commits set only their own entries and an abandoned run is given back
+    /// only while it is the last in its extent: fills may overlap.
+    public var fillsConcurrently: Bool { true }
+
     public func abandon(_ a: Allocation) {
         guard case let .sparse(s) = extents[Int(a.hostOffset >> Self.extentShift)].kind else { return }
         let host = a.hostOffset & Self.offsetMask
