@@ -103,9 +103,7 @@ public enum ImageOpener {
             }
             return BlockDevice(driver: driver, backing: parent)
         case .qcow2:
-            let driver = try QCOW2Driver(file: file, snapshot: options.snapshot) { report in
-                options.onNote?("\(path): the image was left dirty (lazy refcounts, not closed cleanly); refcounts rebuilt: \(report)")
-            }
+            let driver = try QCOW2Driver(file: file, snapshot: options.snapshot) { note in options.onNote?("\(path): \(note)") }
             var backing: BlockDevice? = nil
             if let name = driver.header.backingName {
                 // The backing-format extension names the format; QEMU probes only without it.

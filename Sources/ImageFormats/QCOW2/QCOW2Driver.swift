@@ -40,15 +40,15 @@ public final class QCOW2Driver: ImageDriver {
 
     /// `snapshot`: an internal snapshot's ID or name, to show that instead of the active disk.
     /// `snapshot`: an internal snapshot's ID or name, to show that instead of the active disk.
-    /// `onRepair` hears what a repair of a
+    /// `onNote` hears what a writable open changed before the mount goes on (a repair of a
     /// dirty (lazy-refcount) image fixed before a writable mount.
     public init(file: ImageFile, snapshot key: String? = nil,
-                onRepair: ((QCOW2CheckReport) -> Void)? = nil) throws {
+                onNote: ((String) -> Void)? = nil) throws {
         var h = try QCOW2Header.read(from: file)
         self.file = file
         hasBacking = h.backingName != nil
         let writable = file.isWritable && key == nil
-        if writable { h = try Self.prepareForWriting(file, h, onRepair: onRepair) }
+        if writable { h = try Self.prepareForWriting(file, h, onNote: onNote) }
         header = h
         fileSize = try file.size()
         var l1Offset = h.l1Offset, l1Entries = h.l1Entries

@@ -26,7 +26,7 @@ extension QCOW2Driver {
     /// a dirty one (lazy refcounts after a crash) has its refcounts rebuilt, and autoclear
     /// bits (bitmaps rawmount does not keep yet, unknown ones) are cleared before any write.
     static func prepareForWriting(_ file: ImageFile, _ header: QCOW2Header,
-                                  onRepair: ((QCOW2CheckReport) -> Void)?) throws -> QCOW2Header {
+                                  onNote: ((String) -> Void)?) throws -> QCOW2Header {
         var h = header
         if h.incompatible & QCOW2Header.incompatibleCorrupt != 0 {
             throw BlockError.unsupported(file: file.path, feature: "writing an image QEMU marked corrupt (incompatible feature bit 1: "
@@ -35,7 +35,7 @@ extension QCOW2Driver {
         }
         if h.incompatible & QCOW2Header.incompatibleDirty != 0 {
             let report = try QCOW2Check.run(file: file, header: h, repair: true)
-            onRepair?(report)
+            onNote?("the image was left dirty (lazy refcounts, not closed cleanly); refcounts rebuilt: \(report)")
             guard report.corruptions == 0 else {
                 throw BlockError.invalid(file: file.path, field: "metadata", detail: "the image was left dirty and its check found damage refcounts cannot fix: \(report)")
             }
@@ -49,6 +49,10 @@ extension QCOW2Driver {
         if autoclear != 0 {
             let kept = h.hasBitmaps ? try QCOW2Bitmaps.markInUse(file, header: h, fileSize: try file.size()) : false
             if !kept { autoclear = 0 }
+            if h.hasBitmaps {
+                onNote?("its \(h.bitmapCount) persistent dirty bitmap(s) are now flagged in use (inconsistent): rawmount does not "
+                    + "keep bitmaps yet, so QEMU must not trust them; remove them with `qemu-img bitmap --remove` and start a new full backup")
+            }
         }
         if h.version == 3 && autoclear != h.autoclear {
             h.autoclear = autoclear
