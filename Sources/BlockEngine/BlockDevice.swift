@@ -29,6 +29,40 @@ public final class BlockDevice: Sendable {
     /// Host ranges commits and zeroing unlinked, waiting for a flush before `release`.
     private let unlinked = Mutex<[HostRange]>([])
 
+    /// Writes in progress, by the parity of the epoch they started in. A write maps a
+    /// cluster and writes it later without a lock; space a flush is about to release may be
+    /// such a cluster, so the release first waits for every write that began before it.
+    private let writeEpoch = Atomic<Int>(0)
+    private let writersEven = Atomic<Int>(0), writersOdd = Atomic<Int>(0)
+
+    private func writers(_ epoch: Int) -> Int { epoch & 1 == 0 ? writersEven.load(ordering: .acquiring) : writersOdd.load(ordering: .acquiring) }
+    private func count(_ epoch: Int, _ delta: Int) {
+        if epoch & 1 == 0 { writersEven.add(delta, ordering: .sequentiallyConsistent) } else { writersOdd.add(delta, ordering: .sequentiallyConsistent) }
+    }
+
+    private func enterWrite() -> Int {
+        while true {
+            let e = writeEpoch.load(ordering: .sequentiallyConsistent)
+            count(e, 1)
+            // Counted in `e` only if the epoch did not move meanwhile (else the release may
+            // not have seen us): then this write maps after the flip, and sees the unlinks.
+            if writeEpoch.load(ordering: .sequentiallyConsistent) == e { return e }
+            count(e, -1)
+        }
+    }
+
+    private func leaveWrite(_ epoch: Int) { count(epoch, -1) }
+
+    /// Waits until every write that started before now has finished (one waiter at a
+    /// time, so a second flip never makes the first wait for writes that started later).
+    private let epochFlip = Mutex<Void>(())
+    private func waitForEarlierWrites() {
+        epochFlip.withLock { _ in
+            let old = writeEpoch.add(1, ordering: .sequentiallyConsistent).oldValue
+            while writers(old) > 0 { usleep(50) }
+        }
+    }
+
     /// With the allocation lock held, right after a commit or zeroRange.
     private func collectUnlinked() {
         let u = driver.takeUnlinked()
@@ -123,6 +157,8 @@ public final class BlockDevice: Sendable {
         guard offset <= virtualSize, total <= virtualSize - offset else {
             throw BlockError.outOfRange(offset: offset, length: total, size: virtualSize)
         }
+        let epoch = enterWrite()
+        defer { leaveWrite(epoch) }
         var pos: UInt64 = 0
         var announced = false
         while pos < total {
@@ -402,6 +438,7 @@ public final class BlockDevice: Sendable {
         do {
             try driver.flush()
             if !batch.isEmpty {
+                waitForEarlierWrites()
                 try driver.release(batch)
                 try driver.flush()
             }
