@@ -17,7 +17,9 @@ struct InFlightAllocation: Sendable {
 ///   durable; only then does it drop (and the host range is punched), so space becomes
 ///   reusable only when a crash can no longer leave two owners.
 extension QCOW2Driver {
-    static let maxClustersPerAllocation: UInt64 = 64
+    /// Largest run one allocation covers (4 MiB, at least one cluster), so the engine's fill
+    /// buffer stays small even with 2 MiB clusters.
+    var maxClustersPerAllocation: UInt64 { max(1, (4 << 20) / header.clusterSize) }
 
     /// Commits look entries up again and merge subcluster bits, so fills may overlap.
     public var fillsConcurrently: Bool { true }
@@ -117,7 +119,7 @@ extension QCOW2Driver {
         } else {
             // Unallocated or zero clusters: a run of them, up to the end of their L2 table.
             let tableEnd = (offset / header.l1Coverage + 1) * header.l1Coverage
-            let end = min((offset + length).alignedUp(cs), tableEnd, clusterStart + Self.maxClustersPerAllocation * cs)
+            let end = min((offset + length).alignedUp(cs), tableEnd, clusterStart + maxClustersPerAllocation * cs)
             let n = try refcounts.allocate(maxClusters: max(1, (end - clusterStart) / cs))
             a = Allocation(guestOffset: clusterStart, hostOffset: n.offset, length: n.clusters * cs, fresh: n.fresh)
             record = InFlightAllocation(newClusters: (n.offset, n.clusters * cs), partial: false)
