@@ -174,6 +174,26 @@ public final class TableCache: Sendable {
     /// Whether any table waits to be written.
     public var isDirty: Bool { state.withLock { s in s.slots.values.contains { $0.dirtySeq != nil } } }
 
+    /// Makes the child table every two-level format creates on demand (QED L2, VMDK grain
+    /// table, qcow2 L2): `bytes` at `offset` read as `contents` (zeros when nil) in the file
+    /// -- extended without a write when the space lies past everything written (`fresh`),
+    /// written otherwise -- no stale cached piece of that space survives, and the range is
+    /// recorded in `metadata`, so no data mapping may point into it. `touched`: the entry
+    /// offset about to be set, whose piece goes into the cache without a read.
+    public func createTable(at offset: UInt64, bytes: UInt64, contents: [UInt8]? = nil, fresh: Bool,
+                            touched: UInt64? = nil, metadata: MetadataRanges, what: StaticString) throws {
+        discard(offset, length: bytes)
+        if let contents {
+            try file.write(contents, at: offset)
+        } else if fresh {
+            try file.extend(to: offset + bytes)
+        } else {
+            try file.write([UInt8](repeating: 0, count: Int(bytes)), at: offset)
+        }
+        if contents == nil, let touched { try install(table: offset + (touched - offset) / UInt64(tableBytes) * UInt64(tableBytes)) }
+        metadata.insert(.init(start: offset, length: bytes, what: what))
+    }
+
     /// Puts a brand-new table (all `fill`) into the cache, dirty, without reading the disk.
     public func install(table: UInt64, fill: UInt64 = 0) throws {
         var bytes = [UInt8](repeating: 0, count: tableBytes)

@@ -199,10 +199,9 @@ extension QCOW2Driver {
         if old != 0 && e & Self.copiedFlag != 0 { return old }
         let cs = header.clusterSize
         let n = try refcounts.allocate(maxClusters: 1)
-        let bytes = old == 0 ? [UInt8](repeating: 0, count: Int(cs)) : try file.readBytes(count: Int(cs), at: old, what: "qcow2 L2 table")
-        l2.discard(n.offset, length: cs)
-        try file.write(bytes, at: n.offset)
-        metadata.insert(.init(start: n.offset, length: cs, what: "an L2 table"))
+        // A shared table is copied (its entries stay shared); a missing one starts zeroed.
+        let copy = old == 0 ? nil : try file.readBytes(count: Int(cs), at: old, what: "qcow2 L2 table")
+        try l2.createTable(at: n.offset, bytes: cs, contents: copy, fresh: n.fresh, metadata: metadata, what: "an L2 table")
         l1.set(index, n.offset | Self.copiedFlag)
         if old != 0 { refcounts.deferFree(old, length: cs) }
         return n.offset

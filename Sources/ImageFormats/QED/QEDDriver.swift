@@ -205,9 +205,8 @@ public final class QEDDriver: ImageDriver {
         let existing = try l2Table(for: offset)
         if existing != 0 { return (existing, false) }
         let l2 = try allocator.allocate(header.tableBytes)
-        try file.extend(to: l2 + header.tableBytes)
-        try tables.installEmptyChunk(l2, (offset >> clusterBits) & (header.entriesPerTable - 1))
-        metadata.insert(.init(start: l2, length: header.tableBytes, what: "an L2 table"))
+        let entry = tables.slot(l2, (offset >> clusterBits) & (header.entriesPerTable - 1)).chunk
+        try tables.cache.createTable(at: l2, bytes: header.tableBytes, fresh: true, touched: entry, metadata: metadata, what: "an L2 table")
         return (l2, true)
     }
 

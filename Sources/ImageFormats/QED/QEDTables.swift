@@ -33,10 +33,4 @@ struct QEDTables {
         let s = slot(table, index)
         try cache.setEntry(table: s.chunk, index: s.index, value: value)
     }
-
-    /// A brand-new table: its file range already reads as zeros (past the old end of file),
-    /// so only the chunk being changed is put into the cache, without a read.
-    func installEmptyChunk(_ table: UInt64, _ index: UInt64) throws {
-        try cache.install(table: slot(table, index).chunk)
-    }
 }

@@ -193,9 +193,7 @@ final class VMDKSparseExtent: Sendable {
     /// A zeroed grain table at the end of the file (extending it reads as zeros).
     private func newTable() throws -> UInt64 {
         let off = try allocator.allocate(UInt64(header.gtBytes))
-        try file.extend(to: off + UInt64(header.gtBytes))
-        try tables.install(table: off)
-        metadata.insert(.init(start: off, length: UInt64(header.gtBytes), what: "a grain table"))
+        try tables.createTable(at: off, bytes: UInt64(header.gtBytes), fresh: true, touched: off, metadata: metadata, what: "a grain table")
         return off
     }
 
