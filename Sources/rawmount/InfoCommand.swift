@@ -32,6 +32,20 @@ struct InfoCommand: ParsableCommand {
             if let bochs = device.driver as? BochsDriver {
                 info.details.append(("allocated extents", "\(try bochs.allocatedExtents())"))
             }
+            var bitmaps: [QCOW2Bitmap] = []
+            if let qcow2 = device.driver as? QCOW2Driver, qcow2.header.hasBitmaps {
+                do {
+                    bitmaps = try QCOW2Bitmaps.list(qcow2.file, header: qcow2.header)
+                    // Autoclear bit 0 clear: a program without bitmap support wrote the image.
+                    let ignored = qcow2.header.autoclear & 1 == 0 ? "; QEMU ignores it (autoclear bit 0 is clear)" : ""
+                    for b in bitmaps {
+                        let flags = b.flagNames.isEmpty ? "none (disabled)" : b.flagNames.joined(separator: ", ")
+                        info.details.append(("bitmap \(b.name)", "granularity \(b.granularity), flags: \(flags)\(ignored)"))
+                    }
+                } catch {
+                    info.details.append(("bitmap directory", "unreadable: \(describe(error))"))
+                }
+            }
             if let qcow2 = device.driver as? QCOW2Driver {
                 // What `mount --snapshot ID|NAME` can show.
                 do {
@@ -54,6 +68,11 @@ struct InfoCommand: ParsableCommand {
                 ]
                 let backing = chain.dropFirst().map { "{\"filename\": \(jsonString($0.driver.file.path)), \"format\": \(jsonString($0.driver.info.format))}" }
                 fields.append("\"backing-chain\": [\(backing.joined(separator: ", "))]")
+                // qemu-img info's names for the same fields.
+                let maps = bitmaps.map { b in
+                    "{\"name\": \(jsonString(b.name)), \"granularity\": \(b.granularity), \"flags\": [\(b.flagNames.map(jsonString).joined(separator: ", "))]}"
+                }
+                if !maps.isEmpty { fields.append("\"bitmaps\": [\(maps.joined(separator: ", "))]") }
                 let details = info.details.map { "\(jsonString($0.0)): \(jsonString($0.1))" }
                 fields.append("\"details\": {\(details.joined(separator: ", "))}")
                 print("{\n  " + fields.joined(separator: ",\n  ") + "\n}")

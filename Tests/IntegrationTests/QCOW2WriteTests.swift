@@ -234,6 +234,9 @@ final class QCOW2WriteTests: XCTestCase {
         XCTAssertEqual(check.status, 0, check.out + check.err)
         let info = try Harness.run(["qemu-img", "info", bm]).out
         XCTAssertTrue(info.contains("in-use"), "the bitmap is not flagged inconsistent: \(info)")
+        // `rawmount info` lists the bitmaps with qemu-img's flag names.
+        let ours = try Harness.run([Harness.rawmount, "info", "--json", bm]).out
+        XCTAssertTrue(ours.contains("\"bitmaps\": [{\"name\": \"b0\", \"granularity\": 65536, \"flags\": [\"in-use\", \"auto\"]}]"), ours)
     }
 
     /// `rawmount create -f qcow2` with every option: qemu-img accepts the result and reports

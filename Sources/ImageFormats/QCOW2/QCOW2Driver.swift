@@ -116,8 +116,8 @@ public final class QCOW2Driver: ImageDriver {
             details.append(("internal snapshots", "\(h.snapshots) (the active disk is shown)"))
         }
         if h.hasBitmaps {
-            details.append(("dirty bitmaps", writable ? "present; flagged in use (inconsistent), since rawmount does not keep them yet"
-                                                      : "present (left untouched)"))
+            details.append(("dirty bitmaps", writable ? "\(h.bitmapCount); flagged in use (inconsistent), since rawmount does not keep them yet"
+                                                      : "\(h.bitmapCount)"))
         }
         if h.incompatible & QCOW2Header.incompatibleDirty != 0 { details.append(("dirty", "yes (refcounts may be stale; reads are not affected)")) }
         if h.incompatible & QCOW2Header.incompatibleCorrupt != 0 { details.append(("corrupt", "marked corrupt by QEMU")) }
