@@ -65,6 +65,17 @@ public final class MetadataRanges: Sendable {
         }
     }
 
+    /// Records many tables at once (one sort, not one shifted insert each: a writable qcow2
+    /// open adds up to a million refcount blocks and 65536 snapshot L1 tables).
+    public func insert(contentsOf more: [Range], file: String) throws {
+        guard !more.isEmpty else { return }
+        try state.withLock { s in
+            try Self.checkCount(s.ranges.count + more.count, file: file)
+            s.ranges = (s.ranges + more.filter { $0.end > $0.start }).sorted { ($0.start, $0.end) < ($1.start, $1.end) }
+            s.maxEnd = Self.prefixMax(s.ranges)
+        }
+    }
+
     /// Forgets the table recorded at `start` (freed by a writer that reuses space: qcow2).
     public func remove(start: UInt64) {
         state.withLock { s in

@@ -70,7 +70,7 @@ public enum QCOW2Bitmaps {
         for i in bitmaps.indices where !bitmaps[i].inUse {
             let v = bitmaps[i].flags | flagInUse
             let e = bitmaps[i].entryOffset
-            for k in 0..<4 { dir[e + 12 + k] = UInt8(truncatingIfNeeded: v >> (8 * UInt32(3 - k))) }
+            put32be(&dir, e + 12, v)
             bitmaps[i].flags = v
             changed = true
         }

@@ -42,7 +42,7 @@ final class ReferenceCounts: @unchecked Sendable {  // used by one thread
     let file: String
     init(file: String) { self.file = file }
 
-    func add(_ cluster: UInt64) throws {
+    func add(_ cluster: UInt64, times: UInt64 = 1) throws {
         let p = cluster >> Self.pageBits
         if pages[p] == nil {
             guard pages.count < Self.maxPages else {
@@ -51,7 +51,7 @@ final class ReferenceCounts: @unchecked Sendable {  // used by one thread
             pages[p] = [UInt16](repeating: 0, count: 1 << Self.pageBits)
         }
         let i = Int(cluster & ((1 << Self.pageBits) - 1))
-        if pages[p]![i] < .max { pages[p]![i] += 1 }
+        pages[p]![i] = UInt16(min(UInt64(pages[p]![i]) + times, UInt64(UInt16.max)))
     }
 
     func count(_ cluster: UInt64) -> UInt64 {
@@ -85,6 +85,9 @@ public enum QCOW2Check {
         let fileSize = try file.size()
         let fileClusters = (fileSize + cs - 1) / cs
         let counts = ReferenceCounts(file: file.path)
+        // How many references the range being counted stands for (an L2 table named by
+        // several L1 entries is read once and its clusters counted that many times).
+        var weight: UInt64 = 1
         func addRange(_ start: UInt64, _ length: UInt64, _ what: String) throws -> Bool {
             guard length > 0 else { return true }
             guard start < fileSize, start + length <= fileClusters * cs else {
@@ -93,12 +96,15 @@ public enum QCOW2Check {
                 return false
             }
             var c = start / cs
-            while c <= (start + length - 1) / cs { try counts.add(c); c += 1 }
+            while c <= (start + length - 1) / cs { try counts.add(c, times: weight); c += 1 }
             return true
         }
         _ = try addRange(0, cs, "the header")
 
-        // Every L1 (active and snapshots) counts its L2 tables, each L2 its clusters.
+        // Every L1 (active and snapshots) names L2 tables; each distinct table is then read
+        // once, so aliased entries (hostile, or many snapshots sharing tables) cost no more
+        // reading than the tables the file holds.
+        var l2References: [UInt64: (count: UInt64, name: String)] = [:]
         func walkL1(_ offset: UInt64, _ entries: UInt64, _ name: String) throws {
             guard try addRange(offset, entries * 8, "\(name) L1 table") else { return }
             try FlatTable.forEachEntry(file, start: offset, count: entries, encoding: .u64BE, what: "\(name) L1 table") { i, e in
@@ -109,9 +115,16 @@ public enum QCOW2Check {
                     report.note("\(name) L1 entry \(i): L2 table offset \(t) is not cluster aligned")
                     return
                 }
-                guard try addRange(t, cs, "\(name) L1 entry \(i): L2 table") else { return }
-                report.l2Tables += 1
-                try walkL2(t, name)
+                l2References[t, default: (0, name)].count += 1
+            }
+        }
+        func walkL2Tables() throws {
+            for (t, r) in l2References.sorted(by: { $0.key < $1.key }) {
+                weight = r.count
+                defer { weight = 1 }
+                guard try addRange(t, cs, "\(r.name) L2 table") else { continue }
+                report.l2Tables += Int(r.count)
+                try walkL2(t, r.name)
             }
         }
         func walkL2(_ table: UInt64, _ name: String) throws {
@@ -122,14 +135,12 @@ public enum QCOW2Check {
                 let e = view[i]
                 let bitmap = h.extendedL2 ? view[i + 1] : 0
                 if e & QCOW2Driver.compressedFlag != 0 {
-                    let x = 62 - (UInt64(h.clusterBits) - 8)
-                    let host = e & ((1 << x) - 1)
-                    let sectors = ((e >> x) & ((1 << (UInt64(h.clusterBits) - 8)) - 1)) + 1
+                    let (host, bytes) = h.compressedRange(e)
                     if e & QCOW2Driver.copiedFlag != 0 {
                         report.copiedErrors += 1
                         report.note("\(name) L2 table at \(table), entry \(i / step): a compressed cluster has COPIED set")
                     }
-                    if try addRange(host, sectors * 512 - (host & 511), "compressed cluster (L2 table at \(table))") { report.compressedClusters += 1 }
+                    if try addRange(host, bytes, "compressed cluster (L2 table at \(table))") { report.compressedClusters += 1 }
                     continue
                 }
                 let host = e & QCOW2Driver.offsetMask
@@ -151,7 +162,13 @@ public enum QCOW2Check {
         let (snapshots, snapshotBytes) = try QCOW2Snapshots.readTable(from: file, header: h)
         if snapshotBytes > 0 { _ = try addRange(h.snapshotsOffset, snapshotBytes, "the snapshot table") }
         for s in snapshots { try walkL1(s.l1Offset, UInt64(s.l1Entries), "snapshot '\(s.name)'") }
-        try walkBitmaps(file: file, header: h, fileSize: fileSize, addRange)
+        try walkL2Tables()
+        do {
+            try walkBitmaps(file: file, header: h, fileSize: fileSize, addRange)
+        } catch let e as BlockError {
+            report.invalidEntries += 1
+            report.note("\(e)")
+        }
 
         let refcounts = try QCOW2Refcounts(file: file, header: h, fileSize: fileSize, excluded: { counts.count($0) > 0 })
         let table = refcounts.tableRange
@@ -190,6 +207,7 @@ public enum QCOW2Check {
 
         // COPIED on the active tables: set exactly when the refcount is 1.
         func refcountNow(_ c: UInt64) throws -> UInt64 { repair ? counts.count(c) : try refcounts.refcount(c) }
+        var visited = Set<UInt64>()
         try FlatTable.forEachEntry(file, start: h.l1Offset, count: UInt64(h.l1Entries), encoding: .u64BE, what: "active L1 table") { i, e in
             let t = e & l1Mask
             guard t != 0, t % cs == 0, t + cs <= fileSize else { return }
@@ -204,6 +222,7 @@ public enum QCOW2Check {
                     report.repairedCopied += 1
                 }
             }
+            guard visited.insert(t).inserted else { return }  // an aliased table is looked at once
             let bytes = try file.readBytes(count: Int(cs), at: t, what: "qcow2 L2 table")
             let view = TableView(bytes: bytes, encoding: .u64BE)
             let step = Int(h.l2EntryBytes / 8)
@@ -229,24 +248,21 @@ public enum QCOW2Check {
         return report
     }
 
-    /// The bitmap directory, each bitmap's table and (unless `tablesOnly`) the clusters it names.
+    /// The bitmap directory, each bitmap's table and (unless `tablesOnly`) the clusters it
+    /// names. With autoclear bit 0 clear QEMU ignores the bitmaps (their clusters count as
+    /// leaked), and so does this walk.
     static func walkBitmaps(file: ImageFile, header h: QCOW2Header, fileSize: UInt64, tablesOnly: Bool = false,
                             _ addRange: (UInt64, UInt64, String) throws -> Bool) throws {
-        guard h.hasBitmaps, h.bitmapCount > 0, h.bitmapDirectorySize > 0 else { return }
-        guard h.bitmapDirectorySize <= 64 << 20, try addRange(h.bitmapDirectoryOffset, h.bitmapDirectorySize, "the bitmap directory") else { return }
-        let dir = try file.readBytes(count: Int(h.bitmapDirectorySize), at: h.bitmapDirectoryOffset, what: "qcow2 bitmap directory")
-        var at = 0
-        for _ in 0..<h.bitmapCount {
-            guard at + 24 <= dir.count else { return }
-            let tableOffset = be64(dir, at), tableEntries = UInt64(be32(dir, at + 8))
-            let nameSize = Int(dir[at + 18]) << 8 | Int(dir[at + 19]), extra = Int(be32(dir, at + 20))
-            if tableEntries > 0, tableEntries <= 1 << 24, try addRange(tableOffset, tableEntries * 8, "a bitmap table"), !tablesOnly {
-                try FlatTable.forEachEntry(file, start: tableOffset, count: tableEntries, encoding: .u64BE, what: "qcow2 bitmap table") { _, e in
-                    let c = e & l1Mask
-                    if c != 0 { _ = try addRange(c, h.clusterSize, "a bitmap data cluster") }
-                }
+        guard h.hasBitmaps, h.autoclear & QCOW2Header.autoclearBitmaps != 0 else { return }
+        let bitmaps = try QCOW2Bitmaps.readDirectory(file, header: h, fileSize: fileSize).bitmaps
+        guard try addRange(h.bitmapDirectoryOffset, h.bitmapDirectorySize, "the bitmap directory") else { return }
+        for b in bitmaps where b.tableEntries > 0 {
+            let entries = UInt64(b.tableEntries)
+            guard entries <= 1 << 24, try addRange(b.tableOffset, entries * 8, "the table of bitmap '\(b.name)'"), !tablesOnly else { continue }
+            try FlatTable.forEachEntry(file, start: b.tableOffset, count: entries, encoding: .u64BE, what: "qcow2 bitmap table") { _, e in
+                let c = e & l1Mask
+                if c != 0 { _ = try addRange(c, h.clusterSize, "a data cluster of bitmap '\(b.name)'") }
             }
-            at += (24 + extra + nameSize + 7) / 8 * 8
         }
     }
 }

@@ -92,7 +92,7 @@ public enum QCOW2Create {
     /// The header, its extensions (backing format, feature names) and the backing name.
     static func headerCluster(_ h: QCOW2Header, options o: Options) throws -> [UInt8] {
         var b = [UInt8](repeating: 0, count: Int(h.clusterSize))
-        func put32(_ o: Int, _ v: UInt64) { for k in 0..<4 { b[o + k] = UInt8(truncatingIfNeeded: v >> (8 * UInt64(3 - k))) } }
+        func put32(_ o: Int, _ v: UInt64) { put32be(&b, o, UInt32(v)) }
         b.replaceSubrange(0..<4, with: QCOW2Header.magic)
         put32(4, UInt64(h.version))
         put32(20, UInt64(h.clusterBits))

@@ -81,18 +81,23 @@ public final class QCOW2Driver: ImageDriver {
         if let refcounts {
             // A write must never land on the refcount structures, the snapshot table, a
             // snapshot's L1 or the bitmaps either (their tables are bounded by QEMU's limits).
+            var extra: [MetadataRanges.Range] = []
             let (snapshots, snapshotBytes) = try QCOW2Snapshots.readTable(from: file, header: h)
-            if snapshotBytes > 0 { metadata.insert(.init(start: h.snapshotsOffset, length: snapshotBytes, what: "the snapshot table")) }
+            if snapshotBytes > 0 { extra.append(.init(start: h.snapshotsOffset, length: snapshotBytes, what: "the snapshot table")) }
             for s in snapshots where s.l1Entries > 0 {
-                metadata.insert(.init(start: s.l1Offset, length: UInt64(s.l1Entries) * 8, what: "a snapshot's L1 table"))
+                extra.append(.init(start: s.l1Offset, length: UInt64(s.l1Entries) * 8, what: "a snapshot's L1 table"))
             }
-            let ranges = metadata
-            try QCOW2Check.walkBitmaps(file: file, header: h, fileSize: fileSize, tablesOnly: true) { start, length, _ in
-                ranges.insert(.init(start: start, length: length, what: "a bitmap directory or table"))
-                return true
+            // (By now the bitmaps are valid and flagged in use, or QEMU ignores them.)
+            if h.autoclear & QCOW2Header.autoclearBitmaps != 0 {
+                try QCOW2Check.walkBitmaps(file: file, header: h, fileSize: fileSize, tablesOnly: true) { start, length, _ in
+                    extra.append(.init(start: start, length: length, what: "a bitmap directory or table"))
+                    return true
+                }
             }
             let t = refcounts.tableRange
-            metadata.insert(.init(start: t.offset, length: t.bytes, what: "the refcount table"))
+            extra.append(.init(start: t.offset, length: t.bytes, what: "the refcount table"))
+            try metadata.insert(contentsOf: extra, file: file.path)
+            var blocks: [MetadataRanges.Range] = []
             for b in refcounts.blockOffsets {
                 guard b <= fileSize, h.clusterSize <= fileSize - b else {
                     throw BlockError.invalid(file: file.path, field: "refcount table", detail: "block offset \(b) lies outside the \(fileSize)-byte file")
@@ -100,8 +105,9 @@ public final class QCOW2Driver: ImageDriver {
                 if let m = metadata.overlap(b, h.clusterSize) {
                     throw BlockError.invalid(file: file.path, field: "refcount table", detail: "block at \(b) lies in \(m.what) at \(m.start)")
                 }
-                metadata.insert(.init(start: b, length: h.clusterSize, what: "a refcount block"))
+                blocks.append(.init(start: b, length: h.clusterSize, what: "a refcount block"))
             }
+            try metadata.insert(contentsOf: blocks, file: file.path)
         }
         var details: [(String, String)] = [
             ("version", "\(h.version)"),
@@ -187,9 +193,7 @@ public final class QCOW2Driver: ImageDriver {
         let inCluster = offset % cs
         let clusterEnd = min(end, offset - inCluster + cs)
         if e & Self.compressedFlag != 0 {
-            let x = 62 - (UInt64(header.clusterBits) - 8)
-            let host = e & ((1 << x) - 1)
-            let sectors = ((e >> x) & ((1 << (UInt64(header.clusterBits) - 8)) - 1)) + 1
+            let (host, size) = header.compressedRange(e)
             guard host < knownEnd || host < file.end(cached: knownEnd) else {
                 throw BlockError.invalid(file: file.path, field: "L2 entry for guest offset \(offset - inCluster)",
                                          detail: "compressed cluster at \(host) lies outside the \(fileSize)-byte file")
@@ -198,7 +202,7 @@ public final class QCOW2Driver: ImageDriver {
                 throw BlockError.invalid(file: file.path, field: "L2 entry for guest offset \(offset - inCluster)",
                                          detail: "compressed cluster at \(host) lies in \(m.what) at \(m.start)")
             }
-            return .compressed(host: host, size: sectors * 512 - (host & 511), length: clusterEnd - offset)
+            return .compressed(host: host, size: size, length: clusterEnd - offset)
         }
         let host = e & Self.offsetMask
         if host != 0 && host % cs != 0 {

@@ -45,8 +45,7 @@ public struct QCOW2Header: Sendable {
     static let compatibleLazyRefcounts: UInt64 = 1 << 0
     static let autoclearBitmaps: UInt64 = 1 << 0
     /// Where the fields a writer changes live in the header.
-    public enum Field { public static let l1Entries = 36, l1Offset = 40, refcountTableOffset = 48, refcountTableClusters = 56,
-                 incompatible = 72, autoclear = 88 }
+    public enum Field { public static let refcountTableOffset = 48, refcountTableClusters = 56, incompatible = 72, autoclear = 88 }
     /// QEMU's limit on the refcount table (8 MiB).
     static let maxRefcountTableBytes: UInt64 = 8 << 20
 
@@ -154,6 +153,15 @@ public struct QCOW2Header: Sendable {
         }
     }
 
+    /// Where a compressed L2 entry's bytes lie: the host offset and how many bytes from it
+    /// (whole 512-byte sectors counted from the sector the offset is in).
+    func compressedRange(_ e: UInt64) -> (host: UInt64, bytes: UInt64) {
+        let x = 62 - (UInt64(clusterBits) - 8)
+        let host = e & ((1 << x) - 1)
+        let sectors = ((e >> x) & ((1 << (UInt64(clusterBits) - 8)) - 1)) + 1
+        return (host, sectors * 512 - (host & 511))
+    }
+
     /// The refcount table must start on a cluster past the header, lie inside the file and
     /// stay within QEMU's 8 MiB (checked when the image is opened for writing or checked).
     func checkRefcountTable(fileSize: UInt64, path: String) throws {
@@ -206,8 +214,3 @@ public struct QCOW2Header: Sendable {
         }
     }
 }
-
-func be32(_ b: [UInt8], _ o: Int) -> UInt32 {
-    UInt32(b[o]) << 24 | UInt32(b[o + 1]) << 16 | UInt32(b[o + 2]) << 8 | UInt32(b[o + 3])
-}
-func be64(_ b: [UInt8], _ o: Int) -> UInt64 { UInt64(be32(b, o)) << 32 | UInt64(be32(b, o + 4)) }

@@ -43,13 +43,9 @@ final class QCOW2L1: Sendable {
         let pieces: [(UInt64, [UInt8])] = state.withLock { s in
             defer { s.dirty = [] }
             return Set(s.dirty.map { $0 / 64 }).sorted().map { p in
-                var bytes: [UInt8] = []
-                bytes.reserveCapacity(512)
-                for i in p * 64 ..< min(p * 64 + 64, s.table.count) {
-                    var b = [UInt8](repeating: 0, count: 8)
-                    put64be(&b, 0, s.table[i])
-                    bytes += b
-                }
+                let first = p * 64, n = min(64, s.table.count - first)
+                var bytes = [UInt8](repeating: 0, count: n * 8)
+                for i in 0..<n { put64be(&bytes, i * 8, s.table[first + i]) }
                 return (offset + UInt64(p) * 512, bytes)
             }
         }

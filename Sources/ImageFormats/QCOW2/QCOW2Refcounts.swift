@@ -338,7 +338,3 @@ final class QCOW2Refcounts: Sendable {
         for (ci, bytes) in pending.clusters { try file.write(bytes, at: pending.offset + UInt64(ci) * clusterSize) }
     }
 }
-
-func put64be(_ b: inout [UInt8], _ o: Int, _ v: UInt64) {
-    for k in 0..<8 { b[o + k] = UInt8(truncatingIfNeeded: v >> (8 * UInt64(7 - k))) }
-}

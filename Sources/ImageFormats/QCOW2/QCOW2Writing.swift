@@ -131,10 +131,8 @@ extension QCOW2Driver {
     /// The host bytes an entry names (a compressed cluster's range may span two clusters).
     private func replaced(_ e: UInt64) throws -> (offset: UInt64, bytes: UInt64)? {
         if e & Self.compressedFlag != 0 {
-            let x = 62 - (UInt64(header.clusterBits) - 8)
-            let host = e & ((1 << x) - 1)
-            let sectors = ((e >> x) & ((1 << (UInt64(header.clusterBits) - 8)) - 1)) + 1
-            return (host, sectors * 512 - (host & 511))
+            let r = header.compressedRange(e)
+            return (r.host, r.bytes)
         }
         let host = e & Self.offsetMask
         return host == 0 ? nil : (host, header.clusterSize)
