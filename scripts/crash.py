@@ -5,7 +5,8 @@ completed fsync covered, then ask the peers what is left.
 Each round: create an image with qemu-img, mount it writable, write whole 64 KiB regions
 (each with its own version pattern) from a writer thread, fsync every few writes, and kill
 the server with SIGKILL at a random moment (some VDI rounds pause the server between the
-header and the map write of a flush, so the kill lands there). Then:
+header and the map write of a flush, some qcow2 rounds between the two writes of each
+ordering the crash rules need, so the kill lands there). Then:
   1. qemu-img check right after the crash: clean, leaks only, or corrupt;
   2. every region a completed fsync covered still holds that version or a later one;
   3. a writable remount (which repairs) and unmount; qemu-img check must then be 0 or 3;
@@ -108,9 +109,13 @@ def one_round(fmt, rng, work):
         run(["qemu-img", "snapshot", "-c", "before", img])
         snapshot = qemu_raw_snapshot(img, os.path.join(work, "snap.raw"))
     env = dict(os.environ)
-    paused = fmt == "vdi" and rng.random() < 0.3
-    if paused:
+    paused = fmt in ("vdi", "qcow2") and rng.random() < 0.3
+    if paused and fmt == "vdi":
         env["RAWMOUNT_TEST_VDI_PAUSE_AFTER_HEADER_US"] = "3000000"
+    if paused and fmt == "qcow2":
+        # Between a new L2 table and its L1 entry, an unlink and its refcount drop, a grown
+        # refcount table and the header switch.
+        env["RAWMOUNT_TEST_QCOW2_PAUSE_US"] = "3000000"
     run([RAWMOUNT, "mount", img, mnt], env=env)
     raw = os.path.join(mnt, "c.raw")
     with open(pid_file(os.path.realpath(mnt))) as f:

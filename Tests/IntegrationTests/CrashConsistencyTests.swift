@@ -126,6 +126,43 @@ final class CrashConsistencyTests: XCTestCase {
         try Harness.run(["qemu-img", "check", img])
     }
 
+    /// qcow2, killed exactly between the two writes of an ordering (the test pause holds the
+    /// server there): a new L2 table is durable but its L1 entry is not, and an unlink is
+    /// durable but the refcount drop is not. Both must leave leaked clusters only (exit 3):
+    /// the other order would leave an L1 naming a table that is not there, or a cluster
+    /// referenced with refcount 0 (exit 2).
+    func testQCOW2KillInsideEachOrderingLeavesOnlyLeaks() throws {
+        for step in ["new L2 table, L1 not yet", "unlink, refcount drop not yet"] {
+            let s = try Scratch()
+            let img = s.path("o.qcow2")
+            try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", img, "1G"])
+            try Harness.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 1M", img])
+            try s.mount(img, environment: ["RAWMOUNT_TEST_QCOW2_PAUSE_US": "30000000"])
+            guard let pid = try serverPid(s) else { XCTFail("no pid"); return }
+            let raw = s.mnt + "/o.raw"
+            let writer = Process()
+            writer.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+            writer.arguments = step.hasPrefix("new")
+                // 600 MiB lies under an L1 entry with no L2 table yet.
+                ? ["dd", "if=/dev/zero", "of=\(raw)", "bs=64k", "count=1", "seek=9600", "conv=notrunc,fsync", "status=none"]
+                : ["python3", "-c", "import ctypes, os, sys; f = os.open(sys.argv[1], os.O_RDWR); "
+                   + "assert ctypes.CDLL(None).fallocate(f, 3, ctypes.c_long(0), ctypes.c_long(1 << 20)) == 0; os.fsync(f)", raw]
+            try writer.run()
+            usleep(2_000_000)  // the flush reaches the pause well within this
+            XCTAssertTrue(writer.isRunning, "\(step): the fsync returned before the pause")
+            kill(pid, SIGKILL)
+            writer.waitUntilExit()
+            _ = try Harness.run([Harness.rawmount, "unmount", s.mnt], check: false)
+            try s.forgetMount(s.mnt)
+            let check = try Harness.run(["qemu-img", "check", img], check: false)
+            XCTAssertEqual(check.status, 3, "\(step): \(check.out)\(check.err)")
+            let data = try s.qemuRaw(img)
+            let first = data.prefix(1 << 20)
+            XCTAssertTrue(first == Data(repeating: 0x11, count: 1 << 20) || first == Data(count: 1 << 20), "\(step): the first MiB is torn")
+            if step.hasPrefix("unlink") { XCTAssertEqual(first, Data(count: 1 << 20), "the durable unlink was lost") }
+        }
+    }
+
     /// The server's pid, from its pid file (root mounts).
     func serverPid(_ s: Scratch) throws -> pid_t? {
         let pidFile = "/run/rawmount/" + s.mnt.replacingOccurrences(of: "%", with: "%25").replacingOccurrences(of: "/", with: "%2F") + ".pid"

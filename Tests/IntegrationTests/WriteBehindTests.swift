@@ -95,27 +95,30 @@ final class WriteBehindTests: XCTestCase {
     /// mount still unmounts, and the image is consistent for qemu-img. Whether closing then
     /// fails too depends on which write hit the wall (see the next test for that path).
     func testHostDiskFullReachesTheWriterAndTheLog() throws {
-        let s = try Scratch()
-        let small = try s.tmpfs("small", size: "6M")
-        let img = small + "/full.qed"
-        try Harness.run(["qemu-img", "create", "-q", "-f", "qed", img, "64M"])
-        try s.mount(img)
-        let dd = try Harness.run(["dd", "if=/dev/urandom", "of=\(s.mnt)/full.raw", "bs=1M", "count=32",
-                                  "oflag=direct", "conv=notrunc,fsync", "status=none"], check: false)
-        XCTAssertNotEqual(dd.status, 0, "dd succeeded on a full host file system")
-        XCTAssertTrue(dd.err.contains("No space left on device"), dd.err)
-        let u = try Harness.run([Harness.rawmount, "unmount", s.mnt], check: false)
-        if u.status != 0 {
-            XCTAssertEqual(u.status, 1, u.err)
-            XCTAssertTrue(u.err.contains("unmounted, but closing \(img)") && u.err.contains("No space left on device"), u.err)
+        for format in ["qed", "qcow2"] {
+            let s = try Scratch()
+            let small = try s.tmpfs("small", size: "6M")
+            let img = small + "/full.\(format)"
+            try Harness.run(["qemu-img", "create", "-q", "-f", format, img, "64M"])
+            try s.mount(img)
+            let dd = try Harness.run(["dd", "if=/dev/urandom", "of=\(s.mnt)/full.raw", "bs=1M", "count=32",
+                                      "oflag=direct", "conv=notrunc,fsync", "status=none"], check: false)
+            XCTAssertNotEqual(dd.status, 0, "\(format): dd succeeded on a full host file system")
+            XCTAssertTrue(dd.err.contains("No space left on device"), dd.err)
+            let u = try Harness.run([Harness.rawmount, "unmount", s.mnt], check: false)
+            if u.status != 0 {
+                XCTAssertEqual(u.status, 1, u.err)
+                XCTAssertTrue(u.err.contains("unmounted, but closing \(img)") && u.err.contains("No space left on device"), u.err)
+            }
+            XCTAssertNotEqual(try Harness.run(["mountpoint", "-q", s.mnt], check: false).status, 0)
+            let log = try String(contentsOfFile: s.serverLog, encoding: .utf8)
+            XCTAssertTrue(log.contains("No space left on device"), log)
+            XCTAssertTrue(log.contains("full.\(format)") && log.contains("acknowledged earlier"), log)
+            let check = try Harness.run(["qemu-img", "check", img], check: false)
+            XCTAssertTrue(check.status == 0 || check.status == 3, "\(format): corrupt after ENOSPC: \(check.out)\(check.err)")
+            XCTAssertFalse(check.out.contains("ERROR"), check.out)
+            try s.forgetMount(s.mnt)
         }
-        XCTAssertNotEqual(try Harness.run(["mountpoint", "-q", s.mnt], check: false).status, 0)
-        let log = try String(contentsOfFile: s.serverLog, encoding: .utf8)
-        XCTAssertTrue(log.contains("No space left on device"), log)
-        XCTAssertTrue(log.contains("full.qed") && log.contains("acknowledged earlier"), log)
-        let check = try Harness.run(["qemu-img", "check", img], check: false)
-        XCTAssertTrue(check.status == 0 || check.status == 3, "corrupt after ENOSPC: \(check.out)\(check.err)")
-        XCTAssertFalse(check.out.contains("ERROR"), check.out)
     }
 
     /// The disk under the image dies after a write was acknowledged: closing cannot write

@@ -1,4 +1,5 @@
 import BlockEngine
+import Glibc
 import Synchronization
 
 /// Refcounts of 1 to 64 bits packed in a refcount block, as QEMU stores them: widths of 8
@@ -262,6 +263,7 @@ final class QCOW2Refcounts: Sendable {
         let tableOffset = (area + k) * clusterSize
         try file.write(bytes, at: tableOffset)
         try file.sync()
+        if QCOW2Driver.testPause > 0 { usleep(QCOW2Driver.testPause) }
         try QCOW2Header.writeField(file, at: QCOW2Header.Field.refcountTableOffset, tableOffset, bytes: 8)
         try QCOW2Header.writeField(file, at: QCOW2Header.Field.refcountTableClusters, t, bytes: 4)
         try file.sync()

@@ -1,4 +1,5 @@
 import BlockEngine
+import Glibc
 import Synchronization
 
 /// What `allocate` handed out, for `commit` and `abandon` (kept by host offset).
@@ -236,6 +237,11 @@ extension QCOW2Driver {
     // MARK: lifecycle
 
     /// What the last commit or zeroing stopped pointing at (the engine releases it after a flush).
+    /// Tests only: pauses between the two writes of each ordering a crash must not break (a
+    /// new L2 table durable / the L1 naming it; an unlink durable / the refcount drop; a new
+    /// refcount table durable / the header naming it), so a kill -9 lands exactly there.
+    static let testPause: UInt32 = getenv("RAWMOUNT_TEST_QCOW2_PAUSE_US").flatMap { UInt32(String(cString: $0)) } ?? 0
+
     public func takeUnlinked() -> [HostRange] {
         refcounts?.takePendingFrees().map { HostRange(offset: $0.start, length: $0.length) } ?? []
     }
@@ -244,6 +250,7 @@ extension QCOW2Driver {
     /// reaches 0 is punched and stops counting as metadata before it can be handed out.
     public func release(_ ranges: [HostRange]) throws {
         let refcounts = try writer
+        if Self.testPause > 0 { usleep(Self.testPause) }
         var freed: [UInt64] = []
         try refcounts.applyFrees(ranges.map { ($0.offset, $0.length) }) { cluster in
             metadata.remove(start: cluster)  // a freed L2 table may come back as data
@@ -260,6 +267,7 @@ extension QCOW2Driver {
             if l1.isDirty {
                 try refcounts.writeDirty()
                 try file.sync()  // new L2 tables (and their refcounts) before the L1 names them
+                if Self.testPause > 0 { usleep(Self.testPause) }
                 try l1.writeDirty(file)
             }
             try refcounts.writeDirty()
