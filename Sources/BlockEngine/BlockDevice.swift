@@ -165,7 +165,7 @@ public final class BlockDevice: Sendable {
             let m = try driver.map(offset + pos, maxLength: total - pos)
             // After the first mapping: a write refused for a damaged table changes nothing
             // (VMDK would otherwise already have a new CID).
-            if !announced { try driver.willWrite(); announced = true }
+            if !announced { try driver.willWrite(); driver.noteGuestChange(offset, length: total); announced = true }
             let n = min(max(m.length, 1), total - pos)
             if case let .data(host, _) = m {
                 try writeHost(UnsafeRawBufferPointer(rebasing: data[Int(pos)..<Int(pos + n)]), at: host)
@@ -332,6 +332,7 @@ public final class BlockDevice: Sendable {
         }
         try checkZeroing(at: offset, length: length)
         try driver.willWrite()
+        driver.noteGuestChange(offset, length: length)
         var pos = offset
         let end = offset + length
         while pos < end {

@@ -142,6 +142,11 @@ public protocol ImageDriver: AnyObject, Sendable {
 
     /// Called once before every guest write or zeroing (VMDK bumps its CID on the first).
     func willWrite() throws
+    /// Guest bytes `[offset, offset+length)` are being written, zeroed or discarded (qcow2
+    /// records them in its dirty bitmaps).
+    func noteGuestChange(_ offset: UInt64, length: UInt64)
+    /// The image's consistent dirty bitmaps, by name, for views (empty for most formats).
+    var dirtyBitmaps: [(name: String, bits: DirtyBitmap)] { get }
 
     /// Refuses a guest write the image must not take (a probed raw image: another format's
     /// header in its first sector). Called before anything is written.
@@ -160,6 +165,8 @@ extension ImageDriver {
     public var readOnlyReason: String? { nil }
     public var fillsConcurrently: Bool { false }
     public func willWrite() throws {}
+    public func noteGuestChange(_ offset: UInt64, length: UInt64) {}
+    public var dirtyBitmaps: [(name: String, bits: DirtyBitmap)] { [] }
     public func writeBack() throws { try flush() }
     public func checkWrite(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {}
     @inline(__always)

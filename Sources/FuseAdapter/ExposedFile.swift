@@ -14,16 +14,38 @@ public struct ExposedFile: Sendable {
     /// Preferred I/O size (st_blksize): the image's cluster size.
     public var blockSize: Int { Int(min(max(device.clusterSize, 512), 1 << 20)) }
 
+    /// A view over another file's disk (a dirty bitmap's): read-only, served with direct
+    /// I/O so it always shows the disk as it is now, and sized by `dirtyBytes`.
+    public let viewOf: WriteBehind?
+    let viewBytes: (@Sendable () -> UInt64)?
+    public var isView: Bool { viewBytes != nil }
+    /// Writes still queued for this file's disk, applied before it is read or sought.
+    var pendingWrites: WriteBehind? { writeBehind ?? viewOf }
+
     public init(name: String, device: BlockDevice, readOnly: Bool) {
         self.name = name
         self.device = device
         self.readOnly = readOnly || !device.isWritable
         writeBehind = self.readOnly ? nil : WriteBehind(device: device)
+        viewOf = nil
+        viewBytes = nil
+    }
+
+    /// A read-only view (`device`, whose backing is `source`'s disk) whose st_blocks is
+    /// `dataBytes`.
+    public init(name: String, view device: BlockDevice, of source: ExposedFile, dataBytes: @escaping @Sendable () -> UInt64) {
+        self.name = name
+        self.device = device
+        readOnly = true
+        writeBehind = nil
+        viewOf = source.writeBehind
+        viewBytes = dataBytes
+        lastChange = source.lastChange
     }
 
     /// When the disk was last changed through this mount (nil: not yet); shown as the
     /// file's mtime and ctime, so tools that compare times (make, rsync -u, backups) see it.
-    private let lastChange = ChangeClock()
+    private var lastChange = ChangeClock()
     func noteChange() { lastChange.note() }
     /// Changes finished (or handed to the write-behind); `PeriodicFlush` writes back after it moves.
     private let finished = Counter()
@@ -36,7 +58,8 @@ public struct ExposedFile: Sendable {
     /// past the stat budget gives way to the host file's allocation, for good.
     private let allocation = AllocationCache()
     var allocatedBytes: UInt64 {
-        allocation.value(now: monotonicSeconds()) { walk in
+        if let viewBytes { return viewBytes() }
+        return allocation.value(now: monotonicSeconds()) { walk in
             guard walk, let bytes = try? device.allocatedBytes(budget: .stat) else {
                 return (device.estimatedAllocatedBytes(), false)
             }

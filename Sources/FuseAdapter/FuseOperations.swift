@@ -79,7 +79,7 @@ func makeOperations() -> fuse_lowlevel_ops {
         }
         let flags = rm_fi_flags(fi)
         if (flags & O_ACCMODE) != O_RDONLY && file.readOnly { fuse_reply_err(req, EROFS); return }
-        if flags & rm_O_DIRECT != 0 { rm_fi_set_direct_io(fi, 1) }
+        if flags & rm_O_DIRECT != 0 || file.isView { rm_fi_set_direct_io(fi, 1) }
         // FLUSH (on close) carries only this handle, not the open flags: keep them in it.
         fi.pointee.fh = UInt64(UInt32(bitPattern: flags))
         fuse_reply_open(req, fi)
@@ -92,7 +92,7 @@ func makeOperations() -> fuse_lowlevel_ops {
         guard off >= 0, UInt64(off) < disk else { fuse_reply_buf(req, nil, 0); return }
         let n = Int(min(UInt64(size), disk - UInt64(off)))
         let buf = ThreadBuffer.get(n)
-        file.writeBehind?.drain()
+        file.pendingWrites?.drain()
         do {
             try file.device.read(into: buf, at: UInt64(off))
             fuse_reply_buf(req, buf.baseAddress!.assumingMemoryBound(to: CChar.self), n)
@@ -233,7 +233,7 @@ func makeOperations() -> fuse_lowlevel_ops {
         guard let file = fs.file(ino) else { fuse_reply_err(req, EISDIR); return }
         guard whence == rm_SEEK_DATA || whence == rm_SEEK_HOLE else { fuse_reply_err(req, EINVAL); return }
         guard off >= 0 else { fuse_reply_err(req, ENXIO); return }
-        file.writeBehind?.drain()
+        file.pendingWrites?.drain()
         do {
             if let pos = try file.device.seek(from: UInt64(off), data: whence == rm_SEEK_DATA) {
                 fuse_reply_lseek(req, off_t(pos))

@@ -146,7 +146,17 @@ struct MountCommand: ParsableCommand {
             try? device.close()
             throw error
         }
-        let fs = FuseFilesystem(files: [file], rootIsFile: mode == S_IFREG, log: serverLog)
+        var files = [file]
+        if mode == S_IFDIR {
+            // Each consistent dirty bitmap as a read-only file of the changed granules.
+            for (i, b) in device.driver.dirtyBitmaps.enumerated() {
+                let bits = b.bits
+                files.append(ExposedFile(name: Paths.dirtyViewName(forImage: image, bitmap: b.name, index: i),
+                                         view: DirtyBitmapView.device(over: device, bits: bits, name: b.name), of: file,
+                                         dataBytes: { bits.dirtyBytes }))
+            }
+        }
+        let fs = FuseFilesystem(files: files, rootIsFile: mode == S_IFREG, log: serverLog)
         let mount: FuseMount
         do {
             mount = try FuseMount(filesystem: fs, mountpoint: mp, fsName: imagePath, readOnly: ro,

@@ -40,6 +40,25 @@ enum Paths {
         return base + ".raw"
     }
 
+    /// `<stem>.dirty-<name>.raw`, the view of one dirty bitmap. Bytes of the name that a file
+    /// name cannot hold or that would mislead (`/`, `%`, `#`, control characters, bytes
+    /// outside printable ASCII and UTF-8 letters) become `%XX`; a name that would make the
+    /// file name longer than 255 bytes is shown as `#<position in the directory>` instead.
+    static func dirtyViewName(forImage path: String, bitmap: String, index: Int) -> String {
+        let stem = String(rawName(forImage: path).dropLast(4))
+        var escaped = ""
+        for scalar in bitmap.unicodeScalars {
+            let v = scalar.value
+            if v < 0x20 || v == 0x7F || (0x80 ..< 0xA0).contains(v) || scalar == "/" || scalar == "%" || scalar == "#" || scalar == "\u{FFFD}" {
+                for byte in String(scalar).utf8 { escaped += "%" + String(byte >> 4, radix: 16, uppercase: true) + String(byte & 15, radix: 16, uppercase: true) }
+            } else {
+                escaped.unicodeScalars.append(scalar)
+            }
+        }
+        let name = "\(stem).dirty-\(escaped).raw"
+        return name.utf8.count <= 255 ? name : "\(stem).dirty-#\(index + 1).raw"
+    }
+
     /// Where serving processes record their pids: /run/rawmount for root, /tmp/rawmount-<uid>
     /// otherwise. /tmp is shared, so the folder must be a real directory (not a link) owned by
     /// this user and writable by nobody else; it is created 0700.

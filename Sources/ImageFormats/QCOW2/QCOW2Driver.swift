@@ -20,6 +20,10 @@ public final class QCOW2Driver: ImageDriver {
     let l2: TableCache
     /// Writable images only: the refcounts and the allocator on them.
     let refcounts: QCOW2Refcounts?
+    /// Writable images: the persistent dirty bitmaps being kept (nil for version 2).
+    public let bitmaps: QCOW2BitmapSet?
+    /// Read-only images: consistent bitmaps, loaded when first asked for.
+    let loadedBitmaps = Mutex<[(name: String, bits: DirtyBitmap)]?>(nil)
     /// Whether a backing image sits under this one (zeroing must then hide it).
     let hasBacking: Bool
     /// Allocations handed out and not yet linked, by host offset (engine's allocation lock).
@@ -39,7 +43,6 @@ public final class QCOW2Driver: ImageDriver {
     static let maxClustersPerMap = 512
 
     /// `snapshot`: an internal snapshot's ID or name, to show that instead of the active disk.
-    /// `snapshot`: an internal snapshot's ID or name, to show that instead of the active disk.
     /// `onNote` hears what a writable open changed before the mount goes on (a repair of a
     /// dirty (lazy-refcount) image fixed before a writable mount.
     public init(file: ImageFile, snapshot key: String? = nil,
@@ -48,7 +51,9 @@ public final class QCOW2Driver: ImageDriver {
         self.file = file
         hasBacking = h.backingName != nil
         let writable = file.isWritable && key == nil
-        if writable { h = try Self.prepareForWriting(file, h, onNote: onNote) }
+        var bitmaps: QCOW2BitmapSet? = nil
+        if writable { (h, bitmaps) = try Self.prepareForWriting(file, h, onNote: onNote) }
+        self.bitmaps = bitmaps
         header = h
         fileSize = try file.size()
         var l1Offset = h.l1Offset, l1Entries = h.l1Entries
@@ -122,8 +127,8 @@ public final class QCOW2Driver: ImageDriver {
             details.append(("internal snapshots", "\(h.snapshots) (the active disk is shown)"))
         }
         if h.hasBitmaps {
-            details.append(("dirty bitmaps", writable ? "\(h.bitmapCount); flagged in use (inconsistent), since rawmount does not keep them yet"
-                                                      : "\(h.bitmapCount)"))
+            details.append(("dirty bitmaps", h.autoclear & QCOW2Header.autoclearBitmaps == 0
+                ? "\(h.bitmapCount), stale (autoclear bit 0 clear: a program without bitmap support wrote the image)" : "\(h.bitmapCount)"))
         }
         if h.incompatible & QCOW2Header.incompatibleDirty != 0 { details.append(("dirty", "yes (refcounts may be stale; reads are not affected)")) }
         if h.incompatible & QCOW2Header.incompatibleCorrupt != 0 { details.append(("corrupt", "marked corrupt by QEMU")) }

@@ -26,10 +26,11 @@ extension QCOW2Driver {
     public var fillsConcurrently: Bool { true }
 
     /// Header features as QEMU treats them on a writable open: a corrupt image is refused,
-    /// a dirty one (lazy refcounts after a crash) has its refcounts rebuilt, and autoclear
-    /// bits (bitmaps rawmount does not keep yet, unknown ones) are cleared before any write.
+    /// a dirty one (lazy refcounts after a crash) has its refcounts rebuilt, the bitmaps are
+    /// opened for keeping (`openBitmaps`) and unknown autoclear bits are cleared, all before
+    /// any guest write.
     static func prepareForWriting(_ file: ImageFile, _ header: QCOW2Header,
-                                  onNote: ((String) -> Void)?) throws -> QCOW2Header {
+                                  onNote: ((String) -> Void)?) throws -> (QCOW2Header, QCOW2BitmapSet?) {
         var h = header
         if h.incompatible & QCOW2Header.incompatibleCorrupt != 0 {
             throw BlockError.unsupported(file: file.path, feature: "writing an image QEMU marked corrupt (incompatible feature bit 1: "
@@ -46,23 +47,16 @@ extension QCOW2Driver {
             try QCOW2Header.writeField(file, at: QCOW2Header.Field.incompatible, h.incompatible, bytes: 8)
             try file.sync()
         }
-        // Bitmaps stay (flagged in use, as QEMU flags a bitmap it can no longer vouch for);
-        // unknown autoclear bits go, as the spec asks of a writer that does not know them.
-        var autoclear = h.autoclear & QCOW2Header.autoclearBitmaps
-        if autoclear != 0 {
-            let kept = h.hasBitmaps ? try QCOW2Bitmaps.markInUse(file, header: h, fileSize: try file.size()) : false
-            if !kept { autoclear = 0 }
-            if h.hasBitmaps {
-                onNote?("its \(h.bitmapCount) persistent dirty bitmap(s) are now flagged in use (inconsistent): rawmount does not "
-                    + "keep bitmaps yet, so QEMU must not trust them; remove them with `qemu-img bitmap --remove` and start a new full backup")
-            }
-        }
+        let bitmaps: QCOW2BitmapSet?
+        (h, bitmaps) = try openBitmaps(file, h, onNote: onNote)
+        // Unknown autoclear bits go, as the spec asks of a writer that does not know them.
+        let autoclear = h.hasBitmaps ? h.autoclear & QCOW2Header.autoclearBitmaps : 0
         if h.version == 3 && autoclear != h.autoclear {
             h.autoclear = autoclear
             try QCOW2Header.writeField(file, at: QCOW2Header.Field.autoclear, autoclear, bytes: 8)
             try file.sync()
         }
-        return h
+        return (h, bitmaps)
     }
 
     private var writer: QCOW2Refcounts {
@@ -282,7 +276,12 @@ extension QCOW2Driver {
         try flush()
     }
 
+    /// Every write, zeroing and discard reaches the enabled bitmaps.
+    public func noteGuestChange(_ offset: UInt64, length: UInt64) { bitmaps?.record(offset, length: length) }
+
+    /// The guest's data durable first, then the bitmaps that describe it.
     public func close() throws {
         try flush()
+        try storeBitmaps()
     }
 }
