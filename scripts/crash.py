@@ -62,6 +62,11 @@ def qemu_check(fmt, img):
     return {0: "clean", 3: "leaks"}.get(r.returncode, "corrupt")
 
 
+def qemu_bitmaps(img):
+    info = json.loads(run(["qemu-img", "info", "-U", "--output=json", img]).stdout)
+    return info.get("format-specific", {}).get("data", {}).get("bitmaps", [])
+
+
 def qemu_raw(fmt, img, out):
     run(["qemu-img", "convert", "-U", "-f", fmt, "-O", "raw", img, out])
     with open(out, "rb") as f:
@@ -108,6 +113,11 @@ def one_round(fmt, rng, work):
         run([RAWMOUNT, "unmount", mnt])
         run(["qemu-img", "snapshot", "-c", "before", img])
         snapshot = qemu_raw_snapshot(img, os.path.join(work, "snap.raw"))
+    # Persistent dirty bitmaps (qcow2 v3): a kill must leave every one flagged in use.
+    bitmaps = fmt == "qcow2" and "compat=0.10" not in options[1:] and rng.random() < 0.5
+    if bitmaps:
+        run(["qemu-img", "bitmap", "--add", "-g", "4k", img, "b0"])
+        run(["qemu-img", "bitmap", "--add", "--disable", img, "b1"])
     env = dict(os.environ)
     paused = fmt in ("vdi", "qcow2") and rng.random() < 0.3
     if paused and fmt == "vdi":
@@ -162,7 +172,9 @@ def one_round(fmt, rng, work):
     t.join()
     run([RAWMOUNT, "unmount", mnt])
 
-    result = {"after_crash": qemu_check(fmt, img)}
+    result = {"after_crash": qemu_check(fmt, img), "bitmaps_trusted": 0, "with_bitmaps": int(bitmaps)}
+    if bitmaps:
+        result["bitmaps_trusted"] = sum("in-use" not in b.get("flags", []) for b in qemu_bitmaps(img))
     data = qemu_raw(fmt, img, os.path.join(work, "out.raw"))
     on_disk = versions_on_disk(data, regions)
     lost = 0
@@ -181,6 +193,8 @@ def one_round(fmt, rng, work):
     run([RAWMOUNT, "mount", img, mnt])
     run([RAWMOUNT, "unmount", mnt])
     result["after_repair"] = qemu_check(fmt, img)
+    if bitmaps:  # a bitmap in use at open stays inconsistent
+        result["bitmaps_trusted"] += sum("in-use" not in b.get("flags", []) for b in qemu_bitmaps(img))
     before = qemu_raw(fmt, img, os.path.join(work, "out.raw"))
     fresh = (SIZE // REGION - 8) * REGION
     run(["qemu-io", "-f", fmt, "-c", f"write -P 0x5c {fresh} {REGION}", img])
@@ -208,7 +222,7 @@ def main():
     table = {}
     for fmt in args.formats.split(","):
         row = {"rounds": 0, "clean": 0, "leaks_only": 0, "corrupt": 0, "corrupt_after_repair": 0,
-               "fsynced_lost": 0, "disturbed_by_qemu": 0, "snapshot_changed": 0}
+               "fsynced_lost": 0, "disturbed_by_qemu": 0, "snapshot_changed": 0, "with_bitmaps": 0, "bitmaps_trusted": 0}
         for _ in range(args.rounds):
             work = tempfile.mkdtemp(prefix="rawmount-crash-")
             try:
@@ -222,16 +236,18 @@ def main():
             row["fsynced_lost"] += r["fsynced_lost"]
             row["disturbed_by_qemu"] += r["disturbed"]
             row["snapshot_changed"] += r["snapshot_changed"]
+            row["bitmaps_trusted"] += r["bitmaps_trusted"]
+            row["with_bitmaps"] += r["with_bitmaps"]
         table[fmt] = row
     if args.json:
         print(json.dumps({"seed": args.seed, "table": table}))
     else:
         print(f"seed {args.seed}")
-        print("| format | rounds | clean | leaks only | corrupt after crash | corrupt after repair | fsync'd writes lost | disturbed by a QEMU write | snapshot changed |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("| format | rounds | clean | leaks only | corrupt after crash | corrupt after repair | fsync'd writes lost | disturbed by a QEMU write | snapshot changed | rounds with bitmaps | bitmaps trusted after a kill |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for fmt, r in table.items():
             print(f"| {fmt} | {r['rounds']} | {r['clean']} | {r['leaks_only']} | {r['corrupt']} | "
-                  f"{r['corrupt_after_repair']} | {r['fsynced_lost']} | {r['disturbed_by_qemu']} | {r['snapshot_changed']} |")
+                  f"{r['corrupt_after_repair']} | {r['fsynced_lost']} | {r['disturbed_by_qemu']} | {r['snapshot_changed']} | {r['with_bitmaps']} | {r['bitmaps_trusted']} |")
 
 
 if __name__ == "__main__":

@@ -100,10 +100,7 @@ final class CrashConsistencyTests: XCTestCase {
         try Harness.run(["qemu-io", "-f", "vdi", "-c", "write -P 0x11 0 4k", img])
         try s.mount(img, environment: ["RAWMOUNT_TEST_VDI_PAUSE_AFTER_HEADER_US": "30000000"])
         let raw = s.mnt + "/d.raw"
-        let pidFile = "/run/rawmount/" + s.mnt.replacingOccurrences(of: "%", with: "%25").replacingOccurrences(of: "/", with: "%2F") + ".pid"
-        guard let pid = pid_t((try String(contentsOfFile: pidFile, encoding: .utf8)).trimmingCharacters(in: .whitespacesAndNewlines)) else {
-            XCTFail("no pid file at \(pidFile)"); return
-        }
+        guard let pid = try s.serverPid() else { XCTFail("no pid file for \(s.mnt)"); return }
         // A new block at 2M, then fsync: the flush writes the header and pauses before the map.
         let writer = Process()
         writer.executableURL = URL(fileURLWithPath: "/usr/bin/env")
@@ -164,10 +161,7 @@ final class CrashConsistencyTests: XCTestCase {
     }
 
     /// The server's pid, from its pid file (root mounts).
-    func serverPid(_ s: Scratch) throws -> pid_t? {
-        let pidFile = "/run/rawmount/" + s.mnt.replacingOccurrences(of: "%", with: "%25").replacingOccurrences(of: "/", with: "%2F") + ".pid"
-        return pid_t((try String(contentsOfFile: pidFile, encoding: .utf8)).trimmingCharacters(in: .whitespacesAndNewlines))
-    }
+    func serverPid(_ s: Scratch) throws -> pid_t? { try s.serverPid() }
 
     /// 64 x 1 MiB and 64 x 4 KiB writes to fresh areas, no fsync, then idle past the stated
     /// bound (PeriodicFlush: 1 s) and kill -9: every write is in the image (0 of 128 were).
@@ -264,6 +258,7 @@ final class CrashConsistencyTests: XCTestCase {
             XCTAssertEqual(row["fsynced_lost"], 0, "\(format): \(row) (seed \(json["seed"] ?? ""))")
             XCTAssertEqual(row["disturbed_by_qemu"], 0, "\(format): \(row) (seed \(json["seed"] ?? ""))")
             XCTAssertEqual(row["snapshot_changed"], 0, "\(format): \(row) (seed \(json["seed"] ?? ""))")
+            XCTAssertEqual(row["bitmaps_trusted"], 0, "\(format): a bitmap lost its in-use flag after kill -9: \(row) (seed \(json["seed"] ?? ""))")
         }
         print("crash rounds: \(r.out)")
     }

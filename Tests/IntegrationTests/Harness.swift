@@ -90,6 +90,12 @@ final class Scratch {
 
     func path(_ name: String) -> String { dir + "/" + name }
 
+    /// The pid of the server serving `mp` (from its pid file).
+    func serverPid(_ mp: String? = nil) throws -> pid_t? {
+        let pidFile = "/run/rawmount/" + (mp ?? mnt).replacingOccurrences(of: "%", with: "%25").replacingOccurrences(of: "/", with: "%2F") + ".pid"
+        return pid_t((try String(contentsOfFile: pidFile, encoding: .utf8)).trimmingCharacters(in: .whitespacesAndNewlines))
+    }
+
     /// Every mount logs failed requests here; a test that fails shows what the server saw.
     var serverLog: String { dir + "/server.log" }
 
