@@ -124,6 +124,8 @@ final class DamagedImageFuzzTests: XCTestCase {
         // VMDK and qcow2: `rawmount check` walks every table.
         if let v = device.driver as? VMDKDriver { _ = try? VMDKCheck.run(v) }
         if let q = device.driver as? QCOW2Driver { _ = try? QCOW2Check.run(file: q.file, header: q.header, repair: false) }
+        // Bitmaps as the `.dirty-` views and `bitmap dump` read them.
+        for b in device.driver.dirtyBitmaps { _ = b.bits.dirtyBytes; _ = b.bits.run(from: 0, maxLength: size) }
         // qcow2: the snapshot table, and each snapshot's tables, read as `mount --snapshot` does.
         if let q = device.driver as? QCOW2Driver {
             for snap in (try? q.snapshots()) ?? [] {
@@ -215,6 +217,13 @@ final class DamagedImageFuzzTests: XCTestCase {
         XCTAssertEqual(try run(["qemu-img", "snapshot", "-c", "second", snap]), 0)
         try fuzz("qcow2-snapshots", [UInt8](try Data(contentsOf: URL(fileURLWithPath: snap))), format: .qcow2, writable: true, seed: 55)
         try fuzz("qcow2-subclusters", try image("c.qcow2", ["-O", "qcow2", "-o", "extended_l2=on,cluster_size=16k"]), format: .qcow2, writable: true, seed: 53)
+        // Persistent dirty bitmaps: the directory, the tables and their data clusters.
+        let bm = dir + "/f.qcow2"
+        _ = try image("f.qcow2", ["-O", "qcow2", "-o", "cluster_size=4096"])
+        XCTAssertEqual(try run(["qemu-img", "bitmap", "--add", "-g", "4k", bm, "b0"]), 0)
+        XCTAssertEqual(try run(["qemu-img", "bitmap", "--add", "--disable", bm, "b1"]), 0)
+        XCTAssertEqual(try run(["qemu-io", "-f", "qcow2", "-c", "write -P 9 64k 256k", "-c", "write 1M 4k", bm]), 0)
+        try fuzz("qcow2-bitmaps", [UInt8](try Data(contentsOf: URL(fileURLWithPath: bm))), format: .qcow2, writable: true, seed: 56)
     }
 
     func testDamagedVMDK() throws {
