@@ -410,4 +410,68 @@ final class QCOW2BitmapTests: XCTestCase {
             try assertClean(img, "signal \(sig)")
         }
     }
+
+    /// A libvirt-style incremental backup chain kept through rawmount mounts, with QEMU
+    /// writing in between: a full copy, then per round a checkpoint (the old bitmap disabled,
+    /// a new one added), writes and discards through a mount and through qemu-io, and an
+    /// incremental taken from the `.dirty-` view's data extents applied to the copy. The copy
+    /// always equals the disk, and the view's extents equal QEMU's reading of the bitmap.
+    func testIncrementalBackupChainThroughMounts() throws {
+        let s = try Scratch()
+        let size: UInt64 = 24 << 20
+        let img = s.path("vm.qcow2"), backup = s.path("backup.raw"), shadow = s.path("shadow.raw")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", img, "\(size)"])
+        try Harness.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x41 0 6M", img])
+        try Harness.run(["qemu-img", "bitmap", "--add", img, "ck0"])
+        try s.qemuRaw(img).write(to: URL(fileURLWithPath: backup))  // the full backup at checkpoint 0
+        try Files.read(backup).write(to: URL(fileURLWithPath: shadow))
+        var rng = SeededRandom(seed: 99)
+        for round in 0..<3 {
+            try s.mount(img)
+            var writes: [(UInt64, UInt64)] = []
+            for _ in 0..<12 {
+                let n = 1 + rng.next() % 200_000
+                writes.append((rng.next() % (size - n), n))
+            }
+            let punch = (rng.next() % (size - (1 << 20)), UInt64(300_000))
+            writeRanges(s.mnt + "/vm.raw", shadow, writes, zero: [(punch.0, punch.1, 0x03)])
+            try s.unmount()
+            let q = (UInt64(round) << 20 + 777, UInt64(4096))
+            try Harness.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5\(round) \(q.0) \(q.1)", img])
+            let g = try Files.read(shadow)
+            var gb = [UInt8](g)
+            for k in 0 ..< Int(q.1) { gb[Int(q.0) + k] = UInt8(0x50 + round) }
+            try Data(gb).write(to: URL(fileURLWithPath: shadow))
+
+            // The incremental: every data extent of the view, copied into the backup.
+            let name = "ck\(round)"
+            try s.mount(img, options: ["--read-only"])
+            let view = s.mnt + "/vm.dirty-\(name).raw"
+            let extents = dataExtents(view)
+            XCTAssertEqual(extents, try qemuDirty(img, name), "round \(round): the view and QEMU disagree")
+            XCTAssertEqual(extents, expected(writes + [punch, q], granularity: 65536, size: size), "round \(round)")
+            let src = open(view, O_RDONLY), dst = open(backup, O_WRONLY)
+            var buf = [UInt8](repeating: 0, count: 1 << 20)
+            for e in extents {
+                var done: UInt64 = 0
+                while done < e.length {
+                    let n = Int(min(UInt64(buf.count), e.length - done))
+                    XCTAssertEqual(pread(src, &buf, n, off_t(e.offset + done)), n)
+                    XCTAssertEqual(pwrite(dst, buf, n, off_t(e.offset + done)), n)
+                    done += UInt64(n)
+                }
+            }
+            close(src); close(dst)
+            try s.unmount()
+            XCTAssertTrue(try Files.read(backup) == s.qemuRaw(img), "round \(round): the restored chain differs from the disk")
+            XCTAssertTrue(try Files.read(shadow) == s.qemuRaw(img), "round \(round): the disk differs from what was written")
+            // The checkpoint: the old bitmap stops, a new one starts.
+            try Harness.run([Harness.rawmount, "bitmap", "disable", img, name])
+            try Harness.run([Harness.rawmount, "bitmap", "add", img, "ck\(round + 1)"])
+            try assertClean(img, "round \(round)")
+        }
+        let flags = try qemuBitmaps(img)
+        XCTAssertEqual(flags["ck3"]?.1, ["auto"])
+        XCTAssertEqual(flags["ck0"]?.1, [])
+    }
 }
