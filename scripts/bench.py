@@ -12,12 +12,15 @@ SIZE_MB = int(os.environ.get("BENCH_SIZE_MB", "1024"))
 WRITE_MB = int(os.environ.get("BENCH_WRITE_MB", str(SIZE_MB)))
 WRITE_ROUNDS = int(os.environ.get("BENCH_WRITE_ROUNDS", "5"))
 RUNTIME = os.environ.get("BENCH_RUNTIME", "5")
-FORMATS = os.environ.get("BENCH_FORMATS", "raw,qed,vdi,vmdk,vmdk-stream,qcow2,qcow2-compressed").split(",")
+FORMATS = os.environ.get("BENCH_FORMATS", "raw,qed,vdi,vmdk,vmdk-stream,qcow2,qcow2-compressed,qcow2-bitmaps").split(",")
 ONLY = os.environ.get("BENCH_ONLY", "")  # run only tests whose title contains this
 # "vmdk-stream" is a streamOptimized VMDK: read-only, compressed grains; "qcow2-compressed"
 # holds deflate clusters (from a half-compressible source, so qemu-img keeps them compressed).
 SUBFORMAT = {"vmdk-stream": ("vmdk", ["-o", "subformat=streamOptimized"]),
-             "qcow2-compressed": ("qcow2", ["-c"])}
+             "qcow2-compressed": ("qcow2", ["-c"]), "qcow2-bitmaps": ("qcow2", [])}
+# "qcow2-bitmaps" (BENCH_FORMATS=qcow2-bitmaps) carries two enabled persistent dirty bitmaps
+# (64 KiB and 4 KiB granularity) that both servers keep up to date on every write.
+BITMAPS = {"qcow2-bitmaps"}
 # Only random reads are measured on compressed images; rawmount mounts these read-only.
 COMPRESSED = {"vmdk-stream", "qcow2-compressed"}
 READ_ONLY = COMPRESSED
@@ -184,7 +187,14 @@ def make_image(work, fmt):
     else:
         driver, opts = SUBFORMAT.get(fmt, (fmt, []))
         sh("qemu-img", "convert", "-O", driver, *opts, raw, img)
+    add_bitmaps(img, fmt)
     return img
+
+
+def add_bitmaps(img, fmt):
+    if fmt in BITMAPS:
+        sh("qemu-img", "bitmap", "--add", "-g", "64k", img, "b0")
+        sh("qemu-img", "bitmap", "--add", "-g", "4k", img, "b1")
 
 
 def empty_image(work, fmt, allocated=False):
@@ -193,7 +203,8 @@ def empty_image(work, fmt, allocated=False):
     img = os.path.join(work, f"empty.{fmt}")
     if os.path.exists(img):
         os.unlink(img)
-    sh("qemu-img", "create", "-q", "-f", fmt, *(["-o", "preallocation=metadata"] if allocated else []), img, f"{WRITE_MB}M")
+    sh("qemu-img", "create", "-q", "-f", SUBFORMAT.get(fmt, (fmt, []))[0], *(["-o", "preallocation=metadata"] if allocated else []), img, f"{WRITE_MB}M")
+    add_bitmaps(img, fmt)
     return img
 
 
@@ -256,7 +267,9 @@ def main():
                     continue
                 if fmt in READ_ONLY and writes or fmt in COMPRESSED and "rand" not in title:
                     continue  # compressed images: their row of interest is random reads
-                if title in QCOW2_ONLY and fmt != "qcow2":
+                if fmt in BITMAPS and not writes:
+                    continue  # bitmaps change only what a write costs
+                if title in QCOW2_ONLY and fmt not in ("qcow2", "qcow2-bitmaps"):
                     continue
                 others = peers(fmt, writes) + ([PlainFileServer] if title.startswith("dd") else [])
                 results = {server.name: [] for server in [RawmountServer] + others}

@@ -37,20 +37,27 @@ public final class DirtyBitmap: Sendable {
             while g < end {
                 let p = g / Self.pageBits
                 let pageEnd = min(end, (p + 1) * Self.pageBits)
-                if !value && pages[p] == nil { g = pageEnd; continue }
-                var words = pages[p] ?? [UInt64](repeating: 0, count: Self.pageWords)
-                var bit = g - p * Self.pageBits
-                let stop = pageEnd - p * Self.pageBits
-                while bit < stop {
-                    let w = Int(bit / 64), b = bit % 64
-                    let n = min(64 - b, stop - bit)
-                    let mask: UInt64 = n == 64 ? ~0 : ((1 << n) - 1) << b
-                    if value { words[w] |= mask } else { words[w] &= ~mask }
-                    bit += n
+                let (lo, hi) = (g - p * Self.pageBits, pageEnd - p * Self.pageBits)
+                if value {
+                    // In place: the page is not copied out of the dictionary.
+                    Self.set(&pages[p, default: [UInt64](repeating: 0, count: Self.pageWords)], lo, hi, true)
+                } else if pages[p] != nil {
+                    Self.set(&pages[p]!, lo, hi, false)
+                    if pages[p]!.allSatisfy({ $0 == 0 }) { pages[p] = nil }
                 }
-                if !value && words.allSatisfy({ $0 == 0 }) { pages[p] = nil } else { pages[p] = words }
                 g = pageEnd
             }
+        }
+    }
+
+    private static func set(_ words: inout [UInt64], _ from: UInt64, _ to: UInt64, _ value: Bool) {
+        var bit = from
+        while bit < to {
+            let w = Int(bit / 64), b = bit % 64
+            let n = min(64 - b, to - bit)
+            let mask: UInt64 = n == 64 ? ~0 : ((1 << n) - 1) << b
+            if value { words[w] |= mask } else { words[w] &= ~mask }
+            bit += n
         }
     }
 
