@@ -26,6 +26,11 @@ public final class BlockDevice: Sendable {
         init(start: UInt64, end: UInt64) { self.start = start; self.end = end }
     }
 
+    /// Guest writes and zeroings finished (or failed) so far: what was computed from the
+    /// allocation before this moved may be stale.
+    private let changes = Atomic<UInt64>(0)
+    public var changeCount: UInt64 { changes.load(ordering: .acquiring) }
+
     /// Host ranges commits and zeroing unlinked, waiting for a flush before `release`.
     private let unlinked = Mutex<[HostRange]>([])
 
@@ -158,7 +163,7 @@ public final class BlockDevice: Sendable {
             throw BlockError.outOfRange(offset: offset, length: total, size: virtualSize)
         }
         let epoch = enterWrite()
-        defer { leaveWrite(epoch) }
+        defer { leaveWrite(epoch); changes.add(1, ordering: .releasing) }
         var pos: UInt64 = 0
         var announced = false
         while pos < total {
@@ -331,6 +336,7 @@ public final class BlockDevice: Sendable {
             throw BlockError.outOfRange(offset: offset, length: length, size: virtualSize)
         }
         try checkZeroing(at: offset, length: length)
+        defer { changes.add(1, ordering: .releasing) }
         try driver.willWrite()
         driver.noteGuestChange(offset, length: length)
         var pos = offset

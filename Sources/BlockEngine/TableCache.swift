@@ -31,6 +31,8 @@ public final class TableCache: Sendable {
     final class Slot: @unchecked Sendable { // only touched under `state`
         var bytes: [UInt8]
         var lastUse: UInt64 = 0
+        /// Used since it was loaded or last passed by the eviction hand (second chance).
+        var referenced = false
         var dirtySeq: UInt64? = nil
         /// The byte every byte of the table is, once asked: -1 none (mixed), nil not known
         /// (or changed since).
@@ -44,6 +46,12 @@ public final class TableCache: Sendable {
     }
     struct State: ~Copyable {
         var slots: [UInt64: Slot] = [:]
+        /// Keys in the order eviction visits them (second chance: a table used since it was
+        /// queued goes to the back once), from `head`; new tables join at the back. A miss
+        /// costs O(1) amortized, so a walk streaming through more tables than the cache holds
+        /// stays linear. Keys of slots dropped elsewhere are skipped when they come up.
+        var queue: [UInt64] = []
+        var head = 0
         var clock: UInt64 = 0
         var stats = Stats()
     }
@@ -71,7 +79,7 @@ public final class TableCache: Sendable {
         precondition(index >= 0 && index < entriesPerTable)
         if let v = state.withLock({ s -> UInt64? in
             guard let slot = s.slots[table], isFresh(slot) else { return nil }
-            s.clock += 1; slot.lastUse = s.clock; s.stats.hits += 1
+            s.clock += 1; slot.lastUse = s.clock; slot.referenced = true; s.stats.hits += 1
             return decode(slot.bytes, index)
         }) { return v }
         let bytes = try file.readBytes(count: tableBytes, at: table, what: "metadata table")
@@ -85,7 +93,7 @@ public final class TableCache: Sendable {
     public func withEntries<R>(table: UInt64, _ body: (TableView) throws -> R) throws -> R {
         if let r = try state.withLock({ s -> R? in
             guard let slot = s.slots[table], isFresh(slot) else { return nil }
-            s.clock += 1; slot.lastUse = s.clock; s.stats.hits += 1
+            s.clock += 1; slot.lastUse = s.clock; slot.referenced = true; s.stats.hits += 1
             return try body(TableView(bytes: slot.bytes, encoding: encoding))
         }) { return r }
         let bytes = try file.readBytes(count: tableBytes, at: table, what: "metadata table")
@@ -104,7 +112,15 @@ public final class TableCache: Sendable {
         try withSlot(table) { slot in
             if slot.uniform == nil {
                 let first = slot.bytes.first ?? 0
-                slot.uniform = slot.bytes.allSatisfy { $0 == first } ? Int(first) : -1
+                let pattern = UInt64(first) &* 0x0101_0101_0101_0101
+                slot.uniform = slot.bytes.withUnsafeBytes { raw -> Bool in
+                    var i = 0
+                    while i + 8 <= raw.count {
+                        if raw.loadUnaligned(fromByteOffset: i, as: UInt64.self) != pattern { return false }
+                        i += 8
+                    }
+                    return raw[i...].allSatisfy { $0 == first }
+                } ? Int(first) : -1
             }
             return slot.uniform == Int(byte)
         }
@@ -113,7 +129,7 @@ public final class TableCache: Sendable {
     private func withSlot<R>(_ table: UInt64, _ body: (Slot) throws -> R) throws -> R {
         if let r = try state.withLock({ s -> R? in
             guard let slot = s.slots[table], isFresh(slot) else { return nil }
-            s.clock += 1; slot.lastUse = s.clock; s.stats.hits += 1
+            s.clock += 1; slot.lastUse = s.clock; slot.referenced = true; s.stats.hits += 1
             return try body(slot)
         }) { return r }
         let bytes = try file.readBytes(count: tableBytes, at: table, what: "metadata table")
@@ -132,7 +148,7 @@ public final class TableCache: Sendable {
             }
             encode(&slot.bytes, index, value)
             slot.uniform = nil
-            s.clock += 1; slot.lastUse = s.clock; slot.dirtySeq = s.clock
+            s.clock += 1; slot.lastUse = s.clock; slot.referenced = true; slot.dirtySeq = s.clock
         }
     }
 
@@ -153,13 +169,31 @@ public final class TableCache: Sendable {
             }
             let r = try body(&slot.bytes)
             slot.uniform = nil
-            s.clock += 1; slot.lastUse = s.clock; slot.dirtySeq = s.clock
+            s.clock += 1; slot.lastUse = s.clock; slot.referenced = true; slot.dirtySeq = s.clock
             return r
         }
     }
 
     /// Drops every cached table in `[start, start+length)` without writing it: the space was
     /// freed (nothing points at it any more) and may come back as a different table.
+    /// Reads `count` consecutive tables from `table` in one I/O (a long walk over a flat map
+    /// would otherwise pay one read per small table); tables already held are kept as they
+    /// are. At most as many as the cache holds.
+    public func prefetch(from table: UInt64, count: Int) throws {
+        let n = min(count, capacity)
+        guard n > 1 else { return }
+        let bytes = try file.readBytes(count: n * tableBytes, at: table, what: "metadata tables")
+        try state.withLock { s in
+            for k in 0 ..< n {
+                let t = table + UInt64(k * tableBytes)
+                if s.slots[t] == nil { _ = try insertLocked(&s, table: t, bytes: Array(bytes[k * tableBytes ..< (k + 1) * tableBytes])) }
+            }
+        }
+    }
+
+    /// Whether the table is held (possibly changed and not yet written back).
+    public func isCached(table: UInt64) -> Bool { state.withLock { $0.slots[table] != nil } }
+
     public func discard(_ start: UInt64, length: UInt64) {
         state.withLock { s in
             if UInt64(s.slots.count) <= length / UInt64(tableBytes) {
@@ -202,7 +236,7 @@ public final class TableCache: Sendable {
             let slot = try insertLocked(&s, table: table, bytes: bytes)
             slot.bytes = bytes
             slot.uniform = nil
-            s.clock += 1; slot.lastUse = s.clock; slot.dirtySeq = s.clock
+            s.clock += 1; slot.lastUse = s.clock; slot.referenced = true; slot.dirtySeq = s.clock
         }
     }
 
@@ -265,7 +299,7 @@ public final class TableCache: Sendable {
 
     private func insertLocked(_ s: inout State, table: UInt64, bytes: [UInt8]) throws -> Slot {
         if let existing = s.slots[table] {
-            s.clock += 1; existing.lastUse = s.clock
+            s.clock += 1; existing.lastUse = s.clock; existing.referenced = true
             if !isFresh(existing) {  // read again for a shared file: take what is on disk now
                 existing.bytes = bytes
                 existing.uniform = nil
@@ -274,16 +308,22 @@ public final class TableCache: Sendable {
             return existing  // (or another thread loaded it meanwhile)
         }
         s.stats.misses += 1
-        while s.slots.count >= capacity {
-            guard let victim = s.slots.min(by: { $0.value.lastUse < $1.value.lastUse }) else { break }
-            if let seq = victim.value.dirtySeq { try writeDirtyLocked(&s, upTo: seq) }
-            s.slots[victim.key] = nil
+        while s.slots.count >= capacity && s.head < s.queue.count {
+            let key = s.queue[s.head]
+            s.head += 1
+            guard let victim = s.slots[key] else { continue }  // dropped elsewhere (or a stale duplicate)
+            if victim.referenced { victim.referenced = false; s.queue.append(key); continue }
+            if let seq = victim.dirtySeq { try writeDirtyLocked(&s, upTo: seq) }
+            s.slots[key] = nil
             s.stats.evictions += 1
         }
+        if s.head > 4096 && s.head * 2 > s.queue.count { s.queue.removeFirst(s.head); s.head = 0 }
         let slot = Slot(bytes: bytes)
         if maxAge != nil { slot.loadedAt = monotonicSeconds() }
         s.clock += 1; slot.lastUse = s.clock
         s.slots[table] = slot
+        s.queue.append(table)
+        if s.queue.count - s.head > 2 * capacity + 64 { s.queue = Array(s.slots.keys); s.head = 0 }
         return slot
     }
 

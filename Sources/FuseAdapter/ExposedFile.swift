@@ -29,6 +29,7 @@ public struct ExposedFile: Sendable {
         writeBehind = self.readOnly ? nil : WriteBehind(device: device)
         viewOf = nil
         viewBytes = nil
+        allocation = AllocationCount(device: device)
     }
 
     /// A read-only view (`device`, whose backing is `source`'s disk) whose st_blocks is
@@ -41,6 +42,7 @@ public struct ExposedFile: Sendable {
         viewOf = source.writeBehind
         viewBytes = dataBytes
         lastChange = source.lastChange
+        allocation = nil
     }
 
     /// When the disk was last changed through this mount (nil: not yet); shown as the
@@ -53,19 +55,9 @@ public struct ExposedFile: Sendable {
     var completedChanges: Int { finished.value }
     var changedAt: timespec? { lastChange.time }
 
-    /// Guest allocation for st_blocks. Walking the tables of a large image on every stat
-    /// would be slow, so the answer is reused for a second (the attribute timeout); a walk
-    /// past the stat budget gives way to the host file's allocation, for good.
-    private let allocation = AllocationCache()
-    var allocatedBytes: UInt64 {
-        if let viewBytes { return viewBytes() }
-        return allocation.value(now: monotonicSeconds()) { walk in
-            guard walk, let bytes = try? device.allocatedBytes(budget: .stat) else {
-                return (device.estimatedAllocatedBytes(), false)
-            }
-            return (bytes, true)
-        }
-    }
+    /// Guest allocation for st_blocks (see `AllocationCount`).
+    private let allocation: AllocationCount?
+    var allocatedBytes: UInt64 { viewBytes?() ?? allocation?.value() ?? 0 }
 }
 
 final class Counter: Sendable {
@@ -88,19 +80,6 @@ final class ChangeClock: Sendable {
     }
 }
 
-final class AllocationCache: Sendable {
-    private let state = Mutex<(at: Double, bytes: UInt64)?>(nil)
-    /// Whether walking the tables still fits the budget (false after one walk did not).
-    private let walkable = Atomic<Bool>(true)
-    /// `compute(walk)` returns the bytes and whether walking may be tried again.
-    func value(now: Double, compute: (Bool) -> (UInt64, Bool)) -> UInt64 {
-        if let s = state.withLock({ $0 }), now - s.at < 1.0 { return s.bytes }
-        let (bytes, again) = compute(walkable.load(ordering: .relaxed))
-        if !again { walkable.store(false, ordering: .relaxed) }
-        state.withLock { $0 = (now, bytes) }
-        return bytes
-    }
-}
 
 
 /// The tree a mount shows: either the mountpoint itself is the raw file (a file mountpoint),

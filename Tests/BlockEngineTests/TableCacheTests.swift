@@ -54,6 +54,26 @@ final class TableCacheTests: XCTestCase {
         XCTAssertEqual(try c.entry(table: 0, index: 0), 77, "re-read after eviction")
     }
 
+    /// A walk streaming through many more tables than the cache holds does not push out a
+    /// table that keeps being used (second chance), and prefetched tables are held.
+    func testAStreamingWalkKeepsATableInUseAndPrefetchFills() throws {
+        let f = try makeFile([UInt8](repeating: 0, count: 16 * 200))
+        let c = TableCache(file: f, tableBytes: 16, encoding: .u64LE, capacity: 4)
+        _ = try c.entry(table: 0, index: 0)
+        for t in 1..<150 {
+            _ = try c.entry(table: UInt64(t * 16), index: 0)
+            _ = try c.entry(table: 0, index: 1)
+        }
+        XCTAssertEqual(c.stats.misses, 150, "the table in use was read again")
+        XCTAssertTrue(c.isCached(table: 0))
+        let d = TableCache(file: f, tableBytes: 16, encoding: .u64LE, capacity: 16)
+        try d.prefetch(from: 160, count: 8)
+        for t in 0..<8 { XCTAssertTrue(d.isCached(table: UInt64(160 + t * 16))) }
+        let before = d.stats.misses
+        _ = try d.entry(table: 160 + 5 * 16, index: 1)
+        XCTAssertEqual(d.stats.misses, before, "a prefetched table was read again")
+    }
+
     func testChangingAParentAfterItsChildWritesChildFirst() throws {
         // L1 (table 0) dirtied first, then a new L2 (table 64) installed, then L1 updated to
         // point at it: write-back must put L2 on disk before the L1 that references it.

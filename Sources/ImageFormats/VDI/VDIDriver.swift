@@ -86,6 +86,15 @@ public final class VDIDriver: ImageDriver {
         UInt64(header.offsetData) + e * header.blockStride + UInt64(header.blockExtra)
     }
 
+    /// Reads the next map sectors ahead of a walk (always true, for use in a condition).
+    private func prefetched(_ chunk: UInt64) throws -> Bool {
+        guard !map.isCached(table: chunk) else { return true }
+        let mapEnd = UInt64(header.offsetBmap) + header.mapBytes
+        try map.prefetch(from: chunk, count: Int(min(UInt64(Self.prefetchChunks), (mapEnd - chunk) / UInt64(Self.chunkBytes))))
+        return true
+    }
+    static let prefetchChunks = 128
+
     public func map(_ offset: UInt64, maxLength: UInt64) throws -> Mapping {
         var result: Mapping? = nil
         var pos = offset
@@ -97,10 +106,11 @@ public final class VDIDriver: ImageDriver {
             chunks += 1
             let block = pos / blockSize
             let loc = entryLocation(block)
-            // A long walk passes a map sector of unallocated blocks in one step.
+            // A long walk passes a map sector of unallocated blocks in one step (the sectors
+            // ahead are read in one I/O, up to the map's end).
             if loc.index == 0, end - pos > UInt64(Self.entriesPerChunk) * blockSize,
                result.map({ if case .unallocated = $0 { return true } else { return false } }) ?? true,
-               try map.isFilled(table: loc.chunk, with: 0xFF) {
+               try prefetched(loc.chunk), try map.isFilled(table: loc.chunk, with: 0xFF) {
                 let n = min(end - pos, UInt64(Self.entriesPerChunk) * blockSize - pos % blockSize)
                 result = .unallocated(length: (result?.length ?? 0) + n)
                 pos += n

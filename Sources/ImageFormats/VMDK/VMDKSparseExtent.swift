@@ -90,6 +90,13 @@ final class VMDKSparseExtent: Sendable {
         try directory.setEntry(table: gdSector * 512 + (i / per) * UInt64(Self.gdChunk), index: Int(i % per), value: v)
     }
 
+    /// A grain table that lies in a hole of the host file and is not in the cache is all
+    /// zeros: QEMU preallocates every table of a new image, so an 8 TiB disk has 262144 of
+    /// them, and reading each would make one status walk read 512 MiB of zeros.
+    private func neverWritten(_ gt: UInt64) -> Bool {
+        !tables.isCached(table: gt) && file.isHole(gt, length: UInt64(header.gtBytes))
+    }
+
     /// The grain table for directory index `i` (0 if none), checked to lie inside the file.
     private func grainTable(_ i: UInt64, redundant: Bool = false) throws -> UInt64 {
         let gt = try directoryEntry(redundant ? header.rgdOffset : header.gdOffset, i)
@@ -106,12 +113,13 @@ final class VMDKSparseExtent: Sendable {
         let gdi = rel / cover
         let spanEnd = min(rel + maxLength, (gdi + 1) * cover)
         let gt = try grainTable(gdi)
-        if gt == 0 {
-            // A long walk (status, SEEK_DATA) passes a run of empty directory entries in one
-            // step: a huge, mostly empty disk costs its directory, not one call per entry.
+        if gt == 0 || neverWritten(gt) {
+            // A long walk (status, SEEK_DATA) passes a run of empty directory entries (or of
+            // preallocated tables never written) in one step: a huge, mostly empty disk costs
+            // its directory, not one call per entry.
             var next = gdi + 1, end = spanEnd
             let limit = min(rel + maxLength, length)
-            while end < limit && next - gdi < Self.emptyRunEntries, try directoryEntry(header.gdOffset, next) == 0 {
+            while end < limit && next - gdi < Self.emptyRunEntries, let t = try? grainTable(next), t == 0 || neverWritten(t) {
                 end = min(limit, (next + 1) * cover)
                 next += 1
             }

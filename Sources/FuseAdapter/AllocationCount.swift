@@ -1,0 +1,81 @@
+import BlockEngine
+import Dispatch
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The guest bytes st_blocks reports, kept so a stat costs nothing once they are known: the
+/// walk that computes them starts in the background when the file is made, and runs again
+/// only after the disk changed (the device's change count moved), at most once a second.
+/// A walk that fits the stat budget answers at once; a longer one (a huge or fragmented
+/// image) runs in the background with the report budget while stat keeps the last answer
+/// (or, before the first one, the host file's allocation). An image other processes write
+/// (`--force-share`) is walked again every second.
+final class AllocationCount: Sendable {
+    private struct State {
+        var bytes: UInt64? = nil
+        /// The device's change count the answer was computed at.
+        var changes: UInt64 = 0
+        var at = -1e9
+        var computing = false
+    }
+    private let state = Mutex(State())
+    private let device: BlockDevice
+
+    init(device: BlockDevice) {
+        self.device = device
+        startBackgroundWalk(at: monotonicSeconds())
+    }
+
+    private var followsWriters: Bool { device.driver.file.sharedWithWriters }
+
+    func value() -> UInt64 {
+        let now = monotonicSeconds()
+        var s = state.withLock { $0 }
+        if s.bytes == nil && s.computing {
+            // The first walk is under way: wait for it a little (a stat must stay quick).
+            let deadline = now + WorkBudget.stat.seconds
+            while s.bytes == nil && s.computing && monotonicSeconds() < deadline {
+                usleep(1000)
+                s = state.withLock { $0 }
+            }
+        }
+        if let bytes = s.bytes {
+            let stale = s.changes != device.changeCount || (followsWriters && now - s.at >= 1)
+            if !stale || s.computing || now - s.at < 1 { return bytes }
+        } else if s.computing {
+            return device.estimatedAllocatedBytes()
+        }
+        let changes = device.changeCount
+        let begun = state.withLock { st -> Bool in
+            guard !st.computing else { return false }
+            st.computing = true; st.at = now
+            return true
+        }
+        guard begun else { return s.bytes ?? device.estimatedAllocatedBytes() }
+        if let bytes = try? device.allocatedBytes(budget: .stat) {
+            state.withLock { $0 = State(bytes: bytes, changes: changes, at: now, computing: false) }
+            return bytes
+        }
+        state.withLock { $0.computing = false }
+        startBackgroundWalk(at: now)
+        return s.bytes ?? device.estimatedAllocatedBytes()
+    }
+
+    /// A full walk (report budget) off the request path; past that budget too, the host
+    /// file's allocation stands in.
+    private func startBackgroundWalk(at now: Double) {
+        let begun = state.withLock { st -> Bool in
+            guard !st.computing else { return false }
+            st.computing = true; st.at = now
+            return true
+        }
+        guard begun else { return }
+        DispatchQueue.global(qos: .utility).async { [self] in
+            let changes = device.changeCount
+            let bytes = (try? device.allocatedBytes(budget: .report)) ?? device.estimatedAllocatedBytes()
+            state.withLock { $0 = State(bytes: bytes, changes: changes, at: monotonicSeconds(), computing: false) }
+        }
+    }
+}

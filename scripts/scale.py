@@ -1,0 +1,180 @@
+#!/usr/bin/env python3
+"""Cost that should follow the data, not the disk (issue 14): huge sparse images, mounted
+read-only by rawmount and by qemu-storage-daemon in the same run.
+
+For each format, an image of the format's size (8 TiB unless the format's tools cannot make
+one that large; the table says) holding either 1 MiB at 4 TiB or many 4 KiB pieces 2 MiB
+apart. Rows: mount time, the first stat (st_blocks), a SEEK_DATA/SEEK_HOLE walk over every
+extent, the server's RSS after the walk, and `rawmount info` next to `qemu-img info`.
+
+  python3 scripts/scale.py          (make bench runs it after bench.py)
+  SCALE_FORMATS=qcow2,vdi SCALE_CASES=one   select what runs
+"""
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import sh  # noqa: E402
+
+RAWMOUNT = os.environ.get("RAWMOUNT", os.path.join(os.path.dirname(__file__), "..", ".build", "release", "rawmount"))
+TIB = 1 << 40
+# name -> (qemu-img driver, create options, size, what the size is)
+FORMATS = {
+    "raw": ("raw", [], 8 * TIB),
+    "qed": ("qed", [], 8 * TIB),
+    "qcow2": ("qcow2", [], 8 * TIB),
+    "vdi": ("vdi", [], 8 * TIB),
+    "vmdk": ("vmdk", [], 8 * TIB),
+    "vmdk-split": ("vmdk", ["-o", "subformat=twoGbMaxExtentSparse"], TIB),  # 512 extent files
+    "vmdk-stream": ("vmdk", ["-o", "subformat=streamOptimized"], 8 * TIB),
+}
+SELECTED = os.environ.get("SCALE_FORMATS", ",".join(FORMATS)).split(",")
+CASES = os.environ.get("SCALE_CASES", "one,scattered").split(",")
+# Scattered: 4 KiB pieces 2 MiB apart (every piece its own cluster, grain and VDI block, with
+# an unallocated one between), 16384 of them (4096 for VDI, whose 1 MiB blocks would
+# otherwise need 16 GiB of host disk).
+PIECES = {"vdi": 4096}
+STRIDE = 2 << 20
+
+
+def make_source(work, size, case, pieces):
+    src = os.path.join(work, f"src-{case}-{pieces}.raw")
+    if not os.path.exists(src):
+        with open(src, "wb") as f:
+            f.truncate(size)
+            if case == "one":
+                f.seek(4 * TIB)
+                f.write(os.urandom(1 << 20))
+            else:
+                for k in range(pieces):
+                    f.seek(k * STRIDE)
+                    f.write(os.urandom(4096))
+    return src
+
+
+def make_image(work, name, case):
+    driver, opts, size = FORMATS[name]
+    pieces = PIECES.get(name, 16384)
+    src = make_source(work, size, case, pieces)
+    img = os.path.join(work, f"{name}-{case}.{driver}")
+    if name == "raw":
+        sh("cp", "--sparse=always", src, img)
+    else:
+        sh("qemu-img", "convert", "-O", driver, *opts, src, img)
+    return img, driver, size
+
+
+def walk(path):
+    """Every extent through SEEK_DATA/SEEK_HOLE: (seconds, extents, data bytes)."""
+    fd = os.open(path, os.O_RDONLY)
+    size = os.lseek(fd, 0, os.SEEK_END)
+    start = time.monotonic()
+    pos = extents = data = 0
+    while pos < size:
+        try:
+            d = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:
+            break
+        h = os.lseek(fd, d, os.SEEK_HOLE)
+        extents += 1
+        data += h - d
+        pos = h
+    took = time.monotonic() - start
+    os.close(fd)
+    return took, extents, data
+
+
+def rss_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def measure_rawmount(img, driver, work):
+    mnt = os.path.join(work, "rm")
+    os.makedirs(mnt, exist_ok=True)
+    t = time.monotonic()
+    sh(RAWMOUNT, "mount", "--read-only", "--format", driver, img, mnt)
+    mount = time.monotonic() - t
+    path = os.path.join(mnt, sorted(n for n in os.listdir(mnt) if ".dirty-" not in n)[0])
+    try:
+        t = time.monotonic()
+        st = os.stat(path)
+        stat = time.monotonic() - t
+        w = walk(path)
+        pidfile = "/run/rawmount/" + os.path.realpath(mnt).replace("%", "%25").replace("/", "%2F") + ".pid"
+        rss = rss_mib(int(open(pidfile).read().strip()))
+    finally:
+        sh(RAWMOUNT, "unmount", mnt)
+    t = time.monotonic()
+    sh(RAWMOUNT, "info", "--format", driver, img)
+    info = time.monotonic() - t
+    return dict(mount=mount, stat=stat, blocks=st.st_blocks * 512, walk=w, rss=rss, info=info)
+
+
+def measure_qsd(img, driver, work):
+    target = os.path.join(work, "qsd")
+    open(target, "w").close()
+    t = time.monotonic()
+    proc = subprocess.Popen([
+        "qemu-storage-daemon",
+        "--blockdev", f"driver=file,node-name=file,filename={img},read-only=on",
+        "--blockdev", f"driver={driver},node-name=fmt,file=file,read-only=on",
+        "--export", f"type=fuse,id=exp,node-name=fmt,mountpoint={target},writable=off"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        while sh("mountpoint", "-q", target, check=False).returncode != 0:
+            if proc.poll() is not None:
+                raise RuntimeError("qemu-storage-daemon: " + proc.stderr.read().decode())
+            time.sleep(0.002)
+        mount = time.monotonic() - t
+        t = time.monotonic()
+        st = os.stat(target)
+        stat = time.monotonic() - t
+        w = walk(target)
+        rss = rss_mib(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait()
+    t = time.monotonic()
+    sh("qemu-img", "info", "-f", driver, img)
+    info = time.monotonic() - t
+    return dict(mount=mount, stat=stat, blocks=st.st_blocks * 512, walk=w, rss=rss, info=info)
+
+
+def main():
+    work = tempfile.mkdtemp(prefix="rawmount-scale-", dir=os.environ.get("BENCH_DIR") or None)
+    rows = []
+    try:
+        for case in CASES:
+            for name in SELECTED:
+                img, driver, size = make_image(work, name, case)
+                ours = measure_rawmount(img, driver, work)
+                theirs = measure_qsd(img, driver, work)
+                rows.append((name, case, size, ours, theirs))
+                print(f"{name:12} {case:9} rawmount mount {ours['mount']*1000:6.0f} ms stat {ours['stat']*1000:7.1f} ms "
+                      f"walk {ours['walk'][0]*1000:8.1f} ms ({ours['walk'][1]} extents) rss {ours['rss']:5.1f} MiB info {ours['info']*1000:6.0f} ms | "
+                      f"qsd mount {theirs['mount']*1000:6.0f} ms stat {theirs['stat']*1000:7.1f} ms walk {theirs['walk'][0]*1000:8.1f} ms "
+                      f"({theirs['walk'][1]} extents) rss {theirs['rss']:5.1f} MiB qemu-img info {theirs['info']*1000:6.0f} ms", flush=True)
+                for f in os.listdir(work):
+                    if f.startswith(f"{name}-{case}"):
+                        os.unlink(os.path.join(work, f))
+    finally:
+        subprocess.run(["rm", "-rf", work])
+    print()
+    print("| format | size | data | mount ms (qsd) | stat ms (qsd) | SEEK walk ms (qsd) | extents (qsd) | st_blocks bytes (qsd) | RSS MiB (qsd) | info ms (qemu-img info) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, case, size, o, q in rows:
+        data = "1 MiB at 4 TiB" if case == "one" else f"{PIECES.get(name, 16384)} x 4 KiB, 2 MiB apart"
+        print(f"| {name} | {size // TIB} TiB | {data} | {o['mount']*1000:.0f} ({q['mount']*1000:.0f}) | {o['stat']*1000:.1f} ({q['stat']*1000:.1f}) | "
+              f"{o['walk'][0]*1000:.1f} ({q['walk'][0]*1000:.1f}) | {o['walk'][1]} ({q['walk'][1]}) | {o['blocks']} ({q['blocks']}) | "
+              f"{o['rss']:.1f} ({q['rss']:.1f}) | {o['info']*1000:.0f} ({q['info']*1000:.0f}) |")
+
+
+if __name__ == "__main__":
+    main()
