@@ -3,7 +3,7 @@
 read-only by rawmount and by qemu-storage-daemon in the same run.
 
 For each format, an image of the format's size (8 TiB unless the format's tools cannot make
-one that large; the table says) holding either 1 MiB at 4 TiB or many 4 KiB pieces 2 MiB
+one that large; the table says) holding either 1 MiB in the middle (at 4 TiB) or many 4 KiB pieces 2 MiB
 apart. Rows: mount time, the first stat (st_blocks), a SEEK_DATA/SEEK_HOLE walk over every
 extent, the server's RSS after the walk, and `rawmount info` next to `qemu-img info`.
 
@@ -46,7 +46,7 @@ def make_source(work, size, case, pieces):
         with open(src, "wb") as f:
             f.truncate(size)
             if case == "one":
-                f.seek(4 * TIB)
+                f.seek(size // 2)
                 f.write(os.urandom(1 << 20))
             else:
                 for k in range(pieces):
@@ -170,7 +170,7 @@ def main():
     print("| format | size | data | mount ms (qsd) | stat ms (qsd) | SEEK walk ms (qsd) | extents (qsd) | st_blocks bytes (qsd) | RSS MiB (qsd) | info ms (qemu-img info) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, case, size, o, q in rows:
-        data = "1 MiB at 4 TiB" if case == "one" else f"{PIECES.get(name, 16384)} x 4 KiB, 2 MiB apart"
+        data = f"1 MiB at {size // 2 // TIB} TiB" if case == "one" else f"{PIECES.get(name, 16384)} x 4 KiB, 2 MiB apart"
         print(f"| {name} | {size // TIB} TiB | {data} | {o['mount']*1000:.0f} ({q['mount']*1000:.0f}) | {o['stat']*1000:.1f} ({q['stat']*1000:.1f}) | "
               f"{o['walk'][0]*1000:.1f} ({q['walk'][0]*1000:.1f}) | {o['walk'][1]} ({q['walk'][1]}) | {o['blocks']} ({q['blocks']}) | "
               f"{o['rss']:.1f} ({q['rss']:.1f}) | {o['info']*1000:.0f} ({q['info']*1000:.0f}) |")

@@ -145,6 +145,9 @@ public protocol ImageDriver: AnyObject, Sendable {
     /// Guest bytes `[offset, offset+length)` are being written, zeroed or discarded (qcow2
     /// records them in its dirty bitmaps).
     func noteGuestChange(_ offset: UInt64, length: UInt64)
+    /// Guest bytes holding data as the header counts them, when it does (VDI's
+    /// blocks_allocated): st_blocks shows it until the first walk of the tables is done.
+    var allocatedBytesHint: UInt64? { get }
     /// The image's consistent dirty bitmaps, by name, for views (empty for most formats).
     var dirtyBitmaps: [(name: String, bits: DirtyBitmap)] { get }
 
@@ -166,6 +169,7 @@ extension ImageDriver {
     public var fillsConcurrently: Bool { false }
     public func willWrite() throws {}
     public func noteGuestChange(_ offset: UInt64, length: UInt64) {}
+    public var allocatedBytesHint: UInt64? { nil }
     public var dirtyBitmaps: [(name: String, bits: DirtyBitmap)] { [] }
     public func writeBack() throws { try flush() }
     public func checkWrite(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {}

@@ -14,7 +14,7 @@ public final class ImageFile: Sendable {
     public let sharedWithWriters: Bool
     /// Bumped after every change to the file, so a remembered hole is trusted only until then.
     private let changes = Atomic<UInt64>(0)
-    private let knownHole = Mutex<(start: UInt64, end: UInt64, changes: UInt64)?>(nil)
+    private let knownHole = Mutex<(start: UInt64, end: UInt64, changes: UInt64, at: Double)?>(nil)
 
     /// Opens `path`. Read-only opens add O_NOATIME where the kernel allows it, so forensic
     /// reads leave the access time alone. Only regular files and block devices are images:
@@ -233,19 +233,22 @@ public final class ImageFile: Sendable {
 
     /// Whether `[offset, offset+length)` (inside the file) is a hole in the host file, so it
     /// reads as zeros without being read: one SEEK_DATA, whose hole is remembered until the
-    /// file next changes, so a walk over a run of preallocated, never written tables (QEMU's
-    /// VMDK grain tables) costs one system call per run instead of one read per table.
+    /// file next changes (or, next to another writer, for as long as tables are trusted), so
+    /// a walk over a run of preallocated, never written tables (QEMU's VMDK grain tables)
+    /// costs one system call per run instead of one read per table.
     public func isHole(_ offset: UInt64, length: UInt64) -> Bool {
-        guard !sharedWithWriters, length > 0 else { return false }
+        guard length > 0 else { return false }
         let now = changes.load(ordering: .acquiring)
-        if let h = knownHole.withLock({ $0 }), h.changes == now, h.start <= offset, offset < h.end, length <= h.end - offset { return true }
+        let time = sharedWithWriters ? monotonicSeconds() : 0
+        if let h = knownHole.withLock({ $0 }), h.changes == now, !sharedWithWriters || time - h.at < TableCache.sharedMaxAge,
+           h.start <= offset, offset < h.end, length <= h.end - offset { return true }
         let end: UInt64
         do {
             guard let size = try? self.size(), offset < size else { return false }
             end = try seek(offset, data: true) ?? size  // no data after offset: a hole to the end
         } catch { return false }
         guard end > offset, length <= end - offset else { return false }
-        knownHole.withLock { $0 = (offset, end, now) }
+        knownHole.withLock { $0 = (offset, end, now, time) }
         return true
     }
 

@@ -33,6 +33,9 @@ final class AllocationCount: Sendable {
     func value() -> UInt64 {
         let now = monotonicSeconds()
         var s = state.withLock { $0 }
+        if s.bytes == nil && s.computing, let hint = device.driver.allocatedBytesHint, device.backing == nil {
+            return hint  // the header's count, until the first walk is done
+        }
         if s.bytes == nil && s.computing {
             // The first walk is under way: wait for it a little (a stat must stay quick).
             let deadline = now + WorkBudget.stat.seconds

@@ -95,6 +95,10 @@ public final class VDIDriver: ImageDriver {
     }
     static let prefetchChunks = 128
 
+    public var allocatedBytesHint: UInt64? {
+        min(UInt64(allocation.withLock { $0.count }) * blockSize, info.virtualSize)
+    }
+
     public func map(_ offset: UInt64, maxLength: UInt64) throws -> Mapping {
         var result: Mapping? = nil
         var pos = offset

@@ -42,13 +42,26 @@ final class VMDKSparseExtent: Sendable {
             ranges.append(.init(start: h.descriptorOffset * 512, length: h.descriptorSize * 512, what: "the descriptor"))
         }
         let size = try file.size()
+        var tables: [UInt64] = []
         for gd in [h.gdOffset] + (h.hasRedundantGD ? [h.rgdOffset] : []) where gd != 0 && gd != VMDKSparseHeader.gdAtEnd {
             ranges.append(.init(start: gd * 512, length: h.gdEntries * 4, what: "a grain directory"))
             try FlatTable.forEachEntry(file, start: gd * 512, count: h.gdEntries, encoding: .u32LE, fileSize: size,
                                        what: "VMDK grain directory") { _, gt in
-                if gt != 0 { ranges.append(.init(start: gt * 512, length: UInt64(h.gtBytes), what: "a grain table")) }
-                try MetadataRanges.checkCount(ranges.count, file: file.path)
+                if gt != 0 { tables.append(gt * 512) }
+                try MetadataRanges.checkCount(tables.count, file: file.path)
             }
+        }
+        // Tables laid out back to back (QEMU preallocates all of them: 262144 on an 8 TiB
+        // disk) are recorded as one range, so the list stays small.
+        tables.sort()
+        let gtBytes = UInt64(h.gtBytes)
+        var k = 0
+        while k < tables.count {
+            let start = tables[k]
+            var end = start + gtBytes
+            k += 1
+            while k < tables.count && tables[k] <= end { end = max(end, tables[k] + gtBytes); k += 1 }
+            ranges.append(.init(start: start, length: end - start, what: "a grain table"))
         }
         return try MetadataRanges(ranges, file: file.path)
     }
