@@ -28,7 +28,7 @@ FORMATS = {
     "qcow2": ("qcow2", [], 8 * TIB),
     "vdi": ("vdi", [], 8 * TIB),
     "vmdk": ("vmdk", [], 8 * TIB),
-    "vmdk-split": ("vmdk", ["-o", "subformat=twoGbMaxExtentSparse"], TIB),  # 512 extent files
+    "vmdk-split": ("vmdk", ["-o", "subformat=twoGbMaxExtentSparse"], 8 * TIB),  # 4096 extent files
     "vmdk-stream": ("vmdk", ["-o", "subformat=streamOptimized"], 8 * TIB),
 }
 SELECTED = os.environ.get("SCALE_FORMATS", ",".join(FORMATS)).split(",")
@@ -41,7 +41,7 @@ STRIDE = 2 << 20
 
 
 def make_source(work, size, case, pieces):
-    src = os.path.join(work, f"src-{case}-{pieces}.raw")
+    src = os.path.join(work, f"src-{case}-{pieces}-{size}.raw")
     if not os.path.exists(src):
         with open(src, "wb") as f:
             f.truncate(size)

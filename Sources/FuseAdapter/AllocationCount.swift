@@ -22,6 +22,7 @@ final class AllocationCount: Sendable {
     }
     private let state = Mutex(State())
     private let device: BlockDevice
+    static let firstWait = WorkBudget.stat.seconds
 
     init(device: BlockDevice) {
         self.device = device
@@ -37,8 +38,9 @@ final class AllocationCount: Sendable {
             return hint  // the header's count, until the first walk is done
         }
         if s.bytes == nil && s.computing {
-            // The first walk is under way: wait for it a little (a stat must stay quick).
-            let deadline = now + WorkBudget.stat.seconds
+            // The first walk is under way: wait for it a little (a stat must stay quick: a
+            // longer walk answers the next stat).
+            let deadline = now + Self.firstWait
             while s.bytes == nil && s.computing && monotonicSeconds() < deadline {
                 usleep(1000)
                 s = state.withLock { $0 }

@@ -27,8 +27,11 @@ public final class VMDKDriver: ImageDriver {
     public let readOnlyReason: String?
     public let descriptor: VMDKDescriptor?
     let extents: [Extent]
-    static let extentShift: UInt64 = 52
-    static let offsetMask: UInt64 = (1 << 52) - 1
+    /// Host addresses carry the extent's index above bit 47 (128 TiB per extent file, 65536
+    /// extents: an 8 TiB twoGbMaxExtent image has 4096).
+    static let extentShift: UInt64 = 47
+    static let offsetMask: UInt64 = (1 << 47) - 1
+    static let maxExtents = 1 << 16
     /// Where the descriptor's CID value (8 hex digits) lives, for the first-write update.
     private let cidLocation: (file: ImageFile, offset: UInt64, digits: Int)?
     private let cidUpdated = Mutex(false)
@@ -73,7 +76,7 @@ public final class VMDKDriver: ImageDriver {
                     let f = try Self.openExtent(e, number: n + 1, descriptor: file.path, openFile)
                     let (need, o) = (e.offset * 512).addingReportingOverflow(length)
                     let have = try f.size()
-                    guard !o, need <= have else {
+                    guard !o, need <= have, need <= Self.offsetMask else {
                         throw BlockError.invalid(file: file.path, field: "flat extent \(n + 1)",
                                                  detail: "needs \(need) bytes (offset \(e.offset) sectors + \(e.sectors) sectors) but \(e.fileName!) has \(have)")
                     }
@@ -100,7 +103,9 @@ public final class VMDKDriver: ImageDriver {
         if let d = desc, let p = d.parentCID, p != 0xFFFF_FFFF, d.parentFileNameHint == nil {
             throw BlockError.invalid(file: file.path, field: "parentCID", detail: "the descriptor names a parent CID but no parentFileNameHint")
         }
-        guard built.count < 4096 else { throw BlockError.invalid(file: file.path, field: "VMDK descriptor", detail: "too many extents") }
+        guard built.count <= Self.maxExtents else {
+            throw BlockError.invalid(file: file.path, field: "VMDK descriptor", detail: "\(built.count) extents (at most \(Self.maxExtents))")
+        }
         extents = built
         descriptor = desc
         cidLocation = cid

@@ -95,7 +95,14 @@ final class VMDKSparseExtent: Sendable {
 
     private func directoryEntry(_ gdSector: UInt64, _ i: UInt64) throws -> UInt64 {
         let per = UInt64(Self.gdChunk / 4)
-        return try directory.entry(table: gdSector * 512 + (i / per) * UInt64(Self.gdChunk), index: Int(i % per))
+        let chunk = gdSector * 512 + (i / per) * UInt64(Self.gdChunk)
+        if !directory.isCached(table: chunk), gdSector * 512 + (header.gdEntries * 4).alignedUp(UInt64(Self.gdChunk)) > chunk {
+            // A walk goes on through the directory: the chunks ahead in one read (a short
+            // file is reported by the plain read below).
+            let end = gdSector * 512 + (header.gdEntries * 4).alignedUp(UInt64(Self.gdChunk))
+            try? directory.prefetch(from: chunk, count: Int(min(64, (end - chunk) / UInt64(Self.gdChunk))))
+        }
+        return try directory.entry(table: chunk, index: Int(i % per))
     }
 
     private func setDirectoryEntry(_ gdSector: UInt64, _ i: UInt64, _ v: UInt64) throws {
