@@ -94,6 +94,8 @@ public final class BlockDevice: Sendable {
         var pos: UInt64 = 0
         // A pending contiguous host run, so adjacent data mappings cost one pread.
         var runHost: UInt64 = 0, runGuest: UInt64 = 0, runLen: UInt64 = 0
+        // Compressed clusters of this request, inflated together at the end.
+        var compressed: [CompressedPiece] = []
         func issueRun() throws {
             if runLen > 0 {
                 let (file, at) = driver.resolve(host: runHost)
@@ -121,11 +123,35 @@ public final class BlockDevice: Sendable {
                 try readBacking(into: piece, at: offset + pos)
             case .compressed:
                 try issueRun()
-                try driver.readCompressed(m, guestOffset: offset + pos, into: piece)
+                compressed.append(CompressedPiece(mapping: m, guestOffset: offset + pos, piece: piece))
             }
             pos += n
         }
         try issueRun()
+        try inflate(compressed)
+    }
+
+    /// One compressed cluster's share of a read buffer (disjoint from every other piece).
+    struct CompressedPiece: @unchecked Sendable {
+        let mapping: Mapping, guestOffset: UInt64, piece: UnsafeMutableRawBufferPointer
+    }
+
+    /// Inflates the compressed clusters of one request, several at once when there are
+    /// several (a sequential read of a compressed image is otherwise bound by one core).
+    private func inflate(_ pieces: [CompressedPiece]) throws {
+        if pieces.count <= 1 {
+            for p in pieces { try driver.readCompressed(p.mapping, guestOffset: p.guestOffset, into: p.piece) }
+            return
+        }
+        let failure = Mutex<(any Error)?>(nil)
+        let driver = self.driver
+        DispatchQueue.concurrentPerform(iterations: pieces.count) { i in
+            let p = pieces[i]
+            do { try driver.readCompressed(p.mapping, guestOffset: p.guestOffset, into: p.piece) } catch {
+                failure.withLock { if $0 == nil { $0 = error } }
+            }
+        }
+        if let error = failure.withLock({ $0 }) { throw error }
     }
 
     private func readBacking(into piece: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {

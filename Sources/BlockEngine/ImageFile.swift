@@ -236,20 +236,24 @@ public final class ImageFile: Sendable {
     /// file next changes (or, next to another writer, for as long as tables are trusted), so
     /// a walk over a run of preallocated, never written tables (QEMU's VMDK grain tables)
     /// costs one system call per run instead of one read per table.
-    public func isHole(_ offset: UInt64, length: UInt64) -> Bool {
-        guard length > 0 else { return false }
+    public func isHole(_ offset: UInt64, length: UInt64) -> Bool { hole(around: offset, length: length) != nil }
+
+    /// The whole hole `[offset, offset+length)` lies in (from `offset` to the next data), or
+    /// nil when that range holds data; remembered as `isHole` says.
+    public func hole(around offset: UInt64, length: UInt64) -> (start: UInt64, end: UInt64)? {
+        guard length > 0 else { return nil }
         let now = changes.load(ordering: .acquiring)
         let time = sharedWithWriters ? monotonicSeconds() : 0
         if let h = knownHole.withLock({ $0 }), h.changes == now, !sharedWithWriters || time - h.at < TableCache.sharedMaxAge,
-           h.start <= offset, offset < h.end, length <= h.end - offset { return true }
+           h.start <= offset, offset < h.end, length <= h.end - offset { return (h.start, h.end) }
         let end: UInt64
         do {
-            guard let size = try? self.size(), offset < size else { return false }
+            guard let size = try? self.size(), offset < size else { return nil }
             end = try seek(offset, data: true) ?? size  // no data after offset: a hole to the end
-        } catch { return false }
-        guard end > offset, length <= end - offset else { return false }
+        } catch { return nil }
+        guard end > offset, length <= end - offset else { return nil }
         knownHole.withLock { $0 = (offset, end, now, time) }
-        return true
+        return (offset, end)
     }
 
     /// Bytes the host file system has allocated for this file.

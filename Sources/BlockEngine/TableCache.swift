@@ -191,6 +191,11 @@ public final class TableCache: Sendable {
         }
     }
 
+    /// Whether any table starting in `[start, end)` is held.
+    public func holdsAny(from start: UInt64, to end: UInt64) -> Bool {
+        state.withLock { $0.slots.keys.contains { $0 >= start && $0 < end } }
+    }
+
     /// Whether the table is held (possibly changed and not yet written back).
     public func isCached(table: UInt64) -> Bool { state.withLock { $0.slots[table] != nil } }
 

@@ -117,6 +117,34 @@ final class VMDKSparseExtent: Sendable {
         !tables.isCached(table: gt) && file.isHole(gt, length: UInt64(header.gtBytes))
     }
 
+    /// A host hole holding `gt` in which the cache holds no table: every table inside it is
+    /// empty, so a walk needs no further look at them.
+    private func emptyWindow(_ gt: UInt64) -> (start: UInt64, end: UInt64)? {
+        guard gt != 0, let h = file.hole(around: gt, length: UInt64(header.gtBytes)), !tables.holdsAny(from: h.start, to: h.end) else { return nil }
+        return h
+    }
+
+    /// How many directory entries from `i` (below `stop`, within one directory chunk) name
+    /// no table or an empty one; entries are taken a chunk at a time.
+    private func emptyEntries(from i: UInt64, upTo stop: UInt64, window: inout (start: UInt64, end: UInt64)?) -> UInt64 {
+        let per = UInt64(Self.gdChunk / 4)
+        guard (try? directoryEntry(header.gdOffset, i)) != nil,  // reads (and prefetches) the chunk
+              let entries = try? directory.withEntries(table: header.gdOffset * 512 + (i / per) * UInt64(Self.gdChunk), {
+                  view in (Int(i % per) ..< view.count).map { view[$0] } }) else { return 0 }
+        let gtBytes = UInt64(header.gtBytes)
+        var n: UInt64 = 0
+        for e in entries where i + n < stop {
+            let t = e * 512
+            if t != 0, !(window.map { t >= $0.start && gtBytes <= $0.end - min(t, $0.end) } ?? false) {
+                // Outside the window: checked one by one (inside the file, a hole, not held).
+                guard (try? grainTable(i + n)) == t, neverWritten(t) else { break }
+                window = emptyWindow(t)
+            }
+            n += 1
+        }
+        return n
+    }
+
     /// The grain table for directory index `i` (0 if none), checked to lie inside the file.
     private func grainTable(_ i: UInt64, redundant: Bool = false) throws -> UInt64 {
         let gt = try directoryEntry(redundant ? header.rgdOffset : header.gdOffset, i)
@@ -139,9 +167,13 @@ final class VMDKSparseExtent: Sendable {
             // its directory, not one call per entry.
             var next = gdi + 1, end = spanEnd
             let limit = min(rel + maxLength, length)
-            while end < limit && next - gdi < Self.emptyRunEntries, let t = try? grainTable(next), t == 0 || neverWritten(t) {
-                end = min(limit, (next + 1) * cover)
-                next += 1
+            var window = emptyWindow(gt)
+            let stop = min(gdi + Self.emptyRunEntries, (limit + cover - 1) / cover)
+            while end < limit, next < stop {
+                let n = emptyEntries(from: next, upTo: stop, window: &window)
+                if n == 0 { break }
+                next += n
+                end = min(limit, next * cover)
             }
             return .unallocated(length: end - rel)
         }
