@@ -458,7 +458,7 @@ public final class BlockDevice: Sendable {
     /// What st_blocks shows when the walk is too long: the host file's allocation, at most
     /// the disk's size.
     public func estimatedAllocatedBytes() -> UInt64 {
-        min(driver.file.allocatedBytes(), virtualSize)
+        min(driver.hostAllocatedBytes, virtualSize)
     }
 
     // MARK: lifecycle

@@ -148,6 +148,8 @@ public protocol ImageDriver: AnyObject, Sendable {
     /// Guest bytes holding data as the header counts them, when it does (VDI's
     /// blocks_allocated): st_blocks shows it until the first walk of the tables is done.
     var allocatedBytesHint: UInt64? { get }
+    /// Bytes the host file system holds for the image's files (all extents of a split VMDK).
+    var hostAllocatedBytes: UInt64 { get }
     /// The image's consistent dirty bitmaps, by name, for views (empty for most formats).
     var dirtyBitmaps: [(name: String, bits: DirtyBitmap)] { get }
 
@@ -170,6 +172,7 @@ extension ImageDriver {
     public func willWrite() throws {}
     public func noteGuestChange(_ offset: UInt64, length: UInt64) {}
     public var allocatedBytesHint: UInt64? { nil }
+    public var hostAllocatedBytes: UInt64 { file.allocatedBytes() }
     public var dirtyBitmaps: [(name: String, bits: DirtyBitmap)] { [] }
     public func writeBack() throws { try flush() }
     public func checkWrite(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {}

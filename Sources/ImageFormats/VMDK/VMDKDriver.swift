@@ -23,6 +23,13 @@ public final class VMDKDriver: ImageDriver {
 
     public let file: ImageFile
     public let info: ImageInfo
+
+    /// The descriptor and every extent file (each counted once).
+    public var hostAllocatedBytes: UInt64 {
+        var seen = Set<Int32>(), total: UInt64 = 0
+        for f in [file] + extents.compactMap(\.file) where seen.insert(f.fd).inserted { total += f.allocatedBytes() }
+        return total
+    }
     public let isWritable: Bool
     public let readOnlyReason: String?
     public let descriptor: VMDKDescriptor?
