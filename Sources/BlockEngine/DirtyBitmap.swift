@@ -80,8 +80,6 @@ public final class DirtyBitmap: Sendable {
         return words[Int(i / 64)] >> (i % 64) & 1 != 0
     }
 
-    public func isDirty(granule g: UInt64) -> Bool { pages.withLock { Self.bit($0, g) } }
-
     /// From guest byte `offset`: whether it is dirty and how many bytes (at most `maxLength`,
     /// never past the disk) share that state. Clean pages are skipped whole, words at a time.
     public func run(from offset: UInt64, maxLength: UInt64) -> (dirty: Bool, length: UInt64) {

@@ -246,12 +246,10 @@ public final class ImageFile: Sendable {
         let time = sharedWithWriters ? monotonicSeconds() : 0
         if let h = knownHole.withLock({ $0 }), h.changes == now, !sharedWithWriters || time - h.at < TableCache.sharedMaxAge,
            h.start <= offset, offset < h.end, length <= h.end - offset { return (h.start, h.end) }
-        let end: UInt64
-        do {
-            guard let size = try? self.size(), offset < size else { return nil }
-            end = try seek(offset, data: true) ?? size  // no data after offset: a hole to the end
-        } catch { return nil }
-        guard end > offset, length <= end - offset else { return nil }
+        // No data after `offset`: a hole to the end of the file.
+        guard let size = try? self.size(), offset < size, let next = try? seek(offset, data: true) ?? size,
+              next > offset, length <= next - offset else { return nil }
+        let end = next
         knownHole.withLock { $0 = (offset, end, now, time) }
         return (offset, end)
     }

@@ -30,7 +30,6 @@ public final class TableCache: Sendable {
 
     final class Slot: @unchecked Sendable { // only touched under `state`
         var bytes: [UInt8]
-        var lastUse: UInt64 = 0
         /// Used since it was loaded or last passed by the eviction hand (second chance).
         var referenced = false
         var dirtySeq: UInt64? = nil
@@ -79,7 +78,7 @@ public final class TableCache: Sendable {
         precondition(index >= 0 && index < entriesPerTable)
         if let v = state.withLock({ s -> UInt64? in
             guard let slot = s.slots[table], isFresh(slot) else { return nil }
-            s.clock += 1; slot.lastUse = s.clock; slot.referenced = true; s.stats.hits += 1
+            slot.referenced = true; s.stats.hits += 1
             return decode(slot.bytes, index)
         }) { return v }
         let bytes = try file.readBytes(count: tableBytes, at: table, what: "metadata table")
@@ -93,7 +92,7 @@ public final class TableCache: Sendable {
     public func withEntries<R>(table: UInt64, _ body: (TableView) throws -> R) throws -> R {
         if let r = try state.withLock({ s -> R? in
             guard let slot = s.slots[table], isFresh(slot) else { return nil }
-            s.clock += 1; slot.lastUse = s.clock; slot.referenced = true; s.stats.hits += 1
+            slot.referenced = true; s.stats.hits += 1
             return try body(TableView(bytes: slot.bytes, encoding: encoding))
         }) { return r }
         let bytes = try file.readBytes(count: tableBytes, at: table, what: "metadata table")
@@ -129,7 +128,7 @@ public final class TableCache: Sendable {
     private func withSlot<R>(_ table: UInt64, _ body: (Slot) throws -> R) throws -> R {
         if let r = try state.withLock({ s -> R? in
             guard let slot = s.slots[table], isFresh(slot) else { return nil }
-            s.clock += 1; slot.lastUse = s.clock; slot.referenced = true; s.stats.hits += 1
+            slot.referenced = true; s.stats.hits += 1
             return try body(slot)
         }) { return r }
         let bytes = try file.readBytes(count: tableBytes, at: table, what: "metadata table")
@@ -148,7 +147,7 @@ public final class TableCache: Sendable {
             }
             encode(&slot.bytes, index, value)
             slot.uniform = nil
-            s.clock += 1; slot.lastUse = s.clock; slot.referenced = true; slot.dirtySeq = s.clock
+            s.clock += 1; slot.referenced = true; slot.dirtySeq = s.clock
         }
     }
 
@@ -169,18 +168,18 @@ public final class TableCache: Sendable {
             }
             let r = try body(&slot.bytes)
             slot.uniform = nil
-            s.clock += 1; slot.lastUse = s.clock; slot.referenced = true; slot.dirtySeq = s.clock
+            s.clock += 1; slot.referenced = true; slot.dirtySeq = s.clock
             return r
         }
     }
 
-    /// Drops every cached table in `[start, start+length)` without writing it: the space was
-    /// freed (nothing points at it any more) and may come back as a different table.
-    /// Reads `count` consecutive tables from `table` in one I/O (a long walk over a flat map
-    /// would otherwise pay one read per small table); tables already held are kept as they
-    /// are. At most as many as the cache holds.
-    public func prefetch(from table: UInt64, count: Int) throws {
-        let n = min(count, capacity)
+    /// Reads up to `count` consecutive tables from `table`, never past `end`, in one I/O
+    /// when `table` is not held (a walk over a flat map of small tables, the VDI block map or
+    /// a VMDK grain directory, would otherwise pay one read per table); tables already held
+    /// are kept as they are. At most as many as the cache holds.
+    public func readAhead(from table: UInt64, upTo end: UInt64, count: Int) throws {
+        guard end > table, !isCached(table: table) else { return }
+        let n = Int(min(UInt64(min(count, capacity)), (end - table) / UInt64(tableBytes)))
         guard n > 1 else { return }
         let bytes = try file.readBytes(count: n * tableBytes, at: table, what: "metadata tables")
         try state.withLock { s in
@@ -199,6 +198,8 @@ public final class TableCache: Sendable {
     /// Whether the table is held (possibly changed and not yet written back).
     public func isCached(table: UInt64) -> Bool { state.withLock { $0.slots[table] != nil } }
 
+    /// Drops every cached table in `[start, start+length)` without writing it: the space was
+    /// freed (nothing points at it any more) and may come back as a different table.
     public func discard(_ start: UInt64, length: UInt64) {
         state.withLock { s in
             if UInt64(s.slots.count) <= length / UInt64(tableBytes) {
@@ -241,7 +242,7 @@ public final class TableCache: Sendable {
             let slot = try insertLocked(&s, table: table, bytes: bytes)
             slot.bytes = bytes
             slot.uniform = nil
-            s.clock += 1; slot.lastUse = s.clock; slot.referenced = true; slot.dirtySeq = s.clock
+            s.clock += 1; slot.referenced = true; slot.dirtySeq = s.clock
         }
     }
 
@@ -304,7 +305,7 @@ public final class TableCache: Sendable {
 
     private func insertLocked(_ s: inout State, table: UInt64, bytes: [UInt8]) throws -> Slot {
         if let existing = s.slots[table] {
-            s.clock += 1; existing.lastUse = s.clock; existing.referenced = true
+            existing.referenced = true
             if !isFresh(existing) {  // read again for a shared file: take what is on disk now
                 existing.bytes = bytes
                 existing.uniform = nil
@@ -325,7 +326,6 @@ public final class TableCache: Sendable {
         if s.head > 4096 && s.head * 2 > s.queue.count { s.queue.removeFirst(s.head); s.head = 0 }
         let slot = Slot(bytes: bytes)
         if maxAge != nil { slot.loadedAt = monotonicSeconds() }
-        s.clock += 1; slot.lastUse = s.clock
         s.slots[table] = slot
         s.queue.append(table)
         if s.queue.count - s.head > 2 * capacity + 64 { s.queue = Array(s.slots.keys); s.head = 0 }

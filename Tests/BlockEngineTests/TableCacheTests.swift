@@ -67,7 +67,7 @@ final class TableCacheTests: XCTestCase {
         XCTAssertEqual(c.stats.misses, 150, "the table in use was read again")
         XCTAssertTrue(c.isCached(table: 0))
         let d = TableCache(file: f, tableBytes: 16, encoding: .u64LE, capacity: 16)
-        try d.prefetch(from: 160, count: 8)
+        try d.readAhead(from: 160, upTo: 160 + 8 * 16, count: 64)
         for t in 0..<8 { XCTAssertTrue(d.isCached(table: UInt64(160 + t * 16))) }
         let before = d.stats.misses
         _ = try d.entry(table: 160 + 5 * 16, index: 1)

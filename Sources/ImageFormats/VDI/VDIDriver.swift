@@ -86,14 +86,8 @@ public final class VDIDriver: ImageDriver {
         UInt64(header.offsetData) + e * header.blockStride + UInt64(header.blockExtra)
     }
 
-    /// Reads the next map sectors ahead of a walk (always true, for use in a condition).
-    private func prefetched(_ chunk: UInt64) throws -> Bool {
-        guard !map.isCached(table: chunk) else { return true }
-        let mapEnd = UInt64(header.offsetBmap) + header.mapBytes
-        try map.prefetch(from: chunk, count: Int(min(UInt64(Self.prefetchChunks), (mapEnd - chunk) / UInt64(Self.chunkBytes))))
-        return true
-    }
-    static let prefetchChunks = 128
+    /// Map sectors a walk reads in one I/O.
+    static let readAheadChunks = 128
 
     public var allocatedBytesHint: UInt64? {
         min(UInt64(allocation.withLock { $0.count }) * blockSize, info.virtualSize)
@@ -112,9 +106,10 @@ public final class VDIDriver: ImageDriver {
             let loc = entryLocation(block)
             // A long walk passes a map sector of unallocated blocks in one step (the sectors
             // ahead are read in one I/O, up to the map's end).
-            if loc.index == 0, end - pos > UInt64(Self.entriesPerChunk) * blockSize,
-               result.map({ if case .unallocated = $0 { return true } else { return false } }) ?? true,
-               try prefetched(loc.chunk), try map.isFilled(table: loc.chunk, with: 0xFF) {
+            let long = loc.index == 0 && end - pos > UInt64(Self.entriesPerChunk) * blockSize
+                && result.map({ if case .unallocated = $0 { return true } else { return false } }) ?? true
+            if long { try map.readAhead(from: loc.chunk, upTo: UInt64(header.offsetBmap) + header.mapBytes, count: Self.readAheadChunks) }
+            if long, try map.isFilled(table: loc.chunk, with: 0xFF) {
                 let n = min(end - pos, UInt64(Self.entriesPerChunk) * blockSize - pos % blockSize)
                 result = .unallocated(length: (result?.length ?? 0) + n)
                 pos += n

@@ -96,12 +96,9 @@ final class VMDKSparseExtent: Sendable {
     private func directoryEntry(_ gdSector: UInt64, _ i: UInt64) throws -> UInt64 {
         let per = UInt64(Self.gdChunk / 4)
         let chunk = gdSector * 512 + (i / per) * UInt64(Self.gdChunk)
-        if !directory.isCached(table: chunk), gdSector * 512 + (header.gdEntries * 4).alignedUp(UInt64(Self.gdChunk)) > chunk {
-            // A walk goes on through the directory: the chunks ahead in one read (a short
-            // file is reported by the plain read below).
-            let end = gdSector * 512 + (header.gdEntries * 4).alignedUp(UInt64(Self.gdChunk))
-            try? directory.prefetch(from: chunk, count: Int(min(64, (end - chunk) / UInt64(Self.gdChunk))))
-        }
+        // A walk goes on through the directory: the chunks ahead in one read (a short file
+        // is reported by the plain read below).
+        try? directory.readAhead(from: chunk, upTo: gdSector * 512 + (header.gdEntries * 4).alignedUp(UInt64(Self.gdChunk)), count: 64)
         return try directory.entry(table: chunk, index: Int(i % per))
     }
 
@@ -128,7 +125,7 @@ final class VMDKSparseExtent: Sendable {
     /// no table or an empty one; entries are taken a chunk at a time.
     private func emptyEntries(from i: UInt64, upTo stop: UInt64, window: inout (start: UInt64, end: UInt64)?) -> UInt64 {
         let per = UInt64(Self.gdChunk / 4)
-        guard (try? directoryEntry(header.gdOffset, i)) != nil,  // reads (and prefetches) the chunk
+        guard (try? directoryEntry(header.gdOffset, i)) != nil,  // reads (and reads ahead of) the chunk
               let entries = try? directory.withEntries(table: header.gdOffset * 512 + (i / per) * UInt64(Self.gdChunk), {
                   view in (Int(i % per) ..< view.count).map { view[$0] } }) else { return 0 }
         let gtBytes = UInt64(header.gtBytes)
