@@ -29,18 +29,33 @@ public final class QCOW2BitmapSet: Sendable {
     let state: Mutex<State>
     let path: String
     let header: QCOW2Header
+    /// Bitmaps that record (enabled and consistent): a guest write takes the lock only when
+    /// there is one, so images without bitmaps pay nothing per write.
+    private let recording = Atomic<Int>(0)
 
     init(entries: [Entry], header: QCOW2Header, path: String) {
         state = Mutex(State(entries: entries, hadBitmaps: !entries.isEmpty,
                             directory: header.hasBitmaps ? (header.bitmapDirectoryOffset, header.bitmapDirectorySize) : nil))
         self.header = header
         self.path = path
+        recording.store(Self.recorders(entries), ordering: .releasing)
+    }
+
+    private static func recorders(_ entries: [Entry]) -> Int { entries.filter { $0.bitmap.auto && $0.consistent }.count }
+
+    /// Runs a change to the entries and recounts the recording ones.
+    private func changing<R>(_ body: (inout State) throws -> R) rethrows -> R {
+        try state.withLock { s in
+            defer { recording.store(Self.recorders(s.entries), ordering: .releasing) }
+            return try body(&s)
+        }
     }
 
     public var entries: [Entry] { state.withLock { $0.entries } }
 
     /// Records a guest change into every enabled, consistent bitmap.
     func record(_ offset: UInt64, length: UInt64) {
+        guard recording.load(ordering: .acquiring) > 0 else { return }
         state.withLock { s in
             for e in s.entries where e.bitmap.auto { e.bits?.mark(offset, length: length) }
         }
@@ -62,9 +77,15 @@ public final class QCOW2BitmapSet: Sendable {
 
     public func add(_ name: String, granularity: UInt64, enabled: Bool) throws {
         if let why = QCOW2Bitmaps.creationProblem(name: name, granularity: granularity, header: header) { throw bad("cannot add bitmap '\(name)': \(why)") }
-        try state.withLock { s in
+        try changing { s in
             guard !s.entries.contains(where: { $0.bitmap.name == name }) else { throw bad("a bitmap named '\(name)' already exists") }
             guard s.entries.count < Int(QCOW2Bitmaps.maxBitmaps) else { throw bad("the image already holds \(QCOW2Bitmaps.maxBitmaps) bitmaps") }
+            // The directory must stay within what QEMU (and `readDirectory`) reads back.
+            let size = s.entries.reduce(0) { $0 + QCOW2Bitmaps.entryBytes(nameBytes: $1.bitmap.nameBytes.count) }
+                + QCOW2Bitmaps.entryBytes(nameBytes: name.utf8.count)
+            guard UInt64(size) <= QCOW2Bitmaps.maxDirectoryBytes else {
+                throw bad("the bitmap directory would grow past QEMU's \(QCOW2Bitmaps.maxDirectoryBytes) bytes")
+            }
             let b = QCOW2Bitmap(name: name, nameBytes: Array(name.utf8), granularity: granularity, flags: enabled ? QCOW2Bitmaps.flagAuto : 0,
                                 tableOffset: 0, tableEntries: 0, entryOffset: 0)
             s.entries.append(Entry(bitmap: b, bits: DirtyBitmap(granularity: granularity, diskSize: header.size), clusters: []))
@@ -72,7 +93,7 @@ public final class QCOW2BitmapSet: Sendable {
     }
 
     public func remove(_ name: String) throws {
-        try state.withLock { s in
+        try changing { s in
             let i = try index(s, name, usable: false)
             s.dropped += s.entries[i].clusters
             s.entries.remove(at: i)
@@ -91,7 +112,7 @@ public final class QCOW2BitmapSet: Sendable {
     }
 
     public func setEnabled(_ name: String, _ enabled: Bool) throws {
-        try state.withLock { s in
+        try changing { s in
             let i = try index(s, name, usable: true)
             let f = s.entries[i].bitmap.flags
             s.entries[i].bitmap.flags = enabled ? f | QCOW2Bitmaps.flagAuto : f & ~QCOW2Bitmaps.flagAuto

@@ -54,15 +54,13 @@ extension QCOW2Driver {
     /// The clusters an inconsistent bitmap's table names (only well-formed entries inside
     /// the file), so removing it frees them as QEMU does.
     static func heldClusters(_ b: QCOW2Bitmap, file: ImageFile, header h: QCOW2Header, fileSize: UInt64) -> [HostRange] {
-        let cs = h.clusterSize, bytes = UInt64(b.tableEntries) * 8
-        guard b.tableOffset <= fileSize, bytes <= fileSize - b.tableOffset else { return [] }
-        var out = [HostRange(offset: b.tableOffset, length: (bytes + cs - 1) / cs * cs)]
-        try? FlatTable.forEachEntry(file, start: b.tableOffset, count: UInt64(b.tableEntries), encoding: .u64BE, fileSize: fileSize,
-                                    what: "qcow2 bitmap table") { _, e in
+        let cs = h.clusterSize
+        var data: [HostRange] = []
+        guard let table = try? QCOW2Bitmaps.forEachTableEntry(b, file: file, header: h, fileSize: fileSize, { _, e in
             let c = e & QCOW2Bitmaps.tableOffsetMask
-            if c != 0, e & QCOW2Bitmaps.tableReserved == 0, c % cs == 0, c < fileSize { out.append(HostRange(offset: c, length: cs)) }
-        }
-        return out
+            if c != 0, e & QCOW2Bitmaps.tableReserved == 0, c % cs == 0, c < fileSize { data.append(HostRange(offset: c, length: cs)) }
+        }) else { return [] }
+        return [table] + data
     }
 
     /// Writes the bitmap set as described above; a no-op for images that never held bitmaps.
@@ -98,9 +96,7 @@ extension QCOW2Driver {
             for i in 0 ..< count {
                 guard let words = bits.words(from: i * cs * 8, count: cs * 8) else { continue }
                 var bytes = [UInt8](repeating: 0, count: Int(cs))
-                for (k, w) in words.enumerated() where w != 0 {
-                    for j in 0..<8 { bytes[k * 8 + j] = UInt8(truncatingIfNeeded: w >> (8 * UInt64(j))) }
-                }
+                for (k, w) in words.enumerated() where w != 0 { put64(&bytes, k * 8, w) }
                 let at = try write(bytes, clusters: 1)
                 put64be(&table, Int(i) * 8, at)
                 clusters.append(HostRange(offset: at, length: cs))

@@ -110,15 +110,10 @@ public enum QCOW2Bitmaps {
         let cs = h.clusterSize
         let need = tableEntries(diskSize: h.size, granularity: b.granularity, clusterSize: cs)
         guard UInt64(b.tableEntries) == need else { throw bad("its table has \(b.tableEntries) entries; the disk needs \(need)") }
-        let tableBytes = UInt64(b.tableEntries) * 8
-        guard b.tableOffset <= fileSize, tableBytes <= fileSize - b.tableOffset else {
-            throw BlockError.truncated(file: file.path, what: "table of bitmap '\(b.name)'", offset: b.tableOffset, needed: tableBytes, fileSize: fileSize)
-        }
         let bits = DirtyBitmap(granularity: b.granularity, diskSize: h.size)
-        var clusters = [HostRange(offset: b.tableOffset, length: (tableBytes + cs - 1) / cs * cs)]
+        var clusters: [HostRange] = []
         let perCluster = cs * 8
-        try FlatTable.forEachEntry(file, start: b.tableOffset, count: UInt64(b.tableEntries), encoding: .u64BE, fileSize: fileSize,
-                                   what: "qcow2 bitmap table") { i, e in
+        let table = try forEachTableEntry(b, file: file, header: h, fileSize: fileSize) { i, e in
             let offset = e & tableOffsetMask
             guard e & tableReserved == 0, offset == 0 || (e & 1 == 0 && offset % cs == 0) else {
                 throw bad("table entry \(i) is 0x\(String(e, radix: 16)) (reserved bits set or an unaligned cluster)")
@@ -129,21 +124,35 @@ public enum QCOW2Bitmaps {
             }
             guard offset <= fileSize, cs <= fileSize - offset else { throw bad("table entry \(i) names cluster \(offset) outside the \(fileSize)-byte file") }
             let bytes = try file.readBytes(count: Int(cs), at: offset, what: "data of bitmap '\(b.name)'")
-            let words = stride(from: 0, to: bytes.count, by: 8).map { k in
-                (0..<8).reduce(UInt64(0)) { $0 | UInt64(bytes[k + $1]) << (8 * UInt64($1)) }
-            }
-            bits.merge(words: words, from: i * perCluster)
+            bits.merge(words: stride(from: 0, to: bytes.count, by: 8).map { le64(bytes, $0) }, from: i * perCluster)
             clusters.append(HostRange(offset: offset, length: cs))
         }
-        return (bits, clusters)
+        return (bits, [table] + clusters)
     }
+
+    /// Calls `body(index, entry)` for every entry of the bitmap's table (which must lie inside
+    /// the file; its size QEMU's limits bound in `readDirectory`) and returns the clusters the
+    /// table itself takes.
+    static func forEachTableEntry(_ b: QCOW2Bitmap, file: ImageFile, header h: QCOW2Header, fileSize: UInt64,
+                                  _ body: (UInt64, UInt64) throws -> Void) throws -> HostRange {
+        let bytes = UInt64(b.tableEntries) * 8
+        guard b.tableOffset <= fileSize, bytes <= fileSize - b.tableOffset else {
+            throw BlockError.truncated(file: file.path, what: "table of bitmap '\(b.name)'", offset: b.tableOffset, needed: bytes, fileSize: fileSize)
+        }
+        try FlatTable.forEachEntry(file, start: b.tableOffset, count: UInt64(b.tableEntries), encoding: .u64BE, fileSize: fileSize,
+                                   what: "qcow2 bitmap table", body)
+        return HostRange(offset: b.tableOffset, length: bytes.alignedUp(h.clusterSize))
+    }
+
+    /// Bytes one directory entry takes (24-byte header, the name, padding to 8).
+    static func entryBytes(nameBytes: Int) -> Int { (24 + nameBytes + 7) / 8 * 8 }
 
     /// Directory bytes for these entries (in this order; offsets as given).
     static func serializeDirectory(_ bitmaps: [QCOW2Bitmap]) -> [UInt8] {
         var dir: [UInt8] = []
         for b in bitmaps {
             let name = b.nameBytes
-            var e = [UInt8](repeating: 0, count: (24 + name.count + 7) / 8 * 8)
+            var e = [UInt8](repeating: 0, count: entryBytes(nameBytes: name.count))
             put64be(&e, 0, b.tableOffset)
             put32be(&e, 8, b.tableEntries)
             put32be(&e, 12, b.flags)

@@ -258,9 +258,9 @@ public enum QCOW2Check {
         guard try addRange(h.bitmapDirectoryOffset, h.bitmapDirectorySize, "the bitmap directory") else { return }
         for b in bitmaps where b.tableEntries > 0 {
             let entries = UInt64(b.tableEntries)
-            guard entries <= 1 << 24, try addRange(b.tableOffset, entries * 8, "the table of bitmap '\(b.name)'"), !tablesOnly else { continue }
-            try FlatTable.forEachEntry(file, start: b.tableOffset, count: entries, encoding: .u64BE, what: "qcow2 bitmap table") { _, e in
-                let c = e & l1Mask
+            guard try addRange(b.tableOffset, entries * 8, "the table of bitmap '\(b.name)'"), !tablesOnly else { continue }
+            _ = try QCOW2Bitmaps.forEachTableEntry(b, file: file, header: h, fileSize: fileSize) { _, e in
+                let c = e & QCOW2Bitmaps.tableOffsetMask
                 if c != 0 { _ = try addRange(c, h.clusterSize, "a data cluster of bitmap '\(b.name)'") }
             }
         }

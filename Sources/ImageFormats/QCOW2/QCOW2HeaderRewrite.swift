@@ -17,7 +17,12 @@ extension QCOW2Header {
         }
         let cs = Int(clusterSize)
         let old = try file.readBytes(count: Int(min(UInt64(cs), try file.size())), at: 0, what: "qcow2 header cluster")
-        let backingOffset = Int(be64(old, 8)), backingSize = Int(be32(old, 16))
+        // Checked when the header was read; checked again (before any use), since this reads it afresh.
+        let rawOffset = be64(old, 8), rawSize = UInt64(be32(old, 16)), count = UInt64(old.count)
+        guard UInt64(headerLength) <= count, rawOffset <= count, rawSize <= count - rawOffset else {
+            throw bad("the backing file name at \(rawOffset) (\(rawSize) bytes) no longer fits the header cluster")
+        }
+        let backingOffset = Int(rawOffset), backingSize = Int(rawSize)
         let areaEnd = backingOffset != 0 ? backingOffset : old.count
         var extensions: [(type: UInt32, data: ArraySlice<UInt8>)] = []
         var at = Int(headerLength)
