@@ -109,10 +109,7 @@ final class CrashConsistencyTests: XCTestCase {
         var waited = 0
         while try vdiState(img).count != 2 && waited < 200 { usleep(50_000); waited += 1 }
         XCTAssertEqual(try vdiState(img).count, 2, "the header was not written first")
-        kill(pid, SIGKILL)
-        writer.waitUntilExit()
-        _ = try Harness.run([Harness.rawmount, "unmount", s.mnt], check: false)
-        try s.forgetMount(s.mnt)
+        try s.killServer(pid, waiting: writer)
         // QEMU's next block is index 2: block 0 (guest 0) is not touched.
         let w = try Harness.run(["qemu-io", "-f", "vdi", "-c", "write -P 0x22 5M 4k", img])
         XCTAssertFalse(w.out.contains("also used"), w.out)
@@ -147,10 +144,7 @@ final class CrashConsistencyTests: XCTestCase {
             try writer.run()
             usleep(2_000_000)  // the flush reaches the pause well within this
             XCTAssertTrue(writer.isRunning, "\(step): the fsync returned before the pause")
-            kill(pid, SIGKILL)
-            writer.waitUntilExit()
-            _ = try Harness.run([Harness.rawmount, "unmount", s.mnt], check: false)
-            try s.forgetMount(s.mnt)
+            try s.killServer(pid, waiting: writer)
             let check = try Harness.run(["qemu-img", "check", img], check: false)
             XCTAssertEqual(check.status, 3, "\(step): \(check.out)\(check.err)")
             let data = try s.qemuRaw(img)
@@ -189,10 +183,8 @@ final class CrashConsistencyTests: XCTestCase {
             }
             sleep(3)
             guard let pid = try serverPid(s) else { XCTFail("\(format): no pid"); continue }
-            kill(pid, SIGKILL)
+            try s.killServer(pid)
             close(fd)
-            _ = try Harness.run([Harness.rawmount, "unmount", s.mnt], check: false)
-            try s.forgetMount(s.mnt)
             let check = try Harness.run(["qemu-img", "check", img], check: false)
             XCTAssertTrue(check.status == 0 || check.status == 3, "\(format): \(check.out)\(check.err)")
             let got = try s.qemuRaw(img)

@@ -90,6 +90,15 @@ final class Scratch {
 
     func path(_ name: String) -> String { dir + "/" + name }
 
+    /// kill -9 of the server at `mp` (the one `pid` names), then `waiting` (a client stuck on
+    /// the mount) is waited for and the dead mount cleared, as a user would after a crash.
+    func killServer(_ pid: pid_t, waiting: Process? = nil, at mp: String? = nil) throws {
+        kill(pid, SIGKILL)
+        waiting?.waitUntilExit()
+        _ = try Harness.run([Harness.rawmount, "unmount", mp ?? mnt], check: false)
+        try forgetMount(mp ?? mnt)
+    }
+
     /// The pid of the server serving `mp` (from its pid file).
     func serverPid(_ mp: String? = nil) throws -> pid_t? {
         let pidFile = "/run/rawmount/" + (mp ?? mnt).replacingOccurrences(of: "%", with: "%25").replacingOccurrences(of: "/", with: "%2F") + ".pid"

@@ -216,10 +216,7 @@ final class QCOW2BitmapTests: XCTestCase {
         FileManager.default.createFile(atPath: s.path("shadow"), contents: Data(count: 16 << 20))
         writeRanges(s.mnt + "/d.raw", s.path("shadow"), [(1 << 20, 4096)])
         guard let pid = try s.serverPid() else { XCTFail("no pid"); return }
-        kill(pid, SIGKILL)
-        usleep(200_000)
-        _ = try Harness.run([Harness.rawmount, "unmount", s.mnt], check: false)
-        try s.forgetMount(s.mnt)
+        try s.killServer(pid)
         XCTAssertEqual(try qemuBitmaps(img)["b0"]?.1, ["auto", "in-use"])
         XCTAssertEqual(try qemuBitmaps(img)["b1"]?.1, ["in-use"])
         let check = try Harness.run(["qemu-img", "check", img], check: false)
@@ -357,32 +354,40 @@ final class QCOW2BitmapTests: XCTestCase {
         XCTAssertEqual(try Files.sha(img), sha)
     }
 
-    /// kill -9 inside the store at close, held by the test pause right after the header names
-    /// the new directory and before the old clusters are freed: the stored bitmap is complete
-    /// and trusted (auto, not in use), and the old clusters only leak.
+    /// kill -9 inside the store at close, held by the test pause at each of its two orderings:
+    /// - new data, table, directory and their refcounts durable, the header not yet naming
+    ///   them: the old directory stands, every bitmap still in use (not trusted), and the new
+    ///   clusters only leak (their refcounts reached the disk first);
+    /// - the header names the new directory, the old clusters not yet freed: the stored
+    ///   bitmap is complete and trusted (auto, not in use), and the old clusters only leak.
     func testKillDuringTheStoreLeavesACompleteBitmapAndOnlyLeaks() throws {
         let s = try Scratch()
         let size: UInt64 = 16 << 20
-        let img = s.path("d.qcow2"), shadow = s.path("d.shadow")
-        try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", img, "\(size)"])
-        try Harness.run(["qemu-img", "bitmap", "--add", img, "b0"])
-        FileManager.default.createFile(atPath: shadow, contents: Data(count: Int(size)))
-        try s.mount(img, environment: ["RAWMOUNT_TEST_QCOW2_PAUSE_US": "3000000"])
-        writeRanges(s.mnt + "/d.raw", shadow, [(1 << 20, 1 << 20), (9 << 20 + 1, 10)])  // the fsync pauses at the L1 write
-        guard let pid = try s.serverPid() else { XCTFail("no pid"); return }
-        let unmount = Process()
-        unmount.executableURL = URL(fileURLWithPath: Harness.rawmount)
-        unmount.arguments = ["unmount", s.mnt]
-        try unmount.run()
-        usleep(1_500_000)
-        kill(pid, SIGKILL)
-        unmount.waitUntilExit()
-        _ = try Harness.run([Harness.rawmount, "unmount", s.mnt], check: false)
-        try s.forgetMount(s.mnt)
-        let check = try Harness.run(["qemu-img", "check", img], check: false)
-        XCTAssertEqual(check.status, 3, "expected leaks only: \(check.out)")
-        XCTAssertEqual(try qemuBitmaps(img)["b0"]?.1, ["auto"], "the new directory was not in place when the old clusters were freed")
-        XCTAssertEqual(try qemuDirty(img, "b0"), expected([(1 << 20, 1 << 20), (9 << 20 + 1, 10)], granularity: 65536, size: size))
+        let writes: [(UInt64, UInt64)] = [(1 << 20, 1 << 20), (9 << 20 + 1, 10)]
+        // The pause is 3 s; the store starts right after the unmount.
+        for (delay, headerWritten) in [(UInt32(1_500_000), false), (4_500_000, true)] {
+            let img = s.path("d\(delay).qcow2"), shadow = s.path("d.shadow")
+            try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", img, "\(size)"])
+            try Harness.run(["qemu-img", "bitmap", "--add", img, "b0"])
+            FileManager.default.createFile(atPath: shadow, contents: Data(count: Int(size)))
+            try s.mount(img, environment: ["RAWMOUNT_TEST_QCOW2_PAUSE_US": "3000000"])
+            writeRanges(s.mnt + "/d\(delay).raw", shadow, writes)  // the fsync pauses at the L1 write
+            guard let pid = try s.serverPid() else { XCTFail("no pid"); return }
+            let unmount = Process()
+            unmount.executableURL = URL(fileURLWithPath: Harness.rawmount)
+            unmount.arguments = ["unmount", s.mnt]
+            try unmount.run()
+            usleep(delay)
+            try s.killServer(pid, waiting: unmount)
+            let check = try Harness.run(["qemu-img", "check", img], check: false)
+            XCTAssertEqual(check.status, 3, "expected leaks only: \(check.out)")
+            if headerWritten {
+                XCTAssertEqual(try qemuBitmaps(img)["b0"]?.1, ["auto"], "the new directory was not in place when the old clusters were freed")
+                XCTAssertEqual(try qemuDirty(img, "b0"), expected(writes, granularity: 65536, size: size))
+            } else {
+                XCTAssertEqual(try qemuBitmaps(img)["b0"]?.1, ["auto", "in-use"], "the header named the new directory before it was durable")
+            }
+        }
     }
 
     /// SIGTERM and SIGINT close cleanly: the bitmaps are stored and trusted again.

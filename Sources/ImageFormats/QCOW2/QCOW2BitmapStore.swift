@@ -1,4 +1,7 @@
 import BlockEngine
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Opening and storing persistent dirty bitmaps, in QEMU's order.
 /// - Writable open: an extension whose autoclear bit 0 is clear was left stale by a writer
@@ -120,6 +123,7 @@ extension QCOW2Driver {
         // Everything the new directory names, and the refcounts that own it, before the header.
         try refcounts.writeDirty()
         try file.sync()
+        if Self.testPause > 0 { usleep(Self.testPause) }  // tests: new bitmaps durable, header not yet
         _ = try header.rewritingBitmaps(file, directory: directory)
         if let d = oldDirectory { toFree.append(HostRange(offset: d.offset, length: (d.size + cs - 1) / cs * cs)) }
         set.state.withLock { s in
