@@ -19,6 +19,13 @@ final class QCOW2BitmapTests: XCTestCase {
         var description: String { "\(offset)+\(length)" }
     }
 
+    /// A new qcow2 from qemu-img with bitmaps added by `qemu-img bitmap --add ARGS...` (each
+    /// element: its arguments before the image, then the name).
+    func makeImage(_ img: String, _ size: String, bitmaps: [[String]]) throws {
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", img, size])
+        for b in bitmaps { try Harness.run(["qemu-img", "bitmap", "--add"] + b.dropLast() + [img, b.last!]) }
+    }
+
     /// QEMU's reading of a bitmap: the dirty extents nbdinfo lists through qemu-nbd -B.
     func qemuDirty(_ img: String, _ bitmap: String, file: StaticString = #filePath, line: UInt = #line) throws -> [Extent] {
         let r = try Harness.run(["nbdinfo", "--json", "--map=qemu:dirty-bitmap:\(bitmap)", "--",
@@ -209,9 +216,7 @@ final class QCOW2BitmapTests: XCTestCase {
     func testKilledMountLeavesBitmapsInUseAndTheyStayInconsistent() throws {
         let s = try Scratch()
         let img = s.path("d.qcow2")
-        try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", img, "16M"])
-        try Harness.run(["qemu-img", "bitmap", "--add", img, "b0"])
-        try Harness.run(["qemu-img", "bitmap", "--add", "--disable", img, "b1"])
+        try makeImage(img, "16M", bitmaps: [["b0"], ["--disable", "b1"]])
         try s.mount(img)
         FileManager.default.createFile(atPath: s.path("shadow"), contents: Data(count: 16 << 20))
         writeRanges(s.mnt + "/d.raw", s.path("shadow"), [(1 << 20, 4096)])
@@ -248,8 +253,7 @@ final class QCOW2BitmapTests: XCTestCase {
     func testStaleExtensionIsDroppedAndItsClustersFreed() throws {
         let s = try Scratch()
         let img = s.path("d.qcow2")
-        try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", img, "16M"])
-        try Harness.run(["qemu-img", "bitmap", "--add", img, "b0"])
+        try makeImage(img, "16M", bitmaps: [["b0"]])
         try Harness.run(["qemu-io", "-f", "qcow2", "-c", "write 0 1M", img])
         var header = [UInt8](try Files.read(img).prefix(96))
         header[95] &= ~1
@@ -331,8 +335,7 @@ final class QCOW2BitmapTests: XCTestCase {
     func testBitmapQEMUWouldRefuseBlocksWritingOnly() throws {
         let s = try Scratch()
         let img = s.path("d.qcow2")
-        try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", img, "16M"])
-        try Harness.run(["qemu-img", "bitmap", "--add", img, "evil"])
+        try makeImage(img, "16M", bitmaps: [["evil"]])
         // The bitmaps extension names the directory; flags are bytes 12-15 of its first entry.
         let bytes = [UInt8](try Files.read(img))
         var at = 112, dir = 0
@@ -367,8 +370,7 @@ final class QCOW2BitmapTests: XCTestCase {
         // The pause is 3 s; the store starts right after the unmount.
         for (delay, headerWritten) in [(UInt32(1_500_000), false), (4_500_000, true)] {
             let img = s.path("d\(delay).qcow2"), shadow = s.path("d.shadow")
-            try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", img, "\(size)"])
-            try Harness.run(["qemu-img", "bitmap", "--add", img, "b0"])
+            try makeImage(img, "\(size)", bitmaps: [["b0"]])
             FileManager.default.createFile(atPath: shadow, contents: Data(count: Int(size)))
             try s.mount(img, environment: ["RAWMOUNT_TEST_QCOW2_PAUSE_US": "3000000"])
             writeRanges(s.mnt + "/d\(delay).raw", shadow, writes)  // the fsync pauses at the L1 write
@@ -395,8 +397,7 @@ final class QCOW2BitmapTests: XCTestCase {
         let s = try Scratch()
         let size: UInt64 = 8 << 20
         let img = s.path("d.qcow2"), shadow = s.path("d.shadow")
-        try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", img, "\(size)"])
-        try Harness.run(["qemu-img", "bitmap", "--add", "-g", "4k", img, "b0"])
+        try makeImage(img, "\(size)", bitmaps: [["-g", "4k", "b0"]])
         FileManager.default.createFile(atPath: shadow, contents: Data(count: Int(size)))
         var written: [(UInt64, UInt64)] = []
         for (n, sig) in [SIGTERM, SIGINT].enumerated() {
