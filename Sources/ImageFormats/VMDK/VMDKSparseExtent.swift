@@ -158,7 +158,9 @@ final class VMDKSparseExtent: Sendable {
         let gdi = rel / cover
         let spanEnd = min(rel + maxLength, (gdi + 1) * cover)
         let gt = try grainTable(gdi)
-        if gt == 0 || neverWritten(gt) {
+        // Only a walk longer than one table asks the host about holes: a guest read or write
+        // reads the table (as cheap as the lseek) and keeps it cached.
+        if gt == 0 || maxLength > cover && neverWritten(gt) {
             // A long walk (status, SEEK_DATA) passes a run of empty directory entries (or of
             // preallocated tables never written) in one step: a huge, mostly empty disk costs
             // its directory, not one call per entry.
