@@ -4,7 +4,7 @@
 SWIFT ?= swift
 DEBUG_BIN := .build/debug/rawmount
 RELEASE_BIN := .build/release/rawmount
-APT_PACKAGES := libfuse3-dev fuse3 pkg-config zlib1g-dev libzstd-dev qemu-utils qemu-system-common fio e2fsprogs util-linux fdisk sleuthkit bximage python3 libvmdk-utils libqcow-utils libnbd-bin
+APT_PACKAGES := libfuse3-dev fuse3 pkg-config zlib1g-dev libdeflate-dev libzstd-dev qemu-utils qemu-system-common fio e2fsprogs util-linux fdisk sleuthkit bximage python3 libvmdk-utils libqcow-utils libnbd-bin
 
 .PHONY: all deps build release test demo bench crash clean
 

@@ -16,11 +16,13 @@ let package = Package(
                        providers: [.apt(["libfuse3-dev"])]),
         // System zlib for compressed grains.
         .systemLibrary(name: "CZlib", path: "Modules/CZlib", pkgConfig: "zlib", providers: [.apt(["zlib1g-dev"])]),
+        // libdeflate: the fast whole-cluster inflate; zlib stays the fallback and the reference.
+        .systemLibrary(name: "CDeflate", path: "Modules/CDeflate", pkgConfig: "libdeflate", providers: [.apt(["libdeflate-dev"])]),
         .systemLibrary(name: "CZstd", path: "Modules/CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
         // Shared engine: file I/O, errors, mappings, table cache, allocator, locking.
         .target(name: "BlockEngine"),
         // Format probes and drivers, one folder per format.
-        .target(name: "ImageFormats", dependencies: ["BlockEngine", "CZlib", "CZstd"]),
+        .target(name: "ImageFormats", dependencies: ["BlockEngine", "CDeflate", "CZlib", "CZstd"]),
         // libfuse3 low-level adapter: knows block devices, not formats.
         .target(name: "FuseAdapter", dependencies: ["CFuse3", "BlockEngine"]),
         .executableTarget(name: "rawmount", dependencies: [

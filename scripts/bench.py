@@ -12,17 +12,19 @@ SIZE_MB = int(os.environ.get("BENCH_SIZE_MB", "1024"))
 WRITE_MB = int(os.environ.get("BENCH_WRITE_MB", str(SIZE_MB)))
 WRITE_ROUNDS = int(os.environ.get("BENCH_WRITE_ROUNDS", "5"))
 RUNTIME = os.environ.get("BENCH_RUNTIME", "5")
-FORMATS = os.environ.get("BENCH_FORMATS", "raw,qed,vdi,vmdk,vmdk-stream,qcow2,qcow2-compressed,qcow2-bitmaps").split(",")
+FORMATS = os.environ.get("BENCH_FORMATS", "raw,qed,vdi,vmdk,vmdk-stream,qcow2,qcow2-compressed,qcow2-zstd,qcow2-bitmaps").split(",")
 ONLY = os.environ.get("BENCH_ONLY", "")  # run only tests whose title contains this
 # "vmdk-stream" is a streamOptimized VMDK: read-only, compressed grains; "qcow2-compressed"
-# holds deflate clusters (from a half-compressible source, so qemu-img keeps them compressed).
+# holds deflate clusters (from a half-compressible source, so qemu-img keeps them compressed),
+# "qcow2-zstd" the same data as zstd clusters.
 SUBFORMAT = {"vmdk-stream": ("vmdk", ["-o", "subformat=streamOptimized"]),
-             "qcow2-compressed": ("qcow2", ["-c"]), "qcow2-bitmaps": ("qcow2", [])}
+             "qcow2-compressed": ("qcow2", ["-c"]), "qcow2-zstd": ("qcow2", ["-c", "-o", "compression_type=zstd"]),
+             "qcow2-bitmaps": ("qcow2", [])}
 # "qcow2-bitmaps" (BENCH_FORMATS=qcow2-bitmaps) carries two enabled persistent dirty bitmaps
 # (64 KiB and 4 KiB granularity) that both servers keep up to date on every write.
 BITMAPS = {"qcow2-bitmaps"}
 # Only random reads are measured on compressed images; rawmount mounts these read-only.
-COMPRESSED = {"vmdk-stream", "qcow2-compressed"}
+COMPRESSED = {"vmdk-stream", "qcow2-compressed", "qcow2-zstd"}
 READ_ONLY = COMPRESSED
 # Rows only some formats run: qcow2 (the format #12 made writable) gets the overwrite, job
 # scaling and buffered dd rows.
@@ -140,7 +142,8 @@ def peers(fmt, writes):
     out = [QsdServer]
     if writes and os.environ.get("BENCH_WRITEBACK") == "1":
         out.append(RawmountNoWriteBack)
-    libyal = VmdkmountServer if fmt.startswith("vmdk") else QcowmountServer if fmt.startswith("qcow2") else None
+    # qcowmount (libqcow 20221124) cannot read zstd clusters.
+    libyal = VmdkmountServer if fmt.startswith("vmdk") else QcowmountServer if fmt.startswith("qcow2") and fmt != "qcow2-zstd" else None
     if libyal and not writes and sh("sh", "-c", f"command -v {libyal.name}", check=False).returncode == 0:
         out.append(libyal)
     return out
@@ -176,7 +179,7 @@ def make_image(work, fmt):
     raw = os.path.join(work, "src.raw")
     if not os.path.exists(raw):
         sh("dd", "if=/dev/urandom", f"of={raw}", "bs=1M", f"count={SIZE_MB}", "status=none")
-    if fmt == "qcow2-compressed":  # every 64 KiB: half random, half zeros
+    if fmt in ("qcow2-compressed", "qcow2-zstd"):  # every 64 KiB: half random, half zeros
         raw = os.path.join(work, "half.raw")
         with open(raw, "wb") as f:
             for _ in range(SIZE_MB * 16):

@@ -55,6 +55,31 @@ final class QCOW2Tests: XCTestCase {
         }
     }
 
+    /// A deflate stream that goes on past the cluster (another writer's, or a damaged one):
+    /// QEMU takes the first cluster of it, and so must rawmount, whose fast one-pass inflate
+    /// refuses such a stream and has to hand it to zlib.
+    func testCompressedStreamLongerThanItsClusterReadsAsQemuReadsIt() throws {
+        let s = try Scratch()
+        let src = s.path("a.raw"), img = s.path("long.qcow2")
+        try Harness.run(["sh", "-c", "head -c 65536 /dev/zero | tr '\\0' A > \(src)"])
+        try Harness.run(["qemu-img", "convert", "-c", "-O", "qcow2", src, img])
+        // Replace the cluster's stream with one that inflates to 70000 bytes of 'B'.
+        try Harness.run(["python3", "-c", """
+            import struct, sys, zlib
+            f = open(sys.argv[1], 'r+b'); h = f.read(72)
+            bits = struct.unpack('>I', h[20:24])[0]; l1 = struct.unpack('>Q', h[40:48])[0]
+            f.seek(l1); l2 = struct.unpack('>Q', f.read(8))[0] & 0x00fffffffffffe00
+            f.seek(l2); e = struct.unpack('>Q', f.read(8))[0]
+            assert e >> 62 == 1, hex(e)
+            x = 62 - (bits - 8); host = e & ((1 << x) - 1); room = ((e >> x) & ((1 << (bits - 8)) - 1)) * 512 + 512 - host % 512
+            c = zlib.compressobj(9, zlib.DEFLATED, -12); stream = c.compress(b'B' * 70000) + c.flush()
+            assert len(stream) <= room, (len(stream), room)
+            f.seek(host); f.write(stream)
+            """, img])
+        XCTAssertEqual(try s.qemuRaw(img), Data(repeating: 0x42, count: 65536), "QEMU no longer truncates the stream")
+        try assertReadsLikeQemu(s, img, "a stream longer than its cluster")
+    }
+
     /// A snapshot, a dirty bitmap, and writes after the snapshot: the active disk is shown,
     /// and `info` says what else the image holds.
     func testSnapshotsAndBitmapsAreLeftAlone() throws {

@@ -1,4 +1,6 @@
 import BlockEngine
+import Synchronization
+import CDeflate
 import CZlib
 import CZstd
 
@@ -18,17 +20,40 @@ enum Decompress {
         return bytes
     }
 
-    /// The first `limit` bytes `input` decompresses to. A zlib stream inflated whole also has
-    /// its checksum checked. Throws `invalid` naming `what` when the stream is damaged or
-    /// gives fewer bytes.
+    /// At least the first `limit` bytes `input` decompresses to: the whole cluster when
+    /// libdeflate (or zstd's one-shot decompress) can produce it in one pass, which costs
+    /// less than zlib inflating part of it; else exactly `limit` from the streaming decoder.
+    /// A zlib stream inflated whole also has its checksum checked. Throws `invalid` naming
+    /// `what` when the stream is damaged or gives fewer bytes.
     static func first(_ limit: Int, of input: [UInt8], as stream: Stream, whole: Int, file: String, what: String) throws -> [UInt8] {
+        if let all = exact(whole, of: input, as: stream) { return all }
+        return try streamed(limit, of: input, as: stream, whole: whole, file: file, what: what)
+    }
+
+    /// The cluster, if the stream ends exactly at `whole` bytes; nil for anything else
+    /// (longer, shorter, damaged), which the streaming decoders then decide.
+    private static func exact(_ whole: Int, of input: [UInt8], as stream: Stream) -> [UInt8]? {
+        var ok = false
+        let out = [UInt8](unsafeUninitializedCapacity: whole) { buffer, n in
+            ok = input.withUnsafeBytes { c in
+                switch stream {
+                case .zstd: ZstdContexts.shared.with { rm_zstd_exact($0, c.baseAddress, c.count, buffer.baseAddress, whole) } == 0
+                case .zlib, .rawDeflate: rm_libdeflate_exact(c.baseAddress, c.count, buffer.baseAddress, whole, stream == .zlib ? 1 : 0) == 0
+                }
+            }
+            n = ok ? whole : 0
+        }
+        return ok ? out : nil
+    }
+
+    private static func streamed(_ limit: Int, of input: [UInt8], as stream: Stream, whole: Int, file: String, what: String) throws -> [UInt8] {
         var produced = 0
         var ok = false
         let out = [UInt8](unsafeUninitializedCapacity: limit) { buffer, n in
             input.withUnsafeBytes { c in
                 switch stream {
                 case .zstd:
-                    ok = rm_zstd_decompress_cluster(c.baseAddress, c.count, buffer.baseAddress, limit, &produced) == 0
+                    ok = ZstdContexts.shared.with { rm_zstd_decompress_cluster($0, c.baseAddress, c.count, buffer.baseAddress, limit, &produced) } == 0
                 case .zlib where limit == whole:
                     var length = uLongf(limit)
                     ok = uncompress(buffer.baseAddress, &length, c.baseAddress?.assumingMemoryBound(to: Bytef.self), uLong(c.count)) == Z_OK
@@ -44,5 +69,30 @@ enum Decompress {
                                                                           : "the compressed stream is damaged")
         }
         return out
+    }
+}
+
+/// zstd decompression contexts kept for reuse: making one (~100 KiB, usually an mmap) per
+/// cluster costs more than decompressing the cluster. Holds at most `keep` idle contexts, so
+/// the pool is bounded by the readers that ever ran at once.
+private final class ZstdContexts: Sendable {
+    static let shared = ZstdContexts()
+    private static let keep = 16
+    private let idle = Mutex<[ContextBox]>([])
+
+    /// A context pointer moved between threads; each is used by one caller at a time.
+    private struct ContextBox: @unchecked Sendable { let ctx: OpaquePointer }
+
+    /// `body` on a context of its own; -1 if none can be made.
+    func with(_ body: (OpaquePointer) -> Int32) -> Int32 {
+        guard let box = idle.withLock({ $0.popLast() }) ?? ZSTD_createDCtx().map(ContextBox.init) else { return -1 }
+        let result = body(box.ctx)
+        let kept = idle.withLock { list -> Bool in
+            guard list.count < Self.keep else { return false }
+            list.append(box)
+            return true
+        }
+        if !kept { ZSTD_freeDCtx(box.ctx) }
+        return result
     }
 }
