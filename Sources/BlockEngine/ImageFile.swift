@@ -46,6 +46,7 @@ public final class ImageFile: Sendable {
         }
         _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK)
         self.fd = fd
+        identity = FileIdentity(device: UInt64(st.st_dev), inode: UInt64(st.st_ino))
     }
 
     static func typeName(_ type: mode_t) -> String {
@@ -74,10 +75,9 @@ public final class ImageFile: Sendable {
         return a == other.identity
     }
 
-    /// (device, inode): identifies the file whatever name reached it.
-    public var identity: FileIdentity? {
-        fileStatus().map { FileIdentity(device: UInt64($0.st_dev), inode: UInt64($0.st_ino)) }
-    }
+    /// (device, inode): identifies the file whatever name reached it. Taken once at open:
+    /// neither changes while the descriptor is open (a split VMDK asks for thousands).
+    public let identity: FileIdentity?
 
     deinit { close(fd) }
 

@@ -22,11 +22,24 @@ final class AllocationCount: Sendable {
     }
     private let state = Mutex(State())
     private let device: BlockDevice
+    /// The guest bytes counted: the whole disk, or one partition.
+    private let range: Range<UInt64>?
     static let firstWait = WorkBudget.stat.seconds
 
-    init(device: BlockDevice) {
+    init(device: BlockDevice, range: Range<UInt64>? = nil) {
         self.device = device
+        self.range = range
         startBackgroundWalk(at: monotonicSeconds())
+    }
+
+    private func walk(_ budget: WorkBudget) throws -> UInt64? {
+        guard let range else { return try device.allocatedBytes(budget: budget) }
+        return try device.allocatedBytes(from: range.lowerBound, to: range.upperBound, budget: budget)
+    }
+
+    private func estimate() -> UInt64 {
+        let all = device.estimatedAllocatedBytes()
+        return range.map { min(all, UInt64($0.count)) } ?? all
     }
 
     private var followsWriters: Bool { device.driver.file.sharedWithWriters }
@@ -34,7 +47,7 @@ final class AllocationCount: Sendable {
     func value() -> UInt64 {
         let now = monotonicSeconds()
         var s = state.withLock { $0 }
-        if s.bytes == nil && s.computing, let hint = device.driver.allocatedBytesHint, device.backing == nil {
+        if s.bytes == nil && s.computing, range == nil, let hint = device.driver.allocatedBytesHint, device.backing == nil {
             return hint  // the header's count, until the first walk is done
         }
         if s.bytes == nil && s.computing {
@@ -50,7 +63,7 @@ final class AllocationCount: Sendable {
             let stale = s.changes != device.changeCount || (followsWriters && now - s.at >= 1)
             if !stale || s.computing || now - s.at < 1 { return bytes }
         } else if s.computing {
-            return device.estimatedAllocatedBytes()
+            return estimate()
         }
         let changes = device.changeCount
         let begun = state.withLock { st -> Bool in
@@ -58,14 +71,14 @@ final class AllocationCount: Sendable {
             st.computing = true; st.at = now
             return true
         }
-        guard begun else { return s.bytes ?? device.estimatedAllocatedBytes() }
-        if let bytes = try? device.allocatedBytes(budget: .stat) {
+        guard begun else { return s.bytes ?? estimate() }
+        if let bytes = try? walk(.stat) {
             state.withLock { $0 = State(bytes: bytes, changes: changes, at: now, computing: false) }
             return bytes
         }
         state.withLock { $0.computing = false }
         startBackgroundWalk(at: now)
-        return s.bytes ?? device.estimatedAllocatedBytes()
+        return s.bytes ?? estimate()
     }
 
     /// A full walk (report budget) off the request path; past that budget too, the host
@@ -79,7 +92,7 @@ final class AllocationCount: Sendable {
         guard begun else { return }
         DispatchQueue.global(qos: .utility).async { [self] in
             let changes = device.changeCount
-            let bytes = (try? device.allocatedBytes(budget: .report)) ?? device.estimatedAllocatedBytes()
+            let bytes = (try? walk(.report)) ?? estimate()
             state.withLock { $0 = State(bytes: bytes, changes: changes, at: monotonicSeconds(), computing: false) }
         }
     }

@@ -1,4 +1,5 @@
 import BlockEngine
+import CFuse3
 import Synchronization
 #if canImport(Glibc)
 import Glibc
@@ -22,6 +23,16 @@ public struct ExposedFile: Sendable {
     /// Writes still queued for this file's disk, applied before it is read or sought.
     var pendingWrites: WriteBehind? { writeBehind ?? viewOf }
 
+    /// Where this file's bytes lie on `device` and how many there are: the whole disk, or
+    /// one partition of it.
+    public let start: UInt64
+    public let size: UInt64
+    /// A partition of the disk shown as the mount's first file: served with direct I/O, and
+    /// each change through it drops the same bytes from the disk file's page cache.
+    public let isPartition: Bool
+    /// Served without the kernel's page cache, so it always shows the disk as it is now.
+    var directIO: Bool { isView || isPartition }
+
     public init(name: String, device: BlockDevice, readOnly: Bool) {
         self.name = name
         self.device = device
@@ -29,7 +40,27 @@ public struct ExposedFile: Sendable {
         writeBehind = self.readOnly ? nil : WriteBehind(device: device)
         viewOf = nil
         viewBytes = nil
+        start = 0
+        size = device.virtualSize
+        isPartition = false
         allocation = AllocationCount(device: device)
+    }
+
+    /// `length` bytes of `disk`'s device from `start`: reads, writes (when `disk` is
+    /// writable), SEEK_DATA/SEEK_HOLE and st_blocks confined to them; writes share the
+    /// disk's write-behind queue, so the two files see one order of changes.
+    public init(name: String, partitionOf disk: ExposedFile, start: UInt64, length: UInt64) {
+        self.name = name
+        device = disk.device
+        readOnly = disk.readOnly
+        writeBehind = disk.writeBehind
+        viewOf = nil
+        viewBytes = nil
+        self.start = disk.start + start
+        size = length
+        isPartition = true
+        lastChange = disk.lastChange
+        allocation = AllocationCount(device: disk.device, range: self.start ..< self.start + length)
     }
 
     /// A read-only view (`device`, whose backing is `source`'s disk) whose st_blocks is
@@ -42,6 +73,9 @@ public struct ExposedFile: Sendable {
         viewOf = source.writeBehind
         viewBytes = dataBytes
         lastChange = source.lastChange
+        start = 0
+        size = device.virtualSize
+        isPartition = false
         allocation = nil
     }
 
@@ -58,6 +92,13 @@ public struct ExposedFile: Sendable {
     /// Guest allocation for st_blocks (see `AllocationCount`).
     private let allocation: AllocationCount?
     var allocatedBytes: UInt64 { viewBytes?() ?? allocation?.value() ?? 0 }
+}
+
+/// The session pointer, set once the session exists and cleared before it is destroyed.
+final class SessionReference: @unchecked Sendable {
+    private let value = Mutex<UInt>(0)
+    var pointer: OpaquePointer? { OpaquePointer(bitPattern: value.withLock { $0 }) }
+    func set(_ p: OpaquePointer?) { value.withLock { $0 = UInt(bitPattern: p.map { Int(bitPattern: UnsafeRawPointer($0)) } ?? 0) } }
 }
 
 final class Counter: Sendable {
@@ -112,6 +153,18 @@ public final class FuseFilesystem: Sendable {
 
     static let rootInode: UInt64 = 1
 
+    /// The libfuse session, once mounted: partition files drop the disk file's cached pages
+    /// through it.
+    let session = SessionReference()
+
+    /// After a change through a partition file: the disk file (inode 2) must not go on
+    /// showing the old bytes from its page cache. Done before the change is answered, so
+    /// a reader of the disk file that runs after the writer sees the new data.
+    func dropDiskCache(at offset: UInt64, length: UInt64) {
+        guard !rootIsFile, length > 0, let se = session.pointer else { return }
+        _ = fuse_lowlevel_notify_inval_inode(se, 2, off_t(offset), off_t(length))
+    }
+
     /// The file behind an inode, or nil for the root directory / unknown inodes.
     @inline(__always)
     func file(_ ino: UInt64) -> ExposedFile? {
@@ -134,7 +187,7 @@ public final class FuseFilesystem: Sendable {
             if let t = f.changedAt { st.st_mtim = t; st.st_ctim = t }
             st.st_mode = S_IFREG | (f.readOnly ? mode & ~0o222 : mode)
             st.st_nlink = 1
-            st.st_size = off_t(f.device.virtualSize)
+            st.st_size = off_t(f.size)
             st.st_blksize = Int(f.blockSize)
             let used = f.allocatedBytes
             st.st_blocks = blkcnt_t((used + 511) / 512)

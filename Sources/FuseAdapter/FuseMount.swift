@@ -40,6 +40,7 @@ public final class FuseMount {
             session = nil
             throw BlockError.usage("\(mountpoint): mount failed (is /dev/fuse available and the mountpoint an existing directory or file?)")
         }
+        filesystem.session.set(session)
     }
 
     let threads: Int
@@ -69,6 +70,7 @@ public final class FuseMount {
     /// Unmounts (lazily if still busy) and frees the session. Callers close the images after.
     public func unmount() {
         guard let session else { return }
+        filesystem.session.set(nil)
         fuse_session_unmount(session)
         fuse_session_destroy(session)
         self.session = nil

@@ -79,7 +79,7 @@ func makeOperations() -> fuse_lowlevel_ops {
         }
         let flags = rm_fi_flags(fi)
         if (flags & O_ACCMODE) != O_RDONLY && file.readOnly { fuse_reply_err(req, EROFS); return }
-        if flags & rm_O_DIRECT != 0 || file.isView { rm_fi_set_direct_io(fi, 1) }
+        if flags & rm_O_DIRECT != 0 || file.directIO { rm_fi_set_direct_io(fi, 1) }
         // FLUSH (on close) carries only this handle, not the open flags: keep them in it.
         fi.pointee.fh = UInt64(UInt32(bitPattern: flags))
         fuse_reply_open(req, fi)
@@ -88,13 +88,13 @@ func makeOperations() -> fuse_lowlevel_ops {
     ops.read = { req, ino, size, off, _ in
         let fs = filesystem(req)
         guard let file = fs.file(ino) else { fuse_reply_err(req, EISDIR); return }
-        let disk = file.device.virtualSize
+        let disk = file.size
         guard off >= 0, UInt64(off) < disk else { fuse_reply_buf(req, nil, 0); return }
         let n = Int(min(UInt64(size), disk - UInt64(off)))
         let buf = ThreadBuffer.get(n)
         file.pendingWrites?.drain()
         do {
-            try file.device.read(into: buf, at: UInt64(off))
+            try file.device.read(into: buf, at: file.start + UInt64(off))
             fuse_reply_buf(req, buf.baseAddress!.assumingMemoryBound(to: CChar.self), n)
         } catch {
             reply(req, fs, "read \(n) bytes at \(off)", error: error)
@@ -105,11 +105,13 @@ func makeOperations() -> fuse_lowlevel_ops {
         let fs = filesystem(req)
         guard let file = fs.file(ino), let buf else { fuse_reply_err(req, EISDIR); return }
         if file.readOnly { fuse_reply_err(req, EROFS); return }
-        let disk = file.device.virtualSize
+        let disk = file.size
         guard off >= 0, UInt64(off) < disk else { fuse_reply_err(req, ENOSPC); return }
         // Like a block device: a write running past the end is cut short there.
         let n = Int(min(UInt64(size), disk - UInt64(off)))
         let data = UnsafeRawBufferPointer(start: buf, count: n)
+        let at = file.start + UInt64(off)
+        defer { if file.isPartition { fs.dropDiskCache(at: at, length: UInt64(n)) } }
         // O_SYNC/O_DSYNC: the kernel leaves these to the server on direct-I/O files; the
         // write completes once it is durable in the image.
         let synchronous = rm_fi_flags(fi) & (O_DSYNC | O_SYNC) != 0
@@ -118,11 +120,11 @@ func makeOperations() -> fuse_lowlevel_ops {
         do {
             if let behind = file.writeBehind {
                 try behind.reportFailure()
-                try file.device.checkWrite(data, at: UInt64(off))  // refused before it is acknowledged
-                if !synchronous && behind.accept(data, at: UInt64(off)) { fuse_reply_write(req, n); return }
+                try file.device.checkWrite(data, at: at)  // refused before it is acknowledged
+                if !synchronous && behind.accept(data, at: at) { fuse_reply_write(req, n); return }
                 behind.drain()
             }
-            try file.device.write(data, at: UInt64(off))
+            try file.device.write(data, at: at)
             if synchronous { try file.device.flush() }
             fuse_reply_write(req, n)
         } catch {
@@ -186,7 +188,7 @@ func makeOperations() -> fuse_lowlevel_ops {
     ops.statfs = { req, _ in
         let fs = filesystem(req)
         var sv = statvfs()
-        let total = fs.files.reduce(UInt64(0)) { $0 + $1.device.virtualSize }
+        let total = fs.files.reduce(UInt64(0)) { $0 + $1.size }
         sv.f_bsize = 4096
         sv.f_frsize = 4096
         sv.f_blocks = fsblkcnt_t((total + 4095) / 4096)
@@ -202,7 +204,7 @@ func makeOperations() -> fuse_lowlevel_ops {
         guard let file = fs.file(ino) else { fuse_reply_err(req, EISDIR); return }
         if file.readOnly { fuse_reply_err(req, EROFS); return }
         guard offset >= 0, length > 0 else { fuse_reply_err(req, EINVAL); return }
-        let disk = file.device.virtualSize
+        let disk = file.size
         let start = UInt64(offset)
         let end = start + UInt64(length)
         let punch = mode & rm_FALLOC_FL_PUNCH_HOLE != 0
@@ -221,7 +223,8 @@ func makeOperations() -> fuse_lowlevel_ops {
         defer { file.noteChangeDone() }
         do {
             try file.writeBehind?.settle()
-            try file.device.zero(at: start, length: min(end, disk) - start, deallocate: punch)
+            try file.device.zero(at: file.start + start, length: min(end, disk) - start, deallocate: punch)
+            if file.isPartition { fs.dropDiskCache(at: file.start + start, length: min(end, disk) - start) }
             fuse_reply_err(req, 0)
         } catch {
             reply(req, fs, "fallocate mode \(mode) \(length) bytes at \(offset)", error: error)
@@ -234,9 +237,14 @@ func makeOperations() -> fuse_lowlevel_ops {
         guard whence == rm_SEEK_DATA || whence == rm_SEEK_HOLE else { fuse_reply_err(req, EINVAL); return }
         guard off >= 0 else { fuse_reply_err(req, ENXIO); return }
         file.pendingWrites?.drain()
+        let data = whence == rm_SEEK_DATA
+        guard UInt64(off) < file.size else { fuse_reply_err(req, ENXIO); return }
         do {
-            if let pos = try file.device.seek(from: UInt64(off), data: whence == rm_SEEK_DATA) {
-                fuse_reply_lseek(req, off_t(pos))
+            // A partition's end is its own: data past it is not this file's, and a hole
+            // that runs on past it ends there (as a file's end is an implicit hole).
+            let end = file.start + file.size
+            if let pos = try file.device.seek(from: file.start + UInt64(off), data: data, end: end), !(data && pos >= end) {
+                fuse_reply_lseek(req, off_t(min(pos, end) - file.start))
             } else {
                 fuse_reply_err(req, ENXIO)
             }

@@ -56,6 +56,7 @@ struct InfoCommand: ParsableCommand {
                     info.details.append(("snapshot table", "unreadable: \(describe(error))"))  // the active disk still reads
                 }
             }
+            let table = PartitionTable.read(device)
             if json {
                 var fields: [String] = [
                     "\"filename\": \(jsonString(device.driver.file.path))",
@@ -73,6 +74,15 @@ struct InfoCommand: ParsableCommand {
                     "{\"name\": \(jsonString(b.name)), \"granularity\": \(b.granularity), \"flags\": [\(b.flagNames.map(jsonString).joined(separator: ", "))]}"
                 }
                 if !maps.isEmpty { fields.append("\"bitmaps\": [\(maps.joined(separator: ", "))]") }
+                let parts = table.partitions.map { p in
+                    var f = ["\"index\": \(p.index)", "\"start\": \(p.start)", "\"size\": \(p.length)", "\"type\": \(jsonString(p.type))"]
+                    if let t = p.typeName { f.append("\"type-name\": \(jsonString(t))") }
+                    if let n = p.name { f.append("\"name\": \(jsonString(n))") }
+                    if let u = p.uuid { f.append("\"uuid\": \(jsonString(u))") }
+                    return "{" + f.joined(separator: ", ") + "}"
+                }
+                fields.append("\"partition-table\": {\"scheme\": \(jsonString(table.scheme.rawValue)), \"partitions\": [\(parts.joined(separator: ", "))], "
+                              + "\"notes\": [\(table.notes.map(jsonString).joined(separator: ", "))]}")
                 let details = info.details.map { "\(jsonString($0.0)): \(jsonString($0.1))" }
                 fields.append("\"details\": {\(details.joined(separator: ", "))}")
                 print("{\n  " + fields.joined(separator: ",\n  ") + "\n}")
@@ -86,6 +96,15 @@ struct InfoCommand: ParsableCommand {
                 for (k, v) in info.details { print("\(k): \(v)") }
                 for (i, b) in chain.dropFirst().enumerated() {
                     print("backing file \(i + 1): \(b.driver.file.path) (\(b.driver.info.format))")
+                }
+                if table.scheme != .none || !table.notes.isEmpty {
+                    print("partition table: \(table.scheme.rawValue)")
+                    for p in table.partitions {
+                        let kind = p.typeName.map { "\(p.type) (\($0))" } ?? p.type
+                        let name = p.name.map { ", name \(jsonString($0))" } ?? ""
+                        print("partition \(p.index): start \(p.start) (sector \(p.start / 512)), size \(p.length) (\(humanSize(p.length))), type \(kind)\(name)")
+                    }
+                    for n in table.notes { print("partition table note: \(n)") }
                 }
             }
             try? device.close()

@@ -35,6 +35,10 @@ struct MountCommand: ParsableCommand {
     @Option(name: .customShort("o"), help: "Extra FUSE mount options, comma-separated (e.g. allow_other).")
     var options: [String] = []
 
+    @Flag(name: .customLong("no-partitions"),
+          help: "Do not show the disk's partitions as <stem>-p<N>.raw next to <stem>.raw (directory mountpoints only).")
+    var noPartitions = false
+
     @Option(name: .long, help: "Append each failed request (read, write, flush...) with its cause to this file; the detached server has no terminal.")
     var log: String?
 
@@ -147,6 +151,19 @@ struct MountCommand: ParsableCommand {
             throw error
         }
         var files = [file]
+        if mode == S_IFDIR && !noPartitions {
+            // Partitions as read at mount time; a table changed through the disk file shows
+            // after a remount.
+            let table = PartitionTable.read(device)
+            for n in table.notes {
+                note("\(image): partition table: \(n)")
+                serverLog?.record("partition table: \(n)")
+            }
+            for p in table.partitions {
+                files.append(ExposedFile(name: Paths.partitionName(forImage: image, index: p.index), partitionOf: file,
+                                         start: p.start, length: p.length))
+            }
+        }
         if mode == S_IFDIR {
             // Each consistent dirty bitmap as a read-only file of the changed granules.
             for (i, b) in device.driver.dirtyBitmaps.enumerated() {

@@ -40,6 +40,11 @@ enum Paths {
         return base + ".raw"
     }
 
+    /// `<stem>-p<N>.raw`, partition N of the disk (numbered as kpartx does).
+    static func partitionName(forImage path: String, index: Int) -> String {
+        String(rawName(forImage: path).dropLast(4)) + "-p\(index).raw"
+    }
+
     /// `<stem>.dirty-<name>.raw`, the view of one dirty bitmap. Bytes of the name that a file
     /// name cannot hold or that would mislead (`/`, `%`, `#`, control characters, bytes
     /// outside printable ASCII and UTF-8 letters) become `%XX`; a name that would make the

@@ -98,7 +98,12 @@ public struct VMDKDescriptor: Sendable {
 }
 
 extension StringProtocol {
+    /// Without leading and trailing blanks and tabs. On the UTF-8 bytes: a split VMDK's
+    /// descriptor has thousands of lines, and only ASCII bytes are cut.
     var trimmed: String {
-        String(self.drop(while: { $0 == " " || $0 == "\t" }).reversed().drop(while: { $0 == " " || $0 == "\t" }).reversed())
+        let bytes = Array(utf8)
+        let blank: (UInt8) -> Bool = { $0 == 0x20 || $0 == 0x09 }
+        guard let first = bytes.firstIndex(where: { !blank($0) }), let last = bytes.lastIndex(where: { !blank($0) }) else { return "" }
+        return String(decoding: bytes[first...last], as: UTF8.self)
     }
 }

@@ -1,4 +1,5 @@
 import BlockEngine
+import Dispatch
 import Synchronization
 
 /// VMDK over the shared engine: a descriptor (embedded or standalone) and its extents in
@@ -72,6 +73,7 @@ public final class VMDKDriver: ImageDriver {
             guard !d.extents.isEmpty else {
                 throw BlockError.invalid(file: file.path, field: "VMDK descriptor", detail: "it lists no extents")
             }
+            let sparse = try Self.openSparseExtents(d.extents, descriptor: file.path, openFile)
             var start: UInt64 = 0
             for (n, e) in d.extents.enumerated() {
                 let kind: Kind
@@ -89,8 +91,7 @@ public final class VMDKDriver: ImageDriver {
                     }
                     kind = .flat(f, offset: e.offset * 512)
                 case .sparse, .vmfsSparse:
-                    let f = try Self.openExtent(e, number: n + 1, descriptor: file.path, openFile)
-                    let s = try VMDKSparseExtent(file: f)
+                    let s = sparse[n]!
                     length = s.length // QEMU: the extent header's capacity wins over SECTORS
                     kind = .sparse(s)
                 case .vmfsRDM, .vmfsRaw, .seSparse:
@@ -154,13 +155,42 @@ public final class VMDKDriver: ImageDriver {
             default: uses.append(Use(n: n + 1, id: id, start: 0, end: .max))
             }
         }
-        for (i, a) in uses.enumerated() {
-            for b in uses[(i + 1)...] where a.id == b.id && a.start < b.end && b.start < a.end {
-                let first = a.n == 0 ? "the descriptor" : "extent \(a.n)"
-                return "\(first) and extent \(b.n) are the same file and overlap; a write through one would change the other"
+        // Per file, sorted by start: a use overlaps an earlier one exactly when it starts
+        // before the furthest end so far (n log n: a split VMDK names thousands of files).
+        var clash: (Int, Int)?
+        for (_, group) in Dictionary(grouping: uses, by: \.id) where group.count > 1 {
+            let sorted = group.sorted { ($0.start, $0.n) < ($1.start, $1.n) }
+            var furthest = sorted[0]
+            for b in sorted.dropFirst() {
+                if b.start < furthest.end {
+                    let pair = (min(furthest.n, b.n), max(furthest.n, b.n))
+                    if clash.map({ pair < $0 }) ?? true { clash = pair }
+                }
+                if b.end > furthest.end { furthest = b }
             }
         }
-        return nil
+        guard let (a, b) = clash else { return nil }
+        let first = a == 0 ? "the descriptor" : "extent \(a)"
+        return "\(first) and extent \(b) are the same file and overlap; a write through one would change the other"
+    }
+
+    /// The descriptor's sparse extents, by line. Files are opened in order (`openFile` keeps
+    /// the opener's bookkeeping); their headers and directories are then read on all cores,
+    /// since a split image has thousands. The first failing extent's error is thrown.
+    static func openSparseExtents(_ list: [VMDKDescriptor.Extent], descriptor: String,
+                                  _ openFile: (String) throws -> ImageFile) throws -> [Int: VMDKSparseExtent] {
+        var files: [(n: Int, file: ImageFile)] = []
+        for (n, e) in list.enumerated() where e.type == .sparse || e.type == .vmfsSparse {
+            files.append((n, try openExtent(e, number: n + 1, descriptor: descriptor, openFile)))
+        }
+        let results = Mutex<[Int: Result<VMDKSparseExtent, any Error>]>([:])
+        DispatchQueue.concurrentPerform(iterations: files.count) { [files] i in
+            let r = Result { try VMDKSparseExtent(file: files[i].file) }
+            results.withLock { $0[files[i].n] = r }
+        }
+        var opened: [Int: VMDKSparseExtent] = [:]
+        for (n, r) in results.withLock({ $0 }).sorted(by: { $0.key < $1.key }) { opened[n] = try r.get() }
+        return opened
     }
 
     /// Extent names are relative to the descriptor and must stay in its directory.

@@ -20,7 +20,8 @@ final class VMDKSparseExtent: Sendable {
     private let inflated: InflatedClusters
 
     init(file: ImageFile) throws {
-        let h = try VMDKSparseHeader.read(from: file)
+        let size = try file.size()  // once: a split image opens thousands of extents
+        let h = try VMDKSparseHeader.read(from: file, size: size)
         self.file = file
         header = h
         let t = TableCache(file: file, tableBytes: h.gtBytes, encoding: .u32LE, capacity: max(64, (8 << 20) / h.gtBytes),
@@ -29,19 +30,18 @@ final class VMDKSparseExtent: Sendable {
         // A directory entry may only reach the disk after the grain table it points to.
         directory = TableCache(file: file, tableBytes: Self.gdChunk, encoding: .u32LE, capacity: 1024,
                                beforeWriteBack: { [t, file] in try t.flush(); try file.sync() })
-        allocator = Allocator(file: file.path, nextOffset: try file.size(), alignment: 512, limit: UInt64(UInt32.max) * 512,
+        allocator = Allocator(file: file.path, nextOffset: size, alignment: 512, limit: UInt64(UInt32.max) * 512,
                               preallocating: file)
         inflated = InflatedClusters(clusterBytes: Int(h.grainBytes))
-        metadata = try Self.metadataRanges(file: file, header: h)
+        metadata = try Self.metadataRanges(file: file, header: h, size: size)
     }
 
     /// Reads both directories once (bounded by their size, 32 Mi entries at most).
-    static func metadataRanges(file: ImageFile, header h: VMDKSparseHeader) throws -> MetadataRanges {
+    static func metadataRanges(file: ImageFile, header h: VMDKSparseHeader, size: UInt64) throws -> MetadataRanges {
         var ranges = [MetadataRanges.Range(start: 0, length: h.overHead * 512, what: "the header area")]
         if h.descriptorOffset != 0 {
             ranges.append(.init(start: h.descriptorOffset * 512, length: h.descriptorSize * 512, what: "the descriptor"))
         }
-        let size = try file.size()
         var tables: [UInt64] = []
         for gd in [h.gdOffset] + (h.hasRedundantGD ? [h.rgdOffset] : []) where gd != 0 && gd != VMDKSparseHeader.gdAtEnd {
             ranges.append(.init(start: gd * 512, length: h.gdEntries * 4, what: "a grain directory"))
@@ -184,10 +184,15 @@ final class VMDKSparseExtent: Sendable {
         try tables.withEntries(table: gt) { view in
             var i = Int((pos / grain) % UInt64(header.numGTEsPerGT))
             while i < view.count && pos < spanEnd {
-                let n = RangeWalk.toClusterEnd(pos, clusterSize: grain, maxLength: spanEnd - pos)
+                var n = RangeWalk.toClusterEnd(pos, clusterSize: grain, maxLength: spanEnd - pos)
                 let g = view[i]
                 let next: Mapping
                 if g == 0 {
+                    // A run of empty entries in one step (a table written once is mostly empty).
+                    while i + 1 < view.count && pos + n < spanEnd && view[i + 1] == 0 {
+                        n = min(spanEnd - pos, n + grain)
+                        i += 1
+                    }
                     next = .unallocated(length: n)
                 } else if g == 1 && header.zeroedGrains {
                     next = .zero(length: n)

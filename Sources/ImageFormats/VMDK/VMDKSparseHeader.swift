@@ -60,9 +60,10 @@ public struct VMDKSparseHeader: Sendable {
                                 compressAlgorithm: UInt16(b[77]) | UInt16(b[78]) << 8)
     }
 
-    public static func read(from file: ImageFile) throws -> VMDKSparseHeader {
+    /// `size` is the file's, when the caller has it already.
+    public static func read(from file: ImageFile, size known: UInt64? = nil) throws -> VMDKSparseHeader {
         let path = file.path
-        let size = try file.size()
+        let size = try known ?? file.size()
         guard size >= 512 else { throw BlockError.truncated(file: path, what: "VMDK sparse header", offset: 0, needed: 512, fileSize: size) }
         let first = try file.readBytes(count: 512, at: 0, what: "VMDK sparse header")
         var h = le32(first, 0) == cowdMagic ? try parseCOWD(first, path: path) : try parse(first, path: path)
