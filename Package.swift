@@ -9,6 +9,8 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        // Digests for `rawmount hash` (BoringSSL's assembly, SHA extensions where the CPU has them).
+        .package(url: "https://github.com/apple/swift-crypto", "3.12.3" ..< "5.0.0"),
     ],
     targets: [
         // libfuse3 through a system-library module map; the only C in the project.
@@ -28,6 +30,7 @@ let package = Package(
         .executableTarget(name: "rawmount", dependencies: [
             "FuseAdapter", "ImageFormats", "BlockEngine",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "Crypto", package: "swift-crypto"),
         ]),
         // Seeded randomness both test targets share, so failures reproduce.
         .target(name: "TestSupport", path: "Tests/TestSupport"),

@@ -35,6 +35,12 @@ struct MountCommand: ParsableCommand {
     @Option(name: .customShort("o"), help: "Extra FUSE mount options, comma-separated (e.g. allow_other).")
     var options: [String] = []
 
+    @Option(help: "Write into this qcow2 instead of the image: created over the image (its backing file, recorded by absolute path) on first use, reused when it already backs onto it. The image is opened read-only and never changes.")
+    var overlay: String?
+
+    @Option(help: "Cluster size of a new --overlay (default 64K; 4K for fine-grained overlays).")
+    var overlayClusterSize: String = "64K"
+
     @Flag(name: .customLong("no-partitions"),
           help: "Do not show the disk's partitions as <stem>-p<N>.raw next to <stem>.raw (directory mountpoints only).")
     var noPartitions = false
@@ -60,6 +66,9 @@ struct MountCommand: ParsableCommand {
     func validate() throws {
         if forceShare && !asksReadOnly {
             throw ValidationError("--force-share needs --read-only: a writer must hold the image's locks")
+        }
+        if overlay != nil && snapshot != nil {
+            throw ValidationError("--overlay and --snapshot do not go together")
         }
         if let format, ImageFormat(rawValue: format.lowercased()) == nil {
             throw ValidationError("unknown format '\(format)'; known: \(ImageFormat.allCases.map(\.rawValue).joined(separator: ", "))")
@@ -126,10 +135,25 @@ struct MountCommand: ParsableCommand {
         let note: @Sendable (String) -> Void = { text in
             if let fd = notify { _ = "note: \(text)\n".withCString { write(fd, $0, strlen($0)) } } else { printError("rawmount: " + text) }
         }
+        var openPath = imagePath, openFormat = fmt
+        if let overlay {
+            let cluster = try parseSize(overlayClusterSize)
+            guard cluster >= 512, cluster <= 2 << 20, cluster & (cluster - 1) == 0 else {
+                throw BlockError.usage("--overlay-cluster-size \(overlayClusterSize): a power of two from 512 to 2M")
+            }
+            if let created = try Overlay.prepare(overlay: overlay, evidence: imagePath, format: fmt, clusterSize: cluster) { note(created) }
+            openPath = try Paths.asNamed(overlay)
+            openFormat = .qcow2
+        }
         let device: BlockDevice
         do {
-            device = try ImageOpener.open(path: imagePath, options: .init(writable: !asksReadOnly && snapshot == nil, format: fmt, lock: !forceShare,
+            device = try ImageOpener.open(path: openPath, options: .init(writable: !asksReadOnly && snapshot == nil, format: openFormat, lock: !forceShare,
                                                                          snapshot: snapshot, onNote: note))
+            // The overlay's backing must still be the evidence named (not a file swapped in since).
+            if overlay != nil, device.backing?.driver.file.identity != (try? ImageFile(path: imagePath, writable: false))?.identity {
+                try? device.close()
+                throw BlockError.usage("--overlay \(overlay!): its backing file is no longer \(imagePath)")
+            }
         } catch let e as BlockError {
             // Evidence on a read-only medium, or someone else's file: say how to read it anyway.
             if case let .io(_, _, _, err) = e, err == EROFS || err == EACCES, !asksReadOnly {

@@ -10,7 +10,7 @@ struct Rawmount: ParsableCommand {
         abstract: "Show virtual-disk images as plain raw block files through FUSE.",
         discussion: "Reads and writes raw, qcow2, QED, VDI and VMDK; reads qcow2 internal snapshots and Bochs images.",
         version: "0.4.0",
-        subcommands: [MountCommand.self, UnmountCommand.self, ListCommand.self, InfoCommand.self, CreateCommand.self, CheckCommand.self, BitmapCommand.self])
+        subcommands: [MountCommand.self, UnmountCommand.self, ListCommand.self, InfoCommand.self, CreateCommand.self, CheckCommand.self, BitmapCommand.self, HashCommand.self])
 
     /// Swift's arguments replace bytes that are not UTF-8, so such a file name would be opened
     /// as a different name: say so instead.
