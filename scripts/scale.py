@@ -32,7 +32,11 @@ FORMATS = {
     "vmdk-stream": ("vmdk", ["-o", "subformat=streamOptimized"], 8 * TIB),
 }
 SELECTED = os.environ.get("SCALE_FORMATS", ",".join(FORMATS)).split(",")
-CASES = os.environ.get("SCALE_CASES", "one,scattered").split(",")
+CASES = os.environ.get("SCALE_CASES", "one,scattered,read").split(",")
+# "read": the server's RSS before and after one sequential read of a whole 4 GiB image of
+# random data (it must not grow with the data read), and how long unmounting then takes.
+READ_FORMATS = os.environ.get("SCALE_READ_FORMATS", "qcow2,vdi,vmdk,vmdk-stream").split(",")
+READ_GIB = int(os.environ.get("SCALE_READ_GIB", "4"))
 # Scattered: 4 KiB pieces 2 MiB apart (every piece its own cluster, grain and VDI block, with
 # an unallocated one between), 16384 of them (4096 for VDI, whose 1 MiB blocks would
 # otherwise need 16 GiB of host disk).
@@ -147,11 +151,59 @@ def measure_qsd(img, driver, work):
     return dict(mount=mount, stat=stat, blocks=st.st_blocks * 512, walk=w, rss=rss, info=info)
 
 
+def read_rss(work):
+    """(format, rawmount before/after MiB, unmount s, qsd before/after MiB, stop s) rows."""
+    src = os.path.join(work, "read-src.raw")
+    sh("dd", "if=/dev/urandom", f"of={src}", "bs=1M", f"count={READ_GIB * 1024}", "status=none")
+    rows = []
+    for name in READ_FORMATS:
+        driver, opts, _ = FORMATS[name]
+        img = os.path.join(work, f"read.{name}")
+        sh("qemu-img", "convert", "-O", driver, *opts, src, img)
+        mnt = os.path.join(work, "rm")
+        os.makedirs(mnt, exist_ok=True)
+        sh(RAWMOUNT, "mount", "--read-only", "--format", driver, img, mnt)
+        pidfile = "/run/rawmount/" + os.path.realpath(mnt).replace("%", "%25").replace("/", "%2F") + ".pid"
+        pid = int(open(pidfile).read().strip())
+        before = rss_mib(pid)
+        sh("dd", f"if={os.path.join(mnt, 'read.raw')}", "of=/dev/null", "bs=1M", "iflag=direct", "status=none")
+        after = rss_mib(pid)
+        t = time.monotonic()
+        sh(RAWMOUNT, "unmount", mnt)
+        closing = time.monotonic() - t
+        target = os.path.join(work, "qsd")
+        open(target, "w").close()
+        proc = subprocess.Popen([
+            "qemu-storage-daemon",
+            "--blockdev", f"driver=file,node-name=file,filename={img},read-only=on",
+            "--blockdev", f"driver={driver},node-name=fmt,file=file,read-only=on",
+            "--export", f"type=fuse,id=exp,node-name=fmt,mountpoint={target},writable=off"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while sh("mountpoint", "-q", target, check=False).returncode != 0:
+            time.sleep(0.002)
+        qbefore = rss_mib(proc.pid)
+        sh("dd", f"if={target}", "of=/dev/null", "bs=1M", "iflag=direct", "status=none")
+        qafter = rss_mib(proc.pid)
+        t = time.monotonic()
+        proc.terminate()
+        proc.wait()
+        qclosing = time.monotonic() - t
+        os.unlink(img)
+        rows.append((name, before, after, closing, qbefore, qafter, qclosing))
+        print(f"{name:12} read {READ_GIB} GiB: rawmount rss {before:.1f} -> {after:.1f} MiB, unmount {closing*1000:.0f} ms | "
+              f"qsd rss {qbefore:.1f} -> {qafter:.1f} MiB, stop {qclosing*1000:.0f} ms", flush=True)
+    os.unlink(src)
+    return rows
+
+
 def main():
     work = tempfile.mkdtemp(prefix="rawmount-scale-", dir=os.environ.get("BENCH_DIR") or None)
     rows = []
+    reads = []
     try:
-        for case in CASES:
+        if "read" in CASES:
+            reads = read_rss(work)
+        for case in [c for c in CASES if c != "read"]:
             for name in SELECTED:
                 img, driver, size = make_image(work, name, case)
                 ours = measure_rawmount(img, driver, work)
@@ -166,6 +218,12 @@ def main():
                         os.unlink(os.path.join(work, f))
     finally:
         subprocess.run(["rm", "-rf", work])
+    if reads:
+        print()
+        print(f"| format | RSS MiB before / after reading {READ_GIB} GiB (qsd) | unmount ms (qsd stop) |")
+        print("|---|---|---|")
+        for name, b, a, c, qb, qa, qc in reads:
+            print(f"| {name} | {b:.1f} / {a:.1f} ({qb:.1f} / {qa:.1f}) | {c*1000:.0f} ({qc*1000:.0f}) |")
     print()
     print("| format | size | data | mount ms (qsd) | stat ms (qsd) | SEEK walk ms (qsd) | extents (qsd) | st_blocks bytes (qsd) | RSS MiB (qsd) | info ms (qemu-img info) |")
     print("|---|---|---|---|---|---|---|---|---|---|")

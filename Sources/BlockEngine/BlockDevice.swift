@@ -442,17 +442,19 @@ public final class BlockDevice: Sendable {
 
     /// Guest bytes that hold data in this image (for st_blocks); nil when the walk runs out
     /// of `budget` (callers then estimate from the host file).
-    public func allocatedBytes(budget: WorkBudget = .report) throws -> UInt64? {
-        try allocatedBytes(from: 0, to: virtualSize, budget: budget)
+    /// `parallel`: a large disk is walked in parts on all cores (for a report someone waits
+    /// for; a mount's background count walks on one, so guest requests keep the others).
+    public func allocatedBytes(budget: WorkBudget = .report, parallel: Bool = false) throws -> UInt64? {
+        try allocatedBytes(from: 0, to: virtualSize, budget: budget, parallel: parallel)
     }
 
     /// Guest bytes allocated in `[from, to)` (a partition's), nil past the budget.
-    public func allocatedBytes(from: UInt64, to: UInt64, budget: WorkBudget) throws -> UInt64? {
+    public func allocatedBytes(from: UInt64, to: UInt64, budget: WorkBudget, parallel: Bool = false) throws -> UInt64? {
         let to = min(to, virtualSize)
         guard from < to else { return 0 }
-        // A large range is walked in parts on all cores (a split VMDK's thousands of extents,
-        // a VDI's block map); each part has the whole budget, the deadline bounds them all.
-        let parts = to - from >= Self.parallelWalkBytes ? Self.walkParts : 1
+        // In parts (a split VMDK's thousands of extents, a VDI's block map); each part has the
+        // whole budget, the deadline bounds them all.
+        let parts = parallel && to - from >= Self.parallelWalkBytes ? Self.walkParts : 1
         let step = ((to - from) / UInt64(parts)).alignedUp(1 << 20)
         let results = Mutex<[Result<UInt64?, any Error>]>([])
         DispatchQueue.concurrentPerform(iterations: parts) { k in

@@ -26,7 +26,7 @@ struct InfoCommand: ParsableCommand {
             var d: BlockDevice? = device
             while let cur = d { chain.append(cur); d = cur.backing }
             // Tables too many (or too hostile) to walk in the report budget: estimated from the host file.
-            let walked = try device.allocatedBytes(budget: .report)
+            let walked = try device.allocatedBytes(budget: .report, parallel: true)
             let allocated = walked ?? device.estimatedAllocatedBytes()
             var info = device.driver.info
             if let bochs = device.driver as? BochsDriver {

@@ -22,6 +22,15 @@ final class OverlayTests: XCTestCase {
         try Data("the suspect's notes\n".utf8).write(to: URL(fileURLWithPath: tree + "/evidence/notes.txt"))
         let fs = s.path("fs.img")
         try Harness.run(["mkfs.ext4", "-q", "-d", tree, fs, "40M"])
+        // Seized while mounted: a file written and synced, then the file system stopped
+        // without a clean unmount, so its journal needs replaying.
+        let live = s.path("live")
+        try FileManager.default.createDirectory(atPath: live, withIntermediateDirectories: true)
+        try Harness.run(["mount", "-o", "loop", fs, live])
+        try Data("written just before seizure\n".utf8).write(to: URL(fileURLWithPath: live + "/evidence/late.txt"))
+        try Harness.run(["sync", "-f", live + "/evidence/late.txt"])
+        try s.shutDownFileSystem(live)
+        try Harness.run(["umount", live])
         try Harness.run(["dd", "if=\(fs)", "of=\(raw)", "bs=512", "seek=2048", "conv=notrunc", "status=none"])
         return raw
     }
@@ -39,13 +48,21 @@ final class OverlayTests: XCTestCase {
         try Harness.run(["qemu-img", "convert", "-O", "vmdk", try evidenceDisk(s), evidence])
         chmod(evidence, 0o444)
         let before = try fingerprint(evidence)
+        let acquired = String(try Harness.run([Harness.rawmount, "hash", evidence]).out.split(separator: " ").last!.dropLast())
         let overlay = s.path("work.qcow2")
         let out = try Harness.run([Harness.rawmount, "mount", "--overlay", overlay, evidence, s.mnt])
         s.registerMediaMount(s.mnt)  // unmounted by the scratch if the test stops early
         XCTAssertTrue(out.err.contains("created overlay"), out.err)
         let p1 = s.mnt + "/seized-p1.raw"
-        XCTAssertTrue(try Harness.run(["fls", "-r", p1]).out.contains("notes.txt"))
-        try Harness.run(["e2fsck", "-fy", p1])
+        let listing = try Harness.run(["fls", "-r", p1]).out
+        let inode = try XCTUnwrap(listing.split(separator: "\n").first { $0.hasSuffix("notes.txt") }?
+            .split(separator: " ").last?.split(separator: ":").first, listing)
+        XCTAssertEqual(try Harness.run(["icat", p1, String(inode)]).out, "the suspect's notes\n")
+        // e2fsck replays the journal (exit 1: the file system was changed) into the overlay.
+        let fsck = try Harness.run(["e2fsck", "-fy", p1], check: false)
+        XCTAssertTrue(fsck.status == 0 || fsck.status == 1, fsck.out + fsck.err)
+        XCTAssertTrue((fsck.out + fsck.err).contains("recovering journal"), "no journal to replay: \(fsck.out)\(fsck.err)")
+        try Harness.run(["e2fsck", "-fn", p1])
         try Harness.run(["debugfs", "-w", "-R", "mkdir examiner-was-here", p1])
         try Harness.run([Harness.rawmount, "unmount", s.mnt])
         XCTAssertTrue(try fingerprint(evidence) == before, "the evidence changed")
@@ -70,6 +87,9 @@ final class OverlayTests: XCTestCase {
         XCTAssertTrue(try fingerprint(evidence) == before, "the evidence changed after kill -9")
         let check = try Harness.run(["qemu-img", "check", overlay], check: false)
         XCTAssertTrue(check.status == 0 || check.status == 3, "overlay corrupt after kill -9 (not just leaks): \(check.out)")
+        // The acquisition hash still verifies.
+        let verify = try Harness.run([Harness.rawmount, "hash", "--verify", acquired, evidence], check: false)
+        XCTAssertEqual(verify.status, 0, verify.err)
     }
 
     /// An overlay made for one evidence file is refused for another, naming both; nothing is
