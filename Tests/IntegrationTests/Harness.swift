@@ -1,5 +1,8 @@
 import Foundation
 import XCTest
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Runs commands and manages real FUSE mounts for the integration tests. Nothing here is
 /// mocked: the tests drive the built `rawmount` binary and real peers (qemu-img, fio, ...).
@@ -95,7 +98,10 @@ final class Scratch {
     func killServer(_ pid: pid_t, waiting: Process? = nil, at mp: String? = nil) throws {
         kill(pid, SIGKILL)
         waiting?.waitUntilExit()
-        _ = try Harness.run([Harness.rawmount, "unmount", mp ?? mnt], check: false)
+        let cleared = try Harness.run([Harness.rawmount, "unmount", mp ?? mnt], check: false)
+        // Still busy (the test holds a descriptor on it): detach it lazily, so no dead mount
+        // outlives the test.
+        if cleared.status != 0 { _ = try Harness.run(["umount", "-l", mp ?? mnt], check: false) }
         try forgetMount(mp ?? mnt)
     }
 
@@ -222,6 +228,21 @@ func le(_ v: UInt64, _ n: Int) -> [UInt8] { (0..<n).map { UInt8(truncatingIfNeed
 
 enum Files {
     static func read(_ path: String) throws -> Data { try Data(contentsOf: URL(fileURLWithPath: path)) }
+
+    /// A /proc file whole: Foundation stops after its first read there (about 4 KiB), so a
+    /// mountinfo with many mounts would lose its last lines.
+    static func readAll(_ path: String) -> String {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return "" }
+        defer { close(fd) }
+        var out = [UInt8](), buf = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = Glibc.read(fd, &buf, buf.count)
+            if n <= 0 { break }
+            out += buf[0..<n]
+        }
+        return String(decoding: out, as: UTF8.self)
+    }
 
     static func pwrite(_ path: String, _ bytes: [UInt8], at offset: UInt64) throws {
         let fd = open(path, O_WRONLY)

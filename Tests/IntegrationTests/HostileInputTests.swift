@@ -9,7 +9,7 @@ final class HostileInputTests: XCTestCase {
 
     /// The line of /proc/self/mountinfo for `mp`: (mount options, source, super options).
     func mountInfo(_ mp: String) throws -> (options: [String], source: String, superOptions: [String])? {
-        let text = try String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8)
+        let text = Files.readAll("/proc/self/mountinfo")
         for line in text.split(separator: "\n") {
             let parts = line.split(separator: " ").map(String.init)
             guard parts.count > 5, parts[4] == mp, let dash = parts.firstIndex(of: "-"), dash + 3 < parts.count else { continue }
