@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on a built-in sample: make an image, mount it as a raw file, partition it,
-# make a file system through a loop device, list it, unmount. Uses each supported format.
+# make a file system through a loop device, list it, unmount; then the partition as a file
+# and the disk's hash.
 set -euo pipefail
 RAWMOUNT=${RAWMOUNT:-.build/release/rawmount}
 RAWMOUNT=$(realpath "$RAWMOUNT")
@@ -55,5 +56,16 @@ qemu-img check "$image"
 qemu-img convert -O raw "$image" "$work/check.raw"
 fdisk -l "$work/check.raw" | sed -n '1,12p'
 "$RAWMOUNT" info "$image"
+
+step "mount again: each partition is a file of its own (no losetup offsets)"
+"$RAWMOUNT" mount --read-only "$image" "$work/mnt"
+ls -l "$work/mnt"
+e2fsck -fn "$work/mnt/sample-p1.raw"
+fls "$work/mnt/sample-p1.raw"
+"$RAWMOUNT" unmount "$work/mnt"
+
+step "hash the guest disk: rawmount hash, and sha256sum of qemu-img's raw output"
+"$RAWMOUNT" hash "$image"
+sha256sum "$work/check.raw"
 echo
 echo "demo finished: partitioned, formatted and listed a disk image through rawmount"
