@@ -9,7 +9,7 @@ struct CheckCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "check",
         abstract: "Check an image's metadata; --repair drops entries that point outside the file or twice at one cluster.",
-        discussion: "Exit status: 0 clean, 2 corruption found (and not repaired), 3 only leaked clusters, 1 error.")
+        discussion: "Exit status: 0 clean, 2 corruption found (and not repaired), 3 only leaked clusters, 63 the format has no check (raw, Bochs; as qemu-img), 1 error.")
 
     @Flag(help: "Fix what can be fixed (needs exclusive access).")
     var repair = false
@@ -71,7 +71,9 @@ struct CheckCommand: ParsableCommand {
                 if report.corruptions > 0 { throw ExitCode(2) }
                 print("No errors were found on the image.")
             case .raw, .bochs:
-                print("\(image): nothing to check for this format")
+                // qemu-img's answer and exit status for a format without a check.
+                printError("rawmount: \(image): this image format (\(try ImageFormat.probe(file).rawValue)) does not support checks")
+                throw ExitCode(63)
             }
         } catch let e as ExitCode { throw e } catch {
             printError("rawmount: \(describe(error))")

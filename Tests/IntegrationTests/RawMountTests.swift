@@ -34,6 +34,18 @@ final class RawMountTests: XCTestCase {
         try s.unmount()
     }
 
+    /// `check` on a format without one answers as qemu-img does: exit 63, not "clean".
+    func testCheckOfAFormatWithoutOneExitsLikeQemuImg() throws {
+        let s = try Scratch()
+        let img = s.path("plain.img")
+        try Harness.run(["truncate", "-s", "4M", img])
+        let qemu = try Harness.run(["qemu-img", "check", "-f", "raw", img], check: false)
+        let ours = try Harness.run([Harness.rawmount, "check", img], check: false)
+        XCTAssertEqual(ours.status, qemu.status, "qemu-img: \(qemu.err)")
+        XCTAssertEqual(ours.status, 63)
+        XCTAssertTrue(ours.err.contains("does not support checks") && ours.err.contains(img), ours.err)
+    }
+
     func testRandomUnalignedWritesMatchShadow() throws {
         let s = try Scratch()
         let img = s.path("disk.img"), shadow = s.path("shadow")
