@@ -111,7 +111,9 @@ func makeOperations() -> fuse_lowlevel_ops {
         let n = Int(min(UInt64(size), disk - UInt64(off)))
         let data = UnsafeRawBufferPointer(start: buf, count: n)
         let at = file.start + UInt64(off)
-        defer { if file.isPartition { fs.dropDiskCache(at: at, length: UInt64(n)) } }
+        // Before the reply: once the writer's call returns, the disk file must not show the
+        // old bytes from its page cache.
+        let dropDiskCache = { if file.isPartition { fs.dropDiskCache(at: at, length: UInt64(n)) } }
         // O_SYNC/O_DSYNC: the kernel leaves these to the server on direct-I/O files; the
         // write completes once it is durable in the image.
         let synchronous = rm_fi_flags(fi) & (O_DSYNC | O_SYNC) != 0
@@ -121,11 +123,12 @@ func makeOperations() -> fuse_lowlevel_ops {
             if let behind = file.writeBehind {
                 try behind.reportFailure()
                 try file.device.checkWrite(data, at: at)  // refused before it is acknowledged
-                if !synchronous && behind.accept(data, at: at) { fuse_reply_write(req, n); return }
+                if !synchronous && behind.accept(data, at: at) { dropDiskCache(); fuse_reply_write(req, n); return }
                 behind.drain()
             }
             try file.device.write(data, at: at)
             if synchronous { try file.device.flush() }
+            dropDiskCache()
             fuse_reply_write(req, n)
         } catch {
             reply(req, fs, "write \(n) bytes at \(off)", error: error)
