@@ -111,8 +111,7 @@ def measure_rawmount(img, driver, work):
         st = os.stat(path)
         stat = time.monotonic() - t
         w = walk(path)
-        pidfile = "/run/rawmount/" + os.path.realpath(mnt).replace("%", "%25").replace("/", "%2F") + ".pid"
-        rss = rss_mib(int(open(pidfile).read().strip()))
+        rss = rss_mib(server_pid(mnt))
     finally:
         sh(RAWMOUNT, "unmount", mnt)
     t = time.monotonic()
@@ -121,21 +120,33 @@ def measure_rawmount(img, driver, work):
     return dict(mount=mount, stat=stat, blocks=st.st_blocks * 512, walk=w, rss=rss, info=info)
 
 
-def measure_qsd(img, driver, work):
+def start_qsd(img, driver, work):
+    """qemu-storage-daemon exporting `img` read-only over FUSE at work/qsd, once mounted."""
     target = os.path.join(work, "qsd")
     open(target, "w").close()
-    t = time.monotonic()
     proc = subprocess.Popen([
         "qemu-storage-daemon",
         "--blockdev", f"driver=file,node-name=file,filename={img},read-only=on",
         "--blockdev", f"driver={driver},node-name=fmt,file=file,read-only=on",
         "--export", f"type=fuse,id=exp,node-name=fmt,mountpoint={target},writable=off"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    while sh("mountpoint", "-q", target, check=False).returncode != 0:
+        if proc.poll() is not None:
+            raise RuntimeError("qemu-storage-daemon: " + proc.stderr.read().decode())
+        time.sleep(0.002)
+    return proc, target
+
+
+def server_pid(mnt):
+    """The pid of the rawmount server at `mnt`, from its pid file."""
+    pidfile = "/run/rawmount/" + os.path.realpath(mnt).replace("%", "%25").replace("/", "%2F") + ".pid"
+    return int(open(pidfile).read().strip())
+
+
+def measure_qsd(img, driver, work):
+    t = time.monotonic()
+    proc, target = start_qsd(img, driver, work)
     try:
-        while sh("mountpoint", "-q", target, check=False).returncode != 0:
-            if proc.poll() is not None:
-                raise RuntimeError("qemu-storage-daemon: " + proc.stderr.read().decode())
-            time.sleep(0.002)
         mount = time.monotonic() - t
         t = time.monotonic()
         st = os.stat(target)
@@ -163,24 +174,14 @@ def read_rss(work):
         mnt = os.path.join(work, "rm")
         os.makedirs(mnt, exist_ok=True)
         sh(RAWMOUNT, "mount", "--read-only", "--format", driver, img, mnt)
-        pidfile = "/run/rawmount/" + os.path.realpath(mnt).replace("%", "%25").replace("/", "%2F") + ".pid"
-        pid = int(open(pidfile).read().strip())
+        pid = server_pid(mnt)
         before = rss_mib(pid)
         sh("dd", f"if={os.path.join(mnt, 'read.raw')}", "of=/dev/null", "bs=1M", "iflag=direct", "status=none")
         after = rss_mib(pid)
         t = time.monotonic()
         sh(RAWMOUNT, "unmount", mnt)
         closing = time.monotonic() - t
-        target = os.path.join(work, "qsd")
-        open(target, "w").close()
-        proc = subprocess.Popen([
-            "qemu-storage-daemon",
-            "--blockdev", f"driver=file,node-name=file,filename={img},read-only=on",
-            "--blockdev", f"driver={driver},node-name=fmt,file=file,read-only=on",
-            "--export", f"type=fuse,id=exp,node-name=fmt,mountpoint={target},writable=off"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        while sh("mountpoint", "-q", target, check=False).returncode != 0:
-            time.sleep(0.002)
+        proc, target = start_qsd(img, driver, work)
         qbefore = rss_mib(proc.pid)
         sh("dd", f"if={target}", "of=/dev/null", "bs=1M", "iflag=direct", "status=none")
         qafter = rss_mib(proc.pid)
