@@ -103,16 +103,9 @@ struct DiskHasher: Sendable {
         return out
     }
 
-    /// Whether the image holds nothing but zeros in `[pos, pos+n)` (unallocated or zero
-    /// clusters all the way, with no backing data under them).
+    /// Whether the image holds nothing but zeros in `[pos, pos+n)`: the engine's SEEK_DATA,
+    /// stopped at the chunk's end, finds no data there (backing images included).
     private func holdsNoData(_ pos: UInt64, _ n: Int) throws -> Bool {
-        var at = pos
-        let stop = pos + UInt64(n)
-        while at < stop {
-            let s = try device.status(at, maxLength: stop - at)
-            if s.data { return false }
-            at += max(s.length, 1)
-        }
-        return true
+        try device.seek(from: pos, data: true, end: pos + UInt64(n)) == nil
     }
 }
