@@ -4,9 +4,22 @@
 SWIFT ?= swift
 DEBUG_BIN := .build/debug/rawmount
 RELEASE_BIN := .build/release/rawmount
-APT_PACKAGES := libfuse3-dev fuse3 pkg-config zlib1g-dev libdeflate-dev libzstd-dev qemu-utils qemu-system-common fio e2fsprogs util-linux fdisk sleuthkit bximage python3 libvmdk-utils libqcow-utils libnbd-bin
+APT_PACKAGES := libfuse3-dev fuse3 pkg-config zlib1g-dev libdeflate-dev libzstd-dev qemu-utils qemu-system-common fio e2fsprogs util-linux fdisk sleuthkit bximage python3 libvmdk-utils libqcow-utils libnbd-bin man-db
 
-.PHONY: all deps build release test demo bench crash clean
+# `make install [PREFIX=/usr/local] [DESTDIR=] [BIN=path]`: the binary (release build unless
+# BIN names one) where mount(8)'s helpers find it (mount.fuse3 runs it with the shell's
+# default PATH, which has /usr/local/bin and /usr/bin), rawmount(1), and completions.
+PREFIX ?= /usr/local
+DESTDIR ?=
+BIN ?=
+INSTALL_BIN := $(if $(BIN),$(BIN),$(RELEASE_BIN))
+BINDIR := $(DESTDIR)$(PREFIX)/bin
+MANDIR := $(DESTDIR)$(PREFIX)/share/man/man1
+BASHDIR := $(DESTDIR)$(PREFIX)/share/bash-completion/completions
+ZSHDIR := $(DESTDIR)$(PREFIX)/share/zsh/site-functions
+FISHDIR := $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d
+
+.PHONY: all deps build release test demo bench crash clean man man-tool install uninstall
 
 all: build
 
@@ -23,10 +36,15 @@ deps:
 build: deps
 	$(SWIFT) build
 
+# swift-argument-parser's manual writer. Built with the tests, so that a test can run
+# `make install` while `swift test` holds the build directory.
+man-tool: deps
+	@[ -x .build/debug/generate-manual ] || $(SWIFT) build --product generate-manual
+
 release: deps
 	$(SWIFT) build -c release
 
-test: build
+test: build man-tool
 	$(SWIFT) test
 
 demo: release
@@ -40,6 +58,23 @@ bench: release
 # kill -9 campaigns (CRASH_ROUNDS per format, default 20); prints the table.
 crash: build
 	RAWMOUNT=$(DEBUG_BIN) python3 scripts/crash.py --rounds $${CRASH_ROUNDS:-20}
+
+# The manual is generated from the argument parser's own description of every verb and option.
+man: $(if $(BIN),deps,release) man-tool
+	mkdir -p .build/man
+	.build/debug/generate-manual $(INSTALL_BIN) --output-directory .build/man --authors "the rawmount developers"
+
+install: man
+	install -D -m 0755 $(INSTALL_BIN) $(BINDIR)/rawmount
+	install -D -m 0644 .build/man/rawmount.1 $(MANDIR)/rawmount.1
+	mkdir -p $(BASHDIR) $(ZSHDIR) $(FISHDIR)
+	$(INSTALL_BIN) --generate-completion-script bash > $(BASHDIR)/rawmount
+	$(INSTALL_BIN) --generate-completion-script zsh > $(ZSHDIR)/_rawmount
+	$(INSTALL_BIN) --generate-completion-script fish > $(FISHDIR)/rawmount.fish
+	@echo "installed $(BINDIR)/rawmount, $(MANDIR)/rawmount.1 and bash/zsh/fish completions"
+
+uninstall:
+	rm -f $(BINDIR)/rawmount $(MANDIR)/rawmount.1 $(BASHDIR)/rawmount $(ZSHDIR)/_rawmount $(FISHDIR)/rawmount.fish
 
 clean:
 	rm -rf .build

@@ -21,7 +21,7 @@ public enum ImageLock {
         }
         for p in refused where try isLockedByOther(file, byte: permBase + Int64(p)) {
             throw BlockError.locked(file: file.path,
-                                    detail: "another process has it open for \(name(p)) (is it mounted or in use by QEMU?)")
+                                    detail: "another process has it open for \(name(p))")
         }
         for p in held { try lock(file, byte: permBase + Int64(p)) }
         for p in refused { try lock(file, byte: sharedBase + Int64(p)) }

@@ -133,22 +133,36 @@ public final class FuseFilesystem: Sendable {
     /// Owner and permission bits of the raw file: the top image file's, so a 0600 image is
     /// not readable by others under allow_other (write bits dropped when read-only).
     let uid: uid_t, gid: gid_t, mode: mode_t
+    let directoryMode: mode_t
+
+    /// `-o uid=,gid=,umask=`: the owner and permissions shown instead of the image file's,
+    /// as other FUSE file systems take them (umask applies to 0666 files, 0777 directories).
+    public struct Ownership: Sendable {
+        public var uid: uid_t?, gid: gid_t?, umask: mode_t?
+        public init(uid: uid_t? = nil, gid: gid_t? = nil, umask: mode_t? = nil) { self.uid = uid; self.gid = gid; self.umask = umask }
+    }
     /// Times shown for every inode: those of the top image file at mount time.
     let times: (atime: timespec, mtime: timespec, ctime: timespec)
 
-    public init(files: [ExposedFile], rootIsFile: Bool, log: ServerLog? = nil) {
+    public init(files: [ExposedFile], rootIsFile: Bool, log: ServerLog? = nil, ownership: Ownership = .init()) {
         precondition(!files.isEmpty && (!rootIsFile || files.count == 1))
         self.files = files
         self.log = log
         self.rootIsFile = rootIsFile
+        var owner: (uid_t, gid_t), bits: mode_t
         if let st = files[0].device.driver.file.fileStatus() {
             times = (st.st_atim, st.st_mtim, st.st_ctim)
-            uid = st.st_uid; gid = st.st_gid; mode = st.st_mode & 0o777
+            owner = (st.st_uid, st.st_gid); bits = st.st_mode & 0o777
         } else {
             var now = timespec(); clock_gettime(CLOCK_REALTIME, &now)
             times = (now, now, now)
-            uid = getuid(); gid = getgid(); mode = 0o600
+            owner = (getuid(), getgid()); bits = 0o600
         }
+        if let u = ownership.uid { owner.0 = u }
+        if let g = ownership.gid { owner.1 = g }
+        if let m = ownership.umask { bits = 0o666 & ~m }
+        (uid, gid, mode) = (owner.0, owner.1, bits)
+        directoryMode = ownership.umask.map { 0o777 & ~$0 } ?? 0o755
     }
 
     static let rootInode: UInt64 = 1
@@ -194,7 +208,7 @@ public final class FuseFilesystem: Sendable {
             return st
         }
         guard ino == Self.rootInode && !rootIsFile else { return nil }
-        st.st_mode = S_IFDIR | 0o755
+        st.st_mode = S_IFDIR | directoryMode
         st.st_nlink = 2
         st.st_size = 4096
         st.st_blksize = 4096

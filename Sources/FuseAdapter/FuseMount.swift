@@ -28,7 +28,8 @@ public final class FuseMount {
         let userdata = Unmanaged.passUnretained(filesystem).toOpaque()
         session = fuse_session_new(&args, &ops, MemoryLayout<fuse_lowlevel_ops>.size, userdata)
         guard session != nil else {
-            throw BlockError.usage("\(mountpoint): cannot create FUSE session (bad -o option?)")
+            // libfuse has printed which option it refused; name what it was given.
+            throw BlockError.usage("\(mountpoint): libfuse refused the mount options (\(opts.dropFirst(3).joined(separator: ",")))")
         }
         if let problem = Self.fuseDeviceProblem() {
             fuse_session_destroy(session)
@@ -38,7 +39,8 @@ public final class FuseMount {
         if fuse_session_mount(session, mountpoint) != 0 {
             fuse_session_destroy(session)
             session = nil
-            throw BlockError.usage("\(mountpoint): mount failed (is /dev/fuse available and the mountpoint an existing directory or file?)")
+            // libfuse or fusermount3 has printed its reason (to the user's terminal, also when detaching).
+            throw BlockError.usage("\(mountpoint): the FUSE mount failed")
         }
         filesystem.session.set(session)
     }

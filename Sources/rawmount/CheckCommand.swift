@@ -14,7 +14,7 @@ struct CheckCommand: ParsableCommand {
     @Flag(help: "Fix what can be fixed (needs exclusive access).")
     var repair = false
 
-    @Argument(help: "The disk image.")
+    @Argument(help: "The disk image.", completion: .file())
     var image: String
 
     func run() throws {

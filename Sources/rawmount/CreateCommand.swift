@@ -6,7 +6,7 @@ struct CreateCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "create", abstract: "Create an empty image (qcow2, qed, vdi, vmdk, raw).")
 
-    @Option(name: [.customShort("f"), .long], help: "Format: qcow2, qed, vdi, vmdk or raw.")
+    @Option(name: [.customShort("f"), .long], help: "Format: qcow2, qed, vdi, vmdk or raw.", completion: .list(["qcow2", "qed", "vdi", "vmdk", "raw"]))
     var format: String
 
     @Option(help: "Cluster size in bytes (QED: power of two, 4 KiB...64 MiB; qcow2: 512...2M; default 64 KiB).")
@@ -30,19 +30,20 @@ struct CreateCommand: ParsableCommand {
     @Option(help: "Clusters per L1/L2 table (QED: 1, 2, 4, 8 or 16; default 4).")
     var tableSize: UInt32 = 4
 
-    @Option(help: "VMDK: \(VMDKCreate.Subformat.allCases.map(\.rawValue).joined(separator: ", ")) (default monolithicSparse).")
+    @Option(help: "VMDK: \(VMDKCreate.Subformat.allCases.map(\.rawValue).joined(separator: ", ")) (default monolithicSparse).",
+            completion: .list(VMDKCreate.Subformat.allCases.map(\.rawValue)))
     var subformat: String = "monolithicSparse"
 
     @Flag(name: .customLong("static"), help: "VDI: allocate every block up front (sparse on the host).")
     var isStatic = false
 
-    @Option(help: "Backing file, stored as given (relative names are relative to IMAGE's directory).")
+    @Option(help: "Backing file, stored as given (relative names are relative to IMAGE's directory).", completion: .file())
     var backing: String?
 
-    @Option(help: "Backing file format (raw is stored as 'no probe').")
+    @Option(help: "Backing file format (raw is stored as 'no probe').", completion: .list(ImageFormat.allCases.map(\.rawValue)))
     var backingFormat: String?
 
-    @Argument(help: "The image to create (must not exist).")
+    @Argument(help: "The image to create (must not exist).", completion: .file())
     var image: String
 
     @Argument(help: "Virtual size: bytes or with K, M, G, T suffix (with --backing: the backing image's size when omitted).")

@@ -13,7 +13,8 @@ struct HashCommand: ParsableCommand {
             + "Ranges the image holds no data for are hashed as zeros without reading them. With --verify, exits 0 when the digest "
             + "matches and 1 (naming both values) when it does not.")
 
-    @Option(name: [.customShort("a"), .long], help: "md5, sha1, sha256 or sha512 (repeatable; default sha256, or the one --verify's length names).")
+    @Option(name: [.customShort("a"), .long], help: "md5, sha1, sha256 or sha512 (repeatable; default sha256, or the one --verify's length names).",
+            completion: .list(["md5", "sha1", "sha256", "sha512"]))
     var algorithm: [String] = []
 
     @Flag(help: "Print JSON for scripts.")
@@ -25,13 +26,13 @@ struct HashCommand: ParsableCommand {
     @Option(help: "The expected digest (hex); its length picks the algorithm when --algorithm is not given.")
     var verify: String?
 
-    @Option(name: [.customShort("f"), .long], help: "Image format; probed when omitted.")
+    @Option(name: [.customShort("f"), .long], help: "Image format; probed when omitted.", completion: .list(ImageFormat.allCases.map(\.rawValue)))
     var format: String?
 
     @Flag(name: [.customShort("U"), .customLong("force-share")], help: "Take no image lock (the image may change while it is hashed).")
     var forceShare = false
 
-    @Argument(help: "The disk image.")
+    @Argument(help: "The disk image.", completion: .file())
     var image: String
 
     func run() throws {

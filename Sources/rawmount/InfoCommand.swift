@@ -10,10 +10,10 @@ struct InfoCommand: ParsableCommand {
     @Flag(help: "Print JSON for scripts.")
     var json = false
 
-    @Option(name: [.customShort("f"), .long], help: "Image format; probed when omitted.")
+    @Option(name: [.customShort("f"), .long], help: "Image format; probed when omitted.", completion: .list(ImageFormat.allCases.map(\.rawValue)))
     var format: String?
 
-    @Argument(help: "The disk image.")
+    @Argument(help: "The disk image.", completion: .file())
     var image: String
 
     func run() throws {

@@ -1,12 +1,40 @@
 import ArgumentParser
+#if canImport(Glibc)
+import Glibc
+#endif
 
 struct ListCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "list", abstract: "List rawmount mounts: mountpoint, image, and whether it is read-only.")
+        commandName: "list",
+        abstract: "List rawmount mounts: mountpoint, image, read-only or not, and the serving process.",
+        discussion: "A mount whose server has died (killed, crashed) is marked \"server died\": its files answer ENOTCONN until `rawmount unmount` removes it.")
+
+    @Flag(help: "Print JSON for scripts: an array of {mountpoint, image, read-only, pid, server}.")
+    var json = false
 
     func run() throws {
-        let mounts = MountTable.all()
+        let mounts = MountTable.all().map { m -> (mountpoint: String, image: String, readOnly: Bool, pid: pid_t?, state: String) in
+            // The pid file is this user's; another user's mount shows as "unknown".
+            guard let pid = Holders.pidOfServer(at: m.mountpoint) else { return (m.mountpoint, m.image, m.readOnly, nil, "unknown") }
+            return (m.mountpoint, m.image, m.readOnly, pid, processAlive(pid) ? "running" : "died")
+        }
+        if json {
+            let rows = mounts.map { m in
+                "  {\"mountpoint\": \(jsonString(m.mountpoint)), \"image\": \(jsonString(m.image)), \"read-only\": \(m.readOnly), "
+                    + "\"pid\": \(m.pid.map(String.init) ?? "null"), \"server\": \(jsonString(m.state))}"
+            }
+            print(rows.isEmpty ? "[]" : "[\n" + rows.joined(separator: ",\n") + "\n]")
+            return
+        }
         if mounts.isEmpty { print("no rawmount mounts"); return }
-        for m in mounts { print("\(m.mountpoint)\t\(m.image)\t\(m.readOnly ? "ro" : "rw")") }
+        for m in mounts {
+            let server: String
+            switch m.state {
+            case "running": server = "pid \(m.pid!)"
+            case "died": server = "server died (pid \(m.pid!)); run `rawmount unmount \(m.mountpoint)`"
+            default: server = "server unknown (another user's mount)"
+            }
+            print("\(m.mountpoint)\t\(m.image)\t\(m.readOnly ? "ro" : "rw")\t\(server)")
+        }
     }
 }

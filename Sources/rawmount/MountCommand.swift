@@ -26,13 +26,14 @@ struct MountCommand: ParsableCommand {
             help: "qcow2: show this internal snapshot (its ID or name, as `qemu-img snapshot -l` lists them) instead of the current disk; always read-only.")
     var snapshot: String?
 
-    @Option(name: [.customShort("f"), .long], help: "Image format (\(ImageFormat.allCases.map(\.rawValue).joined(separator: ", "))); probed when omitted.")
+    @Option(name: [.customShort("f"), .long], help: "Image format (\(ImageFormat.allCases.map(\.rawValue).joined(separator: ", "))); probed when omitted.",
+            completion: .list(ImageFormat.allCases.map(\.rawValue)))
     var format: String?
 
     @Flag(name: [.customShort("F"), .long], help: "Stay in the foreground and serve until unmounted or signalled.")
     var foreground = false
 
-    @Option(name: .customShort("o"), help: "Extra FUSE mount options, comma-separated (e.g. allow_other).")
+    @Option(name: .customShort("o"), help: ArgumentHelp("Mount options, comma-separated, as mount(8) and fstab pass them: rawmount's own (ro, format=, snapshot=, overlay=, overlay_cluster_size=, log=, uid=, gid=, umask=, force_share, no_partitions), FUSE's (allow_other, nosuid, nodev, noexec, ...); mount(8)'s defaults, nofail, _netdev, auto, noauto, user, users and x-* are ignored.", valueName: "options"))
     var options: [String] = []
 
     @Option(help: "Write into this qcow2 instead of the image: created over the image (its backing file, recorded by absolute path) on first use, reused when it already backs onto it. The image is opened read-only and never changes.")
@@ -51,33 +52,44 @@ struct MountCommand: ParsableCommand {
     @Option(name: .customLong("ready-fd"), help: .hidden)
     var readyFd: Int32?
 
-    @Argument(help: "The disk image.")
+    @Argument(help: "The disk image.", completion: .file())
     var image: String
 
-    @Argument(help: "An existing directory or regular file to mount on.")
+    @Argument(help: "An existing directory or regular file to mount on.", completion: .file())
     var mountpoint: String
 
-    /// --read-only, or the FUSE option `-o ro` (which alone would leave the image open for
-    /// writing, and locked against other readers, under a read-only mount).
-    var asksReadOnly: Bool {
-        readOnly || options.flatMap { $0.split(separator: ",") }.contains { $0 == "ro" }
+    @Flag(name: [.customShort("q"), .long], help: "Print nothing on success (by default the paths of the files shown are printed).")
+    var quiet = false
+
+    @Flag(name: [.customShort("v"), .long], help: "Report each failed request with its cause: on stderr with --foreground, else to syslog (journalctl -t rawmount).")
+    var verbose = false
+
+    /// The flags and every `-o` list together (mount(8) passes only `-o`).
+    func settings() throws -> MountSettings {
+        var s = MountSettings()
+        s.readOnly = readOnly; s.forceShare = forceShare; s.format = format; s.snapshot = snapshot
+        s.overlay = overlay; s.overlayClusterSize = overlayClusterSize; s.log = log; s.noPartitions = noPartitions
+        for list in options { try s.apply(optionList: list) }
+        return s
     }
 
     func validate() throws {
-        if forceShare && !asksReadOnly {
+        let s: MountSettings
+        do { s = try settings() } catch { throw ValidationError(describe(error)) }
+        if s.forceShare && !s.readOnly {
             throw ValidationError("--force-share needs --read-only: a writer must hold the image's locks")
         }
-        if overlay != nil && snapshot != nil {
+        if s.overlay != nil && s.snapshot != nil {
             throw ValidationError("--overlay and --snapshot do not go together")
         }
-        if let format, ImageFormat(rawValue: format.lowercased()) == nil {
+        if let format = s.format, ImageFormat(rawValue: format.lowercased()) == nil {
             throw ValidationError("unknown format '\(format)'; known: \(ImageFormat.allCases.map(\.rawValue).joined(separator: ", "))")
         }
     }
 
     func run() throws {
         if !foreground && readyFd == nil {
-            throw ExitCode(Detach.spawnAndWait(arguments: Array(CommandLine.arguments.dropFirst())))
+            throw ExitCode(Detach.spawnAndWait(arguments: Array(CommandLine.arguments.dropFirst()), quiet: quiet))
         }
         do {
             try serve()
@@ -90,7 +102,7 @@ struct MountCommand: ParsableCommand {
     /// Sends a message to the waiting parent (detached mode) or prints it.
     private func report(_ message: String) {
         if let fd = readyFd {
-            _ = "error: \(message)".withCString { write(fd, $0, strlen($0)) }
+            _ = "error: \(message)\n".withCString { write(fd, $0, strlen($0)) }
             close(fd)
         } else {
             printError("rawmount: \(message)")
@@ -98,6 +110,13 @@ struct MountCommand: ParsableCommand {
     }
 
     private func serve() throws {
+        let s = try settings()
+        // Spawned through /proc/self/exe, the server would show as "exe" in ps and in the
+        // lock-holder messages of other rawmount commands.
+        if readyFd != nil {
+            let comm = open("/proc/self/comm", O_WRONLY)
+            if comm >= 0 { _ = write(comm, "rawmount", 8); close(comm) }
+        }
         // The image as named (absolute, its directory resolved, a symlink at the end kept):
         // backing files, Bochs layers and VDI parents are found next to that name, as QEMU
         // and Bochs find them. The fully resolved path only guards against mounting on itself.
@@ -129,17 +148,17 @@ struct MountCommand: ParsableCommand {
             throw BlockError.usage("mountpoint \(mountpoint): already shows \(other); run `rawmount unmount \(mountpoint)` first")
         }
 
-        let fmt = format.flatMap { ImageFormat(rawValue: $0.lowercased()) }
+        let fmt = s.format.flatMap { ImageFormat(rawValue: $0.lowercased()) }
         let notify = readyFd
         // Notes reach the user's terminal even when the server has detached.
         let note: @Sendable (String) -> Void = { text in
             if let fd = notify { _ = "note: \(text)\n".withCString { write(fd, $0, strlen($0)) } } else { printError("rawmount: " + text) }
         }
         var openPath = imagePath, openFormat = fmt
-        if let overlay {
-            let cluster = try parseSize(overlayClusterSize)
+        if let overlay = s.overlay {
+            let cluster = try parseSize(s.overlayClusterSize)
             guard cluster >= 512, cluster <= 2 << 20, cluster & (cluster - 1) == 0 else {
-                throw BlockError.usage("--overlay-cluster-size \(overlayClusterSize): a power of two from 512 to 2M")
+                throw BlockError.usage("--overlay-cluster-size \(s.overlayClusterSize): a power of two from 512 to 2M")
             }
             if let created = try Overlay.prepare(overlay: overlay, evidence: imagePath, format: fmt, clusterSize: cluster) { note(created) }
             openPath = try Paths.asNamed(overlay)
@@ -147,21 +166,21 @@ struct MountCommand: ParsableCommand {
         }
         let device: BlockDevice
         do {
-            device = try ImageOpener.open(path: openPath, options: .init(writable: !asksReadOnly && snapshot == nil, format: openFormat, lock: !forceShare,
-                                                                         snapshot: snapshot, onNote: note))
+            device = try ImageOpener.open(path: openPath, options: .init(writable: !s.readOnly && s.snapshot == nil, format: openFormat, lock: !s.forceShare,
+                                                                         snapshot: s.snapshot, onNote: note))
             // The overlay's backing must still be the evidence named (not a file swapped in since).
-            if overlay != nil, device.backing?.driver.file.identity != (try? ImageFile(path: imagePath, writable: false))?.identity {
+            if let overlay = s.overlay, device.backing?.driver.file.identity != (try? ImageFile(path: imagePath, writable: false))?.identity {
                 try? device.close()
-                throw BlockError.usage("--overlay \(overlay!): its backing file is no longer \(imagePath)")
+                throw BlockError.usage("--overlay \(overlay): its backing file is no longer \(imagePath)")
             }
         } catch let e as BlockError {
             // Evidence on a read-only medium, or someone else's file: say how to read it anyway.
-            if case let .io(_, _, _, err) = e, err == EROFS || err == EACCES, !asksReadOnly {
+            if case let .io(_, _, _, err) = e, err == EROFS || err == EACCES, !s.readOnly {
                 throw BlockError.usage("\(e.description); to read it without writing, mount with --read-only (-r)")
             }
             throw e
         }
-        var ro = asksReadOnly || snapshot != nil
+        var ro = s.readOnly || s.snapshot != nil
         if !ro && !device.isWritable {
             let why = device.driver.readOnlyReason ?? "its file is read-only"
             note("\(image): this \(device.driver.info.format) image cannot be written here (\(why)); mounting read-only")
@@ -170,12 +189,16 @@ struct MountCommand: ParsableCommand {
         // Named as the user named the image (a symlink shows under its own name).
         let file = ExposedFile(name: Paths.rawName(forImage: image), device: device, readOnly: ro)
         let serverLog: ServerLog?
-        do { serverLog = try log.map { try ServerLog(path: $0) } } catch {
+        do {
+            // A foreground server tells its terminal; a detached one has none, so syslog with -v.
+            serverLog = s.log != nil || foreground || verbose
+                ? try ServerLog(path: s.log, toStandardError: foreground, toSyslog: verbose && !foreground) : nil
+        } catch {
             try? device.close()
             throw error
         }
         var files = [file]
-        if mode == S_IFDIR && !noPartitions {
+        if mode == S_IFDIR && !s.noPartitions {
             // Partitions as read at mount time; a table changed through the disk file shows
             // after a remount.
             let table = PartitionTable.read(device)
@@ -197,20 +220,30 @@ struct MountCommand: ParsableCommand {
                                          dataBytes: { bits.dirtyBytes }))
             }
         }
-        let fs = FuseFilesystem(files: files, rootIsFile: mode == S_IFREG, log: serverLog)
+        let fs = FuseFilesystem(files: files, rootIsFile: mode == S_IFREG, log: serverLog,
+                                ownership: .init(uid: s.uid, gid: s.gid, umask: s.umask))
         let mount: FuseMount
         do {
             mount = try FuseMount(filesystem: fs, mountpoint: mp, fsName: imagePath, readOnly: ro,
-                                  extraOptions: options.flatMap { $0.split(separator: ",").map(String.init) })
+                                  extraOptions: s.fuseOptions)
         } catch {
             try? device.close()
             throw error
         }
         unlink(errorFile)
         Paths.writeFile(pidFile, "\(getpid())\n")
+        let shown = mode == S_IFREG ? [mp] : files.map { mp + "/" + $0.name }
         if let fd = readyFd {
-            _ = "ok".withCString { write(fd, $0, 2) }
+            // From here on nothing reaches the user's terminal: libfuse's stderr was the pipe.
+            let devNull = open("/dev/null", O_WRONLY)
+            if devNull >= 0 { dup2(devNull, 2); close(devNull) }
+            let message = shown.map { "file: \($0)\n" }.joined() + "ok\n"
+            _ = message.withCString { write(fd, $0, strlen($0)) }
             close(fd)
+        } else if !quiet {
+            print("serving \(imagePath) at \(shown[0])")
+            for extra in shown.dropFirst() { print("  also \(extra)") }
+            fflush(nil)
         }
         let writeBack = PeriodicFlush(files: fs.files, log: serverLog)
         _ = mount.run()
@@ -237,7 +270,11 @@ struct MountCommand: ParsableCommand {
 /// Detaching: re-run ourselves in a new session with --ready-fd and wait until the child
 /// says the raw file is ready (or why it is not).
 enum Detach {
-    static func spawnAndWait(arguments: [String]) -> Int32 {
+    /// The child reports on the pipe, one line each: `note: ...`, `file: PATH`, then `ok` or
+    /// `error: ...`. Its stderr is the same pipe until the mount is up, so what libfuse and
+    /// fusermount3 say when they refuse (allow_other without user_allow_other, an unknown -o
+    /// option, a mountpoint the user cannot write) reaches the user as they said it.
+    static func spawnAndWait(arguments: [String], quiet: Bool) -> Int32 {
         var fds: [Int32] = [0, 0]
         guard pipe(&fds) == 0 else { printError("rawmount: pipe: \(String(cString: strerror(errno)))"); return 1 }
         let (readEnd, writeEnd) = (fds[0], fds[1])
@@ -249,7 +286,7 @@ enum Detach {
         defer { posix_spawn_file_actions_destroy(&actions) }
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
         posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0)
+        posix_spawn_file_actions_adddup2(&actions, writeEnd, 2)
         var attr = posix_spawnattr_t()
         posix_spawnattr_init(&attr)
         defer { posix_spawnattr_destroy(&attr) }
@@ -263,25 +300,36 @@ enum Detach {
         close(writeEnd)
         guard rc == 0 else { printError("rawmount: cannot start server: \(String(cString: strerror(rc)))"); return 1 }
 
-        var message = [UInt8]()
+        // Line by line, stopping at the verdict: a helper that outlives the mount (fusermount3
+        // -o auto_unmount) may keep the pipe open.
+        var pending = [UInt8]()
         var buf = [UInt8](repeating: 0, count: 4096)
-        while true {
+        var verdict: String?
+        var files: [String] = []
+        reading: while verdict == nil {
+            while let nl = pending.firstIndex(of: 0x0A) {
+                let line = String(decoding: pending[..<nl], as: UTF8.self)
+                pending.removeSubrange(...nl)
+                if line.hasPrefix("note: ") { printError("rawmount: " + line.dropFirst(6)) }
+                else if line.hasPrefix("file: ") { files.append(String(line.dropFirst(6))) }
+                else if line == "ok" || line.hasPrefix("error: ") { verdict = line; break reading }
+                else if !line.isEmpty { printError(line) }
+            }
             let n = read(readEnd, &buf, buf.count)
             if n < 0 && errno == EINTR { continue }
             if n <= 0 { break }
-            message += buf[0..<n]
+            pending += buf[0..<n]
         }
         close(readEnd)
-        var text = String(decoding: message, as: UTF8.self)
-        while text.hasPrefix("note: "), let nl = text.firstIndex(of: "\n") {
-            printError("rawmount: " + text[text.index(text.startIndex, offsetBy: 6)..<nl])
-            text = String(text[text.index(after: nl)...])
+        if verdict == nil, !pending.isEmpty { printError(String(decoding: pending, as: UTF8.self)) }
+        if verdict == "ok" {
+            if !quiet { for f in files { print(f) } }
+            return 0
         }
-        if text == "ok" { return 0 }
         var status: Int32 = 0
         _ = waitpid(pid, &status, 0)
-        if text.hasPrefix("error: ") {
-            printError("rawmount: " + text.dropFirst(7))
+        if let verdict, verdict.hasPrefix("error: ") {
+            printError("rawmount: " + verdict.dropFirst(7))
         } else {
             printError("rawmount: the server exited before the mount was ready (status \(status))")
         }

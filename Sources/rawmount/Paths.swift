@@ -150,6 +150,12 @@ func printError(_ text: String) {
 
 /// A message for any error: BlockError's sentence, or the error's own description.
 func describe(_ error: Error) -> String {
-    if let e = error as? BlockError { return e.description }
+    if let e = error as? BlockError {
+        // Lock refusals name who holds the image when that can be found.
+        if case let .locked(file, _) = e {
+            return "\(e.description) (\(Holders.lockHolders(of: file) ?? "is it mounted, or in use by QEMU?"))"
+        }
+        return e.description
+    }
     return "\(error)"
 }

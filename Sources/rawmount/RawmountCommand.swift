@@ -9,12 +9,17 @@ struct Rawmount: ParsableCommand {
         commandName: "rawmount",
         abstract: "Show virtual-disk images as plain raw block files through FUSE.",
         discussion: "Reads and writes raw, qcow2, QED, VDI and VMDK; reads qcow2 internal snapshots and Bochs images.",
-        version: "0.4.0",
-        subcommands: [MountCommand.self, UnmountCommand.self, ListCommand.self, InfoCommand.self, CreateCommand.self, CheckCommand.self, BitmapCommand.self, HashCommand.self])
+        version: "0.5.0",
+        // mount.fuse3 (mount -t fuse.rawmount, fstab) runs `rawmount IMAGE DIR -o OPTS`.
+        subcommands: [MountCommand.self, UnmountCommand.self, ListCommand.self, InfoCommand.self, CreateCommand.self, CheckCommand.self, BitmapCommand.self, HashCommand.self],
+        defaultSubcommand: MountCommand.self)
 
     /// Swift's arguments replace bytes that are not UTF-8, so such a file name would be opened
     /// as a different name: say so instead.
     static func main() {
+        // With mount as the default verb, a bare `rawmount` would complain about a missing
+        // IMAGE: show the overview instead.
+        if CommandLine.argc == 1 { print(helpMessage()); Glibc.exit(0) }
         for i in 1..<Int(CommandLine.argc) {
             guard let raw = CommandLine.unsafeArgv[i], String(validatingCString: raw) == nil else { continue }
             var shown = ""

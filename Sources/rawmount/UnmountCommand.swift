@@ -12,13 +12,18 @@ struct UnmountCommand: ParsableCommand {
     @Option(help: "Seconds to wait for the server to flush and exit.")
     var timeout: Double = 120
 
-    @Argument(help: "The mountpoint given to `rawmount mount`.")
+    @Argument(help: "The mountpoint given to `rawmount mount`, or a file it shows (its raw file).", completion: .directory)
     var mountpoint: String
 
     func run() throws {
-        let mp: String
+        var mp: String
         do { mp = try Paths.mountpointPath(mountpoint) } catch {
             printError("rawmount: \(describe(error))"); throw ExitCode.failure
+        }
+        // The raw file (or a partition file) names its mount: the directory it is shown in.
+        if !MountTable.isRawmount(mp), let named = try? Paths.asNamed(mountpoint) {
+            let parent = PathName.directory(of: named)
+            if MountTable.isRawmount(parent) { mp = parent }
         }
         guard MountTable.isRawmount(mp) else {
             printError("rawmount: \(mountpoint): not a rawmount mount")
@@ -34,7 +39,12 @@ struct UnmountCommand: ParsableCommand {
                 let rc = run(["fusermount3", "-u", mp])
                 if rc != 0 { throw ExitCode(rc) }
             } else {
-                printError("rawmount: \(mountpoint): \(String(cString: strerror(e)))\(e == EBUSY ? " (close files and detach loop devices using it first)" : "")")
+                printError("rawmount: \(mountpoint): \(String(cString: strerror(e)))")
+                if e == EBUSY {
+                    let users = Holders.mountUsers(mp)
+                    for u in users { printError("rawmount: \(mp): \(u)") }
+                    if users.isEmpty { printError("rawmount: \(mp): close the files and detach the loop devices that use it first") }
+                }
                 throw ExitCode.failure
             }
         }
