@@ -53,6 +53,7 @@ demo: release
 bench: release
 	RAWMOUNT=$(RELEASE_BIN) python3 scripts/bench.py
 	RAWMOUNT=$(RELEASE_BIN) python3 scripts/hashbench.py
+	RAWMOUNT=$(RELEASE_BIN) python3 scripts/convertbench.py
 	RAWMOUNT=$(RELEASE_BIN) python3 scripts/scale.py
 
 # kill -9 campaigns (CRASH_ROUNDS per format, default 20); prints the table.

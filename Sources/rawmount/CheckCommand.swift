@@ -14,70 +14,105 @@ struct CheckCommand: ParsableCommand {
     @Flag(help: "Fix what can be fixed (needs exclusive access).")
     var repair = false
 
+    @Option(help: ArgumentHelp("human (default) or json (qemu-img check's keys: filename, format, check-errors, corruptions, leaks, corruptions-fixed, leaks-fixed, allocated-clusters, total-clusters, image-end-offset).", valueName: "format"))
+    var output: String = "human"
+
     @Argument(help: "The disk image.", completion: .file())
     var image: String
 
+    /// What a check found, in qemu-img check's terms.
+    struct Outcome {
+        var format: String
+        var text: String
+        var corruptions = 0, leaks = 0, corruptionsFixed = 0, leaksFixed = 0
+        var extra: [String: Any] = [:]
+    }
+
     func run() throws {
+        guard output == "human" || output == "json" else {
+            printError("rawmount: --output \(output): human or json")
+            throw ExitCode(1)
+        }
+        let outcome: Outcome
         do {
-            let file = try ImageFile(path: image, writable: repair)
-            try ImageLock.acquire(file, writable: repair)
-            switch try ImageFormat.probe(file) {
-            case .qed:
-                let header = try QEDHeader.read(from: file)
-                let report = try QEDCheck.run(file: file, header: header, repair: repair)
-                if repair && header.features & QEDHeader.featureNeedCheck != 0 {
-                    var h = header
-                    h.features &= ~QEDHeader.featureNeedCheck
-                    try file.write(h.encoded(), at: 0)
-                }
-                try file.sync()
-                print("\(image): \(report)")
-                if report.corruptions > 0 && !repair { throw ExitCode(2) }
-                if report.leakedClusters > 0 { throw ExitCode(3) }
-                print("No errors were found on the image.")
-            case .vdi:
-                let report = try VDICheck.run(file: file)
-                print("\(image): \(report)")
-                if report.corruptions > 0 {
-                    if repair { printError("rawmount: \(image): VDI repair is not implemented") }
-                    throw ExitCode(2)
-                }
-                print("No errors were found on the image.")
-            case .qcow2:
-                let header = try QCOW2Header.read(from: file)
-                if repair && header.incompatible & QCOW2Header.incompatibleDataFile != 0 {
-                    throw BlockError.unsupported(file: image, feature: "repairing a qcow2 with an external data file")
-                }
-                let report = try QCOW2Check.run(file: file, header: header, repair: repair)
-                if repair, report.corruptions == 0, report.leakedClusters == 0 {
-                    // Consistent again: a dirty (lazy refcounts) or corrupt mark no longer applies.
-                    let clean = header.incompatible & ~(QCOW2Header.incompatibleDirty | QCOW2Header.incompatibleCorrupt)
-                    if clean != header.incompatible {
-                        try QCOW2Header.writeField(file, at: QCOW2Header.Field.incompatible, clean, bytes: 8)
-                        try file.sync()
-                    }
-                }
-                print("\(image): \(report)")
-                if report.corruptions > 0 { throw ExitCode(2) }
-                if report.leakedClusters > 0 { throw ExitCode(3) }
-                print("No errors were found on the image.")
-            case .vmdk:
-                let device = try ImageOpener.open(path: image, options: .init(writable: false, format: .vmdk, lock: false))
-                defer { try? device.close() }
-                guard let driver = device.driver as? VMDKDriver else { throw ExitCode.failure }
-                let report = try VMDKCheck.run(driver)
-                print("\(image): \(report)")
-                if repair && report.corruptions > 0 { printError("rawmount: \(image): VMDK repair is not implemented") }
-                if report.corruptions > 0 { throw ExitCode(2) }
-                print("No errors were found on the image.")
-            case .raw, .bochs:
-                // qemu-img's answer and exit status for a format without a check.
-                printError("rawmount: \(image): this image format (\(try ImageFormat.probe(file).rawValue)) does not support checks")
-                throw ExitCode(63)
-            }
+            outcome = try check()
         } catch let e as ExitCode { throw e } catch {
             printError("rawmount: \(describe(error))")
             throw ExitCode.failure
+        }
+        if output == "json" {
+            var f: [String: Any] = ["filename": image, "format": outcome.format, "check-errors": 0]
+            if outcome.corruptions > 0 { f["corruptions"] = outcome.corruptions }
+            if outcome.leaks > 0 { f["leaks"] = outcome.leaks }
+            if outcome.corruptionsFixed > 0 { f["corruptions-fixed"] = outcome.corruptionsFixed }
+            if outcome.leaksFixed > 0 { f["leaks-fixed"] = outcome.leaksFixed }
+            f.merge(outcome.extra) { a, _ in a }
+            print(QemuImageInfo.json(f))
+        } else {
+            print("\(image): \(outcome.text)")
+            if outcome.corruptions == 0 && outcome.leaks == 0 { print("No errors were found on the image.") }
+        }
+        if outcome.corruptions > 0 { throw ExitCode(2) }
+        if outcome.leaks > 0 { throw ExitCode(3) }
+    }
+
+    private func check() throws -> Outcome {
+        let file = try ImageFile(path: image, writable: repair)
+        try ImageLock.acquire(file, writable: repair)
+        switch try ImageFormat.probe(file) {
+        case .qed:
+            let header = try QEDHeader.read(from: file)
+            let report = try QEDCheck.run(file: file, header: header, repair: repair)
+            if repair && header.features & QEDHeader.featureNeedCheck != 0 {
+                var h = header
+                h.features &= ~QEDHeader.featureNeedCheck
+                try file.write(h.encoded(), at: 0)
+            }
+            try file.sync()
+            var o = Outcome(format: "qed", text: "\(report)", corruptions: repair ? 0 : report.corruptions, leaks: report.leakedClusters)
+            if repair { o.corruptionsFixed = report.repaired; o.leaksFixed = report.releasedClusters }
+            let cs = UInt64(header.clusterSize)
+            o.extra = ["total-clusters": (header.imageSize + cs - 1) / cs]
+            return o
+        case .vdi:
+            let report = try VDICheck.run(file: file)
+            if report.corruptions > 0 && repair { printError("rawmount: \(image): VDI repair is not implemented") }
+            return Outcome(format: "vdi", text: "\(report)", corruptions: report.corruptions)
+        case .qcow2:
+            let header = try QCOW2Header.read(from: file)
+            if repair && header.incompatible & QCOW2Header.incompatibleDataFile != 0 {
+                throw BlockError.unsupported(file: image, feature: "repairing a qcow2 with an external data file")
+            }
+            let report = try QCOW2Check.run(file: file, header: header, repair: repair)
+            if repair, report.corruptions == 0, report.leakedClusters == 0 {
+                // Consistent again: a dirty (lazy refcounts) or corrupt mark no longer applies.
+                let clean = header.incompatible & ~(QCOW2Header.incompatibleDirty | QCOW2Header.incompatibleCorrupt)
+                if clean != header.incompatible {
+                    try QCOW2Header.writeField(file, at: QCOW2Header.Field.incompatible, clean, bytes: 8)
+                    try file.sync()
+                }
+            }
+            var o = Outcome(format: "qcow2", text: "\(report)", corruptions: report.corruptions, leaks: report.leakedClusters)
+            if repair { o.corruptionsFixed = report.repairedRefcounts + report.repairedCopied }
+            let cs = header.clusterSize
+            // The end of the last cluster the file holds: never before a cluster in use, so
+            // truncating there (what scripts use it for) keeps everything.
+            o.extra = ["total-clusters": (header.size + cs - 1) / cs, "image-end-offset": (try file.size() + cs - 1) / cs * cs]
+            let allocated = report.dataClusters + report.compressedClusters
+            if allocated > 0 { o.extra["allocated-clusters"] = allocated }
+            if report.compressedClusters > 0 { o.extra["compressed-clusters"] = report.compressedClusters }
+            return o
+        case .vmdk:
+            let device = try ImageOpener.open(path: image, options: .init(writable: false, format: .vmdk, lock: false))
+            defer { try? device.close() }
+            guard let driver = device.driver as? VMDKDriver else { throw ExitCode.failure }
+            let report = try VMDKCheck.run(driver)
+            if repair && report.corruptions > 0 { printError("rawmount: \(image): VMDK repair is not implemented") }
+            return Outcome(format: "vmdk", text: "\(report)", corruptions: report.corruptions)
+        case .raw, .bochs:
+            // qemu-img's answer and exit status for a format without a check.
+            printError("rawmount: \(image): this image format (\(try ImageFormat.probe(file).rawValue)) does not support checks")
+            throw ExitCode(63)
         }
     }
 }

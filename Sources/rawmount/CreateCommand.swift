@@ -4,7 +4,8 @@ import ImageFormats
 
 struct CreateCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "create", abstract: "Create an empty image (qcow2, qed, vdi, vmdk, raw).")
+        commandName: "create", abstract: "Create an empty image (qcow2, qed, vdi, vmdk, raw).",
+        discussion: "qemu-img's spellings work too: -o cluster_size=64k,compat=1.1,refcount_bits=16,extended_l2=on,lazy_refcounts=on,preallocation=metadata,table_size=4,subformat=streamOptimized,static=on,backing_file=B,backing_fmt=F; -b and -F. Sizes take k, M, G, T, P, E (or KiB, MiB, ...) and fractions (1.5G); a size that is not a multiple of 512 is rounded up, with a note.")
 
     @Option(name: [.customShort("f"), .long], help: "Format: qcow2, qed, vdi, vmdk or raw.", completion: .list(["qcow2", "qed", "vdi", "vmdk", "raw"]))
     var format: String
@@ -37,19 +38,96 @@ struct CreateCommand: ParsableCommand {
     @Flag(name: .customLong("static"), help: "VDI: allocate every block up front (sparse on the host).")
     var isStatic = false
 
-    @Option(help: "Backing file, stored as given (relative names are relative to IMAGE's directory).", completion: .file())
+    @Option(name: [.customShort("b"), .long], help: "Backing file, stored as given (relative names are relative to IMAGE's directory).", completion: .file())
     var backing: String?
 
-    @Option(help: "Backing file format (raw is stored as 'no probe').", completion: .list(ImageFormat.allCases.map(\.rawValue)))
+    @Option(name: [.customShort("F"), .long], help: "Backing file format (raw is stored as 'no probe').", completion: .list(ImageFormat.allCases.map(\.rawValue)))
     var backingFormat: String?
 
     @Argument(help: "The image to create (must not exist).", completion: .file())
     var image: String
 
-    @Argument(help: "Virtual size: bytes or with K, M, G, T suffix (with --backing: the backing image's size when omitted).")
+    @Option(name: .customShort("o"), help: ArgumentHelp("Creation options as qemu-img takes them (key=value,...; see above).", valueName: "options"))
+    var creationOptions: [String] = []
+
+    @Flag(name: [.customShort("q"), .long], help: "Print nothing on success (no \"Formatting ...\" line).")
+    var quiet = false
+
+    @Argument(help: "Virtual size: bytes or with k, M, G, T, P suffix, or 1.5G (with --backing: the backing image's size when omitted).")
     var size: String?
 
     func run() throws {
+        var c = self
+        do { try c.applyCreationOptions() } catch {
+            printError("rawmount: \(describe(error))")
+            throw ExitCode.failure
+        }
+        do { try c.createImage() } catch {
+            printError("rawmount: \(describe(error))")
+            throw ExitCode.failure
+        }
+    }
+
+    /// qemu-img's `-o` names onto the flags; a key this format does not have is refused, as
+    /// qemu-img refuses it.
+    mutating func applyCreationOptions() throws {
+        let fmt = format.lowercased()
+        let known: [String: Set<String>] = [
+            "qcow2": ["cluster_size", "compat", "refcount_bits", "extended_l2", "lazy_refcounts", "preallocation",
+                      "backing_file", "backing_fmt", "compression_type"],
+            "qed": ["cluster_size", "table_size", "backing_file", "backing_fmt"],
+            "vdi": ["static"],
+            "vmdk": ["subformat", "backing_file", "compat6", "hwversion", "adapter_type", "toolsversion", "zeroed_grain"],
+            "raw": ["preallocation"],
+        ]
+        func onOff(_ key: String, _ v: String) throws -> Bool {
+            switch v.lowercased() {
+            case "on", "true", "yes": return true
+            case "off", "false", "no": return false
+            default: throw BlockError.usage("-o \(key)=\(v): on or off")
+            }
+        }
+        for list in creationOptions {
+            for item in MountSettings.split(list) {
+                let kv = item.split(separator: "=", maxSplits: 1).map(String.init)
+                let key = kv[0], value = kv.count == 2 ? kv[1] : "on"
+                guard known[fmt]?.contains(key) ?? false else {
+                    throw BlockError.usage("-o \(key): not a creation option of \(fmt) (it has: \((known[fmt] ?? []).sorted().joined(separator: ", ")))")
+                }
+                switch key {
+                case "cluster_size": clusterSize = value
+                case "compat": compat = value
+                case "refcount_bits":
+                    guard let n = UInt64(value) else { throw BlockError.usage("-o refcount_bits=\(value): a number") }
+                    refcountBits = n
+                case "extended_l2": extendedL2 = try onOff(key, value)
+                case "lazy_refcounts": lazyRefcounts = try onOff(key, value)
+                case "preallocation":
+                    if fmt == "raw" && value != "off" { throw BlockError.usage("-o preallocation=\(value): raw images are created sparse here (off)") }
+                    preallocation = value
+                case "table_size":
+                    guard let n = UInt32(value) else { throw BlockError.usage("-o table_size=\(value): a number") }
+                    tableSize = n
+                case "subformat": subformat = value
+                case "static": isStatic = try onOff(key, value)
+                case "backing_file": backing = value
+                case "backing_fmt": backingFormat = value
+                case "compression_type":
+                    guard value == "zlib" else { throw BlockError.usage("-o compression_type=\(value): rawmount creates zlib images only") }
+                case "compat6", "zeroed_grain":
+                    guard try !onOff(key, value) else { throw BlockError.usage("-o \(key)=on: not supported by rawmount create") }
+                default:
+                    // adapter_type, hwversion, toolsversion: descriptor text rawmount writes its own way.
+                    guard value == "undefined" || value == "ide" else {
+                        throw BlockError.usage("-o \(key)=\(value): not supported by rawmount create")
+                    }
+                }
+            }
+        }
+    }
+
+    /// Creates the image (also for `convert`); errors are thrown, not printed.
+    func createImage() throws {
         do {
             // As qemu-img does, the backing image is opened: a typo fails now, not at first mount.
             let parent = try backing.map { name in
@@ -64,9 +142,13 @@ struct CreateCommand: ParsableCommand {
                 }
             }
             defer { try? parent?.close() }
-            guard let bytes = try size.map(parseSize) ?? parent?.virtualSize else {
+            guard let asked = try size.map(parseSize) ?? parent?.virtualSize else {
                 throw BlockError.usage("give the virtual SIZE (or --backing, whose size is then used)")
             }
+            // Disks are whole sectors (qemu-img rounds up too, silently).
+            let bytes = (asked + 511) / 512 * 512
+            if bytes != asked { printError("rawmount: note: size \(asked) rounded up to \(bytes) (a whole number of 512-byte sectors)") }
+            if !quiet { print(formattingLine(bytes, parentFormat: parent?.driver.info.format)) }
             switch format.lowercased() {
             case "qcow2":
                 var o = QCOW2Create.Options()
@@ -119,25 +201,26 @@ struct CreateCommand: ParsableCommand {
             default:
                 throw BlockError.usage("rawmount create supports -f qcow2, -f qed, -f vdi, -f vmdk and -f raw")
             }
-        } catch let e as ExitCode { throw e } catch {
-            printError("rawmount: \(describe(error))")
-            throw ExitCode.failure
         }
     }
-}
 
-/// "10G", "512M", "4096", "64k" -> bytes.
-func parseSize(_ text: String) throws -> UInt64 {
-    let t = text.trimmingSpaces
-    let units: [Character: UInt64] = ["K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50]
-    var digits = t
-    var mult: UInt64 = 1
-    if var last = t.last {
-        if last == "B" || last == "b", t.count > 1 { digits = String(t.dropLast()); last = digits.last ?? last }
-        if let m = units[Character(last.uppercased())] { mult = m; digits = String(digits.dropLast()) }
+    /// qemu-img create's first line, field for field where the fact is the same.
+    func formattingLine(_ size: UInt64, parentFormat: String?) -> String {
+        let fmt = format.lowercased()
+        var f = ["fmt=\(fmt)"]
+        let back = (backing.map { ["backing_file=\($0)"] } ?? []) + ((backingFormat?.lowercased() ?? (backing != nil ? parentFormat : nil)).map { ["backing_fmt=\($0)"] } ?? [])
+        let cs = (try? clusterSize.map(parseSize)) ?? 65536
+        switch fmt {
+        case "qcow2":
+            f += ["cluster_size=\(cs ?? 65536)", "extended_l2=\(extendedL2 ? "on" : "off")", "compression_type=zlib", "size=\(size)"] + back
+            if preallocation != "off" { f.append("preallocation=\(preallocation)") }
+            f += ["lazy_refcounts=\(lazyRefcounts ? "on" : "off")", "refcount_bits=\(refcountBits)"]
+            if compat != "1.1" { f.append("compat=\(compat)") }
+        case "qed": f += ["size=\(size)"] + back + ["cluster_size=\(cs ?? 65536)", "table_size=\(tableSize)"]
+        case "vdi": f += ["size=\(size)", "static=\(isStatic ? "on" : "off")"]
+        case "vmdk": f += ["size=\(size)"] + back.prefix(1) + ["compat6=off", "hwversion=undefined", "subformat=\(subformat)"]
+        default: f += ["size=\(size)"]
+        }
+        return "Formatting '\(image)', " + f.joined(separator: " ")
     }
-    guard let n = UInt64(digits), case let (v, o) = n.multipliedReportingOverflow(by: mult), !o else {
-        throw BlockError.usage("cannot read size '\(text)' (use bytes or a K/M/G/T suffix)")
-    }
-    return v
 }

@@ -7,8 +7,14 @@ struct InfoCommand: ParsableCommand {
         commandName: "info",
         abstract: "Print an image's format, virtual size, cluster size, allocation and backing chain.")
 
-    @Flag(help: "Print JSON for scripts.")
+    @Flag(help: "Print JSON for scripts: qemu-img info's keys and types (virtual-size, actual-size, cluster-size, dirty-flag, backing-filename, full-backing-filename, backing-filename-format, snapshots, format-specific), and rawmount's own (allocated-bytes, file-size, partition-table, details).")
     var json = false
+
+    @Option(help: ArgumentHelp("human (default) or json, as qemu-img's --output.", valueName: "format"))
+    var output: String = "human"
+
+    @Flag(help: "Describe every image of the backing chain, top first (JSON: an array, as qemu-img prints it).")
+    var backingChain = false
 
     @Option(name: [.customShort("f"), .long], help: "Image format; probed when omitted.", completion: .list(ImageFormat.allCases.map(\.rawValue)))
     var format: String?
@@ -57,35 +63,33 @@ struct InfoCommand: ParsableCommand {
                 }
             }
             let table = PartitionTable.read(device)
-            if json {
-                var fields: [String] = [
-                    "\"filename\": \(jsonString(device.driver.file.path))",
-                    "\"format\": \(jsonString(info.format))",
-                    "\"virtual-size\": \(info.virtualSize)",
-                    "\"cluster-size\": \(info.clusterSize)",
-                    "\"allocated-bytes\": \(allocated)",
-                    "\"allocated-bytes-estimated\": \(walked == nil)",
-                    "\"file-size\": \(try device.driver.file.size())",
+            guard ["human", "json"].contains(output) else { throw BlockError.usage("--output \(output): human or json") }
+            if json || output == "json" {
+                var top = QemuImageInfo.fields(of: device)
+                top["allocated-bytes"] = allocated
+                top["allocated-bytes-estimated"] = walked == nil
+                top["file-size"] = try device.driver.file.size()
+                top["backing-chain"] = chain.dropFirst().map { ["filename": $0.driver.file.path, "format": $0.driver.info.format] }
+                if !bitmaps.isEmpty {
+                    top["bitmaps"] = bitmaps.map { ["name": $0.name, "granularity": $0.granularity, "flags": $0.flagNames] as [String: Any] }
+                }
+                top["partition-table"] = [
+                    "scheme": table.scheme.rawValue,
+                    "notes": table.notes,
+                    "partitions": table.partitions.map { p -> [String: Any] in
+                        var f: [String: Any] = ["index": p.index, "start": p.start, "size": p.length, "type": p.type]
+                        if let t = p.typeName { f["type-name"] = t }
+                        if let n = p.name { f["name"] = n }
+                        if let u = p.uuid { f["uuid"] = u }
+                        return f
+                    },
                 ]
-                let backing = chain.dropFirst().map { "{\"filename\": \(jsonString($0.driver.file.path)), \"format\": \(jsonString($0.driver.info.format))}" }
-                fields.append("\"backing-chain\": [\(backing.joined(separator: ", "))]")
-                // qemu-img info's names for the same fields.
-                let maps = bitmaps.map { b in
-                    "{\"name\": \(jsonString(b.name)), \"granularity\": \(b.granularity), \"flags\": [\(b.flagNames.map(jsonString).joined(separator: ", "))]}"
+                top["details"] = Dictionary(info.details, uniquingKeysWith: { a, _ in a })
+                if backingChain {
+                    print(QemuImageInfo.json([top] + chain.dropFirst().map(QemuImageInfo.fields(of:))))
+                } else {
+                    print(QemuImageInfo.json(top))
                 }
-                if !maps.isEmpty { fields.append("\"bitmaps\": [\(maps.joined(separator: ", "))]") }
-                let parts = table.partitions.map { p in
-                    var f = ["\"index\": \(p.index)", "\"start\": \(p.start)", "\"size\": \(p.length)", "\"type\": \(jsonString(p.type))"]
-                    if let t = p.typeName { f.append("\"type-name\": \(jsonString(t))") }
-                    if let n = p.name { f.append("\"name\": \(jsonString(n))") }
-                    if let u = p.uuid { f.append("\"uuid\": \(jsonString(u))") }
-                    return "{" + f.joined(separator: ", ") + "}"
-                }
-                fields.append("\"partition-table\": {\"scheme\": \(jsonString(table.scheme.rawValue)), \"partitions\": [\(parts.joined(separator: ", "))], "
-                              + "\"notes\": [\(table.notes.map(jsonString).joined(separator: ", "))]}")
-                let details = info.details.map { "\(jsonString($0.0)): \(jsonString($0.1))" }
-                fields.append("\"details\": {\(details.joined(separator: ", "))}")
-                print("{\n  " + fields.joined(separator: ",\n  ") + "\n}")
             } else {
                 print("image: \(device.driver.file.path)")
                 print("format: \(info.format)")
@@ -96,6 +100,17 @@ struct InfoCommand: ParsableCommand {
                 for (k, v) in info.details { print("\(k): \(v)") }
                 for (i, b) in chain.dropFirst().enumerated() {
                     print("backing file \(i + 1): \(b.driver.file.path) (\(b.driver.info.format))")
+                }
+                if backingChain {
+                    for b in chain.dropFirst() {
+                        print("")
+                        print("image: \(b.driver.file.path)")
+                        print("format: \(b.driver.info.format)")
+                        print("virtual size: \(humanSize(b.driver.info.virtualSize)) (\(b.driver.info.virtualSize) bytes)")
+                        print("cluster size: \(b.driver.info.clusterSize)")
+                        print("file size: \(try b.driver.file.size()) bytes")
+                        for (k, v) in b.driver.info.details { print("\(k): \(v)") }
+                    }
                 }
                 if table.scheme != .none || !table.notes.isEmpty {
                     print("partition table: \(table.scheme.rawValue)")

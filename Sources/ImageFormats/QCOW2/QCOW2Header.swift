@@ -42,7 +42,7 @@ public struct QCOW2Header: Sendable {
     /// log2 of the refcount width in bits (v2: always 4, 16-bit refcounts).
     public var refcountOrder: UInt32 = 4
     public var refcountBits: UInt64 { 1 << UInt64(refcountOrder) }
-    static let compatibleLazyRefcounts: UInt64 = 1 << 0
+    public static let compatibleLazyRefcounts: UInt64 = 1 << 0
     static let autoclearBitmaps: UInt64 = 1 << 0
     /// Where the fields a writer changes live in the header.
     public enum Field { public static let refcountTableOffset = 48, refcountTableClusters = 56, incompatible = 72, autoclear = 88 }

@@ -1,0 +1,78 @@
+#!/usr/bin/env python3
+"""`rawmount convert` against `qemu-img convert` on the same image (issue 16), alternating
+them, medians of CONVERT_ROUNDS runs with a warm page cache. Both end with the destination
+flushed to the host disk: qemu-img's default cache mode (writeback) flushes at close, and
+rawmount convert fdatasyncs. `cp --sparse=always` of the raw output is printed as the
+ceiling of writing that much to this file system. Every result is compared with
+`qemu-img compare` before it counts.
+
+  python3 scripts/convertbench.py          (make bench runs it)
+  CONVERT_MB=512 CONVERT_ROUNDS=3           data size and rounds
+"""
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import sh  # noqa: E402
+
+RAWMOUNT = os.environ.get("RAWMOUNT", os.path.join(os.path.dirname(__file__), "..", ".build", "release", "rawmount"))
+MB = int(os.environ.get("CONVERT_MB", "512"))
+ROUNDS = int(os.environ.get("CONVERT_ROUNDS", "3"))
+
+
+def timed(args):
+    start = time.monotonic()
+    subprocess.run(args, check=True, capture_output=True)
+    return time.monotonic() - start
+
+
+def main():
+    work = tempfile.mkdtemp(prefix="rawmount-convertbench-", dir=os.environ.get("BENCH_DIR"))
+    src_raw = os.path.join(work, "src.raw")
+    with open(src_raw, "wb") as f:  # 4 GiB disk: data in 8 runs, holes between
+        f.truncate(4 << 30)
+        for k in range(8):
+            f.seek(k << 29)
+            f.write(os.urandom(MB << 17))
+    sources = []
+    for fmt in ("qcow2", "vmdk", "vdi"):
+        img = os.path.join(work, f"src.{fmt}")
+        sh("qemu-img", "convert", "-O", fmt, src_raw, img)
+        sources.append((fmt, img))
+    print(f"| source | -O | rawmount convert MB/s | qemu-img convert MB/s | ratio | cp --sparse MB/s |  (median of {ROUNDS}; {MB} MiB of data in a 4 GiB disk)")
+    print("|---|---|---|---|---|---|")
+    data = MB << 20
+    for fmt, img in sources:
+        for out in ("qcow2", "raw", "vdi"):
+            ours, theirs = [], []
+            a_dst, b_dst = os.path.join(work, f"ours.{out}"), os.path.join(work, f"theirs.{out}")
+            for r in range(ROUNDS + 1):  # round 0 warms the cache and is not counted
+                for p in (a_dst, b_dst):
+                    if os.path.exists(p):
+                        os.unlink(p)
+                t_ours = timed([RAWMOUNT, "convert", "-O", out, img, a_dst])
+                t_theirs = timed(["qemu-img", "convert", "-O", out, img, b_dst])
+                if r:
+                    ours.append(data / t_ours / 1e6)
+                    theirs.append(data / t_theirs / 1e6)
+            sh("qemu-img", "compare", "-q", "-f", out, "-F", out, a_dst, b_dst)
+            ceiling = ""
+            if out == "raw":
+                c = os.path.join(work, "cp.raw")
+                cps = []
+                for _ in range(ROUNDS):
+                    if os.path.exists(c):
+                        os.unlink(c)
+                    cps.append(data / timed(["sh", "-c", f"cp --sparse=always {b_dst} {c} && sync -d {c}"]) / 1e6)
+                ceiling = f"{statistics.median(cps):.1f}"
+            a, b = statistics.median(ours), statistics.median(theirs)
+            print(f"| {fmt} | {out} | {a:.1f} | {b:.1f} | {a / b:.2f}x | {ceiling} |", flush=True)
+    sh("rm", "-rf", work)
+
+
+if __name__ == "__main__":
+    main()
