@@ -170,9 +170,13 @@ public final class ImageFile: Sendable {
         return out
     }
 
+    /// `rawmount convert -t unsafe` (its default, as qemu-img convert's): a new image that a
+    /// crash would leave half-written anyway is not fdatasynced on the way. Never set by mounts.
+    public static let syncDisabled = Atomic<Bool>(false)
+
     /// Makes written data durable.
     public func sync() throws {
-        guard isWritable else { return }
+        guard isWritable, !Self.syncDisabled.load(ordering: .relaxed) else { return }
         while fdatasync(fd) != 0 {
             if errno == EINTR { continue }
             throw BlockError.io(file: path, operation: "fdatasync", offset: nil, errno: errno)

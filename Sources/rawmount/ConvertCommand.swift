@@ -30,6 +30,9 @@ struct ConvertCommand: ParsableCommand {
     @Flag(name: [.customShort("U"), .customLong("force-share")], help: "Take no lock on SOURCE (it may be in use by a writer; the copy can then be inconsistent).")
     var forceShare = false
 
+    @Option(name: .customShort("t"), help: ArgumentHelp("Cache mode of DESTINATION, as qemu-img convert's -t: unsafe (default: never fdatasynced; a crash leaves a partial copy to redo) or writeback (fdatasynced in the format's order and at the end).", valueName: "cache"))
+    var cache: String = "unsafe"
+
     @Flag(help: "Print a JSON summary (bytes read and written, seconds) on stdout.")
     var json = false
 
@@ -49,12 +52,14 @@ struct ConvertCommand: ParsableCommand {
             guard ["raw", "qcow2", "qed", "vdi", "vmdk"].contains(out) else {
                 throw BlockError.usage("-O \(outputFormat): rawmount converts to raw, qcow2, qed, vdi or vmdk")
             }
+            guard cache == "unsafe" || cache == "writeback" else { throw BlockError.usage("-t \(cache): unsafe or writeback") }
             let src = try ImageOpener.open(path: source, options: .init(writable: false, format: fmt, lock: !forceShare, snapshot: snapshot))
             defer { try? src.close() }
             try replaceDestination(sourceChain: src)
             var create = try CreateCommand.parse(["-f", out, "-q"] + creationOptions.flatMap { ["-o", $0] } + [destination, String(src.virtualSize)])
             try create.applyCreationOptions()
             try create.createImage()
+            ImageFile.syncDisabled.store(cache == "unsafe", ordering: .relaxed)
             let dst = try ImageOpener.open(path: destination, options: .init(writable: true, format: ImageFormat(rawValue: out), lock: true))
             let began = monotonicSeconds()
             let bar = Progress(total: src.virtualSize,
