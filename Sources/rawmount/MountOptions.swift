@@ -22,8 +22,12 @@ struct MountSettings {
 
     /// Options mount(8) and fstab add that mean nothing to a FUSE server (mount.fuse3 drops
     /// some of them, but `rawmount IMAGE DIR -o ...` can be run by hand with the same line).
+    /// The access-time variants libfuse does not take are ignored too: the raw file's times
+    /// are the image's, whatever the mount asks.
     static let ignored: Set<String> = ["defaults", "auto", "noauto", "user", "users", "nouser", "owner", "group",
-                                       "nofail", "_netdev", "rw", "loud", "silent"]
+                                       "nofail", "_netdev", "rw", "loud", "silent",
+                                       "relatime", "norelatime", "strictatime", "nostrictatime", "lazytime", "nolazytime",
+                                       "diratime", "nodiratime", "iversion", "noiversion"]
 
     /// Splits `a,b="c,d",e` on the commas outside double quotes (libmount's quoting), and
     /// drops the quotes.

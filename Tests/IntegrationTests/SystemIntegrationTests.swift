@@ -88,7 +88,7 @@ final class SystemIntegrationTests: XCTestCase {
         try Harness.run(["qemu-io", "-c", "write -P 0x22 0 1M", img])
         let log = s.path("requests.log")
         let r = try Harness.run([Harness.rawmount, img, s.mnt, "-o",
-                                 "snapshot=before,log=\(log),uid=7,gid=8,umask=077,nofail,_netdev,x-gvfs-show,dev,suid,defaults"])
+                                 "snapshot=before,log=\(log),uid=7,gid=8,umask=077,nofail,_netdev,x-gvfs-show,dev,suid,defaults,relatime,nodiratime,noexec,nosuid,nodev"])
         XCTAssertEqual(r.out, "\(s.mnt)/snap.raw\n", "mount prints the file it shows")
         try s.forgetMount(s.mnt)
         let oracle = s.path("before.raw")
