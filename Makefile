@@ -4,7 +4,7 @@
 SWIFT ?= swift
 DEBUG_BIN := .build/debug/rawmount
 RELEASE_BIN := .build/release/rawmount
-APT_PACKAGES := libfuse3-dev fuse3 pkg-config zlib1g-dev libdeflate-dev libzstd-dev qemu-utils qemu-system-common fio e2fsprogs util-linux fdisk sleuthkit bximage python3 libvmdk-utils libqcow-utils libnbd-bin man-db
+APT_PACKAGES := libfuse3-dev fuse3 pkg-config zlib1g-dev libdeflate-dev libzstd-dev qemu-utils qemu-system-common fio e2fsprogs util-linux fdisk sleuthkit bximage python3 libvmdk-utils libqcow-utils libnbd-bin man-db nbdkit nbdkit-plugin-dev
 
 # `make install [PREFIX=/usr/local] [DESTDIR=] [BIN=path]`: the binary (release build unless
 # BIN names one) where mount(8)'s helpers find it (mount.fuse3 runs it with the shell's
@@ -14,6 +14,7 @@ DESTDIR ?=
 BIN ?=
 INSTALL_BIN := $(if $(BIN),$(BIN),$(RELEASE_BIN))
 BINDIR := $(DESTDIR)$(PREFIX)/bin
+LIBDIR := $(DESTDIR)$(PREFIX)/lib/rawmount
 MANDIR := $(DESTDIR)$(PREFIX)/share/man/man1
 BASHDIR := $(DESTDIR)$(PREFIX)/share/bash-completion/completions
 ZSHDIR := $(DESTDIR)$(PREFIX)/share/zsh/site-functions
@@ -54,6 +55,7 @@ bench: release
 	RAWMOUNT=$(RELEASE_BIN) python3 scripts/bench.py
 	RAWMOUNT=$(RELEASE_BIN) python3 scripts/hashbench.py
 	RAWMOUNT=$(RELEASE_BIN) python3 scripts/convertbench.py
+	RAWMOUNT=$(RELEASE_BIN) python3 scripts/nbdbench.py
 	RAWMOUNT=$(RELEASE_BIN) python3 scripts/scale.py
 
 # kill -9 campaigns (CRASH_ROUNDS per format, default 20); prints the table.
@@ -67,15 +69,17 @@ man: $(if $(BIN),deps,release) man-tool
 
 install: man
 	install -D -m 0755 $(INSTALL_BIN) $(BINDIR)/rawmount
+	install -D -m 0644 $(dir $(INSTALL_BIN))librawmount-nbdkit.so $(LIBDIR)/librawmount-nbdkit.so
 	install -D -m 0644 .build/man/rawmount.1 $(MANDIR)/rawmount.1
 	mkdir -p $(BASHDIR) $(ZSHDIR) $(FISHDIR)
 	$(INSTALL_BIN) --generate-completion-script bash > $(BASHDIR)/rawmount
 	$(INSTALL_BIN) --generate-completion-script zsh > $(ZSHDIR)/_rawmount
 	$(INSTALL_BIN) --generate-completion-script fish > $(FISHDIR)/rawmount.fish
-	@echo "installed $(BINDIR)/rawmount, $(MANDIR)/rawmount.1 and bash/zsh/fish completions"
+	@echo "installed $(BINDIR)/rawmount, the nbdkit plugin $(LIBDIR)/librawmount-nbdkit.so, $(MANDIR)/rawmount.1 and bash/zsh/fish completions"
 
 uninstall:
-	rm -f $(BINDIR)/rawmount $(MANDIR)/rawmount.1 $(BASHDIR)/rawmount $(ZSHDIR)/_rawmount $(FISHDIR)/rawmount.fish
+	rm -f $(BINDIR)/rawmount $(LIBDIR)/librawmount-nbdkit.so $(MANDIR)/rawmount.1 $(BASHDIR)/rawmount $(ZSHDIR)/_rawmount $(FISHDIR)/rawmount.fish
+	-rmdir $(LIBDIR) 2>/dev/null
 
 clean:
 	rm -rf .build

@@ -6,6 +6,8 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .executable(name: "rawmount", targets: ["rawmount"]),
+        // nbdkit loads it: nbdkit .build/release/librawmount-nbdkit.so image=disk.vmdk
+        .library(name: "rawmount-nbdkit", type: .dynamic, targets: ["NbdkitPlugin"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -21,12 +23,16 @@ let package = Package(
         // libdeflate: the fast whole-cluster inflate; zlib stays the fallback and the reference.
         .systemLibrary(name: "CDeflate", path: "Modules/CDeflate", pkgConfig: "libdeflate", providers: [.apt(["libdeflate-dev"])]),
         .systemLibrary(name: "CZstd", path: "Modules/CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
+        // nbdkit's plugin header (no library: nbdkit provides the symbols when it loads us).
+        .systemLibrary(name: "CNbdkit", path: "Modules/CNbdkit", pkgConfig: "nbdkit", providers: [.apt(["nbdkit-plugin-dev"])]),
         // Shared engine: file I/O, errors, mappings, table cache, allocator, locking.
         .target(name: "BlockEngine"),
         // Format probes and drivers, one folder per format.
         .target(name: "ImageFormats", dependencies: ["BlockEngine", "CDeflate", "CZlib", "CZstd"]),
         // libfuse3 low-level adapter: knows block devices, not formats.
         .target(name: "FuseAdapter", dependencies: ["CFuse3", "BlockEngine"]),
+        // The nbdkit plugin over the engine: NBD for any image, with no protocol code of ours.
+        .target(name: "NbdkitPlugin", dependencies: ["CNbdkit", "BlockEngine", "ImageFormats"]),
         .executableTarget(name: "rawmount", dependencies: [
             "FuseAdapter", "ImageFormats", "BlockEngine",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),

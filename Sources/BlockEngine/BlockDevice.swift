@@ -356,7 +356,11 @@ public final class BlockDevice: Sendable {
     // MARK: zeroing
 
     /// PUNCH_HOLE / ZERO_RANGE: afterwards the range reads as zeros, or this throws.
-    public func zero(at offset: UInt64, length: UInt64, deallocate: Bool) throws {
+    /// `fast`: only what the format zeroes in its metadata (NBD's FAST_ZERO); where zeros
+    /// would have to be written it throws `.unsupported` (EOPNOTSUPP) and the caller writes
+    /// them itself. What was zeroed before that stays zeroed, which the caller's fallback
+    /// rewrites anyway.
+    public func zero(at offset: UInt64, length: UInt64, deallocate: Bool, fast: Bool = false) throws {
         guard driver.isWritable else { throw BlockError.readOnly(file: driver.file.path) }
         guard offset <= virtualSize, length <= virtualSize - offset else {
             throw BlockError.outOfRange(offset: offset, length: length, size: virtualSize)
@@ -376,6 +380,7 @@ public final class BlockDevice: Sendable {
             if let busy { busy.done.wait(); continue }  // a fill there is being linked first
             if done.length > 0 && done.offset == pos { pos += done.length; continue }
             // The driver handles nothing at `pos` (partial cluster): write zeros up to what it can take.
+            if fast { throw BlockError.unsupported(file: driver.file.path, feature: "fast zeroing of \(end - pos) bytes at \(pos)") }
             let stop = done.length > 0 ? done.offset : pos + RangeWalk.toClusterEnd(pos, clusterSize: clusterSize, maxLength: end - pos)
             try writeZeros(at: pos, length: stop - pos)
             pos = stop

@@ -13,13 +13,13 @@ final class SystemIntegrationTests: XCTestCase {
         let root = Harness.packageRoot.path
         try Harness.run(["make", "-s", "-C", root, "install", "DESTDIR=\(stage)", "PREFIX=/usr/local", "BIN=\(Harness.rawmount)"])
         let prefix = stage + "/usr/local"
-        let installed = ["bin/rawmount", "share/man/man1/rawmount.1", "share/bash-completion/completions/rawmount",
+        let installed = ["bin/rawmount", "lib/rawmount/librawmount-nbdkit.so", "share/man/man1/rawmount.1", "share/bash-completion/completions/rawmount",
                          "share/zsh/site-functions/_rawmount", "share/fish/vendor_completions.d/rawmount.fish"]
         for f in installed { XCTAssertTrue(FileManager.default.fileExists(atPath: prefix + "/" + f), f) }
 
         // The manual covers every verb and the options mount(8) users need.
         let manual = try Harness.run(["env", "MANWIDTH=200", "man", "-l", prefix + "/share/man/man1/rawmount.1"]).out
-        for verb in ["mount", "unmount", "list", "info", "create", "check", "bitmap", "hash"] {
+        for verb in ["mount", "unmount", "list", "info", "create", "check", "bitmap", "hash", "map", "convert", "serve"] {
             XCTAssertTrue(manual.contains("     \(verb)"), "man page lacks the verb \(verb)")
         }
         for option in ["--overlay", "--force-share", "uid=", "umask=", "nofail", "--quiet", "--verbose"] {
@@ -72,6 +72,12 @@ final class SystemIntegrationTests: XCTestCase {
         XCTAssertTrue(out.contains("\n0\n"), "unmount by the raw file's path left a mount: \(out)")
         XCTAssertTrue(out.contains("wrong format refused") && out.contains("disk.vmdk"), out)
         XCTAssertFalse(try Harness.run(["mountpoint", "-q", s.mnt], check: false).status == 0)
+
+        // The installed binary finds the installed nbdkit plugin (../lib/rawmount).
+        try Harness.tool("nbdkit")
+        let server = try NbdServeTests.Server(["--read-only", "--unix", s.path("inst.sock"), img], binary: prefix + "/bin/rawmount")
+        XCTAssertTrue(try Harness.run(["nbdinfo", "--size", server.uri]).out.hasPrefix("67108864"))
+        XCTAssertEqual(server.stop(), 0)
 
         try Harness.run(["make", "-s", "-C", root, "uninstall", "DESTDIR=\(stage)", "PREFIX=/usr/local"])
         for f in installed { XCTAssertFalse(FileManager.default.fileExists(atPath: prefix + "/" + f), "uninstall left \(f)") }
