@@ -191,6 +191,16 @@ final class NbdServeTests: XCTestCase {
         try s.unmount()
         XCTAssertEqual(server.stop(), 0)
         XCTAssertEqual(try Files.sha(img), sha)
+        // TLS with a pre-shared key: a client with the key reads, one without is refused.
+        let psk = s.path("keys.psk")
+        try "alice:\((0..<32).map { String(format: "%02x", ($0 * 37 + 11) & 0xff) }.joined())\n".write(toFile: psk, atomically: true, encoding: .utf8)
+        let tlsSock = s.path("tls.sock")
+        let tls = try Server(["--read-only", "--unix", tlsSock, "--tls", "require", "--tls-psk", psk, img])
+        XCTAssertEqual(tls.uri, "nbds+unix:///?socket=\(tlsSock)")
+        let keyed = "nbds+unix://alice@/?socket=\(tlsSock)&tls-psk-file=\(psk)"
+        XCTAssertEqual(try Harness.run(["nbdinfo", "--size", keyed]).out, "33554432\n")
+        XCTAssertNotEqual(try Harness.run(["nbdinfo", "--size", "nbd+unix:///?socket=\(tlsSock)"], check: false).status, 0)
+        XCTAssertEqual(tls.stop(), 0)
         // A bad image: serve fails naming it, and prints no URI.
         let bad = s.path("bad.qcow2")
         try Data(repeating: 0x51, count: 4096).write(to: URL(fileURLWithPath: bad))
