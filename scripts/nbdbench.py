@@ -61,7 +61,8 @@ def fio(uri, name, rw, bs, jobs):
     args = ["fio", f"--name={name}", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
             f"--numjobs={jobs}", "--iodepth=1", "--group_reporting", "--output-format=json", "--gtod_reduce=1",
             f"--size={MB}M", f"--runtime={RUNTIME}", "--time_based"]
-    out = json.loads(sh(*args).stdout)
+    text = sh(*args).stdout
+    out = json.loads(text[text.index("{"):])  # the nbd engine prints "connected" first
     return out["jobs"][0]["read"]["bw_bytes"]
 
 
