@@ -83,7 +83,13 @@ struct CheckCommand: ParsableCommand {
             if repair && header.incompatible & QCOW2Header.incompatibleDataFile != 0 {
                 throw BlockError.unsupported(file: image, feature: "repairing a qcow2 with an external data file")
             }
-            let report = try QCOW2Check.run(file: file, header: header, repair: repair)
+            // L2 tables read, on a terminal (stdout too: a script's pipe gets no progress).
+            var bar: Progress?
+            let report = try QCOW2Check.run(file: file, header: header, repair: repair) { done, total in
+                if bar == nil { bar = Progress(total: total, enabled: isatty(STDERR_FILENO) == 1 && isatty(STDOUT_FILENO) == 1 && output == "human") }
+                bar?.show(done)
+            }
+            bar?.finish()
             if repair, report.corruptions == 0, report.leakedClusters == 0 {
                 // Consistent again: a dirty (lazy refcounts) or corrupt mark no longer applies.
                 let clean = header.incompatible & ~(QCOW2Header.incompatibleDirty | QCOW2Header.incompatibleCorrupt)

@@ -134,6 +134,41 @@ final class SystemIntegrationTests: XCTestCase {
         XCTAssertTrue(cleared.err.contains("had already exited"), cleared.err)
     }
 
+    /// In the foreground, the server says what it serves and reports each failed request on
+    /// its terminal, without --log.
+    func testForegroundServerSaysWhatItServesAndReportsFailedRequests() throws {
+        let s = try Scratch()
+        let img = s.path("cut.qcow2")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", img, "16M"])
+        try Harness.run(["qemu-io", "-c", "write -P 0x33 0 64k", "-c", "write -P 0x44 8M 64k", img])
+        // Make the L2 entry of guest offset 8M point at an unaligned offset: reading there
+        // fails with EIO, the rest reads.
+        let bytes = try Files.read(img)
+        let be64 = { (o: Int) in bytes.subdata(in: o..<o + 8).reduce(UInt64(0)) { $0 << 8 | UInt64($1) } }
+        let l2 = be64(Int(be64(40))) & 0x00ff_ffff_ffff_fe00
+        try Files.pwrite(img, (0..<8).map { UInt8(truncatingIfNeeded: (UInt64(1) << 63 | 0x50200) >> (56 - 8 * UInt64($0))) }, at: l2 + 128 * 8)
+        let server = Process()
+        server.executableURL = URL(fileURLWithPath: Harness.rawmount)
+        server.arguments = ["mount", "--foreground", "-r", img, s.mnt]
+        let out = Pipe(), err = Pipe()
+        server.standardOutput = out
+        server.standardError = err
+        try server.run()
+        let first = String(decoding: out.fileHandleForReading.availableData, as: UTF8.self)
+        XCTAssertEqual(first, "serving \(img) at \(s.mnt)/cut.raw\n")
+        let fd = open(s.mnt + "/cut.raw", O_RDONLY | 0o40000)  // O_DIRECT: past the page cache
+        let buf = UnsafeMutableRawPointer.allocate(byteCount: 65536, alignment: 4096)
+        defer { buf.deallocate() }
+        XCTAssertEqual(pread(fd, buf, 65536, 0), 65536)
+        XCTAssertEqual(pread(fd, buf, 65536, 8 << 20), -1)
+        XCTAssertEqual(errno, EIO)
+        close(fd)
+        try Harness.run([Harness.rawmount, "unmount", s.mnt])
+        server.waitUntilExit()
+        let log = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        XCTAssertTrue(log.contains("rawmount: read") && log.contains("at 8388608") && log.contains("cut.qcow2"), log)
+    }
+
     /// Who holds an image or a mount is named, not guessed.
     func testLockRefusalAndBusyUnmountNameTheHolder() throws {
         let s = try Scratch()

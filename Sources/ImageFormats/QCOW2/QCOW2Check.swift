@@ -67,8 +67,11 @@ final class ReferenceCounts: @unchecked Sendable {  // used by one thread
 public enum QCOW2Check {
     static let l1Mask: UInt64 = 0x00FF_FFFF_FFFF_FE00
 
-    public static func run(file: ImageFile, header h: QCOW2Header, repair: Bool) throws -> QCOW2CheckReport {
-        var report = try walk(file: file, header: h, repair: repair)
+    /// `progress(done, total)`: bytes of L2 tables read so far, of all there are (the check's
+    /// cost on a large image), for a progress line on a terminal.
+    public static func run(file: ImageFile, header h: QCOW2Header, repair: Bool,
+                           progress: ((UInt64, UInt64) -> Void)? = nil) throws -> QCOW2CheckReport {
+        var report = try walk(file: file, header: h, repair: repair, progress: progress)
         guard repair, report.refcountErrors + report.copiedErrors + report.leakedClusters > 0 else { return report }
         let again = try walk(file: file, header: h, repair: false)
         report.invalidEntries = again.invalidEntries
@@ -79,7 +82,8 @@ public enum QCOW2Check {
         return report
     }
 
-    private static func walk(file: ImageFile, header h: QCOW2Header, repair: Bool) throws -> QCOW2CheckReport {
+    private static func walk(file: ImageFile, header h: QCOW2Header, repair: Bool,
+                             progress: ((UInt64, UInt64) -> Void)? = nil) throws -> QCOW2CheckReport {
         var report = QCOW2CheckReport()
         let cs = h.clusterSize
         let fileSize = try file.size()
@@ -119,7 +123,11 @@ public enum QCOW2Check {
             }
         }
         func walkL2Tables() throws {
+            let total = UInt64(l2References.count) * cs
+            var done: UInt64 = 0
             for (t, r) in l2References.sorted(by: { $0.key < $1.key }) {
+                done += cs
+                progress?(done, total)
                 weight = r.count
                 defer { weight = 1 }
                 guard try addRange(t, cs, "\(r.name) L2 table") else { continue }
