@@ -55,9 +55,14 @@ struct ConvertCommand: ParsableCommand {
             guard cache == "unsafe" || cache == "writeback" else { throw BlockError.usage("-t \(cache): unsafe or writeback") }
             let src = try ImageOpener.open(path: source, options: .init(writable: false, format: fmt, lock: !forceShare, snapshot: snapshot))
             defer { try? src.close() }
-            try replaceDestination(sourceChain: src)
             var create = try CreateCommand.parse(["-f", out, "-q"] + creationOptions.flatMap { ["-o", $0] } + [destination, String(src.virtualSize)])
             try create.applyCreationOptions()
+            // A streamOptimized VMDK is written once, in order, compressed: not through the
+            // engine, which writes in place. Refused before anything is created.
+            if out == "vmdk" && create.subformat == "streamOptimized" {
+                throw BlockError.unsupported(file: destination, feature: "writing a streamOptimized VMDK (convert to monolithicSparse, or use qemu-img convert -o subformat=streamOptimized)")
+            }
+            try replaceDestination(sourceChain: src)
             try create.createImage()
             ImageFile.syncDisabled.store(cache == "unsafe", ordering: .relaxed)
             let dst = try ImageOpener.open(path: destination, options: .init(writable: true, format: ImageFormat(rawValue: out), lock: true))
