@@ -44,10 +44,7 @@ struct ConvertCommand: ParsableCommand {
 
     func run() throws {
         do {
-            let fmt = try format.map { f in
-                guard let known = ImageFormat(rawValue: f.lowercased()) else { throw BlockError.usage("unknown format '\(f)'") }
-                return known
-            }
+            let fmt = try parseFormat(format)
             let out = outputFormat.lowercased()
             guard ["raw", "qcow2", "qed", "vdi", "vmdk"].contains(out) else {
                 throw BlockError.usage("-O \(outputFormat): rawmount converts to raw, qcow2, qed, vdi or vmdk")

@@ -131,10 +131,7 @@ struct CreateCommand: ParsableCommand {
         do {
             // As qemu-img does, the backing image is opened: a typo fails now, not at first mount.
             let parent = try backing.map { name in
-                let fmt = try backingFormat.map { f in
-                    guard let known = ImageFormat(rawValue: f.lowercased()) else { throw BlockError.usage("unknown backing format '\(f)'") }
-                    return known
-                }
+                let fmt = try parseFormat(backingFormat, what: "backing format")
                 do {
                     return try ImageOpener.open(path: PathName.resolve(name, relativeTo: image), options: .init(writable: false, format: fmt, lock: false))
                 } catch let e as BlockError where e.isFileNotFound {
@@ -168,10 +165,8 @@ struct CreateCommand: ParsableCommand {
                 }
                 if o.preallocateMetadata && backing != nil { throw BlockError.usage("--preallocation metadata and --backing do not go together (as in qemu-img)") }
                 o.backing = backing
-                o.backingFormat = try backingFormat.map { f in
-                    guard let known = ImageFormat(rawValue: f.lowercased()) else { throw BlockError.usage("unknown backing format '\(f)'") }
-                    return known.rawValue
-                } ?? (backing != nil ? parent.map { $0.driver.info.format } : nil)
+                o.backingFormat = try parseFormat(backingFormat, what: "backing format")?.rawValue
+                    ?? (backing != nil ? parent.map { $0.driver.info.format } : nil)
                 try QCOW2Create.create(path: image, size: bytes, options: o)
             case "qed":
                 let cs = try clusterSize.map(parseSize) ?? 65536

@@ -63,8 +63,7 @@ struct HashCommand: ParsableCommand {
                 checked = algorithms.first { $0.hexLength == expected.count }
                 if checked == nil { throw BlockError.usage("--verify: a \(expected.count)-digit digest matches none of the algorithms asked for") }
             }
-            let fmt = format.flatMap { ImageFormat(rawValue: $0.lowercased()) }
-            if let format, fmt == nil { throw BlockError.usage("unknown format '\(format)'") }
+            let fmt = try parseFormat(format)
             let device = try ImageOpener.open(path: image, options: .init(writable: false, format: fmt, lock: !forceShare))
             defer { try? device.close() }
             var start: UInt64 = 0, length = device.virtualSize

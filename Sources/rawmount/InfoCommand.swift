@@ -24,8 +24,7 @@ struct InfoCommand: ParsableCommand {
 
     func run() throws {
         do {
-            let fmt = format.flatMap { ImageFormat(rawValue: $0.lowercased()) }
-            if let format, fmt == nil { throw BlockError.usage("unknown format '\(format)'") }
+            let fmt = try parseFormat(format)
             // Like `qemu-img info -U`: no lock, so it works on a mounted image.
             let device = try ImageOpener.open(path: image, options: .init(writable: false, format: fmt, lock: false))
             var chain: [BlockDevice] = []

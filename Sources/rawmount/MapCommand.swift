@@ -26,10 +26,7 @@ struct MapCommand: ParsableCommand {
     func run() throws {
         do {
             guard output == "human" || output == "json" else { throw BlockError.usage("--output \(output): human or json") }
-            let fmt = try format.map { f in
-                guard let known = ImageFormat(rawValue: f.lowercased()) else { throw BlockError.usage("unknown format '\(f)'") }
-                return known
-            }
+            let fmt = try parseFormat(format)
             // Like `qemu-img map -U`: no lock, so a mounted image can be mapped.
             let device = try ImageOpener.open(path: image, options: .init(writable: false, format: fmt, lock: false))
             defer { try? device.close() }

@@ -1,4 +1,5 @@
 import BlockEngine
+import ImageFormats
 
 /// Sizes as qemu-img reads them: a number with an optional fraction, then one of
 /// b, k, M, G, T, P, E (any case; powers of 1024) or the same as KiB, MiB, ... A fraction
@@ -28,4 +29,14 @@ func parseSize(_ text: String) throws -> UInt64 {
     let (total, over) = scaled.addingReportingOverflow(fraction)
     guard !over else { throw bad }
     return total
+}
+
+/// `-f NAME` (any case) as a format; nil when not given, a usage error naming the known
+/// formats when unknown. `what` says which option it was ("format", "backing format").
+func parseFormat(_ name: String?, what: String = "format") throws -> ImageFormat? {
+    guard let name else { return nil }
+    guard let known = ImageFormat(rawValue: name.lowercased()) else {
+        throw BlockError.usage("unknown \(what) '\(name)' (known: \(ImageFormat.allCases.map(\.rawValue).joined(separator: ", ")))")
+    }
+    return known
 }
