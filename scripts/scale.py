@@ -11,6 +11,7 @@ extent, the server's RSS after the walk, and `rawmount info` next to `qemu-img i
   SCALE_FORMATS=qcow2,vdi SCALE_CASES=one   select what runs
 """
 import os
+import struct
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,9 @@ FORMATS = {
     "vmdk": ("vmdk", [], 8 * TIB),
     "vmdk-split": ("vmdk", ["-o", "subformat=twoGbMaxExtentSparse"], 8 * TIB),  # 4096 extent files
     "vmdk-stream": ("vmdk", ["-o", "subformat=streamOptimized"], 8 * TIB),
+    # Bochs growing redolog at its maximum (1 Mi catalog entries of 8 MiB extents = 8 TiB);
+    # written here (bximage would read all 8 TiB of the source). QEMU reads it too.
+    "bochs": ("bochs", [], 8 * TIB),
 }
 SELECTED = os.environ.get("SCALE_FORMATS", ",".join(FORMATS)).split(",")
 CASES = os.environ.get("SCALE_CASES", "one,scattered,read").split(",")
@@ -59,11 +63,56 @@ def make_source(work, size, case, pieces):
     return src
 
 
+def bochs_growing(path, size, pieces):
+    """A Bochs growing redolog (version 2) holding `pieces`: (offset, bytes) pairs, each inside
+    one extent; extents get slots in the order first written, as Bochs allocates them."""
+    extent, bitmap = 8 << 20, 2048          # 16384 sectors per extent: 2048 bitmap bytes
+    catalog = size // extent
+    slot_bytes = bitmap + extent            # bitmap is 4 whole sectors, then the data
+    slots_at = 512 + catalog * 4
+    header = bytearray(512)
+    header[0:22] = b"Bochs Virtual HD Image"
+    header[32:39] = b"Redolog"
+    header[48:55] = b"Growing"
+    struct.pack_into("<IIIII", header, 64, 0x00020000, 512, catalog, bitmap, extent)
+    struct.pack_into("<Q", header, 88, size)
+    table = bytearray(b"\xff" * (catalog * 4))
+    slots = {}
+    with open(path, "w+b") as f:
+        for offset, data in pieces:
+            e = offset // extent
+            if e not in slots:
+                slots[e] = len(slots)
+                struct.pack_into("<I", table, e * 4, slots[e])
+            base = slots_at + slots[e] * slot_bytes
+            first = (offset % extent) // 512
+            bits = bytearray(bitmap)
+            f.seek(base)
+            bits[:] = f.read(bitmap).ljust(bitmap, b"\0")
+            for sector in range(first, first + len(data) // 512):
+                bits[sector // 8] |= 1 << (sector % 8)
+            f.seek(base)
+            f.write(bits)
+            f.seek(base + bitmap + offset % extent)
+            f.write(data)
+        # Bochs writes an extent's last sector when it allocates one, so every slot is whole.
+        f.truncate(slots_at + len(slots) * slot_bytes)
+        f.seek(0)
+        f.write(header)
+        f.write(table)
+
+
 def make_image(work, name, case):
     driver, opts, size = FORMATS[name]
     pieces = PIECES.get(name, 16384)
-    src = make_source(work, size, case, pieces)
     img = os.path.join(work, f"{name}-{case}.{driver}")
+    if name == "bochs":
+        if case == "one":
+            bochs_growing(img, size, [(size // 2, os.urandom(1 << 20))])
+        else:
+            bochs_growing(img, size, [(k * STRIDE, os.urandom(4096)) for k in range(pieces)])
+        return img, driver, size
+    src = make_source(work, size, case, pieces)
     if name == "raw":
         sh("cp", "--sparse=always", src, img)
     else:
