@@ -26,6 +26,29 @@ public struct FlatTable: Sendable {
 }
 
 extension FlatTable {
+    /// How many entries from `i` on (at most `limit`, never past the table) equal `value`,
+    /// scanned a cached chunk at a time: a run of unallocated catalog entries is passed with
+    /// one lock and one lookup per chunk instead of one per entry.
+    public func run(of value: UInt64, from i: UInt64, limit: UInt64) throws -> UInt64 {
+        let limit = min(limit, entries > i ? entries - i : 0)
+        let width = UInt64(cache.encoding.width)
+        var n: UInt64 = 0
+        while n < limit {
+            let index = i + n
+            let chunk = index / perChunk * perChunk
+            let differs = try cache.withEntries(table: start + chunk * width) { view -> Bool in
+                var k = Int(index - chunk)
+                while k < Int(perChunk) && n < limit {
+                    if view[k] != value { return true }
+                    n += 1; k += 1
+                }
+                return false
+            }
+            if differs { break }
+        }
+        return n
+    }
+
     /// Calls `body(index, entry)` for entries `0..<count` of the array at `start`, read 1 MiB
     /// at a time without caching them: one pass over a whole L1, grain directory or block
     /// map at open or check time. Stops quietly where the file ends (`fileSize`); entries

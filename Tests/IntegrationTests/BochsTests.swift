@@ -56,6 +56,28 @@ final class BochsTests: XCTestCase {
         XCTAssertTrue(info.contains("extent size: 16384") && info.contains("catalog entries: 1024") && info.contains("allocated extents"), info)
     }
 
+    /// Runs of unallocated extents and of like bitmap words are passed whole; what they
+    /// report must still be exact: data where the pieces are, nothing else (and QEMU's bytes).
+    func testAllocationOfAGrowingImageIsExactAcrossRunsAndWords() throws {
+        let s = try Scratch()
+        let img = s.path("runs.img")
+        // 64 MiB: extents 0, 2 and 7 hold pieces (one crossing a 32-sector bitmap word), the rest are holes.
+        let pieces = [(0, 4096), (2 * 8 << 20 | 12288, 65536), (7 * 8 << 20 | 8 << 19, 512)]
+        let list = pieces.map { "(\($0.0), b'\\x5a' * \($0.1))" }.joined(separator: ", ")
+        try Harness.run(["python3", "-c", "import sys; sys.path.insert(0, '\(Harness.packageRoot.path)/scripts'); import scale; "
+                         + "scale.bochs_growing('\(img)', 64 << 20, [\(list)])"])
+        XCTAssertTrue(try Files.read(img).count > 0)
+        let rows = try JSONSerialization.jsonObject(with: Data(try Harness.run([Harness.rawmount, "map", "--output=json", img]).out.utf8)) as? [[String: Any]] ?? []
+        let data = rows.filter { $0["data"] as? Bool == true }.map { [$0["start"] as! Int, $0["length"] as! Int] }
+        XCTAssertEqual(data, pieces.map { [$0.0, $0.1] })
+        XCTAssertEqual(rows.reduce(0) { $0 + ($1["length"] as! Int) }, 64 << 20)
+        let converted = s.path("runs.raw")
+        try Harness.run([Harness.rawmount, "convert", img, converted])
+        XCTAssertTrue(try Files.read(converted) == (try s.qemuRaw(img)), "differs from qemu-img convert -f bochs")
+        let info = try Harness.run([Harness.rawmount, "info", img]).out
+        XCTAssertTrue(info.contains("allocated extents: 3"), info)
+    }
+
     func testBitmapDecidesWhatIsDataAndVersion1Reads() throws {
         let s = try Scratch()
         let (img, _) = try makeImage(s)

@@ -37,7 +37,9 @@ public final class BochsDriver: ImageDriver {
     /// Catalog entries that point at an extent slot (reads the whole catalog: for `info`).
     public func allocatedExtents() throws -> Int {
         var n = 0
-        for i in 0..<UInt64(header.catalog) where try catalogEntry(i) != UInt64(BochsHeader.unallocated) { n += 1 }
+        try FlatTable.forEachEntry(file, start: 512, count: UInt64(header.catalog), encoding: .u32LE, what: "Bochs catalog") { _, e in
+            if e != UInt64(BochsHeader.unallocated) { n += 1 }
+        }
         return n
     }
 
@@ -48,7 +50,12 @@ public final class BochsDriver: ImageDriver {
         let ei = offset / ext
         let end = min(offset + maxLength, (ei + 1) * ext)
         let slot = try catalogEntry(ei)
-        if slot == UInt64(BochsHeader.unallocated) { return absent(end - offset) }
+        if slot == UInt64(BochsHeader.unallocated) {
+            // The whole run of unallocated extents that follows, up to maxLength.
+            let wanted = (offset + maxLength + ext - 1) / ext - ei
+            let run = try catalog.run(of: UInt64(BochsHeader.unallocated), from: ei, limit: wanted)
+            return absent(min(offset + maxLength, (ei + max(run, 1)) * ext) - offset)
+        }
         let base = header.slotsOffset + slot * header.slotBytes
         guard slot < UInt64(header.catalog), base + header.slotBytes <= fileSize else {
             throw BlockError.invalid(file: file.path, field: "catalog entry \(ei)",
@@ -61,8 +68,14 @@ public final class BochsDriver: ImageDriver {
         return try bitmaps.withEntries(table: base) { words in
             func present(_ k: UInt64) -> Bool { (words[Int(k / 32)] >> (k % 32)) & 1 != 0 }
             let value = present(first)
+            let same: UInt64 = value ? 0xFFFF_FFFF : 0
             var k = first + 1
-            while k <= last && present(k) == value { k += 1 }
+            while k <= last {
+                // Whole words of like bits at a time: a mostly empty extent is 512 words, not 16384 bits.
+                if k % 32 == 0 && k + 31 <= last && words[Int(k / 32)] == same { k += 32; continue }
+                if present(k) != value { break }
+                k += 1
+            }
             let runEnd = min(end, (offset / ext) * ext + k * 512)
             return value ? .data(host: dataBase + offset % ext, length: runEnd - offset) : absent(runEnd - offset)
         }
