@@ -78,6 +78,26 @@ final class BochsTests: XCTestCase {
         XCTAssertTrue(info.contains("allocated extents: 3"), info)
     }
 
+    /// The same for a sparse image: runs of absent pages are passed whole, the pages that are
+    /// there are exactly the data, and the bytes are the pieces written.
+    func testAllocationOfASparseImageIsExactAcrossRunsOfAbsentPages() throws {
+        let s = try Scratch()
+        let img = s.path("runs-sparse.img")
+        let pieces = [(0, 4096), (5 << 20 | 4096, 8192), (63 << 20, 512)]  // pages 0, 5 and 63 of 1 MiB
+        let list = pieces.map { "(\($0.0), b'\\x6b' * \($0.1))" }.joined(separator: ", ")
+        try Harness.run(["python3", "-c", "import sys; sys.path.insert(0, '\(Harness.packageRoot.path)/scripts'); import scale; "
+                         + "scale.bochs_sparse('\(img)', 64 << 20, [\(list)])"])
+        let rows = try JSONSerialization.jsonObject(with: Data(try Harness.run([Harness.rawmount, "map", "--output=json", img]).out.utf8)) as? [[String: Any]] ?? []
+        let data = rows.filter { $0["data"] as? Bool == true }.map { [$0["start"] as! Int, $0["length"] as! Int] }
+        XCTAssertEqual(data, [[0, 1 << 20], [5 << 20, 1 << 20], [63 << 20, 1 << 20]])
+        XCTAssertEqual(rows.reduce(0) { $0 + ($1["length"] as! Int) }, 64 << 20)
+        let converted = s.path("runs-sparse.raw")
+        try Harness.run([Harness.rawmount, "convert", img, converted])
+        var expected = Data(count: 64 << 20)
+        for (offset, length) in pieces { expected.replaceSubrange(offset..<offset + length, with: Data(repeating: 0x6b, count: length)) }
+        XCTAssertTrue(try Files.read(converted) == expected, "the sparse image does not read as the pieces written")
+    }
+
     func testBitmapDecidesWhatIsDataAndVersion1Reads() throws {
         let s = try Scratch()
         let (img, _) = try makeImage(s)

@@ -54,6 +54,13 @@ public final class BochsSparseDriver: ImageDriver {
 
     public func map(_ offset: UInt64, maxLength: UInt64) throws -> Mapping {
         let size = UInt64(header.pageSize), end = offset + maxLength
+        // A run of pages not here is passed whole (the page table a cached chunk at a time):
+        // an 8 TiB image of 1 MiB pages has 8 Mi entries, and status walks cross them all.
+        let first = offset / size
+        if try pageTable.entry(first) == UInt64(BochsSparseHeader.notAllocated) {
+            let run = try pageTable.run(of: UInt64(BochsSparseHeader.notAllocated), from: first, limit: (end + size - 1) / size - first)
+            return .unallocated(length: min(end, (first + max(run, 1)) * size) - offset)
+        }
         return try Mapping.run(from: offset, to: end, maxUnits: Self.maxPagesPerMap) { pos in
             let page = pos / size
             return try mapPage(page, from: pos, to: min(end, (page + 1) * size))
