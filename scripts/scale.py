@@ -37,7 +37,12 @@ FORMATS = {
     # Bochs sparse (bximage -imgmode=sparse) of 8 TiB in 1 MiB pages: an 8 Mi-entry page
     # table. QEMU cannot read it (it probes as raw), so its columns show qsd on the file as raw.
     "bochs-sparse": ("raw", [], 8 * TIB),
+    # VMware COWD (ESX vmfsSparse delta) at its maximum: a 32-bit sector count, 2 TiB less
+    # 1 MiB, 8 KiB grains; qsd opens it through a vmfsSparse descriptor, as QEMU needs.
+    "cowd": ("vmdk", [], 2 * TIB - (1 << 20)),
 }
+# Images qemu-storage-daemon opens instead of the one rawmount mounts (a COWD's descriptor).
+QSD_IMAGE = {}
 SELECTED = os.environ.get("SCALE_FORMATS", ",".join(FORMATS)).split(",")
 CASES = os.environ.get("SCALE_CASES", "one,scattered,read").split(",")
 # "read": the server's RSS before and after one sequential read of a whole 4 GiB image of
@@ -49,6 +54,11 @@ READ_GIB = int(os.environ.get("SCALE_READ_GIB", "4"))
 # otherwise need 16 GiB of host disk).
 PIECES = {"vdi": 4096}
 STRIDE = 2 << 20
+
+
+def human(n):
+    """8 TiB, or 2047.999 GiB for a size that is not whole TiB (COWD's maximum)."""
+    return f"{n // TIB} TiB" if n % TIB == 0 else f"{n / (1 << 30):.3f} GiB"
 
 
 def make_source(work, size, case, pieces):
@@ -128,10 +138,47 @@ def bochs_sparse(path, size, pieces, page=1 << 20):
         f.write(table)
 
 
+def cowd(path, size, pieces, grain_sectors=16):
+    """A bare COWD file holding `pieces` ((offset, bytes) inside one grain each), with its grain
+    tables preallocated as ESX does (left as holes where nothing points) and grains appended in
+    the order first written; plus a vmfsSparse descriptor for QEMU, returned."""
+    sectors, grain = size // 512, grain_sectors * 512
+    gd_entries = (sectors // grain_sectors + 4095) // 4096
+    gd_sectors = (gd_entries * 4 + 511) // 512
+    gt_start = 4 + gd_sectors
+    next_sector = gt_start + gd_entries * 32
+    with open(path, "w+b") as f:
+        written = {}
+        for offset, data in pieces:
+            g = offset // grain
+            if g not in written:
+                written[g] = next_sector
+                next_sector += grain_sectors
+                f.seek((gt_start + (g // 4096) * 32) * 512 + (g % 4096) * 4)
+                f.write(struct.pack("<I", written[g]))
+            f.seek(written[g] * 512 + offset % grain)
+            f.write(data)
+        f.truncate(next_sector * 512)
+        f.seek(0)
+        f.write(struct.pack("<4sIIIIIII", b"COWD", 1, 3, sectors, grain_sectors, 4, gd_entries, next_sector).ljust(2048, b"\0"))
+        f.write(struct.pack("<%dI" % gd_entries, *(gt_start + i * 32 for i in range(gd_entries))))
+    desc = path + ".desc.vmdk"
+    with open(desc, "w") as d:
+        d.write('# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType="vmfsSparse"\n'
+                f'RW {sectors} VMFSSPARSE "{os.path.basename(path)}"\n')
+    return desc
+
+
 def make_image(work, name, case):
     driver, opts, size = FORMATS[name]
     pieces = PIECES.get(name, 16384)
     img = os.path.join(work, f"{name}-{case}.{driver}")
+    if name == "cowd":
+        where = [(size // 2, os.urandom(1 << 20))] if case == "one" else [(k * STRIDE, os.urandom(4096)) for k in range(pieces)]
+        # 1 MiB is 128 grains: split it so each piece lies inside one grain.
+        split = [(o + i, d[i:i + 8192]) for o, d in where for i in range(0, len(d), 8192)]
+        QSD_IMAGE[img] = cowd(img, size, split)
+        return img, "vmdk", size
     if name in ("bochs", "bochs-sparse"):
         write = bochs_growing if name == "bochs" else bochs_sparse
         if case == "one":
@@ -285,7 +332,7 @@ def main():
                 img, driver, size = make_image(work, name, case)
                 ours = measure_rawmount(img, driver, work)
                 # QEMU reads a Bochs sparse image only as raw (FORMATS names its driver).
-                theirs = measure_qsd(img, FORMATS[name][0] if name == "bochs-sparse" else driver, work)
+                theirs = measure_qsd(QSD_IMAGE.get(img, img), FORMATS[name][0] if name == "bochs-sparse" else driver, work)
                 rows.append((name, case, size, ours, theirs))
                 print(f"{name:12} {case:9} rawmount mount {ours['mount']*1000:6.0f} ms stat {ours['stat']*1000:7.1f} ms "
                       f"walk {ours['walk'][0]*1000:8.1f} ms ({ours['walk'][1]} extents) rss {ours['rss']:5.1f} MiB info {ours['info']*1000:6.0f} ms | "
@@ -306,8 +353,8 @@ def main():
     print("| format | size | data | mount ms (qsd) | stat ms (qsd) | SEEK walk ms (qsd) | extents (qsd) | st_blocks bytes (qsd) | RSS MiB (qsd) | info ms (qemu-img info) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, case, size, o, q in rows:
-        data = f"1 MiB at {size // 2 // TIB} TiB" if case == "one" else f"{PIECES.get(name, 16384)} x 4 KiB, 2 MiB apart"
-        print(f"| {name} | {size // TIB} TiB | {data} | {o['mount']*1000:.0f} ({q['mount']*1000:.0f}) | {o['stat']*1000:.1f} ({q['stat']*1000:.1f}) | "
+        data = f"1 MiB at {human(size // 2)}" if case == "one" else f"{PIECES.get(name, 16384)} x 4 KiB, 2 MiB apart"
+        print(f"| {name} | {human(size)} | {data} | {o['mount']*1000:.0f} ({q['mount']*1000:.0f}) | {o['stat']*1000:.1f} ({q['stat']*1000:.1f}) | "
               f"{o['walk'][0]*1000:.1f} ({q['walk'][0]*1000:.1f}) | {o['walk'][1]} ({q['walk'][1]}) | {o['blocks']} ({q['blocks']}) | "
               f"{o['rss']:.1f} ({q['rss']:.1f}) | {o['info']*1000:.0f} ({q['info']*1000:.0f}) |")
 
