@@ -16,6 +16,10 @@ final class ServedImage: Sendable {
         var readOnly = false
         var snapshot: String?
         var forceShare = false
+        /// Created once the image is open (`rawmount serve` waits for it: nbdkit writes its
+        /// pid file before the plugin opens the image, so that alone would announce a server
+        /// that may still fail).
+        var readyFile: String?
     }
 
     let settings = Mutex(Settings())
@@ -37,6 +41,7 @@ final class ServedImage: Sendable {
             case "readonly", "read-only": s.readOnly = try Self.bool(key, value)
             case "snapshot": s.snapshot = value
             case "force-share", "shared": s.forceShare = try Self.bool(key, value)
+            case "ready-file": s.readyFile = value
             default: throw BlockError.usage("unknown parameter \(key)=\(value) (image=, format=, readonly=, snapshot=, force-share=)")
             }
         }
@@ -67,6 +72,10 @@ final class ServedImage: Sendable {
             onNote: { note in Log.debug(note) }))
         opened.withLock { $0 = device }
         if device.isWritable { startWriteBack(device) }
+        if let ready = s.readyFile {
+            let fd = Glibc.open(ready, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0o600)
+            if fd >= 0 { Glibc.close(fd) }
+        }
     }
 
     /// At most a second after the disk last changed, tables are written back in the format's

@@ -73,7 +73,7 @@ struct ServeCommand: ParsableCommand {
             }
             let state = try Paths.stateDirectory() + "/serve-\(getpid())"
             mkdir(state, 0o700)
-            defer { unlink(state + "/nbdkit.pid"); rmdir(state) }
+            defer { unlink(state + "/nbdkit.pid"); unlink(state + "/ready"); rmdir(state) }
             var args = [nbdkit, "-f", "--exit-with-parent", "-P", state + "/nbdkit.pid"]
             if readOnly || snapshot != nil { args.append("-r") }
             let cores = Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))
@@ -89,14 +89,14 @@ struct ServeCommand: ParsableCommand {
             if let tlsCertificates { args.append("--tls-certificates=\(try Paths.asNamed(tlsCertificates))") }
             if let tlsPsk { args.append("--tls-psk=\(try Paths.asNamed(tlsPsk))") }
             if verbose { args.append("-v") }
-            args += [plugin, "image=\(imagePath)"]
+            args += [plugin, "image=\(imagePath)", "ready-file=\(state)/ready"]
             if let format { args.append("format=\(format)") }
             if readOnly || snapshot != nil { args.append("readonly=true") }
             if let snapshot { args.append("snapshot=\(snapshot)") }
             if forceShare { args.append("force-share=true") }
             let scheme = tls == "off" ? "nbd" : "nbds"
             let uri = socket.map { "\(scheme)+unix:///?socket=\($0)" } ?? "\(scheme)://\(bind ?? "localhost"):\(port ?? 10809)"
-            throw ExitCode(try Self.runServer(args, pidFile: state + "/nbdkit.pid", uri: uri, image: imagePath))
+            throw ExitCode(try Self.runServer(args, readyFile: state + "/ready", uri: uri, image: imagePath))
         } catch let e as ExitCode { throw e } catch {
             printError("rawmount: \(describe(error))")
             throw ExitCode.failure
@@ -146,10 +146,11 @@ struct ServeCommand: ParsableCommand {
         return nil
     }
 
-    /// Runs nbdkit in the foreground, prints the URI once its pid file says it listens, and
+    /// Runs nbdkit in the foreground, prints the URI once the plugin has opened the image
+    /// (nbdkit listens by then; its pid file comes earlier, before the image is open), and
     /// passes SIGINT/SIGTERM/SIGHUP on to it, so its shutdown (which flushes and closes the
     /// image) always runs; returns its exit status.
-    static func runServer(_ args: [String], pidFile: String, uri: String, image: String) throws -> Int32 {
+    static func runServer(_ args: [String], readyFile: String, uri: String, image: String) throws -> Int32 {
         var signals = sigset_t()
         sigemptyset(&signals)
         for s in [SIGINT, SIGTERM, SIGHUP] { sigaddset(&signals, s) }
@@ -185,7 +186,7 @@ struct ServeCommand: ParsableCommand {
                 if code != 0 { printError("rawmount: nbdkit exited with status \(code)\((status & 0x7f) == 9 ? " (killed: the image was not closed cleanly)" : "")") }
                 return code
             }
-            if !announced, access(pidFile, R_OK) == 0 {
+            if !announced, access(readyFile, F_OK) == 0 {
                 announced = true
                 print(uri)
                 fflush(nil)
