@@ -1,6 +1,7 @@
 import ArgumentParser
 import BlockEngine
 import ImageFormats
+import Dispatch
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -110,8 +111,7 @@ struct ConvertCommand: ParsableCommand {
 
 /// The copy itself: the source's data runs are read in large pieces and written to the
 /// destination through the engine, skipping every 4 KiB block that reads as zeros (the new
-/// image already reads as zeros there). A reader thread keeps the next piece coming while
-/// the current one is written.
+/// image already reads as zeros there).
 struct ImageCopy {
     let source: BlockDevice
     let destination: BlockDevice
@@ -136,13 +136,19 @@ struct ImageCopy {
             }
             pos += s.length
         }
-        let buffers = [UnsafeMutableRawBufferPointer.allocate(byteCount: Self.piece, alignment: 4096),
-                       UnsafeMutableRawBufferPointer.allocate(byteCount: Self.piece, alignment: 4096)]
-        defer { for b in buffers { b.deallocate() } }
-        let reader = PieceReader(source: source, runs: runs, buffers: buffers)
-        defer { reader.stop() }
+        let pieces = Pieces(source: source, runs: runs, size: Self.piece)
+        defer { pieces.deallocate() }
+        // Piece i+1 is read on a serial queue into the other buffer while piece i is written
+        // (the read-ahead DiskHasher uses).
+        let reader = DispatchQueue(label: "rawmount.convert-read")
+        let read = pieces.read
+        var current = runs.isEmpty ? nil : read(0)
         for (i, run) in runs.enumerated() {
-            let buf = try reader.take(i)
+            if let e = current?.error { throw e }
+            let group = DispatchGroup()
+            let box = Pieces.Box()
+            if i + 1 < runs.count { reader.async(group: group) { box.value = read(i + 1) } }
+            let buf = pieces.buffers[i % 2]
             totals.read += UInt64(run.length)
             var b = 0
             while b < run.length {
@@ -152,11 +158,14 @@ struct ImageCopy {
                 while b < run.length, !Self.isZero(buf, b, min(Self.block, run.length - b)) { b += Self.block }
                 let end = min(b, run.length)
                 if end > start {
-                    try destination.write(UnsafeRawBufferPointer(rebasing: buf[start..<end]), at: run.offset + UInt64(start))
+                    do {
+                        try destination.write(UnsafeRawBufferPointer(rebasing: buf[start..<end]), at: run.offset + UInt64(start))
+                    } catch { group.wait(); throw error }
                     totals.written += UInt64(end - start)
                 }
             }
-            reader.release(i)
+            group.wait()
+            current = box.value
             progress(run.offset + UInt64(run.length))
         }
         return totals
@@ -174,69 +183,24 @@ struct ImageCopy {
     }
 }
 
-/// Reads piece i+1 into the other buffer while piece i is written.
-final class PieceReader: @unchecked Sendable {
-    private let source: BlockDevice
-    private let runs: [(offset: UInt64, length: Int)]
-    private let buffers: [UnsafeMutableRawBufferPointer]
-    private var cond = pthread_cond_t(), lock = pthread_mutex_t()
-    private var ready = -1, freed = -1, failure: Error?, stopped = false
-    private var thread: pthread_t?
+/// The two piece buffers and the source, shared with the read-ahead queue.
+private final class Pieces: @unchecked Sendable {
+    final class Ahead: @unchecked Sendable { var error: (any Error)? }
+    final class Box: @unchecked Sendable { var value: Ahead? }
+    let source: BlockDevice
+    let runs: [(offset: UInt64, length: Int)]
+    let buffers: [UnsafeMutableRawBufferPointer]
 
-    init(source: BlockDevice, runs: [(offset: UInt64, length: Int)], buffers: [UnsafeMutableRawBufferPointer]) {
-        self.source = source; self.runs = runs; self.buffers = buffers
-        pthread_mutex_init(&lock, nil); pthread_cond_init(&cond, nil)
-        guard !runs.isEmpty else { return }
-        let me = Unmanaged.passRetained(self).toOpaque()
-        var t = pthread_t()
-        pthread_create(&t, nil, { arg in
-            let r = Unmanaged<PieceReader>.fromOpaque(arg!).takeRetainedValue()
-            r.loop()
-            return nil
-        }, me)
-        thread = t
+    init(source: BlockDevice, runs: [(offset: UInt64, length: Int)], size: Int) {
+        self.source = source; self.runs = runs
+        buffers = (0..<2).map { _ in UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: 4096) }
     }
 
-    private func loop() {
-        for i in runs.indices {
-            pthread_mutex_lock(&lock)
-            // Buffer i % 2 is free once piece i - 2 has been written.
-            while !stopped && freed < i - 2 { pthread_cond_wait(&cond, &lock) }
-            let stop = stopped
-            pthread_mutex_unlock(&lock)
-            if stop { return }
-            var err: Error?
-            do {
-                try source.read(into: UnsafeMutableRawBufferPointer(rebasing: buffers[i % 2][0..<runs[i].length]), at: runs[i].offset)
-            } catch { err = error }
-            pthread_mutex_lock(&lock)
-            if let err { failure = err } else { ready = i }
-            pthread_cond_broadcast(&cond)
-            pthread_mutex_unlock(&lock)
-            if err != nil { return }
-        }
+    @Sendable func read(_ i: Int) -> Ahead {
+        let a = Ahead()
+        do { try source.read(into: UnsafeMutableRawBufferPointer(rebasing: buffers[i % 2][0..<runs[i].length]), at: runs[i].offset) } catch { a.error = error }
+        return a
     }
 
-    func take(_ i: Int) throws -> UnsafeMutableRawBufferPointer {
-        pthread_mutex_lock(&lock)
-        defer { pthread_mutex_unlock(&lock) }
-        while ready < i && failure == nil { pthread_cond_wait(&cond, &lock) }
-        if ready < i, let failure { throw failure }
-        return buffers[i % 2]
-    }
-
-    func release(_ i: Int) {
-        pthread_mutex_lock(&lock)
-        freed = i
-        pthread_cond_broadcast(&cond)
-        pthread_mutex_unlock(&lock)
-    }
-
-    func stop() {
-        pthread_mutex_lock(&lock)
-        stopped = true
-        pthread_cond_broadcast(&cond)
-        pthread_mutex_unlock(&lock)
-        if let thread { pthread_join(thread, nil) }
-    }
+    func deallocate() { for b in buffers { b.deallocate() } }
 }
