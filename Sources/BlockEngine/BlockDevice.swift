@@ -481,18 +481,10 @@ public final class BlockDevice: Sendable {
 
     private func walkAllocated(from start: UInt64, to end: UInt64, budget: WorkBudget) throws -> UInt64? {
         var budget = budget
-        var pos = start, total: UInt64 = 0
-        while pos < end {
-            guard budget.spend() else { return nil }
-            let m = try driver.status(pos, maxLength: end - pos)
-            let n = min(max(m.length, 1), end - pos)
-            switch m {
-            case .data, .shared, .compressed: total += n
-            case .zero, .unallocated: break
-            }
-            pos += n
+        if let counting = driver as? any AllocationCounting {
+            return try counting.countAllocated(from: start, to: end, budget: &budget)
         }
-        return total
+        return try driver.countByStatus(from: start, to: end, budget: &budget)
     }
 
     /// What st_blocks shows when the walk is too long: the host file's allocation, at most

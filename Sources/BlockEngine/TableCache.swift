@@ -3,7 +3,7 @@ import Synchronization
 /// How entries of a metadata table are stored on disk.
 public enum TableEncoding: Sendable {
     case u32LE, u64LE, u64BE
-    public var width: Int { self == .u32LE ? 4 : 8 }
+    @inlinable public var width: Int { self == .u32LE ? 4 : 8 }
 }
 
 /// A bounded, thread-safe LRU cache of fixed-size metadata tables (QED L2, VMDK grain tables,
@@ -362,13 +362,14 @@ public final class TableCache: Sendable {
     }
 }
 
-/// Read-only access to a cached table's entries.
+/// Read-only access to a cached table's entries. Inlinable: drivers scan whole tables with
+/// it (allocation counts), and a call per entry across modules cost more than the scan.
 public struct TableView {
-    let bytes: [UInt8]
-    let encoding: TableEncoding
+    @usableFromInline let bytes: [UInt8]
+    @usableFromInline let encoding: TableEncoding
     public init(bytes: [UInt8], encoding: TableEncoding) { self.bytes = bytes; self.encoding = encoding }
-    public var count: Int { bytes.count / encoding.width }
-    public subscript(i: Int) -> UInt64 {
+    @inlinable public var count: Int { bytes.count / encoding.width }
+    @inlinable public subscript(i: Int) -> UInt64 {
         bytes.withUnsafeBytes { raw in
             let o = i * encoding.width
             switch encoding {
@@ -377,5 +378,23 @@ public struct TableView {
             case .u64BE: return UInt64(bigEndian: raw.loadUnaligned(fromByteOffset: o, as: UInt64.self))
             }
         }
+    }
+
+    /// The sum of `value` over the entries of `range`, on the raw bytes in one pass.
+    @inlinable public func sum(in range: Range<Int>, _ value: (UInt64) -> Int) -> Int {
+        bytes.withUnsafeBytes { raw in
+            var n = 0
+            switch encoding {
+            case .u32LE: for i in range { n += value(UInt64(UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: i * 4, as: UInt32.self)))) }
+            case .u64LE: for i in range { n += value(UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: i * 8, as: UInt64.self))) }
+            case .u64BE: for i in range { n += value(UInt64(bigEndian: raw.loadUnaligned(fromByteOffset: i * 8, as: UInt64.self))) }
+            }
+            return n
+        }
+    }
+
+    /// How many entries of `range` satisfy `test`.
+    @inlinable public func count(in range: Range<Int>, where test: (UInt64) -> Bool) -> Int {
+        sum(in: range) { test($0) ? 1 : 0 }
     }
 }

@@ -163,18 +163,27 @@ public final class QCOW2Driver: ImageDriver {
         let cs = header.clusterSize
         let l1Index = offset / header.l1Coverage
         let end = min(offset + maxLength, (l1Index + 1) * header.l1Coverage)
-        guard l1Index < l1.entries else { return .unallocated(length: end - offset) }
-        let table = try l1.entry(l1Index) & Self.offsetMask
+        let table = try l2Table(l1Index)
         if table == 0 { return .unallocated(length: end - offset) }
+        // Long walks (status, SEEK_DATA) skip an empty L2 table in one step; the cache
+        // remembers it, so L1 entries that all alias one table cost one scan.
+        if end - offset > 64 * cs, try isEmptyL2(table) { return .unallocated(length: end - offset) }
+        return try Mapping.run(from: offset, to: end, maxUnits: Self.maxClustersPerMap) { try mapCluster(table, $0, end) }
+    }
+
+    /// The L2 table L1 entry `l1Index` names (0: none, or past the L1), checked to be a
+    /// cluster inside the file.
+    func l2Table(_ l1Index: UInt64) throws -> UInt64 {
+        guard l1Index < l1.entries else { return 0 }
+        let table = try l1.entry(l1Index) & Self.offsetMask
+        if table == 0 { return 0 }
+        let cs = header.clusterSize
         let fileSize = file.end(cached: knownEnd)  // a writer may have grown it (--force-share)
         guard table % cs == 0, table <= fileSize, cs <= fileSize - table else {
             throw BlockError.invalid(file: file.path, field: "L1 entry \(l1Index)",
                                      detail: "L2 table offset \(table) is not a cluster inside the \(fileSize)-byte file")
         }
-        // Long walks (status, SEEK_DATA) skip an empty L2 table in one step; the cache
-        // remembers it, so L1 entries that all alias one table cost one scan.
-        if end - offset > 64 * cs, try isEmptyL2(table) { return .unallocated(length: end - offset) }
-        return try Mapping.run(from: offset, to: end, maxUnits: Self.maxClustersPerMap) { try mapCluster(table, $0, end) }
+        return table
     }
 
     /// The file's end as far as this process knows (it grows as clusters are allocated).

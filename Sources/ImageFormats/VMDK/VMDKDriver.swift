@@ -229,7 +229,7 @@ public final class VMDKDriver: ImageDriver {
         return nil
     }
 
-    private func extentIndex(_ offset: UInt64) -> Int {
+    func extentIndex(_ offset: UInt64) -> Int {
         var lo = 0, hi = extents.count - 1
         while lo < hi {
             let mid = (lo + hi + 1) / 2

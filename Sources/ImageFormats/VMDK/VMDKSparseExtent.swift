@@ -110,7 +110,7 @@ final class VMDKSparseExtent: Sendable {
     /// A grain table that lies in a hole of the host file and is not in the cache is all
     /// zeros: QEMU preallocates every table of a new image, so an 8 TiB disk has 262144 of
     /// them, and reading each would make one status walk read 512 MiB of zeros.
-    private func neverWritten(_ gt: UInt64) -> Bool {
+    func neverWritten(_ gt: UInt64) -> Bool {
         !tables.isCached(table: gt) && file.isHole(gt, length: UInt64(header.gtBytes))
     }
 
@@ -143,7 +143,7 @@ final class VMDKSparseExtent: Sendable {
     }
 
     /// The grain table for directory index `i` (0 if none), checked to lie inside the file.
-    private func grainTable(_ i: UInt64, redundant: Bool = false) throws -> UInt64 {
+    func grainTable(_ i: UInt64, redundant: Bool = false) throws -> UInt64 {
         let gt = try directoryEntry(redundant ? header.rgdOffset : header.gdOffset, i)
         guard gt != 0 else { return 0 }
         guard gt * 512 + UInt64(header.gtBytes) <= file.end(cached: allocator.end) else {
