@@ -28,7 +28,8 @@ public final class ImageFile: Sendable {
         if !writable { flags |= 0o1000000 /* O_NOATIME */ }
         var fd = open(path, flags)
         if fd < 0 && errno == EPERM && !writable {
-            fd = open(path, flags & ~0o1000000) // O_NOATIME needs ownership
+            flags &= ~0o1000000  // O_NOATIME needs ownership
+            fd = open(path, flags)
         }
         if fd < 0 { throw BlockError.io(file: path, operation: "open", offset: nil, errno: errno) }
         var st = Glibc.stat()
@@ -44,7 +45,9 @@ public final class ImageFile: Sendable {
             throw BlockError.invalid(file: path, field: "file type",
                                      detail: "\(Self.typeName(type)) is not a disk image (only regular files and block devices are)")
         }
-        _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK)
+        // The status flags are the open's (F_SETFL ignores the access mode): one call, not a
+        // get and a set (a split VMDK opens thousands of files).
+        _ = fcntl(fd, F_SETFL, flags & ~O_NONBLOCK)
         self.fd = fd
         identity = FileIdentity(device: UInt64(st.st_dev), inode: UInt64(st.st_ino))
     }
@@ -250,10 +253,17 @@ public final class ImageFile: Sendable {
         let time = sharedWithWriters ? monotonicSeconds() : 0
         if let h = knownHole.withLock({ $0 }), h.changes == now, !sharedWithWriters || time - h.at < TableCache.sharedMaxAge,
            h.start <= offset, offset < h.end, length <= h.end - offset { return (h.start, h.end) }
-        // No data after `offset`: a hole to the end of the file.
-        guard let size = try? self.size(), offset < size, let next = try? seek(offset, data: true) ?? size,
-              next > offset, length <= next - offset else { return nil }
-        let end = next
+        // One lseek; only when no data follows `offset` does the file's end bound the hole.
+        let found: UInt64?
+        do { found = try seek(offset, data: true) } catch { return nil }
+        let end: UInt64
+        if let found {
+            end = found
+        } else {
+            guard let size = try? self.size(), offset < size else { return nil }
+            end = size
+        }
+        guard end > offset, length <= end - offset else { return nil }
         knownHole.withLock { $0 = (offset, end, now, time) }
         return (offset, end)
     }

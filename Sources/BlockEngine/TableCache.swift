@@ -190,6 +190,15 @@ public final class TableCache: Sendable {
         }
     }
 
+    /// Puts a table read by other means (at open, with its neighbours) into the cache, clean,
+    /// unless it is held already.
+    public func seed(table: UInt64, bytes: [UInt8]) {
+        guard bytes.count == tableBytes else { return }
+        try? state.withLock { s in
+            if s.slots[table] == nil { _ = try insertLocked(&s, table: table, bytes: bytes) }
+        }
+    }
+
     /// Whether any table starting in `[start, end)` is held.
     public func holdsAny(from start: UInt64, to end: UInt64) -> Bool {
         state.withLock { $0.slots.keys.contains { $0 >= start && $0 < end } }

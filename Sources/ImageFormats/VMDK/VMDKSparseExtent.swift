@@ -21,7 +21,10 @@ final class VMDKSparseExtent: Sendable {
 
     init(file: ImageFile) throws {
         let size = try file.size()  // once: a split image opens thousands of extents
-        let h = try VMDKSparseHeader.read(from: file, size: size)
+        // One read of the file's start serves the header and, where they lie inside it, the
+        // grain directories.
+        let head = try file.readBytes(count: Int(min(size, Self.headBytes)), at: 0, what: "VMDK sparse header")
+        let h = try VMDKSparseHeader.read(from: file, size: size, head: head.count >= 512 ? head : nil)
         self.file = file
         header = h
         let t = TableCache(file: file, tableBytes: h.gtBytes, encoding: .u32LE, capacity: max(64, (8 << 20) / h.gtBytes),
@@ -33,11 +36,32 @@ final class VMDKSparseExtent: Sendable {
         allocator = Allocator(file: file.path, nextOffset: size, alignment: 512, limit: UInt64(UInt32.max) * 512,
                               preallocating: file)
         inflated = InflatedClusters(clusterBytes: Int(h.grainBytes))
-        metadata = try Self.metadataRanges(file: file, header: h, size: size)
+        // Small directories are read whole, once, and go into the cache as they are: the first
+        // count or walk would otherwise read each chunk again (a split image has thousands).
+        var directories: [UInt64: [UInt8]] = [:]
+        let chunk = UInt64(Self.gdChunk)
+        for gd in [h.gdOffset] + (h.hasRedundantGD ? [h.rgdOffset] : []) where gd != 0 && gd != VMDKSparseHeader.gdAtEnd {
+            let start = gd * 512, bytes = (h.gdEntries * 4).alignedUp(chunk)
+            guard bytes <= Self.wholeDirectoryBytes, start <= size, bytes <= size - start else { continue }
+            let all = start + bytes <= UInt64(head.count) ? Array(head[Int(start) ..< Int(start + bytes)])
+                                                          : try file.readBytes(count: Int(bytes), at: start, what: "VMDK grain directory")
+            directories[gd] = all
+            for k in 0 ..< Int(bytes / chunk) {
+                directory.seed(table: start + UInt64(k) * chunk, bytes: Array(all[k * Self.gdChunk ..< (k + 1) * Self.gdChunk]))
+            }
+        }
+        metadata = try Self.metadataRanges(file: file, header: h, size: size, read: directories)
     }
 
-    /// Reads both directories once (bounded by their size, 32 Mi entries at most).
-    static func metadataRanges(file: ImageFile, header h: VMDKSparseHeader, size: UInt64) throws -> MetadataRanges {
+    /// Directories up to this size are read whole at open (a 2 GiB split extent's is 256 bytes).
+    static let wholeDirectoryBytes: UInt64 = 64 << 10
+
+    /// Bytes of the file's start read at open.
+    static let headBytes: UInt64 = 16 << 10
+
+    /// Reads both directories once (bounded by their size, 32 Mi entries at most), except
+    /// those the caller read already (`read`, by sector).
+    static func metadataRanges(file: ImageFile, header h: VMDKSparseHeader, size: UInt64, read: [UInt64: [UInt8]] = [:]) throws -> MetadataRanges {
         var ranges = [MetadataRanges.Range(start: 0, length: h.overHead * 512, what: "the header area")]
         if h.descriptorOffset != 0 {
             ranges.append(.init(start: h.descriptorOffset * 512, length: h.descriptorSize * 512, what: "the descriptor"))
@@ -45,6 +69,12 @@ final class VMDKSparseExtent: Sendable {
         var tables: [UInt64] = []
         for gd in [h.gdOffset] + (h.hasRedundantGD ? [h.rgdOffset] : []) where gd != 0 && gd != VMDKSparseHeader.gdAtEnd {
             ranges.append(.init(start: gd * 512, length: h.gdEntries * 4, what: "a grain directory"))
+            if let bytes = read[gd] {
+                let view = TableView(bytes: bytes, encoding: .u32LE)
+                for i in 0 ..< Int(h.gdEntries) where view[i] != 0 { tables.append(view[i] * 512) }
+                try MetadataRanges.checkCount(tables.count, file: file.path)
+                continue
+            }
             try FlatTable.forEachEntry(file, start: gd * 512, count: h.gdEntries, encoding: .u32LE, fileSize: size,
                                        what: "VMDK grain directory") { _, gt in
                 if gt != 0 { tables.append(gt * 512) }
