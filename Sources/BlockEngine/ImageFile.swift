@@ -50,6 +50,7 @@ public final class ImageFile: Sendable {
         _ = fcntl(fd, F_SETFL, flags & ~O_NONBLOCK)
         self.fd = fd
         identity = FileIdentity(device: UInt64(st.st_dev), inode: UInt64(st.st_ino))
+        sizeAtOpen = type == S_IFREG ? UInt64(st.st_size) : nil
     }
 
     static func typeName(_ type: mode_t) -> String {
@@ -81,6 +82,9 @@ public final class ImageFile: Sendable {
     /// (device, inode): identifies the file whatever name reached it. Taken once at open:
     /// neither changes while the descriptor is open (a split VMDK asks for thousands).
     public let identity: FileIdentity?
+    /// A regular file's size when it was opened (from the open's fstat; nil for a block
+    /// device): for openers of many files that need it once, right after the open.
+    public let sizeAtOpen: UInt64?
 
     deinit { close(fd) }
 

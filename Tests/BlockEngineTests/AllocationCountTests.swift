@@ -108,6 +108,15 @@ final class AllocationCountTests: XCTestCase {
         try check(try convert("d.vmdk", ["-O", "vmdk", "-o", "subformat=monolithicFlat"]), format: .vmdk, qemuFormat: nil, seed: 14)
     }
 
+    func testQEDAndVDICountsEqualTheWalkAndQemu() throws {
+        try check(try convert("a.qed", ["-O", "qed"]), format: .qed, qemuFormat: "qed", seed: 31)
+        let q = try convert("b.qed", ["-O", "qed", "-o", "cluster_size=4096"])
+        XCTAssertEqual(try run(["qemu-io", "-f", "qed", "-c", "write -z 1M 200k", "-c", "write -P 5 7M 3k", q]), 0)
+        try check(q, format: .qed, qemuFormat: "qed", seed: 32)
+        try check(try convert("a.vdi", ["-O", "vdi"]), format: .vdi, qemuFormat: "vdi", seed: 33)
+        try check(try convert("b.vdi", ["-O", "vdi", "-o", "static=on"]), format: .vdi, qemuFormat: "vdi", seed: 34)
+    }
+
     func testRawAndBochsCountsEqualTheWalk() throws {
         let raw = dir + "/a.raw"
         XCTAssertEqual(try run(["cp", "--sparse=always", try source(), raw]), 0)

@@ -98,7 +98,7 @@ public final class QEDDriver: ImageDriver {
 
     // MARK: translation
 
-    private func l2Table(for offset: UInt64) throws -> UInt64 {
+    func l2Table(for offset: UInt64) throws -> UInt64 {
         let l2 = try tables.entry(header.l1TableOffset, offset >> l1Shift)
         if l2 != 0 {
             try header.checkTableOffset(l2, path: file.path, fileSize: file.end(cached: allocator.end), what: "L2 table offset in L1 entry \(offset >> l1Shift)")
