@@ -56,6 +56,17 @@ extension FlatTable {
     public static func forEachEntry(_ file: ImageFile, start: UInt64, count: UInt64, encoding: TableEncoding,
                                     fileSize: UInt64? = nil, what: String,
                                     _ body: (UInt64, UInt64) throws -> Void) throws {
+        try forEachChunk(file, start: start, count: count, encoding: encoding, fileSize: fileSize, what: what) { first, view in
+            for i in 0..<view.count { try body(first + UInt64(i), view[i]) }
+            return true
+        }
+    }
+
+    /// The same a 1 MiB chunk at a time: `body(index of the chunk's first entry, entries)`
+    /// returns false to stop (a count whose budget is spent).
+    public static func forEachChunk(_ file: ImageFile, start: UInt64, count: UInt64, encoding: TableEncoding,
+                                    fileSize: UInt64? = nil, what: String,
+                                    _ body: (UInt64, TableView) throws -> Bool) throws {
         let width = UInt64(encoding.width)
         let perChunk = UInt64(1 << 20) / width
         var first: UInt64 = 0
@@ -64,8 +75,7 @@ extension FlatTable {
             let at = start + first * width
             if let fileSize, at + n * width > fileSize { return }
             let bytes = try file.readBytes(count: Int(n * width), at: at, what: what)
-            let view = TableView(bytes: bytes, encoding: encoding)
-            for i in 0..<Int(n) { try body(first + UInt64(i), view[i]) }
+            guard try body(first, TableView(bytes: bytes, encoding: encoding)) else { return }
             first += n
         }
     }

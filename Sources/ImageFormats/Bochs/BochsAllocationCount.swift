@@ -7,30 +7,25 @@ extension BochsDriver: AllocationCounting {
         // The catalog is read 1 MiB at a time, uncached (an 8 TiB image's is 4 MiB: through
         // the cache that is a thousand reads); an undoable redolog's absent sectors are its
         // base image's, not counted either way.
-        let ext = UInt64(header.extent), chunk: UInt64 = 1 << 18
-        var ei = from / ext, total: UInt64 = 0
-        let stop = (to + ext - 1) / ext
-        while ei < stop {
-            guard budget.spend() else { return nil }
-            let n = min(chunk, stop - ei)
-            let entries = TableView(bytes: try file.readBytes(count: Int(n * 4), at: 512 + ei * 4, what: "Bochs catalog"), encoding: .u32LE)
-            for k in 0 ..< Int(n) where entries[k] != UInt64(BochsHeader.unallocated) {
-                guard budget.spend() else { return nil }
-                let e = ei + UInt64(k)
+        let ext = UInt64(header.extent), first = from / ext
+        var total: UInt64 = 0, spent = false
+        try FlatTable.forEachChunk(file, start: catalog.start + first * 4, count: (to + ext - 1) / ext - first,
+                                   encoding: .u32LE, what: "Bochs catalog") { at, entries in
+            guard budget.spend() else { spent = true; return false }
+            for k in 0 ..< entries.count where entries[k] != UInt64(BochsHeader.unallocated) {
+                guard budget.spend() else { spent = true; return false }
+                let e = first + at + UInt64(k)
                 total += try countExtent(e, slot: entries[k], from: max(from, e * ext), to: min(to, (e + 1) * ext))
             }
-            ei += n
+            return true
         }
-        return total
+        return spent ? nil : total
     }
 
     /// Data bytes of `[from, to)` inside extent `e`, which lies in `slot`.
     private func countExtent(_ e: UInt64, slot: UInt64, from pos: UInt64, to end: UInt64) throws -> UInt64 {
         let ext = UInt64(header.extent)
-        let base = header.slotsOffset + slot * header.slotBytes
-        guard slot < UInt64(header.catalog), base + header.slotBytes <= fileSize else {
-            return try map(pos, maxLength: end - pos).length  // throws naming the entry
-        }
+        let base = try slotBase(e, slot)
         let first = (pos % ext) / 512, last = (end - 1) % ext / 512
         let sectors = try bitmaps.withEntries(table: base) { words -> UInt64 in
             // Bits lo...hi of word w set.

@@ -56,11 +56,7 @@ public final class BochsDriver: ImageDriver {
             let run = try catalog.run(of: UInt64(BochsHeader.unallocated), from: ei, limit: wanted)
             return absent(min(offset + maxLength, (ei + max(run, 1)) * ext) - offset)
         }
-        let base = header.slotsOffset + slot * header.slotBytes
-        guard slot < UInt64(header.catalog), base + header.slotBytes <= fileSize else {
-            throw BlockError.invalid(file: file.path, field: "catalog entry \(ei)",
-                                     detail: "extent slot \(slot) lies outside the \(fileSize)-byte file")
-        }
+        let base = try slotBase(ei, slot)
         let dataBase = base + header.bitmapSectors * 512
         let first = (offset % ext) / 512
         let last = (end - 1) % ext / 512
@@ -79,6 +75,17 @@ public final class BochsDriver: ImageDriver {
             let runEnd = min(end, (offset / ext) * ext + k * 512)
             return value ? .data(host: dataBase + offset % ext, length: runEnd - offset) : absent(runEnd - offset)
         }
+    }
+
+    /// Where the slot catalog entry `ei` names begins (its bitmap, then its data), checked to
+    /// lie wholly inside the file.
+    func slotBase(_ ei: UInt64, _ slot: UInt64) throws -> UInt64 {
+        let base = header.slotsOffset + slot * header.slotBytes
+        guard slot < UInt64(header.catalog), base + header.slotBytes <= fileSize else {
+            throw BlockError.invalid(file: file.path, field: "catalog entry \(ei)",
+                                     detail: "extent slot \(slot) lies outside the \(fileSize)-byte file")
+        }
+        return base
     }
 
     /// Sectors the redolog does not hold: the base image's (undoable) or zeros (growing).

@@ -11,6 +11,7 @@ extension QCOW2Driver: AllocationCounting {
         while pos < to {
             guard budget.spend() else { return nil }
             let l1Index = pos / header.l1Coverage
+            guard l1Index < l1.entries else { break }  // past the L1: nothing allocated
             let l1End = min(to, (l1Index + 1) * header.l1Coverage)
             let table = try l2Table(l1Index)
             if table == 0 { pos = l1End; continue }

@@ -8,21 +8,18 @@ import BlockEngine
 extension VDIDriver: AllocationCounting {
     public func countAllocated(from: UInt64, to: UInt64, budget: inout WorkBudget) throws -> UInt64? {
         guard !isWritable else { return try countByStatus(from: from, to: to, budget: &budget) }
-        let chunk: UInt64 = 1 << 18, limit = UInt64(header.blocksInImage)
-        var block = from / blockSize, total: UInt64 = 0
-        let stop = (to + blockSize - 1) / blockSize
-        while block < stop {
-            guard budget.spend() else { return nil }
-            let n = min(chunk, stop - block)
-            let view = TableView(bytes: try file.readBytes(count: Int(n * 4), at: UInt64(header.offsetBmap) + block * 4, what: "VDI block map"),
-                                 encoding: .u32LE)
-            let base = block * blockSize
+        let limit = UInt64(header.blocksInImage), first = from / blockSize
+        var total: UInt64 = 0, spent = false
+        try FlatTable.forEachChunk(file, start: UInt64(header.offsetBmap) + first * 4, count: (to + blockSize - 1) / blockSize - first,
+                                   encoding: .u32LE, what: "VDI block map") { at, view in
+            guard budget.spend() else { spent = true; return false }
+            let base = (first + at) * blockSize
             // Entries at or past blocks_in_image are free, discarded or invalid (map reports those).
-            total += UnitCount.bytes(from: max(from, base) - base, to: min(to, base + n * blockSize) - base, unit: blockSize) {
+            total += UnitCount.bytes(from: max(from, base) - base, to: min(to, base + UInt64(view.count) * blockSize) - base, unit: blockSize) {
                 view.count(in: $0) { $0 < limit }
             }
-            block += n
+            return true
         }
-        return total
+        return spent ? nil : total
     }
 }

@@ -185,7 +185,7 @@ public final class VMDKDriver: ImageDriver {
         }
         let results = Mutex<[Int: Result<VMDKSparseExtent, any Error>]>([:])
         DispatchQueue.concurrentPerform(iterations: files.count) { [files] i in
-            let r = Result { try VMDKSparseExtent(file: files[i].file, justOpened: true) }
+            let r = Result { try VMDKSparseExtent(file: files[i].file, size: files[i].file.sizeAtOpen) }
             results.withLock { $0[files[i].n] = r }
         }
         var opened: [Int: VMDKSparseExtent] = [:]

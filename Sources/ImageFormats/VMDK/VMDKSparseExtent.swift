@@ -19,10 +19,9 @@ final class VMDKSparseExtent: Sendable {
     /// Recently inflated grains (streamOptimized), so small reads do not inflate a grain again.
     private let inflated: InflatedClusters
 
-    /// `justOpened`: the file was opened right before, so its size at open is its size (no
-    /// syscall: a split image opens thousands of extents).
-    init(file: ImageFile, justOpened: Bool = false) throws {
-        let size = try (justOpened ? file.sizeAtOpen : nil) ?? file.size()
+    /// `size`: the file's, when the caller has it (a split image opens thousands of extents).
+    init(file: ImageFile, size known: UInt64? = nil) throws {
+        let size = try known ?? file.size()
         // One read of the file's start serves the header and, where they lie inside it, the
         // grain directories.
         let head = try file.readBytes(count: Int(min(size, Self.headBytes)), at: 0, what: "VMDK sparse header")
