@@ -76,13 +76,16 @@ public enum ImageOpener {
             // A file named twice (or the descriptor named as an extent) is opened once, so its
             // locks do not conflict with themselves; the driver decides if that is safe to write.
             var opened: [FileIdentity: ImageFile] = file.identity.map { [$0: file] } ?? [:]
-            let driver = try VMDKDriver(file: file) { extentPath in
-                let f = try ReferencedFiles.openPart(extentPath, of: path, writable: writable, shared: !options.lock)
-                if let id = f.identity, let earlier = opened[id] { return earlier }
-                if options.lock { try ImageLock.acquire(f, writable: f.isWritable) }
-                if let id = f.identity { opened[id] = f }
-                return f
-            }
+            let lock = options.lock
+            let driver = try VMDKDriver(file: file, extentFiles: VMDKExtentFiles(
+                open: { try ReferencedFiles.openPart($0, of: path, writable: writable, shared: !lock) },
+                adopt: { f in
+                    guard let id = f.identity else { return (f, true) }
+                    if let earlier = opened[id] { return (earlier, false) }
+                    opened[id] = f
+                    return (f, true)
+                },
+                lock: { f in if lock { try ImageLock.acquire(f, writable: f.isWritable) } }))
             var parent: BlockDevice? = nil
             if let hint = driver.parentFileNameHint {
                 parent = try openBacking(hint, of: path, format: nil, options: options, chain: chain)

@@ -122,6 +122,7 @@ struct InfoCommand: ParsableCommand {
                 }
             }
             try? device.close()
+            keepUntilExit(device)
         } catch let e as ExitCode {
             throw e
         } catch {

@@ -256,6 +256,7 @@ struct MountCommand: ParsableCommand {
         }
         do { try file.writeBehind?.settle() } catch { problems.append(problem("writing", error)) }
         do { try device.close() } catch { problems.append(problem("closing", error)) }
+        keepUntilExit(device)
         for p in problems {
             serverLog?.record(p)
             printError("rawmount: " + p)

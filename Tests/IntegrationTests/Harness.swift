@@ -252,6 +252,21 @@ enum Files {
         guard n == bytes.count else { throw POSIXError(POSIXErrorCode(rawValue: errno) ?? .EIO) }
     }
 
+    /// `count` bytes at `offset` (fewer at the end of the file).
+    static func pread(_ path: String, count: Int, at offset: UInt64) throws -> Data {
+        let fd = open(path, O_RDONLY)
+        guard fd >= 0 else { throw POSIXError(POSIXErrorCode(rawValue: errno)!) }
+        defer { close(fd) }
+        var buf = [UInt8](repeating: 0, count: count)
+        let n = buf.withUnsafeMutableBytes { Foundation.pread(fd, $0.baseAddress, count, off_t(offset)) }
+        guard n >= 0 else { throw POSIXError(POSIXErrorCode(rawValue: errno) ?? .EIO) }
+        return Data(buf[0..<n])
+    }
+
+    static func size(_ path: String) throws -> UInt64 {
+        (try FileManager.default.attributesOfItem(atPath: path)[.size] as? NSNumber)?.uint64Value ?? 0
+    }
+
     static func sha(_ path: String) throws -> String {
         try Harness.run(["sha256sum", path]).out.split(separator: " ").first.map(String.init) ?? ""
     }

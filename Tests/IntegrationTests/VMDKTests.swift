@@ -312,6 +312,55 @@ final class VMDKTests: XCTestCase {
         try Harness.run(["qemu-img", "check", img])
     }
 
+    /// A split image's extents are opened, locked and read on all cores: what it shows, the
+    /// locks it holds and the error it gives must still be those of one extent after another.
+    func testSplitImageOpensEveryExtentAndReportsTheFirstBadOne() throws {
+        let s = try Scratch()
+        let img = s.path("many.vmdk")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=twoGbMaxExtentSparse", img, "60G"])
+        // Data in the first and last extent, in the middle, and across the 2/3 boundary.
+        let writes: [(offset: UInt64, length: Int, pattern: UInt8)] = [(0, 65536, 0x11), (4095 << 20, 2 << 20, 0x22),
+                                                                       (31 << 30, 4096, 0x33), ((60 << 30) - 65536, 65536, 0x44)]
+        try Harness.run(["qemu-io", "-f", "vmdk"] + writes.flatMap { ["-c", "write -P \($0.pattern) \($0.offset) \($0.length)"] } + [img])
+        func part(_ n: Int) -> String { s.path(String(format: "many-s%03d.vmdk", n)) }
+        XCTAssertTrue(FileManager.default.fileExists(atPath: part(30)))
+        // The same descriptor with tabs between the fields and CRLF line ends.
+        let text = try String(contentsOfFile: img, encoding: .utf8)
+        try text.replacingOccurrences(of: "\n", with: "\r\n").replacingOccurrences(of: "RW 4194304 SPARSE", with: "RW\t4194304\tSPARSE")
+            .write(toFile: img, atomically: false, encoding: .utf8)
+        let qemuMap = try Harness.run(["qemu-img", "map", "--output=json", img]).out
+        try s.mount(img, options: ["-r"])
+        let raw = s.mnt + "/many.raw"
+        XCTAssertEqual(try Files.size(raw), 60 << 30)
+        for w in writes {
+            XCTAssertEqual(try Files.pread(raw, count: w.length, at: w.offset), Data(repeating: w.pattern, count: w.length), "at \(w.offset)")
+        }
+        XCTAssertEqual(try Files.pread(raw, count: 4096, at: 20 << 30), Data(count: 4096))
+        XCTAssertEqual(try Harness.run([Harness.rawmount, "map", "--output=json", img]).out, qemuMap)
+        // Every extent is locked against writers, as QEMU locks them: the first, a middle and the last.
+        for n in [1, 16, 30] {
+            let w = try Harness.run(["qemu-io", "-f", "raw", "-c", "write 0 512", part(n)], check: false)
+            XCTAssertNotEqual(w.status, 0, "extent \(n) was writable under a read-only mount")
+            XCTAssertTrue(w.err.contains("lock"), w.err)
+        }
+        try s.unmount()
+
+        // A writer holding one extent: refused by name, nothing mounted.
+        let other = s.path("other")
+        try FileManager.default.createDirectory(atPath: other, withIntermediateDirectories: true)
+        try s.mount(part(12), at: other, options: ["-f", "raw"])
+        try s.assertMountRefused(["-r", img], mentions: ["many-s012.vmdk"], "extent 12 held by a writer")
+        try s.unmount(other)
+        // Several bad extents: the first one in the descriptor is named.
+        try Harness.run(["mkfifo", s.path("fifo")])
+        try FileManager.default.moveItem(atPath: part(25), toPath: s.path("s025.away"))
+        try FileManager.default.moveItem(atPath: part(17), toPath: s.path("s017.away"))
+        try s.assertMountRefused(["-r", img], mentions: ["many.vmdk", "extent 17", "many-s017.vmdk", "not found"], "two missing extents")
+        try FileManager.default.moveItem(atPath: part(9), toPath: s.path("s009.away"))
+        try FileManager.default.moveItem(atPath: s.path("fifo"), toPath: part(9))
+        try s.assertMountRefused(["-r", img], mentions: ["many-s009.vmdk", "FIFO"], "a FIFO before the missing ones")
+    }
+
     func testDescriptorProblemsAreClearErrors() throws {
         let s = try Scratch()
         let img = s.path("d.vmdk")

@@ -46,7 +46,7 @@ public final class VMDKDriver: ImageDriver {
 
     /// Opens `file` (a KDMV sparse file or a text descriptor); extent files are opened next
     /// to it with the same access.
-    public init(file: ImageFile, openFile: (String) throws -> ImageFile) throws {
+    public init(file: ImageFile, extentFiles: VMDKExtentFiles) throws {
         self.file = file
         let head = try file.readBytes(count: min(512, Int(try file.size())), at: 0, what: "VMDK header")
         var built: [Extent] = []
@@ -73,7 +73,7 @@ public final class VMDKDriver: ImageDriver {
             guard !d.extents.isEmpty else {
                 throw BlockError.invalid(file: file.path, field: "VMDK descriptor", detail: "it lists no extents")
             }
-            let sparse = try Self.openSparseExtents(d.extents, descriptor: file.path, openFile)
+            let sparse = try Self.openSparseExtents(d.extents, descriptor: file.path, extentFiles)
             var start: UInt64 = 0
             for (n, e) in d.extents.enumerated() {
                 let kind: Kind
@@ -82,7 +82,7 @@ public final class VMDKDriver: ImageDriver {
                 case .zero:
                     kind = .zero
                 case .flat, .vmfs:
-                    let f = try Self.openExtent(e, number: n + 1, descriptor: file.path, openFile)
+                    let f = try Self.openExtent(e, number: n + 1, descriptor: file.path, extentFiles.openOne)
                     let (need, o) = (e.offset * 512).addingReportingOverflow(length)
                     let have = try f.size()
                     guard !o, need <= have, need <= Self.offsetMask else {
@@ -155,6 +155,9 @@ public final class VMDKDriver: ImageDriver {
             default: uses.append(Use(n: n + 1, id: id, start: 0, end: .max))
             }
         }
+        // Usually every file is named once: one pass over a set says so.
+        var seen = Set<FileIdentity>(minimumCapacity: uses.count)
+        guard !uses.allSatisfy({ seen.insert($0.id).inserted }) else { return nil }
         // Per file, sorted by start: a use overlaps an earlier one exactly when it starts
         // before the furthest end so far (n log n: a split VMDK names thousands of files).
         var clash: (Int, Int)?
@@ -174,23 +177,43 @@ public final class VMDKDriver: ImageDriver {
         return "\(first) and extent \(b) are the same file and overlap; a write through one would change the other"
     }
 
-    /// The descriptor's sparse extents, by line. Files are opened in order (`openFile` keeps
-    /// the opener's bookkeeping); their headers and directories are then read on all cores,
-    /// since a split image has thousands. The first failing extent's error is thrown.
+    /// The descriptor's sparse extents, by line. A split image has thousands, so files are
+    /// opened on all cores, adopted in order (the opener's bookkeeping), then locked and their
+    /// headers and directories read on all cores. The error thrown is the one a serial open
+    /// would have met first: the first failing extent's.
     static func openSparseExtents(_ list: [VMDKDescriptor.Extent], descriptor: String,
-                                  _ openFile: (String) throws -> ImageFile) throws -> [Int: VMDKSparseExtent] {
-        var files: [(n: Int, file: ImageFile)] = []
-        for (n, e) in list.enumerated() where e.type == .sparse || e.type == .vmfsSparse {
-            files.append((n, try openExtent(e, number: n + 1, descriptor: descriptor, openFile)))
+                                  _ files: VMDKExtentFiles) throws -> [Int: VMDKSparseExtent] {
+        let lines = list.indices.filter { list[$0].type == .sparse || list[$0].type == .vmfsSparse }
+        ImageFile.reserveDescriptors(lines.count)
+        let opened = Self.onAllCores(lines.count) { k in
+            try openExtent(list[lines[k]], number: lines[k] + 1, descriptor: descriptor, files.open)
         }
-        let results = Mutex<[Int: Result<VMDKSparseExtent, any Error>]>([:])
-        DispatchQueue.concurrentPerform(iterations: files.count) { [files] i in
-            let r = Result { try VMDKSparseExtent(file: files[i].file, size: files[i].file.sizeAtOpen) }
-            results.withLock { $0[files[i].n] = r }
+        let failed = opened.firstIndex { if case .failure = $0 { return true } else { return false } } ?? lines.count
+        var adopted: [(file: ImageFile, isNew: Bool)] = []
+        adopted.reserveCapacity(failed)
+        for k in 0 ..< failed { adopted.append(files.adopt(try opened[k].get())) }
+        let ready = Self.onAllCores(failed) { [adopted] k in
+            if adopted[k].isNew { try files.lock(adopted[k].file) }
+            return try VMDKSparseExtent(file: adopted[k].file, size: adopted[k].file.sizeAtOpen)
         }
-        var opened: [Int: VMDKSparseExtent] = [:]
-        for (n, r) in results.withLock({ $0 }).sorted(by: { $0.key < $1.key }) { opened[n] = try r.get() }
-        return opened
+        var out: [Int: VMDKSparseExtent] = [:]
+        for k in 0 ..< failed { out[lines[k]] = try ready[k].get() }
+        if failed < lines.count { _ = try opened[failed].get() }
+        return out
+    }
+
+    /// `work(k)` for every k below `count`, spread over the cores, results in order.
+    static func onAllCores<T: Sendable>(_ count: Int, _ work: (Int) throws -> T) -> [Result<T, any Error>] {
+        let results = Mutex<[Int: Result<T, any Error>]>([:])
+        withoutActuallyEscaping(work) { work in
+            nonisolated(unsafe) let work = work
+            DispatchQueue.concurrentPerform(iterations: count) { k in
+                let r = Result { try work(k) }
+                results.withLock { $0[k] = r }
+            }
+        }
+        let all = results.withLock { $0 }
+        return (0 ..< count).map { all[$0]! }
     }
 
     /// Extent names are relative to the descriptor and must stay in its directory.
@@ -204,8 +227,10 @@ public final class VMDKDriver: ImageDriver {
     }
 
     static func extentPath(_ name: String, descriptor: String) throws -> String {
-        let parts = name.split(separator: "/")
-        guard !name.hasPrefix("/"), !parts.contains(".."), !name.isEmpty else {
+        // On the bytes: a split image names thousands of files.
+        let bytes = Array(name.utf8), slash = UInt8(ascii: "/"), dot = UInt8(ascii: ".")
+        let upward = bytes.split(separator: slash).contains { $0.count == 2 && $0.allSatisfy { $0 == dot } }
+        guard bytes.first != slash, !upward, !bytes.isEmpty else {
             throw BlockError.invalid(file: descriptor, field: "extent file name", detail: "'\(name)' leaves the descriptor's directory")
         }
         return PathName.resolve(name, relativeTo: descriptor)

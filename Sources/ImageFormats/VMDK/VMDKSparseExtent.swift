@@ -22,10 +22,7 @@ final class VMDKSparseExtent: Sendable {
     /// `size`: the file's, when the caller has it (a split image opens thousands of extents).
     init(file: ImageFile, size known: UInt64? = nil) throws {
         let size = try known ?? file.size()
-        // One read of the file's start serves the header and, where they lie inside it, the
-        // grain directories.
-        let head = try file.readBytes(count: Int(min(size, Self.headBytes)), at: 0, what: "VMDK sparse header")
-        let h = try VMDKSparseHeader.read(from: file, size: size, head: head.count >= 512 ? head : nil)
+        let h = try VMDKSparseHeader.read(from: file, size: size)
         self.file = file
         header = h
         let t = TableCache(file: file, tableBytes: h.gtBytes, encoding: .u32LE, capacity: max(64, (8 << 20) / h.gtBytes),
@@ -36,7 +33,9 @@ final class VMDKSparseExtent: Sendable {
                                beforeWriteBack: { [t, file] in try t.flush(); try file.sync() })
         allocator = Allocator(file: file.path, nextOffset: size, alignment: 512, limit: UInt64(UInt32.max) * 512,
                               preallocating: file)
-        inflated = InflatedClusters(clusterBytes: Int(h.grainBytes))
+        // Only compressed grains are ever inflated: other extents (thousands in a split
+        // image) keep the smallest cache.
+        inflated = InflatedClusters(clusterBytes: Int(h.grainBytes), budget: h.isCompressed ? 8 << 20 : 0)
         // Small directories are read whole, once, and go into the cache as they are: the first
         // count or walk would otherwise read each chunk again (a split image has thousands).
         var directories: [UInt64: [UInt8]] = [:]
@@ -44,11 +43,18 @@ final class VMDKSparseExtent: Sendable {
         for gd in [h.gdOffset] + (h.hasRedundantGD ? [h.rgdOffset] : []) where gd != 0 && gd != VMDKSparseHeader.gdAtEnd {
             let start = gd * 512, bytes = (h.gdEntries * 4).alignedUp(chunk)
             guard bytes <= Self.wholeDirectoryBytes, start <= size, bytes <= size - start else { continue }
-            let all = start + bytes <= UInt64(head.count) ? Array(head[Int(start) ..< Int(start + bytes)])
-                                                          : try file.readBytes(count: Int(bytes), at: start, what: "VMDK grain directory")
+            // QEMU and VMware put the first grain table right after the directory, sharing
+            // its host block, so it is never a hole the count could pass: read with it.
+            let firstTable = UInt64(h.gtBytes), end = start + bytes
+            let withTable = gd == h.gdOffset && firstTable <= size - end
+            let read = try file.readBytes(count: Int(bytes + (withTable ? firstTable : 0)), at: start, what: "VMDK grain directory")
+            let all = Array(read[..<Int(bytes)])
             directories[gd] = all
             for k in 0 ..< Int(bytes / chunk) {
                 directory.seed(table: start + UInt64(k) * chunk, bytes: Array(all[k * Self.gdChunk ..< (k + 1) * Self.gdChunk]))
+            }
+            if withTable, TableView(bytes: all, encoding: .u32LE)[0] * 512 == end {
+                t.seed(table: end, bytes: Array(read[Int(bytes)...]))
             }
         }
         metadata = try Self.metadataRanges(file: file, header: h, size: size, read: directories)
@@ -56,9 +62,6 @@ final class VMDKSparseExtent: Sendable {
 
     /// Directories up to this size are read whole at open (a 2 GiB split extent's is 256 bytes).
     static let wholeDirectoryBytes: UInt64 = 64 << 10
-
-    /// Bytes of the file's start read at open.
-    static let headBytes: UInt64 = 16 << 10
 
     /// Reads both directories once (bounded by their size, 32 Mi entries at most), except
     /// those the caller read already (`read`, by sector).
@@ -68,6 +71,7 @@ final class VMDKSparseExtent: Sendable {
             ranges.append(.init(start: h.descriptorOffset * 512, length: h.descriptorSize * 512, what: "the descriptor"))
         }
         var tables: [UInt64] = []
+        tables.reserveCapacity(Int(min(h.gdEntries, 1 << 16)) * (h.hasRedundantGD ? 2 : 1))
         for gd in [h.gdOffset] + (h.hasRedundantGD ? [h.rgdOffset] : []) where gd != 0 && gd != VMDKSparseHeader.gdAtEnd {
             ranges.append(.init(start: gd * 512, length: h.gdEntries * 4, what: "a grain directory"))
             if let bytes = read[gd] {
@@ -84,7 +88,9 @@ final class VMDKSparseExtent: Sendable {
         }
         // Tables laid out back to back (QEMU preallocates all of them: 262144 on an 8 TiB
         // disk) are recorded as one range, so the list stays small.
-        tables.sort()
+        // Usually in order already (each directory's tables follow it): a split image has
+        // thousands of extents to open.
+        if zip(tables, tables.dropFirst()).contains(where: { $0 > $1 }) { tables.sort() }
         let gtBytes = UInt64(h.gtBytes)
         var k = 0
         while k < tables.count {

@@ -62,11 +62,11 @@ public struct VMDKSparseHeader: Sendable {
 
     /// `size` is the file's, when the caller has it already; `head`, the file's first bytes
     /// when the caller read them already (at least 512 of them).
-    public static func read(from file: ImageFile, size known: UInt64? = nil, head: [UInt8]? = nil) throws -> VMDKSparseHeader {
+    public static func read(from file: ImageFile, size known: UInt64? = nil) throws -> VMDKSparseHeader {
         let path = file.path
         let size = try known ?? file.size()
         guard size >= 512 else { throw BlockError.truncated(file: path, what: "VMDK sparse header", offset: 0, needed: 512, fileSize: size) }
-        let first = try head.map { Array($0.prefix(512)) } ?? file.readBytes(count: 512, at: 0, what: "VMDK sparse header")
+        let first = try file.readBytes(count: 512, at: 0, what: "VMDK sparse header")
         var h = le32(first, 0) == cowdMagic ? try parseCOWD(first, path: path) : try parse(first, path: path)
         if h.gdOffset == gdAtEnd {
             // VMware's streamOptimized layout: the real header is a footer before end-of-stream.
