@@ -461,14 +461,12 @@ public final class BlockDevice: Sendable {
         // whole budget, the deadline bounds them all.
         let parts = parallel && to - from >= Self.parallelWalkBytes ? Self.walkParts : 1
         let step = ((to - from) / UInt64(parts)).alignedUp(1 << 20)
-        let results = Mutex<[Result<UInt64?, any Error>]>([])
-        DispatchQueue.concurrentPerform(iterations: parts) { k in
+        let results = onAllCores(parts) { k in
             let start = min(to, from + UInt64(k) * step), end = min(to, start + step)
-            let r = Result { try walkAllocated(from: start, to: end, budget: budget) }
-            results.withLock { $0.append(r) }
+            return try walkAllocated(from: start, to: end, budget: budget)
         }
         var total: UInt64 = 0
-        for r in results.withLock({ $0 }) {
+        for r in results {
             guard let n = try r.get() else { return nil }
             total += n
         }

@@ -386,6 +386,13 @@ final class VMDKTests: XCTestCase {
             XCTAssertTrue(r.err.contains(needle), "\(name): \(r.err)")
             XCTAssertNotEqual(try Harness.run(["mountpoint", "-q", s.mnt], check: false).status, 0, name)
         }
+        // More extent lines than the bound: refused before any of them is opened (the file
+        // they name does not exist, so an open first would say that instead).
+        let many = "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType=\"twoGbMaxExtentSparse\"\n"
+            + String(repeating: "RW 1 SPARSE a\n", count: 65537)
+        let r0 = try variant("many.vmdk", many)
+        XCTAssertEqual(r0.status, 1, r0.err)
+        XCTAssertTrue(r0.err.contains("65537 extents (at most 65536)"), r0.err)
         // RDONLY extents make the whole mount read-only instead of disappearing.
         let ro = s.path("ro.vmdk")
         try text.replacingOccurrences(of: "RW 20480 FLAT", with: "RDONLY 20480 FLAT").write(toFile: ro, atomically: true, encoding: .utf8)

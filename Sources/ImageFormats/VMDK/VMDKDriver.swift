@@ -73,6 +73,10 @@ public final class VMDKDriver: ImageDriver {
             guard !d.extents.isEmpty else {
                 throw BlockError.invalid(file: file.path, field: "VMDK descriptor", detail: "it lists no extents")
             }
+            // Before any file is opened: every extent line may name a file to open.
+            guard d.extents.count <= Self.maxExtents else {
+                throw BlockError.invalid(file: file.path, field: "VMDK descriptor", detail: "\(d.extents.count) extents (at most \(Self.maxExtents))")
+            }
             let sparse = try Self.openSparseExtents(d.extents, descriptor: file.path, extentFiles)
             var start: UInt64 = 0
             for (n, e) in d.extents.enumerated() {
@@ -110,9 +114,6 @@ public final class VMDKDriver: ImageDriver {
         }
         if let d = desc, let p = d.parentCID, p != 0xFFFF_FFFF, d.parentFileNameHint == nil {
             throw BlockError.invalid(file: file.path, field: "parentCID", detail: "the descriptor names a parent CID but no parentFileNameHint")
-        }
-        guard built.count <= Self.maxExtents else {
-            throw BlockError.invalid(file: file.path, field: "VMDK descriptor", detail: "\(built.count) extents (at most \(Self.maxExtents))")
         }
         extents = built
         descriptor = desc
@@ -185,14 +186,14 @@ public final class VMDKDriver: ImageDriver {
                                   _ files: VMDKExtentFiles) throws -> [Int: VMDKSparseExtent] {
         let lines = list.indices.filter { list[$0].type == .sparse || list[$0].type == .vmfsSparse }
         ImageFile.reserveDescriptors(lines.count)
-        let opened = Self.onAllCores(lines.count) { k in
+        let opened = onAllCores(lines.count) { k in
             try openExtent(list[lines[k]], number: lines[k] + 1, descriptor: descriptor, files.open)
         }
         let failed = opened.firstIndex { if case .failure = $0 { return true } else { return false } } ?? lines.count
         var adopted: [(file: ImageFile, isNew: Bool)] = []
         adopted.reserveCapacity(failed)
         for k in 0 ..< failed { adopted.append(files.adopt(try opened[k].get())) }
-        let ready = Self.onAllCores(failed) { [adopted] k in
+        let ready = onAllCores(failed) { [adopted] k in
             if adopted[k].isNew { try files.lock(adopted[k].file) }
             return try VMDKSparseExtent(file: adopted[k].file, size: adopted[k].file.sizeAtOpen)
         }
@@ -200,20 +201,6 @@ public final class VMDKDriver: ImageDriver {
         for k in 0 ..< failed { out[lines[k]] = try ready[k].get() }
         if failed < lines.count { _ = try opened[failed].get() }
         return out
-    }
-
-    /// `work(k)` for every k below `count`, spread over the cores, results in order.
-    static func onAllCores<T: Sendable>(_ count: Int, _ work: (Int) throws -> T) -> [Result<T, any Error>] {
-        let results = Mutex<[Int: Result<T, any Error>]>([:])
-        withoutActuallyEscaping(work) { work in
-            nonisolated(unsafe) let work = work
-            DispatchQueue.concurrentPerform(iterations: count) { k in
-                let r = Result { try work(k) }
-                results.withLock { $0[k] = r }
-            }
-        }
-        let all = results.withLock { $0 }
-        return (0 ..< count).map { all[$0]! }
     }
 
     /// Extent names are relative to the descriptor and must stay in its directory.
@@ -227,10 +214,9 @@ public final class VMDKDriver: ImageDriver {
     }
 
     static func extentPath(_ name: String, descriptor: String) throws -> String {
-        // On the bytes: a split image names thousands of files.
-        let bytes = Array(name.utf8), slash = UInt8(ascii: "/"), dot = UInt8(ascii: ".")
-        let upward = bytes.split(separator: slash).contains { $0.count == 2 && $0.allSatisfy { $0 == dot } }
-        guard bytes.first != slash, !upward, !bytes.isEmpty else {
+        // On the UTF-8 view, not on Characters: a split image names thousands of files.
+        let parts = name.utf8.split(separator: UInt8(ascii: "/"))
+        guard name.utf8.first != UInt8(ascii: "/"), !parts.contains(where: { $0.elementsEqual("..".utf8) }), !name.isEmpty else {
             throw BlockError.invalid(file: descriptor, field: "extent file name", detail: "'\(name)' leaves the descriptor's directory")
         }
         return PathName.resolve(name, relativeTo: descriptor)
