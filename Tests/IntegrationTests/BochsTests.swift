@@ -235,6 +235,15 @@ final class BochsTests: XCTestCase {
         let r = try Harness.run([Harness.rawmount, "mount", img, s.mnt])
         XCTAssertTrue(r.err.contains("read-only"), r.err)
         let raw = s.mnt + "/disk.raw"
+        // The first stat (answered from the file's length while the count reads the page
+        // table) is the present pages: the table's entries other than 0xFFFFFFFF.
+        let bytes = try Files.read(img)
+        let pages = Int(bytes[12]) | Int(bytes[13]) << 8 | Int(bytes[14]) << 16 | Int(bytes[15]) << 24
+        let present = (0 ..< pages).filter { k in (0 ..< 4).contains { bytes[256 + 4 * k + $0] != 0xFF } }.count
+        var st = stat()
+        XCTAssertEqual(stat(raw, &st), 0)
+        XCTAssertGreaterThan(present, 0)
+        XCTAssertEqual(UInt64(st.st_blocks) * 512, UInt64(present) * 32768, "first st_blocks")
         XCTAssertEqual(open(raw, O_WRONLY), -1)
         XCTAssertEqual(errno, EROFS)
         let source = try Files.read(src)
