@@ -238,8 +238,8 @@ final class BochsTests: XCTestCase {
         // The first stat (answered from the file's length while the count reads the page
         // table) is the present pages: the table's entries other than 0xFFFFFFFF.
         let bytes = try Files.read(img)
-        let pages = Int(bytes[12]) | Int(bytes[13]) << 8 | Int(bytes[14]) << 16 | Int(bytes[15]) << 24
-        let present = (0 ..< pages).filter { k in (0 ..< 4).contains { bytes[256 + 4 * k + $0] != 0xFF } }.count
+        let pages = Int(le(bytes, at: 12, 4))
+        let present = (0 ..< pages).filter { le(bytes, at: 256 + 4 * $0, 4) != 0xFFFF_FFFF }.count
         var st = stat()
         XCTAssertEqual(stat(raw, &st), 0)
         XCTAssertGreaterThan(present, 0)

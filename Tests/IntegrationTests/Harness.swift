@@ -226,6 +226,9 @@ final class Scratch {
 /// `v` as `n` little-endian bytes, for patching image headers.
 func le(_ v: UInt64, _ n: Int) -> [UInt8] { (0..<n).map { UInt8(truncatingIfNeeded: v >> (8 * UInt64($0))) } }
 
+/// The `n`-byte little-endian number at `o` in `d`, for reading image headers and tables.
+func le(_ d: Data, at o: Int, _ n: Int) -> UInt64 { (0..<n).reduce(UInt64(0)) { $0 | UInt64(d[o + $1]) << (8 * UInt64($1)) } }
+
 enum Files {
     static func read(_ path: String) throws -> Data { try Data(contentsOf: URL(fileURLWithPath: path)) }
 

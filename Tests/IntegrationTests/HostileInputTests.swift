@@ -400,8 +400,8 @@ final class HostileMetadataTests: XCTestCase {
 final class MetadataOverlapTests: XCTestCase {
     override func setUpWithError() throws { try Harness.requireFuse() }
 
-    func le32At(_ d: Data, _ o: Int) -> UInt64 { (0..<4).reduce(UInt64(0)) { $0 | UInt64(d[o + $1]) << (8 * UInt64($1)) } }
-    func le64At(_ d: Data, _ o: Int) -> UInt64 { (0..<8).reduce(UInt64(0)) { $0 | UInt64(d[o + $1]) << (8 * UInt64($1)) } }
+    func le32At(_ d: Data, _ o: Int) -> UInt64 { le(d, at: o, 4) }
+    func le64At(_ d: Data, _ o: Int) -> UInt64 { le(d, at: o, 8) }
 
     /// pread/pwrite of 4 KiB at 0 on the mounted raw file: both must fail with EIO.
     func assertIOFails(_ raw: String, _ what: String, file: StaticString = #filePath, line: UInt = #line) {

@@ -355,5 +355,5 @@ final class QEDTests: XCTestCase {
         }
     }
 
-    func le64(_ d: Data, _ o: Int) -> UInt64 { (0..<8).reduce(0) { $0 | UInt64(d[o + $1]) << (8 * UInt64($1)) } }
+    func le64(_ d: Data, _ o: Int) -> UInt64 { le(d, at: o, 8) }
 }

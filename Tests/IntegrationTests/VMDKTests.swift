@@ -450,7 +450,7 @@ extension VMDKTests {
         XCTAssertTrue(info.contains("5 grains allocated"), info)  // 4 grains of 64 KiB at 0, 1 at 5 MiB
         // The primary grain directory (header offset 56, in sectors) -> grain table 0.
         func u64(_ d: Data, _ o: Int) -> Int { (0..<8).reduce(0) { $0 | Int(d[o + $1]) << (8 * $1) } }
-        func u32(_ d: Data, _ o: Int) -> Int { (0..<4).reduce(0) { $0 | Int(d[o + $1]) << (8 * $1) } }
+        func u32(_ d: Data, _ o: Int) -> Int { Int(le(d, at: o, 4)) }
         let gd = u64(bytes, 56) * 512, rgd = u64(bytes, 48) * 512
         let gt = u32(bytes, gd) * 512, rgt = u32(bytes, rgd) * 512
         var past = bytes
