@@ -1,4 +1,7 @@
 import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// How entries of a metadata table are stored on disk.
 public enum TableEncoding: Sendable {
@@ -108,21 +111,19 @@ public final class TableCache: Sendable {
 
     /// Whether every byte of the table is `byte` (VDI's unallocated map entries are 0xFF...).
     public func isFilled(table: UInt64, with byte: UInt8) throws -> Bool {
-        try withSlot(table) { slot in
-            if slot.uniform == nil {
-                let first = slot.bytes.first ?? 0
-                let pattern = UInt64(first) &* 0x0101_0101_0101_0101
-                slot.uniform = slot.bytes.withUnsafeBytes { raw -> Bool in
-                    var i = 0
-                    while i + 8 <= raw.count {
-                        if raw.loadUnaligned(fromByteOffset: i, as: UInt64.self) != pattern { return false }
-                        i += 8
-                    }
-                    return raw[i...].allSatisfy { $0 == first }
-                } ? Int(first) : -1
-            }
-            return slot.uniform == Int(byte)
+        try withSlot(table) { uniformByte($0) == Int(byte) }
+    }
+
+    /// The byte every byte of the slot's table is, or -1 (mixed); remembered until it changes.
+    private func uniformByte(_ slot: Slot) -> Int {
+        if let u = slot.uniform { return u }
+        let first = slot.bytes.first ?? 0
+        // The table equals itself shifted by one byte only if every byte is the first.
+        let same = slot.bytes.withUnsafeBytes { raw in
+            raw.count < 2 || memcmp(raw.baseAddress!, raw.baseAddress! + 1, raw.count - 1) == 0
         }
+        slot.uniform = same ? Int(first) : -1
+        return slot.uniform!
     }
 
     private func withSlot<R>(_ table: UInt64, _ body: (Slot) throws -> R) throws -> R {
@@ -187,6 +188,41 @@ public final class TableCache: Sendable {
                 let t = table + UInt64(k * tableBytes)
                 if s.slots[t] == nil { _ = try insertLocked(&s, table: t, bytes: Array(bytes[k * tableBytes ..< (k + 1) * tableBytes])) }
             }
+        }
+    }
+
+    /// How many consecutive tables from `table` (at most `limit`, whole tables before `end`)
+    /// have every byte equal to `byte`: a walk passes a run of empty VDI map sectors with one
+    /// read of up to `limit` tables and one lock, without loading them into the cache (a
+    /// status walk over an 8 TiB map would otherwise churn 32768 slots through it). A table
+    /// held in the cache is judged by its cached bytes, which may be newer than the file's;
+    /// the first table that differs is cached, since the caller reads it next.
+    public func countFilled(from table: UInt64, upTo end: UInt64, byte: UInt8, limit: Int) throws -> Int {
+        guard end > table else { return 0 }
+        let n = Int(min(UInt64(max(limit, 0)), (end - table) / UInt64(tableBytes)))
+        guard n > 0 else { return 0 }
+        // A held first table that differs costs no read.
+        if isCached(table: table), try !isFilled(table: table, with: byte) { return 0 }
+        let bytes = try file.readBytes(count: n * tableBytes, at: table, what: "metadata tables")
+        let pattern = [UInt8](repeating: byte, count: tableBytes)
+        return try state.withLock { s in
+            for k in 0 ..< n {
+                let t = table + UInt64(k * tableBytes)
+                // Checked under the lock after the read: a table loaded (and perhaps changed)
+                // meanwhile is judged by the cache, never by the older file bytes.
+                if let slot = s.slots[t] {
+                    if uniformByte(slot) != Int(byte) { return k }
+                    continue
+                }
+                let same = bytes.withUnsafeBytes { b in
+                    pattern.withUnsafeBytes { p in memcmp(b.baseAddress! + k * tableBytes, p.baseAddress!, tableBytes) == 0 }
+                }
+                if !same {
+                    _ = try insertLocked(&s, table: t, bytes: Array(bytes[k * tableBytes ..< (k + 1) * tableBytes]))
+                    return k
+                }
+            }
+            return n
         }
     }
 

@@ -163,3 +163,30 @@ final class TableCacheTests: XCTestCase {
         for w in 0..<4 { for i in 0..<64 { XCTAssertEqual(try check.entry(table: UInt64(w * 256), index: i), UInt64(w << 16 | i)) } }
     }
 }
+
+extension TableCacheTests {
+    /// A run of filled tables is counted from one read without loading them; a table changed
+    /// in the cache (newer than the file) is judged by the cache, in both directions; the
+    /// count stops at `limit` and at `end`, and the first table that differs is cached.
+    func testCountFilledJudgesCachedTablesByTheCacheAndStopsAtTheFirstDifference() throws {
+        var b = [UInt8](repeating: 0xFF, count: 16 * 10)
+        b[16 * 6 + 3] = 0
+        let f = try makeFile(b)
+        let c = TableCache(file: f, tableBytes: 16, encoding: .u32LE, capacity: 64)
+        XCTAssertEqual(try c.countFilled(from: 0, upTo: 160, byte: 0xFF, limit: 100), 6)
+        XCTAssertTrue(c.isCached(table: 96), "the differing table is cached")
+        XCTAssertFalse(c.isCached(table: 16), "filled tables are not loaded")
+        XCTAssertEqual(try c.countFilled(from: 0, upTo: 160, byte: 0xFF, limit: 4), 4)
+        XCTAssertEqual(try c.countFilled(from: 0, upTo: 40, byte: 0xFF, limit: 100), 2, "only whole tables before the end")
+        XCTAssertEqual(try c.countFilled(from: 112, upTo: 160, byte: 0xFF, limit: 100), 3)
+        XCTAssertEqual(try c.countFilled(from: 0, upTo: 160, byte: 0, limit: 100), 0)
+        // An entry set in table 2 (not yet written) ends the run there, though the file is filled.
+        try c.setEntry(table: 32, index: 1, value: 7)
+        XCTAssertEqual(try c.countFilled(from: 0, upTo: 160, byte: 0xFF, limit: 100), 2)
+        XCTAssertEqual(try c.countFilled(from: 32, upTo: 160, byte: 0xFF, limit: 100), 0)
+        // Table 6 made filled in the cache: the run goes on past it, the file still says otherwise.
+        try c.setEntry(table: 96, index: 0, value: 0xFFFF_FFFF)
+        XCTAssertEqual(try c.countFilled(from: 48, upTo: 160, byte: 0xFF, limit: 100), 7)
+        XCTAssertEqual(try f.readBytes(count: 16, at: 96, what: "t")[3], 0)
+    }
+}
