@@ -9,6 +9,7 @@ extent, the server's RSS after the walk, and `rawmount info` next to `qemu-img i
 
   python3 scripts/scale.py          (make bench runs it after bench.py)
   SCALE_FORMATS=qcow2,vdi SCALE_CASES=one   select what runs
+  SCALE_REPEAT=3                             rawmount runs per row (the median is shown)
 """
 import os
 import struct
@@ -54,6 +55,8 @@ READ_GIB = int(os.environ.get("SCALE_READ_GIB", "4"))
 # otherwise need 16 GiB of host disk).
 PIECES = {"vdi": 4096}
 STRIDE = 2 << 20
+# rawmount's figures are the median of this many runs of each row.
+REPEAT = max(1, int(os.environ.get("SCALE_REPEAT", "3")))
 
 
 def human(n):
@@ -214,6 +217,20 @@ def walk(path):
     return took, extents, data
 
 
+def median_run(runs):
+    """Each measured figure's median over the runs (the walk's extent count and data bytes
+    must not differ between runs)."""
+    def med(values):
+        v = sorted(values)
+        return v[len(v) // 2]
+    walks = [r["walk"] for r in runs]
+    assert len({w[1:] for w in walks}) == 1, f"walks differ between runs: {walks}"
+    out = {k: med([r[k] for r in runs]) for k in ("mount", "stat", "rss", "info")}
+    out["blocks"] = runs[0]["blocks"]
+    out["walk"] = (med([w[0] for w in walks]),) + walks[0][1:]
+    return out
+
+
 def rss_mib(pid):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -330,9 +347,13 @@ def main():
         for case in [c for c in CASES if c != "read"]:
             for name in SELECTED:
                 img, driver, size = make_image(work, name, case)
-                ours = measure_rawmount(img, driver, work)
+                # rawmount before and after qsd, then the median of its runs (one run swings
+                # 2-5x on this machine); qsd runs once: its walks take minutes on some rows.
+                runs = [measure_rawmount(img, driver, work)]
                 # QEMU reads a Bochs sparse image only as raw (FORMATS names its driver).
                 theirs = measure_qsd(QSD_IMAGE.get(img, img), FORMATS[name][0] if name == "bochs-sparse" else driver, work)
+                runs += [measure_rawmount(img, driver, work) for _ in range(REPEAT - 1)]
+                ours = median_run(runs)
                 rows.append((name, case, size, ours, theirs))
                 print(f"{name:12} {case:9} rawmount mount {ours['mount']*1000:6.0f} ms stat {ours['stat']*1000:7.1f} ms "
                       f"walk {ours['walk'][0]*1000:8.1f} ms ({ours['walk'][1]} extents) rss {ours['rss']:5.1f} MiB info {ours['info']*1000:6.0f} ms | "
@@ -350,6 +371,7 @@ def main():
         for name, b, a, c, qb, qa, qc in reads:
             print(f"| {name} | {b:.1f} / {a:.1f} ({qb:.1f} / {qa:.1f}) | {c*1000:.0f} ({qc*1000:.0f}) |")
     print()
+    print(f"rawmount: the median of {REPEAT} runs per row; qsd: one run")
     print("| format | size | data | mount ms (qsd) | stat ms (qsd) | SEEK walk ms (qsd) | extents (qsd) | st_blocks bytes (qsd) | RSS MiB (qsd) | info ms (qemu-img info) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, case, size, o, q in rows:
