@@ -1,4 +1,5 @@
 import Foundation
+import TestSupport
 import XCTest
 
 /// qcow2 images made by qemu-img, read through a read-only mount and compared with
@@ -78,6 +79,46 @@ final class QCOW2Tests: XCTestCase {
             """, img])
         XCTAssertEqual(try s.qemuRaw(img), Data(repeating: 0x42, count: 65536), "QEMU no longer truncates the stream")
         try assertReadsLikeQemu(s, img, "a stream longer than its cluster")
+    }
+
+    /// Small reads of compressed clusters whose streams are Huffman-coded (compressible
+    /// data), as random 4 KiB readers make them: a first read in a cluster's first half is
+    /// inflated only up to what it needs (zlib stops there), a later one in the same cluster
+    /// inflates it whole. Every piece equals QEMU's bytes, for qcow2 deflate clusters and
+    /// streamOptimized VMDK grains.
+    func testSmallReadsOfCodedCompressedClustersMatchQemu() throws {
+        let s = try Scratch()
+        let src = s.path("text.raw")
+        // Seeded text: words from a small vocabulary, so deflate codes it (no stored blocks).
+        try Harness.run(["python3", "-c", """
+            import random, sys
+            r = random.Random(14); words = [''.join(r.choice('abcdefghijklmnop') for _ in range(r.randint(2, 9))) for _ in range(500)]
+            out = bytearray()
+            while len(out) < 4 << 20: out += (' '.join(r.choice(words) for _ in range(12)) + '\\n').encode()
+            open(sys.argv[1], 'wb').write(out[:4 << 20])
+            """, src])
+        for (format, options) in [("qcow2", ["-c"]), ("vmdk", ["-o", "subformat=streamOptimized"])] {
+            let img = s.path("text.\(format)")
+            try Harness.run(["qemu-img", "convert", "-O", format] + options + [src, img])
+            XCTAssertLessThan(try Files.read(img).count, 3 << 20, "\(format): the text was not compressed")
+            let want = try s.qemuRaw(img)
+            try Harness.run([Harness.rawmount, "mount", "-r", img, s.mnt])
+            let fd = open(s.mnt + "/text.raw", O_RDONLY)
+            XCTAssertGreaterThanOrEqual(fd, 0)
+            var rng = SeededRandom(seed: 14)
+            for k in 0 ..< 400 {
+                // Half the reads start in a cluster's first half; sizes 512 B to 8 KiB.
+                let cluster = Int(rng.next() % UInt64(want.count >> 16))
+                let inCluster = Int(rng.next() % (k % 2 == 0 ? 32768 : 65536)) & ~511
+                let length = [512, 4096, 8192][Int(rng.next() % 3)]
+                let at = min(cluster << 16 + inCluster, want.count - length)
+                var buf = [UInt8](repeating: 0, count: length)
+                XCTAssertEqual(pread(fd, &buf, length, off_t(at)), length, "\(format) at \(at)")
+                XCTAssertTrue(buf.elementsEqual(want[at ..< at + length]), "\(format): \(length) bytes at \(at) differ from qemu-img convert")
+            }
+            close(fd)
+            try s.unmount()
+        }
     }
 
     /// A snapshot, a dirty bitmap, and writes after the snapshot: the active disk is shown,
