@@ -192,38 +192,55 @@ public final class TableCache: Sendable {
     }
 
     /// How many consecutive tables from `table` (at most `limit`, whole tables before `end`)
-    /// have every byte equal to `byte`: a walk passes a run of empty VDI map sectors with one
-    /// read of up to `limit` tables and one lock, without loading them into the cache (a
-    /// status walk over an 8 TiB map would otherwise churn 32768 slots through it). A table
-    /// held in the cache is judged by its cached bytes, which may be newer than the file's;
-    /// the first table that differs is cached, since the caller reads it next.
+    /// have every byte equal to `byte`: a walk passes a run of empty VDI map sectors with a
+    /// few reads and locks, without loading them into the cache (a status walk over an 8 TiB
+    /// map would otherwise churn 32768 slots through it). The first read is small, so a walk
+    /// that meets a used table at once reads little. A table held in the cache is judged by
+    /// its cached bytes, which may be newer than the file's; the first table that differs is
+    /// cached, since the caller reads it next.
     public func countFilled(from table: UInt64, upTo end: UInt64, byte: UInt8, limit: Int) throws -> Int {
         guard end > table else { return 0 }
         let n = Int(min(UInt64(max(limit, 0)), (end - table) / UInt64(tableBytes)))
         guard n > 0 else { return 0 }
         // A held first table that differs costs no read.
         if isCached(table: table), try !isFilled(table: table, with: byte) { return 0 }
-        let bytes = try file.readBytes(count: n * tableBytes, at: table, what: "metadata tables")
         let pattern = [UInt8](repeating: byte, count: tableBytes)
-        return try state.withLock { s in
-            for k in 0 ..< n {
-                let t = table + UInt64(k * tableBytes)
-                // Checked under the lock after the read: a table loaded (and perhaps changed)
-                // meanwhile is judged by the cache, never by the older file bytes.
-                if let slot = s.slots[t] {
-                    if uniformByte(slot) != Int(byte) { return k }
-                    continue
-                }
-                let same = bytes.withUnsafeBytes { b in
-                    pattern.withUnsafeBytes { p in memcmp(b.baseAddress! + k * tableBytes, p.baseAddress!, tableBytes) == 0 }
-                }
-                if !same {
-                    _ = try insertLocked(&s, table: t, bytes: Array(bytes[k * tableBytes ..< (k + 1) * tableBytes]))
-                    return k
-                }
+        var done = 0, batch = min(n, Self.firstFilledBatch)
+        while done < n {
+            let first = table + UInt64(done * tableBytes)
+            let bytes = try file.readBytes(count: batch * tableBytes, at: first, what: "metadata tables")
+            let filled = try state.withLock { s in
+                try filledPrefix(&s, bytes, at: first, count: batch, pattern: pattern)
             }
-            return n
+            done += filled
+            if filled < batch { break }
+            batch = n - done
         }
+        return done
+    }
+
+    /// Tables `countFilled` reads first.
+    static let firstFilledBatch = 8
+
+    /// How many of the `count` tables read into `bytes` from `first` on are all `pattern`,
+    /// judging held tables by the cache (checked under the lock, after the read: a table
+    /// loaded and perhaps changed meanwhile is never judged by the older file bytes).
+    private func filledPrefix(_ s: inout State, _ bytes: [UInt8], at first: UInt64, count: Int, pattern: [UInt8]) throws -> Int {
+        for k in 0 ..< count {
+            let t = first + UInt64(k * tableBytes)
+            if let slot = s.slots[t] {
+                if uniformByte(slot) != Int(pattern[0]) { return k }
+                continue
+            }
+            let same = bytes.withUnsafeBytes { b in
+                pattern.withUnsafeBytes { p in memcmp(b.baseAddress! + k * tableBytes, p.baseAddress!, tableBytes) == 0 }
+            }
+            if !same {
+                _ = try insertLocked(&s, table: t, bytes: Array(bytes[k * tableBytes ..< (k + 1) * tableBytes]))
+                return k
+            }
+        }
+        return count
     }
 
     /// Puts a table read by other means (at open, with its neighbours) into the cache, clean,

@@ -189,4 +189,18 @@ extension TableCacheTests {
         XCTAssertEqual(try c.countFilled(from: 48, upTo: 160, byte: 0xFF, limit: 100), 7)
         XCTAssertEqual(try f.readBytes(count: 16, at: 96, what: "t")[3], 0)
     }
+
+    /// A run longer than the first read goes on in a second read, where held tables are
+    /// still judged by the cache.
+    func testCountFilledGoesOnPastItsFirstRead() throws {
+        let batch = TableCache.firstFilledBatch
+        var b = [UInt8](repeating: 0xFF, count: 16 * (3 * batch))
+        b[16 * (2 * batch) + 5] = 1
+        let f = try makeFile(b)
+        let c = TableCache(file: f, tableBytes: 16, encoding: .u32LE, capacity: 64)
+        XCTAssertEqual(try c.countFilled(from: 0, upTo: UInt64(b.count), byte: 0xFF, limit: 1000), 2 * batch)
+        try c.setEntry(table: UInt64(16 * (batch + 3)), index: 2, value: 9)
+        XCTAssertEqual(try c.countFilled(from: 0, upTo: UInt64(b.count), byte: 0xFF, limit: 1000), batch + 3)
+        XCTAssertEqual(try c.countFilled(from: 16, upTo: UInt64(b.count), byte: 0xFF, limit: batch + 1), batch + 1)
+    }
 }

@@ -98,8 +98,10 @@ public final class VDIDriver: ImageDriver {
         var pos = offset
         let end = offset + maxLength
         var chunks = 0
-        // At most `maxChunksPerMap` map sectors per call, so a status walk's work budget
-        // (and a hostile map) is counted in bounded steps.
+        var skippedOnce = false
+        // At most `maxChunksPerMap` map sectors per call, plus one skip of at most
+        // `skipChunks`, so a status walk's work budget (and a hostile map) is counted in
+        // bounded steps: one call reads at most about 1 MiB of map.
         while pos < end && chunks < Self.maxChunksPerMap {
             chunks += 1
             let block = pos / blockSize
@@ -107,17 +109,19 @@ public final class VDIDriver: ImageDriver {
             // A long walk passes a run of map sectors of unallocated blocks in one step (read
             // in one I/O of at most `skipChunks` sectors, up to the map's end).
             let span = UInt64(Self.entriesPerChunk) * blockSize
-            let long = loc.index == 0 && end - pos > span
+            let long = !skippedOnce && loc.index == 0 && end - pos > span
                 && result.map({ if case .unallocated = $0 { return true } else { return false } }) ?? true
             if long {
                 let spanStart = block * blockSize
                 let want = min(UInt64(Self.skipChunks), (end - spanStart) / span)
                 let n = try map.countFilled(from: loc.chunk, upTo: UInt64(header.offsetBmap) + header.mapBytes,
                                             byte: 0xFF, limit: Int(want))
+                skippedOnce = true
                 if n > 0 {
                     let skipped = min(end, spanStart + UInt64(n) * span) - pos
                     result = .unallocated(length: (result?.length ?? 0) + skipped)
                     pos += skipped
+                    if n == Int(want) { break }  // the next call goes on
                     continue
                 }
             }
