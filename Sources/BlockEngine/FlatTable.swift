@@ -28,14 +28,23 @@ public struct FlatTable: Sendable {
 extension FlatTable {
     /// How many entries from `i` on (at most `limit`, never past the table) equal `value`,
     /// scanned a cached chunk at a time: a run of unallocated catalog entries is passed with
-    /// one lock and one lookup per chunk instead of one per entry.
+    /// one lock and one lookup per chunk instead of one per entry. Whole chunks of a value
+    /// whose bytes are all alike (0xFFFFFFFF, Bochs' "absent") are judged straight from the
+    /// file a batch at a time (`TableCache.countFilled`), without loading them.
     public func run(of value: UInt64, from i: UInt64, limit: UInt64) throws -> UInt64 {
         let limit = min(limit, entries > i ? entries - i : 0)
         let width = UInt64(cache.encoding.width)
+        let fill = Self.repeatedByte(value, width: cache.encoding.width)
         var n: UInt64 = 0
         while n < limit {
             let index = i + n
             let chunk = index / perChunk * perChunk
+            if let fill, index == chunk, limit - n >= perChunk {
+                let whole = try cache.countFilled(from: start + chunk * width, upTo: start + (chunk + (limit - n) / perChunk * perChunk) * width,
+                                                  byte: fill, limit: Int(clamping: (limit - n) / perChunk))
+                n += UInt64(whole) * perChunk
+                if whole > 0 { continue }
+            }
             let differs = try cache.withEntries(table: start + chunk * width) { view -> Bool in
                 var k = Int(index - chunk)
                 while k < Int(perChunk) && n < limit {
@@ -47,6 +56,13 @@ extension FlatTable {
             if differs { break }
         }
         return n
+    }
+
+    /// The byte every byte of `value`'s `width`-byte encoding is, if they are all alike.
+    static func repeatedByte(_ value: UInt64, width: Int) -> UInt8? {
+        let byte = UInt8(truncatingIfNeeded: value)
+        let mask: UInt64 = width == 8 ? .max : (1 << (8 * UInt64(width))) - 1
+        return value & mask == (UInt64(byte) &* 0x0101_0101_0101_0101) & mask && value <= mask ? byte : nil
     }
 
     /// Calls `body(index, entry)` for entries `0..<count` of the array at `start`, read 1 MiB

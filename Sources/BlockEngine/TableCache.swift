@@ -118,12 +118,16 @@ public final class TableCache: Sendable {
     private func uniformByte(_ slot: Slot) -> Int {
         if let u = slot.uniform { return u }
         let first = slot.bytes.first ?? 0
-        // The table equals itself shifted by one byte only if every byte is the first.
-        let same = slot.bytes.withUnsafeBytes { raw in
-            raw.count < 2 || memcmp(raw.baseAddress!, raw.baseAddress! + 1, raw.count - 1) == 0
-        }
+        let same = slot.bytes.withUnsafeBytes { Self.allBytes($0.baseAddress, $0.count, equal: first) }
         slot.uniform = same ? Int(first) : -1
         return slot.uniform!
+    }
+
+    /// Whether all `count` bytes at `p` are `byte`: the range equals itself shifted by one
+    /// byte only if every byte is its first (one memcmp, no pattern buffer).
+    static func allBytes(_ p: UnsafeRawPointer?, _ count: Int, equal byte: UInt8) -> Bool {
+        guard count > 0, let p else { return true }
+        return p.load(as: UInt8.self) == byte && (count == 1 || memcmp(p, p + 1, count - 1) == 0)
     }
 
     private func withSlot<R>(_ table: UInt64, _ body: (Slot) throws -> R) throws -> R {
@@ -204,37 +208,36 @@ public final class TableCache: Sendable {
         guard n > 0 else { return 0 }
         // A held first table that differs costs no read.
         if isCached(table: table), try !isFilled(table: table, with: byte) { return 0 }
-        let pattern = [UInt8](repeating: byte, count: tableBytes)
+        let most = max(1, Self.filledReadBytes / tableBytes)
         var done = 0, batch = min(n, Self.firstFilledBatch)
         while done < n {
             let first = table + UInt64(done * tableBytes)
             let bytes = try file.readBytes(count: batch * tableBytes, at: first, what: "metadata tables")
             let filled = try state.withLock { s in
-                try filledPrefix(&s, bytes, at: first, count: batch, pattern: pattern)
+                try filledPrefix(&s, bytes, at: first, count: batch, byte: byte)
             }
             done += filled
             if filled < batch { break }
-            batch = n - done
+            batch = min(n - done, most)
         }
         return done
     }
 
-    /// Tables `countFilled` reads first.
+    /// Tables `countFilled` reads first; later reads take at most `filledReadBytes`.
     static let firstFilledBatch = 8
+    static let filledReadBytes = 1 << 20
 
-    /// How many of the `count` tables read into `bytes` from `first` on are all `pattern`,
+    /// How many of the `count` tables read into `bytes` from `first` on are all `byte`,
     /// judging held tables by the cache (checked under the lock, after the read: a table
     /// loaded and perhaps changed meanwhile is never judged by the older file bytes).
-    private func filledPrefix(_ s: inout State, _ bytes: [UInt8], at first: UInt64, count: Int, pattern: [UInt8]) throws -> Int {
+    private func filledPrefix(_ s: inout State, _ bytes: [UInt8], at first: UInt64, count: Int, byte: UInt8) throws -> Int {
         for k in 0 ..< count {
             let t = first + UInt64(k * tableBytes)
             if let slot = s.slots[t] {
-                if uniformByte(slot) != Int(pattern[0]) { return k }
+                if uniformByte(slot) != Int(byte) { return k }
                 continue
             }
-            let same = bytes.withUnsafeBytes { b in
-                pattern.withUnsafeBytes { p in memcmp(b.baseAddress! + k * tableBytes, p.baseAddress!, tableBytes) == 0 }
-            }
+            let same = bytes.withUnsafeBytes { Self.allBytes($0.baseAddress.map { $0 + k * tableBytes }, tableBytes, equal: byte) }
             if !same {
                 _ = try insertLocked(&s, table: t, bytes: Array(bytes[k * tableBytes ..< (k + 1) * tableBytes]))
                 return k

@@ -204,3 +204,27 @@ extension TableCacheTests {
         XCTAssertEqual(try c.countFilled(from: 16, upTo: UInt64(b.count), byte: 0xFF, limit: batch + 1), batch + 1)
     }
 }
+
+extension TableCacheTests {
+    /// A run of an all-alike value crosses whole chunks from the file (read in batches) and
+    /// stops exactly at the first entry that differs, inside a chunk; other values are
+    /// scanned entry by entry with the same answers.
+    func testFlatTableRunOfAbsentEntriesStopsAtTheExactEntry() throws {
+        XCTAssertEqual(FlatTable.repeatedByte(0xFFFF_FFFF, width: 4), 0xFF)
+        XCTAssertEqual(FlatTable.repeatedByte(0, width: 8), 0)
+        XCTAssertNil(FlatTable.repeatedByte(0xFFFF_FFFE, width: 4))
+        XCTAssertNil(FlatTable.repeatedByte(0x1_FFFF_FFFF, width: 4))
+        let entries = 40_000
+        var b = [UInt8](repeating: 0xFF, count: entries * 4)
+        for k in 0..<4 { b[4 * 30_001 + k] = 7 }           // entry 30001 is used
+        for k in 0..<4 { b[4 * 100 + k] = 0x11 }           // a run of another value: 100..<103
+        for e in 101..<103 { for k in 0..<4 { b[4 * e + k] = 0x11 } }
+        let f = try makeFile(b)
+        let t = FlatTable(file: f, start: 0, entries: UInt64(entries), encoding: .u32LE, fileSize: UInt64(b.count))
+        XCTAssertEqual(try t.run(of: 0xFFFF_FFFF, from: 103, limit: .max), 30_001 - 103)
+        XCTAssertEqual(try t.run(of: 0xFFFF_FFFF, from: 1024, limit: 5000), 5000)
+        XCTAssertEqual(try t.run(of: 0xFFFF_FFFF, from: 30_002, limit: .max), UInt64(entries - 30_002), "up to the table's end")
+        XCTAssertEqual(try t.run(of: 0x1111_1111, from: 100, limit: .max), 3)
+        XCTAssertEqual(try t.run(of: 0xFFFF_FFFF, from: 0, limit: .max), 100)
+    }
+}
