@@ -41,11 +41,14 @@ public final class Allocator: Sendable {
     }
 
     /// Takes back the last allocation (`start`, `bytes`) when nothing will link it (its data
-    /// write failed); true if it was the last one and the frontier moved back.
+    /// write failed); true if it was the last one and the frontier moved back. `clear` must
+    /// remove what the failed write may have left there (truncate the file to `start`), so
+    /// that the space reads as zeros when it is handed out again as fresh; if it fails, the
+    /// frontier stays where it is and the space is leaked instead.
     @discardableResult
-    public func giveBack(_ start: UInt64, _ bytes: UInt64) -> Bool {
+    public func giveBack(_ start: UInt64, _ bytes: UInt64, clear: () -> Bool) -> Bool {
         state.withLock { next in
-            guard start + bytes.alignedUp(alignment) == next else { return false }
+            guard start + bytes.alignedUp(alignment) == next, clear() else { return false }
             next = start
             return true
         }

@@ -34,38 +34,69 @@ public final class BlockDevice: Sendable {
     /// Host ranges commits and zeroing unlinked, waiting for a flush before `release`.
     private let unlinked = Mutex<[HostRange]>([])
 
-    /// Writes in progress, by the parity of the epoch they started in. A write maps a
-    /// cluster and writes it later without a lock; space a flush is about to release may be
-    /// such a cluster, so the release first waits for every write that began before it.
-    private let writeEpoch = Atomic<Int>(0)
-    private let writersEven = Atomic<Int>(0), writersOdd = Atomic<Int>(0)
+    /// Reads and writes in progress, by the parity of the epoch they started in. Both map a
+    /// cluster and then do their I/O without a lock; space a flush is about to release may
+    /// be such a cluster (a discard unlinked it meanwhile), so the release first waits for
+    /// every access that began before it. Otherwise a reader could return, or a writer
+    /// overwrite, the bytes of the next owner of that space.
+    private let accessEpoch = Atomic<Int>(0)
+    private let accessesEven = Atomic<Int>(0), accessesOdd = Atomic<Int>(0)
 
-    private func writers(_ epoch: Int) -> Int { epoch & 1 == 0 ? writersEven.load(ordering: .acquiring) : writersOdd.load(ordering: .acquiring) }
+    private func accesses(_ epoch: Int) -> Int { epoch & 1 == 0 ? accessesEven.load(ordering: .acquiring) : accessesOdd.load(ordering: .acquiring) }
     private func count(_ epoch: Int, _ delta: Int) {
-        if epoch & 1 == 0 { writersEven.add(delta, ordering: .sequentiallyConsistent) } else { writersOdd.add(delta, ordering: .sequentiallyConsistent) }
+        if epoch & 1 == 0 { accessesEven.add(delta, ordering: .sequentiallyConsistent) } else { accessesOdd.add(delta, ordering: .sequentiallyConsistent) }
     }
 
-    private func enterWrite() -> Int {
+    private func enterAccess() -> Int {
         while true {
-            let e = writeEpoch.load(ordering: .sequentiallyConsistent)
+            let e = accessEpoch.load(ordering: .sequentiallyConsistent)
             count(e, 1)
             // Counted in `e` only if the epoch did not move meanwhile (else the release may
-            // not have seen us): then this write maps after the flip, and sees the unlinks.
-            if writeEpoch.load(ordering: .sequentiallyConsistent) == e { return e }
+            // not have seen us): then this access maps after the flip, and sees the unlinks.
+            if accessEpoch.load(ordering: .sequentiallyConsistent) == e { return e }
             count(e, -1)
         }
     }
 
-    private func leaveWrite(_ epoch: Int) { count(epoch, -1) }
+    private func leaveAccess(_ epoch: Int) { count(epoch, -1) }
 
-    /// Waits until every write that started before now has finished (one waiter at a
-    /// time, so a second flip never makes the first wait for writes that started later).
+    /// Waits until every read and write that started before now has finished (one waiter
+    /// at a time, so a second flip never makes the first wait for accesses that started later).
     private let epochFlip = Mutex<Void>(())
-    private func waitForEarlierWrites() {
+    private func waitForEarlierAccesses() {
         epochFlip.withLock { _ in
-            let old = writeEpoch.add(1, ordering: .sequentiallyConsistent).oldValue
-            while writers(old) > 0 { usleep(50) }
+            let old = accessEpoch.add(1, ordering: .sequentiallyConsistent).oldValue
+            while accesses(old) > 0 { usleep(50) }
         }
+    }
+
+    /// Tests only: called by `read` between its mapping and its I/O, so a test can hold a
+    /// reader exactly where a discard and a flush could overtake it.
+    nonisolated(unsafe) static var testHookAfterReadMap: (@Sendable (BlockDevice) -> Void)?
+    /// Tests only: called by `write` between mapping a cluster in place and writing it.
+    nonisolated(unsafe) static var testHookAfterWriteMap: (@Sendable (BlockDevice) -> Void)?
+
+    /// The first failure of a flush or write-back (or of a write already acknowledged):
+    /// after it every later write, zeroing and flush fails with it, until the image is
+    /// opened again. After a failed fdatasync Linux may have dropped the dirty pages, so a
+    /// later success would prove nothing (QEMU's file driver does the same). Space waiting
+    /// for release is never released after it: at worst it leaks, it is never freed twice.
+    private let failure = Mutex<(any Error)?>(nil)
+    private let failed = Atomic<Bool>(false)
+
+    /// Puts the device in the failed state (keeps the first error).
+    public func markFailed(_ error: any Error) {
+        failure.withLock { if $0 == nil { $0 = error } }
+        failed.store(true, ordering: .releasing)
+    }
+
+    /// The error that put the device in the failed state, if any.
+    public var failedError: (any Error)? { failed.load(ordering: .acquiring) ? failure.withLock { $0 } : nil }
+
+    @inline(__always)
+    private func checkNotFailed() throws {
+        guard failed.load(ordering: .acquiring), let error = failure.withLock({ $0 }) else { return }
+        throw BlockError.earlierFailure(file: driver.file.path, detail: "\(error)")
     }
 
     /// With the allocation lock held, right after a commit or zeroRange.
@@ -88,6 +119,8 @@ public final class BlockDevice: Sendable {
     /// Fills `buffer` with guest bytes from `offset`; bytes past the virtual size read as zeros.
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
         guard let base = buffer.baseAddress, buffer.count > 0 else { return }
+        let epoch = enterAccess()
+        defer { leaveAccess(epoch) }
         let total = UInt64(buffer.count)
         let inside = offset >= virtualSize ? 0 : min(total, virtualSize - offset)
         if inside < total { memset(base + Int(inside), 0, Int(total - inside)) }
@@ -127,6 +160,7 @@ public final class BlockDevice: Sendable {
             }
             pos += n
         }
+        if let hook = Self.testHookAfterReadMap { hook(self) }
         try issueRun()
         try inflate(compressed)
     }
@@ -183,13 +217,14 @@ public final class BlockDevice: Sendable {
     /// Writes guest bytes; the disk never grows, so a write past the end fails.
     public func write(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
         guard driver.isWritable else { throw BlockError.readOnly(file: driver.file.path) }
+        try checkNotFailed()
         try driver.checkWrite(data, at: offset)
         let total = UInt64(data.count)
         guard offset <= virtualSize, total <= virtualSize - offset else {
             throw BlockError.outOfRange(offset: offset, length: total, size: virtualSize)
         }
-        let epoch = enterWrite()
-        defer { leaveWrite(epoch); changes.add(1, ordering: .releasing) }
+        let epoch = enterAccess()
+        defer { leaveAccess(epoch); changes.add(1, ordering: .releasing) }
         var pos: UInt64 = 0
         var announced = false
         while pos < total {
@@ -199,6 +234,7 @@ public final class BlockDevice: Sendable {
             if !announced { try driver.willWrite(); driver.noteGuestChange(offset, length: total); announced = true }
             let n = min(max(m.length, 1), total - pos)
             if case let .data(host, _) = m {
+                if let hook = Self.testHookAfterWriteMap { hook(self) }
                 try writeHost(UnsafeRawBufferPointer(rebasing: data[Int(pos)..<Int(pos + n)]), at: host)
                 pos += n
             } else {
@@ -365,6 +401,7 @@ public final class BlockDevice: Sendable {
         guard offset <= virtualSize, length <= virtualSize - offset else {
             throw BlockError.outOfRange(offset: offset, length: length, size: virtualSize)
         }
+        try checkNotFailed()
         try checkZeroing(at: offset, length: length)
         defer { changes.add(1, ordering: .releasing) }
         try driver.willWrite()
@@ -494,19 +531,22 @@ public final class BlockDevice: Sendable {
     // MARK: lifecycle
 
     /// Writes back and makes durable everything written so far; then space unlinked before
-    /// this flush is released (and that release is made durable too).
+    /// this flush is released (and that release is made durable too). Any failure puts the
+    /// device in the failed state (`markFailed`): the batch is not put back, since part of
+    /// it may be released already and a later flush would free it a second time.
     public func flush() throws {
         guard driver.isWritable else { return }
+        try checkNotFailed()
         let batch = unlinked.withLock { u in defer { u = [] }; return u }
         do {
             try driver.flush()
             if !batch.isEmpty {
-                waitForEarlierWrites()
+                waitForEarlierAccesses()
                 try driver.release(batch)
                 try driver.flush()
             }
         } catch {
-            unlinked.withLock { $0 = batch + $0 }  // still unlinked; released by a later flush
+            markFailed(error)
             throw error
         }
     }
@@ -515,11 +555,23 @@ public final class BlockDevice: Sendable {
     /// be released, since only a durable unlink may free it.
     public func writeBack() throws {
         guard driver.isWritable else { return }
-        if unlinked.withLock({ !$0.isEmpty }) { try flush() } else { try driver.writeBack() }
+        try checkNotFailed()
+        if unlinked.withLock({ !$0.isEmpty }) { try flush(); return }
+        do { try driver.writeBack() } catch {
+            markFailed(error)
+            throw error
+        }
     }
 
     /// Closes the whole chain, top first.
+    /// After a failure (`markFailed`) nothing more is written: the image keeps the marks a
+    /// crash would leave (qcow2 dirty bit, QED NEED_CHECK), so its next writable open
+    /// repairs it, and this throws the failure for `unmount` to report.
     public func close() throws {
+        if driver.isWritable, let error = failedError {
+            try? backing?.close()
+            throw BlockError.earlierFailure(file: driver.file.path, detail: "\(error)")
+        }
         if driver.isWritable && unlinked.withLock({ !$0.isEmpty }) { try flush() }
         try driver.close()
         try backing?.close()

@@ -24,6 +24,9 @@ public enum BlockError: Error, Equatable, CustomStringConvertible {
     case locked(file: String, detail: String)
     /// A request the caller got wrong (bad size string, missing file...).
     case usage(String)
+    /// A flush or write-back of this image failed earlier; writes and flushes fail until the
+    /// image is opened again (the host may have dropped data that was to be written).
+    case earlierFailure(file: String, detail: String)
 
     public var description: String {
         switch self {
@@ -46,6 +49,8 @@ public enum BlockError: Error, Equatable, CustomStringConvertible {
             return "\(file): image is in use: \(detail)"
         case let .usage(text):
             return text
+        case let .earlierFailure(file, detail):
+            return "\(file): an earlier write-back failed (\(detail)); writes and flushes fail until the image is mounted again"
         }
     }
 
@@ -53,7 +58,8 @@ public enum BlockError: Error, Equatable, CustomStringConvertible {
     public var file: String? {
         switch self {
         case let .io(file, _, _, _), let .truncated(file, _, _, _, _), let .invalid(file, _, _),
-             let .unsupported(file, _), let .unknownFormat(file), let .readOnly(file), let .locked(file, _):
+             let .unsupported(file, _), let .unknownFormat(file), let .readOnly(file), let .locked(file, _),
+             let .earlierFailure(file, _):
             return file
         case .outOfRange, .usage:
             return nil
@@ -71,7 +77,7 @@ public enum BlockError: Error, Equatable, CustomStringConvertible {
     public var errnoValue: Int32 {
         switch self {
         case let .io(_, _, _, err): return err
-        case .truncated, .invalid: return EIO
+        case .truncated, .invalid, .earlierFailure: return EIO
         case .unsupported: return EOPNOTSUPP
         case .unknownFormat: return EINVAL
         case .outOfRange: return ENOSPC

@@ -20,8 +20,9 @@ public final class ImageFile: Sendable {
     /// reads leave the access time alone. Only regular files and block devices are images:
     /// the open does not wait (O_NONBLOCK, so a FIFO cannot hang it) and anything else is
     /// refused by name before a byte is read.
-    public init(path: String, writable: Bool, sharedWithWriters: Bool = false) throws {
-        self.path = path
+    /// `named`: the name errors give (a file made under a temporary name, see `createComplete`).
+    public init(path: String, writable: Bool, sharedWithWriters: Bool = false, named: String? = nil) throws {
+        self.path = named ?? path
         self.isWritable = writable
         self.sharedWithWriters = sharedWithWriters && !writable
         var flags = (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC | O_NONBLOCK | O_NOCTTY
@@ -31,7 +32,7 @@ public final class ImageFile: Sendable {
             flags &= ~0o1000000  // O_NOATIME needs ownership
             fd = open(path, flags)
         }
-        if fd < 0 { throw BlockError.io(file: path, operation: "open", offset: nil, errno: errno) }
+        if fd < 0 { throw BlockError.io(file: named ?? path, operation: "open", offset: nil, errno: errno) }
         var st = Glibc.stat()
         guard fstat(fd, &st) == 0 else {
             let e = errno
@@ -101,11 +102,52 @@ public final class ImageFile: Sendable {
     deinit { close(fd) }
 
     /// Creates a new, empty file (never overwrites) and opens it for writing.
-    public static func createNew(path: String) throws -> ImageFile {
+    public static func createNew(path: String, named: String? = nil) throws -> ImageFile {
         let fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { throw BlockError.io(file: path, operation: "create", offset: nil, errno: errno) }
+        guard fd >= 0 else { throw BlockError.io(file: named ?? path, operation: "create", offset: nil, errno: errno) }
         close(fd)
-        return try ImageFile(path: path, writable: true)
+        return try ImageFile(path: path, writable: true, named: named)
+    }
+
+    /// Makes a new file at `path` with `fill`, which writes it under a temporary name in the
+    /// same folder; the file takes its name only once `fill` returned and it is durable, and
+    /// never in place of an existing file. So an error or a kill part way never leaves a
+    /// file at `path` that looks like an image and is not one (a kill leaves at most a hidden
+    /// `.NAME.rawmount-new-*` beside it).
+    public static func createComplete(path: String, _ fill: (ImageFile) throws -> Void) throws {
+        if access(path, F_OK) == 0 { throw BlockError.io(file: path, operation: "create", offset: nil, errno: EEXIST) }
+        let dir = PathName.directory(of: path)
+        let temp = dir + "/." + String(decoding: PathName.baseName(path).utf8.prefix(120), as: UTF8.self) + ".rawmount-new-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        let file = try createNew(path: temp, named: path)
+        do {
+            try fill(file)
+            try file.sync()
+            // link(2) refuses an existing name; where links are not supported, the name is
+            // claimed with O_EXCL first and the new file renamed over that placeholder.
+            if link(temp, path) != 0 {
+                let e = errno
+                guard e == EPERM || e == EOPNOTSUPP || e == EMLINK || e == EXDEV else {
+                    throw BlockError.io(file: path, operation: "create", offset: nil, errno: e)
+                }
+                let claim = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
+                guard claim >= 0 else { throw BlockError.io(file: path, operation: "create", offset: nil, errno: errno) }
+                close(claim)
+                guard rename(temp, path) == 0 else {
+                    let e = errno
+                    unlink(path)
+                    throw BlockError.io(file: path, operation: "create", offset: nil, errno: e)
+                }
+            }
+            unlink(temp)
+        } catch {
+            unlink(temp)
+            throw error
+        }
+        // The name is durable too (a crash right after must not lose the new file).
+        if !syncDisabled.load(ordering: .relaxed) {
+            let d = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+            if d >= 0 { _ = fsync(d); close(d) }
+        }
     }
 
     /// `cached` for files only this process changes; for a shared file, the size now (a writer
@@ -166,6 +208,13 @@ public final class ImageFile: Sendable {
             throw BlockError.io(file: path, operation: "write", offset: offset, errno: EOVERFLOW)
         }
         var done = 0
+        if HostFaults.enabled, let fault = HostFaults.check(.write, path) {
+            // A file system that runs out of space stops at a block boundary: the part up to the
+            // last 4 KiB boundary before the middle lands (nothing, for a small write).
+            let cut = Int((offset + UInt64(buffer.count / 2)).alignedDown(4096)) - Int(offset)
+            if fault.short && cut > 0 { done = max(0, pwrite(fd, base, cut, off_t(offset))) }
+            throw BlockError.io(file: path, operation: "write", offset: offset + UInt64(done), errno: fault.errno)
+        }
         while done < buffer.count {
             let n = pwrite(fd, base + done, buffer.count - done, off_t(offset) + off_t(done))
             if n < 0 {
@@ -195,18 +244,41 @@ public final class ImageFile: Sendable {
     /// crash would leave half-written anyway is not fdatasynced on the way. Never set by mounts.
     public static let syncDisabled = Atomic<Bool>(false)
 
+    /// The errno of the first failed fdatasync (0: none). Once one failed, every later sync
+    /// fails too: Linux may have dropped the pages it could not write and reports that only
+    /// once, so a later success would not mean the data is on disk. Every ordering barrier
+    /// (data before the table naming it) then stops at the failed sync.
+    private let syncError = Atomic<Int32>(0)
+
+    func rememberSyncFailure(_ e: Int32) {
+        _ = syncError.compareExchange(expected: 0, desired: e, ordering: .acquiringAndReleasing)
+    }
+
     /// Makes written data durable.
     public func sync() throws {
         guard isWritable, !Self.syncDisabled.load(ordering: .relaxed) else { return }
+        let earlier = syncError.load(ordering: .acquiring)
+        if earlier != 0 {
+            throw BlockError.io(file: path, operation: "fdatasync (an earlier one failed)", offset: nil, errno: earlier)
+        }
+        if HostFaults.enabled, let fault = HostFaults.check(.sync, path) {
+            rememberSyncFailure(fault.errno)
+            throw BlockError.io(file: path, operation: "fdatasync", offset: nil, errno: fault.errno)
+        }
         while fdatasync(fd) != 0 {
-            if errno == EINTR { continue }
-            throw BlockError.io(file: path, operation: "fdatasync", offset: nil, errno: errno)
+            let e = errno
+            if e == EINTR { continue }
+            rememberSyncFailure(e)
+            throw BlockError.io(file: path, operation: "fdatasync", offset: nil, errno: e)
         }
     }
 
     /// fallocate(2); returns false when the file system does not support `mode`.
     public func fallocate(mode: Int32, offset: UInt64, length: UInt64) throws -> Bool {
         defer { changes.add(1, ordering: .releasing) }
+        if isWritable && HostFaults.enabled, let fault = HostFaults.check(.fallocate, path) {
+            throw BlockError.io(file: path, operation: "fallocate", offset: offset, errno: fault.errno)
+        }
         while true {
             if linuxFallocate(fd, mode, off_t(offset), off_t(length)) == 0 { return true }
             let e = errno
@@ -237,8 +309,18 @@ public final class ImageFile: Sendable {
         try write([0], at: size - 1)
     }
 
+    /// Drops everything from `size` on (a failed write's bytes past the old end); true when
+    /// the file now ends at or before `size`.
+    public func cutBack(to size: UInt64) -> Bool {
+        guard let now = try? self.size() else { return false }
+        return now <= size || (try? truncate(to: size)) != nil
+    }
+
     public func truncate(to size: UInt64) throws {
         defer { changes.add(1, ordering: .releasing) }
+        if isWritable && HostFaults.enabled, let fault = HostFaults.check(.fallocate, path) {
+            throw BlockError.io(file: path, operation: "ftruncate", offset: size, errno: fault.errno)
+        }
         if ftruncate(fd, off_t(size)) != 0 {
             throw BlockError.io(file: path, operation: "ftruncate", offset: size, errno: errno)
         }

@@ -12,7 +12,8 @@ import Glibc
 /// Like a disk's volatile write cache: a completed write is visible to every later request
 /// (each one that touches the image waits for the backlog first), but it is durable only
 /// after fsync/flush, which wait for it too. A failure of a write already acknowledged is
-/// reported by the next write, fallocate, flush or fsync, and at unmount. At most `slots`
+/// reported by the next write, fallocate, flush or fsync, and at unmount; it puts the
+/// device in its failed state, so every later write and flush fails too. At most `slots`
 /// writes are held; the next one waits for a slot.
 public final class WriteBehind: Sendable {
     let device: BlockDevice
@@ -52,7 +53,11 @@ public final class WriteBehind: Sendable {
                 try device.write(UnsafeRawBufferPointer(start: slot.base, count: count), at: offset)
             } catch {
                 let what = "write \(count) bytes at \(offset), acknowledged earlier"
-                failure.withLock { if $0 == nil { $0 = WriteBehindFailure(what: what, underlying: error) } }
+                let f = WriteBehindFailure(what: what, underlying: error)
+                failure.withLock { if $0 == nil { $0 = f } }
+                // Acknowledged bytes are lost: like a failed fdatasync, no later flush of
+                // this mount may succeed as if they were on disk.
+                device.markFailed(f)
             }
             free.withLock { $0.append(slot) }
             slotsAvailable.signal()

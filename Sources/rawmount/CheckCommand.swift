@@ -75,9 +75,20 @@ struct CheckCommand: ParsableCommand {
             o.extra = ["total-clusters": (header.imageSize + cs - 1) / cs]
             return o
         case .vdi:
-            let report = try VDICheck.run(file: file)
-            if report.corruptions > 0 && repair { printError("rawmount: \(image): VDI repair is not implemented") }
-            return Outcome(format: "vdi", text: "\(report)", corruptions: report.corruptions)
+            let before = try VDICheck.run(file: file)
+            guard repair, before.corruptions > 0 else { return Outcome(format: "vdi", text: "\(before)", corruptions: before.corruptions) }
+            // The repair a writable open makes after a crash (blocks_allocated set to what the
+            // map holds, blocks above it moved down, orphans cut off); duplicate or
+            // out-of-range entries stay for the user to see.
+            let header = try VDIHeader.read(from: file)
+            guard !header.isDifferencing else {
+                throw BlockError.unsupported(file: image, feature: "repairing a VirtualBox differencing image")
+            }
+            let fixed = try VDIRepair.run(file: file, header: header)
+            let after = try VDICheck.run(file: file)
+            var o = Outcome(format: "vdi", text: "\(after)" + (fixed.changed ? " (repaired: \(fixed))" : ""), corruptions: after.corruptions)
+            o.corruptionsFixed = max(0, before.corruptions - after.corruptions)
+            return o
         case .qcow2:
             let header = try QCOW2Header.read(from: file)
             if repair && header.incompatible & QCOW2Header.incompatibleDataFile != 0 {

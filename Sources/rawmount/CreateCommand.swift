@@ -191,8 +191,7 @@ struct CreateCommand: ParsableCommand {
                 try VDICreate.create(path: image, size: bytes, isStatic: isStatic)
             case "raw":
                 if backing != nil { throw BlockError.usage("raw images cannot have a backing file") }
-                let file = try ImageFile.createNew(path: image)
-                try file.truncate(to: bytes)
+                try ImageFile.createComplete(path: image) { try $0.truncate(to: bytes) }
             default:
                 throw BlockError.usage("rawmount create supports -f qcow2, -f qed, -f vdi, -f vmdk and -f raw")
             }

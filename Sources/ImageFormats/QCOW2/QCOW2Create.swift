@@ -55,8 +55,7 @@ public enum QCOW2Create {
         header.refcountTableOffset = tableAt * cs
         header.refcountTableClusters = UInt32(t)
 
-        let file = try ImageFile.createNew(path: path)
-        do {
+        try ImageFile.createComplete(path: path) { file in
             try file.write(try headerCluster(header, options: o), at: 0)
             var table = [UInt8](repeating: 0, count: Int(t * cs))
             for b in 0..<k { put64be(&table, Int(b) * 8, (blocksAt + b) * cs) }
@@ -82,10 +81,6 @@ public enum QCOW2Create {
             }
             try file.write(l1, at: l1At * cs)
             try file.truncate(to: total * cs)
-            try file.sync()
-        } catch {
-            _ = unlink(path)
-            throw error
         }
     }
 

@@ -17,9 +17,9 @@ public enum QEDCreate {
         }
         let fileSize = h.l1TableOffset + h.tableBytes
         try h.validate(path: path, fileSize: fileSize)
-        let file = try ImageFile.createNew(path: path)
-        try file.truncate(to: fileSize)
-        try file.write(h.encoded() + nameBytes, at: 0)
-        try file.sync()
+        try ImageFile.createComplete(path: path) { file in
+            try file.truncate(to: fileSize)
+            try file.write(h.encoded() + nameBytes, at: 0)
+        }
     }
 }

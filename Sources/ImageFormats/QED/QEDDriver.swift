@@ -195,8 +195,7 @@ public final class QEDDriver: ImageDriver {
     /// The data write failed (host disk full): the clusters go back, so the file does not
     /// keep a cluster nothing links.
     public func abandon(_ a: Allocation) {
-        guard allocator.giveBack(a.hostOffset, a.length) else { return }
-        if let size = try? file.size(), size > a.hostOffset { try? file.truncate(to: a.hostOffset) }
+        allocator.giveBack(a.hostOffset, a.length) { file.cutBack(to: a.hostOffset) }
     }
 
     /// The L2 table for `offset`; a missing one is allocated after the data clusters. Its file

@@ -30,11 +30,11 @@ public enum VDICreate {
         raw.replaceSubrange(0x198..<0x1A8, with: randomUUID())
         var map = [UInt8](repeating: 0, count: Int(mapBytes))
         for i in 0..<Int(blocks) { put32(&map, i * 4, isStatic ? UInt32(i) : VDIHeader.blockFree) }
-        let file = try ImageFile.createNew(path: path)
-        try file.write(raw, at: 0)
-        try file.write(map, at: offsetBmap)
-        try file.truncate(to: offsetData + (isStatic ? blocks * blockSize : 0))
-        try file.sync()
+        try ImageFile.createComplete(path: path) { file in
+            try file.write(raw, at: 0)
+            try file.write(map, at: offsetBmap)
+            try file.truncate(to: offsetData + (isStatic ? blocks * blockSize : 0))
+        }
     }
 
     /// A version-4 UUID in the GUID byte order VDI stores.

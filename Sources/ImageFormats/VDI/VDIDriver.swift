@@ -26,7 +26,9 @@ public final class VDIDriver: ImageDriver {
     /// fails before `commit` would skip an index. QEMU puts its next block at index
     /// blocks_allocated, so every index below the frontier must be linked, or QEMU would
     /// later reuse one of ours. Here the frontier moves only at `commit`.
-    private let allocation: Mutex<(count: UInt32, next: UInt64, dirty: Bool)>
+    /// `unwritten`: indices from here on were never handed to a write that failed, so their
+    /// host space still reads as zeros (a failed write may have left bytes in its block).
+    private let allocation: Mutex<(count: UInt32, next: UInt64, dirty: Bool, unwritten: UInt64)>
     /// Reserves host space for the next blocks off the write path.
     private let preallocator: Preallocator?
 
@@ -63,7 +65,8 @@ public final class VDIDriver: ImageDriver {
         // stale (a crash after the map but before the header), no block is handed out twice.
         let fileSize = try file.size()
         let used = fileSize > UInt64(h.offsetData) ? (fileSize - UInt64(h.offsetData) + h.blockStride - 1) / h.blockStride : 0
-        allocation = Mutex((h.blocksAllocated, max(UInt64(h.blocksAllocated), used), false))
+        let next = max(UInt64(h.blocksAllocated), used)
+        allocation = Mutex((h.blocksAllocated, next, false, next))
         preallocator = file.isWritable ? Preallocator(file: file) : nil
         info = ImageInfo(format: "vdi", virtualSize: h.virtualSize, clusterSize: blockSize, details: [
             ("image type", h.imageType == 2 ? "static" : h.isDifferencing ? "differencing (parent \(VDIHeader.uuidText(h.uuidLink)))" : "dynamic"),
@@ -161,15 +164,24 @@ public final class VDIDriver: ImageDriver {
 
     public func allocate(_ offset: UInt64, length: UInt64) throws -> Allocation {
         guard isWritable else { throw BlockError.readOnly(file: file.path) }
-        let index = allocation.withLock { $0.next }
+        let (index, unwritten) = allocation.withLock { ($0.next, $0.unwritten) }
         guard index < UInt64(header.blocksInImage) else {
             throw BlockError.io(file: file.path, operation: "allocate block", offset: offset, errno: 28 /* ENOSPC */)
         }
         if header.blockExtra > 0 { // the per-block prefix VirtualBox keeps: zeros
             try file.write([UInt8](repeating: 0, count: Int(header.blockExtra)), at: host(ofEntry: index) - UInt64(header.blockExtra))
         }
-        // Blocks are appended after everything in the file (see `allocation`): fresh.
-        return Allocation(guestOffset: offset.alignedDown(blockSize), hostOffset: host(ofEntry: index), length: blockSize, fresh: true)
+        // Blocks are appended after everything in the file (see `allocation`): fresh, unless
+        // an abandoned write may have left bytes there (the engine then writes the whole block).
+        return Allocation(guestOffset: offset.alignedDown(blockSize), hostOffset: host(ofEntry: index), length: blockSize,
+                          fresh: index >= unwritten)
+    }
+
+    /// The block stays the next one handed out (every index below blocks_allocated must be
+    /// linked), but no longer as fresh: the failed write may have put bytes in it.
+    public func abandon(_ a: Allocation) {
+        let index = (a.hostOffset - host(ofEntry: 0)) / header.blockStride
+        allocation.withLock { $0.unwritten = max($0.unwritten, index + 1) }
     }
 
     public func commit(_ a: Allocation) throws {
@@ -186,10 +198,10 @@ public final class VDIDriver: ImageDriver {
 
     // MARK: zeroing
 
-    /// Whole blocks: unallocated ones already read zeros; the last allocated block is
-    /// released (map 0xFFFFFFFE, blocks_allocated - 1, file shortened); any other allocated
-    /// block is hole-punched in the host file, so blocks_allocated stays exact and no index
-    /// is ever reused (QEMU allocates at index blocks_allocated).
+    /// Whole blocks: unallocated ones already read zeros; allocated ones are hole-punched
+    /// in the host file and stay linked, so blocks_allocated stays exact and no index is
+    /// ever handed to another guest block while a reader or writer that mapped it may still
+    /// use it (QEMU allocates at index blocks_allocated and never gives a block back either).
     public func zeroRange(_ offset: UInt64, length: UInt64, deallocate: Bool) throws -> (offset: UInt64, length: UInt64) {
         let start = offset.alignedUp(blockSize)
         let end = (offset + length).alignedDown(blockSize)
@@ -200,18 +212,7 @@ public final class VDIDriver: ImageDriver {
             switch m {
             case .unallocated, .zero: break
             case let .data(host, _):
-                let index = (host - UInt64(header.offsetData) - UInt64(header.blockExtra)) / header.blockStride
-                let isLast = allocation.withLock { $0.next == index + 1 && UInt64($0.count) == index + 1 }
-                if isLast {
-                    let loc = entryLocation(pos / blockSize)
-                    try map.setEntry(table: loc.chunk, index: loc.index, value: UInt64(VDIHeader.blockDiscarded))
-                    try map.flush()
-                    allocation.withLock { $0.count -= 1; $0.next -= 1; $0.dirty = true }
-                    try writeHeaderIfNeeded()
-                    try file.truncate(to: host - UInt64(header.blockExtra))
-                } else if try !file.punchHole(offset: host, length: blockSize) {
-                    return (start, pos - start)
-                }
+                if try !file.punchHole(offset: host, length: blockSize) { return (start, pos - start) }
             case .compressed, .shared:  // (neither format has them)
                 return (start, pos - start)
             }

@@ -23,8 +23,8 @@ public struct VDIRepairReport: Sendable, CustomStringConvertible {
 /// durable before the map entry moves), the count is set to what the map holds, and the
 /// file is cut after the last block. Duplicate or out-of-range entries are corruption:
 /// left alone for `check` to report.
-enum VDIRepair {
-    static func run(file: ImageFile, header h: VDIHeader) throws -> VDIRepairReport {
+public enum VDIRepair {
+    public static func run(file: ImageFile, header h: VDIHeader) throws -> VDIRepairReport {
         var report = VDIRepairReport(headerCount: h.blocksAllocated, mappedCount: h.blocksAllocated)
         guard h.imageType == 1 else { return report }  // static images are dense by construction
         // Pass 1: which indices are mapped (a bitmap: blocks_in_image bits, at most 64 MiB).

@@ -44,9 +44,10 @@ public enum VMDKCreate {
                 left -= part; n += 1
             }
         }
-        let file = try ImageFile.createNew(path: path)
-        try file.write(Array(descriptor(subformat, extentLines, backing, parentCID, sectors).utf8), at: 0)
-        try file.sync()
+        // The descriptor last, whole: until it exists the extents are only files nothing names.
+        try ImageFile.createComplete(path: path) { file in
+            try file.write(Array(descriptor(subformat, extentLines, backing, parentCID, sectors).utf8), at: 0)
+        }
     }
 
     static func descriptor(_ sub: Subformat, _ extents: [String], _ backing: String?, _ parentCID: UInt32?, _ sectors: UInt64) -> String {
@@ -82,19 +83,21 @@ public enum VMDKCreate {
         put64(&h, 48, rgd); put64(&h, 56, gd); put64(&h, 64, overHead)
         h[73] = 0x0A; h[74] = 0x20; h[75] = 0x0D; h[76] = 0x0A
         if stream { h[77] = 1 }
-        let file = try ImageFile.createNew(path: path)
-        try file.truncate(to: overHead * 512)
-        try file.write(h, at: 0)
-        if let descriptor {
-            let bytes = Array(descriptor.utf8)
-            guard bytes.count <= Int(descSize * 512) else { throw BlockError.usage("\(path): descriptor too long") }
-            try file.write(bytes, at: 512)
+        // Under a temporary name until whole: a header with directories still zero would pass
+        // for a valid image (qemu-img reads it) whose writes then fail.
+        try ImageFile.createComplete(path: path) { file in
+            try file.truncate(to: overHead * 512)
+            try file.write(h, at: 0)
+            if let descriptor {
+                let bytes = Array(descriptor.utf8)
+                guard bytes.count <= Int(descSize * 512) else { throw BlockError.usage("\(path): descriptor too long") }
+                try file.write(bytes, at: 512)
+            }
+            for (dirSector, firstGT) in [(rgd, rgd + gdSectors), (gd, gd + gdSectors)] {
+                var dir = [UInt8](repeating: 0, count: Int(gdSectors * 512))
+                for i in 0..<Int(gtCount) { put32(&dir, i * 4, UInt32(firstGT + UInt64(i) * gtSectors)) }
+                try file.write(dir, at: dirSector * 512)
+            }
         }
-        for (dirSector, firstGT) in [(rgd, rgd + gdSectors), (gd, gd + gdSectors)] {
-            var dir = [UInt8](repeating: 0, count: Int(gdSectors * 512))
-            for i in 0..<Int(gtCount) { put32(&dir, i * 4, UInt32(firstGT + UInt64(i) * gtSectors)) }
-            try file.write(dir, at: dirSector * 512)
-        }
-        try file.sync()
     }
 }

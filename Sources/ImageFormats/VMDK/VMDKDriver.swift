@@ -301,8 +301,7 @@ public final class VMDKDriver: ImageDriver {
     public func abandon(_ a: Allocation) {
         guard case let .sparse(s) = extents[Int(a.hostOffset >> Self.extentShift)].kind else { return }
         let host = a.hostOffset & Self.offsetMask
-        guard s.allocator.giveBack(host, a.length) else { return }
-        if let size = try? s.file.size(), size > host { try? s.file.truncate(to: host) }
+        s.allocator.giveBack(host, a.length) { s.file.cutBack(to: host) }
     }
 
     public func commit(_ a: Allocation) throws {
