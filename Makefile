@@ -58,9 +58,12 @@ bench: release
 	RAWMOUNT=$(RELEASE_BIN) python3 scripts/nbdbench.py
 	RAWMOUNT=$(RELEASE_BIN) python3 scripts/scale.py
 
-# kill -9 campaigns (CRASH_ROUNDS per format, default 20); prints the table.
+# kill -9 campaigns (CRASH_ROUNDS per format, default 20), then host fault campaigns (the Nth
+# write, fdatasync or fallocate fails; FAULT_ROUNDS fault points per format, default 40);
+# prints both tables.
 crash: build
 	RAWMOUNT=$(DEBUG_BIN) python3 scripts/crash.py --rounds $${CRASH_ROUNDS:-20}
+	RAWMOUNT=$(DEBUG_BIN) python3 scripts/faults.py --rounds $${FAULT_ROUNDS:-40}
 
 # The manual is generated from the argument parser's own description of every verb and option.
 man: $(if $(BIN),deps,release) man-tool

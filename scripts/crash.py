@@ -205,6 +205,18 @@ def one_round(fmt, rng, work):
     return result
 
 
+def print_table(seed, table, columns, as_json):
+    """The campaign's table: JSON for the test suite, else markdown (`columns`: title, key)."""
+    if as_json:
+        print(json.dumps({"seed": seed, "table": table}))
+        return
+    print(f"seed {seed}")
+    print("| format | " + " | ".join(title for title, _ in columns) + " |")
+    print("|---|" + "---|" * len(columns))
+    for fmt, r in table.items():
+        print(f"| {fmt} | " + " | ".join(str(r[key]) for _, key in columns) + " |")
+
+
 def qemu_raw_snapshot(img, out):
     run(["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", "-l", "snapshot.name=before", img, out])
     with open(out, "rb") as f:
@@ -239,15 +251,11 @@ def main():
             row["bitmaps_trusted"] += r["bitmaps_trusted"]
             row["with_bitmaps"] += r["with_bitmaps"]
         table[fmt] = row
-    if args.json:
-        print(json.dumps({"seed": args.seed, "table": table}))
-    else:
-        print(f"seed {args.seed}")
-        print("| format | rounds | clean | leaks only | corrupt after crash | corrupt after repair | fsync'd writes lost | disturbed by a QEMU write | snapshot changed | rounds with bitmaps | bitmaps trusted after a kill |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
-        for fmt, r in table.items():
-            print(f"| {fmt} | {r['rounds']} | {r['clean']} | {r['leaks_only']} | {r['corrupt']} | "
-                  f"{r['corrupt_after_repair']} | {r['fsynced_lost']} | {r['disturbed_by_qemu']} | {r['snapshot_changed']} | {r['with_bitmaps']} | {r['bitmaps_trusted']} |")
+    print_table(args.seed, table, [("rounds", "rounds"), ("clean", "clean"), ("leaks only", "leaks_only"),
+                                   ("corrupt after crash", "corrupt"), ("corrupt after repair", "corrupt_after_repair"),
+                                   ("fsync'd writes lost", "fsynced_lost"), ("disturbed by a QEMU write", "disturbed_by_qemu"),
+                                   ("snapshot changed", "snapshot_changed"), ("rounds with bitmaps", "with_bitmaps"),
+                                   ("bitmaps trusted after a kill", "bitmaps_trusted")], args.json)
 
 
 if __name__ == "__main__":

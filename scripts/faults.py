@@ -16,10 +16,10 @@ Formats: qcow2 (an internal snapshot and two bitmaps), qed, vdi, vmdk, raw, and 
 
   python3 scripts/faults.py [--rounds N] [--formats ...] [--seed S] [--json]
 """
-import argparse, json, os, random, shutil, subprocess, sys, tempfile
+import argparse, os, random, shutil, subprocess, sys, tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from crash import REGION, RAWMOUNT, run, pattern, punch, qemu_check, qemu_raw, versions_on_disk, qemu_raw_snapshot  # noqa: E402
+from crash import REGION, RAWMOUNT, run, pattern, punch, qemu_check, qemu_raw, versions_on_disk, qemu_raw_snapshot, print_table  # noqa: E402
 
 SIZE = 16 << 20
 REGIONS = SIZE // REGION
@@ -195,16 +195,11 @@ def main():
             if os.environ.get("FAULT_DEBUG") and (r["after_fault"] == "corrupt" or r["fsynced_lost"] or not r["reported"] or not r["sticky_ok"]):
                 print(f"{fmt} N={n} {kind}: {r}", file=sys.stderr)
         table[fmt] = row
-    if args.json:
-        print(json.dumps({"seed": args.seed, "table": table}))
-    else:
-        print(f"seed {args.seed}")
-        print("| format | host ops (write / sync / fallocate) | rounds | fault fired | clean | leaks only | corrupt | corrupt after repair | fsync'd regions lost | error not reported | fsync ok after a failed one | snapshot changed |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-        for fmt, r in table.items():
-            print(f"| {fmt} | {r['ops']} | {r['rounds']} | {r['fired']} | {r['clean']} | {r['leaks_only']} | {r['corrupt']} | "
-                  f"{r['corrupt_after_repair']} | {r['fsynced_lost']} | {r['unreported']} | {r['flush_after_failure_ok']} | {r['snapshot_changed']} |")
-
+    print_table(args.seed, table, [("host ops (write / sync / fallocate)", "ops"), ("rounds", "rounds"), ("fault fired", "fired"),
+                                   ("clean", "clean"), ("leaks only", "leaks_only"), ("corrupt", "corrupt"),
+                                   ("corrupt after repair", "corrupt_after_repair"), ("fsync'd regions lost", "fsynced_lost"),
+                                   ("error not reported", "unreported"), ("fsync ok after a failed one", "flush_after_failure_ok"),
+                                   ("snapshot changed", "snapshot_changed")], args.json)
 
 if __name__ == "__main__":
     main()

@@ -218,6 +218,7 @@ public final class BlockDevice: Sendable {
     public func write(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
         guard driver.isWritable else { throw BlockError.readOnly(file: driver.file.path) }
         try checkNotFailed()
+        try checkNotCorrupt()
         try driver.checkWrite(data, at: offset)
         let total = UInt64(data.count)
         guard offset <= virtualSize, total <= virtualSize - offset else {
@@ -225,6 +226,13 @@ public final class BlockDevice: Sendable {
         }
         let epoch = enterAccess()
         defer { leaveAccess(epoch); changes.add(1, ordering: .releasing) }
+        do { try writeMapped(data, at: offset, total: total) } catch {
+            noteCorruption(error)
+            throw error
+        }
+    }
+
+    private func writeMapped(_ data: UnsafeRawBufferPointer, at offset: UInt64, total: UInt64) throws {
         var pos: UInt64 = 0
         var announced = false
         while pos < total {
@@ -258,6 +266,7 @@ public final class BlockDevice: Sendable {
                 }
                 let a = try driver.allocate(guestOffset, length: n)
                 precondition(a.guestOffset <= guestOffset && a.guestOffset + a.length > guestOffset, "driver allocation misses the request")
+                try guardAllocation(a)
                 do { return try fillAndCommit(a, data, dataOffset: dataOffset, guestOffset: guestOffset, length: n, like: m) } catch {
                     if !committed(a) { driver.abandon(a) }
                     throw error
@@ -273,6 +282,7 @@ public final class BlockDevice: Sendable {
                 if let busy = Self.busy(&inFlight, guestOffset, n, clusterSize) { return .wait(busy) }
                 let a = try driver.allocate(guestOffset, length: n)
                 precondition(a.guestOffset <= guestOffset && a.guestOffset + a.length > guestOffset, "driver allocation misses the request")
+                try guardAllocation(a)
                 let busy = InFlight(start: a.guestOffset.alignedDown(clusterSize), end: (a.guestOffset + a.length).alignedUp(clusterSize))
                 inFlight.append(busy)
                 return .fill(a, m, n, busy)
@@ -312,6 +322,37 @@ public final class BlockDevice: Sendable {
         guard let busy = inFlight.first(where: { $0.start < end && start < $0.end }) else { return nil }
         busy.waiters += 1
         return busy
+    }
+
+    /// A new allocation must not lie on the image's metadata (a refcount or table that says
+    /// "free" about a table): nothing is written or given back, the caller gets EIO.
+    private func guardAllocation(_ a: Allocation) throws {
+        if let m = driver.metadataOverlap(host: a.hostOffset, length: a.length) {
+            throw BlockError.metadataOverlap(file: driver.file.path,
+                                             detail: "new clusters for guest offset \(a.guestOffset) at host \(a.hostOffset) (\(a.length) bytes) would overwrite \(m.what) at \(m.start)")
+        }
+    }
+
+    /// After a refused write on metadata: the image is marked corrupt (where the format can
+    /// say so) and the device takes no more writes; what was written before can still be
+    /// flushed.
+    private func noteCorruption(_ error: any Error) {
+        guard let e = error as? BlockError, case .metadataOverlap = e else { return }
+        let first = corruption.withLock { c -> Bool in
+            guard c == nil else { return false }
+            c = e
+            return true
+        }
+        corrupt.store(true, ordering: .releasing)
+        if first { driver.signalCorruption(e) }
+    }
+    private let corrupt = Atomic<Bool>(false)
+    private let corruption = Mutex<BlockError?>(nil)
+
+    @inline(__always)
+    private func checkNotCorrupt() throws {
+        guard corrupt.load(ordering: .acquiring), let e = corruption.withLock({ $0 }) else { return }
+        throw e
     }
 
     /// Whether the driver linked `a` (a commit that failed half way may have).
@@ -402,8 +443,16 @@ public final class BlockDevice: Sendable {
             throw BlockError.outOfRange(offset: offset, length: length, size: virtualSize)
         }
         try checkNotFailed()
+        try checkNotCorrupt()
         try checkZeroing(at: offset, length: length)
         defer { changes.add(1, ordering: .releasing) }
+        do { try zeroMapped(at: offset, length: length, deallocate: deallocate, fast: fast) } catch {
+            noteCorruption(error)
+            throw error
+        }
+    }
+
+    private func zeroMapped(at offset: UInt64, length: UInt64, deallocate: Bool, fast: Bool) throws {
         try driver.willWrite()
         driver.noteGuestChange(offset, length: length)
         var pos = offset

@@ -27,6 +27,9 @@ public enum BlockError: Error, Equatable, CustomStringConvertible {
     /// A flush or write-back of this image failed earlier; writes and flushes fail until the
     /// image is opened again (the host may have dropped data that was to be written).
     case earlierFailure(file: String, detail: String)
+    /// A host write was about to land on the image's own metadata (a refcount or a table
+    /// that lies): refused, and the image is marked corrupt and served read-only from then on.
+    case metadataOverlap(file: String, detail: String)
 
     public var description: String {
         switch self {
@@ -49,6 +52,8 @@ public enum BlockError: Error, Equatable, CustomStringConvertible {
             return "\(file): image is in use: \(detail)"
         case let .usage(text):
             return text
+        case let .metadataOverlap(file, detail):
+            return "\(file): preventing a write on metadata: \(detail); the image is marked corrupt (check --repair, or qemu-img check -r all)"
         case let .earlierFailure(file, detail):
             return "\(file): an earlier write-back failed (\(detail)); writes and flushes fail until the image is mounted again"
         }
@@ -59,7 +64,7 @@ public enum BlockError: Error, Equatable, CustomStringConvertible {
         switch self {
         case let .io(file, _, _, _), let .truncated(file, _, _, _, _), let .invalid(file, _, _),
              let .unsupported(file, _), let .unknownFormat(file), let .readOnly(file), let .locked(file, _),
-             let .earlierFailure(file, _):
+             let .earlierFailure(file, _), let .metadataOverlap(file, _):
             return file
         case .outOfRange, .usage:
             return nil
@@ -77,7 +82,7 @@ public enum BlockError: Error, Equatable, CustomStringConvertible {
     public var errnoValue: Int32 {
         switch self {
         case let .io(_, _, _, err): return err
-        case .truncated, .invalid, .earlierFailure: return EIO
+        case .truncated, .invalid, .earlierFailure, .metadataOverlap: return EIO
         case .unsupported: return EOPNOTSUPP
         case .unknownFormat: return EINVAL
         case .outOfRange: return ENOSPC

@@ -2,7 +2,9 @@ import Synchronization
 
 /// Which granules of a disk changed: one bit per granule (bit `k` for guest bytes
 /// `[k*granularity, (k+1)*granularity)`), kept in pages of 32768 bits that exist only where
-/// a bit is set, so memory follows what is dirty and never exceeds the full bit array.
+/// a bit is set, so memory follows what is dirty and never exceeds the full bit array; a page
+/// whose bits are all set is one shared array, so an all-ones bitmap (a hostile image's, or a
+/// disk rewritten whole) costs a dictionary entry per page, not 4 KiB.
 /// Words are little-endian bit order (bit `k` is bit `k % 64` of word `k / 64`), which
 /// serializes to the LSB-first byte stream qcow2 stores.
 public final class DirtyBitmap: Sendable {
@@ -13,6 +15,21 @@ public final class DirtyBitmap: Sendable {
     static let pageWords = 512
     static let pageBits = UInt64(pageWords * 64)
     private let pages = Mutex<[UInt64: [UInt64]]>([:])
+    /// The one array every full page shares (copied on write when a bit is cleared).
+    static let fullPage = [UInt64](repeating: ~0, count: pageWords)
+
+    /// A page that just had bits set: shared if it is now full.
+    private static func share(_ pages: inout [UInt64: [UInt64]], _ p: UInt64) {
+        guard let w = pages[p], w[0] == ~0, w[pageWords - 1] == ~0, w.allSatisfy({ $0 == ~0 }) else { return }
+        pages[p] = fullPage
+    }
+
+    /// Pages that hold their own array (not the shared full page): what the bitmap costs.
+    var ownPages: Int {
+        Self.fullPage.withUnsafeBufferPointer { full in
+            pages.withLock { $0.values.filter { $0.withUnsafeBufferPointer { $0.baseAddress } != full.baseAddress }.count }
+        }
+    }
 
     public init(granularity: UInt64, diskSize: UInt64) {
         precondition(granularity > 0 && granularity & (granularity - 1) == 0)
@@ -40,7 +57,9 @@ public final class DirtyBitmap: Sendable {
                 let (lo, hi) = (g - p * Self.pageBits, pageEnd - p * Self.pageBits)
                 if value {
                     // In place: the page is not copied out of the dictionary.
+                    if lo == 0 && hi == Self.pageBits { pages[p] = Self.fullPage; g = pageEnd; continue }
                     Self.set(&pages[p, default: [UInt64](repeating: 0, count: Self.pageWords)], lo, hi, true)
+                    Self.share(&pages, p)
                 } else if pages[p] != nil {
                     Self.set(&pages[p]!, lo, hi, false)
                     if pages[p]!.allSatisfy({ $0 == 0 }) { pages[p] = nil }
@@ -144,6 +163,7 @@ public final class DirtyBitmap: Sendable {
                 let p = g / Self.pageBits
                 if pages[p] == nil { pages[p] = [UInt64](repeating: 0, count: Self.pageWords) }
                 pages[p]![Int((g % Self.pageBits) / 64)] |= w & keep
+                if (g / 64 + 1) % UInt64(Self.pageWords) == 0 || k + 1 == words.count { Self.share(&pages, p) }
             }
         }
     }

@@ -157,6 +157,13 @@ public protocol ImageDriver: AnyObject, Sendable {
     /// header in its first sector). Called before anything is written.
     func checkWrite(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws
 
+    /// The metadata a host write of `[host, host+length)` (a `.data` host address) would
+    /// overwrite, if any: the engine asks before writing a new allocation (nil: none known).
+    func metadataOverlap(host: UInt64, length: UInt64) -> MetadataRanges.Range?
+    /// A write was about to land on metadata (`.metadataOverlap`): mark the image corrupt
+    /// where the format has a mark for it (qcow2's corrupt bit, as QEMU does).
+    func signalCorruption(_ error: BlockError)
+
     /// Writes back dirty metadata, then makes everything durable.
     func flush() throws
     /// Writes back metadata that has settled, in the format's order, without making it
@@ -175,6 +182,8 @@ extension ImageDriver {
     public var hostAllocatedBytes: UInt64 { file.allocatedBytes() }
     public var dirtyBitmaps: [(name: String, bits: DirtyBitmap)] { [] }
     public func writeBack() throws { try flush() }
+    public func metadataOverlap(host: UInt64, length: UInt64) -> MetadataRanges.Range? { nil }
+    public func signalCorruption(_ error: BlockError) {}
     public func checkWrite(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {}
     @inline(__always)
     public func resolve(host: UInt64) -> (file: ImageFile, offset: UInt64) { (file, host) }

@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import Synchronization
 
 /// Where an image keeps its own metadata in its file (header, descriptor, L1 / grain
@@ -86,21 +89,34 @@ public final class MetadataRanges: Sendable {
         }
     }
 
-    /// A metadata range that `[start, start+length)` overlaps, if any.
-    public func overlap(_ start: UInt64, _ length: UInt64) -> Range? {
+    /// A metadata range that `[start, start+length)` overlaps, if any; `except`: ranges of
+    /// that kind do not count (an L2 table may alias another L2 table, not the L1).
+    public func overlap(_ start: UInt64, _ length: UInt64, except: StaticString? = nil) -> Range? {
         let end = start &+ length < start ? UInt64.max : start + length
         return state.withLock { s -> Range? in
             // The last range starting before `end`; walk back while some earlier one may still reach `start`.
             var i = s.ranges.partitionIndex { $0.start >= end } - 1
             while i >= 0 && s.maxEnd[i] > start {
-                if s.ranges[i].end > start { return s.ranges[i] }
+                if s.ranges[i].end > start && !(except.map { Self.same($0, s.ranges[i].what) } ?? false) { return s.ranges[i] }
                 i -= 1
             }
             return nil
         }
     }
 
+    private static func same(_ a: StaticString, _ b: StaticString) -> Bool {
+        a.utf8CodeUnitCount == b.utf8CodeUnitCount && memcmp(a.utf8Start, b.utf8Start, a.utf8CodeUnitCount) == 0
+    }
+
     public var count: Int { state.withLock { $0.ranges.count } }
+
+    /// Throws `.metadataOverlap` if `[start, start+length)`, about to be written as `what`,
+    /// overlaps recorded metadata (a refcount or a table entry lied about free space).
+    public func guardWrite(_ start: UInt64, _ length: UInt64, as what: String, file: String) throws {
+        if let m = overlap(start, length) {
+            throw BlockError.metadataOverlap(file: file, detail: "\(what) at \(start) (\(length) bytes) would overwrite \(m.what) at \(m.start)")
+        }
+    }
 }
 
 extension Array {

@@ -287,6 +287,7 @@ public final class TableCache: Sendable {
     /// offset about to be set, whose piece goes into the cache without a read.
     public func createTable(at offset: UInt64, bytes: UInt64, contents: [UInt8]? = nil, fresh: Bool,
                             touched: UInt64? = nil, metadata: MetadataRanges, what: StaticString) throws {
+        try metadata.guardWrite(offset, bytes, as: "new \(what)", file: file.path)
         discard(offset, length: bytes)
         if let contents {
             try file.write(contents, at: offset)

@@ -14,7 +14,9 @@ public final class FuseMount {
 
     /// Mounts. `fsName` shows up in `mount`/`df` (the image path); `readOnly` adds the `ro`
     /// option so the kernel refuses write opens even for root; `extraOptions` are the user's -o.
-    public init(filesystem: FuseFilesystem, mountpoint: String, fsName: String, readOnly: Bool,
+    /// `target`: what the mount is made on, when not `mountpoint` itself (a root mount is
+    /// made on /proc/self/fd/N, the descriptor the checks looked at).
+    public init(filesystem: FuseFilesystem, mountpoint: String, target: String? = nil, fsName: String, readOnly: Bool,
                 extraOptions: [String], threads: Int = 8) throws {
         self.filesystem = filesystem
         self.mountpoint = mountpoint
@@ -36,7 +38,7 @@ public final class FuseMount {
             session = nil
             throw BlockError.usage(problem)
         }
-        if fuse_session_mount(session, mountpoint) != 0 {
+        if fuse_session_mount(session, target ?? mountpoint) != 0 {
             fuse_session_destroy(session)
             session = nil
             // libfuse or fusermount3 has printed its reason (to the user's terminal, also when detaching).
@@ -46,6 +48,7 @@ public final class FuseMount {
     }
 
     let threads: Int
+    static let detach: Int32 = 2, noFollow: Int32 = 8  // MNT_DETACH, UMOUNT_NOFOLLOW
 
     /// libfuse opens /dev/fuse as the calling user before anything else (fusermount3 only
     /// mounts); say plainly when that cannot work instead of a generic mount failure.
@@ -73,6 +76,14 @@ public final class FuseMount {
     public func unmount() {
         guard let session else { return }
         filesystem.session.set(nil)
+        // The mount as the kernel shows it, never through a symlink put at its name since
+        // (libfuse's own unmount below then finds it gone; for a mount made through
+        // /proc/self/fd/N it could not unmount it anyway).
+        // Only while this session's connection is alive (POLLERR: already unmounted), so a
+        // mount made at the same path since is never touched.
+        var p = pollfd(fd: fuse_session_fd(session), events: 0, revents: 0)
+        let gone = poll(&p, 1, 0) == 1 && p.revents & Int16(POLLERR) != 0
+        if geteuid() == 0 && !gone { _ = umount2(mountpoint, Self.detach | Self.noFollow) }
         fuse_session_unmount(session)
         fuse_session_destroy(session)
         self.session = nil

@@ -16,8 +16,19 @@ public final class ServerLog: Sendable {
 
     public init(path: String?, toStandardError: Bool = false, toSyslog: Bool = false) throws {
         if let path {
-            fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
-            guard fd >= 0 else { throw BlockError.io(file: path, operation: "open log", offset: nil, errno: errno) }
+            // Never through a symlink: one planted at the log's name would make a root server
+            // append to any file it names.
+            fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY, 0o644)
+            guard fd >= 0 else {
+                let e = errno
+                if e == ELOOP { throw BlockError.usage("--log \(path): is a symbolic link; give the log file's own name") }
+                throw BlockError.io(file: path, operation: "open log", offset: nil, errno: e)
+            }
+            var st = stat()
+            guard fstat(fd, &st) == 0, st.st_mode & S_IFMT == S_IFREG else {
+                close(fd)
+                throw BlockError.usage("--log \(path): is not a regular file")
+            }
         } else {
             fd = -1
         }
@@ -30,6 +41,8 @@ public final class ServerLog: Sendable {
     deinit { if fd >= 0 { close(fd) } }
 
     public func record(_ message: String) {
+        // One line per record, whatever an image's strings hold.
+        let message = message.escapingControls
         if toSyslog { withVaList([message]) { vsyslog(LOG_ERR, "%s", $0) } }
         writeLock.withLock { _ in
             if toStandardError { _ = "rawmount: \(message)\n".withCString { write(2, $0, strlen($0)) } }

@@ -99,10 +99,14 @@ struct MountCommand: ParsableCommand {
         }
     }
 
+    /// Tests only: a pause between the checks and the mount (as a slow backing chain makes).
+    static let testPauseBeforeMount: UInt32 = getenv("RAWMOUNT_TEST_PAUSE_BEFORE_MOUNT_US").flatMap { UInt32(String(cString: $0)) } ?? 0
+
     /// Sends a message to the waiting parent (detached mode) or prints it.
     private func report(_ message: String) {
         if let fd = readyFd {
-            _ = "error: \(message)\n".withCString { write(fd, $0, strlen($0)) }
+            // One line per message: a newline from an image name must not forge a verdict.
+            _ = "error: \(message.escapingControls)\n".withCString { write(fd, $0, strlen($0)) }
             close(fd)
         } else {
             printError("rawmount: \(message)")
@@ -114,6 +118,9 @@ struct MountCommand: ParsableCommand {
         // Spawned through /proc/self/exe, the server would show as "exe" in ps and in the
         // lock-holder messages of other rawmount commands.
         if readyFd != nil {
+            // The waiting parent may be gone (killed, its terminal closed): a write to the
+            // status pipe then fails with EPIPE instead of killing a healthy server.
+            signal(SIGPIPE, SIG_IGN)
             let comm = open("/proc/self/comm", O_WRONLY)
             if comm >= 0 { _ = write(comm, "rawmount", 8); close(comm) }
         }
@@ -131,13 +138,16 @@ struct MountCommand: ParsableCommand {
             let hint = e.errnoValue == ENOENT ? " (create the directory first, e.g. mkdir -p \(mountpoint))" : ""
             throw BlockError.usage("mountpoint \(mountpoint): \(String(cString: strerror(e.errnoValue)))\(hint)")
         }
-        var st = stat()
-        guard stat(mp, &st) == 0 else { throw BlockError.io(file: mountpoint, operation: "stat", offset: nil, errno: errno) }
-        let mode = st.st_mode & S_IFMT
+        // From here on the mountpoint is this descriptor (kept open until the mount is made).
+        let target = try Paths.Mountpoint.open(resolved: mp, named: mountpoint)
+        defer { close(target.fd) }
+        let mode = target.mode
         guard mode == S_IFDIR || mode == S_IFREG else {
             throw BlockError.usage("\(mountpoint): mountpoint must be a directory or a regular file")
         }
-        if mp == realImage { throw BlockError.usage("\(mountpoint): cannot mount an image on itself") }
+        if mp == realImage || (try? ImageFile(path: realImage, writable: false))?.identity.map({ ($0.device, $0.inode) == target.identity }) == true {
+            throw BlockError.usage("\(mountpoint): cannot mount an image on itself")
+        }
         if let why = Paths.unsuitableMountpoint(mp) {
             throw BlockError.usage("mountpoint \(mountpoint): refused: \(why)")
         }
@@ -152,7 +162,7 @@ struct MountCommand: ParsableCommand {
         let notify = readyFd
         // Notes reach the user's terminal even when the server has detached.
         let note: @Sendable (String) -> Void = { text in
-            if let fd = notify { _ = "note: \(text)\n".withCString { write(fd, $0, strlen($0)) } } else { printError("rawmount: " + text) }
+            if let fd = notify { _ = "note: \(text.escapingControls)\n".withCString { write(fd, $0, strlen($0)) } } else { printError("rawmount: " + text) }
         }
         var openPath = imagePath, openFormat = fmt
         if let overlay = s.overlay {
@@ -224,7 +234,8 @@ struct MountCommand: ParsableCommand {
                                 ownership: .init(uid: s.uid, gid: s.gid, umask: s.umask))
         let mount: FuseMount
         do {
-            mount = try FuseMount(filesystem: fs, mountpoint: mp, fsName: imagePath, readOnly: ro,
+            if Self.testPauseBeforeMount > 0 { usleep(Self.testPauseBeforeMount) }
+            mount = try FuseMount(filesystem: fs, mountpoint: mp, target: target.mountTarget, fsName: imagePath, readOnly: ro,
                                   extraOptions: s.fuseOptions)
         } catch {
             try? device.close()
@@ -237,7 +248,7 @@ struct MountCommand: ParsableCommand {
             // From here on nothing reaches the user's terminal: libfuse's stderr was the pipe.
             let devNull = open("/dev/null", O_WRONLY)
             if devNull >= 0 { dup2(devNull, 2); close(devNull) }
-            let message = shown.map { "file: \($0)\n" }.joined() + "ok\n"
+            let message = shown.map { "file: \($0.escapingControls)\n" }.joined() + "ok\n"
             _ = message.withCString { write(fd, $0, strlen($0)) }
             close(fd)
         } else if !quiet {
@@ -293,7 +304,9 @@ enum Detach {
         defer { posix_spawnattr_destroy(&attr) }
         posix_spawnattr_setflags(&attr, Int16(0x80)) // POSIX_SPAWN_SETSID
 
-        let argv = ["rawmount"] + arguments + ["--ready-fd", String(writeEnd)]
+        // Before a `--` (after it every word is an operand, `rawmount mount -- -x.qcow2 DIR`).
+        var argv = ["rawmount"] + arguments
+        argv.insert(contentsOf: ["--ready-fd", String(writeEnd)], at: argv.firstIndex(of: "--") ?? argv.endIndex)
         var cargs: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) } + [nil]
         defer { for p in cargs { free(p) } }
         var pid: pid_t = 0

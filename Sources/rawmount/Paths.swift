@@ -64,12 +64,17 @@ enum Paths {
         return name.utf8.count <= 255 ? name : "\(stem).dirty-#\(index + 1).raw"
     }
 
-    /// Where serving processes record their pids: /run/rawmount for root, /tmp/rawmount-<uid>
-    /// otherwise. /tmp is shared, so the folder must be a real directory (not a link) owned by
-    /// this user and writable by nobody else; it is created 0700.
+    /// Where serving processes record their pids: /run/rawmount for root; for others
+    /// /run/user/<uid>/rawmount (the user's runtime folder, $XDG_RUNTIME_DIR, which no other
+    /// user can touch) when it exists, else /tmp/rawmount-<uid>. /tmp is shared, so that folder
+    /// must be a real directory (not a link) owned by this user and writable by nobody else; it
+    /// is created 0700.
     static func stateDirectory() throws -> String {
         let uid = getuid()
-        let dir = uid == 0 ? "/run/rawmount" : "/tmp/rawmount-\(uid)"
+        let runtime = "/run/user/\(uid)"
+        var rt = stat()
+        let private_ = uid != 0 && lstat(runtime, &rt) == 0 && rt.st_mode & S_IFMT == S_IFDIR && rt.st_uid == uid && rt.st_mode & 0o077 == 0
+        let dir = uid == 0 ? "/run/rawmount" : private_ ? runtime + "/rawmount" : "/tmp/rawmount-\(uid)"
         if mkdir(dir, 0o700) != 0 && errno != EEXIST {
             throw BlockError.io(file: dir, operation: "create the pid folder", offset: nil, errno: errno)
         }
@@ -79,8 +84,10 @@ enum Paths {
             throw BlockError.usage("\(dir): the pid folder is not a directory (a link or a file is in its place); remove it")
         }
         guard st.st_uid == uid, st.st_mode & 0o022 == 0 else {
+            let fix = st.st_uid == uid ? "remove it and rawmount makes it again"
+                : "another user made it: ask an administrator to remove it, or log in through a session that has /run/user/\(uid) (systemd-logind), which rawmount then uses"
             throw BlockError.usage("\(dir): the pid folder is owned by uid \(st.st_uid) with mode \(String(st.st_mode & 0o777, radix: 8)); "
-                + "it must belong to uid \(uid) and be writable by nobody else (remove it and rawmount makes it again)")
+                + "it must belong to uid \(uid) and be writable by nobody else (\(fix))")
         }
         return dir
     }
@@ -113,6 +120,50 @@ enum Paths {
     /// Why `mp` (resolved) must not be a mountpoint: pseudo file systems (proc, sysfs, devtmpfs,
     /// cgroup...) and anything inside /proc, /sys or /dev, where a mount hides what the
     /// system and rawmount itself rely on. nil: it may be used.
+    /// The mountpoint resolved once to a descriptor (O_PATH|O_NOFOLLOW): the checks look at
+    /// the object it holds, and a root mount mounts exactly that object through
+    /// /proc/self/fd/N, so swapping the checked path for a symlink afterwards (while a slow
+    /// backing chain opens) redirects nothing.
+    struct Mountpoint {
+        let fd: Int32
+        let path: String
+        let mode: mode_t
+        let identity: (device: UInt64, inode: UInt64)
+
+        /// What a root mount(2) is given; fusermount3 (other users) makes its own checks on the path.
+        var mountTarget: String { geteuid() == 0 ? "/proc/self/fd/\(fd)" : path }
+
+        static func open(resolved mp: String, named: String) throws -> Mountpoint {
+            let fd = Glibc.open(mp, 0o10000000 /* O_PATH */ | O_NOFOLLOW | O_CLOEXEC)
+            guard fd >= 0 else { throw BlockError.usage("mountpoint \(named): \(String(cString: strerror(errno)))") }
+            var st = stat()
+            guard fstat(fd, &st) == 0 else {
+                let e = errno
+                close(fd)
+                throw BlockError.io(file: named, operation: "stat", offset: nil, errno: e)
+            }
+            // realpath resolved every link; one now means the path was changed since.
+            let now = Paths.descriptorPath(fd)
+            guard st.st_mode & S_IFMT != S_IFLNK, now == mp else {
+                close(fd)
+                throw BlockError.usage("mountpoint \(named): it changed while it was being checked (now \(now ?? "unknown")); not mounting")
+            }
+            return Mountpoint(fd: fd, path: mp, mode: st.st_mode & S_IFMT,
+                              identity: (UInt64(st.st_dev), UInt64(st.st_ino)))
+        }
+
+        /// Still the object checked at `path`? (Read where the mount is reported and recorded.)
+        var currentPath: String? { Paths.descriptorPath(fd) }
+    }
+
+    /// The path the kernel shows for descriptor `fd`.
+    static func descriptorPath(_ fd: Int32) -> String? {
+        var buf = [UInt8](repeating: 0, count: 4096)
+        let n = buf.withUnsafeMutableBytes { readlink("/proc/self/fd/\(fd)", $0.baseAddress!.assumingMemoryBound(to: CChar.self), 4096) }
+        guard n > 0 else { return nil }
+        return String(decoding: buf[0..<n], as: UTF8.self)
+    }
+
     static func unsuitableMountpoint(_ mp: String) -> String? {
         for top in ["/proc", "/sys", "/dev"] where mp == top || mp.hasPrefix(top + "/") {
             return "it is inside \(top), which belongs to the kernel"
@@ -141,11 +192,19 @@ enum Paths {
     }
 }
 
-/// Prints one line to stderr.
+/// Prints one line to stderr, its control characters written out (a file name or a string
+/// from an image must not forge a line or drive the terminal).
 func printError(_ text: String) {
-    var line = text
-    if !line.hasSuffix("\n") { line += "\n" }
+    let line = (text.hasSuffix("\n") ? String(text.dropLast()) : text).escapingControls + "\n"
     _ = line.withCString { write(2, $0, strlen($0)) }
+}
+
+/// Swift's print for this program's reports: every control character but line breaks and tabs
+/// is written out, so a string from an image (a snapshot or bitmap name, a backing file name)
+/// cannot send escape sequences to the terminal. Strings that could forge a line are escaped
+/// where they are put in (`escapingControls`).
+func print(_ items: Any..., separator: String = " ", terminator: String = "\n") {
+    Swift.print(items.map { "\($0)" }.joined(separator: separator).escapingControlsButLines, terminator: terminator)
 }
 
 /// A message for any error: BlockError's sentence, or the error's own description.

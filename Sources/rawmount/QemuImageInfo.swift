@@ -77,6 +77,14 @@ enum QemuImageInfo {
         guard let data = try? JSONSerialization.data(withJSONObject: value, options: [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]) else {
             return "{}"
         }
-        return String(decoding: data, as: UTF8.self)
+        // JSONSerialization leaves DEL and the C1 controls (U+0080-U+009F, which terminals
+        // may obey) as they are; inside JSON strings they may be written as \u00XX.
+        let text = String(decoding: data, as: UTF8.self)
+        guard text.unicodeScalars.contains(where: { (0x7F...0x9F).contains($0.value) }) else { return text }
+        var out = ""
+        for u in text.unicodeScalars {
+            if (0x7F...0x9F).contains(u.value) { out += "\\u00" + String(u.value, radix: 16) } else { out.unicodeScalars.append(u) }
+        }
+        return out
     }
 }

@@ -33,7 +33,7 @@ struct UnmountCommand: ParsableCommand {
         let pid = Paths.readFile(pidFile).flatMap { pid_t($0.trimmingSpaces) }
         // Checked before unmounting: a live server exits by itself right after.
         let serverDied = pid.map { !processAlive($0) } ?? false
-        if umount2(mp, 0) != 0 {
+        if umount2(mp, 8 /* UMOUNT_NOFOLLOW: a symlink put at its name is not followed */) != 0 {
             let e = errno
             if e == EPERM {
                 let rc = run(["fusermount3", "-u", mp])

@@ -78,4 +78,26 @@ final class DirtyBitmapTests: XCTestCase {
         XCTAssertEqual(odd.dirtyBytes, 10_240 - 8192)
         XCTAssertEqual(odd.run(from: 8192, maxLength: 1 << 30).length, 2048)
     }
+
+    /// An all-ones bitmap (a hostile image's, or a disk rewritten whole) costs no page of its
+    /// own: full pages share one array, whether set by writes or loaded from the image.
+    func testFullPagesShareOneArray() {
+        let bits = DirtyBitmap(granularity: 512, diskSize: 1 << 40)  // 2^31 granules, 65536 pages
+        bits.mark(0, length: 1 << 40)
+        XCTAssertEqual(bits.ownPages, 0)
+        XCTAssertEqual(bits.dirtyBytes, 1 << 40)
+        bits.setGranules(5, 6, to: false)
+        XCTAssertEqual(bits.ownPages, 1, "clearing a bit copies only its page")
+        XCTAssertEqual(bits.dirtyBytes, (1 << 40) - 512)
+        XCTAssertEqual(bits.run(from: 0, maxLength: 1 << 40).length, 5 * 512)
+        // Loaded a cluster of words at a time, as a qcow2 bitmap's data is.
+        let loaded = DirtyBitmap(granularity: 512, diskSize: 1 << 36)
+        for c in 0..<64 { loaded.merge(words: [UInt64](repeating: ~0, count: 8192), from: UInt64(c) * 8192 * 64) }
+        XCTAssertEqual(loaded.ownPages, 0)
+        XCTAssertEqual(loaded.dirtyBytes, 64 * 8192 * 64 * 512)
+        // Partly set pages stay their own, and agree with the bits set.
+        loaded.mark(1 << 35, length: 4096)
+        XCTAssertEqual(loaded.ownPages, 1)
+        XCTAssertEqual(loaded.dirtyBytes, 64 * 8192 * 64 * 512 + 4096)
+    }
 }

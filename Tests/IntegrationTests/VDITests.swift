@@ -182,6 +182,16 @@ final class VDITests: XCTestCase {
         XCTAssertEqual(try Files.sha(base), baseSha)
         let info = try Harness.run([Harness.rawmount, "info", snap]).out
         XCTAssertTrue(info.contains("differencing (parent {") && info.contains("backing file 1: \(base)"), info)
+        // A second file with the parent's UUID (planted, or a copy): refused, naming both,
+        // never chosen by its name; one that belongs to another user is never taken.
+        let planted = snaps + "/aaa-planted.vdi"
+        try FileManager.default.copyItem(atPath: base, toPath: planted)
+        try s.assertMountRefused(["-r", snap], mentions: ["refusing to guess", planted, base], "two parents")
+        XCTAssertEqual(chown(planted, 12345, 12345), 0)
+        try Harness.run([Harness.rawmount, "mount", snap, s.mnt])
+        XCTAssertTrue(try Files.read(raw) == expected, "the planted copy of another user was read")
+        try s.unmount()
+        try FileManager.default.removeItem(atPath: planted)
         // Without its parent: refused, naming the UUID it needs.
         try FileManager.default.moveItem(atPath: base, toPath: s.path("elsewhere.vdi"))
         let uuid = try XCTUnwrap(info.split(separator: "\n").first { $0.contains("parent {") }?.split(separator: "{").last?.prefix(36))

@@ -89,7 +89,9 @@ enum GPTTable {
             units.append(u)
         }
         let name = units.isEmpty ? nil : String(decoding: units, as: UTF16.self)
-        return .init(index: index, startLBA: first, sectors: last - first + 1, type: type, typeName: typeNames[type],
+        // 0...2^64-1 has 2^64 sectors: saturate (the table clips every entry to the disk).
+        let (sectors, over) = (last - first).addingReportingOverflow(1)
+        return .init(index: index, startLBA: first, sectors: over ? UInt64.max : sectors, type: type, typeName: typeNames[type],
                      name: name, uuid: guid(e, 16))
     }
 

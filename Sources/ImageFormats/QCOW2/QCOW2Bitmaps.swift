@@ -94,6 +94,20 @@ public enum QCOW2Bitmaps {
             entry = next
         }
         guard entry == dir.count else { throw bad("its \(h.bitmapCount) entries end at byte \(entry) of \(dir.count)") }
+        // Each bitmap's table is its own (QEMU calls a shared or misplaced one corruption):
+        // 65535 bitmaps sharing one table would each be stored anew at unmount.
+        let dirRange = (start: h.bitmapDirectoryOffset, end: h.bitmapDirectoryOffset + UInt64(dir.count).alignedUp(h.clusterSize), name: "")
+        let tables = list.map { b -> (start: UInt64, end: UInt64, name: String) in
+            let (end, over) = b.tableOffset.addingReportingOverflow((UInt64(b.tableEntries) * 8).alignedUp(h.clusterSize))
+            return (b.tableOffset, over ? UInt64.max : end, b.name)
+        }
+            .sorted { $0.start < $1.start }
+        for (a, b) in zip(tables, tables.dropFirst()) where b.start < a.end {
+            throw bad("bitmaps '\(a.name)' and '\(b.name)' share table clusters (at \(b.start))")
+        }
+        if let t = tables.first(where: { $0.start < dirRange.end && dirRange.start < $0.end }) {
+            throw bad("the table of bitmap '\(t.name)' lies in the bitmap directory")
+        }
         return (list, dir)
     }
 

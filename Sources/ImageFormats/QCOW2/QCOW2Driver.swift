@@ -183,7 +183,23 @@ public final class QCOW2Driver: ImageDriver {
             throw BlockError.invalid(file: file.path, field: "L1 entry \(l1Index)",
                                      detail: "L2 table offset \(table) is not a cluster inside the \(fileSize)-byte file")
         }
+        // An L2 table that is really the header, the L1, a refcount structure or a snapshot
+        // table: its "entries" would map guest writes onto that structure.
+        if let m = metadata.overlap(table, cs, except: "an L2 table") {
+            throw BlockError.invalid(file: file.path, field: "L1 entry \(l1Index)", detail: "L2 table at \(table) lies in \(m.what) at \(m.start)")
+        }
         return table
+    }
+
+    public func metadataOverlap(host: UInt64, length: UInt64) -> MetadataRanges.Range? { metadata.overlap(host, length) }
+
+    /// As QEMU's qcow2_signal_corruption: the corrupt bit goes into the header (durably), so
+    /// the image mounts only read-only until `check --repair` (or qemu-img check -r all).
+    public func signalCorruption(_ error: BlockError) {
+        guard refcounts != nil, let field = try? file.readBytes(count: 8, at: UInt64(QCOW2Header.Field.incompatible), what: "qcow2 header") else { return }
+        let flags = field.reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
+        try? QCOW2Header.writeField(file, at: QCOW2Header.Field.incompatible, flags | QCOW2Header.incompatibleCorrupt, bytes: 8)
+        try? file.sync()
     }
 
     /// The file's end as far as this process knows (it grows as clusters are allocated).
@@ -212,7 +228,8 @@ public final class QCOW2Driver: ImageDriver {
                 throw BlockError.invalid(file: file.path, field: "L2 entry for guest offset \(offset - inCluster)",
                                          detail: "compressed cluster at \(host) lies outside the \(fileSize)-byte file")
             }
-            if let m = metadata.overlap(host, 1) {
+            // The whole range, not its first byte: its clusters are freed when it is overwritten.
+            if let m = metadata.overlap(host, size) {
                 throw BlockError.invalid(file: file.path, field: "L2 entry for guest offset \(offset - inCluster)",
                                          detail: "compressed cluster at \(host) lies in \(m.what) at \(m.start)")
             }

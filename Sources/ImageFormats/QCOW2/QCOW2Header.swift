@@ -140,7 +140,8 @@ public struct QCOW2Header: Sendable {
     /// 32 MiB limit, start on a cluster past the header and lie inside the file.
     func checkL1(offset: UInt64, entries: UInt32, diskSize: UInt64, fileSize: UInt64, path: String, what: String) throws {
         func bad(_ field: String, _ detail: String) -> BlockError { .invalid(file: path, field: field, detail: detail) }
-        let needed = (diskSize + l1Coverage - 1) / l1Coverage
+        // (diskSize / c) rounded up without adding to diskSize: a hostile size near 2^64 must not trap.
+        let needed = diskSize / l1Coverage + (diskSize % l1Coverage == 0 ? 0 : 1)
         guard UInt64(entries) >= needed else { throw bad("\(what) size", "\(entries) entries; a \(diskSize)-byte disk needs \(needed)") }
         let bytes = UInt64(entries) * 8
         guard bytes <= Self.maxL1Bytes else { throw bad("\(what) size", "\(entries) entries is larger than QEMU's 32 MiB limit") }

@@ -102,6 +102,8 @@ final class QCOW2Refcounts: Sendable {
     }
     /// Every refcount block's host offset (for metadata ranges and checks).
     var blockOffsets: [UInt64] { state.withLock { $0.table.filter { $0 != 0 } } }
+    /// The refcount table indices that name a block (block i covers clusters from i * perBlock).
+    var blockIndices: [UInt64] { state.withLock { s in s.table.indices.filter { s.table[$0] != 0 }.map(UInt64.init) } }
 
     // MARK: reading and changing single refcounts
 
@@ -189,6 +191,9 @@ final class QCOW2Refcounts: Sendable {
                 var n: UInt64 = 1
                 let rangeEnd = (bi + 1) * perBlock
                 while n < maxClusters, c + n < rangeEnd, try free(c + n) { n += 1 }
+                // Free by its refcount but holding a table: the refcounts lie (QEMU: "Preventing
+                // invalid allocation"). Refused; nothing is handed out or written.
+                try metadata?.guardWrite(c * clusterSize, n * clusterSize, as: "clusters free by their refcount", file: file.path)
                 for k in 0..<n { try setLocked(&s, c + k, 1) }
                 // The scan stepped only over used clusters; a growth that freed the old table
                 // meanwhile lowered the hint, which then stays.
@@ -212,6 +217,8 @@ final class QCOW2Refcounts: Sendable {
             throw BlockError.invalid(file: file.path, field: "refcount table", detail: "no free cluster for the refcount block of clusters from \(bi * perBlock)")
         }
         let offset = at * clusterSize
+        // A range without a refcount block counts as free: it must not hold a table.
+        try metadata?.guardWrite(offset, clusterSize, as: "a new refcount block", file: file.path)
         blocks.discard(offset, length: clusterSize)
         try file.write([UInt8](repeating: 0, count: Int(clusterSize)), at: offset)
         s.table[Int(bi)] = offset
@@ -248,6 +255,7 @@ final class QCOW2Refcounts: Sendable {
         // Everything the new table names must be on disk first.
         try blocks.flush()
         let area = j * e
+        try metadata?.guardWrite(area * clusterSize, (k + t) * clusterSize, as: "a new refcount table and its blocks", file: file.path)
         var newTable = s.table + [UInt64](repeating: 0, count: Int(count) - s.table.count)
         for m in 0..<k {
             var block = [UInt8](repeating: 0, count: Int(clusterSize))

@@ -194,6 +194,8 @@ public final class QEDDriver: ImageDriver {
 
     /// The data write failed (host disk full): the clusters go back, so the file does not
     /// keep a cluster nothing links.
+    public func metadataOverlap(host: UInt64, length: UInt64) -> MetadataRanges.Range? { metadata.overlap(host, length) }
+
     public func abandon(_ a: Allocation) {
         allocator.giveBack(a.hostOffset, a.length) { file.cutBack(to: a.hostOffset) }
     }
