@@ -13,44 +13,16 @@ final class DamagedImageFuzzTests: XCTestCase {
     static let casesPerImage = Int(ProcessInfo.processInfo.environment["RAWMOUNT_FUZZ_CASES"] ?? "") ?? 300
     static let seedOffset = UInt64(ProcessInfo.processInfo.environment["RAWMOUNT_FUZZ_SEED"] ?? "") ?? 0
 
-    var dir = ""
+    var images: FuzzImages!
+    var dir: String { images.dir }
 
-    override func setUpWithError() throws {
-        dir = NSTemporaryDirectory() + "fuzz-" + UUID().uuidString
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-    }
-
-    override func tearDown() { try? FileManager.default.removeItem(atPath: dir) }
+    override func setUpWithError() throws { images = try FuzzImages() }
+    override func tearDown() { images.remove() }
 
     @discardableResult
-    func run(_ args: [String]) throws -> Int32 {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        p.arguments = args
-        p.standardOutput = FileHandle.nullDevice
-        p.standardError = FileHandle.nullDevice
-        try p.run()
-        p.waitUntilExit()
-        return p.terminationStatus
-    }
-
-    /// A 6 MiB source disk: random data in some 64 KiB pieces, zeros and holes elsewhere.
-    func source() throws -> String {
-        let path = dir + "/src.raw"
-        var rng = SeededRandom(seed: 7)
-        var bytes = [UInt8](repeating: 0, count: 6 << 20)
-        for piece in stride(from: 0, to: bytes.count, by: 65536) where rng.next() % 3 == 0 {
-            for i in piece..<(piece + 65536) { bytes[i] = UInt8(truncatingIfNeeded: rng.next()) }
-        }
-        _ = FileManager.default.createFile(atPath: path, contents: Data(bytes))
-        return path
-    }
-
-    func image(_ name: String, _ convertArgs: [String]) throws -> [UInt8] {
-        let out = dir + "/" + name
-        XCTAssertEqual(try run(["qemu-img", "convert"] + convertArgs + [try source(), out]), 0, "qemu-img convert \(convertArgs)")
-        return [UInt8](try Data(contentsOf: URL(fileURLWithPath: out)))
-    }
+    func run(_ args: [String]) throws -> Int32 { try images.run(args) }
+    func source() throws -> String { try images.source() }
+    func image(_ name: String, _ convertArgs: [String]) throws -> [UInt8] { try images.image(name, convertArgs) }
 
     /// Damage: bytes anywhere in the metadata-heavy start, huge or zero integers, or a cut.
     func damage(_ original: [UInt8], _ rng: inout SeededRandom) -> [UInt8] {

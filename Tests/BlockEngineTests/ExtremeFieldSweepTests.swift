@@ -1,0 +1,169 @@
+import XCTest
+import Foundation
+import Synchronization
+@testable import BlockEngine
+@testable import ImageFormats
+
+/// Every integer field of every structure at the edges of what it can hold: each aligned 4-
+/// and 8-byte spot of the headers and the first entries of each table (qcow2 snapshot table
+/// and bitmap directory, L1 and refcount table; VDI, QED, VMDK and Bochs headers and maps;
+/// MBR, EBR and GPT, their CRCs made valid again) gets each extreme value in the format's byte
+/// order, and the copy is opened, read, sought, partly written and its partition table read
+/// as a mount would. No case may trap or hang. RAWMOUNT_SWEEP_SPAN=N sweeps N bytes of each
+/// region instead of the default (a million cases and more by hand).
+final class ExtremeFieldSweepTests: XCTestCase {
+    static let extremes: [UInt64] = [0, 1, 0x7F, 0xFF, 0x7FFF_FFFF, 0x8000_0000, 0xFFFF_FFFF, 1 << 32, 1 << 62,
+                                     UInt64(Int64.max), 1 << 63, UInt64.max - 511, UInt64.max]
+    static let span = Int(ProcessInfo.processInfo.environment["RAWMOUNT_SWEEP_SPAN"] ?? "") ?? 0
+
+    var fuzz: FuzzImages!
+    override func setUpWithError() throws { fuzz = try FuzzImages() }
+    override func tearDown() { fuzz.remove() }
+
+    /// Sweeps `regions` (byte ranges of `original`); `fix` repairs checksums after each change.
+    /// `partitionsOnly`: the copy is only opened and its partition table read (a raw disk's
+    /// data says nothing more).
+    func sweep(_ name: String, _ original: [UInt8], format: ImageFormat, regions: [Range<Int>], bigEndian: Bool,
+               partitionsOnly: Bool = false, fix: ((inout [UInt8]) -> Void)? = nil) throws {
+        let path = fuzz.dir + "/sweep-" + name
+        var cases = 0, opened = 0
+        // The file is written whole once; each case changes only its bytes (and the
+        // checksums `fix` touches: the GPT header) and puts them back, unless it wrote.
+        _ = FileManager.default.createFile(atPath: path, contents: Data(original))
+        let fixed = fix == nil ? 0..<0 : 512..<604
+        func patch(_ bytes: [UInt8], _ ranges: [Range<Int>]) throws {
+            let f = try ImageFile(path: path, writable: true)
+            for r in ranges where !r.isEmpty { try f.write(Array(bytes[r]), at: UInt64(r.lowerBound)) }
+        }
+        for region in regions {
+            let r = region.clamped(to: 0..<original.count)
+            let end = Self.span > 0 ? min(original.count, r.lowerBound + Self.span) : r.upperBound
+            for width in [4, 8] {
+                for spot in stride(from: r.lowerBound & ~(width - 1), to: end - width + 1, by: width) {
+                    for v in Self.extremes where width == 8 || v <= UInt64(UInt32.max) {
+                        var b = original
+                        for i in 0..<width { b[spot + i] = UInt8(truncatingIfNeeded: v >> (UInt64(bigEndian ? width - 1 - i : i) * 8)) }
+                        if b == original { continue }
+                        fix?(&b)
+                        cases += 1
+                        let writes = cases % 4 == 0 && format != .bochs && !partitionsOnly
+                        let touched = [spot ..< spot + width, fixed]
+                        try patch(b, touched)
+                        defer { if writes { _ = FileManager.default.createFile(atPath: path, contents: Data(original)) } else { try? patch(original, touched) } }
+                        let outcome = Mutex<DamagedImageFuzzTests.Outcome?>(nil)
+                        let done = DispatchSemaphore(value: 0)
+                        let seed = UInt64(cases)
+                        Thread.detachNewThread {
+                            let o: DamagedImageFuzzTests.Outcome = partitionsOnly ? .opened
+                                : DamagedImageFuzzTests.exercise(path, writable: writes, format: format, seed: seed)
+                            if let device = try? ImageOpener.open(path: path, options: .init(writable: false, format: format, lock: false)) {
+                                _ = PartitionTable.read(device)
+                                try? device.close()
+                            }
+                            outcome.withLock { $0 = o }
+                            done.signal()
+                        }
+                        if done.wait(timeout: .now() + 20) == .timedOut {
+                            try? FileManager.default.copyItem(atPath: path, toPath: "/tmp/rawmount-sweep-hang-\(name)")
+                            XCTFail("\(name): \(v) at byte \(spot) (\(width) bytes): still running after 20 s")
+                            return
+                        }
+                        switch outcome.withLock({ $0 }) {
+                        case .opened?: opened += 1
+                        case let .problem(text)?: XCTFail("\(name): \(v) at byte \(spot): \(text)")
+                        default: break
+                        }
+                    }
+                }
+            }
+        }
+        XCTAssertGreaterThan(opened, 0, "\(name): no case opened, so nothing past the open was swept")
+        print("\(name): \(cases) extreme values swept, \(opened) opened and were read")
+    }
+
+    func testQCOW2Fields() throws {
+        let img = fuzz.dir + "/s.qcow2"
+        _ = try fuzz.image("s.qcow2", ["-O", "qcow2", "-o", "cluster_size=4096"])
+        XCTAssertEqual(try fuzz.run(["qemu-img", "snapshot", "-c", "first", img]), 0)
+        XCTAssertEqual(try fuzz.run(["qemu-img", "bitmap", "--add", "-g", "4k", img, "b0"]), 0)
+        XCTAssertEqual(try fuzz.run(["qemu-io", "-f", "qcow2", "-c", "write -P 9 64k 256k", img]), 0)
+        let h = try QCOW2Header.read(from: try ImageFile(path: img, writable: false))
+        let bytes = [UInt8](try Data(contentsOf: URL(fileURLWithPath: img)))
+        func at(_ o: UInt64, _ n: Int) -> Range<Int> { Int(o) ..< Int(o) + n }
+        try sweep("qcow2", bytes, format: .qcow2, regions: [0..<200, at(h.snapshotsOffset, 64), at(h.bitmapDirectoryOffset, 32),
+                                                             at(h.l1Offset, 16), at(h.refcountTableOffset, 16)], bigEndian: true)
+    }
+
+    func testQEDVDIVMDKAndBochsFields() throws {
+        let qed = try fuzz.image("s.qed", ["-O", "qed", "-o", "cluster_size=4096,table_size=2"])
+        let qh = try QEDHeader.read(from: try ImageFile(path: fuzz.dir + "/s.qed", writable: false))
+        try sweep("qed", qed, format: .qed, regions: [0..<72, Int(qh.l1TableOffset) ..< Int(qh.l1TableOffset) + 16], bigEndian: false)
+        let vdi = try fuzz.image("s.vdi", ["-O", "vdi"])
+        let mapAt = Int(vdi[0x154]) | Int(vdi[0x155]) << 8
+        try sweep("vdi", vdi, format: .vdi, regions: [0x40..<0x1B8, mapAt ..< mapAt + 16], bigEndian: false)
+        let vmdk = try fuzz.image("s.vmdk", ["-O", "vmdk"])
+        try sweep("vmdk", vmdk, format: .vmdk, regions: [0..<80], bigEndian: false)
+        let bochs = fuzz.dir + "/s.img"
+        XCTAssertEqual(try fuzz.run(["bximage", "-func=convert", "-imgmode=growing", "-q", try fuzz.source(), bochs]), 0)
+        try sweep("bochs", [UInt8](try Data(contentsOf: URL(fileURLWithPath: bochs))), format: .bochs, regions: [0..<0x80, 512..<528], bigEndian: false)
+    }
+
+    /// MBR with an EBR chain, and GPT with its CRCs recomputed after every change (so the
+    /// parser meets the values, not only the checksum).
+    func testPartitionTableFields() throws {
+        for (name, script) in [("dos", "label: dos\nstart=2048, size=2048\nstart=6144, type=5\nstart=6208, size=1024\nstart=8192, size=1024\n"),
+                               ("gpt", "label: gpt\nstart=2048, size=4096\nstart=8192, size=2048\n")] {
+            let disk = fuzz.dir + "/\(name).raw"
+            XCTAssertEqual(try fuzz.run(["truncate", "-s", "8M", disk]), 0)
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+            p.arguments = ["sfdisk", "-q", disk]
+            let pipe = Pipe()
+            p.standardInput = pipe
+            p.standardOutput = FileHandle.nullDevice
+            try p.run()
+            pipe.fileHandleForWriting.write(Data(script.utf8))
+            try pipe.fileHandleForWriting.close()
+            p.waitUntilExit()
+            XCTAssertEqual(p.terminationStatus, 0, "sfdisk \(name)")
+            let bytes = [UInt8](try Data(contentsOf: URL(fileURLWithPath: disk)))
+            if name == "dos" {
+                try sweep("mbr", bytes, format: .raw, regions: [446..<512, 6144 * 512 + 446 ..< 6144 * 512 + 478], bigEndian: false,
+                          partitionsOnly: true)
+            } else {
+                try sweep("gpt", bytes, format: .raw, regions: [446..<462, 512..<604, 1024..<1152], bigEndian: false,
+                          partitionsOnly: true, fix: Self.fixGPTChecksums)
+            }
+        }
+    }
+
+    /// Makes the primary GPT header's and entry array's CRC-32 match their (changed) bytes,
+    /// as far as the header's own sizes allow.
+    static func fixGPTChecksums(_ b: inout [UInt8]) {
+        func le(_ o: Int, _ n: Int) -> UInt64 { (0..<n).reduce(UInt64(0)) { $0 | UInt64(b[o + $1]) << (8 * UInt64($1)) } }
+        func put32(_ o: Int, _ v: UInt32) { for i in 0..<4 { b[o + i] = UInt8(truncatingIfNeeded: v >> (8 * UInt32(i))) } }
+        let h = 512
+        let entries = le(h + 72, 8), count = le(h + 80, 4), size = le(h + 84, 4)
+        if entries < UInt64(b.count) / 512, count * size <= 1 << 20, entries * 512 + count * size <= UInt64(b.count) {
+            let start = Int(entries) * 512
+            put32(h + 88, crc32(b[start ..< start + Int(count * size)]))
+        }
+        let headerSize = le(h + 12, 4)
+        if headerSize >= 92 && headerSize <= 512 {
+            put32(h + 16, 0)
+            put32(h + 16, crc32(b[h ..< h + Int(headerSize)]))
+        }
+    }
+
+    static let crcTable: [UInt32] = (0..<256).map { n -> UInt32 in
+        var c = UInt32(n)
+        for _ in 0..<8 { c = c & 1 != 0 ? 0xEDB8_8320 ^ (c >> 1) : c >> 1 }
+        return c
+    }
+
+    static func crc32(_ bytes: ArraySlice<UInt8>) -> UInt32 {
+        var c: UInt32 = 0xFFFF_FFFF
+        for x in bytes { c = crcTable[Int((c ^ UInt32(x)) & 0xFF)] ^ (c >> 8) }
+        return c ^ 0xFFFF_FFFF
+    }
+}

@@ -1,0 +1,47 @@
+import XCTest
+import Foundation
+import TestSupport
+
+/// A scratch folder of images made by qemu-img from one seeded source disk, for the fuzz
+/// and sweep campaigns.
+struct FuzzImages {
+    let dir: String
+
+    init() throws {
+        dir = NSTemporaryDirectory() + "fuzz-" + UUID().uuidString
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+    }
+
+    func remove() { try? FileManager.default.removeItem(atPath: dir) }
+
+    @discardableResult
+    func run(_ args: [String]) throws -> Int32 {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        p.arguments = args
+        p.standardOutput = FileHandle.nullDevice
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        p.waitUntilExit()
+        return p.terminationStatus
+    }
+
+    /// A 6 MiB source disk: random data in some 64 KiB pieces, zeros and holes elsewhere.
+    func source() throws -> String {
+        let path = dir + "/src.raw"
+        var rng = SeededRandom(seed: 7)
+        var bytes = [UInt8](repeating: 0, count: 6 << 20)
+        for piece in stride(from: 0, to: bytes.count, by: 65536) where rng.next() % 3 == 0 {
+            for i in piece..<(piece + 65536) { bytes[i] = UInt8(truncatingIfNeeded: rng.next()) }
+        }
+        _ = FileManager.default.createFile(atPath: path, contents: Data(bytes))
+        return path
+    }
+
+    /// The source converted by qemu-img (`convertArgs` before the two paths), as bytes.
+    func image(_ name: String, _ convertArgs: [String]) throws -> [UInt8] {
+        let out = dir + "/" + name
+        XCTAssertEqual(try run(["qemu-img", "convert"] + convertArgs + [try source(), out]), 0, "qemu-img convert \(convertArgs)")
+        return [UInt8](try Data(contentsOf: URL(fileURLWithPath: out)))
+    }
+}
