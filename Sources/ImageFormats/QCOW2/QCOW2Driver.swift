@@ -35,6 +35,10 @@ public final class QCOW2Driver: ImageDriver {
     let inflated: InflatedClusters
     /// Header cluster, the L1 and the L2 tables it names: no data cluster may point into them.
     let metadata: MetadataRanges
+    /// L1 entries whose L2 table is really other metadata (the header, the L1, a refcount
+    /// structure, the snapshot table...), found once at open: using one fails (`l2Table`).
+    /// New tables come from the allocator, which never hands out metadata.
+    let aliasedL2: [UInt64: String]
     static let offsetMask: UInt64 = 0x00FF_FFFF_FFFF_FE00
     static let copiedFlag: UInt64 = 1 << 63
     static let compressedFlag: UInt64 = 1 << 62
@@ -114,6 +118,16 @@ public final class QCOW2Driver: ImageDriver {
             }
             try metadata.insert(contentsOf: blocks, file: file.path)
         }
+        var aliased: [UInt64: String] = [:]
+        let metadata = self.metadata
+        let usedL1 = min(UInt64(l1Entries), (h.size + h.l1Coverage - 1) / h.l1Coverage)
+        try FlatTable.forEachEntry(file, start: l1Offset, count: usedL1, encoding: .u64BE, fileSize: fileSize, what: "qcow2 L1 table") { i, e in
+            let table = e & Self.offsetMask
+            if table != 0, let m = metadata.overlap(table, h.clusterSize, except: "an L2 table") {
+                aliased[i] = "L2 table at \(table) lies in \(m.what) at \(m.start)"
+            }
+        }
+        aliasedL2 = aliased
         var details: [(String, String)] = [
             ("version", "\(h.version)"),
             ("compression type", h.compressionType == 0 ? "deflate" : "zstd"),
@@ -185,8 +199,8 @@ public final class QCOW2Driver: ImageDriver {
         }
         // An L2 table that is really the header, the L1, a refcount structure or a snapshot
         // table: its "entries" would map guest writes onto that structure.
-        if let m = metadata.overlap(table, cs, except: "an L2 table") {
-            throw BlockError.invalid(file: file.path, field: "L1 entry \(l1Index)", detail: "L2 table at \(table) lies in \(m.what) at \(m.start)")
+        if !aliasedL2.isEmpty, let why = aliasedL2[l1Index] {
+            throw BlockError.invalid(file: file.path, field: "L1 entry \(l1Index)", detail: why)
         }
         return table
     }
