@@ -114,6 +114,9 @@ public final class BlockDevice: Sendable {
 
     public var isWritable: Bool { driver.isWritable }
 
+    /// Every file whose bytes this disk shows: each image of the chain and its extents.
+    public var contributingFiles: [ImageFile] { driver.contributingFiles + (backing?.contributingFiles ?? []) }
+
     // MARK: read
 
     /// Fills `buffer` with guest bytes from `offset`; bytes past the virtual size read as zeros.

@@ -157,6 +157,9 @@ public protocol ImageDriver: AnyObject, Sendable {
     /// header in its first sector). Called before anything is written.
     func checkWrite(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws
 
+    /// Every file whose bytes this image shows (the image file; a split VMDK's extents).
+    var contributingFiles: [ImageFile] { get }
+
     /// The metadata a host write of `[host, host+length)` (a `.data` host address) would
     /// overwrite, if any: the engine asks before writing a new allocation (nil: none known).
     func metadataOverlap(host: UInt64, length: UInt64) -> MetadataRanges.Range?
@@ -183,6 +186,7 @@ extension ImageDriver {
     public var dirtyBitmaps: [(name: String, bits: DirtyBitmap)] { [] }
     public func writeBack() throws { try flush() }
     public func metadataOverlap(host: UInt64, length: UInt64) -> MetadataRanges.Range? { nil }
+    public var contributingFiles: [ImageFile] { [file] }
     public func signalCorruption(_ error: BlockError) {}
     public func checkWrite(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {}
     @inline(__always)

@@ -161,11 +161,29 @@ public final class FuseFilesystem: Sendable {
         if let u = ownership.uid { owner.0 = u }
         if let g = ownership.gid { owner.1 = g }
         if let m = ownership.umask { bits = 0o666 & ~m }
-        (uid, gid, mode) = (owner.0, owner.1, bits)
+        // (An owner or mode given with -o is the administrator's explicit choice.)
+        let explicit = ownership.uid != nil || ownership.gid != nil || ownership.umask != nil
+        let contributors = explicit ? [] : files[0].device.contributingFiles.compactMap { $0.fileStatus() }
+        (uid, gid, mode) = (owner.0, owner.1, Self.readableMode(bits, uid: owner.0, gid: owner.1, contributors: contributors))
         directoryMode = ownership.umask.map { 0o777 & ~$0 } ?? 0o755
     }
 
     static let rootInode: UInt64 = 1
+
+    /// `mode` with read permission kept only for the classes that may read every file the
+    /// disk's bytes come from (a backing file, an extent, a Bochs base may be more private
+    /// than the top image): with `-o allow_other` the raw file is never a way around them.
+    /// Root as the owner reads anything; group membership is judged by the shown group.
+    static func readableMode(_ mode: mode_t, uid: uid_t, gid: gid_t, contributors: [stat]) -> mode_t {
+        func other(_ k: stat) -> Bool { k.st_mode & 0o004 != 0 }
+        func group(_ k: stat) -> Bool { (k.st_gid == gid && k.st_mode & 0o040 != 0) || other(k) }
+        func owner(_ k: stat) -> Bool { uid == 0 || (k.st_uid == uid ? k.st_mode & 0o400 != 0 : group(k)) }
+        var m = mode
+        if !contributors.allSatisfy(owner) { m &= ~0o400 }
+        if !contributors.allSatisfy(group) { m &= ~0o040 }
+        if !contributors.allSatisfy(other) { m &= ~0o004 }
+        return m
+    }
 
     /// The libfuse session, once mounted: partition files drop the disk file's cached pages
     /// through it.

@@ -142,4 +142,27 @@ final class HostileStringsTests: XCTestCase {
             XCTAssertTrue(FileManager.default.fileExists(atPath: moved + "/swap.raw"))
         }
     }
+
+    /// The raw file is never more readable than the files its bytes come from: a world-
+    /// readable qcow2 over a backing file only its owner may read shows as 0600, so
+    /// `-o allow_other` opens no way around the backing file's mode.
+    func testRawFileIsNoMoreReadableThanItsBackingFile() throws {
+        try Harness.requireFuse()
+        let s = try Scratch()
+        let base = s.path("private.raw"), top = s.path("top.qcow2")
+        try Harness.run(["truncate", "-s", "4M", base])
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", top])
+        XCTAssertEqual(chmod(base, 0o600), 0)
+        XCTAssertEqual(chmod(top, 0o644), 0)
+        func shownMode() throws -> mode_t {
+            try s.mount(top, options: ["-o", "allow_other"])
+            defer { try? s.unmount() }
+            var st = stat()
+            XCTAssertEqual(stat(s.mnt + "/top.raw", &st), 0)
+            return st.st_mode & 0o777
+        }
+        XCTAssertEqual(try shownMode(), 0o600, "others may read the private backing file's bytes")
+        XCTAssertEqual(chmod(base, 0o644), 0)
+        XCTAssertEqual(try shownMode(), 0o644)
+    }
 }

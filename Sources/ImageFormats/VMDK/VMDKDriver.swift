@@ -298,6 +298,8 @@ public final class VMDKDriver: ImageDriver {
     /// only while it is the last in its extent: fills may overlap.
     public var fillsConcurrently: Bool { true }
 
+    public var contributingFiles: [ImageFile] { [file] + extents.compactMap(\.file) }
+
     public func metadataOverlap(host: UInt64, length: UInt64) -> MetadataRanges.Range? {
         guard case let .sparse(s) = extents[Int(host >> Self.extentShift)].kind else { return nil }
         return s.metadata.overlap(host & Self.offsetMask, length)
