@@ -118,6 +118,11 @@ public enum QCOW2Check {
             guard try addRange(offset, entries * 8, "\(name) L1 table") else { return }
             try FlatTable.forEachEntry(file, start: offset, count: entries, encoding: .u64BE, what: "\(name) L1 table") { i, e in
                 let t = e & l1Mask
+                // Bits the spec reserves (1-8 and 56-62), as qemu-img check counts them.
+                if e & 0x7F00_0000_0000_01FE != 0 {
+                    report.invalidEntries += 1
+                    report.note("\(name) L1 entry \(i) has reserved bits set: 0x\(String(e, radix: 16))")
+                }
                 guard t != 0 else { return }
                 guard t % cs == 0 else {
                     report.invalidEntries += 1
@@ -157,6 +162,11 @@ public enum QCOW2Check {
                     continue
                 }
                 let host = e & QCOW2Driver.offsetMask
+                // Reserved in a standard descriptor: bits 1-8 and 56-61 (bit 0 too with extended L2).
+                if e & (0x3F00_0000_0000_01FE | (h.extendedL2 ? 1 : 0)) != 0 {
+                    report.invalidEntries += 1
+                    report.note("\(name) L2 table at \(table), entry \(i / step) has reserved bits set: 0x\(String(e, radix: 16))")
+                }
                 if h.extendedL2 && (bitmap & (bitmap >> 32) & 0xFFFF_FFFF != 0 || host == 0 && bitmap & 0xFFFF_FFFF != 0) {
                     report.invalidEntries += 1
                     report.note("\(name) L2 table at \(table), entry \(i / step): subcluster bitmap 0x\(String(bitmap, radix: 16)) is invalid")
@@ -172,9 +182,15 @@ public enum QCOW2Check {
         }
 
         try walkL1(h.l1Offset, UInt64(h.l1Entries), "active")
-        let (snapshots, snapshotBytes) = try QCOW2Snapshots.readTable(from: file, header: h)
-        if snapshotBytes > 0 { _ = try addRange(h.snapshotsOffset, snapshotBytes, "the snapshot table") }
-        for s in snapshots { try walkL1(s.l1Offset, UInt64(s.l1Entries), "snapshot '\(s.name)'") }
+        // A damaged snapshot table is corruption to report, not a reason to stop (as qemu-img).
+        do {
+            let (snapshots, snapshotBytes) = try QCOW2Snapshots.readTable(from: file, header: h)
+            if snapshotBytes > 0 { _ = try addRange(h.snapshotsOffset, snapshotBytes, "the snapshot table") }
+            for s in snapshots { try walkL1(s.l1Offset, UInt64(s.l1Entries), "snapshot '\(s.name)'") }
+        } catch let e as BlockError {
+            report.invalidEntries += 1
+            report.note("\(e)")
+        }
         try walkL2Tables()
         do {
             try walkBitmaps(file: file, header: h, fileSize: fileSize, addRange)
@@ -186,6 +202,10 @@ public enum QCOW2Check {
         let refcounts = try QCOW2Refcounts(file: file, header: h, fileSize: fileSize, excluded: { counts.count($0) > 0 })
         let table = refcounts.tableRange
         _ = try addRange(table.offset, table.bytes, "the refcount table")
+        for i in refcounts.entriesWithReservedBits {
+            report.invalidEntries += 1
+            report.note("refcount table entry \(i) has reserved bits set")
+        }
         for b in refcounts.blockOffsets {
             guard b % cs == 0 else {
                 report.invalidEntries += 1

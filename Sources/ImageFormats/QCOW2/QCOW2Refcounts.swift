@@ -42,6 +42,8 @@ final class QCOW2Refcounts: Sendable {
     let codec: RefcountCodec
     /// Refcounts per block (one cluster).
     let perBlock: UInt64
+    /// Refcount table entries that had reserved bits (0-8) set, for `check` (the first 1000).
+    let entriesWithReservedBits: [UInt64]
     /// Blocks are cached in slices of at most 4 KiB, like L2 tables.
     let blocks: TableCache
     let sliceBytes: UInt64
@@ -83,9 +85,12 @@ final class QCOW2Refcounts: Sendable {
         try h.checkRefcountTable(fileSize: fileSize, path: file.path)
         let entries = UInt64(h.refcountTableClusters) * h.clusterSize / 8
         var table = [UInt64](repeating: 0, count: Int(entries))
+        var reserved: [UInt64] = []
         try FlatTable.forEachEntry(file, start: h.refcountTableOffset, count: entries, encoding: .u64BE, what: "qcow2 refcount table") { i, e in
             table[Int(i)] = e & ~UInt64(0x1FF)  // bits 0-8 are reserved
+            if e & 0x1FF != 0 && reserved.count < 1000 { reserved.append(i) }
         }
+        entriesWithReservedBits = reserved
         state = Mutex(State(table: table, tableOffset: h.refcountTableOffset, tableClusters: UInt64(h.refcountTableClusters),
                             endCluster: (fileSize + h.clusterSize - 1) / h.clusterSize))
         endBytes = Atomic((fileSize + h.clusterSize - 1) / h.clusterSize * h.clusterSize)
