@@ -60,7 +60,7 @@ final class DamagedImageFuzzTests: XCTestCase {
 
     /// What a mount does with an image: open, getattr's allocated-bytes scan, reads at the
     /// start and at random places, SEEK_DATA/SEEK_HOLE, and (writable) a write and a close.
-    enum Outcome { case opened, refused, problem(String) }
+    enum Outcome: Sendable { case opened, refused, problem(String) }
 
     static func exercise(_ path: String, writable: Bool, format: ImageFormat, seed: UInt64) -> Outcome {
         var rng = SeededRandom(seed: seed)
@@ -126,23 +126,16 @@ final class DamagedImageFuzzTests: XCTestCase {
             let damaged = damage(original, &rng)
             _ = FileManager.default.createFile(atPath: path, contents: Data(damaged))
             let seed = rng.next()
-            let result = Mutex<Outcome?>(nil)
-            let done = DispatchSemaphore(value: 0)
             let writes = writable && n % 2 == 1
-            Thread.detachNewThread {
-                let outcome = Self.exercise(path, writable: writes, format: format, seed: seed)
-                result.withLock { $0 = outcome }
-                done.signal()
-            }
-            if done.wait(timeout: .now() + 20) == .timedOut {
+            guard let outcome = FuzzImages.watched({ Self.exercise(path, writable: writes, format: format, seed: seed) }) else {
                 try? FileManager.default.copyItem(atPath: path, toPath: "/tmp/rawmount-fuzz-hang-\(name)")
                 XCTFail("\(name) case \(n): still running after 20 s (saved as /tmp/rawmount-fuzz-hang-\(name))")
                 return
             }
-            switch result.withLock({ $0 }) {
-            case .opened?: opened += 1
-            case let .problem(text)?: XCTFail("\(name) case \(n): \(text)")
-            default: break
+            switch outcome {
+            case .opened: opened += 1
+            case let .problem(text): XCTFail("\(name) case \(n): \(text)")
+            case .refused: break
             }
         }
         // Most damage lands in data or spare bytes; if nothing opens, the fuzz tests nothing.

@@ -50,28 +50,25 @@ final class ExtremeFieldSweepTests: XCTestCase {
                         let touched = [spot ..< spot + width, fixed]
                         try patch(b, touched)
                         defer { if writes { _ = FileManager.default.createFile(atPath: path, contents: Data(original)) } else { try? patch(original, touched) } }
-                        let outcome = Mutex<DamagedImageFuzzTests.Outcome?>(nil)
-                        let done = DispatchSemaphore(value: 0)
                         let seed = UInt64(cases)
-                        Thread.detachNewThread {
+                        let result = FuzzImages.watched { () -> DamagedImageFuzzTests.Outcome in
                             let o: DamagedImageFuzzTests.Outcome = partitionsOnly ? .opened
                                 : DamagedImageFuzzTests.exercise(path, writable: writes, format: format, seed: seed)
                             if let device = try? ImageOpener.open(path: path, options: .init(writable: false, format: format, lock: false)) {
                                 _ = PartitionTable.read(device)
                                 try? device.close()
                             }
-                            outcome.withLock { $0 = o }
-                            done.signal()
+                            return o
                         }
-                        if done.wait(timeout: .now() + 20) == .timedOut {
+                        guard let outcome = result else {
                             try? FileManager.default.copyItem(atPath: path, toPath: "/tmp/rawmount-sweep-hang-\(name)")
                             XCTFail("\(name): \(v) at byte \(spot) (\(width) bytes): still running after 20 s")
                             return
                         }
-                        switch outcome.withLock({ $0 }) {
-                        case .opened?: opened += 1
-                        case let .problem(text)?: XCTFail("\(name): \(v) at byte \(spot): \(text)")
-                        default: break
+                        switch outcome {
+                        case .opened: opened += 1
+                        case let .problem(text): XCTFail("\(name): \(v) at byte \(spot): \(text)")
+                        case .refused: break
                         }
                     }
                 }

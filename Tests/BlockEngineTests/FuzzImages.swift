@@ -1,6 +1,7 @@
 import XCTest
 import Foundation
 import TestSupport
+import Synchronization
 
 /// A scratch folder of images made by qemu-img from one seeded source disk, for the fuzz
 /// and sweep campaigns.
@@ -36,6 +37,20 @@ struct FuzzImages {
         }
         _ = FileManager.default.createFile(atPath: path, contents: Data(bytes))
         return path
+    }
+
+    /// Runs `body` on a thread of its own and returns what it returned, or nil when it is still
+    /// running after `seconds` (a hang: the case is then reported, the thread left behind).
+    static func watched<T: Sendable>(seconds: Double = 20, _ body: @escaping @Sendable () -> T) -> T? {
+        let result = Mutex<T?>(nil)
+        let done = DispatchSemaphore(value: 0)
+        Thread.detachNewThread {
+            let r = body()
+            result.withLock { $0 = r }
+            done.signal()
+        }
+        guard done.wait(timeout: .now() + seconds) == .success else { return nil }
+        return result.withLock { $0 }
     }
 
     /// The source converted by qemu-img (`convertArgs` before the two paths), as bytes.
