@@ -480,4 +480,38 @@ final class QCOW2BitmapTests: XCTestCase {
         XCTAssertEqual(flags["ck3"]?.1, ["auto"])
         XCTAssertEqual(flags["ck0"]?.1, [])
     }
+
+    /// A bitmap cluster whose every bit is set is stored as table entry 1 (all ones, no data
+    /// cluster), as the format allows: QEMU reads the same extents, qemu-img check is clean,
+    /// and the image grows by no data cluster for it.
+    func testAllOnesClustersAreStoredWithoutData() throws {
+        try Harness.requireFuse()
+        let s = try Scratch()
+        let img = s.path("ones.qcow2")
+        // 4 KiB clusters: one bitmap cluster holds 32768 granules of 512 B, 16 MiB of disk.
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", img, "40M"])
+        try Harness.run(["qemu-img", "bitmap", "--add", "-g", "512", img, "b0"])
+        try s.mount(img)
+        try Harness.run(["dd", "if=/dev/zero", "of=\(s.mnt)/ones.raw", "bs=1M", "count=33", "conv=notrunc,fsync", "status=none"])
+        try s.unmount()
+        try assertClean(img, "all-ones bitmap")
+        XCTAssertEqual(try qemuDirty(img, "b0"), [Extent(offset: 0, length: 33 << 20)])
+        // Its table: the first two entries are 1 (all ones), the third names a data cluster.
+        let d = try Files.read(img)
+        func be(_ o: Int) -> UInt64 { (0..<8).reduce(UInt64(0)) { $0 << 8 | UInt64(d[o + $1]) } }
+        // Header extensions start at the header length (4 bytes at 100); find the bitmaps one.
+        var ext = Int((0..<4).reduce(UInt64(0)) { $0 << 8 | UInt64(d[100 + $1]) })
+        var directory = 0
+        while ext + 8 <= d.count {
+            let type = (0..<4).reduce(UInt64(0)) { $0 << 8 | UInt64(d[ext + $1]) }
+            let len = Int((0..<4).reduce(UInt64(0)) { $0 << 8 | UInt64(d[ext + 4 + $1]) })
+            if type == 0 { break }
+            if type == 0x2385_2875 { directory = Int(be(ext + 8 + 16)); break }
+            ext += 8 + (len + 7) / 8 * 8
+        }
+        XCTAssertGreaterThan(directory, 0, "no bitmaps extension")
+        let table = Int(be(directory))
+        XCTAssertEqual([be(table), be(table + 8)], [1, 1], "all-ones clusters were written as data")
+        XCTAssertNotEqual(be(table + 16), 1)
+    }
 }

@@ -98,6 +98,9 @@ extension QCOW2Driver {
             var clusters: [HostRange] = []
             for i in 0 ..< count {
                 guard let words = bits.words(from: i * cs * 8, count: cs * 8) else { continue }
+                // A cluster of ones is table entry 1, no cluster (the format's all-ones value):
+                // a bitmap dirty everywhere costs its table only.
+                if words.allSatisfy({ $0 == ~0 }) { put64be(&table, Int(i) * 8, 1); continue }
                 var bytes = [UInt8](repeating: 0, count: Int(cs))
                 for (k, w) in words.enumerated() where w != 0 { put64(&bytes, k * 8, w) }
                 let at = try write(bytes, clusters: 1)
