@@ -6,7 +6,9 @@ import Glibc
 
 /// A mounted filesystem: a libfuse session, its mountpoint, and the loop that serves it.
 public final class FuseMount {
-    public let mountpoint: String
+    /// Where the mount is now (the server updates it from its mountpoint descriptor before
+    /// unmounting: the directory may have been renamed since it was checked).
+    public var mountpoint: String
     let filesystem: FuseFilesystem
     private var session: OpaquePointer?
     private var ops = makeOperations()

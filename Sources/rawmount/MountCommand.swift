@@ -258,6 +258,9 @@ struct MountCommand: ParsableCommand {
         }
         let writeBack = PeriodicFlush(files: fs.files, log: serverLog)
         _ = mount.run()
+        // Where the mounted directory is now, by its descriptor: the checked path may have
+        // been renamed or replaced by a symlink meanwhile (UMOUNT_NOFOLLOW refuses a link).
+        if let now = target.currentPath { mount.mountpoint = now }
         mount.unmount()
         writeBack.stop()
         var problems: [String] = []

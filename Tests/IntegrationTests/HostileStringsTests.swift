@@ -140,6 +140,15 @@ final class HostileStringsTests: XCTestCase {
         if p.terminationStatus == 0 {
             XCTAssertEqual(try Harness.run(["mountpoint", "-q", moved], check: false).status, 0, "mounted, but not on the checked directory")
             XCTAssertTrue(FileManager.default.fileExists(atPath: moved + "/swap.raw"))
+            // Stopped by a signal, the server unmounts where the directory is now, not the
+            // swapped-in name.
+            try Harness.run(["pkill", "-TERM", "-f", "rawmount mount \(img) \(checked)"])
+            var gone = false
+            for _ in 0..<50 where !gone {
+                usleep(100_000)
+                gone = try Harness.run(["mountpoint", "-q", moved], check: false).status != 0
+            }
+            XCTAssertTrue(gone, "the server left its mount behind at the renamed directory")
         }
     }
 
