@@ -174,7 +174,7 @@ public final class FuseFilesystem: Sendable {
     /// disk's bytes come from (a backing file, an extent, a Bochs base may be more private
     /// than the top image): with `-o allow_other` the raw file is never a way around them.
     /// Root as the owner reads anything; group membership is judged by the shown group.
-    static func readableMode(_ mode: mode_t, uid: uid_t, gid: gid_t, contributors: [stat]) -> mode_t {
+    public static func readableMode(_ mode: mode_t, uid: uid_t, gid: gid_t, contributors: [stat]) -> mode_t {
         func other(_ k: stat) -> Bool { k.st_mode & 0o004 != 0 }
         func group(_ k: stat) -> Bool { (k.st_gid == gid && k.st_mode & 0o040 != 0) || other(k) }
         func owner(_ k: stat) -> Bool { uid == 0 || (k.st_uid == uid ? k.st_mode & 0o400 != 0 : group(k)) }

@@ -1,6 +1,7 @@
 import ArgumentParser
 import BlockEngine
 import ImageFormats
+import FuseAdapter
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -80,8 +81,14 @@ struct ServeCommand: ParsableCommand {
             args += ["-t", String(threads ?? min(16, max(4, 2 * cores)))]
             let socket = try unix.map { try Paths.asNamed($0) }
             if let socket { try Self.clearStaleSocket(socket) }
-            defer { if let socket { unlink(socket) } }
-            if let socket { args += ["-U", socket] } else {
+            var listening: Int32? = nil
+            if let socket {
+                let mode = try Self.socketMode(image: imagePath, format: format.flatMap(ImageFormat.init(rawValue:)),
+                                               writable: !readOnly && snapshot == nil)
+                listening = try Self.listenOnUnix(socket, mode: mode)
+            }
+            defer { if let socket, let listening { close(listening); unlink(socket) } }
+            if socket == nil {
                 args += ["-p", String(port ?? 10809)]
                 if let bind { args += ["-i", bind] }
             }
@@ -96,7 +103,7 @@ struct ServeCommand: ParsableCommand {
             if forceShare { args.append("force-share=true") }
             let scheme = tls == "off" ? "nbd" : "nbds"
             let uri = socket.map { "\(scheme)+unix:///?socket=\($0)" } ?? "\(scheme)://\(bind ?? "localhost"):\(port ?? 10809)"
-            throw ExitCode(try Self.runServer(args, readyFile: state + "/ready", uri: uri, image: imagePath))
+            throw ExitCode(try Self.runServer(args, readyFile: state + "/ready", uri: uri, image: imagePath, listening: listening))
         } catch let e as ExitCode { throw e } catch {
             printError("rawmount: \(describe(error))")
             throw ExitCode.failure
@@ -123,8 +130,17 @@ struct ServeCommand: ParsableCommand {
         var st = stat()
         guard lstat(path, &st) == 0 else { return }
         guard st.st_mode & S_IFMT == S_IFSOCK else { throw BlockError.usage("\(path): exists and is not a socket") }
+        var addr = try unixAddress(path)
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
         defer { close(fd) }
+        let connected = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        if connected == 0 { throw BlockError.usage("\(path): another server is listening there") }
+        unlink(path)
+    }
+
+    static func unixAddress(_ path: String) throws -> sockaddr_un {
         var addr = sockaddr_un()
         addr.sun_family = sa_family_t(AF_UNIX)
         let bytes = Array(path.utf8)
@@ -133,11 +149,48 @@ struct ServeCommand: ParsableCommand {
             for (i, b) in bytes.enumerated() { raw[i] = b }
             raw[bytes.count] = 0
         }
-        let connected = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        return addr
+    }
+
+    /// The listening socket, made here rather than by nbdkit (which sets its own umask of
+    /// 022), so it is created with `mode` and never exists with a wider one; nbdkit takes it
+    /// by socket activation.
+    static func listenOnUnix(_ path: String, mode: mode_t) throws -> Int32 {
+        var addr = try unixAddress(path)
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { throw BlockError.io(file: path, operation: "socket", offset: nil, errno: errno) }
+        let oldMask = umask(0o777 & ~mode)
+        let bound = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
         }
-        if connected == 0 { throw BlockError.usage("\(path): another server is listening there") }
-        unlink(path)
+        let err = errno
+        umask(oldMask)
+        guard bound == 0 else {
+            close(fd)
+            throw BlockError.usage("\(path): cannot listen there: \(String(cString: strerror(err)))")
+        }
+        guard listen(fd, 128) == 0 else {
+            let e = errno
+            close(fd); unlink(path)
+            throw BlockError.usage("\(path): cannot listen there: \(String(cString: strerror(e)))")
+        }
+        return fd
+    }
+
+    /// The Unix socket's mode. Connecting needs write permission on it, given to a class
+    /// (group, others) only if that class may read every file the disk's bytes come from,
+    /// as a mount's raw file with allow_other: the socket is never a way around a private
+    /// backing file, extent or base. (A TCP port is open to whoever reaches it: use
+    /// --unix, or TLS with a pre-shared key, to choose who reads.) A writable export also
+    /// needs the class to have write permission on the image itself.
+    static func socketMode(image: String, format: ImageFormat?, writable: Bool) throws -> mode_t {
+        let device = try ImageOpener.open(path: image, options: .init(writable: false, format: format, lock: false))
+        defer { try? device.close() }
+        let contributors = device.contributingFiles.compactMap { $0.fileStatus() }
+        let top = contributors.first.map { $0.st_mode & 0o444 } ?? 0o400
+        var readable = FuseFilesystem.readableMode(top | 0o400, uid: getuid(), gid: getgid(), contributors: contributors)
+        if writable, let st = contributors.first { readable &= 0o400 | (st.st_mode & 0o222) << 1 }
+        return readable | (readable & 0o444) >> 1  // read -> read and write
     }
 
     static func findInPath(_ name: String) -> String? {
@@ -150,7 +203,9 @@ struct ServeCommand: ParsableCommand {
     /// (nbdkit listens by then; its pid file comes earlier, before the image is open), and
     /// passes SIGINT/SIGTERM/SIGHUP on to it, so its shutdown (which flushes and closes the
     /// image) always runs; returns its exit status.
-    static func runServer(_ args: [String], readyFile: String, uri: String, image: String) throws -> Int32 {
+    /// `listening`: a socket nbdkit takes by socket activation (as fd 3, with LISTEN_PID set
+    /// to its own pid by the shell that execs it).
+    static func runServer(_ args: [String], readyFile: String, uri: String, image: String, listening: Int32?) throws -> Int32 {
         var signals = sigset_t()
         sigemptyset(&signals)
         for s in [SIGINT, SIGTERM, SIGHUP] { sigaddset(&signals, s) }
@@ -166,10 +221,20 @@ struct ServeCommand: ParsableCommand {
         posix_spawnattr_setsigmask(&attr, &none)
         posix_spawnattr_setsigdefault(&attr, &signals)
         posix_spawnattr_setflags(&attr, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
-        var cargs: [UnsafeMutablePointer<CChar>?] = args.map { strdup($0) } + [nil]
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        var argv = args
+        if let listening {
+            // (dup2 onto itself would keep close-on-exec: move a socket that is fd 3 first.)
+            let fd = listening == 3 ? fcntl(listening, F_DUPFD_CLOEXEC, 4) : listening
+            posix_spawn_file_actions_adddup2(&actions, fd, 3)
+            argv = ["/bin/sh", "-c", "export LISTEN_PID=$$ LISTEN_FDS=1; exec \"$@\"", "rawmount-serve"] + args
+        }
+        var cargs: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) } + [nil]
         defer { for p in cargs { free(p) } }
         var pid: pid_t = 0
-        let rc = posix_spawn(&pid, args[0], nil, &attr, &cargs, environ)
+        let rc = posix_spawn(&pid, argv[0], &actions, &attr, &cargs, environ)
         guard rc == 0 else { throw BlockError.usage("cannot start nbdkit: \(String(cString: strerror(rc)))") }
 
         var announced = false

@@ -129,7 +129,7 @@ final class DamagedImageFuzzTests: XCTestCase {
             let writes = writable && n % 2 == 1
             guard let outcome = FuzzImages.watched({ Self.exercise(path, writable: writes, format: format, seed: seed) }) else {
                 try? FileManager.default.copyItem(atPath: path, toPath: "/tmp/rawmount-fuzz-hang-\(name)")
-                XCTFail("\(name) case \(n): still running after 20 s (saved as /tmp/rawmount-fuzz-hang-\(name))")
+                XCTFail("\(name) case \(n): still running after \(FuzzImages.hangSeconds) s (saved as /tmp/rawmount-fuzz-hang-\(name))")
                 return
             }
             switch outcome {

@@ -62,7 +62,7 @@ final class ExtremeFieldSweepTests: XCTestCase {
                         }
                         guard let outcome = result else {
                             try? FileManager.default.copyItem(atPath: path, toPath: "/tmp/rawmount-sweep-hang-\(name)")
-                            XCTFail("\(name): \(v) at byte \(spot) (\(width) bytes): still running after 20 s")
+                            XCTFail("\(name): \(v) at byte \(spot) (\(width) bytes): still running after \(FuzzImages.hangSeconds) s")
                             return
                         }
                         switch outcome {

@@ -39,9 +39,12 @@ struct FuzzImages {
         return path
     }
 
+    /// How long one case may run before it counts as a hang (RAWMOUNT_FUZZ_HANG_SECONDS).
+    static let hangSeconds = Double(ProcessInfo.processInfo.environment["RAWMOUNT_FUZZ_HANG_SECONDS"] ?? "") ?? 10
+
     /// Runs `body` on a thread of its own and returns what it returned, or nil when it is still
     /// running after `seconds` (a hang: the case is then reported, the thread left behind).
-    static func watched<T: Sendable>(seconds: Double = 20, _ body: @escaping @Sendable () -> T) -> T? {
+    static func watched<T: Sendable>(seconds: Double = hangSeconds, _ body: @escaping @Sendable () -> T) -> T? {
         let result = Mutex<T?>(nil)
         let done = DispatchSemaphore(value: 0)
         Thread.detachNewThread {

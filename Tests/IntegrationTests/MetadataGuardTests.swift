@@ -80,4 +80,36 @@ final class MetadataGuardTests: XCTestCase {
         let log = try String(contentsOfFile: s.serverLog, encoding: .utf8)
         XCTAssertTrue(log.contains("lies in the refcount table") || log.contains("lies in the header"), log)
     }
+
+    /// A compressed entry whose range was moved into another guest cluster's data cluster
+    /// (refcount 1, two owners): overwriting the compressed cluster must not free that data.
+    /// The write is refused, the image marked corrupt, the other cluster still reads back.
+    func testReleasingACompressedRangeNeverFreesAnotherClustersData() throws {
+        try Harness.requireFuse()
+        let s = try Scratch()
+        let img = s.path("shared.qcow2")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", img, "64M"])
+        try Harness.run(["qemu-io", "-f", "qcow2", "-c", "write -c -P 0x41 0 64k", "-c", "write -P 0x62 64k 64k", img])
+        let d = try Data(contentsOf: URL(fileURLWithPath: img))
+        let l2 = Int(be(d, Int(be(d, 40, 8)), 8) & 0x00FF_FFFF_FFFF_FE00)
+        let compressed = be(d, l2, 8), data = be(d, l2 + 8, 8) & 0x00FF_FFFF_FFFF_FE00
+        XCTAssertEqual(compressed >> 62 & 1, 1, "guest cluster 0 is not compressed")
+        let hostBits: UInt64 = (1 << 54) - 1  // 64 KiB clusters: x = 62 - (16 - 8)
+        let moved = compressed & ~hostBits | data
+        try Files.pwrite(img, (0..<8).map { UInt8(truncatingIfNeeded: moved >> (56 - 8 * UInt64($0))) }, at: UInt64(l2))
+        XCTAssertEqual(try Harness.run(["qemu-img", "check", img], check: false).status, 2, "the damage is not what qemu-img calls corruption")
+        try s.mount(img)
+        let w = try Harness.run(["dd", "if=/dev/urandom", "of=\(s.mnt)/shared.raw", "bs=64k", "count=1",
+                                 "conv=notrunc,fsync", "oflag=direct", "status=none"], check: false)
+        XCTAssertNotEqual(w.status, 0, "the compressed cluster was released over another cluster's data")
+        // (A whole-cluster write is acknowledged before it is applied: unmount reports it too.)
+        let u = try Harness.run([Harness.rawmount, "unmount", s.mnt], check: false)
+        XCTAssertNotEqual(u.status, 0, "unmount did not report the refused write")
+        XCTAssertTrue(u.err.contains("names as data"), u.err)
+        XCTAssertEqual(be(try Data(contentsOf: URL(fileURLWithPath: img)), 72, 8) & 2, 2, "the corrupt bit is not set")
+        // Guest cluster 1 still holds its data.
+        let r = try Harness.run(["qemu-io", "-f", "qcow2", "-r", "-U", "-c", "read -P 0x62 64k 64k", img])
+        XCTAssertFalse((r.out + r.err).contains("verification failed"), r.out + r.err)
+        XCTAssertEqual(try Harness.run([Harness.rawmount, "check", img], check: false).status, 2)
+    }
 }

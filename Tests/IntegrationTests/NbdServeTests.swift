@@ -209,4 +209,32 @@ final class NbdServeTests: XCTestCase {
         XCTAssertTrue(r.err.contains("bad.qcow2"), r.err)
         XCTAssertEqual(r.out, "")
     }
+
+    /// The Unix socket of an export gives a class access only if that class may read every
+    /// file the disk's bytes come from (and, writable, write the image): a world-readable
+    /// overlay on a private backing file is served to its owner alone.
+    func testSocketIsNoMoreOpenThanTheFilesBehindIt() throws {
+        let s = try Scratch()
+        let base = s.path("base.qcow2"), top = s.path("top.qcow2")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", base, "8M"])
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", base, top])
+        chmod(top, 0o644)
+        func socketMode(_ args: [String]) throws -> mode_t {
+            let sock = s.path("m.sock")
+            let server = try Server(args + ["--unix", sock, top])
+            defer { XCTAssertEqual(server.stop(), 0) }
+            XCTAssertEqual(try Harness.run(["nbdinfo", "--size", server.uri]).out, "8388608\n")
+            var st = stat()
+            XCTAssertEqual(stat(sock, &st), 0)
+            return st.st_mode & 0o777
+        }
+        chmod(base, 0o600)
+        XCTAssertEqual(try socketMode(["--read-only"]), 0o600, "a private backing file is served to everyone")
+        chmod(base, 0o640)
+        XCTAssertEqual(try socketMode(["--read-only"]), 0o660)
+        chmod(base, 0o644)
+        XCTAssertEqual(try socketMode(["--read-only"]), 0o666)
+        // Writable: only classes that may write the image (here its owner).
+        XCTAssertEqual(try socketMode([]), 0o600)
+    }
 }

@@ -39,6 +39,8 @@ public final class QCOW2Driver: ImageDriver {
     /// structure, the snapshot table...), found once at open: using one fails (`l2Table`).
     /// New tables come from the allocator, which never hands out metadata.
     let aliasedL2: [UInt64: String]
+    /// Writable images: built when a compressed entry is first released (`checkRelease`).
+    let compressedOwners = Mutex<QCOW2CompressedOwners?>(nil)
     static let offsetMask: UInt64 = 0x00FF_FFFF_FFFF_FE00
     static let copiedFlag: UInt64 = 1 << 63
     static let compressedFlag: UInt64 = 1 << 62

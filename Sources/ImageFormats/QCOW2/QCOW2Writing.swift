@@ -148,6 +148,7 @@ extension QCOW2Driver {
             // Compressed entries carry no bitmap; a copied cluster is allocated whole.
             let base = old & Self.compressedFlag != 0 || count >= 32 ? 0 : bitmap
             let newBitmap = (base | bits) & ~(bits << 32)
+            try checkRelease(old, guest: clusterStart)
             try setL2(table, clusterStart, entry: hostCluster | Self.copiedFlag, bitmap: newBitmap)
             try freeReplaced(old, keeping: hostCluster)
             if record.partial, record.newClusters != nil {
@@ -156,9 +157,28 @@ extension QCOW2Driver {
         } else {
             for k in 0 ..< a.length / cs {
                 let (old, _) = try currentEntry(clusterStart + k * cs)
+                try checkRelease(old, guest: clusterStart + k * cs)
                 try setL2(table, clusterStart + k * cs, entry: (hostCluster + k * cs) | Self.copiedFlag, bitmap: 0)
                 try freeReplaced(old, keeping: hostCluster + k * cs)
             }
+        }
+    }
+
+    /// Refuses (as metadata damage: the image is marked corrupt) to release a compressed
+    /// entry whose range lies in a cluster another entry names as data: its refcount would
+    /// fall to 0 and that data would be freed and punched.
+    private func checkRelease(_ old: UInt64, guest: UInt64) throws {
+        guard old & Self.compressedFlag != 0 else { return }
+        let r = header.compressedRange(old)
+        let owners = try compressedOwners.withLock { owners in
+            if let owners { return owners }
+            let built = try QCOW2CompressedOwners(self)
+            owners = built
+            return built
+        }
+        if let c = owners.dataCluster(in: r.host, bytes: r.bytes, clusterSize: header.clusterSize) {
+            throw BlockError.metadataOverlap(file: file.path, detail: "releasing the compressed cluster of guest offset \(guest) "
+                + "(host \(r.host), \(r.bytes) bytes) would free host cluster \(c), which another L2 entry names as data")
         }
     }
 
@@ -220,6 +240,7 @@ extension QCOW2Driver {
             let entry: UInt64, newBitmap: UInt64
             if header.extendedL2 { (entry, newBitmap) = (0, hasBacking ? 0xFFFF_FFFF << 32 : 0) } else { (entry, newBitmap) = (hasBacking ? Self.zeroFlag : 0, 0) }
             if e != entry || bitmap != newBitmap {
+                try checkRelease(e, guest: pos)
                 try setL2(table, pos, entry: entry, bitmap: newBitmap)
                 if let r = try replaced(e) { refcounts.deferFree(r.offset, length: r.bytes) }
             }
