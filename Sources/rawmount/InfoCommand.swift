@@ -90,35 +90,35 @@ struct InfoCommand: ParsableCommand {
                     print(QemuImageInfo.json(top))
                 }
             } else {
-                print("image: \(device.driver.file.path)")
-                print("format: \(info.format)")
-                print("virtual size: \(humanSize(info.virtualSize)) (\(info.virtualSize) bytes)")
-                print("cluster size: \(info.clusterSize)")
-                print("allocated: \(humanSize(allocated)) (\(allocated) bytes)\(walked == nil ? ", estimated from the host file: too many table entries to walk" : "")")
-                print("file size: \(try device.driver.file.size()) bytes")
-                for (k, v) in info.details { print("\(k): \(v)") }
+                printLine("image: \(device.driver.file.path)")
+                printLine("format: \(info.format)")
+                printLine("virtual size: \(humanSize(info.virtualSize)) (\(info.virtualSize) bytes)")
+                printLine("cluster size: \(info.clusterSize)")
+                printLine("allocated: \(humanSize(allocated)) (\(allocated) bytes)\(walked == nil ? ", estimated from the host file: too many table entries to walk" : "")")
+                printLine("file size: \(try device.driver.file.size()) bytes")
+                for (k, v) in info.details { printLine("\(k): \(v)") }
                 for (i, b) in chain.dropFirst().enumerated() {
-                    print("backing file \(i + 1): \(b.driver.file.path) (\(b.driver.info.format))")
+                    printLine("backing file \(i + 1): \(b.driver.file.path) (\(b.driver.info.format))")
                 }
                 if backingChain {
                     for b in chain.dropFirst() {
-                        print("")
-                        print("image: \(b.driver.file.path)")
-                        print("format: \(b.driver.info.format)")
-                        print("virtual size: \(humanSize(b.driver.info.virtualSize)) (\(b.driver.info.virtualSize) bytes)")
-                        print("cluster size: \(b.driver.info.clusterSize)")
-                        print("file size: \(try b.driver.file.size()) bytes")
-                        for (k, v) in b.driver.info.details { print("\(k): \(v)") }
+                        printLine("")
+                        printLine("image: \(b.driver.file.path)")
+                        printLine("format: \(b.driver.info.format)")
+                        printLine("virtual size: \(humanSize(b.driver.info.virtualSize)) (\(b.driver.info.virtualSize) bytes)")
+                        printLine("cluster size: \(b.driver.info.clusterSize)")
+                        printLine("file size: \(try b.driver.file.size()) bytes")
+                        for (k, v) in b.driver.info.details { printLine("\(k): \(v)") }
                     }
                 }
                 if table.scheme != .none || !table.notes.isEmpty {
-                    print("partition table: \(table.scheme.rawValue)")
+                    printLine("partition table: \(table.scheme.rawValue)")
                     for p in table.partitions {
                         let kind = p.typeName.map { "\(p.type) (\($0))" } ?? p.type
                         let name = p.name.map { ", name \(jsonString($0))" } ?? ""
-                        print("partition \(p.index): start \(p.start) (sector \(p.start / 512)), size \(p.length) (\(humanSize(p.length))), type \(kind)\(name)")
+                        printLine("partition \(p.index): start \(p.start) (sector \(p.start / 512)), size \(p.length) (\(humanSize(p.length))), type \(kind)\(name)")
                     }
-                    for n in table.notes { print("partition table note: \(n)") }
+                    for n in table.notes { printLine("partition table note: \(n)") }
                 }
             }
             try? device.close()
@@ -152,4 +152,10 @@ func humanSize(_ n: UInt64) -> String {
     var v = Double(n); var i = 0
     while v >= 1024 && i < units.count - 1 { v /= 1024; i += 1 }
     return i == 0 ? "\(n) B" : "\((v * 10).rounded() / 10) \(units[i])"
+}
+
+/// One line of `info`'s report: every string in it (paths, details from the image) has its
+/// control characters written out, newlines included, so no image can forge a line.
+private func printLine(_ text: String) {
+    Swift.print(text.escapingControls)
 }

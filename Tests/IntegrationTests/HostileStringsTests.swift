@@ -36,6 +36,10 @@ final class HostileStringsTests: XCTestCase {
         try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", img, "8M"])
         try Harness.run(["qemu-img", "snapshot", "-c", "\u{1b}]0;owned\u{07}\u{1b}[31mred", img])
         try Harness.run(["qemu-img", "bitmap", "--add", img, "b\u{1b}[2Jclear\u{9b}31m"])
+        try Harness.run(["qemu-img", "snapshot", "-c", "n\nvirtual size: forged", img])
+        let info = try Harness.run([Harness.rawmount, "info", img]).out
+        XCTAssertFalse(info.split(separator: "\n").contains { $0.hasPrefix("virtual size: forged") }, "a forged info line: \(info)")
+        XCTAssertTrue(info.contains("n\\nvirtual size: forged"), info)
         for args in [["info", img], ["info", "--json", img], ["bitmap", "list", img], ["bitmap", "list", "--json", img]] {
             let r = try Harness.run([Harness.rawmount] + args)
             XCTAssertFalse(r.out.unicodeScalars.contains { $0.value == 0x1b || $0.value == 0x07 || $0.value == 0x9b },
