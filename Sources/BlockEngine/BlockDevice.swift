@@ -101,18 +101,26 @@ public final class BlockDevice: Sendable {
 
     /// With the allocation lock held, right after a commit or zeroRange.
     private func collectUnlinked() {
-        let u = driver.takeUnlinked()
+        let u = writer?.takeUnlinked() ?? []
         if !u.isEmpty { unlinked.withLock { $0 += u } }
     }
 
     public init(driver: any ImageDriver, backing: BlockDevice? = nil) {
         self.driver = driver
+        self.writer = driver.writer
         self.backing = backing
         self.virtualSize = driver.info.virtualSize
         self.clusterSize = max(driver.info.clusterSize, 512)
     }
 
-    public var isWritable: Bool { driver.isWritable }
+    /// The driver's allocating role when this image takes writes (nil: read-only).
+    public let writer: (any ImageAllocating)?
+    public var isWritable: Bool { writer != nil }
+
+    private func allocating() throws -> any ImageAllocating {
+        guard let writer else { throw BlockError.readOnly(file: driver.file.path) }
+        return writer
+    }
 
     /// Every file whose bytes this disk shows: each image of the chain and its extents.
     public var contributingFiles: [ImageFile] { driver.contributingFiles + (backing?.contributingFiles ?? []) }
@@ -201,7 +209,7 @@ public final class BlockDevice: Sendable {
     /// Whether the driver would refuse this write (see `ImageDriver.checkWrite`), so a caller
     /// that acknowledges before writing can refuse it up front.
     public func checkWrite(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
-        try driver.checkWrite(data, at: offset)
+        try writer?.checkWrite(data, at: offset)
     }
 
     /// The same check for zeroing (PUNCH_HOLE, ZERO_RANGE): it changes guest bytes as a write
@@ -210,7 +218,7 @@ public final class BlockDevice: Sendable {
     public func checkZeroing(at offset: UInt64, length: UInt64) throws {
         guard length > 0, offset < Self.guardedPrefix else { return }
         let n = Int(min(length, Self.guardedPrefix - offset))
-        try [UInt8](repeating: 0, count: n).withUnsafeBytes { try driver.checkWrite($0, at: offset) }
+        try [UInt8](repeating: 0, count: n).withUnsafeBytes { try writer?.checkWrite($0, at: offset) }
     }
 
     /// Bytes at the start of the disk whose changes drivers may refuse (a probed raw image's
@@ -219,10 +227,10 @@ public final class BlockDevice: Sendable {
 
     /// Writes guest bytes; the disk never grows, so a write past the end fails.
     public func write(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
-        guard driver.isWritable else { throw BlockError.readOnly(file: driver.file.path) }
+        guard isWritable else { throw BlockError.readOnly(file: driver.file.path) }
         try checkNotFailed()
         try checkNotCorrupt()
-        try driver.checkWrite(data, at: offset)
+        try writer?.checkWrite(data, at: offset)
         let total = UInt64(data.count)
         guard offset <= virtualSize, total <= virtualSize - offset else {
             throw BlockError.outOfRange(offset: offset, length: total, size: virtualSize)
@@ -242,7 +250,7 @@ public final class BlockDevice: Sendable {
             let m = try driver.map(offset + pos, maxLength: total - pos)
             // After the first mapping: a write refused for a damaged table changes nothing
             // (VMDK would otherwise already have a new CID).
-            if !announced { try driver.willWrite(); driver.noteGuestChange(offset, length: total); announced = true }
+            if !announced { try allocating().willWrite(); writer?.noteGuestChange(offset, length: total); announced = true }
             let n = min(max(m.length, 1), total - pos)
             if case let .data(host, _) = m {
                 if let hook = Self.testHookAfterWriteMap { hook(self) }
@@ -258,7 +266,7 @@ public final class BlockDevice: Sendable {
     /// request), writes them, then lets the driver link them. Returns bytes consumed.
     private func allocatingWrite(_ data: UnsafeRawBufferPointer, dataOffset: UInt64,
                                  guestOffset: UInt64, length: UInt64) throws -> UInt64 {
-        guard driver.fillsConcurrently else {
+        guard (writer?.fillsConcurrently ?? false) else {
             return try allocationLock.withLock { _ in
                 // Another writer may have allocated it while we waited.
                 let m = try driver.map(guestOffset, maxLength: length)
@@ -267,11 +275,11 @@ public final class BlockDevice: Sendable {
                     try writeHost(UnsafeRawBufferPointer(rebasing: data[Int(dataOffset)..<Int(dataOffset + n)]), at: host)
                     return n
                 }
-                let a = try driver.allocate(guestOffset, length: n)
+                let a = try allocating().allocate(guestOffset, length: n)
                 precondition(a.guestOffset <= guestOffset && a.guestOffset + a.length > guestOffset, "driver allocation misses the request")
                 try guardAllocation(a)
                 do { return try fillAndCommit(a, data, dataOffset: dataOffset, guestOffset: guestOffset, length: n, like: m) } catch {
-                    if !committed(a) { driver.abandon(a) }
+                    if !committed(a) { writer?.abandon(a) }
                     throw error
                 }
             }
@@ -283,7 +291,7 @@ public final class BlockDevice: Sendable {
                 let n = min(max(m.length, 1), length)
                 if case let .data(host, _) = m { return .inPlace(host, n) }
                 if let busy = Self.busy(&inFlight, guestOffset, n, clusterSize) { return .wait(busy) }
-                let a = try driver.allocate(guestOffset, length: n)
+                let a = try allocating().allocate(guestOffset, length: n)
                 precondition(a.guestOffset <= guestOffset && a.guestOffset + a.length > guestOffset, "driver allocation misses the request")
                 try guardAllocation(a)
                 let busy = InFlight(start: a.guestOffset.alignedDown(clusterSize), end: (a.guestOffset + a.length).alignedUp(clusterSize))
@@ -307,11 +315,11 @@ public final class BlockDevice: Sendable {
                     return try fillAndCommit(a, data, dataOffset: dataOffset, guestOffset: guestOffset, length: n, like: m) { a in
                         try self.allocationLock.withLock { _ in
                             defer { self.collectUnlinked() }
-                            try self.driver.commit(a)
+                            try self.allocating().commit(a)
                         }
                     }
                 } catch {
-                    allocationLock.withLock { _ in if !committed(a) { driver.abandon(a) } }
+                    allocationLock.withLock { _ in if !committed(a) { writer?.abandon(a) } }
                     throw error
                 }
             }
@@ -330,7 +338,7 @@ public final class BlockDevice: Sendable {
     /// A new allocation must not lie on the image's metadata (a refcount or table that says
     /// "free" about a table): nothing is written or given back, the caller gets EIO.
     private func guardAllocation(_ a: Allocation) throws {
-        if let m = driver.metadataOverlap(host: a.hostOffset, length: a.length) {
+        if let m = writer?.metadataOverlap(host: a.hostOffset, length: a.length) {
             throw BlockError.metadataOverlap(file: driver.file.path,
                                              detail: "new clusters for guest offset \(a.guestOffset) at host \(a.hostOffset) (\(a.length) bytes) would overwrite \(m.what) at \(m.start)")
         }
@@ -347,7 +355,7 @@ public final class BlockDevice: Sendable {
             return true
         }
         corrupt.store(true, ordering: .releasing)
-        if first { driver.signalCorruption(e) }
+        if first { writer?.signalCorruption(e) }
     }
     private let corrupt = Atomic<Bool>(false)
     private let corruption = Mutex<BlockError?>(nil)
@@ -369,7 +377,7 @@ public final class BlockDevice: Sendable {
                                length n: UInt64, like m: Mapping, link: ((Allocation) throws -> Void)? = nil) throws -> UInt64 {
         let commit = link ?? { a in
             defer { self.collectUnlinked() }  // (the caller holds the allocation lock)
-            try self.driver.commit(a)
+            try self.allocating().commit(a)
         }
         let take = min(n, a.guestOffset + a.length - guestOffset)
         if a.guestOffset == guestOffset && take == a.length {
@@ -441,7 +449,7 @@ public final class BlockDevice: Sendable {
     /// them itself. What was zeroed before that stays zeroed, which the caller's fallback
     /// rewrites anyway.
     public func zero(at offset: UInt64, length: UInt64, deallocate: Bool, fast: Bool = false) throws {
-        guard driver.isWritable else { throw BlockError.readOnly(file: driver.file.path) }
+        guard isWritable else { throw BlockError.readOnly(file: driver.file.path) }
         guard offset <= virtualSize, length <= virtualSize - offset else {
             throw BlockError.outOfRange(offset: offset, length: length, size: virtualSize)
         }
@@ -456,15 +464,15 @@ public final class BlockDevice: Sendable {
     }
 
     private func zeroMapped(at offset: UInt64, length: UInt64, deallocate: Bool, fast: Bool) throws {
-        try driver.willWrite()
-        driver.noteGuestChange(offset, length: length)
+        try allocating().willWrite()
+        writer?.noteGuestChange(offset, length: length)
         var pos = offset
         let end = offset + length
         while pos < end {
             let (busy, done) = try allocationLock.withLock { inFlight -> (InFlight?, (offset: UInt64, length: UInt64)) in
                 if let busy = Self.busy(&inFlight, pos, end - pos, clusterSize) { return (busy, (pos, 0)) }
                 defer { collectUnlinked() }
-                return (nil, try driver.zeroRange(pos, length: end - pos, deallocate: deallocate))
+                return (nil, try allocating().zeroRange(pos, length: end - pos, deallocate: deallocate))
             }
             if let busy { busy.done.wait(); continue }  // a fill there is being linked first
             if done.length > 0 && done.offset == pos { pos += done.length; continue }
@@ -587,14 +595,14 @@ public final class BlockDevice: Sendable {
     /// device in the failed state (`markFailed`): the batch is not put back, since part of
     /// it may be released already and a later flush would free it a second time.
     public func flush() throws {
-        guard driver.isWritable else { return }
+        guard isWritable else { return }
         try checkNotFailed()
         let batch = unlinked.withLock { u in defer { u = [] }; return u }
         do {
             try driver.flush()
             if !batch.isEmpty {
                 waitForEarlierAccesses()
-                try driver.release(batch)
+                try allocating().release(batch)
                 try driver.flush()
             }
         } catch {
@@ -606,7 +614,7 @@ public final class BlockDevice: Sendable {
     /// The periodic write-back (`ImageDriver.writeBack`); a full flush when space waits to
     /// be released, since only a durable unlink may free it.
     public func writeBack() throws {
-        guard driver.isWritable else { return }
+        guard isWritable else { return }
         try checkNotFailed()
         if unlinked.withLock({ !$0.isEmpty }) { try flush(); return }
         do { try driver.writeBack() } catch {
@@ -620,11 +628,11 @@ public final class BlockDevice: Sendable {
     /// crash would leave (qcow2 dirty bit, QED NEED_CHECK), so its next writable open
     /// repairs it, and this throws the failure for `unmount` to report.
     public func close() throws {
-        if driver.isWritable, let error = failedError {
+        if isWritable, let error = failedError {
             try? backing?.close()
             throw BlockError.earlierFailure(file: driver.file.path, detail: "\(error)")
         }
-        if driver.isWritable && unlinked.withLock({ !$0.isEmpty }) { try flush() }
+        if isWritable && unlinked.withLock({ !$0.isEmpty }) { try flush() }
         try driver.close()
         try backing?.close()
     }

@@ -6,7 +6,6 @@ public final class DirtyBitmapView: ImageDriver {
     public let bits: DirtyBitmap
     public let file: ImageFile
     public let info: ImageInfo
-    public var isWritable: Bool { false }
 
     public init(disk: BlockDevice, bits: DirtyBitmap, name: String) {
         self.bits = bits
@@ -34,6 +33,5 @@ public final class DirtyBitmapView: ImageDriver {
         return r.dirty ? .data(host: 0, length: n) : .zero(length: n)
     }
 
-    public func flush() throws {}
     public func close() throws {}
 }

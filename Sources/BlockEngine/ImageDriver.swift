@@ -87,15 +87,11 @@ public struct ImageInfo: Sendable {
     }
 }
 
-/// The contract every format implements: translate guest ranges and keep tables; the
-/// `BlockDevice` engine does all data I/O.
-public protocol ImageDriver: AnyObject, Sendable {
+/// The mapping role, which every format has: translate guest ranges to host ranges and
+/// say what the image holds; the `BlockDevice` engine does all data I/O.
+public protocol ImageMapping: AnyObject, Sendable {
     var file: ImageFile { get }
     var info: ImageInfo { get }
-    var isWritable: Bool { get }
-    /// Why this image is served read-only even when writing was asked for (nil: it is not,
-    /// or only because its file was opened read-only); `mount` tells the user.
-    var readOnlyReason: String? { get }
 
     /// Mapping of `[offset, offset+n)` for some `0 < n <= maxLength` (the engine never asks
     /// past the virtual size).
@@ -103,6 +99,50 @@ public protocol ImageDriver: AnyObject, Sendable {
     /// Like `map`, for SEEK_DATA/SEEK_HOLE and st_blocks; drivers may answer more precisely
     /// (raw asks the host file system about holes).
     func status(_ offset: UInt64, maxLength: UInt64) throws -> Mapping
+
+    /// The file and offset a `.data` host address refers to. Single-file formats use the
+    /// default (their own file); multi-file formats (VMDK extents) encode the file in the
+    /// high bits of the host address so contiguous runs never cross files.
+    func resolve(host: UInt64) -> (file: ImageFile, offset: UInt64)
+
+    /// Inflates one compressed cluster and copies guest bytes `[offset, offset+buffer.count)` out.
+    func readCompressed(_ mapping: Mapping, guestOffset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws
+
+    /// Guest bytes holding data as the header counts them, when it does (VDI's
+    /// blocks_allocated): st_blocks shows it until the first walk of the tables is done.
+    var allocatedBytesHint: UInt64? { get }
+    /// Bytes the host file system holds for the image's files (all extents of a split VMDK).
+    var hostAllocatedBytes: UInt64 { get }
+    /// The image's consistent dirty bitmaps, by name, for views (empty for most formats).
+    var dirtyBitmaps: [(name: String, bits: DirtyBitmap)] { get }
+    /// Every file whose bytes this image shows (the image file; a split VMDK's extents).
+    var contributingFiles: [ImageFile] { get }
+    /// Why this image is served read-only even when writing was asked for (nil: it is not,
+    /// or only because its file was opened read-only); `mount` tells the user.
+    var readOnlyReason: String? { get }
+}
+
+/// The lifecycle role: metadata write-back and closing (read-only formats only close).
+public protocol ImageLifecycle: AnyObject, Sendable {
+    /// Writes back dirty metadata, then makes everything durable.
+    func flush() throws
+    /// Writes back metadata that has settled, in the format's order, without making it
+    /// durable (the periodic write-back that bounds what a killed server loses).
+    func writeBack() throws
+    /// Flushes and marks the image cleanly closed.
+    func close() throws
+}
+
+/// A format rawmount reads: mapping and lifecycle. A format that also writes conforms to
+/// `ImageAllocating`; one that does not is read-only by construction.
+public protocol ImageDriver: ImageMapping, ImageLifecycle {}
+
+/// The allocating role, only for formats rawmount writes: reserve host space, link filled
+/// runs, zero and free, guard metadata.
+public protocol ImageAllocating: ImageDriver {
+    /// Whether this open image takes writes (its file opened for writing, nothing in it
+    /// that keeps it read-only: `readOnlyReason`).
+    var isWritable: Bool { get }
 
     /// Reserves host space for the clusters covering `[offset, offset+length)`; the result
     /// starts at or before `offset` and may cover less than `length` (the engine loops).
@@ -127,14 +167,6 @@ public protocol ImageDriver: AnyObject, Sendable {
     /// engine writes zeros over the rest.
     func zeroRange(_ offset: UInt64, length: UInt64, deallocate: Bool) throws -> (offset: UInt64, length: UInt64)
 
-    /// The file and offset a `.data` host address refers to. Single-file formats use the
-    /// default (their own file); multi-file formats (VMDK extents) encode the file in the
-    /// high bits of the host address so contiguous runs never cross files.
-    func resolve(host: UInt64) -> (file: ImageFile, offset: UInt64)
-
-    /// Inflates one compressed cluster and copies guest bytes `[offset, offset+buffer.count)` out.
-    func readCompressed(_ mapping: Mapping, guestOffset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws
-
     /// Whether the engine may write an allocation's data outside its allocation lock while
     /// other allocations go on (the driver's commit and abandon then must not assume they
     /// come in allocation order).
@@ -145,20 +177,9 @@ public protocol ImageDriver: AnyObject, Sendable {
     /// Guest bytes `[offset, offset+length)` are being written, zeroed or discarded (qcow2
     /// records them in its dirty bitmaps).
     func noteGuestChange(_ offset: UInt64, length: UInt64)
-    /// Guest bytes holding data as the header counts them, when it does (VDI's
-    /// blocks_allocated): st_blocks shows it until the first walk of the tables is done.
-    var allocatedBytesHint: UInt64? { get }
-    /// Bytes the host file system holds for the image's files (all extents of a split VMDK).
-    var hostAllocatedBytes: UInt64 { get }
-    /// The image's consistent dirty bitmaps, by name, for views (empty for most formats).
-    var dirtyBitmaps: [(name: String, bits: DirtyBitmap)] { get }
-
     /// Refuses a guest write the image must not take (a probed raw image: another format's
     /// header in its first sector). Called before anything is written.
     func checkWrite(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws
-
-    /// Every file whose bytes this image shows (the image file; a split VMDK's extents).
-    var contributingFiles: [ImageFile] { get }
 
     /// The metadata a host write of `[host, host+length)` (a `.data` host address) would
     /// overwrite, if any: the engine asks before writing a new allocation (nil: none known).
@@ -166,41 +187,47 @@ public protocol ImageDriver: AnyObject, Sendable {
     /// A write was about to land on metadata (`.metadataOverlap`): mark the image corrupt
     /// where the format has a mark for it (qcow2's corrupt bit, as QEMU does).
     func signalCorruption(_ error: BlockError)
-
-    /// Writes back dirty metadata, then makes everything durable.
-    func flush() throws
-    /// Writes back metadata that has settled, in the format's order, without making it
-    /// durable (the periodic write-back that bounds what a killed server loses).
-    func writeBack() throws
-    /// Flushes and marks the image cleanly closed.
-    func close() throws
 }
 
-extension ImageDriver {
+extension ImageMapping {
     public var readOnlyReason: String? { nil }
-    public var fillsConcurrently: Bool { false }
-    public func willWrite() throws {}
-    public func noteGuestChange(_ offset: UInt64, length: UInt64) {}
     public var allocatedBytesHint: UInt64? { nil }
     public var hostAllocatedBytes: UInt64 { file.allocatedBytes() }
     public var dirtyBitmaps: [(name: String, bits: DirtyBitmap)] { [] }
-    public func writeBack() throws { try flush() }
-    public func metadataOverlap(host: UInt64, length: UInt64) -> MetadataRanges.Range? { nil }
     public var contributingFiles: [ImageFile] { [file] }
-    public func signalCorruption(_ error: BlockError) {}
-    public func checkWrite(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {}
     @inline(__always)
     public func resolve(host: UInt64) -> (file: ImageFile, offset: UInt64) { (file, host) }
     public func status(_ offset: UInt64, maxLength: UInt64) throws -> Mapping { try map(offset, maxLength: maxLength) }
-    public func allocate(_ offset: UInt64, length: UInt64) throws -> Allocation { throw BlockError.readOnly(file: file.path) }
-    public func commit(_ allocation: Allocation) throws { throw BlockError.readOnly(file: file.path) }
+    public func readCompressed(_ mapping: Mapping, guestOffset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws {
+        throw BlockError.unsupported(file: file.path, feature: "compressed clusters")
+    }
+}
+
+extension ImageLifecycle {
+    /// Read-only formats have nothing to write back.
+    public func flush() throws {}
+    public func writeBack() throws { try flush() }
+}
+
+extension ImageAllocating {
+    public var fillsConcurrently: Bool { false }
+    public func willWrite() throws {}
+    public func noteGuestChange(_ offset: UInt64, length: UInt64) {}
+    public func metadataOverlap(host: UInt64, length: UInt64) -> MetadataRanges.Range? { nil }
+    public func signalCorruption(_ error: BlockError) {}
+    public func checkWrite(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {}
     public func abandon(_ allocation: Allocation) {}
     public func takeUnlinked() -> [HostRange] { [] }
     public func release(_ ranges: [HostRange]) throws {}
     public func zeroRange(_ offset: UInt64, length: UInt64, deallocate: Bool) throws -> (offset: UInt64, length: UInt64) {
         (offset, 0)
     }
-    public func readCompressed(_ mapping: Mapping, guestOffset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws {
-        throw BlockError.unsupported(file: file.path, feature: "compressed clusters")
+}
+
+extension ImageDriver {
+    /// This driver's allocating role, when its format writes and this open image takes writes.
+    public var writer: (any ImageAllocating)? {
+        guard let w = self as? any ImageAllocating, w.isWritable else { return nil }
+        return w
     }
 }

@@ -10,7 +10,7 @@ import Glibc
 /// A one-level test format over a real file: guest cluster -> host cluster, new clusters from
 /// released ones first (as qcow2 reuses freed clusters), then the end of the file. Discards
 /// unlink a cluster and report it, so the engine's deferred release is what is tested.
-final class ReusingDriver: ImageDriver, @unchecked Sendable {
+final class ReusingDriver: ImageAllocating, @unchecked Sendable {
     let file: ImageFile
     let info: ImageInfo
     var isWritable: Bool { true }

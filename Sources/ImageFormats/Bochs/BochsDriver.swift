@@ -7,7 +7,6 @@ import BlockEngine
 public final class BochsDriver: ImageDriver {
     public let file: ImageFile
     public let info: ImageInfo
-    public var isWritable: Bool { false }
     public var readOnlyReason: String? { "Bochs images are always read-only" }
     public let header: BochsHeader
 
@@ -97,6 +96,5 @@ public final class BochsDriver: ImageDriver {
             ? String(path.dropLast(BochsHeader.undoableSuffix.count)) : nil
     }
 
-    public func flush() throws {}
     public func close() throws {}
 }

@@ -8,7 +8,6 @@ import Glibc
 public final class BochsSparseDriver: ImageDriver {
     public let file: ImageFile
     public let info: ImageInfo
-    public var isWritable: Bool { false }
     public var readOnlyReason: String? { "Bochs images are always read-only" }
     public let header: BochsSparseHeader
 
@@ -75,6 +74,5 @@ public final class BochsSparseDriver: ImageDriver {
         }
     }
 
-    public func flush() throws {}
     public func close() throws {}
 }

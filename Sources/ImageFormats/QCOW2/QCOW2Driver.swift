@@ -7,7 +7,7 @@ import Synchronization
 /// flag is clear is shared (with an internal snapshot) and maps as `.shared`, so a write
 /// copies it. Writing (allocation from the refcounts, copy-on-write, zeroing, the order
 /// of table writes) is in `QCOW2Writing.swift`.
-public final class QCOW2Driver: ImageDriver {
+public final class QCOW2Driver: ImageAllocating {
     public let file: ImageFile
     public let info: ImageInfo
     public var isWritable: Bool { refcounts != nil }

@@ -6,7 +6,7 @@ import Synchronization
 /// unallocated (backing image or zeros), 1 is a zero cluster. Allocation appends at the end
 /// of the file: data first (written by the engine), then a new L2 table if needed, then the
 /// L1 entry; NEED_CHECK is set before the first allocation and cleared on clean close.
-public final class QEDDriver: ImageDriver {
+public final class QEDDriver: ImageAllocating {
     public let file: ImageFile
     public let info: ImageInfo
     public var isWritable: Bool { file.isWritable }

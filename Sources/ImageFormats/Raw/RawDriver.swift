@@ -5,7 +5,7 @@ import Glibc
 
 /// A raw image: guest offset == host offset. Holes in the host file read as zeros and are
 /// reported as holes; zeroing punches or zero-ranges the host file.
-public final class RawDriver: ImageDriver {
+public final class RawDriver: ImageAllocating {
     public let file: ImageFile
     public let info: ImageInfo
     public var isWritable: Bool { file.isWritable }
@@ -37,6 +37,14 @@ public final class RawDriver: ImageDriver {
         if dataAt > offset { return .zero(length: dataAt - offset) }
         let holeAt = try file.seek(offset, data: false) ?? end
         return .data(host: offset, length: min(max(holeAt, offset + 1), end) - offset)
+    }
+
+    // Every guest byte maps in place (`map` answers `.data` only), so nothing is allocated.
+    public func allocate(_ offset: UInt64, length: UInt64) throws -> Allocation {
+        throw BlockError.unsupported(file: file.path, feature: "allocation in a raw image (every byte is in place)")
+    }
+    public func commit(_ allocation: Allocation) throws {
+        throw BlockError.unsupported(file: file.path, feature: "allocation in a raw image (every byte is in place)")
     }
 
     public func zeroRange(_ offset: UInt64, length: UInt64, deallocate: Bool) throws -> (offset: UInt64, length: UInt64) {

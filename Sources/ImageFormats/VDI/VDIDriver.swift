@@ -7,7 +7,7 @@ import Glibc
 /// VDI read/write over the shared engine. The block map is read in sector-sized chunks
 /// through the shared table cache. New blocks are appended after the last block in the file;
 /// ordering: block data, then the map sector, then the header's blocks_allocated.
-public final class VDIDriver: ImageDriver {
+public final class VDIDriver: ImageAllocating {
     public let file: ImageFile
     public let info: ImageInfo
     /// Differencing images are read-only: VirtualBox keeps their chain's consistency (the

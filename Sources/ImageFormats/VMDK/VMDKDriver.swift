@@ -5,7 +5,7 @@ import Synchronization
 /// VMDK over the shared engine: a descriptor (embedded or standalone) and its extents in
 /// order. Host addresses carry the extent number in their top bits so the engine's runs
 /// never cross files (`resolve`).
-public final class VMDKDriver: ImageDriver {
+public final class VMDKDriver: ImageAllocating {
     enum Kind: Sendable {
         case sparse(VMDKSparseExtent)
         case flat(ImageFile, offset: UInt64)
