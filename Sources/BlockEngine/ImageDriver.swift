@@ -25,22 +25,6 @@ public enum Mapping: Equatable, Sendable {
         }
     }
 
-    /// The longest run of like mappings from `offset` toward `end`: `unit(pos)` maps from
-    /// `pos` to the end of its cluster or page (never past `end`), asked for one unit after
-    /// another, at most `maxUnits` of them. A unit after the first that fails to map ends
-    /// the run; it is reported when it is read itself.
-    public static func run(from offset: UInt64, to end: UInt64, maxUnits: Int,
-                           _ unit: (UInt64) throws -> Mapping) throws -> Mapping {
-        var mapping = try unit(offset)
-        var units = 1
-        while offset + mapping.length < end && units < maxUnits,
-              let next = try? unit(offset + mapping.length), let longer = mapping.merged(with: next) {
-            mapping = longer
-            units += 1
-        }
-        return mapping
-    }
-
     public var length: UInt64 {
         switch self {
         case let .data(_, n), let .shared(_, n), let .zero(n), let .unallocated(n), let .compressed(_, _, n): return n

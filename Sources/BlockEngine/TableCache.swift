@@ -17,6 +17,13 @@ public enum TableEncoding: Sendable {
 /// queue, so a parent table (L1, directory) that was changed to point at a new child is
 /// always written after the child. `beforeWriteBack` runs once before each batch of table
 /// writes (formats pass an fdatasync so data lands before the metadata that points at it).
+///
+/// Locks: lookups take only `state`, which is never held across a barrier (fdatasync). A
+/// write-back copies the dirty tables under `state`, runs the barrier holding only
+/// `writeBackLock` (one write-back at a time), then writes the copies. Eviction drops
+/// clean tables only; when every table is dirty the cache runs over its capacity until the
+/// next change writes them back (`relieve`), and lookups stop keeping new tables at twice
+/// the capacity, so memory stays bounded whatever the barrier does.
 public final class TableCache: Sendable {
     public let tableBytes: Int
     public let encoding: TableEncoding
@@ -30,6 +37,8 @@ public final class TableCache: Sendable {
     static let sharedMaxAge = 0.5
     private let beforeWriteBack: (@Sendable () throws -> Void)?
     private let state: Mutex<State>
+    /// One write-back (copy, barrier, write) at a time; lookups never take it.
+    private let writeBackLock = Mutex<Void>(())
 
     final class Slot: @unchecked Sendable { // only touched under `state`
         var bytes: [UInt8]
@@ -74,6 +83,8 @@ public final class TableCache: Sendable {
     }
 
     public var stats: Stats { state.withLock { $0.stats } }
+    /// Tables held now (tests: the capacity bound).
+    var cachedCount: Int { state.withLock { $0.slots.count } }
     public var dirtyCount: Int { state.withLock { $0.slots.values.filter { $0.dirtySeq != nil }.count } }
 
     /// Entry `index` of the table at `table`, reading the table on a miss.
@@ -148,12 +159,13 @@ public final class TableCache: Sendable {
         try state.withLock { s in
             let slot: Slot
             if let existing = s.slots[table] { slot = existing } else {
-                slot = try insertLocked(&s, table: table, bytes: loaded ?? [UInt8](repeating: 0, count: tableBytes))
+                slot = try insertLocked(&s, table: table, bytes: loaded ?? [UInt8](repeating: 0, count: tableBytes), forChange: true)
             }
             encode(&slot.bytes, index, value)
             slot.uniform = nil
             s.clock += 1; slot.referenced = true; slot.dirtySeq = s.clock
         }
+        try relieveIfOverfull()
     }
 
     /// Calls `body` with the table's raw bytes, under the lock (no I/O in `body`): for
@@ -166,16 +178,18 @@ public final class TableCache: Sendable {
     public func modify<R>(table: UInt64, _ body: (inout [UInt8]) throws -> R) throws -> R {
         let loaded: [UInt8]? = state.withLock { $0.slots[table] == nil } ?
             try file.readBytes(count: tableBytes, at: table, what: "metadata table") : nil
-        return try state.withLock { s in
+        let result = try state.withLock { s in
             let slot: Slot
             if let existing = s.slots[table] { slot = existing } else {
-                slot = try insertLocked(&s, table: table, bytes: loaded ?? [UInt8](repeating: 0, count: tableBytes))
+                slot = try insertLocked(&s, table: table, bytes: loaded ?? [UInt8](repeating: 0, count: tableBytes), forChange: true)
             }
             let r = try body(&slot.bytes)
             slot.uniform = nil
             s.clock += 1; slot.referenced = true; slot.dirtySeq = s.clock
             return r
         }
+        try relieveIfOverfull()
+        return result
     }
 
     /// Reads up to `count` consecutive tables from `table`, never past `end`, in one I/O
@@ -305,61 +319,61 @@ public final class TableCache: Sendable {
         var bytes = [UInt8](repeating: 0, count: tableBytes)
         if fill != 0 { for i in 0..<entriesPerTable { encode(&bytes, i, fill) } }
         try state.withLock { s in
-            let slot = try insertLocked(&s, table: table, bytes: bytes)
+            let slot = try insertLocked(&s, table: table, bytes: bytes, forChange: true)
             slot.bytes = bytes
             slot.uniform = nil
             s.clock += 1; slot.referenced = true; slot.dirtySeq = s.clock
         }
+        try relieveIfOverfull()
     }
 
     /// Writes `table` and every table dirtied before its last change.
     public func writeBack(table: UInt64) throws {
-        try state.withLock { s in
-            guard let seq = s.slots[table]?.dirtySeq else { return }
-            try writeDirtyLocked(&s, upTo: seq)
-        }
+        guard let seq = state.withLock({ $0.slots[table]?.dirtySeq }) else { return }
+        try writeCopies(upTo: seq)
     }
 
-    /// Writes every dirty table, oldest change first.
-    public func flush() throws {
-        // The barrier (an fdatasync of the data) runs once outside the lock first, so lookups
-        // and commits go on while it waits. Tables last changed before it need no second one;
-        // only if some changed since does the barrier run again, under the lock.
-        let before = try barrierOutsideLock()
-        try state.withLock { s in
-            let again = s.slots.values.contains { ($0.dirtySeq ?? 0) > before }
-            try writeDirtyLocked(&s, upTo: .max, barrier: again)
-        }
-    }
+    /// Writes every dirty table, oldest change first, after one barrier.
+    public func flush() throws { try writeCopies(upTo: .max) }
 
-    /// The periodic write-back: every dirty table as it was before a barrier (run outside
-    /// the lock) reaches the file after that barrier, without an fdatasync after it and
-    /// without holding the lock across the barrier. A table that changed meanwhile stays
-    /// dirty for its newer entries; one that was evicted or written since is not written
-    /// again from the older copy.
-    public func writeBackSettled() throws {
-        let copies = state.withLock { s in
-            s.slots.compactMap { (offset, slot) -> (offset: UInt64, slot: Slot, bytes: [UInt8], seq: UInt64, written: UInt64)? in
-                slot.dirtySeq.map { (offset, slot, slot.bytes, $0, slot.writes) }
-            }.sorted { $0.seq < $1.seq }
-        }
-        guard !copies.isEmpty else { return }
-        try beforeWriteBack?()
-        try state.withLock { s in
-            for c in copies where s.slots[c.offset] === c.slot && c.slot.writes == c.written {
-                try file.write(c.bytes, at: c.offset)
-                c.slot.writes += 1
-                if c.slot.dirtySeq == c.seq { c.slot.dirtySeq = nil }
-                s.stats.tableWrites += 1
+    /// The periodic write-back: the same as `flush` (the caller adds no fdatasync after it).
+    public func writeBackSettled() throws { try writeCopies(upTo: .max) }
+
+    /// Every table dirtied at or before `seq`, as it is now, reaches the file after the
+    /// barrier, oldest change first. Copies are taken under `state`; the barrier runs with
+    /// only `writeBackLock` held, so lookups and changes go on while it waits. A table changed
+    /// after its copy was taken stays dirty for its newer entries; one dropped meanwhile (its
+    /// space freed) is not written.
+    private func writeCopies(upTo seq: UInt64) throws {
+        try writeBackLock.withLock { _ in
+            let copies = state.withLock { s in
+                s.slots.compactMap { (offset, slot) -> (offset: UInt64, slot: Slot, bytes: [UInt8], seq: UInt64, written: UInt64)? in
+                    guard let d = slot.dirtySeq, d <= seq else { return nil }
+                    return (offset, slot, slot.bytes, d, slot.writes)
+                }.sorted { $0.seq < $1.seq }
+            }
+            guard !copies.isEmpty else { return }
+            try beforeWriteBack?()
+            // (The writes go to the page cache; under `state` so a table freed and reused
+            // meanwhile is never overwritten with its old bytes.)
+            try state.withLock { s in
+                s.stats.writeBackBatches += 1
+                for c in copies where s.slots[c.offset] === c.slot && c.slot.writes == c.written {
+                    try file.write(c.bytes, at: c.offset)
+                    c.slot.writes += 1
+                    if c.slot.dirtySeq == c.seq { c.slot.dirtySeq = nil }
+                    s.stats.tableWrites += 1
+                }
             }
         }
     }
 
-    /// Runs the barrier if anything is dirty; returns the change sequence it covers.
-    private func barrierOutsideLock() throws -> UInt64 {
-        let (dirty, seq) = state.withLock { s in (s.slots.values.contains { $0.dirtySeq != nil }, s.clock) }
-        if dirty, let barrier = beforeWriteBack { try barrier() }
-        return seq
+    /// After a change: when dirty tables have pushed the cache past its capacity, they are
+    /// written back (outside `state`) and clean tables evicted down to the capacity.
+    private func relieveIfOverfull() throws {
+        guard state.withLock({ $0.slots.count > capacity }) else { return }
+        try writeCopies(upTo: .max)
+        state.withLock { s in evictClean(&s, keeping: capacity) }
     }
 
     // MARK: - internals (state lock held)
@@ -369,7 +383,9 @@ public final class TableCache: Sendable {
         return monotonicSeconds() - slot.loadedAt < maxAge
     }
 
-    private func insertLocked(_ s: inout State, table: UInt64, bytes: [UInt8]) throws -> Slot {
+    /// `forChange`: the table is about to be changed (it must be kept, even past the
+    /// capacity); a lookup past twice the capacity gets a slot that is not kept.
+    private func insertLocked(_ s: inout State, table: UInt64, bytes: [UInt8], forChange: Bool = false) throws -> Slot {
         if let existing = s.slots[table] {
             existing.referenced = true
             if !isFresh(existing) {  // read again for a shared file: take what is on disk now
@@ -380,38 +396,30 @@ public final class TableCache: Sendable {
             return existing  // (or another thread loaded it meanwhile)
         }
         s.stats.misses += 1
-        while s.slots.count >= capacity && s.head < s.queue.count {
-            let key = s.queue[s.head]
-            s.head += 1
-            guard let victim = s.slots[key] else { continue }  // dropped elsewhere (or a stale duplicate)
-            if victim.referenced { victim.referenced = false; s.queue.append(key); continue }
-            if let seq = victim.dirtySeq { try writeDirtyLocked(&s, upTo: seq) }
-            s.slots[key] = nil
-            s.stats.evictions += 1
-        }
-        if s.head > 4096 && s.head * 2 > s.queue.count { s.queue.removeFirst(s.head); s.head = 0 }
+        evictClean(&s, keeping: capacity - 1)
         let slot = Slot(bytes: bytes)
         if maxAge != nil { slot.loadedAt = monotonicSeconds() }
+        if !forChange && s.slots.count >= 2 * capacity { return slot }  // every table dirty: not kept
         s.slots[table] = slot
         s.queue.append(table)
         if s.queue.count - s.head > 2 * capacity + 64 { s.queue = Array(s.slots.keys); s.head = 0 }
         return slot
     }
 
-    private func writeDirtyLocked(_ s: inout State, upTo seq: UInt64, barrier: Bool = true) throws {
-        let batch = s.slots.compactMap { (offset, slot) -> (UInt64, UInt64, Slot)? in
-            guard let d = slot.dirtySeq, d <= seq else { return nil }
-            return (d, offset, slot)
-        }.sorted { $0.0 < $1.0 }.map { ($0.1, $0.2) }
-        guard !batch.isEmpty else { return }
-        if barrier { try beforeWriteBack?() }
-        s.stats.writeBackBatches += 1
-        for (offset, slot) in batch {
-            try file.write(slot.bytes, at: offset)
-            slot.writes += 1
-            slot.dirtySeq = nil
-            s.stats.tableWrites += 1
+    /// Evicts clean tables (second chance for recently used ones) until at most `keeping`
+    /// remain or two passes over the queue found only dirty ones.
+    private func evictClean(_ s: inout State, keeping: Int) {
+        var visits = 2 * (s.queue.count - s.head) + 1
+        while s.slots.count > keeping && s.head < s.queue.count && visits > 0 {
+            visits -= 1
+            let key = s.queue[s.head]
+            s.head += 1
+            guard let victim = s.slots[key] else { continue }  // dropped elsewhere (or a stale duplicate)
+            if victim.referenced || victim.dirtySeq != nil { victim.referenced = false; s.queue.append(key); continue }
+            s.slots[key] = nil
+            s.stats.evictions += 1
         }
+        if s.head > 4096 && s.head * 2 > s.queue.count { s.queue.removeFirst(s.head); s.head = 0 }
     }
 
     @inline(__always) private func decode(_ b: [UInt8], _ i: Int) -> UInt64 {

@@ -83,7 +83,7 @@ public struct ExposedFile: Sendable {
     /// file's mtime and ctime, so tools that compare times (make, rsync -u, backups) see it.
     private var lastChange = ChangeClock()
     func noteChange() { lastChange.note() }
-    /// Changes finished (or handed to the write-behind); `PeriodicFlush` writes back after it moves.
+    /// Changes finished (or handed to the write-behind); `PeriodicWriteBack` writes back after it moves.
     private let finished = Counter()
     func noteChangeDone() { finished.add() }
     var completedChanges: Int { finished.value }
@@ -169,6 +169,15 @@ public final class FuseFilesystem: Sendable {
     }
 
     static let rootInode: UInt64 = 1
+
+    /// The writable files for the periodic write-back: a file's changes count once its
+    /// write-behind took them, and its held writes are applied before each write-back.
+    public var writeBackTargets: [PeriodicWriteBack.Target] {
+        files.filter { !$0.readOnly }.map { f in
+            PeriodicWriteBack.Target(name: f.name, device: f.device, changes: { UInt64(truncatingIfNeeded: f.completedChanges) },
+                                     drain: { f.writeBehind?.drain() })
+        }
+    }
 
     /// `mode` with read permission kept only for the classes that may read every file the
     /// disk's bytes come from (a backing file, an extent, a Bochs base may be more private

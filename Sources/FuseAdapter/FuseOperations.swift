@@ -34,7 +34,16 @@ private func replyEntry(_ req: fuse_req_t?, _ fs: FuseFilesystem, _ ino: UInt64)
 
 func makeOperations() -> fuse_lowlevel_ops {
     var ops = fuse_lowlevel_ops()
+    setSessionOperations(&ops)
+    setAttributesOperations(&ops)
+    setHandlesOperations(&ops)
+    setDataOperations(&ops)
+    setDirectoryOperations(&ops)
+    return ops
+}
 
+/// The callbacks for the connection's options.
+private func setSessionOperations(_ ops: inout fuse_lowlevel_ops) {
     ops.`init` = { userdata, conn in
         guard let conn else { return }
         // O_TRUNC arrives in open flags instead of as a size-0 setattr, so `dd of=` without
@@ -46,7 +55,10 @@ func makeOperations() -> fuse_lowlevel_ops {
         conn.pointee.max_background = 64
         conn.pointee.congestion_threshold = 48
     }
+}
 
+/// The callbacks for names and attributes: the root directory's entries, stat, statfs.
+private func setAttributesOperations(_ ops: inout fuse_lowlevel_ops) {
     ops.lookup = { req, parent, name in
         let fs = filesystem(req)
         guard parent == FuseFilesystem.rootInode, let name, let ino = fs.inode(named: String(cString: name)) else {
@@ -72,6 +84,23 @@ func makeOperations() -> fuse_lowlevel_ops {
         fuse_reply_attr(req, &st, attrTimeout)
     }
 
+    ops.statfs = { req, _ in
+        let fs = filesystem(req)
+        var sv = statvfs()
+        let total = fs.files.reduce(UInt64(0)) { $0 + $1.size }
+        sv.f_bsize = 4096
+        sv.f_frsize = 4096
+        sv.f_blocks = fsblkcnt_t((total + 4095) / 4096)
+        sv.f_bfree = 0
+        sv.f_bavail = 0
+        sv.f_files = fsfilcnt_t(fs.files.count + 1)
+        sv.f_namemax = 255
+        fuse_reply_statfs(req, &sv)
+    }
+}
+
+/// The callbacks for opening and closing a file, and making its changes durable.
+private func setHandlesOperations(_ ops: inout fuse_lowlevel_ops) {
     ops.open = { req, ino, fi in
         let fs = filesystem(req)
         guard let file = fs.file(ino), let fi else {
@@ -85,6 +114,33 @@ func makeOperations() -> fuse_lowlevel_ops {
         fuse_reply_open(req, fi)
     }
 
+    ops.flush = { req, ino, fi in
+        let fs = filesystem(req)
+        guard let file = fs.file(ino) else { fuse_reply_err(req, 0); return }
+        if !file.readOnly, let fi, Int32(truncatingIfNeeded: fi.pointee.fh) & O_ACCMODE != O_RDONLY {
+            do {
+                try file.writeBehind?.settle()
+                try file.device.flush()
+            } catch { reply(req, fs, "flush", error: error); return }
+        }
+        fuse_reply_err(req, 0)
+    }
+
+    ops.release = { req, _, _ in fuse_reply_err(req, 0) }
+
+    ops.fsync = { req, ino, _, _ in
+        let fs = filesystem(req)
+        guard let file = fs.file(ino) else { fuse_reply_err(req, 0); return }
+        do {
+            try file.writeBehind?.settle()
+            try file.device.flush()
+            fuse_reply_err(req, 0)
+        } catch { reply(req, fs, "fsync", error: error) }
+    }
+}
+
+/// The callbacks for guest bytes: reads, writes, zeroing and discards, SEEK_DATA/SEEK_HOLE.
+private func setDataOperations(_ ops: inout fuse_lowlevel_ops) {
     ops.read = { req, ino, size, off, _ in
         let fs = filesystem(req)
         guard let file = fs.file(ino) else { fuse_reply_err(req, EISDIR); return }
@@ -133,73 +189,6 @@ func makeOperations() -> fuse_lowlevel_ops {
         } catch {
             reply(req, fs, "write \(n) bytes at \(off)", error: error)
         }
-    }
-
-    ops.flush = { req, ino, fi in
-        let fs = filesystem(req)
-        guard let file = fs.file(ino) else { fuse_reply_err(req, 0); return }
-        if !file.readOnly, let fi, Int32(truncatingIfNeeded: fi.pointee.fh) & O_ACCMODE != O_RDONLY {
-            do {
-                try file.writeBehind?.settle()
-                try file.device.flush()
-            } catch { reply(req, fs, "flush", error: error); return }
-        }
-        fuse_reply_err(req, 0)
-    }
-
-    ops.release = { req, _, _ in fuse_reply_err(req, 0) }
-
-    ops.fsync = { req, ino, _, _ in
-        let fs = filesystem(req)
-        guard let file = fs.file(ino) else { fuse_reply_err(req, 0); return }
-        do {
-            try file.writeBehind?.settle()
-            try file.device.flush()
-            fuse_reply_err(req, 0)
-        } catch { reply(req, fs, "fsync", error: error) }
-    }
-
-    ops.opendir = { req, ino, fi in
-        let fs = filesystem(req)
-        guard ino == FuseFilesystem.rootInode, !fs.rootIsFile else { fuse_reply_err(req, ENOTDIR); return }
-        fuse_reply_open(req, fi)
-    }
-
-    ops.readdir = { req, ino, size, off, _ in
-        let fs = filesystem(req)
-        guard ino == FuseFilesystem.rootInode, !fs.rootIsFile else { fuse_reply_err(req, ENOTDIR); return }
-        var names: [(String, UInt64, mode_t)] = [(".", 1, S_IFDIR), ("..", 1, S_IFDIR)]
-        for (i, f) in fs.files.enumerated() { names.append((f.name, UInt64(i + 2), S_IFREG)) }
-        let buf = UnsafeMutablePointer<CChar>.allocate(capacity: max(size, 1))
-        defer { buf.deallocate() }
-        var used = 0
-        var index = Int(off)
-        while index < names.count {
-            var st = stat()
-            st.st_ino = __ino_t(names[index].1)
-            st.st_mode = names[index].2
-            let need = fuse_add_direntry(req, buf + used, size - used, names[index].0, &st, off_t(index + 1))
-            if need > size - used { break }
-            used += need
-            index += 1
-        }
-        fuse_reply_buf(req, buf, used)
-    }
-
-    ops.releasedir = { req, _, _ in fuse_reply_err(req, 0) }
-
-    ops.statfs = { req, _ in
-        let fs = filesystem(req)
-        var sv = statvfs()
-        let total = fs.files.reduce(UInt64(0)) { $0 + $1.size }
-        sv.f_bsize = 4096
-        sv.f_frsize = 4096
-        sv.f_blocks = fsblkcnt_t((total + 4095) / 4096)
-        sv.f_bfree = 0
-        sv.f_bavail = 0
-        sv.f_files = fsfilcnt_t(fs.files.count + 1)
-        sv.f_namemax = 255
-        fuse_reply_statfs(req, &sv)
     }
 
     ops.fallocate = { req, ino, mode, offset, length, _ in
@@ -255,6 +244,36 @@ func makeOperations() -> fuse_lowlevel_ops {
             reply(req, fs, "lseek from \(off) whence \(whence)", error: error)
         }
     }
+}
 
-    return ops
+/// The callbacks for listing the root directory.
+private func setDirectoryOperations(_ ops: inout fuse_lowlevel_ops) {
+    ops.opendir = { req, ino, fi in
+        let fs = filesystem(req)
+        guard ino == FuseFilesystem.rootInode, !fs.rootIsFile else { fuse_reply_err(req, ENOTDIR); return }
+        fuse_reply_open(req, fi)
+    }
+
+    ops.readdir = { req, ino, size, off, _ in
+        let fs = filesystem(req)
+        guard ino == FuseFilesystem.rootInode, !fs.rootIsFile else { fuse_reply_err(req, ENOTDIR); return }
+        var names: [(String, UInt64, mode_t)] = [(".", 1, S_IFDIR), ("..", 1, S_IFDIR)]
+        for (i, f) in fs.files.enumerated() { names.append((f.name, UInt64(i + 2), S_IFREG)) }
+        let buf = UnsafeMutablePointer<CChar>.allocate(capacity: max(size, 1))
+        defer { buf.deallocate() }
+        var used = 0
+        var index = Int(off)
+        while index < names.count {
+            var st = stat()
+            st.st_ino = __ino_t(names[index].1)
+            st.st_mode = names[index].2
+            let need = fuse_add_direntry(req, buf + used, size - used, names[index].0, &st, off_t(index + 1))
+            if need > size - used { break }
+            used += need
+            index += 1
+        }
+        fuse_reply_buf(req, buf, used)
+    }
+
+    ops.releasedir = { req, _, _ in fuse_reply_err(req, 0) }
 }

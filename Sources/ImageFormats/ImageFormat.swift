@@ -1,16 +1,31 @@
 import BlockEngine
 
-/// The formats rawmount knows. Probing reads the first bytes once.
-public enum ImageFormat: String, CaseIterable, Sendable {
-    case raw
-    case qed
-    case vdi
-    case bochs
-    case vmdk
-    case qcow2
+/// A format rawmount knows, by name. Each format folder defines its constant (`.qcow2`) and
+/// its `FormatOpening`; `FormatRegistry.formats` lists them. Probing reads the first bytes once.
+public struct ImageFormat: RawRepresentable, Hashable, Sendable, CustomStringConvertible {
+    public let rawValue: String
 
-    /// Formats rawmount can write; the others are always opened read-only.
-    public var supportsWriting: Bool { self != .bochs }
+    /// Only names in the registry (and raw) are formats.
+    public init?(rawValue: String) {
+        guard Self.allCases.contains(where: { $0.rawValue == rawValue }) else { return nil }
+        self.rawValue = rawValue
+    }
+    init(name: String) { rawValue = name }
+
+    public var description: String { rawValue }
+
+    /// Raw: every byte of the file is a guest byte (what a file of no known format is).
+    public static let raw = ImageFormat(name: "raw")
+
+    /// Raw, then every registered format.
+    public static var allCases: [ImageFormat] { [.raw] + FormatRegistry.formats.map { $0.format } }
+
+    /// What opens this format (nil for raw, which the opener handles itself).
+    var opening: (any FormatOpening.Type)? { FormatRegistry.formats.first { $0.format == self } }
+
+    /// Formats rawmount can write, listed positively (`FormatOpening.writes`); the others
+    /// are always opened read-only.
+    public var supportsWriting: Bool { self == .raw || (opening?.writes ?? false) }
 
     /// Picks the format from the file's first bytes; anything unrecognised is raw, as in QEMU.
     /// Formats QEMU reads and rawmount does not (qcow2, VHDX, ...) are refused, naming the
@@ -35,12 +50,7 @@ public enum ImageFormat: String, CaseIterable, Sendable {
 
     /// The supported non-raw format whose header starts `head`, or nil.
     static func recognised(head: [UInt8]) -> ImageFormat? {
-        if QEDHeader.probe(head) { return .qed }
-        if VDIHeader.probe(head) { return .vdi }
-        if BochsHeader.probe(head) || BochsSparseHeader.probe(head) { return .bochs }
-        if VMDKSparseHeader.probe(head) || VMDKDescriptor.probe(head) { return .vmdk }
-        if QCOW2Header.probe(head) { return .qcow2 }
-        return nil
+        FormatRegistry.formats.first { $0.probe(head) }?.format
     }
 
     /// Which format, other than raw, a first sector like `head` would probe as; nil for raw.

@@ -53,124 +53,17 @@ public enum ImageOpener {
         }
         let chain = chain + [identity]
         let format = try options.format ?? ImageFormat.probe(readOnlyFile)
-        let differencing = try isVDIDifferencing(readOnlyFile, format)
+        let opening = format.opening
         // An internal snapshot is shown read-only, so its image is opened read-only.
-        let writable = options.writable && format.supportsWriting && !differencing && options.snapshot == nil
+        let writable = try options.writable && format.supportsWriting && options.snapshot == nil
+            && (opening?.takesWrites(readOnlyFile) ?? true)
         let file = writable ? try ReferencedFiles.reopenForWriting(readOnlyFile) : readOnlyFile
         if options.lock { try ImageLock.acquire(file, writable: writable) }
-        if let key = options.snapshot, format != .qcow2 {
+        if let key = options.snapshot, !(opening?.hasSnapshots ?? false) {
             throw BlockError.usage("\(path): snapshot '\(key)' asked for, but only qcow2 images hold internal snapshots (this is \(format.rawValue))")
         }
-        switch format {
-        case .vdi:
-            let driver = try VDIDriver(file: file) { report in
-                options.onNote?("\(path): allocation did not match the block map (a crash?); repaired: \(report)")
-            }
-            guard driver.header.isDifferencing else { return BlockDevice(driver: driver) }
-            let parentPath = try VDIParent.find(for: path, header: driver.header)
-            let parent = try open(path: parentPath, options: .init(writable: false, format: .vdi, lock: options.lock), chain: chain)
-            return BlockDevice(driver: driver, backing: parent)
-        case .bochs:
-            return try openBochs(file, path: path, options: options, chain: chain)
-        case .vmdk:
-            // A file named twice (or the descriptor named as an extent) is opened once, so its
-            // locks do not conflict with themselves; the driver decides if that is safe to write.
-            var opened: [FileIdentity: ImageFile] = file.identity.map { [$0: file] } ?? [:]
-            let lock = options.lock
-            let driver = try VMDKDriver(file: file, extentFiles: VMDKExtentFiles(
-                open: { try ReferencedFiles.openPart($0, of: path, writable: writable, shared: !lock) },
-                adopt: { f in
-                    guard let id = f.identity else { return (f, true) }
-                    if let earlier = opened[id] { return (earlier, false) }
-                    opened[id] = f
-                    return (f, true)
-                },
-                lock: { f in if lock { try ImageLock.acquire(f, writable: f.isWritable) } }))
-            var parent: BlockDevice? = nil
-            if let hint = driver.parentFileNameHint {
-                parent = try openBacking(hint, of: path, format: nil, options: options, chain: chain)
-                // QEMU refuses a VMDK parent of another format; a parentFileNameHint naming
-                // any host file (/etc/shadow) would otherwise be shown as the disk under it.
-                if let p = parent, !(p.driver is VMDKDriver) {
-                    throw BlockError.invalid(file: path, field: "parentFileNameHint",
-                                             detail: "the parent \(hint) is a \(p.driver.info.format) image; a VMDK's parent must be a VMDK (QEMU refuses others too)")
-                }
-                // A parent whose content changed since the child was made would silently
-                // show wrong data; QEMU refuses such reads too.
-                if let p = parent?.driver as? VMDKDriver, let want = driver.descriptor?.parentCID,
-                   p.descriptor?.cid != want {
-                    let have = p.descriptor?.cid.map { String($0, radix: 16) } ?? "no readable CID"
-                    throw BlockError.invalid(file: path, field: "parentCID",
-                                             detail: "\(String(want, radix: 16)) does not match the parent \(hint) (\(have))")
-                }
-            }
-            return BlockDevice(driver: driver, backing: parent)
-        case .qcow2:
-            let driver = try QCOW2Driver(file: file, snapshot: options.snapshot) { note in options.onNote?("\(path): \(note)") }
-            var backing: BlockDevice? = nil
-            if let name = driver.header.backingName {
-                // The backing-format extension names the format; QEMU probes only without it.
-                let format = driver.header.backingFormat.flatMap { ImageFormat(rawValue: $0) }
-                backing = try openBacking(name, of: path, format: format, options: options, chain: chain)
-            }
-            return BlockDevice(driver: driver, backing: backing)
-        case .raw:
-            return BlockDevice(driver: try RawDriver(file: file, probed: options.format == nil))
-        case .qed:
-            let driver = try QEDDriver(file: file) { report in
-                options.onNote?("\(path): image was not closed cleanly (NEED_CHECK); checked: \(report)")
-            }
-            var backing: BlockDevice? = nil
-            if let name = driver.backingName {
-                let noProbe = driver.header.features & QEDHeader.featureBackingNoProbe != 0
-                backing = try openBacking(name, of: path, format: noProbe ? .raw : nil, options: options, chain: chain)
-            }
-            return BlockDevice(driver: driver, backing: backing)
-        }
-    }
-
-    /// Bochs images: a growing redolog stands alone; an undoable one reads through its base
-    /// (<base>.redolog); a sparse image stacks on the one numbered below it, as Bochs does.
-    static func openBochs(_ file: ImageFile, path: String, options: Options, chain: [FileIdentity]) throws -> BlockDevice {
-        let head = try file.readBytes(count: 4, at: 0, what: "Bochs header")
-        guard BochsSparseHeader.hasMagic(head) else {
-            let driver = try BochsDriver(file: file)
-            guard driver.header.isUndoable else { return BlockDevice(driver: driver) }
-            guard let basePath = BochsDriver.basePath(ofRedolog: path) else {
-                throw BlockError.invalid(file: path, field: "base image",
-                                         detail: "this Bochs undoable redolog reads through its base image, which Bochs finds by name (<base>.redolog); rename it so")
-            }
-            do {
-                let base = try open(path: basePath, options: .init(writable: false, lock: options.lock), chain: chain)
-                // Bochs refuses a base whose mtime is not the redolog's timestamp; evidence
-                // copies often lose mtimes, so rawmount reads them and says so.
-                if let stamp = driver.header.timestamp, stamp != 0, let st = base.driver.file.fileStatus(),
-                   case let baseStamp = BochsHeader.fatTimestamp(st.st_mtim.tv_sec), baseStamp != stamp {
-                    options.onNote?("\(path): its base \(basePath) was modified after the redolog was made "
-                        + "(redolog \(BochsHeader.fatText(stamp)), base \(BochsHeader.fatText(baseStamp))); "
-                        + "Bochs would refuse the pair, rawmount shows them as they are")
-                }
-                return BlockDevice(driver: driver, backing: base)
-            } catch let e as BlockError where e.isFileNotFound {
-                throw BlockError.invalid(file: path, field: "base image", detail: "'\(basePath)' not found (an undoable redolog reads through it)")
-            }
-        }
-        let driver = try BochsSparseDriver(file: file)
-        guard let parentPath = BochsSparseDriver.parentPath(of: path) else { return BlockDevice(driver: driver) }
-        let parent = try open(path: parentPath, options: .init(writable: false, lock: options.lock), chain: chain)
-        // Bochs refuses a stack whose layers differ in page size or page count.
-        guard let p = parent.driver as? BochsSparseDriver, p.header.pageSize == driver.header.pageSize,
-              p.header.pages == driver.header.pages else {
-            throw BlockError.invalid(file: path, field: "parent image",
-                                     detail: "\(parentPath) (which Bochs stacks this image on, by name) is not a Bochs sparse image with the same page size and page count")
-        }
-        return BlockDevice(driver: driver, backing: parent)
-    }
-
-    /// VirtualBox differencing images are served read-only, so they are opened read-only.
-    static func isVDIDifferencing(_ file: ImageFile, _ format: ImageFormat) throws -> Bool {
-        guard format == .vdi, try file.size() >= 0x50 else { return false }
-        return le32(try file.readBytes(count: 0x50, at: 0, what: "VDI header"), 0x4C) == 4
+        guard let opening else { return BlockDevice(driver: try RawDriver(file: file, probed: options.format == nil)) }
+        return try opening.open(OpenRequest(path: path, file: file, options: options, chain: chain))
     }
 
     /// Backing files (QED backing names, VMDK parentFileNameHint) are relative to the child.

@@ -24,8 +24,7 @@ final class ServedImage: Sendable {
 
     let settings = Mutex(Settings())
     private let opened = Mutex<BlockDevice?>(nil)
-    private let stopWriteBack = Atomic<Bool>(false)
-    private let writeBackDone = Mutex(true)
+    private let writeBack = Mutex<PeriodicWriteBack?>(nil)
 
     var device: BlockDevice? { opened.withLock { $0 } }
 
@@ -82,28 +81,14 @@ final class ServedImage: Sendable {
     /// order (as `rawmount mount` does), so nbdkit killed with -9 leaves the image as a killed
     /// mount would: consistent, missing at most the last moment's writes.
     private func startWriteBack(_ device: BlockDevice) {
-        let interval = getenv("RAWMOUNT_WRITEBACK_SECONDS").flatMap { Double(String(cString: $0)) } ?? 1.0
-        guard interval > 0 else { return }
-        writeBackDone.withLock { $0 = false }
-        let thread = Thread { [self] in
-            var written = device.changeCount
-            while !stopWriteBack.load(ordering: .relaxed) {
-                var slept = 0.0
-                while slept < interval && !stopWriteBack.load(ordering: .relaxed) { usleep(20_000); slept += 0.02 }
-                let now = device.changeCount
-                guard now != written else { continue }
-                do { try device.writeBack() } catch { Log.error("periodic write-back of \(device.driver.file.path): \(error)") }
-                written = now
-            }
-            writeBackDone.withLock { $0 = true }
-        }
-        thread.start()
+        let loop = PeriodicWriteBack([.init(name: device.driver.file.path, device: device, changes: { device.changeCount })],
+                                     onError: { name, error in Log.error("periodic write-back of \(name): \(error)") })
+        writeBack.withLock { $0 = loop }
     }
 
     /// Flushes and closes, as unmount does; nbdkit calls this once every connection is gone.
     func close() {
-        stopWriteBack.store(true, ordering: .relaxed)
-        while !writeBackDone.withLock({ $0 }) { usleep(1000) }
+        writeBack.withLock { $0 }?.stop()
         guard let device = opened.withLock({ d -> BlockDevice? in defer { d = nil }; return d }) else { return }
         do { try device.flush() } catch { Log.error("flushing \(device.driver.file.path): \(error)") }
         do { try device.close() } catch { Log.error("closing \(device.driver.file.path): \(error)") }

@@ -126,8 +126,8 @@ struct CheckCommand: ParsableCommand {
             let report = try VMDKCheck.run(driver)
             if repair && report.corruptions > 0 { printError("rawmount: \(image): VMDK repair is not implemented") }
             return Outcome(format: "vmdk", text: "\(report)", corruptions: report.corruptions)
-        case .raw, .bochs:
-            // qemu-img's answer and exit status for a format without a check.
+        default:
+            // qemu-img's answer and exit status for a format without a check (raw, Bochs).
             printError("rawmount: \(image): this image format (\(try ImageFormat.probe(file).rawValue)) does not support checks")
             throw ExitCode(63)
         }

@@ -124,6 +124,60 @@ struct MountCommand: ParsableCommand {
             let comm = open("/proc/self/comm", O_WRONLY)
             if comm >= 0 { _ = write(comm, "rawmount", 8); close(comm) }
         }
+        let (imagePath, mp, target) = try checkedPaths()
+        defer { close(target.fd) }
+        let mode = target.mode
+        let pidFile = try Paths.pidFile(forMountpoint: mp)
+        let errorFile = try Paths.closeErrorFile(forMountpoint: mp)
+        let notify = readyFd
+        // Notes reach the user's terminal even when the server has detached.
+        let note: @Sendable (String) -> Void = { text in
+            if let fd = notify { _ = "note: \(text.escapingControls)\n".withCString { write(fd, $0, strlen($0)) } } else { printError("rawmount: " + text) }
+        }
+        let (device, ro) = try openDevice(s, imagePath: imagePath, note: note)
+        // Named as the user named the image (a symlink shows under its own name).
+        let file = ExposedFile(name: Paths.rawName(forImage: image), device: device, readOnly: ro)
+        let serverLog: ServerLog?
+        do {
+            // A foreground server tells its terminal; a detached one has none, so syslog with -v.
+            serverLog = s.log != nil || foreground || verbose
+                ? try ServerLog(path: s.log, toStandardError: foreground, toSyslog: verbose && !foreground) : nil
+        } catch {
+            try? device.close()
+            throw error
+        }
+        let files = mode == S_IFDIR ? exposedFiles(file, s, note: note, log: serverLog) : [file]
+        let fs = FuseFilesystem(files: files, rootIsFile: mode == S_IFREG, log: serverLog,
+                                ownership: .init(uid: s.uid, gid: s.gid, umask: s.umask))
+        let mount: FuseMount
+        do {
+            if Self.testPauseBeforeMount > 0 { usleep(Self.testPauseBeforeMount) }
+            mount = try FuseMount(filesystem: fs, mountpoint: mp, target: target.mountTarget, fsName: imagePath, readOnly: ro,
+                                  extraOptions: s.fuseOptions)
+        } catch {
+            try? device.close()
+            throw error
+        }
+        unlink(errorFile)
+        Paths.writeFile(pidFile, "\(getpid())\n")
+        announce(mode == S_IFREG ? [mp] : files.map { mp + "/" + $0.name }, imagePath: imagePath)
+        let writeBack = PeriodicWriteBack(fs.writeBackTargets, onError: { name, error in
+            serverLog?.record("periodic write-back of \(name): \(error)")
+        })
+        _ = mount.run()
+        // Where the mounted directory is now, by its descriptor: the checked path may have
+        // been renamed or replaced by a symlink meanwhile (UMOUNT_NOFOLLOW refuses a link).
+        if let now = target.currentPath { mount.mountpoint = now }
+        mount.unmount()
+        writeBack.stop()
+        let closed = closeImage(file, imagePath: imagePath, log: serverLog, errorFile: errorFile)
+        unlink(pidFile)
+        if !closed { throw ExitCode.failure }
+    }
+
+    /// The image path as named and the mountpoint, resolved once and opened as a
+    /// descriptor (kept open until the mount is made), with every check on them.
+    private func checkedPaths() throws -> (imagePath: String, mountpoint: String, target: Paths.Mountpoint) {
         // The image as named (absolute, its directory resolved, a symlink at the end kept):
         // backing files, Bochs layers and VDI parents are found next to that name, as QEMU
         // and Bochs find them. The fully resolved path only guards against mounting on itself.
@@ -140,7 +194,6 @@ struct MountCommand: ParsableCommand {
         }
         // From here on the mountpoint is this descriptor (kept open until the mount is made).
         let target = try Paths.Mountpoint.open(resolved: mp, named: mountpoint)
-        defer { close(target.fd) }
         let mode = target.mode
         guard mode == S_IFDIR || mode == S_IFREG else {
             throw BlockError.usage("\(mountpoint): mountpoint must be a directory or a regular file")
@@ -151,19 +204,17 @@ struct MountCommand: ParsableCommand {
         if let why = Paths.unsuitableMountpoint(mp) {
             throw BlockError.usage("mountpoint \(mountpoint): refused: \(why)")
         }
-        let pidFile = try Paths.pidFile(forMountpoint: mp)
-        let errorFile = try Paths.closeErrorFile(forMountpoint: mp)
         // Stacked mounts would share one pid file, and `unmount` could no longer wait for both.
         if let other = MountTable.image(mountedAt: mp) {
             throw BlockError.usage("mountpoint \(mountpoint): already shows \(other); run `rawmount unmount \(mountpoint)` first")
         }
+        return (imagePath, mp, target)
+    }
 
+    /// Opens the image (or the overlay over it) as asked; the second value says whether it
+    /// is served read-only (asked, a snapshot, or an image that cannot be written here).
+    private func openDevice(_ s: MountSettings, imagePath: String, note: @escaping @Sendable (String) -> Void) throws -> (BlockDevice, Bool) {
         let fmt = s.format.flatMap { ImageFormat(rawValue: $0.lowercased()) }
-        let notify = readyFd
-        // Notes reach the user's terminal even when the server has detached.
-        let note: @Sendable (String) -> Void = { text in
-            if let fd = notify { _ = "note: \(text.escapingControls)\n".withCString { write(fd, $0, strlen($0)) } } else { printError("rawmount: " + text) }
-        }
         var openPath = imagePath, openFormat = fmt
         if let overlay = s.overlay {
             let cluster = try parseSize(s.overlayClusterSize)
@@ -196,21 +247,15 @@ struct MountCommand: ParsableCommand {
             note("\(image): this \(device.driver.info.format) image cannot be written here (\(why)); mounting read-only")
             ro = true
         }
-        // Named as the user named the image (a symlink shows under its own name).
-        let file = ExposedFile(name: Paths.rawName(forImage: image), device: device, readOnly: ro)
-        let serverLog: ServerLog?
-        do {
-            // A foreground server tells its terminal; a detached one has none, so syslog with -v.
-            serverLog = s.log != nil || foreground || verbose
-                ? try ServerLog(path: s.log, toStandardError: foreground, toSyslog: verbose && !foreground) : nil
-        } catch {
-            try? device.close()
-            throw error
-        }
+        return (device, ro)
+    }
+
+    /// The disk file, its partitions (as read at mount time; a table changed through the
+    /// disk file shows after a remount) and a read-only file per consistent dirty bitmap.
+    private func exposedFiles(_ file: ExposedFile, _ s: MountSettings, note: @Sendable (String) -> Void, log serverLog: ServerLog?) -> [ExposedFile] {
+        let device = file.device
         var files = [file]
-        if mode == S_IFDIR && !s.noPartitions {
-            // Partitions as read at mount time; a table changed through the disk file shows
-            // after a remount.
+        if !s.noPartitions {
             let table = PartitionTable.read(device)
             for n in table.notes {
                 note("\(image): partition table: \(n)")
@@ -221,29 +266,17 @@ struct MountCommand: ParsableCommand {
                                          start: p.start, length: p.length))
             }
         }
-        if mode == S_IFDIR {
-            // Each consistent dirty bitmap as a read-only file of the changed granules.
-            for (i, b) in device.driver.dirtyBitmaps.enumerated() {
-                let bits = b.bits
-                files.append(ExposedFile(name: Paths.dirtyViewName(forImage: image, bitmap: b.name, index: i),
-                                         view: DirtyBitmapView.device(over: device, bits: bits, name: b.name), of: file,
-                                         dataBytes: { bits.dirtyBytes }))
-            }
+        for (i, b) in device.driver.dirtyBitmaps.enumerated() {
+            let bits = b.bits
+            files.append(ExposedFile(name: Paths.dirtyViewName(forImage: image, bitmap: b.name, index: i),
+                                     view: DirtyBitmapView.device(over: device, bits: bits, name: b.name), of: file,
+                                     dataBytes: { bits.dirtyBytes }))
         }
-        let fs = FuseFilesystem(files: files, rootIsFile: mode == S_IFREG, log: serverLog,
-                                ownership: .init(uid: s.uid, gid: s.gid, umask: s.umask))
-        let mount: FuseMount
-        do {
-            if Self.testPauseBeforeMount > 0 { usleep(Self.testPauseBeforeMount) }
-            mount = try FuseMount(filesystem: fs, mountpoint: mp, target: target.mountTarget, fsName: imagePath, readOnly: ro,
-                                  extraOptions: s.fuseOptions)
-        } catch {
-            try? device.close()
-            throw error
-        }
-        unlink(errorFile)
-        Paths.writeFile(pidFile, "\(getpid())\n")
-        let shown = mode == S_IFREG ? [mp] : files.map { mp + "/" + $0.name }
+        return files
+    }
+
+    /// Tells the waiting parent (or the terminal) which files are served.
+    private func announce(_ shown: [String], imagePath: String) {
         if let fd = readyFd {
             // From here on nothing reaches the user's terminal: libfuse's stderr was the pipe.
             let devNull = open("/dev/null", O_WRONLY)
@@ -256,13 +289,12 @@ struct MountCommand: ParsableCommand {
             for extra in shown.dropFirst() { print("  also \(extra)") }
             fflush(nil)
         }
-        let writeBack = PeriodicFlush(files: fs.files, log: serverLog)
-        _ = mount.run()
-        // Where the mounted directory is now, by its descriptor: the checked path may have
-        // been renamed or replaced by a symlink meanwhile (UMOUNT_NOFOLLOW refuses a link).
-        if let now = target.currentPath { mount.mountpoint = now }
-        mount.unmount()
-        writeBack.stop()
+    }
+
+    /// After the unmount: held writes applied, the image closed; what failed is logged,
+    /// printed and left for `unmount` (which waits for this process) in `errorFile`; false then.
+    private func closeImage(_ file: ExposedFile, imagePath: String, log serverLog: ServerLog?, errorFile: String) -> Bool {
+        let device = file.device
         var problems: [String] = []
         // Name the image unless the error already names the file it is about.
         func problem(_ doing: String, _ error: Error) -> String {
@@ -277,8 +309,7 @@ struct MountCommand: ParsableCommand {
         }
         // A detached server has no terminal: `unmount`, which waits for this process, says it.
         if !problems.isEmpty { Paths.writeFile(errorFile, problems.joined(separator: "\n") + "\n") }
-        unlink(pidFile)
-        if !problems.isEmpty { throw ExitCode.failure }
+        return problems.isEmpty
     }
 }
 

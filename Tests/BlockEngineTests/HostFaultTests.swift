@@ -20,6 +20,10 @@ final class ReusingDriver: ImageAllocating, @unchecked Sendable {
     let flushFailures = Mutex<[Bool]>([])
     /// Every range `release` was given, in order.
     let released = Mutex<[HostRange]>([])
+    /// Allocations handed out so far.
+    let allocations = Mutex(0)
+    /// Called with each allocation as `commit` starts, before it is linked.
+    let onCommit = Mutex<(@Sendable (Allocation) -> Void)?>(nil)
 
     init(file: ImageFile, size: UInt64) {
         self.file = file
@@ -33,6 +37,7 @@ final class ReusingDriver: ImageAllocating, @unchecked Sendable {
     }
 
     func allocate(_ offset: UInt64, length: UInt64) throws -> Allocation {
+        allocations.withLock { $0 += 1 }
         let (host, fresh) = state.withLock { s -> (UInt64, Bool) in
             if let h = s.free.popLast() { return (h, false) }
             defer { s.end += Self.cluster }
@@ -41,7 +46,10 @@ final class ReusingDriver: ImageAllocating, @unchecked Sendable {
         return Allocation(guestOffset: offset.alignedDown(Self.cluster), hostOffset: host, length: Self.cluster, fresh: fresh)
     }
 
-    func commit(_ a: Allocation) throws { state.withLock { $0.table[a.guestOffset / Self.cluster] = a.hostOffset } }
+    func commit(_ a: Allocation) throws {
+        onCommit.withLock { $0 }?(a)
+        state.withLock { $0.table[a.guestOffset / Self.cluster] = a.hostOffset }
+    }
     func takeUnlinked() -> [HostRange] { state.withLock { s in defer { s.unlinked = [] }; return s.unlinked } }
     func release(_ ranges: [HostRange]) throws {
         released.withLock { $0 += ranges }

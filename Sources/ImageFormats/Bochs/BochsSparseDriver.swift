@@ -47,9 +47,9 @@ public final class BochsSparseDriver: ImageDriver {
         return access(parent, F_OK) == 0 ? parent : nil
     }
 
-    private func mapPage(_ page: UInt64, from offset: UInt64, to end: UInt64) throws -> Mapping {
+    /// Guest bytes `[offset, end)` of page `page`, whose page table entry is `physical`.
+    private func mapPage(_ page: UInt64, physical: UInt64, from offset: UInt64, to end: UInt64) throws -> Mapping {
         let size = UInt64(header.pageSize)
-        let physical = try pageTable.entry(page)
         if physical == UInt64(BochsSparseHeader.notAllocated) { return .unallocated(length: end - offset) }
         let start = header.dataStart + physical * size
         guard start + size <= fileSize else {
@@ -68,9 +68,8 @@ public final class BochsSparseDriver: ImageDriver {
             let run = try pageTable.run(of: UInt64(BochsSparseHeader.notAllocated), from: first, limit: (end + size - 1) / size - first)
             return .unallocated(length: min(end, (first + max(run, 1)) * size) - offset)
         }
-        return try Mapping.run(from: offset, to: end, maxUnits: Self.maxPagesPerMap) { pos in
-            let page = pos / size
-            return try mapPage(page, from: pos, to: min(end, (page + 1) * size))
+        return try pageTable.mapRun(from: offset, to: end, unit: size, maxPieces: Self.maxPagesPerMap) { physical, page, pos, n in
+            try mapPage(page, physical: physical, from: pos, to: pos + n)
         }
     }
 

@@ -184,7 +184,14 @@ public final class QCOW2Driver: ImageAllocating {
         // Long walks (status, SEEK_DATA) skip an empty L2 table in one step; the cache
         // remembers it, so L1 entries that all alias one table cost one scan.
         if end - offset > 64 * cs, try isEmptyL2(table) { return .unallocated(length: end - offset) }
-        return try Mapping.run(from: offset, to: end, maxUnits: Self.maxClustersPerMap) { try mapCluster(table, $0, end) }
+        // One scan per L2 slice the range crosses, each under one cache lookup.
+        let words = header.l2EntryBytes / 8, perSlice = l2SliceBytes / 8
+        return try l2.mapRun(from: offset, to: end, unit: cs, stride: Int(words), maxPieces: Self.maxClustersPerMap, locate: { pos in
+            let word = (pos / cs) % header.l2Entries * words
+            return (table + word / perSlice * l2SliceBytes, Int(word % perSlice))
+        }) { view, w, pos, n in
+            try mapCluster(view[w], header.extendedL2 ? view[w + 1] : 0, pos, n)
+        }
     }
 
     /// The L2 table L1 entry `l1Index` names (0: none, or past the L1), checked to be a
@@ -232,12 +239,12 @@ public final class QCOW2Driver: ImageAllocating {
 
     /// What guest bytes from `offset` are, up to the end of their cluster (or of their run
     /// of like subclusters) and never past `end`.
-    private func mapCluster(_ table: UInt64, _ offset: UInt64, _ end: UInt64) throws -> Mapping {
+    /// Guest bytes `[offset, offset+maxLength)` of one cluster (L2 entry `e`, and its
+    /// subcluster bitmap with extended L2), or a first part of them.
+    private func mapCluster(_ e: UInt64, _ bitmap: UInt64, _ offset: UInt64, _ maxLength: UInt64) throws -> Mapping {
         let cs = header.clusterSize
-        let index = (offset / cs) % header.l2Entries
-        let (e, bitmap) = try l2Entry(table, index)
         let inCluster = offset % cs
-        let clusterEnd = min(end, offset - inCluster + cs)
+        let clusterEnd = offset + maxLength
         if e & Self.compressedFlag != 0 {
             let (host, size) = header.compressedRange(e)
             guard host < knownEnd || host < file.end(cached: knownEnd) else {

@@ -132,37 +132,18 @@ public final class QEDDriver: ImageAllocating {
         let spanEnd = min(offset + maxLength, ((offset >> l1Shift) + 1) << l1Shift)
         let l2 = try l2Table(for: offset)
         if l2 == 0 { return .unallocated(length: spanEnd - offset) }
-        var result: Mapping? = nil
-        var pos = offset
         let mask = clusterSize - 1
         let entryMask = header.entriesPerTable - 1
-        outer: while pos < spanEnd {
-            let idx = (pos >> clusterBits) & entryMask
-            let s = tables.slot(l2, idx)
-            let stopped: Bool = try tables.cache.withEntries(table: s.chunk) { view in
-                var i = s.index
-                while i < view.count && pos < spanEnd {
-                    let n = RangeWalk.toClusterEnd(pos, clusterSize: clusterSize, maxLength: spanEnd - pos)
-                    let kind = try classify(view[i], at: pos)
-                    let next: Mapping
-                    switch kind {
-                    case let .data(host, _): next = .data(host: host + (pos & mask), length: n)
-                    case .zero: next = .zero(length: n)
-                    default: next = .unallocated(length: n)
-                    }
-                    if let cur = result {
-                        guard let merged = cur.merged(with: next) else { return true }
-                        result = merged
-                    } else {
-                        result = next
-                    }
-                    pos += n; i += 1
-                }
-                return false
+        return try tables.cache.mapRun(from: offset, to: spanEnd, unit: clusterSize, locate: { pos in
+            let s = tables.slot(l2, (pos >> clusterBits) & entryMask)
+            return (s.chunk, s.index)
+        }) { view, i, pos, n in
+            switch try classify(view[i], at: pos) {
+            case let .data(host, _): return .data(host: host + (pos & mask), length: n)
+            case .zero: return .zero(length: n)
+            default: return .unallocated(length: n)
             }
-            if stopped { break outer }
         }
-        return result ?? .unallocated(length: spanEnd - offset)
     }
 
     // MARK: allocation (engine holds its allocation lock)
@@ -184,12 +165,17 @@ public final class QEDDriver: ImageAllocating {
     public func commit(_ a: Allocation) throws {
         try beginMetadataChange()
         defer { scheduleIdleClean() }
-        let l2 = try l2TableCreatingIfNeeded(for: a.guestOffset)
-        let first = (a.guestOffset >> clusterBits) & (header.entriesPerTable - 1)
-        for k in 0..<(a.length / clusterSize) {
-            try tables.set(l2.offset, first + k, a.hostOffset + k * clusterSize)
+        try link(a.guestOffset, clusters: a.length / clusterSize) { a.hostOffset + $0 * clusterSize }
+    }
+
+    /// Sets the L2 entries of `clusters` clusters from guest `offset` (creating their L2
+    /// table if needed, then linking it in the L1).
+    private func link(_ offset: UInt64, clusters: UInt64, _ value: (UInt64) -> UInt64) throws {
+        let l2 = try l2TableCreatingIfNeeded(for: offset)
+        try TwoLevelLink.link(child: l2.offset, isNew: l2.isNew, first: (offset >> clusterBits) & (header.entriesPerTable - 1),
+                              count: clusters, value, setEntry: tables.set) { child in
+            try tables.set(header.l1TableOffset, offset >> l1Shift, child)
         }
-        if l2.isNew { try tables.set(header.l1TableOffset, a.guestOffset >> l1Shift, l2.offset) }
     }
 
     /// The data write failed (host disk full): the clusters go back, so the file does not
@@ -241,10 +227,7 @@ public final class QEDDriver: ImageAllocating {
                 if backingName != nil { // must hide the backing image: zero-cluster entries
                     try beginMetadataChange()
                     defer { scheduleIdleClean() }
-                    let l2 = try l2TableCreatingIfNeeded(for: pos)
-                    let first = (pos >> clusterBits) & (header.entriesPerTable - 1)
-                    for k in 0..<(n / clusterSize) { try tables.set(l2.offset, first + k, 1) }
-                    if l2.isNew { try tables.set(header.l1TableOffset, pos >> l1Shift, l2.offset) }
+                    try link(pos, clusters: n / clusterSize) { _ in 1 }
                 }
             case let .data(host, _):
                 // Keep the cluster (QED never reuses space; dropping it would leak) and punch

@@ -128,34 +128,22 @@ public final class VDIDriver: ImageAllocating {
                     continue
                 }
             }
-            let stopped: Bool = try map.withEntries(table: loc.chunk) { view in
-                var i = loc.index
-                while i < view.count && pos < end {
-                    let b = pos / blockSize
-                    let n = RangeWalk.toClusterEnd(pos, clusterSize: blockSize, maxLength: end - pos)
-                    let e = view[i]
-                    let next: Mapping
-                    if e == UInt64(VDIHeader.blockFree) {
-                        next = .unallocated(length: n)
-                    } else if e == UInt64(VDIHeader.blockDiscarded) {
-                        next = .zero(length: n)
-                    } else if e < UInt64(header.blocksInImage) {
-                        next = .data(host: host(ofEntry: e) + pos % blockSize, length: n)
-                    } else {
-                        throw BlockError.invalid(file: file.path, field: "block map entry \(b)",
-                                                 detail: "block index \(e) is not below blocks_in_image \(header.blocksInImage)")
-                    }
-                    if let cur = result {
-                        guard let merged = cur.merged(with: next) else { return true }
-                        result = merged
-                    } else {
-                        result = next
-                    }
-                    pos += n; i += 1
+            let chunkEnd = min(end, (block - UInt64(loc.index) + UInt64(Self.entriesPerChunk)) * blockSize)
+            let scan = try map.mapRun(into: &result, from: pos, to: chunkEnd, unit: blockSize, locate: { p in
+                let l = entryLocation(p / blockSize)
+                return (l.chunk, l.index)
+            }) { view, i, p, n in
+                let e = view[i]
+                if e == UInt64(VDIHeader.blockFree) { return .unallocated(length: n) }
+                if e == UInt64(VDIHeader.blockDiscarded) { return .zero(length: n) }
+                guard e < UInt64(header.blocksInImage) else {
+                    throw BlockError.invalid(file: file.path, field: "block map entry \(p / blockSize)",
+                                             detail: "block index \(e) is not below blocks_in_image \(header.blocksInImage)")
                 }
-                return false
+                return .data(host: host(ofEntry: e) + p % blockSize, length: n)
             }
-            if stopped { break }
+            pos = scan.position
+            if scan.ended || pos < chunkEnd { break }
         }
         return result ?? .unallocated(length: maxLength)
     }

@@ -213,49 +213,26 @@ final class VMDKSparseExtent: Sendable {
             }
             return .unallocated(length: end - rel)
         }
-        var result: Mapping? = nil
-        var pos = rel
         // The frontier is read before the entries; a grain committed meanwhile was allocated
         // after that read, so an entry past it is checked again against a fresh frontier.
         var end = allocator.end
-        try tables.withEntries(table: gt) { view in
-            var i = Int((pos / grain) % UInt64(header.numGTEsPerGT))
-            while i < view.count && pos < spanEnd {
-                var n = RangeWalk.toClusterEnd(pos, clusterSize: grain, maxLength: spanEnd - pos)
-                let g = view[i]
-                let next: Mapping
-                if g == 0 {
-                    // A run of empty entries in one step (a table written once is mostly empty).
-                    while i + 1 < view.count && pos + n < spanEnd && view[i + 1] == 0 {
-                        n = min(spanEnd - pos, n + grain)
-                        i += 1
-                    }
-                    next = .unallocated(length: n)
-                } else if g == 1 && header.zeroedGrains {
-                    next = .zero(length: n)
-                } else {
-                    if g * 512 >= end { end = file.end(cached: allocator.end) }
-                    guard g * 512 < end, g >= 1 else {
-                        throw BlockError.invalid(file: file.path, field: "grain table entry for offset \(pos)",
-                                                 detail: "grain at sector \(g) is past the end of the file")
-                    }
-                    if let m = metadata.overlap(g * 512, header.isCompressed ? 512 : grain) {
-                        throw BlockError.invalid(file: file.path, field: "grain table entry for offset \(pos)",
-                                                 detail: "grain at sector \(g) lies in \(m.what) (at sector \(m.start / 512))")
-                    }
-                    next = header.isCompressed ? .compressed(host: g * 512, size: 0, length: n)
-                                               : .data(host: g * 512 + pos % grain, length: n)
-                }
-                if let cur = result {
-                    guard let merged = cur.merged(with: next) else { return }
-                    result = merged
-                } else {
-                    result = next
-                }
-                pos += n; i += 1
+        return try tables.mapRun(from: rel, to: spanEnd, unit: grain, locate: { pos in
+            (gt, Int((pos / grain) % UInt64(header.numGTEsPerGT)))
+        }) { view, i, pos, n in
+            let g = view[i]
+            if g == 0 { return .unallocated(length: n) }
+            if g == 1 && header.zeroedGrains { return .zero(length: n) }
+            if g * 512 >= end { end = file.end(cached: allocator.end) }
+            guard g * 512 < end, g >= 1 else {
+                throw BlockError.invalid(file: file.path, field: "grain table entry for offset \(pos)",
+                                         detail: "grain at sector \(g) is past the end of the file")
             }
+            if let m = metadata.overlap(g * 512, header.isCompressed ? 512 : grain) {
+                throw BlockError.invalid(file: file.path, field: "grain table entry for offset \(pos)",
+                                         detail: "grain at sector \(g) lies in \(m.what) (at sector \(m.start / 512))")
+            }
+            return header.isCompressed ? .compressed(host: g * 512, size: 0, length: n) : .data(host: g * 512 + pos % grain, length: n)
         }
-        return result ?? .unallocated(length: spanEnd - rel)
     }
 
     func allocate(_ rel: UInt64, length: UInt64) throws -> (rel: UInt64, host: UInt64, length: UInt64) {
@@ -271,23 +248,22 @@ final class VMDKSparseExtent: Sendable {
     /// creating a missing grain table first.
     func commit(rel: UInt64, host: UInt64, length: UInt64) throws {
         let gdi = rel / header.gtCoverage
-        var gt = try grainTable(gdi)
-        var rgt = header.hasRedundantGD ? try grainTable(gdi, redundant: true) : 0
-        var newTables = false
-        if gt == 0 {
-            gt = try newTable()
-            if header.hasRedundantGD { rgt = try newTable() }
-            newTables = true
-        }
-        let first = Int((rel / header.grainBytes) % UInt64(header.numGTEsPerGT))
-        for k in 0..<Int(length / header.grainBytes) {
-            let sector = (host + UInt64(k) * header.grainBytes) / 512
-            try tables.setEntry(table: gt, index: first + k, value: sector)
-            if rgt != 0 { try tables.setEntry(table: rgt, index: first + k, value: sector) }
-        }
-        if newTables {
-            try setDirectoryEntry(header.gdOffset, gdi, gt / 512)
-            if rgt != 0 { try setDirectoryEntry(header.rgdOffset, gdi, rgt / 512) }
+        let first = (rel / header.grainBytes) % UInt64(header.numGTEsPerGT)
+        // The redundant copy (grain table and directory) the same way, when the file has one;
+        // a redundant table is made only with a new primary one (a damaged redundant
+        // directory is left as it is).
+        var primaryIsNew = false
+        for (directory, redundant) in [(header.gdOffset, false)] + (header.hasRedundantGD ? [(header.rgdOffset, true)] : []) {
+            var gt = try grainTable(gdi, redundant: redundant)
+            let isNew = gt == 0 && (!redundant || primaryIsNew)
+            if !redundant { primaryIsNew = isNew }
+            if isNew { gt = try newTable() }
+            if gt == 0 { continue }
+            try TwoLevelLink.link(child: gt, isNew: isNew, first: first, count: length / header.grainBytes,
+                                  { (host + $0 * header.grainBytes) / 512 },
+                                  setEntry: { try tables.setEntry(table: $0, index: Int($1), value: $2) }) { child in
+                try setDirectoryEntry(directory, gdi, child / 512)
+            }
         }
     }
 
