@@ -38,15 +38,13 @@ final class QCOW2CheckWalk {
             if snapshotBytes > 0 { _ = try addRange(h.snapshotsOffset, snapshotBytes, "the snapshot table") }
             for s in snapshots { try walkL1(s.l1Offset, UInt64(s.l1Entries), "snapshot '\(s.name)'") }
         } catch let e as BlockError {
-            report.invalidEntries += 1
-            report.note("\(e)")
+            invalid("\(e)")
         }
         try walkL2Tables()
         do {
             try QCOW2Check.walkBitmaps(file: file, header: h, fileSize: fileSize, addRange)
         } catch let e as BlockError {
-            report.invalidEntries += 1
-            report.note("\(e)")
+            invalid("\(e)")
         }
         let refcounts = try QCOW2Refcounts(file: file, header: h, fileSize: fileSize, excluded: { [counts] in counts.count($0) > 0 })
         try countRefcountStructures(refcounts)
@@ -56,13 +54,18 @@ final class QCOW2CheckWalk {
         return report
     }
 
+    /// An entry or structure that is not valid (counted as corruption, as qemu-img does).
+    func invalid(_ text: String) {
+        report.invalidEntries += 1
+        report.note(text)
+    }
+
     /// Counts the clusters of `[start, start+length)` once per `weight`; false (and an
     /// invalid entry noted) when the range is not inside the file.
     func addRange(_ start: UInt64, _ length: UInt64, _ what: String) throws -> Bool {
         guard length > 0 else { return true }
         guard start < fileSize, start + length <= fileClusters * cs else {
-            report.invalidEntries += 1
-            report.note("\(what) at \(start) (\(length) bytes) lies outside the \(fileSize)-byte file")
+            invalid("\(what) at \(start) (\(length) bytes) lies outside the \(fileSize)-byte file")
             return false
         }
         var c = start / cs
@@ -76,13 +79,11 @@ final class QCOW2CheckWalk {
             let t = e & QCOW2Check.l1Mask
             // Bits the spec reserves (1-8 and 56-62), as qemu-img check counts them.
             if e & 0x7F00_0000_0000_01FE != 0 {
-                report.invalidEntries += 1
-                report.note("\(name) L1 entry \(i) has reserved bits set: 0x\(String(e, radix: 16))")
+                invalid("\(name) L1 entry \(i) has reserved bits set: 0x\(String(e, radix: 16))")
             }
             guard t != 0 else { return }
             guard t % cs == 0 else {
-                report.invalidEntries += 1
-                report.note("\(name) L1 entry \(i): L2 table offset \(t) is not cluster aligned")
+                invalid("\(name) L1 entry \(i): L2 table offset \(t) is not cluster aligned")
                 return
             }
             l2References[t, default: (0, name)].count += 1
@@ -122,17 +123,14 @@ final class QCOW2CheckWalk {
             let host = e & QCOW2Driver.offsetMask
             // Reserved in a standard descriptor: bits 1-8 and 56-61 (bit 0 too with extended L2).
             if e & (0x3F00_0000_0000_01FE | (h.extendedL2 ? 1 : 0)) != 0 {
-                report.invalidEntries += 1
-                report.note("\(name) L2 table at \(table), entry \(i / step) has reserved bits set: 0x\(String(e, radix: 16))")
+                invalid("\(name) L2 table at \(table), entry \(i / step) has reserved bits set: 0x\(String(e, radix: 16))")
             }
             if h.extendedL2 && (bitmap & (bitmap >> 32) & 0xFFFF_FFFF != 0 || host == 0 && bitmap & 0xFFFF_FFFF != 0) {
-                report.invalidEntries += 1
-                report.note("\(name) L2 table at \(table), entry \(i / step): subcluster bitmap 0x\(String(bitmap, radix: 16)) is invalid")
+                invalid("\(name) L2 table at \(table), entry \(i / step): subcluster bitmap 0x\(String(bitmap, radix: 16)) is invalid")
             }
             guard host != 0 else { continue }
             guard host % cs == 0 else {
-                report.invalidEntries += 1
-                report.note("\(name) L2 table at \(table), entry \(i / step): data offset \(host) is not cluster aligned")
+                invalid("\(name) L2 table at \(table), entry \(i / step): data offset \(host) is not cluster aligned")
                 continue
             }
             if try addRange(host, cs, "data cluster (L2 table at \(table))") { report.dataClusters += 1 }
@@ -144,13 +142,11 @@ final class QCOW2CheckWalk {
         let table = refcounts.tableRange
         _ = try addRange(table.offset, table.bytes, "the refcount table")
         for i in refcounts.entriesWithReservedBits {
-            report.invalidEntries += 1
-            report.note("refcount table entry \(i) has reserved bits set")
+            invalid("refcount table entry \(i) has reserved bits set")
         }
         for b in refcounts.blockOffsets {
             guard b % cs == 0 else {
-                report.invalidEntries += 1
-                report.note("refcount block offset \(b) is not cluster aligned")
+                invalid("refcount block offset \(b) is not cluster aligned")
                 continue
             }
             _ = try addRange(b, cs, "refcount block")

@@ -5,7 +5,7 @@ import Synchronization
 /// VMDK over the shared engine: a descriptor (embedded or standalone) and its extents in
 /// order. Host addresses carry the extent number in their top bits so the engine's runs
 /// never cross files (`resolve`).
-public final class VMDKDriver: ImageAllocating {
+public final class VMDKDriver: ImageAllocating, MultiFileMapping {
     enum Kind: Sendable {
         case sparse(VMDKSparseExtent)
         case flat(ImageFile, offset: UInt64)
@@ -37,8 +37,7 @@ public final class VMDKDriver: ImageAllocating {
     let extents: [Extent]
     /// Host addresses carry the extent's index above bit 47 (128 TiB per extent file, 65536
     /// extents: an 8 TiB twoGbMaxExtent image has 4096).
-    static let extentShift: UInt64 = 47
-    static let offsetMask: UInt64 = (1 << 47) - 1
+    static let offsetMask = HostAddress.offsetMask
     static let maxExtents = 1 << 16
     /// Where the descriptor's CID value (8 hex digits) lives, for the first-write update.
     private let cidLocation: (file: ImageFile, offset: UInt64, digits: Int)?
@@ -255,12 +254,11 @@ public final class VMDKDriver: ImageAllocating {
         return d.parentFileNameHint
     }
 
-    public func resolve(host: UInt64) -> (file: ImageFile, offset: UInt64) {
-        (extents[Int(host >> Self.extentShift)].file ?? file, host & Self.offsetMask)
-    }
+    /// Host addresses carry the extent number (`HostAddress`); a zero extent has no file.
+    public func hostFile(_ index: Int) -> ImageFile { extents[index].file ?? file }
 
     private func encode(_ m: Mapping, extent i: Int) -> Mapping {
-        if case let .data(h, n) = m { return .data(host: UInt64(i) << Self.extentShift | h, length: n) }
+        if case let .data(h, n) = m { return .data(host: HostAddress(file: i, offset: h).packed, length: n) }
         return m
     }
 
@@ -271,17 +269,17 @@ public final class VMDKDriver: ImageAllocating {
         let n = min(maxLength, e.length - rel)
         switch e.kind {
         case let .sparse(s): return encode(try s.map(rel, maxLength: n), extent: i)
-        case let .flat(_, base): return .data(host: UInt64(i) << Self.extentShift | (base + rel), length: n)
+        case let .flat(_, base): return .data(host: HostAddress(file: i, offset: base + rel).packed, length: n)
         case .zero: return .zero(length: n)
         }
     }
 
     public func readCompressed(_ mapping: Mapping, guestOffset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws {
         guard case let .compressed(host, _, _) = mapping else { return }
-        let i = Int(host >> Self.extentShift)
+        let i = HostAddress(packed: host).file
         guard case let .sparse(s) = extents[i].kind else { return }
         let inGrain = Int((guestOffset - extents[i].start) % s.header.grainBytes)
-        let grain = try s.grain(atSector: (host & Self.offsetMask) / 512, need: inGrain + buffer.count)
+        let grain = try s.grain(atSector: HostAddress(packed: host).offset / 512, need: inGrain + buffer.count)
         grain.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[inGrain..<(inGrain + buffer.count)])) }
     }
 
@@ -290,7 +288,7 @@ public final class VMDKDriver: ImageAllocating {
         guard case let .sparse(s) = extents[i].kind, isWritable else { throw BlockError.readOnly(file: file.path) }
         let rel = offset - extents[i].start
         let a = try s.allocate(rel, length: min(length, extents[i].length - rel))
-        return Allocation(guestOffset: extents[i].start + a.rel, hostOffset: UInt64(i) << Self.extentShift | a.host,
+        return Allocation(guestOffset: extents[i].start + a.rel, hostOffset: HostAddress(file: i, offset: a.host).packed,
                           length: a.length, fresh: true) // appended to the extent file
     }
 
@@ -301,20 +299,20 @@ public final class VMDKDriver: ImageAllocating {
     public var contributingFiles: [ImageFile] { [file] + extents.compactMap(\.file) }
 
     public func metadataOverlap(host: UInt64, length: UInt64) -> MetadataRanges.Range? {
-        guard case let .sparse(s) = extents[Int(host >> Self.extentShift)].kind else { return nil }
-        return s.metadata.overlap(host & Self.offsetMask, length)
+        guard case let .sparse(s) = extents[HostAddress(packed: host).file].kind else { return nil }
+        return s.metadata.overlap(HostAddress(packed: host).offset, length)
     }
 
     public func abandon(_ a: Allocation) {
-        guard case let .sparse(s) = extents[Int(a.hostOffset >> Self.extentShift)].kind else { return }
-        let host = a.hostOffset & Self.offsetMask
+        guard case let .sparse(s) = extents[HostAddress(packed: a.hostOffset).file].kind else { return }
+        let host = HostAddress(packed: a.hostOffset).offset
         s.allocator.giveBack(host, a.length) { s.file.cutBack(to: host) }
     }
 
     public func commit(_ a: Allocation) throws {
-        let i = Int(a.hostOffset >> Self.extentShift)
+        let i = HostAddress(packed: a.hostOffset).file
         guard case let .sparse(s) = extents[i].kind else { throw BlockError.readOnly(file: file.path) }
-        try s.commit(rel: a.guestOffset - extents[i].start, host: a.hostOffset & Self.offsetMask, length: a.length)
+        try s.commit(rel: a.guestOffset - extents[i].start, host: HostAddress(packed: a.hostOffset).offset, length: a.length)
     }
 
     public func zeroRange(_ offset: UInt64, length: UInt64, deallocate: Bool) throws -> (offset: UInt64, length: UInt64) {
