@@ -5,8 +5,8 @@ import Glibc
 
 /// How entries of a metadata table are stored on disk.
 public enum TableEncoding: Sendable {
-    case u32LE, u64LE, u64BE
-    @inlinable public var width: Int { self == .u32LE ? 4 : 8 }
+    case u32LE, u32BE, u64LE, u64BE
+    @inlinable public var width: Int { self == .u32LE || self == .u32BE ? 4 : 8 }
 }
 
 /// A bounded, thread-safe LRU cache of fixed-size metadata tables (QED L2, VMDK grain tables,
@@ -114,6 +114,13 @@ public final class TableCache: Sendable {
             let slot = try insertLocked(&s, table: table, bytes: bytes)
             return try body(TableView(bytes: slot.bytes, encoding: encoding))
         }
+    }
+
+    /// The table's entries as they are now, to scan without holding the cache's lock: the
+    /// view shares the cached bytes, and a later change copies them first (copy on write),
+    /// so the view stays one consistent state of the table.
+    public func view(table: UInt64) throws -> TableView {
+        try withEntries(table: table) { $0 }
     }
 
     /// Whether every entry of the table is 0 (an empty table a walk can skip in one step);
@@ -430,6 +437,7 @@ public final class TableCache: Sendable {
         let o = i * encoding.width
         switch encoding {
         case .u32LE: for k in 0..<4 { b[o + k] = UInt8(truncatingIfNeeded: v >> (8 * UInt64(k))) }
+        case .u32BE: for k in 0..<4 { b[o + k] = UInt8(truncatingIfNeeded: v >> (8 * UInt64(3 - k))) }
         case .u64LE: for k in 0..<8 { b[o + k] = UInt8(truncatingIfNeeded: v >> (8 * UInt64(k))) }
         case .u64BE: for k in 0..<8 { b[o + k] = UInt8(truncatingIfNeeded: v >> (8 * UInt64(7 - k))) }
         }
@@ -448,6 +456,7 @@ public struct TableView {
             let o = i * encoding.width
             switch encoding {
             case .u32LE: return UInt64(UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: o, as: UInt32.self)))
+            case .u32BE: return UInt64(UInt32(bigEndian: raw.loadUnaligned(fromByteOffset: o, as: UInt32.self)))
             case .u64LE: return UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: o, as: UInt64.self))
             case .u64BE: return UInt64(bigEndian: raw.loadUnaligned(fromByteOffset: o, as: UInt64.self))
             }
@@ -460,6 +469,7 @@ public struct TableView {
             var n = 0
             switch encoding {
             case .u32LE: for i in range { n += value(UInt64(UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: i * 4, as: UInt32.self)))) }
+            case .u32BE: for i in range { n += value(UInt64(UInt32(bigEndian: raw.loadUnaligned(fromByteOffset: i * 4, as: UInt32.self)))) }
             case .u64LE: for i in range { n += value(UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: i * 8, as: UInt64.self))) }
             case .u64BE: for i in range { n += value(UInt64(bigEndian: raw.loadUnaligned(fromByteOffset: i * 8, as: UInt64.self))) }
             }

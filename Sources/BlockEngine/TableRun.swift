@@ -13,8 +13,8 @@ extension TableCache {
     /// and entry word for `pos` (`stride` words per entry: 2 for qcow2 extended L2).
     /// `piece(view, word, pos, maxLength)` maps from `pos` at most to that entry's end; a
     /// shorter answer (a run of subclusters) asks the same entry again for the rest. Pieces
-    /// merge into `run` while they form one run (`Mapping.merged`), under one lookup per
-    /// table. The walk stops at `end`, after `maxPieces`, or at a piece that does not merge
+    /// merge into `run` while they form one run (`Mapping.merged`), with one lookup per
+    /// table and the pieces mapped on its snapshot, outside the cache's lock. The walk stops at `end`, after `maxPieces`, or at a piece that does not merge
     /// or fails to map; that piece is left for the next call, which reports its error. Only
     /// a failure of the run's first piece is thrown.
     public func mapRun(into run: inout Mapping?, from start: UInt64, to end: UInt64, unit: UInt64, stride: Int = 1,
@@ -24,7 +24,9 @@ extension TableCache {
         while pos < end {
             guard pieces < maxPieces else { return RunScan(position: pos, ended: true) }
             let (table, first) = try locate(pos)
-            let stopped = try withEntries(table: table) { view -> Bool in
+            // Pieces are mapped outside the cache's lock, on a snapshot of the table.
+            let view = try self.view(table: table)
+            let stopped = try { () throws -> Bool in
                 var word = first
                 while word < view.count && pos < end && pieces < maxPieces {
                     let unitEnd = min(end, pos - pos % unit + unit)
@@ -49,7 +51,7 @@ extension TableCache {
                     if pos == unitEnd { word += stride }
                 }
                 return word == first && pos < end && pieces < maxPieces  // (no progress: a bad locate)
-            }
+            }()
             if stopped { return RunScan(position: pos, ended: true) }
         }
         return RunScan(position: pos, ended: false)

@@ -13,7 +13,6 @@ enum ForeignFormat {
             return version == 1 ? "qcow (version 1)" : "qcow2 (version \(version))"
         }
         if starts("vhdxfile") { return "VHDX" }
-        if starts("conectix") { return "VHD (vpc, dynamic)" }
         if starts("WithoutFreeSpace") || starts("WithouFreSpacExt") { return "Parallels" }
         if head.starts(with: Array("LUKS".utf8) + [0xBA, 0xBE]) { return "LUKS (encrypted)" }
         if starts("#!/bin/sh\n#V2.0 Format\nmodprobe cloop") { return "cloop" }

@@ -9,6 +9,7 @@ public enum FormatRegistry {
         BochsFormat.self,
         VMDKFormat.self,
         QCOW2Format.self,
+        VHDFormat.self,
     ]
 }
 
