@@ -184,6 +184,11 @@ public final class QCOW2Driver: ImageAllocating {
         // Long walks (status, SEEK_DATA) skip an empty L2 table in one step; the cache
         // remembers it, so L1 entries that all alias one table cost one scan.
         if end - offset > 64 * cs, try isEmptyL2(table) { return .unallocated(length: end - offset) }
+        // Inside one cluster (every small guest request): its entry alone, one cache lookup.
+        if end - offset <= cs - offset % cs {
+            let (e, bitmap) = try l2Entry(table, (offset / cs) % header.l2Entries)
+            return try mapCluster(e, bitmap, offset, end - offset)
+        }
         // One scan per L2 slice the range crosses, each under one cache lookup.
         let words = header.l2EntryBytes / 8, perSlice = l2SliceBytes / 8
         return try l2.mapRun(from: offset, to: end, unit: cs, stride: Int(words), maxPieces: Self.maxClustersPerMap, locate: { pos in
