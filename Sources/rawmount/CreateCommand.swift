@@ -127,8 +127,15 @@ struct CreateCommand: ParsableCommand {
     }
 
     /// Creates the image (also for `convert`); errors are thrown, not printed.
+    /// Formats `create` (and `convert -O`) write.
+    static let creatable = ["qcow2", "qed", "vdi", "vmdk", "raw"]
+
     func createImage() throws {
         do {
+            // Refused before anything is printed or opened.
+            guard Self.creatable.contains(format.lowercased()) else {
+                throw BlockError.usage("rawmount create supports -f qcow2, -f qed, -f vdi, -f vmdk and -f raw")
+            }
             // As qemu-img does, the backing image is opened: a typo fails now, not at first mount.
             let parent = try backing.map { name in
                 let fmt = try parseFormat(backingFormat, what: "backing format")

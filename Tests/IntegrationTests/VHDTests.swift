@@ -92,4 +92,15 @@ final class VHDTests: XCTestCase {
         try s.assertMountRefused(["-r", img], mentions: ["bad.vhd", "truncated"], "truncated")
         XCTAssertEqual(be32(good, 0), 0x636F_6E65)  // ("cone", the cookie the probe keys on)
     }
+
+    /// Writing VHD is not there yet: create and convert refuse it before printing or
+    /// creating anything.
+    func testCreatingAVHDIsRefusedCleanly() throws {
+        let s = try Scratch()
+        let img = s.path("new.vhd")
+        let r = try Harness.run([Harness.rawmount, "create", "-f", "vpc", img, "1M"], check: false)
+        XCTAssertNotEqual(r.status, 0)
+        XCTAssertEqual(r.out, "", "it announced an image it does not make")
+        XCTAssertFalse(FileManager.default.fileExists(atPath: img))
+    }
 }
