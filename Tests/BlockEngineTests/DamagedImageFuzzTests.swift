@@ -191,6 +191,11 @@ final class DamagedImageFuzzTests: XCTestCase {
         try fuzz("qcow2-bitmaps", [UInt8](try Data(contentsOf: URL(fileURLWithPath: bm))), format: .qcow2, writable: true, seed: 56)
     }
 
+    func testDamagedVHD() throws {
+        try fuzz("vhd", try image("a.vhd", ["-O", "vpc"]), format: .vpc, writable: false, seed: 61)
+        try fuzz("vhd-fixed", try image("b.vhd", ["-O", "vpc", "-o", "subformat=fixed"]), format: .vpc, writable: false, seed: 62)
+    }
+
     func testDamagedVMDK() throws {
         try fuzz("vmdk", try image("a.vmdk", ["-O", "vmdk"]), format: .vmdk, writable: true, seed: 31)
         try fuzz("vmdk-stream", try image("b.vmdk", ["-O", "vmdk", "-o", "subformat=streamOptimized"]), format: .vmdk, writable: false, seed: 32)
