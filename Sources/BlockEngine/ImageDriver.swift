@@ -66,8 +66,12 @@ public struct ImageInfo: Sendable {
     public var virtualSize: UInt64
     public var clusterSize: UInt64
     public var details: [(String, String)]
-    public init(format: String, virtualSize: UInt64, clusterSize: UInt64, details: [(String, String)] = []) {
+    /// Whether the format has clusters at all (qemu-img info names a cluster size only then:
+    /// not for raw or a fixed VHD).
+    public var hasClusters: Bool
+    public init(format: String, virtualSize: UInt64, clusterSize: UInt64, details: [(String, String)] = [], hasClusters: Bool = true) {
         self.format = format; self.virtualSize = virtualSize; self.clusterSize = clusterSize; self.details = details
+        self.hasClusters = hasClusters
     }
 }
 

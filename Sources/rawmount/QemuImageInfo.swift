@@ -15,7 +15,7 @@ enum QemuImageInfo {
             "actual-size": driver.hostAllocatedBytes,
             "dirty-flag": false,
         ]
-        if !(driver is RawDriver) { f["cluster-size"] = info.clusterSize }
+        if info.hasClusters { f["cluster-size"] = info.clusterSize }
         if let backing = device.backing {
             f["full-backing-filename"] = backing.driver.file.path
             f["backing-filename"] = storedBackingName(driver) ?? backing.driver.file.path

@@ -45,6 +45,11 @@ final class VHDTests: XCTestCase {
             let sha = try Files.sha(img)
             let extra = sub == "fixed" ? ["--format", "vpc"] : []
             XCTAssertEqual(try ourSize(img, extra), try qemuSize(img), "\(sub): virtual size")
+            // qemu-img info's keys: a cluster size for dynamic images only.
+            let ours = try JSONSerialization.jsonObject(with: Data(try Harness.run([Harness.rawmount, "info", "--json"] + extra + [img]).out.utf8)) as! [String: Any]
+            let theirs = try JSONSerialization.jsonObject(with: Data(try Harness.run(["qemu-img", "info", "-f", "vpc", "--output=json", img]).out.utf8)) as! [String: Any]
+            XCTAssertEqual(ours["cluster-size"] as? Int, theirs["cluster-size"] as? Int, "\(sub): cluster-size")
+            XCTAssertEqual(ours["format"] as? String, "vpc")
             // Asked for a writable mount, it mounts read-only and says why.
             let r = try Harness.run([Harness.rawmount, "mount"] + extra + [img, s.mnt])
             XCTAssertTrue(r.err.contains("read-only"), r.err)

@@ -20,7 +20,7 @@ public final class RawDriver: ImageAllocating {
         self.file = file
         self.probed = probed
         let size = try file.size()
-        info = ImageInfo(format: "raw", virtualSize: size, clusterSize: RawDriver.preferredIOSize)
+        info = ImageInfo(format: "raw", virtualSize: size, clusterSize: RawDriver.preferredIOSize, hasClusters: false)
     }
 
     public func map(_ offset: UInt64, maxLength: UInt64) throws -> Mapping {

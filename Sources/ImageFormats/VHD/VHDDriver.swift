@@ -28,7 +28,7 @@ public final class VHDDriver: ImageDriver {
         var details: [(String, String)] = [("subformat", f.kind == .fixed ? "fixed" : "dynamic"), ("creator", f.creatorApp.escapingControls)]
         guard f.kind == .dynamic else {
             dynamic = nil; table = nil; presentBlocks = 0
-            info = ImageInfo(format: "vpc", virtualSize: f.virtualSize, clusterSize: 512, details: details)
+            info = ImageInfo(format: "vpc", virtualSize: f.virtualSize, clusterSize: 512, details: details, hasClusters: false)
             return
         }
         let h = try VHDDynamicHeader.read(from: file, footer: f)
