@@ -24,13 +24,13 @@ final class ExtremeFieldSweepTests: XCTestCase {
     /// `partitionsOnly`: the copy is only opened and its partition table read (a raw disk's
     /// data says nothing more).
     func sweep(_ name: String, _ original: [UInt8], format: ImageFormat, regions: [Range<Int>], bigEndian: Bool,
-               partitionsOnly: Bool = false, fix: ((inout [UInt8]) -> Void)? = nil) throws {
+               partitionsOnly: Bool = false, fixedRange: Range<Int> = 512..<604, fix: ((inout [UInt8]) -> Void)? = nil) throws {
         let path = fuzz.dir + "/sweep-" + name
         var cases = 0, opened = 0
         // The file is written whole once; each case changes only its bytes (and the
         // checksums `fix` touches: the GPT header) and puts them back, unless it wrote.
         _ = FileManager.default.createFile(atPath: path, contents: Data(original))
-        let fixed = fix == nil ? 0..<0 : 512..<604
+        let fixed = fix == nil ? 0..<0 : fixedRange
         func patch(_ bytes: [UInt8], _ ranges: [Range<Int>]) throws {
             let f = try ImageFile(path: path, writable: true)
             for r in ranges where !r.isEmpty { try f.write(Array(bytes[r]), at: UInt64(r.lowerBound)) }
@@ -46,7 +46,7 @@ final class ExtremeFieldSweepTests: XCTestCase {
                         if b == original { continue }
                         fix?(&b)
                         cases += 1
-                        let writes = cases % 4 == 0 && format != .bochs && !partitionsOnly
+                        let writes = cases % 4 == 0 && format.supportsWriting && !partitionsOnly
                         let touched = [spot ..< spot + width, fixed]
                         try patch(b, touched)
                         defer { if writes { _ = FileManager.default.createFile(atPath: path, contents: Data(original)) } else { try? patch(original, touched) } }
@@ -103,6 +103,27 @@ final class ExtremeFieldSweepTests: XCTestCase {
         let bochs = fuzz.dir + "/s.img"
         XCTAssertEqual(try fuzz.run(["bximage", "-func=convert", "-imgmode=growing", "-q", try fuzz.source(), bochs]), 0)
         try sweep("bochs", [UInt8](try Data(contentsOf: URL(fileURLWithPath: bochs))), format: .bochs, regions: [0..<0x80, 512..<528], bigEndian: false)
+    }
+
+    /// VHD: the footer (its checksum made valid again after each change, so the parser meets
+    /// the values), the dynamic header and the first block table entries; and a fixed
+    /// image's footer at its end.
+    func testVHDFields() throws {
+        func fixFooter(at o: Int) -> (inout [UInt8]) -> Void {
+            { b in
+                for i in 64 ..< 68 { b[o + i] = 0 }
+                var sum: UInt32 = 0
+                for i in o ..< o + 512 { sum &+= UInt32(b[i]) }
+                for i in 0 ..< 4 { b[o + 64 + i] = UInt8(truncatingIfNeeded: ~sum >> (24 - 8 * UInt32(i))) }
+            }
+        }
+        let dynamic = try fuzz.image("s.vhd", ["-O", "vpc"])
+        try sweep("vhd", dynamic, format: .vpc, regions: [0..<96, 512..<560, 1536..<1552], bigEndian: true,
+                  fixedRange: 64..<68, fix: fixFooter(at: 0))
+        let fixed = try fuzz.image("f.vhd", ["-O", "vpc", "-o", "subformat=fixed"])
+        let end = fixed.count - 512
+        try sweep("vhd-fixed", fixed, format: .vpc, regions: [end ..< end + 96], bigEndian: true,
+                  fixedRange: end + 64 ..< end + 68, fix: fixFooter(at: end))
     }
 
     /// MBR with an EBR chain, and GPT with its CRCs recomputed after every change (so the
