@@ -134,7 +134,7 @@ struct CreateCommand: ParsableCommand {
         do {
             // Refused before anything is printed or opened.
             guard Self.creatable.contains(format.lowercased()) else {
-                throw BlockError.usage("rawmount create supports -f qcow2, -f qed, -f vdi, -f vmdk and -f raw")
+                throw BlockError.usage("create supports -f qcow2, -f qed, -f vdi, -f vmdk and -f raw")
             }
             // As qemu-img does, the backing image is opened: a typo fails now, not at first mount.
             let parent = try backing.map { name in
@@ -200,7 +200,7 @@ struct CreateCommand: ParsableCommand {
                 if backing != nil { throw BlockError.usage("raw images cannot have a backing file") }
                 try ImageFile.createComplete(path: image) { try $0.truncate(to: bytes) }
             default:
-                throw BlockError.usage("rawmount create supports -f qcow2, -f qed, -f vdi, -f vmdk and -f raw")
+                throw BlockError.usage("create supports -f qcow2, -f qed, -f vdi, -f vmdk and -f raw")
             }
         }
     }

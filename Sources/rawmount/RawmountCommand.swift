@@ -8,7 +8,7 @@ struct Rawmount: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "rawmount",
         abstract: "Show virtual-disk images as plain raw block files through FUSE.",
-        discussion: "Reads and writes raw, qcow2, QED, VDI and VMDK; reads qcow2 internal snapshots and Bochs images.",
+        discussion: "Reads and writes raw, qcow2, QED, VDI and VMDK; reads qcow2 internal snapshots, Bochs and VHD (vpc) images.",
         version: "0.5.0",
         // mount.fuse3 (mount -t fuse.rawmount, fstab) runs `rawmount IMAGE DIR -o OPTS`.
         subcommands: [MountCommand.self, UnmountCommand.self, ListCommand.self, InfoCommand.self, CreateCommand.self, CheckCommand.self, BitmapCommand.self, HashCommand.self, MapCommand.self, ConvertCommand.self, ServeCommand.self],
@@ -29,6 +29,10 @@ struct Rawmount: ParsableCommand {
             printError("rawmount: argument '\(shown)' is not valid UTF-8; rawmount needs UTF-8 file names (rename the file or make a symlink to it)")
             Glibc.exit(1)
         }
+        if let hint = mistypedVerb() {
+            printError("rawmount: unknown verb '\(hint.typed)' (and no such file); did you mean '\(hint.verb)'? (rawmount --help lists the verbs)")
+            Glibc.exit(1)
+        }
         // Deep backing chains hold one descriptor per image: allow as many as the system lets us.
         var limit = rlimit()
         let nofile = __rlimit_resource_t(RLIMIT_NOFILE.rawValue)
@@ -37,5 +41,38 @@ struct Rawmount: ParsableCommand {
             _ = setrlimit(nofile, &limit)
         }
         Self.main(nil)
+    }
+}
+
+extension Rawmount {
+    /// With `mount` as the default verb, a mistyped verb (`rawmount umount /mnt/x`) would be
+    /// taken for an image path: when the first word is no file and is within two edits of a
+    /// verb, the verb is suggested instead.
+    static func mistypedVerb() -> (typed: String, verb: String)? {
+        guard CommandLine.argc > 1, let first = CommandLine.unsafeArgv[1].map({ String(cString: $0) }),
+              !first.hasPrefix("-"), !first.contains("/"), access(first, F_OK) != 0 else { return nil }
+        let verbs = configuration.subcommands.map { $0.configuration.commandName ?? "" }
+        guard !verbs.contains(first) else { return nil }
+        if first == "umount" { return (first, "unmount") }  // the Unix command's name
+        let best = verbs.map { ($0, editDistance(first.lowercased(), $0)) }.min { $0.1 < $1.1 }
+        guard let (verb, d) = best, d <= 2, d < verb.count else { return nil }
+        return (first, verb)
+    }
+
+    /// Levenshtein distance (insertions, deletions, substitutions).
+    static func editDistance(_ a: String, _ b: String) -> Int {
+        let x = Array(a.unicodeScalars), y = Array(b.unicodeScalars)
+        guard !x.isEmpty else { return y.count }
+        var row = Array(0...y.count)
+        for i in 1...x.count {
+            var previous = row[0]
+            row[0] = i
+            for j in stride(from: 1, through: y.count, by: 1) {
+                let current = row[j]
+                row[j] = min(row[j] + 1, row[j - 1] + 1, previous + (x[i - 1] == y[j - 1] ? 0 : 1))
+                previous = current
+            }
+        }
+        return row[y.count]
     }
 }

@@ -178,4 +178,19 @@ final class HostileStringsTests: XCTestCase {
         XCTAssertEqual(chmod(base, 0o644), 0)
         XCTAssertEqual(try shownMode(), 0o644)
     }
+
+    /// A mistyped verb is not taken for an image path: the verb is suggested, nothing mounted.
+    func testMistypedVerbIsSuggested() throws {
+        let s = try Scratch()
+        for (typed, verb) in [("umount", "unmount"), ("lsit", "list"), ("inof", "info")] {
+            let r = try Harness.run([Harness.rawmount, typed, s.mnt], check: false)
+            XCTAssertEqual(r.status, 1, typed)
+            XCTAssertTrue(r.err.contains("did you mean '\(verb)'"), "\(typed): \(r.err)")
+        }
+        // An existing file of that name is still an image (here: a mountpoint that is missing).
+        try Harness.run(["truncate", "-s", "1M", s.path("lsit")])
+        let r = try Harness.run(["sh", "-c", "cd \"$1\" && exec \"$2\" lsit ./missing-dir", "sh", s.path(""), Harness.rawmount], check: false)
+        XCTAssertFalse(r.err.contains("did you mean"), r.err)
+        XCTAssertTrue(r.err.contains("missing-dir"), r.err)
+    }
 }
