@@ -30,7 +30,7 @@ struct ServeCommand: ParsableCommand {
     @Option(name: [.customShort("p"), .long], help: "Listen on this TCP port (default 10809, NBD's port, when --unix is not given).")
     var port: Int?
 
-    @Option(help: ArgumentHelp("TCP: listen on this address only (e.g. 127.0.0.1).", valueName: "address"))
+    @Option(help: ArgumentHelp("TCP: listen on this address (default localhost: loopback only; 0.0.0.0 or :: for every address).", valueName: "address"))
     var bind: String?
 
     @Option(help: ArgumentHelp("off (default), on (offered) or require, as nbdkit's --tls.", valueName: "mode"))
@@ -90,7 +90,8 @@ struct ServeCommand: ParsableCommand {
             defer { if let socket, let listening { close(listening); unlink(socket) } }
             if socket == nil {
                 args += ["-p", String(port ?? 10809)]
-                if let bind { args += ["-i", bind] }
+                // Loopback unless asked: an export without TLS is open to whoever reaches it.
+                args += ["-i", bind ?? "localhost"]
             }
             if tls != "off" { args.append("--tls=\(tls)") }
             if let tlsCertificates { args.append("--tls-certificates=\(try Paths.asNamed(tlsCertificates))") }

@@ -237,4 +237,19 @@ final class NbdServeTests: XCTestCase {
         // Writable: only classes that may write the image (here its owner).
         XCTAssertEqual(try socketMode([]), 0o600)
     }
+
+    /// TCP serves loopback unless --bind says otherwise.
+    func testTCPListensOnLoopbackByDefault() throws {
+        let s = try Scratch()
+        let img = s.path("tcp.qcow2")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", img, "8M"])
+        let port = 20000 + Int(getpid() % 20000)
+        let server = try Server(["--read-only", "--port", String(port), img])
+        XCTAssertEqual(try Harness.run(["nbdinfo", "--size", server.uri]).out, "8388608\n")
+        let listening = try Harness.run(["ss", "-Hltn", "sport = :\(port)"]).out
+        XCTAssertFalse(listening.isEmpty, "nothing listens on \(port)")
+        XCTAssertFalse(listening.contains("0.0.0.0:\(port)") || listening.contains("*:\(port)") || listening.contains("[::]:\(port)"),
+                       "the export listens on every address: \(listening)")
+        XCTAssertEqual(server.stop(), 0)
+    }
 }
