@@ -279,6 +279,9 @@ public final class ImageFile: Sendable {
         if isWritable && HostFaults.enabled, let fault = HostFaults.check(.fallocate, path) {
             throw BlockError.io(file: path, operation: "fallocate", offset: offset, errno: fault.errno)
         }
+        guard offset <= UInt64(Int64.max), length <= UInt64(Int64.max) - offset else {
+            throw BlockError.io(file: path, operation: "fallocate", offset: offset, errno: EFBIG)
+        }
         while true {
             if linuxFallocate(fd, mode, off_t(offset), off_t(length)) == 0 { return true }
             let e = errno
@@ -321,6 +324,7 @@ public final class ImageFile: Sendable {
         if isWritable && HostFaults.enabled, let fault = HostFaults.check(.fallocate, path) {
             throw BlockError.io(file: path, operation: "ftruncate", offset: size, errno: fault.errno)
         }
+        guard size <= UInt64(Int64.max) else { throw BlockError.io(file: path, operation: "ftruncate", offset: size, errno: EFBIG) }
         if ftruncate(fd, off_t(size)) != 0 {
             throw BlockError.io(file: path, operation: "ftruncate", offset: size, errno: errno)
         }
@@ -329,6 +333,7 @@ public final class ImageFile: Sendable {
     /// The next offset at or after `offset` that holds data (`data: true`) or is a hole in
     /// the host file; nil past the end of the file.
     public func seek(_ offset: UInt64, data: Bool) throws -> UInt64? {
+        guard offset <= UInt64(Int64.max) else { return nil }  // past any file's end
         let r = lseek(fd, off_t(offset), data ? 3 /* SEEK_DATA */ : 4 /* SEEK_HOLE */)
         if r < 0 {
             if errno == ENXIO { return nil }

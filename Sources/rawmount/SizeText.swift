@@ -14,9 +14,12 @@ func parseSize(_ text: String) throws -> UInt64 {
     let bad = BlockError.usage("cannot read size '\(text)' (bytes, or a number with k, M, G, T, P or E, or KiB, MiB, ...: 10G, 1.5T, 512M)")
     guard let shift = shifts[unit], !number.isEmpty else { throw bad }
     let parts = number.split(separator: ".", omittingEmptySubsequences: false)
-    guard parts.count <= 2, let whole = UInt64(parts[0].isEmpty ? "0" : String(parts[0])) else { throw bad }
+    // A number that reads but does not fit is too large, not unreadable.
+    let tooLarge = BlockError.usage("size '\(text)' is too large (at most 2^64-1 bytes; formats allow less: qcow2 and VDI up to exabytes, VHD 2040 GiB)")
+    guard parts.count <= 2, parts[0].allSatisfy(\.isNumber) else { throw bad }
+    guard let whole = UInt64(parts[0].isEmpty ? "0" : String(parts[0])) else { throw tooLarge }
     let (scaled, overflow) = whole.multipliedReportingOverflow(by: 1 << shift)
-    guard !overflow, shift < 64 else { throw bad }
+    guard !overflow, shift < 64 else { throw tooLarge }
     guard parts.count == 2 else { return scaled }
     // "1.5" without a unit is refused, as qemu-img refuses it.
     let digits = parts[1]
@@ -24,10 +27,10 @@ func parseSize(_ text: String) throws -> UInt64 {
     // fraction * 2^shift, exactly: digits / 10^n scaled by 2^shift without floating point.
     let numerator = UInt64(digits)!, denominator = (0..<digits.count).reduce(UInt64(1)) { acc, _ in acc * 10 }
     let (hi, lo) = numerator.multipliedFullWidth(by: 1 << shift)
-    guard hi < denominator else { throw bad }
+    guard hi < denominator else { throw tooLarge }
     let (fraction, _) = denominator.dividingFullWidth((hi, lo))
     let (total, over) = scaled.addingReportingOverflow(fraction)
-    guard !over else { throw bad }
+    guard !over else { throw tooLarge }
     return total
 }
 

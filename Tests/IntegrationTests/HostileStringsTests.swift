@@ -193,4 +193,16 @@ final class HostileStringsTests: XCTestCase {
         XCTAssertFalse(r.err.contains("did you mean"), r.err)
         XCTAssertTrue(r.err.contains("missing-dir"), r.err)
     }
+
+    /// Sizes a user types that no file can hold: refused with a reason, never a trap.
+    func testHugeSizesAreRefusedNotTraps() throws {
+        let s = try Scratch()
+        for (fmt, size, words) in [("raw", "15E", "File too large"), ("raw", "20E", "too large"), ("qcow2", "99999999999999999999999", "too large"),
+                                   ("qcow2", "15E", "2^63-1"), ("vmdk", "15E", "large")] {
+            let img = s.path("huge.\(fmt)")
+            let r = try Harness.run([Harness.rawmount, "create", "-q", "-f", fmt, img, size], check: false)
+            XCTAssertEqual(r.status, 1, "\(fmt) \(size): \(r.err)")
+            XCTAssertTrue(r.err.contains(words) && !r.err.contains("Fatal error"), "\(fmt) \(size): \(r.err)")
+        }
+    }
 }
