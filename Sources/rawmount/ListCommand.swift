@@ -27,6 +27,8 @@ struct ListCommand: ParsableCommand {
             return
         }
         if mounts.isEmpty { print("no rawmount mounts"); return }
+        // A header for people; scripts reading the tab-separated rows through a pipe get none.
+        if isatty(STDOUT_FILENO) == 1 { print("MOUNTPOINT\tIMAGE\tACCESS\tSERVER") }
         for m in mounts {
             let server: String
             switch m.state {
@@ -34,7 +36,8 @@ struct ListCommand: ParsableCommand {
             case "died": server = "server died (pid \(m.pid!)); run `rawmount unmount \(m.mountpoint)`"
             default: server = "server unknown (another user's mount)"
             }
-            print("\(m.mountpoint)\t\(m.image)\t\(m.readOnly ? "ro" : "rw")\t\(server)")
+            // Each field escaped on its own: a tab or newline in a path cannot forge a column or a row.
+            print("\(m.mountpoint.escapingControls)\t\(m.image.escapingControls)\t\(m.readOnly ? "ro" : "rw")\t\(server.escapingControls)")
         }
     }
 }

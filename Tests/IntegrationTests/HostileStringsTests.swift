@@ -205,4 +205,21 @@ final class HostileStringsTests: XCTestCase {
             XCTAssertTrue(r.err.contains(words) && !r.err.contains("Fatal error"), "\(fmt) \(size): \(r.err)")
         }
     }
+
+    /// `list` escapes each field: a mountpoint with a newline and an image name with a tab
+    /// make one row of four columns, not a forged row or column.
+    func testListRowsCannotBeForged() throws {
+        try Harness.requireFuse()
+        let s = try Scratch()
+        let img = s.path("x\ty.img")
+        try Harness.run(["truncate", "-s", "1M", img])
+        let mp = s.path("a\nb")
+        try FileManager.default.createDirectory(atPath: mp, withIntermediateDirectories: true)
+        try s.mount(img, at: mp, options: ["-r"])
+        let rows = try Harness.run([Harness.rawmount, "list"]).out.split(separator: "\n").filter { $0.contains("x\\ty.img") }
+        XCTAssertEqual(rows.count, 1, "\(rows)")
+        XCTAssertEqual(rows.first?.split(separator: "\t", omittingEmptySubsequences: false).count, 4, "\(rows)")
+        XCTAssertTrue(rows.first?.contains("a\\nb") ?? false, "\(rows)")
+        try s.unmount(mp)
+    }
 }
