@@ -67,7 +67,7 @@ struct MountCommand: ParsableCommand {
     /// The flags and every `-o` list together (mount(8) passes only `-o`).
     func settings() throws -> MountSettings {
         var s = MountSettings()
-        s.readOnly = readOnly; s.forceShare = forceShare; s.format = format; s.snapshot = snapshot
+        s.readOnly = readOnly; s.readOnlyFlag = readOnly; s.forceShare = forceShare; s.format = format; s.snapshot = snapshot
         s.overlay = overlay; s.overlayClusterSize = overlayClusterSize; s.log = log; s.noPartitions = noPartitions
         for list in options { try s.apply(optionList: list) }
         return s

@@ -7,6 +7,8 @@ import Glibc
 /// mount.fuse3 can only pass `-o`, so every rawmount option has an `-o key=value` spelling.
 struct MountSettings {
     var readOnly = false
+    /// `-r`/`--read-only` given as a flag: an `-o rw` after it is a contradiction.
+    var readOnlyFlag = false
     var forceShare = false
     var format: String?
     var snapshot: String?
@@ -25,7 +27,7 @@ struct MountSettings {
     /// The access-time variants libfuse does not take are ignored too: the raw file's times
     /// are the image's, whatever the mount asks.
     static let ignored: Set<String> = ["defaults", "auto", "noauto", "user", "users", "nouser", "owner", "group",
-                                       "nofail", "_netdev", "rw", "loud", "silent",
+                                       "nofail", "_netdev", "loud", "silent",
                                        "relatime", "norelatime", "strictatime", "nostrictatime", "lazytime", "nolazytime",
                                        "diratime", "nodiratime", "iversion", "noiversion"]
 
@@ -62,7 +64,11 @@ struct MountSettings {
                 field = v
             }
             switch key.replacingUnderscores {
+            // As mount(8): within the -o lists the last of ro and rw wins.
             case "ro": readOnly = true
+            case "rw":
+                if readOnlyFlag { throw BlockError.usage("-o rw contradicts --read-only (-r)") }
+                readOnly = false
             case "force-share": forceShare = true
             case "no-partitions": noPartitions = true
             case "format": try set(&format, "--format")

@@ -420,4 +420,21 @@ final class RawMountTests: XCTestCase {
         XCTAssertEqual(obj?["format"] as? String, "raw")
         XCTAssertEqual((obj?["virtual-size"] as? NSNumber)?.intValue, 3 << 20)
     }
+
+    /// ro and rw in -o lists: the last wins, as mount(8) reads them; -r with -o rw is refused.
+    func testReadOnlyOptionsLastWins() throws {
+        try Harness.requireFuse()
+        let s = try Scratch()
+        let img = s.path("rw.qcow2")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", img, "8M"])
+        for (opts, readOnly) in [(["-o", "ro,rw"], false), (["-o", "rw,ro"], true), (["-o", "ro", "-o", "rw"], false)] {
+            try s.mount(img, options: opts)
+            let row = try Harness.run([Harness.rawmount, "list"]).out.split(separator: "\n").first { $0.contains("rw.qcow2") } ?? ""
+            XCTAssertTrue(row.contains(readOnly ? "\tro\t" : "\trw\t"), "\(opts): \(row)")
+            try s.unmount()
+        }
+        let r = try Harness.run([Harness.rawmount, "mount", "-r", "-o", "rw", img, s.mnt], check: false)
+        XCTAssertNotEqual(r.status, 0)
+        XCTAssertTrue(r.err.contains("contradicts"), r.err)
+    }
 }
