@@ -83,6 +83,12 @@ struct MountSettings {
                     throw BlockError.usage("-o umask=\(value ?? ""): an octal mask such as 022 or 077")
                 }
                 umask = m
+            // rawmount names its mounts (fsname = the image, type fuse.rawmount): list, unmount
+            // and mount(8) find them by that, so another name would hide the mount from them.
+            case "subtype" where value == "rawmount":
+                continue  // (what it is anyway)
+            case "fsname", "subtype":
+                throw BlockError.usage("-o \(key): rawmount sets it itself (list and unmount find mounts by it)")
             default:
                 if Self.ignored.contains(key) || key.hasPrefix("x-") || key == "comment" { continue }
                 fuseOptions.append(item)

@@ -436,5 +436,12 @@ final class RawMountTests: XCTestCase {
         let r = try Harness.run([Harness.rawmount, "mount", "-r", "-o", "rw", img, s.mnt], check: false)
         XCTAssertNotEqual(r.status, 0)
         XCTAssertTrue(r.err.contains("contradicts"), r.err)
+        // Names list and unmount rely on are rawmount's own.
+        for o in ["fsname=other", "subtype=x"] {
+            let r = try Harness.run([Harness.rawmount, "mount", "-r", "-o", o, img, s.mnt], check: false)
+            XCTAssertNotEqual(r.status, 0, o)
+            XCTAssertTrue(r.err.contains("sets it itself"), r.err)
+            XCTAssertNotEqual(try Harness.run(["mountpoint", "-q", s.mnt], check: false).status, 0, "\(o): mounted")
+        }
     }
 }
