@@ -226,10 +226,12 @@ struct ServeCommand: ParsableCommand {
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
         var argv = args
+        var moved: Int32 = -1
+        defer { if moved >= 0 { close(moved) } }
         if let listening {
             // (dup2 onto itself would keep close-on-exec: move a socket that is fd 3 first.)
-            let fd = listening == 3 ? fcntl(listening, F_DUPFD_CLOEXEC, 4) : listening
-            posix_spawn_file_actions_adddup2(&actions, fd, 3)
+            if listening == 3 { moved = fcntl(listening, F_DUPFD_CLOEXEC, 4) }
+            posix_spawn_file_actions_adddup2(&actions, moved >= 0 ? moved : listening, 3)
             argv = ["/bin/sh", "-c", "export LISTEN_PID=$$ LISTEN_FDS=1; exec \"$@\"", "rawmount-serve"] + args
         }
         var cargs: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) } + [nil]

@@ -48,8 +48,9 @@ struct QCOW2CompressedOwners {
         let words = Int(h.l2EntryBytes / 8)
         let slices = h.clusterSize / driver.l2SliceBytes
         for i in 0 ..< driver.l1.entries {
-            let table = try driver.l2Table(i)
-            if table == 0 { continue }
+            // A damaged L1 entry (outside the file, aliasing metadata) names no table a guest
+            // can use; it must not stop writes elsewhere, so it is passed over here.
+            guard let table = try? driver.l2Table(i), table != 0 else { continue }
             for s in 0 ..< slices {
                 try driver.l2.withEntries(table: table + s * driver.l2SliceBytes) { view in
                     for w in stride(from: 0, to: view.count, by: words) { body(view[w]) }
