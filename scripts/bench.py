@@ -25,8 +25,7 @@ SUBFORMAT = {"vmdk-stream": ("vmdk", ["-o", "subformat=streamOptimized"]),
 BITMAPS = {"qcow2-bitmaps"}
 # Only random reads are measured on compressed images; rawmount mounts these read-only.
 COMPRESSED = {"vmdk-stream", "qcow2-compressed", "qcow2-zstd"}
-# VHD ("vpc", dynamic) is read-only in rawmount for now: its read rows only.
-READ_ONLY = COMPRESSED | {"vpc"}
+READ_ONLY = COMPRESSED
 # Rows only some formats run: qcow2 (the format #12 made writable) gets the overwrite, job
 # scaling and buffered dd rows.
 QCOW2_ONLY = {"rand write 64k x1 job (allocating)", "rand overwrite 4k x4 jobs", "dd 1M conv=fdatasync (buffered)"}

@@ -11,7 +11,8 @@ covered. Each round:
   4. every region a completed fsync covered still holds that version or a later one;
   5. a writable remount (which repairs what the failure left) and unmount: qemu-img check 0 or 3;
   6. qcow2: the internal snapshot still reads as taken.
-Formats: qcow2 (an internal snapshot and two bitmaps), qed, vdi, vmdk, raw, and an --overlay
+Formats: qcow2 (an internal snapshot and two bitmaps), qed, vdi, vmdk, vpc (VHD: checked by
+`rawmount check`, as qemu-img has no check for it), raw, and an --overlay
 (qcow2 over read-only raw evidence). Prints one row per format (--json for the test suite).
 
   python3 scripts/faults.py [--rounds N] [--formats ...] [--seed S] [--json]
@@ -153,7 +154,7 @@ def one_round(fmt, n, kind, seed, work, calibrate=False):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=40, help="fault points per format (spread over the workload)")
-    ap.add_argument("--formats", default="qcow2,qed,vdi,vmdk,raw,overlay")
+    ap.add_argument("--formats", default="qcow2,qed,vdi,vmdk,vpc,raw,overlay")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()

@@ -7,22 +7,38 @@ public struct FlatTable: Sendable {
     let cache: TableCache
     let perChunk: UInt64
 
+    /// `regionEnd`: where the table's own region ends, for a table that is written (a chunk
+    /// is written whole, so it must never reach the bytes after the table); reads only need
+    /// to stay inside the file.
     public init(file: ImageFile, start: UInt64, entries: UInt64, encoding: TableEncoding, fileSize: UInt64,
-                cacheBytes: Int = 1 << 20) {
+                regionEnd: UInt64? = nil, cacheBytes: Int = 1 << 20,
+                beforeWriteBack: (@Sendable () throws -> Void)? = nil) {
         let width = UInt64(encoding.width)
         let bytes = entries * width
+        let limit = min(fileSize, regionEnd ?? .max)
         var chunk: UInt64 = 4096
-        while chunk > width && start + (bytes + chunk - 1) / chunk * chunk > fileSize { chunk /= 2 }
+        while chunk > width && start + (bytes + chunk - 1) / chunk * chunk > limit { chunk /= 2 }
         self.start = start
         self.entries = entries
         perChunk = chunk / width
-        cache = TableCache(file: file, tableBytes: Int(chunk), encoding: encoding, capacity: max(64, cacheBytes / Int(chunk)))
+        cache = TableCache(file: file, tableBytes: Int(chunk), encoding: encoding, capacity: max(64, cacheBytes / Int(chunk)),
+                           beforeWriteBack: beforeWriteBack)
     }
 
     /// Entry `i` (the caller keeps `i` below `entries`).
     public func entry(_ i: UInt64) throws -> UInt64 {
-        try cache.entry(table: start + (i / perChunk) * perChunk * UInt64(cache.encoding.width), index: Int(i % perChunk))
+        try cache.entry(table: chunkOffset(i), index: Int(i % perChunk))
     }
+
+    /// Sets entry `i` in the cache; it reaches the file at the next `flush`, after the barrier.
+    public func setEntry(_ i: UInt64, _ value: UInt64) throws {
+        try cache.setEntry(table: chunkOffset(i), index: Int(i % perChunk), value: value)
+    }
+
+    /// Writes changed chunks back (after the barrier); the caller makes them durable.
+    public func flush() throws { try cache.flush() }
+
+    private func chunkOffset(_ i: UInt64) -> UInt64 { start + (i / perChunk) * perChunk * UInt64(cache.encoding.width) }
 }
 
 extension FlatTable {

@@ -126,6 +126,19 @@ struct CheckCommand: ParsableCommand {
             let report = try VMDKCheck.run(driver)
             if repair && report.corruptions > 0 { printError("rawmount: \(image): VMDK repair is not implemented") }
             return Outcome(format: "vmdk", text: "\(report)", corruptions: report.corruptions)
+        case .vpc:
+            let device = try ImageOpener.open(path: image, options: .init(writable: repair, format: .vpc, lock: false))
+            defer { try? device.close() }
+            guard let driver = device.driver as? VHDDriver else { throw ExitCode.failure }
+            let report = try VHDCheck.run(driver)
+            var o = Outcome(format: "vpc", text: "\(report)", corruptions: report.corruptions, leaks: report.leaks)
+            if repair && report.leaks > 0 {
+                try VHDCheck.repairFooter(driver)
+                o.leaks = 0; o.leaksFixed = report.leaks
+                o.text += " (repaired)"
+            }
+            o.extra = ["image-end-offset": report.imageEnd + 512]
+            return o
         default:
             // qemu-img's answer and exit status for a format without a check (raw, Bochs).
             printError("rawmount: \(image): this image format (\(try ImageFormat.probe(file).rawValue)) does not support checks")

@@ -12,8 +12,8 @@ struct ConvertCommand: ParsableCommand {
         abstract: "Copy the guest disk of SOURCE (any format rawmount reads, with its backing chain) into a new DESTINATION image.",
         discussion: "Sparse: ranges that are unallocated or read as zeros (checked per 4 KiB, as qemu-img -S 4k) are not written. An existing DESTINATION file is replaced, as qemu-img replaces it; the source itself never is. Creation options (-o) are those of `rawmount create`.")
 
-    @Option(name: [.customShort("O"), .customLong("output-format")], help: "Format of DESTINATION: raw (default), qcow2, qed, vdi or vmdk.",
-            completion: .list(["raw", "qcow2", "qed", "vdi", "vmdk"]))
+    @Option(name: [.customShort("O"), .customLong("output-format")], help: "Format of DESTINATION: raw (default), qcow2, qed, vdi, vmdk or vpc (VHD).",
+            completion: .list(CreateCommand.creatable))
     var outputFormat: String = "raw"
 
     @Option(name: [.customShort("f"), .long], help: "Format of SOURCE; probed when omitted.", completion: .list(ImageFormat.allCases.map(\.rawValue)))
@@ -47,8 +47,8 @@ struct ConvertCommand: ParsableCommand {
         do {
             let fmt = try parseFormat(format)
             let out = outputFormat.lowercased()
-            guard ["raw", "qcow2", "qed", "vdi", "vmdk"].contains(out) else {
-                throw BlockError.usage("-O \(outputFormat): rawmount converts to raw, qcow2, qed, vdi or vmdk")
+            guard CreateCommand.creatable.contains(out) else {
+                throw BlockError.usage("-O \(outputFormat): rawmount converts to \(CreateCommand.creatable.joined(separator: ", "))")
             }
             guard cache == "unsafe" || cache == "writeback" else { throw BlockError.usage("-t \(cache): unsafe or writeback") }
             let src = try ImageOpener.open(path: source, options: .init(writable: false, format: fmt, lock: !forceShare, snapshot: snapshot))

@@ -4,10 +4,10 @@ import ImageFormats
 
 struct CreateCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "create", abstract: "Create an empty image (qcow2, qed, vdi, vmdk, raw).",
-        discussion: "qemu-img's spellings work too: -o cluster_size=64k,compat=1.1,refcount_bits=16,extended_l2=on,lazy_refcounts=on,preallocation=metadata,table_size=4,subformat=streamOptimized,static=on,backing_file=B,backing_fmt=F; -b and -F. Sizes take k, M, G, T, P, E (or KiB, MiB, ...) and fractions (1.5G); a size that is not a multiple of 512 is rounded up, with a note.")
+        commandName: "create", abstract: "Create an empty image (qcow2, qed, vdi, vmdk, vpc, raw).",
+        discussion: "qemu-img's spellings work too: -o cluster_size=64k,compat=1.1,refcount_bits=16,extended_l2=on,lazy_refcounts=on,preallocation=metadata,table_size=4,subformat=streamOptimized|fixed,force_size=on,static=on,backing_file=B,backing_fmt=F; -b and -F. Sizes take k, M, G, T, P, E (or KiB, MiB, ...) and fractions (1.5G); a size that is not a multiple of 512 is rounded up, with a note.")
 
-    @Option(name: [.customShort("f"), .long], help: "Format: qcow2, qed, vdi, vmdk or raw.", completion: .list(["qcow2", "qed", "vdi", "vmdk", "raw"]))
+    @Option(name: [.customShort("f"), .long], help: "Format: qcow2, qed, vdi, vmdk, vpc (VHD) or raw.", completion: .list(Self.creatable))
     var format: String
 
     @Option(help: "Cluster size in bytes (QED: power of two, 4 KiB...64 MiB; qcow2: 512...2M; default 64 KiB).")
@@ -31,9 +31,12 @@ struct CreateCommand: ParsableCommand {
     @Option(help: "Clusters per L1/L2 table (QED: 1, 2, 4, 8 or 16; default 4).")
     var tableSize: UInt32 = 4
 
-    @Option(help: "VMDK: \(VMDKCreate.Subformat.allCases.map(\.rawValue).joined(separator: ", ")) (default monolithicSparse).",
-            completion: .list(VMDKCreate.Subformat.allCases.map(\.rawValue)))
-    var subformat: String = "monolithicSparse"
+    @Option(help: "VMDK: \(VMDKCreate.Subformat.allCases.map(\.rawValue).joined(separator: ", ")) (default monolithicSparse). VHD (vpc): dynamic (default) or fixed.",
+            completion: .list(VMDKCreate.Subformat.allCases.map(\.rawValue) + VHDCreate.Subformat.allCases.map(\.rawValue)))
+    var subformat: String?
+
+    @Flag(help: "VHD (vpc): keep the exact size instead of rounding it up to a CHS geometry (qemu-img's force_size).")
+    var forceSize = false
 
     @Flag(name: .customLong("static"), help: "VDI: allocate every block up front (sparse on the host).")
     var isStatic = false
@@ -78,6 +81,7 @@ struct CreateCommand: ParsableCommand {
             "qed": ["cluster_size", "table_size", "backing_file", "backing_fmt"],
             "vdi": ["static"],
             "vmdk": ["subformat", "backing_file", "compat6", "hwversion", "adapter_type", "toolsversion", "zeroed_grain"],
+            "vpc": ["subformat", "force_size", "preallocation"],
             "raw": ["preallocation"],
         ]
         func onOff(_ key: String, _ v: String) throws -> Bool {
@@ -103,13 +107,14 @@ struct CreateCommand: ParsableCommand {
                 case "extended_l2": extendedL2 = try onOff(key, value)
                 case "lazy_refcounts": lazyRefcounts = try onOff(key, value)
                 case "preallocation":
-                    if fmt == "raw" && value != "off" { throw BlockError.usage("-o preallocation=\(value): raw images are created sparse here (off)") }
+                    if fmt == "raw" || fmt == "vpc", value != "off" { throw BlockError.usage("-o preallocation=\(value): \(fmt) images are created sparse here (off)") }
                     preallocation = value
                 case "table_size":
                     guard let n = UInt32(value) else { throw BlockError.usage("-o table_size=\(value): a number") }
                     tableSize = n
                 case "subformat": subformat = value
                 case "static": isStatic = try onOff(key, value)
+                case "force_size": forceSize = try onOff(key, value)
                 case "backing_file": backing = value
                 case "backing_fmt": backingFormat = value
                 case "compression_type":
@@ -128,13 +133,13 @@ struct CreateCommand: ParsableCommand {
 
     /// Creates the image (also for `convert`); errors are thrown, not printed.
     /// Formats `create` (and `convert -O`) write.
-    static let creatable = ["qcow2", "qed", "vdi", "vmdk", "raw"]
+    static let creatable = ["qcow2", "qed", "vdi", "vmdk", "vpc", "raw"]
 
     func createImage() throws {
         do {
             // Refused before anything is printed or opened.
             guard Self.creatable.contains(format.lowercased()) else {
-                throw BlockError.usage("create supports -f qcow2, -f qed, -f vdi, -f vmdk and -f raw")
+                throw BlockError.usage("create supports -f \(Self.creatable.joined(separator: ", -f "))")
             }
             // As qemu-img does, the backing image is opened: a typo fails now, not at first mount.
             let parent = try backing.map { name in
@@ -152,6 +157,8 @@ struct CreateCommand: ParsableCommand {
             // Disks are whole sectors (qemu-img rounds up too, silently).
             let bytes = (asked + 511) / 512 * 512
             if bytes != asked { printError("rawmount: note: size \(asked) rounded up to \(bytes) (a whole number of 512-byte sectors)") }
+            // What can be refused from the options alone is refused before the announcement.
+            if format.lowercased() == "vpc" { _ = (try vhdSubformat(), try VHDCreate.layout(size: bytes, forceSize: forceSize)) }
             if !quiet { print(formattingLine(bytes, parentFormat: parent?.driver.info.format)) }
             switch format.lowercased() {
             case "qcow2":
@@ -181,8 +188,8 @@ struct CreateCommand: ParsableCommand {
                 try QEDCreate.create(path: image, size: bytes, clusterSize: UInt32(cs), tableSize: tableSize,
                                      backing: backing, backingIsRaw: backingFormat?.lowercased() == "raw")
             case "vmdk":
-                guard let sub = VMDKCreate.Subformat(rawValue: subformat) else {
-                    throw BlockError.usage("unknown VMDK subformat '\(subformat)'")
+                guard let sub = VMDKCreate.Subformat(rawValue: subformat ?? "monolithicSparse") else {
+                    throw BlockError.usage("unknown VMDK subformat '\(subformat ?? "")'")
                 }
                 var parentCID: UInt32? = nil
                 if let backing, let parent {
@@ -196,13 +203,23 @@ struct CreateCommand: ParsableCommand {
             case "vdi":
                 if backing != nil { throw BlockError.usage("VDI images cannot have a backing file here") }
                 try VDICreate.create(path: image, size: bytes, isStatic: isStatic)
+            case "vpc":
+                if backing != nil { throw BlockError.usage("VHD images cannot have a backing file here (differencing VHDs are not written)") }
+                try VHDCreate.create(path: image, size: bytes, subformat: try vhdSubformat(), forceSize: forceSize)
             case "raw":
                 if backing != nil { throw BlockError.usage("raw images cannot have a backing file") }
                 try ImageFile.createComplete(path: image) { try $0.truncate(to: bytes) }
             default:
-                throw BlockError.usage("create supports -f qcow2, -f qed, -f vdi, -f vmdk and -f raw")
+                throw BlockError.usage("create supports -f \(Self.creatable.joined(separator: ", -f "))")
             }
         }
+    }
+
+    func vhdSubformat() throws -> VHDCreate.Subformat {
+        guard let sub = VHDCreate.Subformat(rawValue: subformat ?? "dynamic") else {
+            throw BlockError.usage("unknown VHD subformat '\(subformat ?? "")' (dynamic or fixed)")
+        }
+        return sub
     }
 
     /// qemu-img create's first line, field for field where the fact is the same.
@@ -219,7 +236,8 @@ struct CreateCommand: ParsableCommand {
             if compat != "1.1" { f.append("compat=\(compat)") }
         case "qed": f += ["size=\(size)"] + back + ["cluster_size=\(cs ?? 65536)", "table_size=\(tableSize)"]
         case "vdi": f += ["size=\(size)", "static=\(isStatic ? "on" : "off")"]
-        case "vmdk": f += ["size=\(size)"] + back.prefix(1) + ["compat6=off", "hwversion=undefined", "subformat=\(subformat)"]
+        case "vmdk": f += ["size=\(size)"] + back.prefix(1) + ["compat6=off", "hwversion=undefined", "subformat=\(subformat ?? "monolithicSparse")"]
+        case "vpc": f += ["size=\(size)"] + (subformat.map { ["subformat=\($0)"] } ?? []) + (forceSize ? ["force_size=on"] : [])
         default: f += ["size=\(size)"]
         }
         return "Formatting '\(image)', " + f.joined(separator: " ")

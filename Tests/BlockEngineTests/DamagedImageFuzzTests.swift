@@ -93,8 +93,9 @@ final class DamagedImageFuzzTests: XCTestCase {
             _ = try? device.write(UnsafeRawBufferPointer(rebasing: buf[0..<65536]), at: off)
             _ = try? device.zero(at: off, length: 4096, deallocate: true)
         }
-        // VMDK and qcow2: `rawmount check` walks every table.
+        // VMDK, VHD and qcow2: `rawmount check` walks every table.
         if let v = device.driver as? VMDKDriver { _ = try? VMDKCheck.run(v) }
+        if let v = device.driver as? VHDDriver { _ = try? VHDCheck.run(v) }
         if let q = device.driver as? QCOW2Driver { _ = try? QCOW2Check.run(file: q.file, header: q.header, repair: false) }
         // Bitmaps as the `.dirty-` views and `bitmap dump` read them.
         for b in device.driver.dirtyBitmaps { _ = b.bits.dirtyBytes; _ = b.bits.run(from: 0, maxLength: size) }
@@ -192,8 +193,8 @@ final class DamagedImageFuzzTests: XCTestCase {
     }
 
     func testDamagedVHD() throws {
-        try fuzz("vhd", try image("a.vhd", ["-O", "vpc"]), format: .vpc, writable: false, seed: 61)
-        try fuzz("vhd-fixed", try image("b.vhd", ["-O", "vpc", "-o", "subformat=fixed"]), format: .vpc, writable: false, seed: 62)
+        try fuzz("vhd", try image("a.vhd", ["-O", "vpc"]), format: .vpc, writable: true, seed: 61)
+        try fuzz("vhd-fixed", try image("b.vhd", ["-O", "vpc", "-o", "subformat=fixed"]), format: .vpc, writable: true, seed: 62)
     }
 
     func testDamagedVMDK() throws {

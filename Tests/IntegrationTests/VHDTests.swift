@@ -1,5 +1,9 @@
 import Foundation
 import XCTest
+import TestSupport
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// VHD (`vpc`) images made by qemu-img and qemu-io, read through a mount and compared with
 /// `qemu-img convert -O raw`; sizes as qemu-img info gives them.
@@ -50,9 +54,7 @@ final class VHDTests: XCTestCase {
             let theirs = try JSONSerialization.jsonObject(with: Data(try Harness.run(["qemu-img", "info", "-f", "vpc", "--output=json", img]).out.utf8)) as! [String: Any]
             XCTAssertEqual(ours["cluster-size"] as? Int, theirs["cluster-size"] as? Int, "\(sub): cluster-size")
             XCTAssertEqual(ours["format"] as? String, "vpc")
-            // Asked for a writable mount, it mounts read-only and says why.
-            let r = try Harness.run([Harness.rawmount, "mount"] + extra + [img, s.mnt])
-            XCTAssertTrue(r.err.contains("read-only"), r.err)
+            try s.mount(img, options: ["-r"] + extra)
             let raw = s.mnt + "/\(sub).raw"
             XCTAssertEqual(try Files.sha(raw), try Files.sha(oracle), "\(sub): the mount differs from qemu-img convert")
             XCTAssertEqual(open(raw, O_WRONLY), -1)
@@ -98,14 +100,135 @@ final class VHDTests: XCTestCase {
         XCTAssertEqual(be32(good, 0), 0x636F_6E65)  // ("cone", the cookie the probe keys on)
     }
 
-    /// Writing VHD is not there yet: create and convert refuse it before printing or
-    /// creating anything.
-    func testCreatingAVHDIsRefusedCleanly() throws {
+    /// Seeded writes through the mount (unaligned, across blocks, overwrites, the last
+    /// sector) land as qemu-img reads them: equal to the same writes on a plain file, the
+    /// table and footer sound, and a dynamic image as large as QEMU's own after them.
+    func testWritesThroughTheMountMatchAShadowCopy() throws {
         let s = try Scratch()
-        let img = s.path("new.vhd")
-        let r = try Harness.run([Harness.rawmount, "create", "-f", "vpc", img, "1M"], check: false)
-        XCTAssertNotEqual(r.status, 0)
+        for sub in ["dynamic", "fixed"] {
+            let img = s.path("w-\(sub).vhd"), shadow = s.path("w-\(sub).shadow")
+            try Harness.run(["qemu-img", "create", "-q", "-f", "vpc", "-o", "subformat=\(sub)", img, "24M"])
+            try Harness.run(["qemu-io", "-f", "vpc", "-c", "write -P 0x11 5M 1M", img])
+            try Harness.run(["qemu-img", "convert", "-f", "vpc", "-O", "raw", img, shadow])
+            let size = try qemuSize(img)
+            let extra = sub == "fixed" ? ["--format", "vpc"] : []
+            try s.mount(img, options: extra)
+            let raw = s.mnt + "/w-\(sub).raw"
+            var rng = SeededRandom(seed: sub == "fixed" ? 7 : 8)
+            var writes: [(UInt64, [UInt8])] = [(UInt64(size) - 512, rng.bytes(512)), (2 << 20 - 700, rng.bytes(1400))]
+            for _ in 0..<40 {
+                let len = Int(rng.next() % (300 << 10)) + 1
+                writes.append((rng.next() % UInt64(size - len), rng.bytes(len)))
+            }
+            for (at, bytes) in writes {
+                try Files.pwrite(raw, bytes, at: at)
+                try Files.pwrite(shadow, bytes, at: at)
+            }
+            try s.unmount()
+            let cmp = try Harness.run(["qemu-img", "compare", "-f", "vpc", "-F", "raw", img, shadow], check: false)
+            XCTAssertEqual(cmp.status, 0, "\(sub): \(cmp.out)\(cmp.err)")
+            if sub == "dynamic" {
+                let check = try Harness.run([Harness.rawmount, "check", img], check: false)
+                XCTAssertEqual(check.status, 0, check.out + check.err)
+                // The same writes by QEMU allocate the same blocks: the files are as large.
+                let peer = s.path("peer.vhd")
+                try Harness.run(["qemu-img", "convert", "-f", "raw", "-O", "vpc", shadow, peer])
+                let ours = try Files.size(img), theirs = try Files.size(peer)
+                XCTAssertLessThanOrEqual(ours, theirs + 2 << 20, "more blocks than QEMU's copy holds")
+                XCTAssertEqual(ours % 512, 0)
+                // The footer ends the file, a copy of the one at the start.
+                let head = try Files.pread(img, count: 512, at: 0), tail = try Files.pread(img, count: 512, at: ours - 512)
+                XCTAssertEqual(head, tail, "the file does not end with its footer")
+            }
+        }
+    }
+
+    /// `rawmount create -f vpc` lays images out as qemu-img create does, byte for byte but
+    /// for the time stamp, the UUID and the checksum: CHS-rounded sizes, force_size, fixed.
+    func testCreateMakesQemuImgsLayout() throws {
+        let s = try Scratch()
+        for (size, opts) in [("1M", [String]()), ("100M", []), ("3G", []), ("127G", []), ("200G", []), ("1000000", []),
+                             ("100M", ["-o", "force_size=on"]), ("10G", ["-o", "force_size=on"]),
+                             ("1M", ["-o", "subformat=fixed"]), ("100M", ["-o", "subformat=fixed,force_size=on"])] {
+            let ours = s.path("ours.vhd"), theirs = s.path("theirs.vhd")
+            try? FileManager.default.removeItem(atPath: ours)
+            try? FileManager.default.removeItem(atPath: theirs)
+            try Harness.run(["qemu-img", "create", "-q", "-f", "vpc"] + opts + [theirs, size])
+            try Harness.run([Harness.rawmount, "create", "-q", "-f", "vpc"] + opts + [ours, size])
+            let a = try Data(contentsOf: URL(fileURLWithPath: ours)), b = try Data(contentsOf: URL(fileURLWithPath: theirs))
+            XCTAssertEqual(a.count, b.count, "\(size) \(opts): file size")
+            guard a.count == b.count else { continue }
+            // Time stamp (24..<28), checksum and UUID (64..<84) of each footer copy differ by nature.
+            let footers = opts.contains(where: { $0.contains("fixed") }) ? [a.count - 512] : [0, a.count - 512]
+            var differing: [Int] = []
+            for i in 0..<a.count where a[i] != b[i] {
+                guard let f = footers.first(where: { i >= $0 && i < $0 + 512 }), (24..<28).contains(i - f) || (64..<84).contains(i - f) else {
+                    differing.append(i); continue
+                }
+            }
+            XCTAssertEqual(differing.prefix(8), [], "\(size) \(opts): bytes differ from qemu-img's")
+            XCTAssertEqual(try qemuSize(ours), try qemuSize(theirs), "\(size) \(opts)")
+        }
+        let big = s.path("big.vhd")
+        let r = try Harness.run([Harness.rawmount, "create", "-f", "vpc", "-o", "force_size=on", big, "3T"], check: false)
+        XCTAssertEqual(r.status, 1)
+        XCTAssertTrue(r.err.contains("2040 GiB"), r.err)
         XCTAssertEqual(r.out, "", "it announced an image it does not make")
-        XCTAssertFalse(FileManager.default.fileExists(atPath: img))
+        XCTAssertFalse(FileManager.default.fileExists(atPath: big))
+    }
+
+    /// `convert -O vpc` (both subformats) holds the source's bytes for qemu-img, and sizes
+    /// the disk as qemu-img convert does (rounded up to the geometry, never down).
+    func testConvertToVHD() throws {
+        let s = try Scratch()
+        let src = s.path("src.qcow2")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", src, "50M"])
+        try Harness.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x21 0 3M", "-c", "write -P 0x43 47M 3M", "-c", "write -P 0x65 20M 4k", src])
+        for sub in ["dynamic", "fixed"] {
+            let ours = s.path("ours-\(sub).vhd"), theirs = s.path("theirs-\(sub).vhd")
+            try Harness.run([Harness.rawmount, "convert", "-O", "vpc", "-o", "subformat=\(sub)", src, ours])
+            try Harness.run(["qemu-img", "convert", "-O", "vpc", "-o", "subformat=\(sub)", src, theirs])
+            let cmp = try Harness.run(["qemu-img", "compare", "-f", "qcow2", "-F", "vpc", src, ours], check: false)
+            XCTAssertEqual(cmp.status, 0, "\(sub): \(cmp.out)\(cmp.err)")
+            XCTAssertEqual(try qemuSize(ours), try qemuSize(theirs), sub)
+            if sub == "dynamic" { XCTAssertEqual(try Harness.run([Harness.rawmount, "check", ours]).status, 0) }
+        }
+    }
+
+    /// A table entry that names the table itself: reading or writing that block fails with
+    /// EIO (a guest write would otherwise rewrite the table), the rest of the disk works,
+    /// and the image keeps its bytes.
+    func testABlockOnTheTableIsRefusedNotWritten() throws {
+        let s = try Scratch()
+        let img = s.path("t.vhd")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "vpc", img, "16M"])
+        try Harness.run(["qemu-io", "-f", "vpc", "-c", "write -P 1 0 64k", img])
+        try Files.pwrite(img, [0, 0, 0, 2], at: 1536 + 4)  // block 1 at sector 2: over the table at 1536
+        let before = try Files.sha(img)
+        try s.mount(img)
+        let raw = s.mnt + "/t.raw"
+        let fd = open(raw, O_RDWR)
+        var buf = [UInt8](repeating: 7, count: 4096)
+        XCTAssertEqual(Glibc.pwrite(fd, &buf, 4096, 2 << 20), -1)
+        XCTAssertEqual(errno, EIO)
+        XCTAssertEqual(Glibc.pread(fd, &buf, 4096, 2 << 20), -1)
+        XCTAssertEqual(Glibc.pread(fd, &buf, 4096, 0), 4096)
+        XCTAssertEqual(buf[0], 1)
+        close(fd)
+        try s.unmount()
+        XCTAssertEqual(try Files.sha(img), before, "the image changed")
+        let check = try Harness.run([Harness.rawmount, "check", img], check: false)
+        XCTAssertEqual(check.status, 2, check.out)
+        XCTAssertTrue(check.out.contains("block allocation table"), check.out)
+    }
+
+    /// A differencing VHD (changed sectors over a parent) is refused by name, never read
+    /// as a disk of zeros where the parent holds data.
+    func testDifferencingImageIsRefusedByName() throws {
+        let s = try Scratch()
+        let img = s.path("child.vhd")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "vpc", img, "16M"])
+        try patchFooter(img, at: 0) { $0.replaceSubrange(60 ..< 64, with: [0, 0, 0, 4]) }
+        try s.assertMountRefused(["-r", img], mentions: ["child.vhd", "differencing"], "differencing")
     }
 }

@@ -34,10 +34,7 @@ public final class VDIDriver: ImageAllocating {
 
     /// Written before any map sector: the header's blocks_allocated covers every index the
     /// map is about to name (set once `self` exists; see `flush`).
-    private let headerFirst = HeaderFirst()
-    final class HeaderFirst: @unchecked Sendable {  // set once in init, before any write
-        var write: (() throws -> Void)?
-    }
+    private let headerFirst = LateBarrier()
 
     /// `repairReport`: told what a writable open fixed (a crash left orphaned blocks or a
     /// blocks_allocated that disagrees with the map).
@@ -59,7 +56,7 @@ public final class VDIDriver: ImageAllocating {
         map = TableCache(file: file, tableBytes: Self.chunkBytes, encoding: .u32LE, capacity: 4096,
                          beforeWriteBack: { [file, headerFirst] in
                              try file.sync()
-                             try headerFirst.write?()
+                             try headerFirst()
                          })
         // Append after everything in the file, never under it: even if blocks_allocated is
         // stale (a crash after the map but before the header), no block is handed out twice.
@@ -75,7 +72,7 @@ public final class VDIDriver: ImageAllocating {
             ("block extra", "\(h.blockExtra)"),
             ("header text", String(h.text.filter { $0 != "\n" })),
         ])
-        headerFirst.write = { [unowned self] in
+        headerFirst.body = { [unowned self] in
             if try self.writeHeaderIfNeeded() { try self.file.sync() }
         }
     }

@@ -1,72 +1,111 @@
 import BlockEngine
+import Synchronization
 
-/// VHD (QEMU's `vpc`), read-only for now. Fixed: the guest disk is the file's bytes before
-/// its footer. Dynamic: the block allocation table (big-endian sector numbers, 0xFFFFFFFF
-/// for a block not here) names, per block, a sector bitmap followed by the block's data;
-/// as QEMU does, a block present is read whole (its bitmap is not consulted) and a block
-/// not here reads as zeros. The table goes through the shared table cache.
-public final class VHDDriver: ImageDriver {
+/// VHD (QEMU's `vpc`). Fixed: the guest disk is the file's bytes before its footer, written
+/// in place. Dynamic: the block allocation table (big-endian sector numbers, 0xFFFFFFFF for
+/// a block not here) names, per block, a sector bitmap followed by the block's data; as
+/// QEMU does, a block present is read whole (its bitmap is not consulted) and a block not
+/// here reads as zeros. The table goes through the shared table cache; new blocks are
+/// appended where the footer is (`VHDBlockAllocation.swift`).
+public final class VHDDriver: ImageAllocating {
     public let file: ImageFile
     public let info: ImageInfo
-    public var readOnlyReason: String? { "writing VHD images is not supported yet" }
+    public var isWritable: Bool { file.isWritable }
     public let footer: VHDFooter
     public let dynamic: VHDDynamicHeader?
 
     let table: FlatTable?
-    let fileSize: UInt64
-    /// Blocks the table names, counted at open (QEMU reads the whole table then too).
-    let presentBlocks: UInt64
+    let metadata: MetadataRanges
+    /// Fixed: where the guest's bytes end (the footer follows).
+    let dataEnd: UInt64
     static let notPresent: UInt64 = 0xFFFF_FFFF
     /// Longest run one `map` call assembles.
     static let maxBlocksPerMap = 256
+
+    /// Where the next block goes and what is not yet durable (see `VHDBlockAllocation.swift`).
+    struct Frontier {
+        /// QEMU's free_data_block_offset: the next block's sector bitmap, and where the
+        /// footer belongs (after every block and every metadata structure).
+        var free: UInt64
+        /// Host bytes from here on were never written, so they read as zeros.
+        var unwrittenFrom: UInt64
+        /// Sector bitmaps of linked blocks not yet written, and whether the footer must move.
+        var pendingBitmaps: [UInt64] = []
+        var footerMoved = false
+        var presentBlocks: UInt64
+    }
+    let frontier: Mutex<Frontier>
+    let preallocator: Preallocator?
+    /// Before table chunks are written: data, then block bitmaps and the moved footer.
+    private let framesFirst = LateBarrier()
 
     public init(file: ImageFile) throws {
         let f = try VHDFooter.read(from: file)
         self.file = file
         footer = f
-        fileSize = try file.size()
+        let fileSize = try file.size()
         var details: [(String, String)] = [("subformat", f.kind == .fixed ? "fixed" : "dynamic"), ("creator", f.creatorApp.escapingControls)]
         guard f.kind == .dynamic else {
-            dynamic = nil; table = nil; presentBlocks = 0
+            dynamic = nil; table = nil
+            dataEnd = fileSize - UInt64(VHDFooter.size)
+            metadata = try MetadataRanges([.init(start: dataEnd, length: UInt64(VHDFooter.size), what: "the footer")], file: file.path)
+            frontier = Mutex(Frontier(free: dataEnd, unwrittenFrom: fileSize, presentBlocks: 0))
+            preallocator = nil
             info = ImageInfo(format: "vpc", virtualSize: f.virtualSize, clusterSize: 512, details: details, hasClusters: false)
             return
         }
         let h = try VHDDynamicHeader.read(from: file, footer: f)
         dynamic = h
+        dataEnd = 0
+        let structures: [MetadataRanges.Range] = [
+            .init(start: 0, length: UInt64(VHDFooter.size), what: "the footer copy"),
+            .init(start: f.dataOffset, length: VHDDynamicHeader.size, what: "the dynamic header"),
+            .init(start: h.tableOffset, length: h.tableRegionBytes, what: "the block allocation table"),
+        ]
+        metadata = try MetadataRanges(structures, file: file.path)
         // Every block the table names must lie inside the file, or QEMU calls the image
         // truncated and refuses it; one pass over the table (its size is bounded by the file).
-        var present: UInt64 = 0, end: UInt64 = 0
+        // New blocks go after every block and every structure (QEMU only looks past the table).
+        var present: UInt64 = 0, end: UInt64 = structures.map(\.end).max() ?? 0
         try FlatTable.forEachEntry(file, start: h.tableOffset, count: h.maxTableEntries, encoding: .u32BE, what: "VHD block allocation table") { _, e in
             guard e != Self.notPresent else { return }
             present += 1
             end = max(end, e * 512 + h.bitmapBytes + h.blockSize)
         }
-        guard end <= fileSize else {
+        guard end <= fileSize || present == 0 else {
             throw BlockError.invalid(file: file.path, field: "VHD block allocation table",
                                      detail: "a block ends at \(end), past the end of the \(fileSize)-byte file (the image was truncated)")
         }
-        presentBlocks = present
-        table = FlatTable(file: file, start: h.tableOffset, entries: h.maxTableEntries, encoding: .u32BE, fileSize: fileSize)
+        frontier = Mutex(Frontier(free: end.alignedUp(512), unwrittenFrom: fileSize, presentBlocks: present))
+        preallocator = file.isWritable ? Preallocator(file: file) : nil
         details += [("block size", "\(h.blockSize)"), ("blocks", "\(present) of \(h.maxTableEntries) present")]
         info = ImageInfo(format: "vpc", virtualSize: f.virtualSize, clusterSize: h.blockSize, details: details)
+        // The table is written in whole chunks, so they stay inside its own (sector-padded) region.
+        table = FlatTable(file: file, start: h.tableOffset, entries: h.maxTableEntries, encoding: .u32BE, fileSize: fileSize,
+                          regionEnd: h.tableOffset + h.tableRegionBytes, beforeWriteBack: { [framesFirst] in try framesFirst() })
+        framesFirst.body = { [unowned self] in try self.writeBlockFrames() }
     }
 
     public var allocatedBytesHint: UInt64? {
         guard let dynamic else { return info.virtualSize }
-        return min(presentBlocks * dynamic.blockSize, info.virtualSize)
+        return min(frontier.withLock { $0.presentBlocks } * dynamic.blockSize, info.virtualSize)
     }
 
     public func map(_ offset: UInt64, maxLength: UInt64) throws -> Mapping {
         guard let table, let h = dynamic else {
-            // Fixed: the file's bytes; past the file (a size larger than its data), zeros.
-            guard offset < fileSize else { return .zero(length: maxLength) }
-            return .data(host: offset, length: min(maxLength, fileSize - offset))
+            // Fixed: the file's bytes; past them (a size larger than the data), zeros.
+            guard offset < dataEnd else { return .zero(length: maxLength) }
+            return .data(host: offset, length: min(maxLength, dataEnd - offset))
         }
         return try table.mapRun(from: offset, to: offset + maxLength, unit: h.blockSize, maxPieces: Self.maxBlocksPerMap) { e, block, pos, n in
             guard e != Self.notPresent else { return .unallocated(length: n) }
-            return .data(host: e * 512 + h.bitmapBytes + pos - block * h.blockSize, length: n)
+            let data = e * 512 + h.bitmapBytes
+            // A table entry naming the table or a header would let guest writes rewrite them.
+            if let m = metadata.overlap(data, h.blockSize) {
+                throw BlockError.invalid(file: file.path, field: "VHD block allocation table entry \(block)",
+                                         detail: "the block's data at \(data) lies in \(m.what) at \(m.start)")
+            }
+            return .data(host: data + pos - block * h.blockSize, length: n)
         }
     }
-
-    public func close() throws {}
 }

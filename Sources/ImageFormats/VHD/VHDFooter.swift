@@ -14,6 +14,9 @@ public struct VHDFooter: Sendable {
     public var currentSize: UInt64
     public var cylinders: UInt64, heads: UInt64, sectorsPerTrack: UInt64
     public var diskType: UInt32
+    /// The footer as read (checksum valid): a dynamic image's footer is written again at the
+    /// new end of the file as it grows, byte for byte, as QEMU does.
+    public var raw: [UInt8]
     /// The guest disk's size as QEMU 7.2 computes it (see `virtualSize(of:)`).
     public var virtualSize: UInt64
 
@@ -47,9 +50,16 @@ public struct VHDFooter: Sendable {
         let app = String(decoding: bytes[28..<32].map { $0 == 0 ? UInt8(ascii: " ") : $0 }, as: UTF8.self)
         var f = VHDFooter(kind: kind, dataOffset: be64(bytes, 16), creatorApp: app, currentSize: be64(bytes, 48),
                           cylinders: UInt64(bytes[56]) << 8 | UInt64(bytes[57]), heads: UInt64(bytes[58]), sectorsPerTrack: UInt64(bytes[59]),
-                          diskType: be32(bytes, 60), virtualSize: 0)
+                          diskType: be32(bytes, 60), raw: bytes, virtualSize: 0)
         f.virtualSize = try f.computedSize(file: file.path, rawApp: Array(bytes[28..<32]))
-        return f
+        switch (f.diskType, kind) {
+        case (2, .fixed), (3, .dynamic): return f
+        case (4, .dynamic):
+            throw BlockError.unsupported(file: file.path, feature: "differencing VHD images (changed sectors over a parent): not read yet")
+        default:
+            throw BlockError.invalid(file: file.path, field: "VHD disk type",
+                                     detail: "\(f.diskType) with the footer \(kind == .fixed ? "at the end (a fixed disk is type 2)" : "copied at the start (a dynamic disk is type 3)")")
+        }
     }
 
     /// Virtual PC and old QEMU size a disk by its CHS geometry; other creators (Hyper-V 'win ',
@@ -71,41 +81,5 @@ public struct VHDFooter: Sendable {
         var sum: UInt32 = 0
         for (i, x) in b.enumerated() where i < at || i >= at + 4 { sum &+= UInt32(x) }
         return ~sum
-    }
-}
-
-/// The dynamic-disk header ("cxsparse", 1024 bytes at the footer's data offset): where the
-/// block allocation table is, how many entries it has and the block size.
-public struct VHDDynamicHeader: Sendable {
-    public var tableOffset: UInt64
-    public var maxTableEntries: UInt64
-    public var blockSize: UInt64
-    /// Bytes of the sector bitmap before each block's data (whole sectors).
-    public var bitmapBytes: UInt64 { (blockSize / (8 * 512) + 511) / 512 * 512 }
-
-    public static func read(from file: ImageFile, footer: VHDFooter) throws -> VHDDynamicHeader {
-        let fileSize = try file.size()
-        guard footer.dataOffset <= fileSize, fileSize - footer.dataOffset >= 1024 else {
-            throw BlockError.invalid(file: file.path, field: "VHD data offset", detail: "\(footer.dataOffset) does not leave a dynamic header inside the \(fileSize)-byte file")
-        }
-        let b = try file.readBytes(count: 1024, at: footer.dataOffset, what: "VHD dynamic header")
-        guard Array(b[0..<8]) == Array("cxsparse".utf8) else {
-            throw BlockError.invalid(file: file.path, field: "VHD dynamic header", detail: "no 'cxsparse' cookie at offset \(footer.dataOffset)")
-        }
-        let h = VHDDynamicHeader(tableOffset: be64(b, 16), maxTableEntries: UInt64(be32(b, 28)), blockSize: UInt64(be32(b, 32)))
-        guard h.blockSize >= 512, h.blockSize.isPowerOfTwo, h.blockSize <= 1 << 28 else {
-            throw BlockError.invalid(file: file.path, field: "VHD block size", detail: "\(h.blockSize) (a power of two of at least 512 bytes)")
-        }
-        // Enough entries for the disk, and no more than the largest disk has (QEMU's checks).
-        guard h.maxTableEntries <= VHDFooter.maxSectors * 512 / h.blockSize,
-              h.maxTableEntries * h.blockSize >= footer.virtualSize else {
-            throw BlockError.invalid(file: file.path, field: "VHD max table entries",
-                                     detail: "\(h.maxTableEntries) entries of \(h.blockSize) bytes do not fit a \(footer.virtualSize)-byte disk")
-        }
-        let tableBytes = h.maxTableEntries * 4
-        guard h.tableOffset <= fileSize, fileSize - h.tableOffset >= tableBytes else {
-            throw BlockError.invalid(file: file.path, field: "VHD table offset", detail: "a \(tableBytes)-byte table at \(h.tableOffset) does not fit the \(fileSize)-byte file")
-        }
-        return h
     }
 }
