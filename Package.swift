@@ -23,12 +23,14 @@ let package = Package(
         // libdeflate: the fast whole-cluster inflate; zlib stays the fallback and the reference.
         .systemLibrary(name: "CDeflate", path: "Modules/CDeflate", pkgConfig: "libdeflate", providers: [.apt(["libdeflate-dev"])]),
         .systemLibrary(name: "CZstd", path: "Modules/CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
+        // Intel ISA-L for CRC-32C (VHDX headers, region tables and log entries).
+        .systemLibrary(name: "CIsal", path: "Modules/CIsal", pkgConfig: "libisal", providers: [.apt(["libisal-dev"])]),
         // nbdkit's plugin header (no library: nbdkit provides the symbols when it loads us).
         .systemLibrary(name: "CNbdkit", path: "Modules/CNbdkit", pkgConfig: "nbdkit", providers: [.apt(["nbdkit-plugin-dev"])]),
         // Shared engine: file I/O, errors, mappings, table cache, allocator, locking.
         .target(name: "BlockEngine"),
         // Format probes and drivers, one folder per format.
-        .target(name: "ImageFormats", dependencies: ["BlockEngine", "CDeflate", "CZlib", "CZstd"]),
+        .target(name: "ImageFormats", dependencies: ["BlockEngine", "CDeflate", "CZlib", "CZstd", "CIsal"]),
         // libfuse3 low-level adapter: knows block devices, not formats.
         .target(name: "FuseAdapter", dependencies: ["CFuse3", "BlockEngine"]),
         // The nbdkit plugin over the engine: NBD for any image, with no protocol code of ours.

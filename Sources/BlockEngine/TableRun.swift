@@ -70,14 +70,16 @@ extension TableCache {
 extension FlatTable {
     /// `TableCache.mapRun` over a flat array whose entry k covers guest bytes
     /// `[k*unit, (k+1)*unit)` (the Bochs page table), a cached chunk at a time;
-    /// `piece(entry, index, pos, maxLength)`.
-    public func mapRun(from start: UInt64, to end: UInt64, unit: UInt64, maxPieces: Int,
+    /// `piece(entry, index, pos, maxLength)`. With `skip`, unit k's entry is k + skip: VHDX
+    /// puts a sector-bitmap entry after every group of payload entries, so it maps one group
+    /// per call, skipping the bitmap entries before that group.
+    public func mapRun(from start: UInt64, to end: UInt64, unit: UInt64, maxPieces: Int, skip: UInt64 = 0,
                        _ piece: (_ entry: UInt64, _ index: UInt64, _ pos: UInt64, _ maxLength: UInt64) throws -> Mapping) throws -> Mapping {
         let width = UInt64(cache.encoding.width)
-        let last = min(end, entries * unit)  // (entries past the array are never asked for)
+        let last = min(end, entries > skip ? (entries - skip) * unit : 0)  // (entries past the array are never asked for)
         guard start < last else { return .unallocated(length: end - start) }
         return try cache.mapRun(from: start, to: last, unit: unit, maxPieces: maxPieces, locate: { pos in
-            let i = pos / unit
+            let i = pos / unit + skip
             return (self.start + i / perChunk * perChunk * width, Int(i % perChunk))
         }) { view, word, pos, n in
             try piece(view[word], pos / unit, pos, n)

@@ -12,7 +12,6 @@ enum ForeignFormat {
             let version = UInt32(head[4]) << 24 | UInt32(head[5]) << 16 | UInt32(head[6]) << 8 | UInt32(head[7])
             return version == 1 ? "qcow (version 1)" : "qcow2 (version \(version))"
         }
-        if starts("vhdxfile") { return "VHDX" }
         if starts("WithoutFreeSpace") || starts("WithouFreSpacExt") { return "Parallels" }
         if head.starts(with: Array("LUKS".utf8) + [0xBA, 0xBE]) { return "LUKS (encrypted)" }
         if starts("#!/bin/sh\n#V2.0 Format\nmodprobe cloop") { return "cloop" }

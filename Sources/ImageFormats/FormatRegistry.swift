@@ -10,6 +10,7 @@ public enum FormatRegistry {
         VMDKFormat.self,
         QCOW2Format.self,
         VHDFormat.self,
+        VHDXFormat.self,
     ]
 }
 

@@ -197,6 +197,11 @@ final class DamagedImageFuzzTests: XCTestCase {
         try fuzz("vhd-fixed", try image("b.vhd", ["-O", "vpc", "-o", "subformat=fixed"]), format: .vpc, writable: true, seed: 62)
     }
 
+    func testDamagedVHDX() throws {
+        try fuzz("vhdx", try image("a.vhdx", ["-O", "vhdx", "-o", "block_size=1M"]), format: .vhdx, writable: false, seed: 71)
+        try fuzz("vhdx-fixed", try image("b.vhdx", ["-O", "vhdx", "-o", "subformat=fixed"]), format: .vhdx, writable: false, seed: 72)
+    }
+
     func testDamagedVMDK() throws {
         try fuzz("vmdk", try image("a.vmdk", ["-O", "vmdk"]), format: .vmdk, writable: true, seed: 31)
         try fuzz("vmdk-stream", try image("b.vmdk", ["-O", "vmdk", "-o", "subformat=streamOptimized"]), format: .vmdk, writable: false, seed: 32)

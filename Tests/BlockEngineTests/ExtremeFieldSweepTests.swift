@@ -126,6 +126,27 @@ final class ExtremeFieldSweepTests: XCTestCase {
                   fixedRange: end + 64 ..< end + 68, fix: fixFooter(at: end))
     }
 
+    /// VHDX: each header and the first region table (their CRC-32C made valid again after
+    /// each change), the metadata table and its items, and the first table entries.
+    func testVHDXFields() throws {
+        let img = try fuzz.image("s.vhdx", ["-O", "vhdx", "-o", "block_size=1M"])
+        let h = try VHDXHeader.read(from: try ImageFile(path: fuzz.dir + "/s.vhdx", writable: false))
+        func fixCRC(at base: Int, length: Int) -> (inout [UInt8]) -> Void {
+            { b in
+                for i in base + 4 ..< base + 8 { b[i] = 0 }
+                let c = crc32c(Array(b[base ..< base + length]))
+                for i in 0 ..< 4 { b[base + 4 + i] = UInt8(truncatingIfNeeded: c >> (8 * UInt32(i))) }
+            }
+        }
+        for (name, base, length) in [("vhdx-header1", 64 << 10, 4096), ("vhdx-header2", 128 << 10, 4096), ("vhdx-regions", 192 << 10, 64 << 10)] {
+            try sweep(name, img, format: .vhdx, regions: [base ..< base + 96], bigEndian: false,
+                      fixedRange: base + 4 ..< base + 8, fix: fixCRC(at: base, length: length))
+        }
+        let m = Int(h.metadataOffset), bat = Int(h.batOffset)
+        try sweep("vhdx-metadata", img, format: .vhdx, regions: [m ..< m + 224, m + (64 << 10) ..< m + (64 << 10) + 48, bat ..< bat + 32],
+                  bigEndian: false)
+    }
+
     /// MBR with an EBR chain, and GPT with its CRCs recomputed after every change (so the
     /// parser meets the values, not only the checksum).
     func testPartitionTableFields() throws {

@@ -1,4 +1,5 @@
 /// Little-endian field access for on-disk headers (QED, VDI, Bochs).
+func le16(_ b: [UInt8], _ o: Int) -> UInt16 { UInt16(b[o]) | UInt16(b[o + 1]) << 8 }
 func le32(_ b: [UInt8], _ o: Int) -> UInt32 {
     UInt32(b[o]) | UInt32(b[o + 1]) << 8 | UInt32(b[o + 2]) << 16 | UInt32(b[o + 3]) << 24
 }
