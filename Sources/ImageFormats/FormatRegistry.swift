@@ -49,7 +49,8 @@ struct OpenRequest {
     var writable: Bool { file.isWritable }
 
     /// A backing image named by this one (relative to it), read-only; `format` nil probes.
-    func backing(_ name: String, format: ImageFormat?) throws -> BlockDevice {
+    /// nil only for a missing file when the options tolerate it (`info`).
+    func backing(_ name: String, format: ImageFormat?) throws -> BlockDevice? {
         try ImageOpener.openBacking(name, of: path, format: format, options: options, chain: chain)
     }
 

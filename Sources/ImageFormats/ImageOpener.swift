@@ -16,6 +16,10 @@ public enum ImageOpener {
         /// Told what the user should know about the image: what a repair-on-open fixed (QED
         /// NEED_CHECK), a Bochs base modified after its redolog.
         public var onNote: (@Sendable (String) -> Void)?
+        /// A backing file that does not exist is told through `onNote` and left out, the image
+        /// opened alone (`info`, as qemu-img info still describes such an image); never for
+        /// anything that reads guest data.
+        public var toleratesMissingBacking = false
         public init(writable: Bool, format: ImageFormat? = nil, lock: Bool = true, snapshot: String? = nil,
                     onNote: (@Sendable (String) -> Void)? = nil) {
             self.writable = writable; self.format = format; self.lock = lock; self.snapshot = snapshot; self.onNote = onNote
@@ -67,11 +71,19 @@ public enum ImageOpener {
     }
 
     /// Backing files (QED backing names, VMDK parentFileNameHint) are relative to the child.
-    static func openBacking(_ name: String, of child: String, format: ImageFormat?, options: Options, chain: [FileIdentity]) throws -> BlockDevice {
+    /// nil only when the file does not exist and the options tolerate that.
+    static func openBacking(_ name: String, of child: String, format: ImageFormat?, options: Options, chain: [FileIdentity]) throws -> BlockDevice? {
         let path = PathName.resolve(name, relativeTo: child)
         do {
-            return try open(path: path, options: .init(writable: false, format: format, lock: options.lock), chain: chain)
+            var o = Options(writable: false, format: format, lock: options.lock, onNote: options.onNote)
+            o.toleratesMissingBacking = options.toleratesMissingBacking
+            return try open(path: path, options: o, chain: chain)
         } catch let e as BlockError where e.isFileNotFound {
+            let text = "backing file '\(name)' not found (looked at \(path))"
+            if options.toleratesMissingBacking {
+                options.onNote?("\(child): \(text)")
+                return nil
+            }
             throw BlockError.invalid(file: child, field: "backing file", detail: "'\(name)' not found (looked at \(path))")
         }
     }

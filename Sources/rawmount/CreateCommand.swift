@@ -1,6 +1,9 @@
 import ArgumentParser
 import BlockEngine
 import ImageFormats
+#if canImport(Glibc)
+import Glibc
+#endif
 
 struct CreateCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -47,7 +50,7 @@ struct CreateCommand: ParsableCommand {
     @Option(name: [.customShort("F"), .long], help: "Backing file format (raw is stored as 'no probe').", completion: .list(ImageFormat.allCases.map(\.rawValue)))
     var backingFormat: String?
 
-    @Argument(help: "The image to create (must not exist).", completion: .file())
+    @Argument(help: "The image to create; an existing image file is replaced, as qemu-img does, unless it is in use or the backing file.", completion: .file())
     var image: String
 
     @Option(name: .customShort("o"), help: ArgumentHelp("Creation options as qemu-img takes them (key=value,...; see above).", valueName: "options"))
@@ -159,7 +162,13 @@ struct CreateCommand: ParsableCommand {
             if bytes != asked { printError("rawmount: note: size \(asked) rounded up to \(bytes) (a whole number of 512-byte sectors)") }
             // What can be refused from the options alone is refused before the announcement.
             if format.lowercased() == "vpc" { _ = (try vhdSubformat(), try VHDCreate.layout(size: bytes, forceSize: forceSize)) }
+            let replaced = try existingFileToReplace(parent: parent)
             if !quiet { print(formattingLine(bytes, parentFormat: parent?.driver.info.format)) }
+            if replaced != nil {
+                // qemu-img create overwrites an existing image; so does rawmount, once it has
+                // made sure nothing has it open (its lock) and it is not the backing file.
+                guard unlink(image) == 0 else { throw BlockError.io(file: image, operation: "replace", offset: nil, errno: errno) }
+            }
             switch format.lowercased() {
             case "qcow2":
                 var o = QCOW2Create.Options()
@@ -213,6 +222,26 @@ struct CreateCommand: ParsableCommand {
                 throw BlockError.usage("create supports -f \(Self.creatable.joined(separator: ", -f "))")
             }
         }
+    }
+
+    /// The file `image` names, when one exists: a regular file no one has open for writing
+    /// and that is not the new image's backing file; anything else is refused.
+    func existingFileToReplace(parent: BlockDevice?) throws -> ImageFile? {
+        var st = stat()
+        guard lstat(image, &st) == 0 else { return nil }
+        guard st.st_mode & S_IFMT == S_IFREG else {
+            throw BlockError.usage("\(image): exists and is not a regular file; create writes new image files only")
+        }
+        let file = try ImageFile(path: image, writable: false)
+        var layer = parent
+        while let l = layer {
+            if let a = l.driver.file.identity, a == file.identity {
+                throw BlockError.usage("\(image): is the backing file of the image to create")
+            }
+            layer = l.backing
+        }
+        try ImageLock.acquire(file, writable: true)
+        return file
     }
 
     func vhdSubformat() throws -> VHDCreate.Subformat {

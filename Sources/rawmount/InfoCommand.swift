@@ -1,6 +1,7 @@
 import ArgumentParser
 import BlockEngine
 import ImageFormats
+import Synchronization
 
 struct InfoCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -25,8 +26,13 @@ struct InfoCommand: ParsableCommand {
     func run() throws {
         do {
             let fmt = try parseFormat(format)
-            // Like `qemu-img info -U`: no lock, so it works on a mounted image.
-            let device = try ImageOpener.open(path: image, options: .init(writable: false, format: fmt, lock: false))
+            // Like `qemu-img info -U`: no lock, so it works on a mounted image. A missing
+            // backing file is named, not fatal: qemu-img info still describes the image.
+            let missing = NoteList()
+            var options = ImageOpener.Options(writable: false, format: fmt, lock: false, onNote: { missing.add($0) })
+            options.toleratesMissingBacking = true
+            let device = try ImageOpener.open(path: image, options: options)
+            defer { for n in missing.notes where n.contains("not found") { printError("rawmount: warning: \(n)") } }
             var chain: [BlockDevice] = []
             var d: BlockDevice? = device
             while let cur = d { chain.append(cur); d = cur.backing }
@@ -69,6 +75,8 @@ struct InfoCommand: ParsableCommand {
                 top["allocated-bytes-estimated"] = walked == nil
                 top["file-size"] = try device.driver.file.size()
                 top["backing-chain"] = chain.dropFirst().map { ["filename": $0.driver.file.path, "format": $0.driver.info.format] }
+                let absent = missing.notes.filter { $0.contains("not found") }
+                if !absent.isEmpty { top["missing-backing-files"] = absent }
                 if !bitmaps.isEmpty {
                     top["bitmaps"] = bitmaps.map { ["name": $0.name, "granularity": $0.granularity, "flags": $0.flagNames] as [String: Any] }
                 }
@@ -100,6 +108,7 @@ struct InfoCommand: ParsableCommand {
                 for (i, b) in chain.dropFirst().enumerated() {
                     printLine("backing file \(i + 1): \(b.driver.file.path) (\(b.driver.info.format))")
                 }
+                for n in missing.notes where n.contains("not found") { printLine("missing: \(n)") }
                 if backingChain {
                     for b in chain.dropFirst() {
                         printLine("")
@@ -158,4 +167,11 @@ func humanSize(_ n: UInt64) -> String {
 /// control characters written out, newlines included, so no image can forge a line.
 private func printLine(_ text: String) {
     Swift.print(text.escapingControls)
+}
+
+/// Notes the opener sends while an image opens, kept in order.
+final class NoteList: Sendable {
+    private let list = Mutex<[String]>([])
+    func add(_ s: String) { list.withLock { $0.append(s) } }
+    var notes: [String] { list.withLock { $0 } }
 }

@@ -19,6 +19,8 @@ enum QemuImageInfo {
         if let backing = device.backing {
             f["full-backing-filename"] = backing.driver.file.path
             f["backing-filename"] = storedBackingName(driver) ?? backing.driver.file.path
+        } else if let name = storedBackingName(driver) {
+            f["backing-filename"] = name  // named but missing (`info` still describes the image)
         }
         switch driver {
         case let q as QCOW2Driver:

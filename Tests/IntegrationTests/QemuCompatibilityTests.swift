@@ -53,6 +53,48 @@ final class QemuCompatibilityTests: XCTestCase {
         XCTAssertEqual(try FileManager.default.attributesOfItem(atPath: s.path("kib.raw"))[.size] as? Int, 65536)
     }
 
+    /// As qemu-img: `create` over an existing image replaces it (unless a mount holds it, or
+    /// it is the new image's own backing file), and `info` on an image whose backing file is
+    /// missing still describes it and names the missing file.
+    func testCreateReplacesAnImageAndInfoNamesAMissingBackingFile() throws {
+        let s = try Scratch()
+        let img = s.path("again.qcow2")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", img, "8M"])
+        try Harness.run(["qemu-io", "-f", "qcow2", "-c", "write -P 3 0 1M", img])
+        let r = try Harness.run([Harness.rawmount, "create", "-f", "qcow2", img, "16M"])
+        XCTAssertTrue(r.out.hasPrefix("Formatting"), r.out)
+        let info = try json(try Harness.run(["qemu-img", "info", "--output=json", img]).out) as? [String: Any]
+        XCTAssertEqual(info?["virtual-size"] as? Int, 16 << 20)
+        let map = try Harness.run(["qemu-img", "map", "--output=json", img]).out
+        XCTAssertFalse(map.contains("\"data\": true"), "the old image's data is still there: \(map)")
+        // Held by a writable mount: refused before anything is printed, the image kept.
+        try s.mount(img)
+        let busy = try Harness.run([Harness.rawmount, "create", "-f", "qcow2", img, "4M"], check: false)
+        XCTAssertEqual(busy.status, 1)
+        XCTAssertEqual(busy.out, "")
+        XCTAssertTrue(busy.err.contains("in use"), busy.err)
+        try s.unmount()
+        XCTAssertEqual((try json(try Harness.run(["qemu-img", "info", "--output=json", img]).out) as? [String: Any])?["virtual-size"] as? Int, 16 << 20)
+        let own = try Harness.run([Harness.rawmount, "create", "-f", "qcow2", "-b", img, "-F", "qcow2", img], check: false)
+        XCTAssertEqual(own.status, 1)
+        XCTAssertTrue(FileManager.default.fileExists(atPath: img), "create removed its own backing file")
+
+        let base = s.path("gone.qcow2"), child = s.path("child.qcow2")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", base, "8M"])
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "gone.qcow2", "-F", "qcow2", child])
+        try FileManager.default.removeItem(atPath: base)
+        XCTAssertEqual(try Harness.run(["qemu-img", "info", child], check: false).status, 0)
+        let ours = try Harness.run([Harness.rawmount, "info", child], check: false)
+        XCTAssertEqual(ours.status, 0, ours.err)
+        XCTAssertTrue(ours.out.contains("virtual size: 8.0 MiB"), ours.out)
+        XCTAssertTrue(ours.out.contains("gone.qcow2") && ours.err.contains("not found"), ours.out + ours.err)
+        let j = try json(try Harness.run([Harness.rawmount, "info", "--json", child]).out) as? [String: Any]
+        XCTAssertEqual(j?["backing-filename"] as? String, "gone.qcow2")
+        XCTAssertEqual((j?["missing-backing-files"] as? [String])?.count, 1)
+        // A mount still needs the backing file.
+        try s.assertMountRefused(["-r", child], mentions: ["gone.qcow2", "not found"], "missing backing file")
+    }
+
     /// Keys qemu-img info prints mean the same, with the same types, in rawmount's JSON.
     func testInfoJsonSpeaksQemuImgsKeys() throws {
         let s = try Scratch()

@@ -25,7 +25,7 @@ enum VMDKFormat: FormatOpening {
             },
             lock: { f in if lock { try ImageLock.acquire(f, writable: f.isWritable) } }))
         guard let hint = driver.parentFileNameHint else { return BlockDevice(driver: driver) }
-        let parent = try r.backing(hint, format: nil)
+        guard let parent = try r.backing(hint, format: nil) else { return BlockDevice(driver: driver) }
         // QEMU refuses a VMDK parent of another format; a parentFileNameHint naming any host
         // file (/etc/shadow) would otherwise be shown as the disk under it.
         guard let p = parent.driver as? VMDKDriver else {
