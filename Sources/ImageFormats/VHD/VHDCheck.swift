@@ -8,24 +8,19 @@ import BlockEngine
 /// back at the end and drops the unowned bytes; it changes no table entry.
 public struct VHDCheckReport: Sendable, CustomStringConvertible {
     public var blocks: UInt64 = 0
-    public var problems: [String] = []
-    public var problemCount = 0
+    public var problems = CheckProblems()
     /// The footer at the end is missing or stale, or unowned bytes follow the last block.
     public var footerMisplaced = false
     /// Where the footer belongs: after every block and structure.
     public var imageEnd: UInt64 = 0
-    public var corruptions: Int { problemCount }
+    public var corruptions: Int { problems.count }
     public var leaks: Int { footerMisplaced ? 1 : 0 }
 
-    mutating func problem(_ text: String) {
-        problemCount += 1
-        if problems.count < 20 { problems.append(text) }
-    }
+    mutating func problem(_ text: String) { problems.add(text) }
 
     public var description: String {
         var text = "\(blocks) blocks allocated"
-        if problemCount > 0 { text += "; \(problemCount) errors:\n  " + problems.joined(separator: "\n  ") }
-        if problemCount > problems.count { text += "\n  ..." }
+        text += problems.report
         if footerMisplaced { text += "\n  the file does not end with the footer at \(imageEnd) (a crash while a block was added?); --repair moves it there" }
         return text
     }

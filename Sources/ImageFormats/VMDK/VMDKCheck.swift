@@ -7,20 +7,14 @@ public struct VMDKCheckReport: Sendable, CustomStringConvertible {
     public var sparseExtents = 0
     public var grainTables = 0
     public var grains = 0
-    /// One line per problem found (the first 20 are kept).
-    public var problems: [String] = []
-    public var problemCount = 0
-    public var corruptions: Int { problemCount }
+    public var problems = CheckProblems()
+    public var corruptions: Int { problems.count }
 
-    mutating func problem(_ text: String) {
-        problemCount += 1
-        if problems.count < 20 { problems.append(text) }
-    }
+    mutating func problem(_ text: String) { problems.add(text) }
 
     public var description: String {
         var text = "\(sparseExtents) sparse extents, \(grainTables) grain tables, \(grains) grains allocated"
-        if problemCount > 0 { text += "; \(problemCount) errors:\n  " + problems.joined(separator: "\n  ") }
-        if problemCount > problems.count { text += "\n  ..." }
+        text += problems.report
         return text
     }
 }
