@@ -128,6 +128,10 @@ final class VHDTests: XCTestCase {
             let cmp = try Harness.run(["qemu-img", "compare", "-f", "vpc", "-F", "raw", img, shadow], check: false)
             XCTAssertEqual(cmp.status, 0, "\(sub): \(cmp.out)\(cmp.err)")
             if sub == "dynamic" {
+                // `map` says what qemu-img map says, extent for extent.
+                let ourMap = try Harness.run([Harness.rawmount, "map", "--output=json", img]).out
+                let theirMap = try Harness.run(["qemu-img", "map", "-f", "vpc", "--output=json", img]).out
+                XCTAssertEqual(ourMap.trimmingCharacters(in: .whitespacesAndNewlines), theirMap.trimmingCharacters(in: .whitespacesAndNewlines))
                 let check = try Harness.run([Harness.rawmount, "check", img], check: false)
                 XCTAssertEqual(check.status, 0, check.out + check.err)
                 // The same writes by QEMU allocate the same blocks: the files are as large.

@@ -98,7 +98,9 @@ public final class VHDDriver: ImageAllocating {
             return .data(host: offset, length: min(maxLength, dataEnd - offset))
         }
         return try table.mapRun(from: offset, to: offset + maxLength, unit: h.blockSize, maxPieces: Self.maxBlocksPerMap) { e, block, pos, n in
-            guard e != Self.notPresent else { return .unallocated(length: n) }
+            // A block not here reads as zeros; QEMU reports it as zero (present), so `map`
+            // agrees with qemu-img map (a dynamic VHD has no parent to fall through to).
+            guard e != Self.notPresent else { return .zero(length: n) }
             let data = e * 512 + h.bitmapBytes
             // A table entry naming the table or a header would let guest writes rewrite them.
             if let m = metadata.overlap(data, h.blockSize) {
