@@ -87,6 +87,7 @@ final class QemuCompatibilityTests: XCTestCase {
         let ours = try Harness.run([Harness.rawmount, "info", child], check: false)
         XCTAssertEqual(ours.status, 0, ours.err)
         XCTAssertTrue(ours.out.contains("virtual size: 8.0 MiB"), ours.out)
+        XCTAssertTrue(ours.out.contains("compression type: zlib"), "qemu-img's name for it: \(ours.out)")
         XCTAssertTrue(ours.out.contains("gone.qcow2") && ours.err.contains("not found"), ours.out + ours.err)
         let j = try json(try Harness.run([Harness.rawmount, "info", "--json", child]).out) as? [String: Any]
         XCTAssertEqual(j?["backing-filename"] as? String, "gone.qcow2")

@@ -132,7 +132,7 @@ public final class QCOW2Driver: ImageAllocating {
         aliasedL2 = aliased
         var details: [(String, String)] = [
             ("version", "\(h.version)"),
-            ("compression type", h.compressionType == 0 ? "deflate" : "zstd"),
+            ("compression type", h.compressionType == 0 ? "zlib" : "zstd"),  // qemu-img's names
             ("refcount bits", "\(h.refcountBits)"),
         ]
         if h.compatible & QCOW2Header.compatibleLazyRefcounts != 0 { details.append(("lazy refcounts", "on (rawmount writes ordered refcounts all the same)")) }
