@@ -12,7 +12,7 @@ covered. Each round:
   5. a writable remount (which repairs what the failure left) and unmount: qemu-img check 0 or 3;
   6. qcow2: the internal snapshot still reads as taken.
 Formats: qcow2 (an internal snapshot and two bitmaps), qed, vdi, vmdk, vpc (VHD: checked by
-`rawmount check`, as qemu-img has no check for it), raw, and an --overlay
+`rawmount check`, as qemu-img has no check for it), vhdx, raw, and an --overlay
 (qcow2 over read-only raw evidence). Prints one row per format (--json for the test suite).
 
   python3 scripts/faults.py [--rounds N] [--formats ...] [--seed S] [--json]
@@ -154,7 +154,7 @@ def one_round(fmt, n, kind, seed, work, calibrate=False):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=40, help="fault points per format (spread over the workload)")
-    ap.add_argument("--formats", default="qcow2,qed,vdi,vmdk,vpc,raw,overlay")
+    ap.add_argument("--formats", default="qcow2,qed,vdi,vmdk,vpc,vhdx,raw,overlay")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -193,7 +193,7 @@ def main():
             row["unreported"] += int(r["fired"] and not r["reported"])
             row["flush_after_failure_ok"] += int(not r["sticky_ok"])
             row["snapshot_changed"] += r["snapshot_changed"]
-            if os.environ.get("FAULT_DEBUG") and (r["after_fault"] == "corrupt" or r["fsynced_lost"] or not r["reported"] or not r["sticky_ok"]):
+            if os.environ.get("FAULT_DEBUG") and (r["after_fault"] == "corrupt" or r["after_repair"] == "corrupt" or r["fsynced_lost"] or not r["reported"] or not r["sticky_ok"]):
                 print(f"{fmt} N={n} {kind}: {r}", file=sys.stderr)
         table[fmt] = row
     print_table(args.seed, table, [("host ops (write / sync / fallocate)", "ops"), ("rounds", "rounds"), ("fault fired", "fired"),

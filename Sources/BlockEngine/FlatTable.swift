@@ -12,7 +12,7 @@ public struct FlatTable: Sendable {
     /// to stay inside the file.
     public init(file: ImageFile, start: UInt64, entries: UInt64, encoding: TableEncoding, fileSize: UInt64,
                 regionEnd: UInt64? = nil, cacheBytes: Int = 1 << 20,
-                beforeWriteBack: (@Sendable () throws -> Void)? = nil) {
+                beforeWriteBack: (@Sendable () throws -> Void)? = nil, journal: TableCache.Journal? = nil) {
         let width = UInt64(encoding.width)
         let bytes = entries * width
         let limit = min(fileSize, regionEnd ?? .max)
@@ -22,7 +22,7 @@ public struct FlatTable: Sendable {
         self.entries = entries
         perChunk = chunk / width
         cache = TableCache(file: file, tableBytes: Int(chunk), encoding: encoding, capacity: max(64, cacheBytes / Int(chunk)),
-                           beforeWriteBack: beforeWriteBack)
+                           beforeWriteBack: beforeWriteBack, journal: journal)
     }
 
     /// Entry `i` (the caller keeps `i` below `entries`).

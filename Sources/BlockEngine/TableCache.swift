@@ -70,8 +70,15 @@ public final class TableCache: Sendable {
         public var hits = 0, misses = 0, evictions = 0, tableWrites = 0, writeBackBatches = 0
     }
 
+    /// Writes a batch of table copies somewhere other than in place first (VHDX puts them in
+    /// its log, then applies them): used instead of direct writes, outside every lock. Only
+    /// for tables that are never freed (the direct path guards against a table freed and
+    /// reused while its copy was in flight; a journal does not need to).
+    public typealias Journal = @Sendable (_ tables: [(offset: UInt64, bytes: [UInt8])]) throws -> Void
+    private let journal: Journal?
+
     public init(file: ImageFile, tableBytes: Int, encoding: TableEncoding, capacity: Int,
-                beforeWriteBack: (@Sendable () throws -> Void)? = nil) {
+                beforeWriteBack: (@Sendable () throws -> Void)? = nil, journal: Journal? = nil) {
         precondition(tableBytes > 0 && tableBytes % encoding.width == 0 && capacity > 0)
         self.file = file
         maxAge = file.sharedWithWriters ? Self.sharedMaxAge : nil
@@ -79,6 +86,7 @@ public final class TableCache: Sendable {
         self.encoding = encoding
         self.capacity = capacity
         self.beforeWriteBack = beforeWriteBack
+        self.journal = journal
         self.state = Mutex(State())
     }
 
@@ -361,6 +369,18 @@ public final class TableCache: Sendable {
             }
             guard !copies.isEmpty else { return }
             try beforeWriteBack?()
+            if let journal {
+                try journal(copies.map { ($0.offset, $0.bytes) })
+                state.withLock { s in
+                    s.stats.writeBackBatches += 1
+                    for c in copies where s.slots[c.offset] === c.slot && c.slot.writes == c.written {
+                        c.slot.writes += 1
+                        if c.slot.dirtySeq == c.seq { c.slot.dirtySeq = nil }
+                        s.stats.tableWrites += 1
+                    }
+                }
+                return
+            }
             // (The writes go to the page cache; under `state` so a table freed and reused
             // meanwhile is never overwritten with its old bytes.)
             try state.withLock { s in

@@ -7,10 +7,10 @@ import Glibc
 
 struct CreateCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "create", abstract: "Create an empty image (qcow2, qed, vdi, vmdk, vpc, raw).",
-        discussion: "qemu-img's spellings work too: -o cluster_size=64k,compat=1.1,refcount_bits=16,extended_l2=on,lazy_refcounts=on,preallocation=metadata,table_size=4,subformat=streamOptimized|fixed,force_size=on,static=on,backing_file=B,backing_fmt=F; -b and -F. Sizes take k, M, G, T, P, E (or KiB, MiB, ...) and fractions (1.5G); a size that is not a multiple of 512 is rounded up, with a note.")
+        commandName: "create", abstract: "Create an empty image (qcow2, qed, vdi, vmdk, vpc, vhdx, raw).",
+        discussion: "qemu-img's spellings work too: -o cluster_size=64k,compat=1.1,refcount_bits=16,extended_l2=on,lazy_refcounts=on,preallocation=metadata,table_size=4,subformat=streamOptimized|fixed,force_size=on,block_size=32M,log_size=1M,block_state_zero=off,static=on,backing_file=B,backing_fmt=F; -b and -F. Sizes take k, M, G, T, P, E (or KiB, MiB, ...) and fractions (1.5G); a size that is not a multiple of 512 is rounded up, with a note.")
 
-    @Option(name: [.customShort("f"), .long], help: "Format: qcow2, qed, vdi, vmdk, vpc (VHD) or raw.", completion: .list(Self.creatable))
+    @Option(name: [.customShort("f"), .long], help: "Format: qcow2, qed, vdi, vmdk, vpc (VHD), vhdx or raw.", completion: .list(Self.creatable))
     var format: String
 
     @Option(help: "Cluster size in bytes (QED: power of two, 4 KiB...64 MiB; qcow2: 512...2M; default 64 KiB).")
@@ -34,12 +34,21 @@ struct CreateCommand: ParsableCommand {
     @Option(help: "Clusters per L1/L2 table (QED: 1, 2, 4, 8 or 16; default 4).")
     var tableSize: UInt32 = 4
 
-    @Option(help: "VMDK: \(VMDKCreate.Subformat.allCases.map(\.rawValue).joined(separator: ", ")) (default monolithicSparse). VHD (vpc): dynamic (default) or fixed.",
+    @Option(help: "VMDK: \(VMDKCreate.Subformat.allCases.map(\.rawValue).joined(separator: ", ")) (default monolithicSparse). VHD (vpc) and VHDX: dynamic (default) or fixed.",
             completion: .list(VMDKCreate.Subformat.allCases.map(\.rawValue) + VHDCreate.Subformat.allCases.map(\.rawValue)))
     var subformat: String?
 
     @Flag(help: "VHD (vpc): keep the exact size instead of rounding it up to a CHS geometry (qemu-img's force_size).")
     var forceSize = false
+
+    @Option(help: "VHDX: block size, a power of two from 1M to 256M (default by disk size, as qemu-img: 8M up to 1G, 16M up to 100G, 32M up to 32T, then 64M).")
+    var blockSize: String?
+
+    @Option(help: "VHDX: log size, whole MiBs (default 1M).")
+    var logSize: String?
+
+    @Flag(help: "VHDX: blocks start not present (dynamic) or laid out (fixed) instead of in the zero state (qemu-img's block_state_zero=off).")
+    var noBlockStateZero = false
 
     @Flag(name: .customLong("static"), help: "VDI: allocate every block up front (sparse on the host).")
     var isStatic = false
@@ -85,6 +94,7 @@ struct CreateCommand: ParsableCommand {
             "vdi": ["static"],
             "vmdk": ["subformat", "backing_file", "compat6", "hwversion", "adapter_type", "toolsversion", "zeroed_grain"],
             "vpc": ["subformat", "force_size", "preallocation"],
+            "vhdx": ["subformat", "block_size", "log_size", "block_state_zero", "preallocation"],
             "raw": ["preallocation"],
         ]
         func onOff(_ key: String, _ v: String) throws -> Bool {
@@ -110,7 +120,7 @@ struct CreateCommand: ParsableCommand {
                 case "extended_l2": extendedL2 = try onOff(key, value)
                 case "lazy_refcounts": lazyRefcounts = try onOff(key, value)
                 case "preallocation":
-                    if fmt == "raw" || fmt == "vpc", value != "off" { throw BlockError.usage("-o preallocation=\(value): \(fmt) images are created sparse here (off)") }
+                    if fmt == "raw" || fmt == "vpc" || fmt == "vhdx", value != "off" { throw BlockError.usage("-o preallocation=\(value): \(fmt) images are created sparse here (off)") }
                     preallocation = value
                 case "table_size":
                     guard let n = UInt32(value) else { throw BlockError.usage("-o table_size=\(value): a number") }
@@ -118,6 +128,9 @@ struct CreateCommand: ParsableCommand {
                 case "subformat": subformat = value
                 case "static": isStatic = try onOff(key, value)
                 case "force_size": forceSize = try onOff(key, value)
+                case "block_size": blockSize = value
+                case "log_size": logSize = value
+                case "block_state_zero": noBlockStateZero = try !onOff(key, value)
                 case "backing_file": backing = value
                 case "backing_fmt": backingFormat = value
                 case "compression_type":
@@ -136,7 +149,7 @@ struct CreateCommand: ParsableCommand {
 
     /// Creates the image (also for `convert`); errors are thrown, not printed.
     /// Formats `create` (and `convert -O`) write.
-    static let creatable = ["qcow2", "qed", "vdi", "vmdk", "vpc", "raw"]
+    static let creatable = ["qcow2", "qed", "vdi", "vmdk", "vpc", "vhdx", "raw"]
 
     func createImage() throws {
         do {
@@ -162,6 +175,7 @@ struct CreateCommand: ParsableCommand {
             if bytes != asked { printError("rawmount: note: size \(asked) rounded up to \(bytes) (a whole number of 512-byte sectors)") }
             // What can be refused from the options alone is refused before the announcement.
             if format.lowercased() == "vpc" { _ = (try vhdSubformat(), try VHDCreate.layout(size: bytes, forceSize: forceSize)) }
+            if format.lowercased() == "vhdx" { _ = try VHDXCreate.validate(size: bytes, options: try vhdxOptions()) }
             let replaced = try existingFileToReplace(parent: parent)
             if !quiet { print(formattingLine(bytes, parentFormat: parent?.driver.info.format)) }
             if replaced != nil {
@@ -215,6 +229,9 @@ struct CreateCommand: ParsableCommand {
             case "vpc":
                 if backing != nil { throw BlockError.usage("VHD images cannot have a backing file here (differencing VHDs are not written)") }
                 try VHDCreate.create(path: image, size: bytes, subformat: try vhdSubformat(), forceSize: forceSize)
+            case "vhdx":
+                if backing != nil { throw BlockError.usage("VHDX images cannot have a backing file here (differencing VHDX is not written)") }
+                try VHDXCreate.create(path: image, size: bytes, options: try vhdxOptions())
             case "raw":
                 if backing != nil { throw BlockError.usage("raw images cannot have a backing file") }
                 try ImageFile.createComplete(path: image) { try $0.truncate(to: bytes) }
@@ -244,6 +261,18 @@ struct CreateCommand: ParsableCommand {
         return file
     }
 
+    func vhdxOptions() throws -> VHDXCreate.Options {
+        var o = VHDXCreate.Options()
+        guard let sub = VHDXCreate.Subformat(rawValue: subformat ?? "dynamic") else {
+            throw BlockError.usage("unknown VHDX subformat '\(subformat ?? "")' (dynamic or fixed)")
+        }
+        o.subformat = sub
+        o.blockSize = try blockSize.map(parseSize) ?? 0
+        o.logSize = try logSize.map(parseSize) ?? (1 << 20)
+        o.blockStateZero = !noBlockStateZero
+        return o
+    }
+
     func vhdSubformat() throws -> VHDCreate.Subformat {
         guard let sub = VHDCreate.Subformat(rawValue: subformat ?? "dynamic") else {
             throw BlockError.usage("unknown VHD subformat '\(subformat ?? "")' (dynamic or fixed)")
@@ -267,6 +296,10 @@ struct CreateCommand: ParsableCommand {
         case "vdi": f += ["size=\(size)", "static=\(isStatic ? "on" : "off")"]
         case "vmdk": f += ["size=\(size)"] + back.prefix(1) + ["compat6=off", "hwversion=undefined", "subformat=\(subformat ?? "monolithicSparse")"]
         case "vpc": f += ["size=\(size)"] + (subformat.map { ["subformat=\($0)"] } ?? []) + (forceSize ? ["force_size=on"] : [])
+        case "vhdx":
+            f += ["size=\(size)", "log_size=\((try? logSize.map(parseSize)) ?? nil ?? 1 << 20)", "block_size=\((try? blockSize.map(parseSize)) ?? nil ?? 0)"]
+            if let subformat { f.append("subformat=\(subformat)") }
+            if noBlockStateZero { f.append("block_state_zero=off") }
         default: f += ["size=\(size)"]
         }
         return "Formatting '\(image)', " + f.joined(separator: " ")

@@ -198,8 +198,8 @@ final class DamagedImageFuzzTests: XCTestCase {
     }
 
     func testDamagedVHDX() throws {
-        try fuzz("vhdx", try image("a.vhdx", ["-O", "vhdx", "-o", "block_size=1M"]), format: .vhdx, writable: false, seed: 71)
-        try fuzz("vhdx-fixed", try image("b.vhdx", ["-O", "vhdx", "-o", "subformat=fixed"]), format: .vhdx, writable: false, seed: 72)
+        try fuzz("vhdx", try image("a.vhdx", ["-O", "vhdx", "-o", "block_size=1M"]), format: .vhdx, writable: true, seed: 71)
+        try fuzz("vhdx-fixed", try image("b.vhdx", ["-O", "vhdx", "-o", "subformat=fixed"]), format: .vhdx, writable: true, seed: 72)
     }
 
     func testDamagedVMDK() throws {

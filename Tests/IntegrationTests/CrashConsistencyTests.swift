@@ -243,7 +243,7 @@ final class CrashConsistencyTests: XCTestCase {
         let r = try Harness.run(["env", "RAWMOUNT=\(Harness.rawmount)", "python3", script, "--rounds", "2", "--seed", "\(getpid())", "--json"])
         guard let json = try JSONSerialization.jsonObject(with: Data(r.out.utf8)) as? [String: Any],
               let table = json["table"] as? [String: [String: Int]] else { XCTFail("no table: \(r.out)\(r.err)"); return }
-        XCTAssertEqual(Set(table.keys), ["raw", "qcow2", "qed", "vdi", "vmdk", "vpc"])
+        XCTAssertEqual(Set(table.keys), ["raw", "qcow2", "qed", "vdi", "vmdk", "vpc", "vhdx"])
         for (format, row) in table {
             XCTAssertEqual(row["rounds"], 2, format)
             XCTAssertEqual(row["corrupt_after_repair"], 0, "\(format): \(row) (seed \(json["seed"] ?? ""))")

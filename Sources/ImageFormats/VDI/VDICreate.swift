@@ -26,8 +26,8 @@ public enum VDICreate {
         put32(&raw, 0x178, UInt32(blockSize))
         put32(&raw, 0x180, UInt32(blocks))
         put32(&raw, 0x184, isStatic ? UInt32(blocks) : 0)
-        raw.replaceSubrange(0x188..<0x198, with: randomUUID())
-        raw.replaceSubrange(0x198..<0x1A8, with: randomUUID())
+        raw.replaceSubrange(0x188..<0x198, with: randomGUID())
+        raw.replaceSubrange(0x198..<0x1A8, with: randomGUID())
         var map = [UInt8](repeating: 0, count: Int(mapBytes))
         for i in 0..<Int(blocks) { put32(&map, i * 4, isStatic ? UInt32(i) : VDIHeader.blockFree) }
         try ImageFile.createComplete(path: path) { file in
@@ -35,13 +35,5 @@ public enum VDICreate {
             try file.write(map, at: offsetBmap)
             try file.truncate(to: offsetData + (isStatic ? blocks * blockSize : 0))
         }
-    }
-
-    /// A version-4 UUID in the GUID byte order VDI stores.
-    static func randomUUID() -> [UInt8] {
-        var u = (0..<16).map { _ in UInt8.random(in: 0...255) }
-        u[7] = (u[7] & 0x0F) | 0x40 // version nibble: byte 7 holds the high byte of the LE time_hi field
-        u[8] = (u[8] & 0x3F) | 0x80
-        return u
     }
 }

@@ -72,7 +72,7 @@ public final class VDIDriver: ImageAllocating {
             ("block extra", "\(h.blockExtra)"),
             ("header text", String(h.text.filter { $0 != "\n" })),
         ])
-        headerFirst.body = { [unowned self] in
+        headerFirst.body = { [unowned self] _ in
             if try self.writeHeaderIfNeeded() { try self.file.sync() }
         }
     }

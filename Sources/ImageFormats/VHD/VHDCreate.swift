@@ -80,7 +80,7 @@ public enum VHDCreate {
         footer[56] = UInt8(l.cylinders >> 8); footer[57] = UInt8(truncatingIfNeeded: l.cylinders)
         footer[58] = UInt8(l.heads); footer[59] = UInt8(l.sectors)
         put32be(&footer, 60, subformat == .dynamic ? 3 : 2)
-        footer.replaceSubrange(68..<84, with: randomUUID())
+        footer.replaceSubrange(68..<84, with: randomGUID(mixedEndian: false))
         put32be(&footer, 64, VHDFooter.checksum(footer, skipping: 64))
 
         try ImageFile.createComplete(path: path) { file in
@@ -105,13 +105,5 @@ public enum VHDCreate {
                 try file.write(footer, at: tableOffset + tableBytes)
             }
         }
-    }
-
-    /// A version-4 UUID, stored in the byte order the footer uses (big-endian fields).
-    static func randomUUID() -> [UInt8] {
-        var u = (0..<16).map { _ in UInt8.random(in: 0...255) }
-        u[6] = (u[6] & 0x0F) | 0x40
-        u[8] = (u[8] & 0x3F) | 0x80
-        return u
     }
 }

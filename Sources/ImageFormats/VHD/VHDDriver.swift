@@ -83,7 +83,7 @@ public final class VHDDriver: ImageAllocating {
         // The table is written in whole chunks, so they stay inside its own (sector-padded) region.
         table = FlatTable(file: file, start: h.tableOffset, entries: h.maxTableEntries, encoding: .u32BE, fileSize: fileSize,
                           regionEnd: h.tableOffset + h.tableRegionBytes, beforeWriteBack: { [framesFirst] in try framesFirst() })
-        framesFirst.body = { [unowned self] in try self.writeBlockFrames() }
+        framesFirst.body = { [unowned self] _ in try self.writeBlockFrames() }
     }
 
     public var allocatedBytesHint: UInt64? {

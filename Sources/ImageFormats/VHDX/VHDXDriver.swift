@@ -1,33 +1,58 @@
 import BlockEngine
+import Synchronization
 
-/// VHDX (Hyper-V's format), dynamic and fixed, read-only for now. The block allocation
-/// table holds, per payload block, a state and an offset in MiB, with one sector-bitmap
-/// entry after every `chunkRatio` payload entries; it goes through the shared table cache.
-/// Block states read as the specification and QEMU say: not present as unallocated;
-/// undefined, zero and unmapped as zeros; fully present from the file.
-public final class VHDXDriver: ImageDriver {
+/// VHDX (Hyper-V's format), dynamic and fixed. The block allocation table holds, per payload
+/// block, a state and an offset in MiB, with one sector-bitmap entry after every
+/// `chunkRatio` payload entries; it goes through the shared table cache. Block states read
+/// as the specification and QEMU say: not present as unallocated; undefined, zero and
+/// unmapped as zeros; fully present from the file. Writes: `VHDXBlockAllocation.swift`.
+public final class VHDXDriver: ImageAllocating {
     public let file: ImageFile
     public let info: ImageInfo
-    public var readOnlyReason: String? { "writing VHDX images is not supported yet" }
+    public var isWritable: Bool { file.isWritable }
     public let header: VHDXHeader
     public let metadata: VHDXMetadata
 
     let table: FlatTable
     let structures: MetadataRanges
-    let presentBlocks: UInt64
+    let headers: VHDXHeaderUpdate
     static let mib: UInt64 = 1 << 20
     /// Longest run one `map` call assembles.
     static let maxBlocksPerMap = 256
 
     enum State: UInt64 {
-        case notPresent = 0, undefined = 1, zero = 2, unmapped = 3, fullyPresent = 6, partiallyPresent = 7
+        case notPresent = 0, undefined = 1, zero = 2, unmapped = 3, unmappedV095 = 5, fullyPresent = 6, partiallyPresent = 7
     }
 
-    public init(file: ImageFile) throws {
-        let h = try VHDXHeader.read(from: file)
-        if try VHDXLog.needsReplay(file, header: h) {
-            throw BlockError.unsupported(file: file.path, feature: "VHDX image with a log that needs to be replayed (a crash while it was written); "
-                                         + "rawmount does not replay VHDX logs yet: `qemu-img check -r all` on a copy replays it")
+    /// Where the next block goes (QEMU: the file's end rounded up to a MiB) and what the
+    /// table write-back still has to do.
+    struct Frontier {
+        var next: UInt64
+        /// Host bytes from here on were never written, so they read as zeros.
+        var unwrittenFrom: UInt64
+        /// The file must reach here before a table entry names the blocks below it.
+        var committedEnd: UInt64
+        var presentBlocks: UInt64
+        var logSequence: UInt64 = 1
+    }
+    let frontier: Mutex<Frontier>
+    let preallocator: Preallocator?
+
+    /// `note`: told what a writable open did (a log replayed).
+    public init(file: ImageFile, note: ((String) -> Void)? = nil) throws {
+        var h = try VHDXHeader.read(from: file)
+        // A log to replay: replayed on a writable open, refused on a read-only one, as QEMU does.
+        let pending = try VHDXLog.activeSequence(file, header: h)
+        if !pending.isEmpty {
+            guard file.isWritable else {
+                throw BlockError.unsupported(file: file.path, feature: "opening read-only a VHDX whose log needs to be replayed (a crash while it was written); "
+                                             + "open it writable once (rawmount mount without -r, or `qemu-img check -r all`) to replay it")
+            }
+            try VHDXLog.replay(file, pending)
+            try file.sync()
+            try VHDXHeaderUpdate(file: file, header: h).update(logGUID: VHDXGUID(bytes: [UInt8](repeating: 0, count: 16)))
+            note?("replayed \(pending.count) log \(pending.count == 1 ? "entry" : "entries") left by a crash")
+            h = try VHDXHeader.read(from: file)
         }
         let m = try VHDXMetadata.read(from: file, header: h)
         guard !m.hasParent else {
@@ -49,21 +74,25 @@ public final class VHDXDriver: ImageDriver {
         ]
         if h.logLength > 0 { ranges.append(.init(start: h.logOffset, length: h.logLength, what: "the log")) }
         structures = try MetadataRanges(ranges, file: file.path)
-        // Every present block must lie inside the file, or QEMU calls the image truncated.
+        // Every present block must lie inside the file, or QEMU calls the image truncated;
+        // the last one only up to the disk's end (qemu-img makes fixed images that end there).
         var present: UInt64 = 0
         let group = m.chunkRatio + 1
         try FlatTable.forEachEntry(file, start: h.batOffset, count: entries, encoding: .u64LE, what: "VHDX block allocation table") { i, e in
             guard i % group != m.chunkRatio, e & 7 == State.fullyPresent.rawValue || e & 7 == State.partiallyPresent.rawValue else { return }
             present += 1
             let offset = (e >> 20) * Self.mib
-            guard offset <= fileSize, m.blockSize <= fileSize - offset else {
+            let block = i - i / group
+            let needed = block * m.blockSize < m.virtualSize ? min(m.blockSize, m.virtualSize - block * m.blockSize) : m.blockSize
+            guard offset <= fileSize, needed <= fileSize - offset else {
                 throw BlockError.invalid(file: file.path, field: "VHDX block allocation table entry \(i)",
                                          detail: "a block at \(offset) runs past the end of the \(fileSize)-byte file (the image was truncated)")
             }
         }
-        presentBlocks = present
-        table = FlatTable(file: file, start: h.batOffset, entries: entries, encoding: .u64LE, fileSize: fileSize,
-                          regionEnd: h.batOffset + h.batLength)
+        let end = max(fileSize, ranges.map(\.end).max() ?? 0).alignedUp(Self.mib)
+        frontier = Mutex(Frontier(next: end, unwrittenFrom: fileSize, committedEnd: 0, presentBlocks: present))
+        headers = VHDXHeaderUpdate(file: file, header: h)
+        preallocator = file.isWritable ? Preallocator(file: file) : nil
         info = ImageInfo(format: "vhdx", virtualSize: m.virtualSize, clusterSize: m.blockSize, details: [
             ("block size", "\(m.blockSize)"),
             ("logical sector size", "\(m.logicalSectorSize)"),
@@ -71,9 +100,18 @@ public final class VHDXDriver: ImageDriver {
             ("blocks", "\(present) of \(m.dataBlocks) present"),
             ("header sequence", "\(h.sequenceNumber) (header \(h.current + 1))"),
         ])
+        // Table sectors reach the file through the log (`VHDXBlockAllocation.swift`), in
+        // whole 4 KiB chunks that stay inside the table's region.
+        let late = LateBarrier(), journal = LateHook<[(offset: UInt64, bytes: [UInt8])]>()
+        table = FlatTable(file: file, start: h.batOffset, entries: entries, encoding: .u64LE, fileSize: fileSize,
+                          regionEnd: h.batOffset + h.batLength, beforeWriteBack: { try late() }, journal: { try journal($0) })
+        late.body = { [unowned self] _ in try self.coverCommittedBlocks() }
+        journal.body = { [unowned self] in try self.writeThroughLog($0) }
+        // A writable open updates both headers (a new file-write GUID), as QEMU's does.
+        if file.isWritable { try headers.update() }
     }
 
-    public var allocatedBytesHint: UInt64? { min(presentBlocks * metadata.blockSize, info.virtualSize) }
+    public var allocatedBytesHint: UInt64? { min(frontier.withLock { $0.presentBlocks } * metadata.blockSize, info.virtualSize) }
 
     public func map(_ offset: UInt64, maxLength: UInt64) throws -> Mapping {
         let bs = metadata.blockSize, ratio = metadata.chunkRatio
@@ -83,7 +121,7 @@ public final class VHDXDriver: ImageDriver {
         return try table.mapRun(from: offset, to: groupEnd, unit: bs, maxPieces: Self.maxBlocksPerMap, skip: group) { e, block, pos, n in
             switch State(rawValue: e & 7) {
             case .notPresent: return .unallocated(length: n)
-            case .undefined, .zero, .unmapped: return .zero(length: n)
+            case .undefined, .zero, .unmapped, .unmappedV095: return .zero(length: n)
             case .fullyPresent:
                 let data = (e >> 20) * Self.mib
                 guard data >= Self.mib else {
@@ -101,6 +139,4 @@ public final class VHDXDriver: ImageDriver {
             }
         }
     }
-
-    public func close() throws {}
 }

@@ -45,6 +45,8 @@ public struct VHDXHeader: Sendable {
 
     public var sequenceNumber: UInt64
     var logGUID: VHDXGUID
+    /// The current header's 4 KiB as read (its checksum holds): updates start from it.
+    var raw: [UInt8]
     public var logOffset: UInt64
     public var logLength: UInt64
     /// Which header (0 or 1) is current.
@@ -78,7 +80,10 @@ public struct VHDXHeader: Sendable {
         guard le16(h, 66) == 1 else {
             throw BlockError.unsupported(file: file.path, feature: "VHDX version \(le16(h, 66)) (version 1 is read)")
         }
-        var header = VHDXHeader(sequenceNumber: seq, logGUID: VHDXGUID(bytes: Array(h[48..<64])), logOffset: le64(h, 72),
+        guard le16(h, 64) == 0 else {
+            throw BlockError.unsupported(file: file.path, feature: "VHDX log version \(le16(h, 64)) (version 0 is read)")
+        }
+        var header = VHDXHeader(sequenceNumber: seq, logGUID: VHDXGUID(bytes: Array(h[48..<64])), raw: h, logOffset: le64(h, 72),
                                 logLength: UInt64(le32(h, 68)), current: index,
                                 batOffset: 0, batLength: 0, metadataOffset: 0, metadataLength: 0)
         try header.readRegions(file, fileSize: size)
