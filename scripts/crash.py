@@ -6,7 +6,8 @@ Each round: create an image with qemu-img, mount it writable, write whole 64 KiB
 (each with its own version pattern) from a writer thread, fsync every few writes, and kill
 the server with SIGKILL at a random moment (some VDI rounds pause the server between the
 header and the map write of a flush, some qcow2 rounds between the two writes of each
-ordering the crash rules need, so the kill lands there). Then:
+ordering the crash rules need, some VHDX rounds between a durable log entry and the table
+writes it carries, so the kill lands there). Then:
   1. qemu-img check right after the crash: clean, leaks only, or corrupt;
   2. every region a completed fsync covered still holds that version or a later one;
   3. a writable remount (which repairs) and unmount; qemu-img check must then be 0 or 3;
@@ -138,9 +139,13 @@ def one_round(fmt, rng, work):
         run(["qemu-img", "bitmap", "--add", "-g", "4k", img, "b0"])
         run(["qemu-img", "bitmap", "--add", "--disable", img, "b1"])
     env = dict(os.environ)
-    paused = fmt in ("vdi", "qcow2") and rng.random() < 0.3
+    paused = fmt in ("vdi", "qcow2", "vhdx") and rng.random() < 0.3
     if paused and fmt == "vdi":
         env["RAWMOUNT_TEST_VDI_PAUSE_AFTER_HEADER_US"] = "3000000"
+    if paused and fmt == "vhdx":
+        # Between a durable log entry and the table sectors in place: the next writable open
+        # (and QEMU's) must replay it.
+        env["RAWMOUNT_TEST_VHDX_PAUSE_AFTER_LOG_US"] = "3000000"
     if paused and fmt == "qcow2":
         # Between a new L2 table and its L1 entry, an unlink and its refcount drop, a grown
         # refcount table and the header switch.

@@ -126,6 +126,20 @@ struct CheckCommand: ParsableCommand {
             let report = try VMDKCheck.run(driver)
             if repair && report.corruptions > 0 { printError("rawmount: \(image): VMDK repair is not implemented") }
             return Outcome(format: "vmdk", text: "\(report)", corruptions: report.corruptions)
+        case .vhdx:
+            // A log to replay first: reported, or replayed by a writable open when repairing.
+            let pending = try VHDXCheck.pendingLog(file)
+            if pending > 0 && !repair {
+                let report = VHDXCheckReport(pendingLogEntries: pending)
+                return Outcome(format: "vhdx", text: "\(report)", leaks: 1)
+            }
+            let device = try ImageOpener.open(path: image, options: .init(writable: repair, format: .vhdx, lock: false))
+            defer { try? device.close() }
+            guard let driver = device.driver as? VHDXDriver else { throw ExitCode.failure }
+            let report = try VHDXCheck.run(driver)
+            var o = Outcome(format: "vhdx", text: "\(report)" + (pending > 0 ? " (log of \(pending) replayed)" : ""), corruptions: report.corruptions)
+            o.leaksFixed = pending > 0 ? 1 : 0
+            return o
         case .vpc:
             let device = try ImageOpener.open(path: image, options: .init(writable: repair, format: .vpc, lock: false))
             defer { try? device.close() }

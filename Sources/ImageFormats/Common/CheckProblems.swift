@@ -16,3 +16,13 @@ public struct CheckProblems: Sendable {
         return "; \(count) errors:\n  " + lines.joined(separator: "\n  ") + (count > lines.count ? "\n  ..." : "")
     }
 }
+
+extension CheckProblems {
+    /// Reports every pair of neighbouring blocks (sorted `starts`, each `span` bytes; `unit`
+    /// bytes per start value) that overlap: two table entries sharing host space.
+    mutating func overlapping<S: BinaryInteger>(_ starts: [S], unit: UInt64, span: UInt64) {
+        for (a, b) in zip(starts, starts.dropFirst()) where UInt64(a) * unit + span > UInt64(b) * unit {
+            add("the blocks at \(UInt64(a) * unit) and \(UInt64(b) * unit) overlap")
+        }
+    }
+}

@@ -46,10 +46,7 @@ public enum VHDCheck {
             starts.append(UInt32(e))
         }
         starts.sort()
-        let span = h.bitmapBytes + h.blockSize
-        for (a, b) in zip(starts, starts.dropFirst()) where UInt64(a) * 512 + span > UInt64(b) * 512 {
-            r.problem("the blocks at \(UInt64(a) * 512) and \(UInt64(b) * 512) overlap")
-        }
+        r.problems.overlapping(starts, unit: 512, span: h.bitmapBytes + h.blockSize)
         let tail = size >= r.imageEnd + UInt64(VHDFooter.size)
             ? try d.file.readBytes(count: VHDFooter.size, at: r.imageEnd, what: "VHD footer") : []
         r.footerMisplaced = size != r.imageEnd + UInt64(VHDFooter.size) || tail != d.footer.raw

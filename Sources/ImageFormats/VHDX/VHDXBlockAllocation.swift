@@ -72,11 +72,16 @@ extension VHDXDriver {
             let entry = VHDXLog.encode(batch, sequence: seq, logGUID: guid, fileSize: try file.size())
             try file.write(entry, at: header.logOffset)
             try file.sync()
+            if Self.testPauseAfterLog > 0 { usleep(Self.testPauseAfterLog) }
             for t in batch { try file.write(t.bytes, at: t.offset) }
             try file.sync()
             try headers.update(logGUID: VHDXGUID(bytes: [UInt8](repeating: 0, count: 16)))
         }
     }
+
+    /// Tests only: a pause between a durable log entry and its sectors in place, so a kill -9
+    /// can land exactly there (the next writable open must replay it).
+    static let testPauseAfterLog: UInt32 = getenv("RAWMOUNT_TEST_VHDX_PAUSE_AFTER_LOG_US").flatMap { UInt32(String(cString: $0)) } ?? 0
 
     public func metadataOverlap(host: UInt64, length: UInt64) -> MetadataRanges.Range? { structures.overlap(host, length) }
 
