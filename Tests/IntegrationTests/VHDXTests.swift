@@ -296,4 +296,19 @@ final class VHDXTests: XCTestCase {
         XCTAssertEqual(r.out, "")
         XCTAssertFalse(FileManager.default.fileExists(atPath: big))
     }
+
+    /// `convert -O vhdx` (dynamic and fixed) holds the source's bytes for qemu-img.
+    func testConvertToVHDX() throws {
+        let s = try Scratch()
+        let src = s.path("src.qcow2")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", src, "50M"])
+        try Harness.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x21 0 3M", "-c", "write -P 0x43 47M 3M", "-c", "write -P 0x65 20M 4k", src])
+        for sub in ["dynamic", "fixed"] {
+            let out = s.path("out-\(sub).vhdx")
+            try Harness.run([Harness.rawmount, "convert", "-O", "vhdx", "-o", "subformat=\(sub)", src, out])
+            let cmp = try Harness.run(["qemu-img", "compare", "-f", "qcow2", "-F", "vhdx", src, out], check: false)
+            XCTAssertEqual(cmp.status, 0, "\(sub): \(cmp.out)\(cmp.err)")
+            XCTAssertEqual(try Harness.run(["qemu-img", "check", out], check: false).status, 0, sub)
+        }
+    }
 }
