@@ -195,6 +195,12 @@ final class DamagedImageFuzzTests: XCTestCase {
     func testDamagedVHD() throws {
         try fuzz("vhd", try image("a.vhd", ["-O", "vpc"]), format: .vpc, writable: true, seed: 61)
         try fuzz("vhd-fixed", try image("b.vhd", ["-O", "vpc", "-o", "subformat=fixed"]), format: .vpc, writable: true, seed: 62)
+        // A differencing child (the fixture's layout) over "a.vhd", which its locators name.
+        let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("IntegrationTests/Fixtures/make_vhd_child.py").path
+        XCTAssertEqual(try run(["qemu-img", "convert", "-f", "vpc", "-O", "raw", dir + "/a.vhd", dir + "/a.raw"]), 0)
+        XCTAssertEqual(try run(["python3", script, dir + "/a.vhd", dir + "/a.raw", dir + "/c.vhd", dir + "/c.expected", "w2ru"]), 0)
+        try fuzz("vhd-differencing", [UInt8](try Data(contentsOf: URL(fileURLWithPath: dir + "/c.vhd"))), format: .vpc, writable: false, seed: 63)
     }
 
     func testDamagedVHDX() throws {

@@ -102,10 +102,7 @@ final class CrashConsistencyTests: XCTestCase {
         let raw = s.mnt + "/d.raw"
         guard let pid = try s.serverPid() else { XCTFail("no pid file for \(s.mnt)"); return }
         // A new block at 2M, then fsync: the flush writes the header and pauses before the map.
-        let writer = Process()
-        writer.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        writer.arguments = ["dd", "if=/dev/zero", "of=\(raw)", "bs=4k", "count=1", "seek=512", "conv=notrunc,fsync", "status=none"]
-        try writer.run()
+        let writer = try s.start(["dd", "if=/dev/zero", "of=\(raw)", "bs=4k", "count=1", "seek=512", "conv=notrunc,fsync", "status=none"])
         var waited = 0
         while try vdiState(img).count != 2 && waited < 200 { usleep(50_000); waited += 1 }
         XCTAssertEqual(try vdiState(img).count, 2, "the header was not written first")
@@ -131,10 +128,7 @@ final class CrashConsistencyTests: XCTestCase {
         try s.mount(img, environment: ["RAWMOUNT_TEST_VHDX_PAUSE_AFTER_LOG_US": "30000000"])
         let raw = s.mnt + "/k.raw"
         guard let pid = try s.serverPid() else { XCTFail("no pid file for \(s.mnt)"); return }
-        let writer = Process()
-        writer.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        writer.arguments = ["dd", "if=/dev/urandom", "of=\(raw)", "bs=64k", "count=4", "seek=80", "conv=notrunc,fsync", "status=none"]
-        try writer.run()
+        let writer = try s.start(["dd", "if=/dev/urandom", "of=\(raw)", "bs=64k", "count=4", "seek=80", "conv=notrunc,fsync", "status=none"])
         // The log entry is durable once the headers carry its GUID and qemu-img sees a log.
         var waited = 0
         while !(try Harness.run(["qemu-img", "info", "-U", img], check: false).err.contains("replayed")) && waited < 200 { usleep(50_000); waited += 1 }
@@ -167,14 +161,11 @@ final class CrashConsistencyTests: XCTestCase {
             try s.mount(img, environment: ["RAWMOUNT_TEST_QCOW2_PAUSE_US": "30000000"])
             guard let pid = try serverPid(s) else { XCTFail("no pid"); return }
             let raw = s.mnt + "/o.raw"
-            let writer = Process()
-            writer.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-            writer.arguments = step.hasPrefix("new")
+            let writer = try s.start(step.hasPrefix("new")
                 // 600 MiB lies under an L1 entry with no L2 table yet.
                 ? ["dd", "if=/dev/zero", "of=\(raw)", "bs=64k", "count=1", "seek=9600", "conv=notrunc,fsync", "status=none"]
                 : ["python3", "-c", "import ctypes, os, sys; f = os.open(sys.argv[1], os.O_RDWR); "
-                   + "assert ctypes.CDLL(None).fallocate(f, 3, ctypes.c_long(0), ctypes.c_long(1 << 20)) == 0; os.fsync(f)", raw]
-            try writer.run()
+                   + "assert ctypes.CDLL(None).fallocate(f, 3, ctypes.c_long(0), ctypes.c_long(1 << 20)) == 0; os.fsync(f)", raw])
             usleep(2_000_000)  // the flush reaches the pause well within this
             XCTAssertTrue(writer.isRunning, "\(step): the fsync returned before the pause")
             try s.killServer(pid, waiting: writer)

@@ -105,6 +105,35 @@ final class Scratch {
         try forgetMount(mp ?? mnt)
     }
 
+    /// Starts `args` (through env) without waiting: a writer a test kills the server under.
+    func start(_ args: [String]) throws -> Process {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        p.arguments = args
+        try p.run()
+        return p
+    }
+
+    /// A 50 MiB qcow2 with data at its start, its end and in the middle: a source to convert.
+    func sampleQCOW2() throws -> String {
+        let src = path("sample.qcow2")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", src, "50M"])
+        try Harness.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x21 0 3M", "-c", "write -P 0x43 47M 3M", "-c", "write -P 0x65 20M 4k", src])
+        return src
+    }
+
+    /// `rawmount create ARGS IMAGE SIZE` must fail (exit 1) naming `mention`, before printing
+    /// anything, and leave no file.
+    func assertCreateRefused(_ args: [String], image name: String, size: String, mentions mention: String,
+                             file: StaticString = #filePath, line: UInt = #line) throws {
+        let image = path(name)
+        let r = try Harness.run([Harness.rawmount, "create"] + args + [image, size], check: false)
+        XCTAssertEqual(r.status, 1, file: file, line: line)
+        XCTAssertTrue(r.err.contains(mention), r.err, file: file, line: line)
+        XCTAssertEqual(r.out, "", "it announced an image it does not make", file: file, line: line)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: image), file: file, line: line)
+    }
+
     /// The pid of the server serving `mp` (from its pid file).
     func serverPid(_ mp: String? = nil) throws -> pid_t? {
         let pidFile = "/run/rawmount/" + (mp ?? mnt).replacingOccurrences(of: "%", with: "%25").replacingOccurrences(of: "/", with: "%2F") + ".pid"

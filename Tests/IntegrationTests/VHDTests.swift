@@ -173,21 +173,14 @@ final class VHDTests: XCTestCase {
             XCTAssertEqual(differing.prefix(8), [], "\(size) \(opts): bytes differ from qemu-img's")
             XCTAssertEqual(try qemuSize(ours), try qemuSize(theirs), "\(size) \(opts)")
         }
-        let big = s.path("big.vhd")
-        let r = try Harness.run([Harness.rawmount, "create", "-f", "vpc", "-o", "force_size=on", big, "3T"], check: false)
-        XCTAssertEqual(r.status, 1)
-        XCTAssertTrue(r.err.contains("2040 GiB"), r.err)
-        XCTAssertEqual(r.out, "", "it announced an image it does not make")
-        XCTAssertFalse(FileManager.default.fileExists(atPath: big))
+        try s.assertCreateRefused(["-f", "vpc", "-o", "force_size=on"], image: "big.vhd", size: "3T", mentions: "2040 GiB")
     }
 
     /// `convert -O vpc` (both subformats) holds the source's bytes for qemu-img, and sizes
     /// the disk as qemu-img convert does (rounded up to the geometry, never down).
     func testConvertToVHD() throws {
         let s = try Scratch()
-        let src = s.path("src.qcow2")
-        try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", src, "50M"])
-        try Harness.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x21 0 3M", "-c", "write -P 0x43 47M 3M", "-c", "write -P 0x65 20M 4k", src])
+        let src = try s.sampleQCOW2()
         for sub in ["dynamic", "fixed"] {
             let ours = s.path("ours-\(sub).vhd"), theirs = s.path("theirs-\(sub).vhd")
             try Harness.run([Harness.rawmount, "convert", "-O", "vpc", "-o", "subformat=\(sub)", src, ours])
@@ -226,13 +219,39 @@ final class VHDTests: XCTestCase {
         XCTAssertTrue(check.out.contains("block allocation table"), check.out)
     }
 
-    /// A differencing VHD (changed sectors over a parent) is refused by name, never read
-    /// as a disk of zeros where the parent holds data.
-    func testDifferencingImageIsRefusedByName() throws {
+    /// Differencing VHDs (written by the fixture as the specification lays them out: qemu-img
+    /// cannot make them) read over their parent, sector by sector as their bitmaps say, the
+    /// parent found by a relative or absolute Windows locator, a file URL or its name, and
+    /// served read-only; a parent whose UUID differs, or that is nowhere, is refused by name.
+    func testDifferencingChildReadsOverItsParent() throws {
         let s = try Scratch()
-        let img = s.path("child.vhd")
-        try Harness.run(["qemu-img", "create", "-q", "-f", "vpc", img, "16M"])
-        try patchFooter(img, at: 0) { $0.replaceSubrange(60 ..< 64, with: [0, 0, 0, 4]) }
-        try s.assertMountRefused(["-r", img], mentions: ["child.vhd", "differencing"], "differencing")
+        let script = Harness.packageRoot.path + "/Tests/IntegrationTests/Fixtures/make_vhd_child.py"
+        for (sub, mode) in [("dynamic", "w2ru"), ("dynamic", "w2ku"), ("fixed", "macx"), ("dynamic", "name")] {
+            let parent = s.path("parent-\(sub).vhd"), parentRaw = s.path("parent-\(sub).raw")
+            if !FileManager.default.fileExists(atPath: parent) {
+                try Harness.run(["qemu-img", "create", "-q", "-f", "vpc", "-o", "subformat=\(sub)", parent, "12M"])
+                try Harness.run(["qemu-io", "-f", "vpc", "-c", "write -P 0x41 0 3M", "-c", "write -P 0x42 7M 1M", parent])
+                try Harness.run(["qemu-img", "convert", "-f", "vpc", "-O", "raw", parent, parentRaw])
+            }
+            let child = s.path("child-\(mode).vhd"), expected = s.path("expected-\(mode).raw")
+            try Harness.run(["python3", script, parent, parentRaw, child, expected, mode])
+            let sha = try Files.sha(parent)
+            let r = try Harness.run([Harness.rawmount, "mount", "--log", s.serverLog, child, s.mnt])
+            XCTAssertTrue(r.err.contains("read-only"), "\(mode): \(r.err)")
+            try s.forgetMount(s.mnt)
+            let raw = s.mnt + "/child-\(mode).raw"
+            XCTAssertEqual(try Files.sha(raw), try Files.sha(expected), "\(mode): the child over its parent reads wrong")
+            try Harness.run([Harness.rawmount, "unmount", s.mnt])
+            XCTAssertEqual(try Files.sha(parent), sha, "\(mode): the parent changed")
+            let info = try Harness.run([Harness.rawmount, "info", child]).out
+            XCTAssertTrue(info.contains("subformat: differencing") && info.contains("backing file 1: "), info)
+        }
+        // The parent replaced by another disk (its UUID differs): refused.
+        let child = s.path("child-w2ru.vhd"), parent = s.path("parent-dynamic.vhd")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "vpc", parent, "12M"])
+        try s.assertMountRefused(["-r", child], mentions: ["child-w2ru.vhd", "UUID"], "another parent")
+        // Locators naming a file that is not there: refused, naming what was looked for.
+        try Harness.run(["python3", script, parent, s.path("parent-dynamic.raw"), s.path("orphan.vhd"), s.path("orphan.raw"), "missing"])
+        try s.assertMountRefused(["-r", s.path("orphan.vhd")], mentions: ["orphan.vhd", "gone-parent-dynamic.vhd"], "missing parent")
     }
 }

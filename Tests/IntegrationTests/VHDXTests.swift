@@ -289,20 +289,13 @@ final class VHDXTests: XCTestCase {
         try s.unmount()
         XCTAssertEqual(try Harness.run(["qemu-img", "compare", "-f", "vhdx", "-F", "raw", img, shadow], check: false).status, 0)
         XCTAssertEqual(try Harness.run(["qemu-img", "check", img], check: false).status, 0)
-        let big = s.path("big.vhdx")
-        let r = try Harness.run([Harness.rawmount, "create", "-f", "vhdx", big, "65T"], check: false)
-        XCTAssertEqual(r.status, 1)
-        XCTAssertTrue(r.err.contains("64 TiB"), r.err)
-        XCTAssertEqual(r.out, "")
-        XCTAssertFalse(FileManager.default.fileExists(atPath: big))
+        try s.assertCreateRefused(["-f", "vhdx"], image: "big.vhdx", size: "65T", mentions: "64 TiB")
     }
 
     /// `convert -O vhdx` (dynamic and fixed) holds the source's bytes for qemu-img.
     func testConvertToVHDX() throws {
         let s = try Scratch()
-        let src = s.path("src.qcow2")
-        try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", src, "50M"])
-        try Harness.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x21 0 3M", "-c", "write -P 0x43 47M 3M", "-c", "write -P 0x65 20M 4k", src])
+        let src = try s.sampleQCOW2()
         for sub in ["dynamic", "fixed"] {
             let out = s.path("out-\(sub).vhdx")
             try Harness.run([Harness.rawmount, "convert", "-O", "vhdx", "-o", "subformat=\(sub)", src, out])

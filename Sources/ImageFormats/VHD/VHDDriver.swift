@@ -10,11 +10,15 @@ import Synchronization
 public final class VHDDriver: ImageAllocating {
     public let file: ImageFile
     public let info: ImageInfo
-    public var isWritable: Bool { file.isWritable }
+    public var isWritable: Bool { file.isWritable && !footer.isDifferencing }
+    public var readOnlyReason: String? { footer.isDifferencing ? "differencing VHD images are served read-only" : nil }
     public let footer: VHDFooter
     public let dynamic: VHDDynamicHeader?
 
     let table: FlatTable?
+    /// A differencing disk's sector bitmaps (which sectors of a present block are here; the
+    /// others are the parent's), cached by their offset.
+    let bitmaps: TableCache?
     let metadata: MetadataRanges
     /// Fixed: where the guest's bytes end (the footer follows).
     let dataEnd: UInt64
@@ -44,9 +48,10 @@ public final class VHDDriver: ImageAllocating {
         self.file = file
         footer = f
         let fileSize = try file.size()
-        var details: [(String, String)] = [("subformat", f.kind == .fixed ? "fixed" : "dynamic"), ("creator", f.creatorApp.escapingControls)]
+        var details: [(String, String)] = [("subformat", f.kind == .fixed ? "fixed" : f.isDifferencing ? "differencing" : "dynamic"),
+                                           ("creator", f.creatorApp.escapingControls)]
         guard f.kind == .dynamic else {
-            dynamic = nil; table = nil
+            dynamic = nil; table = nil; bitmaps = nil
             dataEnd = fileSize - UInt64(VHDFooter.size)
             metadata = try MetadataRanges([.init(start: dataEnd, length: UInt64(VHDFooter.size), what: "the footer")], file: file.path)
             frontier = Mutex(Frontier(free: dataEnd, unwrittenFrom: fileSize, presentBlocks: 0))
@@ -57,6 +62,8 @@ public final class VHDDriver: ImageAllocating {
         let h = try VHDDynamicHeader.read(from: file, footer: f)
         dynamic = h
         dataEnd = 0
+        bitmaps = f.isDifferencing ? TableCache(file: file, tableBytes: Int(h.bitmapBytes), encoding: .u32BE,
+                                                capacity: max(64, Int((4 << 20) / h.bitmapBytes))) : nil
         let structures: [MetadataRanges.Range] = [
             .init(start: 0, length: UInt64(VHDFooter.size), what: "the footer copy"),
             .init(start: f.dataOffset, length: VHDDynamicHeader.size, what: "the dynamic header"),
@@ -98,16 +105,26 @@ public final class VHDDriver: ImageAllocating {
             return .data(host: offset, length: min(maxLength, dataEnd - offset))
         }
         return try table.mapRun(from: offset, to: offset + maxLength, unit: h.blockSize, maxPieces: Self.maxBlocksPerMap) { e, block, pos, n in
-            // A block not here reads as zeros; QEMU reports it as zero (present), so `map`
-            // agrees with qemu-img map (a dynamic VHD has no parent to fall through to).
-            guard e != Self.notPresent else { return .zero(length: n) }
+            // A block not here: the parent's for a differencing disk; else zeros, which QEMU
+            // reports as zero (present), so `map` agrees with qemu-img map.
+            guard e != Self.notPresent else { return bitmaps != nil ? .unallocated(length: n) : .zero(length: n) }
             let data = e * 512 + h.bitmapBytes
             // A table entry naming the table or a header would let guest writes rewrite them.
             if let m = metadata.overlap(data, h.blockSize) {
                 throw BlockError.invalid(file: file.path, field: "VHD block allocation table entry \(block)",
                                          detail: "the block's data at \(data) lies in \(m.what) at \(m.start)")
             }
-            return .data(host: data + pos - block * h.blockSize, length: n)
+            guard let bitmaps else { return .data(host: data + pos - block * h.blockSize, length: n) }
+            // Differencing: the sector bitmap says, sector by sector, here or the parent's.
+            return try bitmaps.withBytes(table: e * 512) { bits in
+                let first = (pos - block * h.blockSize) / 512, last = (pos - block * h.blockSize + n - 1) / 512
+                func here(_ sector: UInt64) -> Bool { bits[Int(sector / 8)] & (0x80 >> UInt8(sector % 8)) != 0 }
+                let kind = here(first)
+                var end = first + 1
+                while end <= last && here(end) == kind { end += 1 }
+                let length = min(n, (block * h.blockSize + end * 512) - pos)
+                return kind ? .data(host: data + pos - block * h.blockSize, length: length) : .unallocated(length: length)
+            }
         }
     }
 }

@@ -6,6 +6,10 @@ public struct VHDDynamicHeader: Sendable {
     public var tableOffset: UInt64
     public var maxTableEntries: UInt64
     public var blockSize: UInt64
+    /// A differencing disk's parent: its footer UUID, file name and locators.
+    public var parentUUID: [UInt8] = []
+    public var parentName: String = ""
+    public var locators: [VHDParentLocator] = []
     public static let size: UInt64 = 1024
     /// Bytes of the sector bitmap before each block's data (whole sectors).
     public var bitmapBytes: UInt64 { (blockSize / (8 * 512) + 511) / 512 * 512 }
@@ -21,7 +25,12 @@ public struct VHDDynamicHeader: Sendable {
         guard Array(b[0..<8]) == Array("cxsparse".utf8) else {
             throw BlockError.invalid(file: file.path, field: "VHD dynamic header", detail: "no 'cxsparse' cookie at offset \(footer.dataOffset)")
         }
-        let h = VHDDynamicHeader(tableOffset: be64(b, 16), maxTableEntries: UInt64(be32(b, 28)), blockSize: UInt64(be32(b, 32)))
+        var h = VHDDynamicHeader(tableOffset: be64(b, 16), maxTableEntries: UInt64(be32(b, 28)), blockSize: UInt64(be32(b, 32)))
+        if footer.diskType == VHDFooter.differencing {
+            h.parentUUID = Array(b[40..<56])
+            h.parentName = VHDParentLocator.utf16(Array(b[64..<576]), bigEndian: true)
+            h.locators = try (0..<8).compactMap { try VHDParentLocator.read(Array(b[576 + $0 * 24 ..< 600 + $0 * 24]), file: file, fileSize: fileSize) }
+        }
         guard h.blockSize >= 512, h.blockSize.isPowerOfTwo, h.blockSize <= 1 << 28 else {
             throw BlockError.invalid(file: file.path, field: "VHD block size", detail: "\(h.blockSize) (a power of two of at least 512 bytes)")
         }

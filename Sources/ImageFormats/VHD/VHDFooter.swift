@@ -14,6 +14,10 @@ public struct VHDFooter: Sendable {
     public var currentSize: UInt64
     public var cylinders: UInt64, heads: UInt64, sectorsPerTrack: UInt64
     public var diskType: UInt32
+    static let differencing: UInt32 = 4
+    public var isDifferencing: Bool { diskType == Self.differencing }
+    /// The disk's UUID (a differencing child names its parent by it).
+    public var uuid: [UInt8] { Array(raw[68..<84]) }
     /// The footer as read (checksum valid): a dynamic image's footer is written again at the
     /// new end of the file as it grows, byte for byte, as QEMU does.
     public var raw: [UInt8]
@@ -54,8 +58,7 @@ public struct VHDFooter: Sendable {
         f.virtualSize = try f.computedSize(file: file.path, rawApp: Array(bytes[28..<32]))
         switch (f.diskType, kind) {
         case (2, .fixed), (3, .dynamic): return f
-        case (4, .dynamic):
-            throw BlockError.unsupported(file: file.path, feature: "differencing VHD images (changed sectors over a parent): not read yet")
+        case (differencing, .dynamic): return f
         default:
             throw BlockError.invalid(file: file.path, field: "VHD disk type",
                                      detail: "\(f.diskType) with the footer \(kind == .fixed ? "at the end (a fixed disk is type 2)" : "copied at the start (a dynamic disk is type 3)")")
