@@ -206,6 +206,12 @@ final class DamagedImageFuzzTests: XCTestCase {
     func testDamagedVHDX() throws {
         try fuzz("vhdx", try image("a.vhdx", ["-O", "vhdx", "-o", "block_size=1M"]), format: .vhdx, writable: true, seed: 71)
         try fuzz("vhdx-fixed", try image("b.vhdx", ["-O", "vhdx", "-o", "subformat=fixed"]), format: .vhdx, writable: true, seed: 72)
+        // A differencing child (the fixture's layout) over "a.vhdx", which its locator names.
+        let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("IntegrationTests/Fixtures/make_vhdx_child.py").path
+        XCTAssertEqual(try run(["qemu-img", "convert", "-f", "vhdx", "-O", "raw", dir + "/a.vhdx", dir + "/a.raw"]), 0)
+        XCTAssertEqual(try run(["python3", script, dir + "/a.vhdx", dir + "/a.raw", dir + "/c.vhdx", dir + "/c.expected", "relative"]), 0)
+        try fuzz("vhdx-differencing", [UInt8](try Data(contentsOf: URL(fileURLWithPath: dir + "/c.vhdx"))), format: .vhdx, writable: false, seed: 73)
     }
 
     func testDamagedVMDK() throws {

@@ -9,11 +9,16 @@ import Synchronization
 public final class VHDXDriver: ImageAllocating {
     public let file: ImageFile
     public let info: ImageInfo
-    public var isWritable: Bool { file.isWritable }
+    public var isWritable: Bool { file.isWritable && !metadata.hasParent }
+    public var readOnlyReason: String? { metadata.hasParent ? "differencing VHDX images are served read-only" : nil }
     public let header: VHDXHeader
     public let metadata: VHDXMetadata
 
     let table: FlatTable
+    /// A differencing disk's per-block sector bitmaps (which sectors of a partly present
+    /// block are here), cached by their offset in the file.
+    let bitmaps: TableCache?
+    var bitmapBytesPerBlock: UInt64 { metadata.blockSize / metadata.logicalSectorSize / 8 }
     let structures: MetadataRanges
     let headers: VHDXHeaderUpdate
     static let mib: UInt64 = 1 << 20
@@ -55,9 +60,6 @@ public final class VHDXDriver: ImageAllocating {
             h = try VHDXHeader.read(from: file)
         }
         let m = try VHDXMetadata.read(from: file, header: h)
-        guard !m.hasParent else {
-            throw BlockError.unsupported(file: file.path, feature: "differencing VHDX images (changed sectors over a parent): not read yet")
-        }
         let entries = m.tableEntries
         guard entries * 8 <= h.batLength else {
             throw BlockError.invalid(file: file.path, field: "VHDX block allocation table",
@@ -79,7 +81,17 @@ public final class VHDXDriver: ImageAllocating {
         var present: UInt64 = 0
         let group = m.chunkRatio + 1
         try FlatTable.forEachEntry(file, start: h.batOffset, count: entries, encoding: .u64LE, what: "VHDX block allocation table") { i, e in
-            guard i % group != m.chunkRatio, e & 7 == State.fullyPresent.rawValue || e & 7 == State.partiallyPresent.rawValue else { return }
+            if i % group == m.chunkRatio {
+                // A sector-bitmap block (1 MiB; only a differencing disk uses them).
+                guard m.hasParent, e & 7 == State.fullyPresent.rawValue else { return }
+                let offset = (e >> 20) * Self.mib
+                guard offset >= Self.mib, offset <= fileSize, Self.mib <= fileSize - offset else {
+                    throw BlockError.invalid(file: file.path, field: "VHDX block allocation table entry \(i)",
+                                             detail: "a sector bitmap block at \(offset) lies outside the \(fileSize)-byte file")
+                }
+                return
+            }
+            guard e & 7 == State.fullyPresent.rawValue || e & 7 == State.partiallyPresent.rawValue else { return }
             present += 1
             let offset = (e >> 20) * Self.mib
             let block = i - i / group
@@ -92,6 +104,8 @@ public final class VHDXDriver: ImageAllocating {
         let end = max(fileSize, ranges.map(\.end).max() ?? 0).alignedUp(Self.mib)
         frontier = Mutex(Frontier(next: end, unwrittenFrom: fileSize, committedEnd: 0, presentBlocks: present))
         headers = VHDXHeaderUpdate(file: file, header: h)
+        bitmaps = m.hasParent ? TableCache(file: file, tableBytes: Int(m.blockSize / m.logicalSectorSize / 8), encoding: .u64LE,
+                                           capacity: max(64, Int((4 << 20) / (m.blockSize / m.logicalSectorSize / 8)))) : nil
         preallocator = file.isWritable ? Preallocator(file: file) : nil
         info = ImageInfo(format: "vhdx", virtualSize: m.virtualSize, clusterSize: m.blockSize, details: [
             ("block size", "\(m.blockSize)"),
@@ -108,7 +122,7 @@ public final class VHDXDriver: ImageAllocating {
         late.body = { [unowned self] _ in try self.coverCommittedBlocks() }
         journal.body = { [unowned self] in try self.writeThroughLog($0) }
         // A writable open updates both headers (a new file-write GUID), as QEMU's does.
-        if file.isWritable { try headers.update() }
+        if isWritable { try headers.update() }
     }
 
     public var allocatedBytesHint: UInt64? { min(frontier.withLock { $0.presentBlocks } * metadata.blockSize, info.virtualSize) }
@@ -119,9 +133,14 @@ public final class VHDXDriver: ImageAllocating {
         let group = offset / bs / ratio
         let groupEnd = min(offset + maxLength, (group + 1) * ratio * bs)
         return try table.mapRun(from: offset, to: groupEnd, unit: bs, maxPieces: Self.maxBlocksPerMap, skip: group) { e, block, pos, n in
+            let differencing = bitmaps != nil
             switch State(rawValue: e & 7) {
             case .notPresent: return .unallocated(length: n)
+            // (Undefined and unmapped may read as zeros, which QEMU returns, also in a
+            // differencing disk: the specification allows zeros, not the parent's data.)
             case .undefined, .zero, .unmapped, .unmappedV095: return .zero(length: n)
+            case .partiallyPresent where differencing:
+                return try partlyPresent(e, block: block, group: group, pos: pos, length: n)
             case .fullyPresent:
                 let data = (e >> 20) * Self.mib
                 guard data >= Self.mib else {
@@ -137,6 +156,34 @@ public final class VHDXDriver: ImageAllocating {
                 throw BlockError.invalid(file: file.path, field: "VHDX block allocation table entry for block \(block)",
                                          detail: "state \(e & 7) is not a payload block state of a disk without a parent")
             }
+        }
+    }
+
+    /// A partly present block of a differencing disk: a run of sectors from `pos` that are
+    /// all here (data) or all the parent's, as the block's sector bitmap says (bit n of the
+    /// bitmap, least significant first, is sector n).
+    private func partlyPresent(_ e: UInt64, block: UInt64, group: UInt64, pos: UInt64, length n: UInt64) throws -> Mapping {
+        let bs = metadata.blockSize, ratio = metadata.chunkRatio, lss = metadata.logicalSectorSize
+        let sb = try table.entry(group * (ratio + 1) + ratio)
+        guard sb & 7 == State.fullyPresent.rawValue, (sb >> 20) >= 1 else {
+            throw BlockError.invalid(file: file.path, field: "VHDX sector bitmap entry for block \(block)",
+                                     detail: "a partly present block needs a present sector bitmap block (state \(sb & 7))")
+        }
+        let data = (e >> 20) * Self.mib
+        guard data >= Self.mib, structures.overlap(data, bs) == nil else {
+            throw BlockError.invalid(file: file.path, field: "VHDX block allocation table entry for block \(block)",
+                                     detail: "the block at \(data) lies in the header section or on the image's structures")
+        }
+        let at = (sb >> 20) * Self.mib + (block % ratio) * bitmapBytesPerBlock
+        return try bitmaps!.withBytes(table: at) { bits in
+            let inBlock = pos - block * bs
+            let first = inBlock / lss, last = (inBlock + n - 1) / lss
+            func here(_ s: UInt64) -> Bool { bits[Int(s / 8)] & (1 << UInt8(s % 8)) != 0 }
+            let kind = here(first)
+            var end = first + 1
+            while end <= last && here(end) == kind { end += 1 }
+            let length = min(n, end * lss - inBlock)
+            return kind ? .data(host: data + inBlock, length: length) : .unallocated(length: length)
         }
     }
 }

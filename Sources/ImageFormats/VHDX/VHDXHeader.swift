@@ -45,6 +45,9 @@ public struct VHDXHeader: Sendable {
 
     public var sequenceNumber: UInt64
     var logGUID: VHDXGUID
+    /// Changes with every change a reader of the disk could see; a differencing child names
+    /// its parent by it.
+    var dataWriteGUID: VHDXGUID { VHDXGUID(bytes: Array(raw[32..<48])) }
     /// The current header's 4 KiB as read (its checksum holds): updates start from it.
     var raw: [UInt8]
     public var logOffset: UInt64

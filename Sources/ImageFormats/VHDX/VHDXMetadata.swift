@@ -23,6 +23,8 @@ public struct VHDXMetadata: Sendable {
     public var logicalSectorSize: UInt64
     public var physicalSectorSize: UInt64
     var diskID: VHDXGUID
+    /// A differencing disk's parent locator (key-value pairs).
+    public var parent: VHDXParentLocator?
 
     public static func read(from file: ImageFile, header h: VHDXHeader) throws -> VHDXMetadata {
         let t = try file.readBytes(count: tableBytes, at: h.metadataOffset, what: "VHDX metadata table")
@@ -66,7 +68,15 @@ public struct VHDXMetadata: Sendable {
                              virtualSize: le64(try item(virtualDiskSize, "virtual disk size", bytes: 8), 0),
                              logicalSectorSize: UInt64(le32(try item(logicalSectorSize, "logical sector size", bytes: 4), 0)),
                              physicalSectorSize: UInt64(le32(try item(physicalSectorSize, "physical sector size", bytes: 4), 0)),
-                             diskID: VHDXGUID(bytes: Array((items[virtualDiskID] ?? [UInt8](repeating: 0, count: 16)).prefix(16))))
+                             diskID: VHDXGUID(bytes: Array((items[virtualDiskID] ?? [UInt8](repeating: 0, count: 16)).prefix(16))),
+                             parent: nil)
+        var withParent = m
+        if m.hasParent {
+            guard let item = items[parentLocator] else {
+                throw BlockError.invalid(file: file.path, field: "VHDX metadata", detail: "the disk has a parent but no parent locator item")
+            }
+            withParent.parent = try VHDXParentLocator.parse(item, file: file.path)
+        }
         guard m.blockSize >= 1 << 20, m.blockSize <= 256 << 20, m.blockSize.isPowerOfTwo else {
             throw BlockError.invalid(file: file.path, field: "VHDX block size", detail: "\(m.blockSize) (a power of two from 1 MiB to 256 MiB)")
         }
@@ -80,7 +90,7 @@ public struct VHDXMetadata: Sendable {
             throw BlockError.invalid(file: file.path, field: "VHDX virtual disk size",
                                      detail: "\(m.virtualSize) (whole \(m.logicalSectorSize)-byte sectors, at most 64 TiB)")
         }
-        return m
+        return withParent
     }
 
     /// Payload blocks per sector-bitmap block: one bitmap block covers 2^23 sectors.
