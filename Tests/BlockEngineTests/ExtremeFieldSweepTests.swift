@@ -145,6 +145,22 @@ final class ExtremeFieldSweepTests: XCTestCase {
         let m = Int(h.metadataOffset), bat = Int(h.batOffset)
         try sweep("vhdx-metadata", img, format: .vhdx, regions: [m ..< m + 224, m + (64 << 10) ..< m + (64 << 10) + 48, bat ..< bat + 32],
                   bigEndian: false)
+        // A log to replay (one entry rewriting the table's first sector, the headers naming
+        // its GUID): every field of the entry header, its descriptor and data sector, the
+        // entry's CRC-32C made valid again, so a writable open replays what the sweep wrote.
+        var dirty = img
+        let guid = VHDXGUID(bytes: (0..<16).map { UInt8($0 &* 13 &+ 5) })
+        var sector = Array(img[bat ..< bat + 4096])
+        sector[0] = 6; sector[2] = 0x50  // block 0: fully present at 5 MiB
+        let entry = VHDXLog.encode([(UInt64(bat), sector)], sequence: 1, logGUID: guid, fileSize: UInt64(img.count))
+        let log = Int(h.logOffset)
+        dirty.replaceSubrange(log ..< log + entry.count, with: entry)
+        for base in [64 << 10, 128 << 10] {
+            dirty.replaceSubrange(base + 48 ..< base + 64, with: guid.bytes)
+            fixCRC(at: base, length: 4096)(&dirty)
+        }
+        try sweep("vhdx-log", dirty, format: .vhdx, regions: [log ..< log + 96, log + 4096 ..< log + 4104],
+                  bigEndian: false, fixedRange: log + 4 ..< log + 8, fix: fixCRC(at: log, length: entry.count))
     }
 
     /// MBR with an EBR chain, and GPT with its CRCs recomputed after every change (so the
