@@ -104,27 +104,38 @@ public final class VHDDriver: ImageAllocating {
             guard offset < dataEnd else { return .zero(length: maxLength) }
             return .data(host: offset, length: min(maxLength, dataEnd - offset))
         }
+        // Inside one block (every small guest request): its entry alone, one cache lookup.
+        let block = offset / h.blockSize
+        if (offset + maxLength - 1) / h.blockSize == block, block < h.maxTableEntries {
+            return try classify(try table.entry(block), block: block, pos: offset, length: maxLength, header: h)
+        }
         return try table.mapRun(from: offset, to: offset + maxLength, unit: h.blockSize, maxPieces: Self.maxBlocksPerMap) { e, block, pos, n in
-            // A block not here: the parent's for a differencing disk; else zeros, which QEMU
-            // reports as zero (present), so `map` agrees with qemu-img map.
-            guard e != Self.notPresent else { return bitmaps != nil ? .unallocated(length: n) : .zero(length: n) }
-            let data = e * 512 + h.bitmapBytes
-            // A table entry naming the table or a header would let guest writes rewrite them.
-            if let m = metadata.overlap(data, h.blockSize) {
-                throw BlockError.invalid(file: file.path, field: "VHD block allocation table entry \(block)",
-                                         detail: "the block's data at \(data) lies in \(m.what) at \(m.start)")
-            }
-            guard let bitmaps else { return .data(host: data + pos - block * h.blockSize, length: n) }
-            // Differencing: the sector bitmap says, sector by sector, here or the parent's.
-            return try bitmaps.withBytes(table: e * 512) { bits in
-                let first = (pos - block * h.blockSize) / 512, last = (pos - block * h.blockSize + n - 1) / 512
-                func here(_ sector: UInt64) -> Bool { bits[Int(sector / 8)] & (0x80 >> UInt8(sector % 8)) != 0 }
-                let kind = here(first)
-                var end = first + 1
-                while end <= last && here(end) == kind { end += 1 }
-                let length = min(n, (block * h.blockSize + end * 512) - pos)
-                return kind ? .data(host: data + pos - block * h.blockSize, length: length) : .unallocated(length: length)
-            }
+            try classify(e, block: block, pos: pos, length: n, header: h)
         }
     }
+
+    /// Guest bytes `[pos, pos+n)` of `block`, whose table entry is `e`.
+    private func classify(_ e: UInt64, block: UInt64, pos: UInt64, length n: UInt64, header h: VHDDynamicHeader) throws -> Mapping {
+        // A block not here: the parent's for a differencing disk; else zeros, which QEMU
+        // reports as zero (present), so `map` agrees with qemu-img map.
+        guard e != Self.notPresent else { return bitmaps != nil ? .unallocated(length: n) : .zero(length: n) }
+        let data = e * 512 + h.bitmapBytes
+        // A table entry naming the table or a header would let guest writes rewrite them.
+        if let m = metadata.overlap(data, h.blockSize) {
+            throw BlockError.invalid(file: file.path, field: "VHD block allocation table entry \(block)",
+                                     detail: "the block's data at \(data) lies in \(m.what) at \(m.start)")
+        }
+        guard let bitmaps else { return .data(host: data + pos - block * h.blockSize, length: n) }
+        // Differencing: the sector bitmap says, sector by sector, here or the parent's.
+        return try bitmaps.withBytes(table: e * 512) { bits in
+            let first = (pos - block * h.blockSize) / 512, last = (pos - block * h.blockSize + n - 1) / 512
+            func here(_ sector: UInt64) -> Bool { bits[Int(sector / 8)] & (0x80 >> UInt8(sector % 8)) != 0 }
+            let kind = here(first)
+            var end = first + 1
+            while end <= last && here(end) == kind { end += 1 }
+            let length = min(n, (block * h.blockSize + end * 512) - pos)
+            return kind ? .data(host: data + pos - block * h.blockSize, length: length) : .unallocated(length: length)
+        }
+    }
+
 }

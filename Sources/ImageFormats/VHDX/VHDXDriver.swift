@@ -131,31 +131,41 @@ public final class VHDXDriver: ImageAllocating {
         let bs = metadata.blockSize, ratio = metadata.chunkRatio
         // One group of payload entries per call: inside it, block k's entry is k + k / ratio.
         let group = offset / bs / ratio
+        let block = offset / bs
+        // Inside one block (every small guest request): its entry alone, one cache lookup.
+        if (offset + maxLength - 1) / bs == block {
+            return try classify(try table.entry(block + group), block: block, group: group, pos: offset, length: maxLength)
+        }
         let groupEnd = min(offset + maxLength, (group + 1) * ratio * bs)
         return try table.mapRun(from: offset, to: groupEnd, unit: bs, maxPieces: Self.maxBlocksPerMap, skip: group) { e, block, pos, n in
-            let differencing = bitmaps != nil
-            switch State(rawValue: e & 7) {
-            case .notPresent: return .unallocated(length: n)
-            // (Undefined and unmapped may read as zeros, which QEMU returns, also in a
-            // differencing disk: the specification allows zeros, not the parent's data.)
-            case .undefined, .zero, .unmapped, .unmappedV095: return .zero(length: n)
-            case .partiallyPresent where differencing:
-                return try partlyPresent(e, block: block, group: group, pos: pos, length: n)
-            case .fullyPresent:
-                let data = (e >> 20) * Self.mib
-                guard data >= Self.mib else {
-                    throw BlockError.invalid(file: file.path, field: "VHDX block allocation table entry for block \(block)",
-                                             detail: "block offset \(data) lies in the header section")
-                }
-                if let m = structures.overlap(data, bs) {
-                    throw BlockError.invalid(file: file.path, field: "VHDX block allocation table entry for block \(block)",
-                                             detail: "the block at \(data) lies in \(m.what) at \(m.start)")
-                }
-                return .data(host: data + pos - block * bs, length: n)
-            case .partiallyPresent, nil:
+            try classify(e, block: block, group: group, pos: pos, length: n)
+        }
+    }
+
+    /// Guest bytes `[pos, pos+n)` of payload `block` (in chunk `group`), whose entry is `e`.
+    private func classify(_ e: UInt64, block: UInt64, group: UInt64, pos: UInt64, length n: UInt64) throws -> Mapping {
+        let bs = metadata.blockSize
+        switch State(rawValue: e & 7) {
+        case .notPresent: return .unallocated(length: n)
+        // (Undefined and unmapped may read as zeros, which QEMU returns, also in a
+        // differencing disk: the specification allows zeros, not the parent's data.)
+        case .undefined, .zero, .unmapped, .unmappedV095: return .zero(length: n)
+        case .partiallyPresent where bitmaps != nil:
+            return try partlyPresent(e, block: block, group: group, pos: pos, length: n)
+        case .fullyPresent:
+            let data = (e >> 20) * Self.mib
+            guard data >= Self.mib else {
                 throw BlockError.invalid(file: file.path, field: "VHDX block allocation table entry for block \(block)",
-                                         detail: "state \(e & 7) is not a payload block state of a disk without a parent")
+                                         detail: "block offset \(data) lies in the header section")
             }
+            if let m = structures.overlap(data, bs) {
+                throw BlockError.invalid(file: file.path, field: "VHDX block allocation table entry for block \(block)",
+                                         detail: "the block at \(data) lies in \(m.what) at \(m.start)")
+            }
+            return .data(host: data + pos - block * bs, length: n)
+        case .partiallyPresent, nil:
+            throw BlockError.invalid(file: file.path, field: "VHDX block allocation table entry for block \(block)",
+                                     detail: "state \(e & 7) is not a payload block state of a disk without a parent")
         }
     }
 
