@@ -159,6 +159,8 @@ struct MountCommand: ParsableCommand {
             throw error
         }
         unlink(errorFile)
+        let overlayFile = try Paths.overlayFile(forMountpoint: mp)
+        if let overlay = s.overlay { Paths.writeFile(overlayFile, (try? Paths.asNamed(overlay)) ?? overlay) } else { unlink(overlayFile) }
         Paths.writeFile(pidFile, "\(getpid())\n")
         announce(mode == S_IFREG ? [mp] : files.map { mp + "/" + $0.name }, imagePath: imagePath)
         let writeBack = PeriodicWriteBack(fs.writeBackTargets, onError: { name, error in
@@ -172,6 +174,7 @@ struct MountCommand: ParsableCommand {
         writeBack.stop()
         let closed = closeImage(file, imagePath: imagePath, log: serverLog, errorFile: errorFile)
         unlink(pidFile)
+        unlink(overlayFile)
         if !closed { throw ExitCode.failure }
     }
 

@@ -106,6 +106,9 @@ enum Paths {
         return dir + "/" + name + ".pid"
     }
 
+    /// Where a server serving through `--overlay` records the overlay's path, for `list`.
+    static func overlayFile(forMountpoint mp: String) throws -> String { try pidFile(forMountpoint: mp) + ".overlay" }
+
     /// Where a detached server leaves what went wrong while closing, for `unmount` to report.
     static func closeErrorFile(forMountpoint mp: String) throws -> String { try pidFile(forMountpoint: mp) + ".error" }
 

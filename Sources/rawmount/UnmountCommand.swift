@@ -52,6 +52,7 @@ struct UnmountCommand: ParsableCommand {
         if serverDied {
             // It died without cleaning up (killed, or crashed): nothing was flushed at exit.
             unlink(pidFile)
+            if let overlayFile = try? Paths.overlayFile(forMountpoint: mp) { unlink(overlayFile) }
             printError("rawmount: \(mountpoint): unmounted; its server (pid \(pid)) had already exited, so the image was not closed cleanly (writes it had not flushed may be lost)")
             return
         }

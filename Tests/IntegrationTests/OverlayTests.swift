@@ -53,6 +53,11 @@ final class OverlayTests: XCTestCase {
         let out = try Harness.run([Harness.rawmount, "mount", "--overlay", overlay, evidence, s.mnt])
         s.registerMediaMount(s.mnt)  // unmounted by the scratch if the test stops early
         XCTAssertTrue(out.err.contains("created overlay"), out.err)
+        // `list` says where the writes go (not a plain "rw" over the evidence).
+        let listed = try Harness.run([Harness.rawmount, "list"]).out
+        XCTAssertTrue(listed.contains("overlay (writes to \(overlay))"), listed)
+        let rows = try JSONSerialization.jsonObject(with: Data(try Harness.run([Harness.rawmount, "list", "--json"]).out.utf8)) as? [[String: Any]]
+        XCTAssertEqual(rows?.first { $0["mountpoint"] as? String == s.mnt }?["overlay"] as? String, overlay)
         let p1 = s.mnt + "/seized-p1.raw"
         let listing = try Harness.run(["fls", "-r", p1]).out
         let inode = try XCTUnwrap(listing.split(separator: "\n").first { $0.hasSuffix("notes.txt") }?
