@@ -134,6 +134,9 @@ public final class FuseFilesystem: Sendable {
     /// not readable by others under allow_other (write bits dropped when read-only).
     let uid: uid_t, gid: gid_t, mode: mode_t
     let directoryMode: mode_t
+    /// `-o max_read=N`: the connection must say the same at INIT, or libfuse aborts the
+    /// session after the mount was made (set once by `FuseMount`, before the session runs).
+    let maxRead = Mutex<UInt32?>(nil)
 
     /// `-o uid=,gid=,umask=`: the owner and permissions shown instead of the image file's,
     /// as other FUSE file systems take them (umask applies to 0666 files, 0777 directories).

@@ -23,6 +23,11 @@ public final class FuseMount {
         self.filesystem = filesystem
         self.mountpoint = mountpoint
         self.threads = threads
+        // The last max_read given wins, as libfuse reads its options.
+        if let last = extraOptions.flatMap({ $0.split(separator: ",") }).last(where: { $0.hasPrefix("max_read=") }),
+           let n = UInt32(last.dropFirst("max_read=".count)) {
+            filesystem.maxRead.withLock { $0 = n }
+        }
         var opts = ["fsname=" + Self.escapedOptionValue(fsName), "subtype=rawmount", "default_permissions"]
         if readOnly { opts.append("ro") }
         opts.append(contentsOf: extraOptions.filter { !$0.isEmpty })

@@ -54,6 +54,9 @@ private func setSessionOperations(_ ops: inout fuse_lowlevel_ops) {
         conn.pointee.want &= ~UInt32(FUSE_CAP_WRITEBACK_CACHE)
         conn.pointee.max_background = 64
         conn.pointee.congestion_threshold = 48
+        if let userdata, let maxRead = Unmanaged<FuseFilesystem>.fromOpaque(userdata).takeUnretainedValue().maxRead.withLock({ $0 }) {
+            conn.pointee.max_read = maxRead
+        }
     }
 }
 

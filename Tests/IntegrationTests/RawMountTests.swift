@@ -444,4 +444,20 @@ final class RawMountTests: XCTestCase {
             XCTAssertNotEqual(try Harness.run(["mountpoint", "-q", s.mnt], check: false).status, 0, "\(o): mounted")
         }
     }
+
+    /// `-o max_read=N` (which libfuse checks against the connection at INIT, after the mount
+    /// was made) mounts and serves: the mount is still there and reads equal the image.
+    func testMaxReadOptionMountsAndReads() throws {
+        try Harness.requireFuse()
+        let s = try Scratch()
+        let img = s.path("mr.qcow2")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", img, "8M"])
+        try Harness.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x3c 1M 2M", img])
+        let oracle = try s.qemuRaw(img)
+        try s.mount(img, options: ["-r", "-o", "max_read=65536"])
+        XCTAssertEqual(try Harness.run(["mountpoint", "-q", s.mnt], check: false).status, 0, "the mount went away after INIT")
+        XCTAssertEqual(try Data(contentsOf: URL(fileURLWithPath: s.mnt + "/mr.raw")), oracle)
+        XCTAssertTrue(try Harness.run([Harness.rawmount, "list"]).out.contains("mr.qcow2"))
+        try s.unmount()
+    }
 }
