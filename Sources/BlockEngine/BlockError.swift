@@ -49,7 +49,7 @@ public enum BlockError: Error, Equatable, CustomStringConvertible {
         case let .readOnly(file):
             return "\(file): image is open read-only"
         case let .locked(file, detail):
-            return "\(file): image is in use: \(detail)"
+            return "\(file): image is in use: \(detail) (to look at it anyway: -r -U, which may show a disk that changes under you)"
         case let .usage(text):
             return text
         case let .metadataOverlap(file, detail):

@@ -13,9 +13,10 @@ struct BitmapCommand: ParsableCommand {
         subcommands: [List.self, Add.self, Remove.self, Clear.self, Enable.self, Disable.self, Merge.self, Dump.self])
 
     /// Opens IMAGE as qcow2 (read-only, or writable with its lock) and hands over the driver.
-    static func withImage<T>(_ image: String, writable: Bool, _ body: (QCOW2Driver) throws -> T) throws -> T {
+    /// `forceShare`: no lock (qemu-img's -U), for looking at an image a writer has open.
+    static func withImage<T>(_ image: String, writable: Bool, forceShare: Bool = false, _ body: (QCOW2Driver) throws -> T) throws -> T {
         do {
-            let device = try ImageOpener.open(path: image, options: .init(writable: writable, format: nil, lock: true,
+            let device = try ImageOpener.open(path: image, options: .init(writable: writable, format: nil, lock: !forceShare,
                                                                           onNote: { printError("rawmount: \(image): " + $0) }))
             guard let qcow2 = device.driver as? QCOW2Driver else {
                 try? device.close()
@@ -44,9 +45,11 @@ struct BitmapCommand: ParsableCommand {
     struct List: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "List the bitmaps: name, granularity, flags and dirty bytes.")
         @Flag(help: "Print JSON (qemu-img info's field names, plus dirty-bytes and consistent).") var json = false
+        @Flag(name: [.customShort("U"), .customLong("force-share")], help: "Take no lock: list the bitmaps of an image a writer has open (theirs show in use).")
+        var forceShare = false
         @Argument(help: "The qcow2 image.") var image: String
         func run() throws {
-            try BitmapCommand.withImage(image, writable: false) { qcow2 in
+            try BitmapCommand.withImage(image, writable: false, forceShare: forceShare) { qcow2 in
                 let all = qcow2.header.hasBitmaps ? try QCOW2Bitmaps.list(qcow2.file, header: qcow2.header) : []
                 let stale = qcow2.header.hasBitmaps && qcow2.header.autoclear & 1 == 0
                 let loaded = Dictionary(qcow2.dirtyBitmaps.map { ($0.name, $0.bits) }, uniquingKeysWith: { a, _ in a })
@@ -122,10 +125,12 @@ struct BitmapCommand: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Print a bitmap's extents as `nbdinfo --map=qemu:dirty-bitmap:NAME` does: offset, length, 1 dirty / 0 clean.")
         @Flag(help: "Print JSON, as nbdinfo --json --map.") var json = false
+        @Flag(name: [.customShort("U"), .customLong("force-share")], help: "Take no lock (a writer's bitmap in use cannot be dumped: it is not consistent).")
+        var forceShare = false
         @Argument(help: "The qcow2 image.") var image: String
         @Argument(help: "The bitmap's name.") var name: String
         func run() throws {
-            try BitmapCommand.withImage(image, writable: false) { qcow2 in
+            try BitmapCommand.withImage(image, writable: false, forceShare: forceShare) { qcow2 in
                 guard let bits = qcow2.dirtyBitmaps.first(where: { $0.name == name })?.bits else {
                     let exists = qcow2.header.hasBitmaps && ((try? QCOW2Bitmaps.list(qcow2.file, header: qcow2.header)) ?? []).contains { $0.name == name }
                     throw BlockError.usage(exists ? "\(image): bitmap '\(name)' is inconsistent (left in use by a writer that did not close it); its contents cannot be trusted"

@@ -20,6 +20,9 @@ struct InfoCommand: ParsableCommand {
     @Option(name: [.customShort("f"), .long], help: "Image format; probed when omitted.", completion: .list(ImageFormat.allCases.map(\.rawValue)))
     var format: String?
 
+    @Flag(name: [.customShort("U"), .customLong("force-share")], help: "Accepted as qemu-img takes it: info never takes a lock, so it works on an image in use.")
+    var forceShare = false
+
     @Argument(help: "The disk image.", completion: .file())
     var image: String
 

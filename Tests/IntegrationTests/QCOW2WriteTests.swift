@@ -226,6 +226,14 @@ final class QCOW2WriteTests: XCTestCase {
         XCTAssertEqual(try Files.read(bm).subdata(in: 88..<96), Data(be(UInt64(h[95]) | 1 << 40, 8)), "a read-only mount changed the header")
         try Harness.run([Harness.rawmount, "mount", bm, s.mnt])
         XCTAssertTrue(try Harness.run(["qemu-img", "info", "-U", bm]).out.contains("in-use"), "not flagged in use while mounted")
+        // As with qemu-img: refused while a writer holds it, with the way to look anyway;
+        // -U looks (the writer's bitmap shows in use), and info takes -U too.
+        let busy = try Harness.run([Harness.rawmount, "bitmap", "list", bm], check: false)
+        XCTAssertEqual(busy.status, 1)
+        XCTAssertTrue(busy.err.contains("in use") && busy.err.contains("-r -U"), busy.err)
+        let shared = try Harness.run([Harness.rawmount, "bitmap", "list", "-U", bm])
+        XCTAssertTrue(shared.out.contains("b0") && shared.out.contains("in-use"), shared.out)
+        XCTAssertTrue(try Harness.run([Harness.rawmount, "info", "-U", bm]).out.contains("bitmap b0"))
         try Harness.run([Harness.rawmount, "unmount", s.mnt])
         h = try Files.read(bm)
         XCTAssertEqual(h.subdata(in: 88..<96), Data(be(1, 8)), "unknown autoclear bit not cleared")
