@@ -25,7 +25,7 @@ struct ConvertCommand: ParsableCommand {
     @Option(name: [.customShort("l"), .customLong("snapshot")], help: "qcow2: copy this internal snapshot (ID or name) instead of the current disk.")
     var snapshot: String?
 
-    @Flag(name: .customShort("p"), help: "Show progress (percent, bytes, rate) on stderr; shown anyway when both stdout and stderr are terminals.")
+    @Flag(name: .customShort("p"), help: "Show progress (percent, bytes, rate, time left) on stderr, as whole lines when stderr is not a terminal; shown anyway when both stdout and stderr are terminals.")
     var progress = false
 
     @Flag(name: [.customShort("U"), .customLong("force-share")], help: "Take no lock on SOURCE (it may be in use by a writer; the copy can then be inconsistent).")
@@ -65,8 +65,11 @@ struct ConvertCommand: ParsableCommand {
             ImageFile.syncDisabled.store(cache == "unsafe", ordering: .relaxed)
             let dst = try ImageOpener.open(path: destination, options: .init(writable: true, format: ImageFormat(rawValue: out), lock: true))
             let began = monotonicSeconds()
-            let bar = Progress(total: src.virtualSize,
-                               enabled: isatty(STDERR_FILENO) == 1 && !json && (progress || isatty(STDOUT_FILENO) == 1))
+            // On a terminal when asked or when both outputs are one; whole lines into a pipe
+            // or a log when asked (-p), as qemu-img gives them there.
+            let tty = isatty(STDERR_FILENO) == 1
+            let bar = Progress(total: src.virtualSize, mode: json ? .off : tty ? (progress || isatty(STDOUT_FILENO) == 1 ? .terminal : .off)
+                                                                     : progress ? .lines : .off)
             let copied: ImageCopy.Totals
             do {
                 copied = try ImageCopy(source: src, destination: dst).run { bar.show($0) }

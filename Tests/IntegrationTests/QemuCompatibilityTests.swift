@@ -220,6 +220,10 @@ final class QemuCompatibilityTests: XCTestCase {
         XCTAssertTrue(tty.out.contains("100.0%") && tty.out.contains("/s)"), "no progress on the terminal: \(tty.out)")
         try Harness.run(["qemu-img", "check", out])
         XCTAssertEqual(try Harness.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", src, out]).status, 0)
+        // -p into a pipe or a log: whole lines, no terminal redraws.
+        let piped = try Harness.run([Harness.rawmount, "convert", "-p", "-O", "qed", bochs, s.path("piped.qed")])
+        XCTAssertTrue(piped.err.contains("100.0% (") && piped.err.hasSuffix(")\n"), piped.err)
+        XCTAssertFalse(piped.err.contains("\r") || piped.err.contains("\u{1B}"), piped.err)
 
         // A chain to every writable format; not a terminal: nothing on stderr.
         let top = s.path("top.qcow2")
