@@ -9,7 +9,7 @@ struct BitmapCommand: ParsableCommand {
         commandName: "bitmap",
         abstract: "List, add, remove, clear, enable, disable, merge and dump qcow2 persistent dirty bitmaps.",
         discussion: "Changes are stored as QEMU stores them (new clusters, new directory, then the old clusters freed) when the command ends. "
-            + "A bitmap left in use by a writer that did not close it is inconsistent: only `remove` works on it.",
+            + "A bitmap left in use by a writer that did not close it is inconsistent: only `remove` works on it." + Examples.section("bitmap"),
         subcommands: [List.self, Add.self, Remove.self, Clear.self, Enable.self, Disable.self, Merge.self, Dump.self])
 
     /// Opens IMAGE as qcow2 (read-only, or writable with its lock) and hands over the driver.

@@ -9,7 +9,7 @@ struct CheckCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "check",
         abstract: "Check an image's metadata; --repair drops entries that point outside the file or twice at one cluster.",
-        discussion: "Exit status: 0 clean, 2 corruption found (and not repaired), 3 only leaked clusters, 63 the format has no check (raw, Bochs; as qemu-img), 1 error.")
+        discussion: "Exit status: 0 clean, 2 corruption found (and not repaired), 3 only leaked clusters, 63 the format has no check (raw, Bochs; as qemu-img), 1 error." + Examples.section("check"))
 
     @Flag(help: "Fix what can be fixed (needs exclusive access).")
     var repair = false

@@ -10,7 +10,7 @@ struct ConvertCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "convert",
         abstract: "Copy the guest disk of SOURCE (any format rawmount reads, with its backing chain) into a new DESTINATION image.",
-        discussion: "Sparse: ranges that are unallocated or read as zeros (checked per 4 KiB, as qemu-img -S 4k) are not written. An existing DESTINATION file is replaced, as qemu-img replaces it; the source itself never is. Creation options (-o) are those of `rawmount create`.")
+        discussion: "Sparse: ranges that are unallocated or read as zeros (checked per 4 KiB, as qemu-img -S 4k) are not written. An existing DESTINATION file is replaced, as qemu-img replaces it; the source itself never is. Creation options (-o) are those of `rawmount create`." + Examples.section("convert"))
 
     @Option(name: [.customShort("O"), .customLong("output-format")], help: "Format of DESTINATION: raw (default), qcow2, qed, vdi, vmdk or vpc (VHD).",
             completion: .list(CreateCommand.creatable))

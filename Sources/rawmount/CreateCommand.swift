@@ -8,7 +8,7 @@ import Glibc
 struct CreateCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "create", abstract: "Create an empty image (qcow2, qed, vdi, vmdk, vpc, vhdx, raw).",
-        discussion: "qemu-img's spellings work too: -o cluster_size=64k,compat=1.1,refcount_bits=16,extended_l2=on,lazy_refcounts=on,preallocation=metadata,table_size=4,subformat=streamOptimized|fixed,force_size=on,block_size=32M,log_size=1M,block_state_zero=off,static=on,backing_file=B,backing_fmt=F; -b and -F. Sizes take k, M, G, T, P, E (or KiB, MiB, ...) and fractions (1.5G); a size that is not a multiple of 512 is rounded up, with a note.")
+        discussion: "qemu-img's spellings work too: -o cluster_size=64k,compat=1.1,refcount_bits=16,extended_l2=on,lazy_refcounts=on,preallocation=metadata,table_size=4,subformat=streamOptimized|fixed,force_size=on,block_size=32M,log_size=1M,block_state_zero=off,static=on,backing_file=B,backing_fmt=F; -b and -F. Sizes take k, M, G, T, P, E (or KiB, MiB, ...) and fractions (1.5G); a size that is not a multiple of 512 is rounded up, with a note." + Examples.section("create"))
 
     @Option(name: [.customShort("f"), .long], help: "Format: qcow2, qed, vdi, vmdk, vpc (VHD), vhdx or raw.", completion: .list(Self.creatable))
     var format: String
@@ -19,7 +19,7 @@ struct CreateCommand: ParsableCommand {
     @Option(help: "qcow2: 1.1 (version 3, default) or 0.10 (version 2).")
     var compat: String = "1.1"
 
-    @Option(help: "qcow2: refcount width, 1, 2, 4, 8, 16 (default), 32 or 64 bits.")
+    @Option(help: "qcow2: refcount width, 1, 2, 4, 8, 16, 32 or 64 bits.")
     var refcountBits: UInt64 = 16
 
     @Flag(help: "qcow2: extended L2 entries (32 subclusters per cluster; clusters of 16K or more).")
@@ -31,7 +31,7 @@ struct CreateCommand: ParsableCommand {
     @Option(help: "qcow2: off (default) or metadata (every L2 table and data cluster allocated up front).")
     var preallocation: String = "off"
 
-    @Option(help: "Clusters per L1/L2 table (QED: 1, 2, 4, 8 or 16; default 4).")
+    @Option(help: "Clusters per L1/L2 table (QED: 1, 2, 4, 8 or 16).")
     var tableSize: UInt32 = 4
 
     @Option(help: "VMDK: \(VMDKCreate.Subformat.allCases.map(\.rawValue).joined(separator: ", ")) (default monolithicSparse). VHD (vpc) and VHDX: dynamic (default) or fixed.",

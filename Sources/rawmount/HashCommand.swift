@@ -11,7 +11,7 @@ struct HashCommand: ParsableCommand {
         abstract: "Hash the guest disk (the raw view, not the container file).",
         discussion: "Prints the digest as `sha256sum --tag` does: ALGORITHM (IMAGE) = HEX. Several --algorithm options hash in one pass. "
             + "Ranges the image holds no data for are hashed as zeros without reading them. With --verify, exits 0 when the digest "
-            + "matches and 1 (naming both values) when it does not.")
+            + "matches and 1 (naming both values) when it does not." + Examples.section("hash"))
 
     @Option(name: [.customShort("a"), .long], help: "md5, sha1, sha256 or sha512 (repeatable; default sha256, or the one --verify's length names).",
             completion: .list(["md5", "sha1", "sha256", "sha512"]))

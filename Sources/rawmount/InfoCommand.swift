@@ -6,7 +6,8 @@ import Synchronization
 struct InfoCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "info",
-        abstract: "Print an image's format, virtual size, cluster size, allocation and backing chain.")
+        abstract: "Print an image's format, virtual size, cluster size, allocation and backing chain.",
+        discussion: String(Examples.section("info").dropFirst(2)))
 
     @Flag(help: "Print JSON for scripts: qemu-img info's keys and types (virtual-size, actual-size, cluster-size, dirty-flag, backing-filename, full-backing-filename, backing-filename-format, snapshots, format-specific), and rawmount's own (allocated-bytes, file-size, partition-table, details).")
     var json = false

@@ -7,7 +7,7 @@ struct ListCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "list",
         abstract: "List rawmount mounts: mountpoint, image, read-only or not, and the serving process.",
-        discussion: "A mount whose server has died (killed, crashed) is marked \"server died\": its files answer ENOTCONN until `rawmount unmount` removes it.")
+        discussion: "A mount whose server has died (killed, crashed) is marked \"server died\": its files answer ENOTCONN until `rawmount unmount` removes it." + Examples.section("list"))
 
     @Flag(help: "Print JSON for scripts: an array of {mountpoint, image, read-only, overlay, pid, server}.")
     var json = false

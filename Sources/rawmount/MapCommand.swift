@@ -6,7 +6,7 @@ struct MapCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "map",
         abstract: "Print the allocation of IMAGE's guest disk as `qemu-img map` does (start, length, depth, present, zero, data, offset).",
-        discussion: "Works for every format rawmount reads, including those QEMU cannot (Bochs, bare COWD, VDI differencing). depth is the layer of the backing chain that answers (0: the image itself); offset is where the bytes lie in that layer's file.")
+        discussion: "Works for every format rawmount reads, including those QEMU cannot (Bochs, bare COWD, VDI differencing). depth is the layer of the backing chain that answers (0: the image itself); offset is where the bytes lie in that layer's file." + Examples.section("map"))
 
     @Option(help: ArgumentHelp("human (default: data ranges with their host offset and file) or json (every range).", valueName: "format"))
     var output: String = "human"

@@ -13,7 +13,7 @@ struct MountCommand: ParsableCommand {
         // One line per paragraph: the help printer wraps them itself.
         discussion: "If MOUNTPOINT is a directory, it shows <image name>.raw (win.vmdk -> win.raw). "
             + "If it is an existing regular file, that file becomes the raw view. Returns once the raw file is ready; "
-            + "without --foreground the serving process detaches. Stop it with `rawmount unmount`.")
+            + "without --foreground the serving process detaches. Stop it with `rawmount unmount`." + Examples.section("mount"))
 
     @Flag(name: [.customShort("r"), .long], help: "Mount read-only: the image is opened O_RDONLY and never changes.")
     var readOnly = false
@@ -39,7 +39,7 @@ struct MountCommand: ParsableCommand {
     @Option(help: "Write into this qcow2 instead of the image: created over the image (its backing file, recorded by absolute path) on first use, reused when it already backs onto it. The image is opened read-only and never changes.")
     var overlay: String?
 
-    @Option(help: "Cluster size of a new --overlay (default 64K; 4K for fine-grained overlays).")
+    @Option(help: "Cluster size of a new --overlay (4K for fine-grained overlays).")
     var overlayClusterSize: String = "64K"
 
     @Flag(name: .customLong("no-partitions"),

@@ -8,7 +8,7 @@ struct Rawmount: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "rawmount",
         abstract: "Show virtual-disk images as plain raw block files through FUSE.",
-        discussion: "Reads and writes raw, qcow2, QED, VDI, VMDK, VHD (vpc) and VHDX; reads qcow2 internal snapshots and Bochs images.",
+        discussion: "Reads and writes raw, qcow2, QED, VDI, VMDK, VHD (vpc) and VHDX; reads qcow2 internal snapshots and Bochs images." + Examples.overview,
         version: "0.5.0",
         // mount.fuse3 (mount -t fuse.rawmount, fstab) runs `rawmount IMAGE DIR -o OPTS`.
         subcommands: [MountCommand.self, UnmountCommand.self, ListCommand.self, InfoCommand.self, CreateCommand.self, CheckCommand.self, BitmapCommand.self, HashCommand.self, MapCommand.self, ConvertCommand.self, ServeCommand.self],

@@ -10,7 +10,7 @@ struct ServeCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "serve",
         abstract: "Serve IMAGE's guest disk over NBD: nbdkit with rawmount's plugin, until interrupted.",
-        discussion: "Prints the NBD URI once nbdkit listens (nbd+unix:///?socket=... or nbd://host:port), so qemu-img, nbdcopy, nbdinfo, nbd-client and QEMU can use it. Ctrl-C or SIGTERM stops nbdkit cleanly: the image is flushed and closed as `unmount` closes it. Image locks are taken as for a mount. The plugin (librawmount-nbdkit.so) is found next to this binary or in ../lib/rawmount/ (make install puts it there); nbdkit can also load it directly: nbdkit librawmount-nbdkit.so image=FILE [format=] [readonly=true] [snapshot=].")
+        discussion: "Prints the NBD URI once nbdkit listens (nbd+unix:///?socket=... or nbd://host:port), so qemu-img, nbdcopy, nbdinfo, nbd-client and QEMU can use it. Ctrl-C or SIGTERM stops nbdkit cleanly: the image is flushed and closed as `unmount` closes it. Image locks are taken as for a mount. The plugin (librawmount-nbdkit.so) is found next to this binary or in ../lib/rawmount/ (make install puts it there); nbdkit can also load it directly: nbdkit librawmount-nbdkit.so image=FILE [format=] [readonly=true] [snapshot=]." + Examples.section("serve"))
 
     @Flag(name: [.customShort("r"), .long], help: "Serve read-only: the image is opened O_RDONLY and never changes.")
     var readOnly = false

@@ -7,7 +7,8 @@ import Glibc
 struct UnmountCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "unmount",
-        abstract: "Unmount a rawmount mount; returns after the image is flushed and closed.")
+        abstract: "Unmount a rawmount mount; returns after the image is flushed and closed.",
+        discussion: String(Examples.section("unmount").dropFirst(2)))
 
     @Option(help: "Seconds to wait for the server to flush and exit.")
     var timeout: Double = 120

@@ -25,6 +25,10 @@ final class SystemIntegrationTests: XCTestCase {
         for option in ["--overlay", "--force-share", "uid=", "umask=", "nofail", "--quiet", "--verbose"] {
             XCTAssertTrue(manual.contains(option), "man page lacks \(option)")
         }
+        // Examples for the verbs, an fstab line, a forensic session, and where to read more.
+        for text in ["rawmount mount -r", "rawmount convert -O qcow2", "fuse.rawmount ro,allow_other", "--overlay notes.qcow2", "qemu-img(1)"] {
+            XCTAssertTrue(manual.contains(text), "man page lacks the example \(text)")
+        }
         // Completions parse, and offer the format and subformat values.
         try Harness.run(["bash", "-n", prefix + "/share/bash-completion/completions/rawmount"])
         let bash = try String(contentsOfFile: prefix + "/share/bash-completion/completions/rawmount", encoding: .utf8)
