@@ -122,7 +122,7 @@ public final class MetadataRanges: Sendable {
 extension Array {
     /// The first index whose element satisfies `belongs` (which must be false then true
     /// along the array); `count` if none does.
-    func partitionIndex(_ belongs: (Element) -> Bool) -> Int {
+    public func partitionIndex(_ belongs: (Element) -> Bool) -> Int {
         var lo = 0, hi = count
         while lo < hi {
             let mid = (lo + hi) / 2

@@ -11,6 +11,7 @@ public enum FormatRegistry {
         QCOW2Format.self,
         VHDFormat.self,
         VHDXFormat.self,
+        SplitRawFormat.self,
     ]
 }
 

@@ -56,10 +56,13 @@ public enum ImageOpener {
                                      detail: "it loops: this file is already in the chain above it (\(chain.count) images up)")
         }
         let chain = chain + [identity]
-        let format = try options.format ?? ImageFormat.probe(readOnlyFile)
+        var format = try options.format ?? ImageFormat.probe(readOnlyFile)
+        // Split raw is known by its name only; found that way, it is evidence (read-only).
+        let splitByName = options.format == nil && format == .raw && SplitRawFormat.detect(path)
+        if splitByName { format = .splitraw }
         let opening = format.opening
         // An internal snapshot is shown read-only, so its image is opened read-only.
-        let writable = try options.writable && format.supportsWriting && options.snapshot == nil
+        let writable = try options.writable && format.supportsWriting && options.snapshot == nil && !splitByName
             && (opening?.takesWrites(readOnlyFile) ?? true)
         let file = writable ? try ReferencedFiles.reopenForWriting(readOnlyFile) : readOnlyFile
         if options.lock { try ImageLock.acquire(file, writable: writable) }
