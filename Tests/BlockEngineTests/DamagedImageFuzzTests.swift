@@ -196,22 +196,27 @@ final class DamagedImageFuzzTests: XCTestCase {
         try fuzz("vhd", try image("a.vhd", ["-O", "vpc"]), format: .vpc, writable: true, seed: 61)
         try fuzz("vhd-fixed", try image("b.vhd", ["-O", "vpc", "-o", "subformat=fixed"]), format: .vpc, writable: true, seed: 62)
         // A differencing child (the fixture's layout) over "a.vhd", which its locators name.
-        let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-            .appendingPathComponent("IntegrationTests/Fixtures/make_vhd_child.py").path
-        XCTAssertEqual(try run(["qemu-img", "convert", "-f", "vpc", "-O", "raw", dir + "/a.vhd", dir + "/a.raw"]), 0)
-        XCTAssertEqual(try run(["python3", script, dir + "/a.vhd", dir + "/a.raw", dir + "/c.vhd", dir + "/c.expected", "w2ru"]), 0)
-        try fuzz("vhd-differencing", [UInt8](try Data(contentsOf: URL(fileURLWithPath: dir + "/c.vhd"))), format: .vpc, writable: false, seed: 63)
+        try fuzz("vhd-differencing", try differencingChild(over: "a.vhd", qemuFormat: "vpc", fixture: "make_vhd_child.py", mode: "w2ru"),
+                 format: .vpc, writable: false, seed: 63)
     }
 
     func testDamagedVHDX() throws {
         try fuzz("vhdx", try image("a.vhdx", ["-O", "vhdx", "-o", "block_size=1M"]), format: .vhdx, writable: true, seed: 71)
         try fuzz("vhdx-fixed", try image("b.vhdx", ["-O", "vhdx", "-o", "subformat=fixed"]), format: .vhdx, writable: true, seed: 72)
         // A differencing child (the fixture's layout) over "a.vhdx", which its locator names.
+        try fuzz("vhdx-differencing", try differencingChild(over: "a.vhdx", qemuFormat: "vhdx", fixture: "make_vhdx_child.py", mode: "relative"),
+                 format: .vhdx, writable: false, seed: 73)
+    }
+
+    /// A differencing child written by an IntegrationTests fixture over `parent` (in the
+    /// scratch folder, where the child's locators find it), as bytes.
+    func differencingChild(over parent: String, qemuFormat: String, fixture: String, mode: String) throws -> [UInt8] {
         let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-            .appendingPathComponent("IntegrationTests/Fixtures/make_vhdx_child.py").path
-        XCTAssertEqual(try run(["qemu-img", "convert", "-f", "vhdx", "-O", "raw", dir + "/a.vhdx", dir + "/a.raw"]), 0)
-        XCTAssertEqual(try run(["python3", script, dir + "/a.vhdx", dir + "/a.raw", dir + "/c.vhdx", dir + "/c.expected", "relative"]), 0)
-        try fuzz("vhdx-differencing", [UInt8](try Data(contentsOf: URL(fileURLWithPath: dir + "/c.vhdx"))), format: .vhdx, writable: false, seed: 73)
+            .appendingPathComponent("IntegrationTests/Fixtures/" + fixture).path
+        let p = dir + "/" + parent, child = dir + "/child-of-" + parent
+        XCTAssertEqual(try run(["qemu-img", "convert", "-f", qemuFormat, "-O", "raw", p, p + ".raw"]), 0)
+        XCTAssertEqual(try run(["python3", script, p, p + ".raw", child, child + ".expected", mode]), 0)
+        return [UInt8](try Data(contentsOf: URL(fileURLWithPath: child)))
     }
 
     func testDamagedVMDK() throws {
