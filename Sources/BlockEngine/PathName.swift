@@ -13,7 +13,11 @@ public enum PathName {
     }
 
     /// `name` as seen from the file `referrer`: absolute names stay, others join its directory.
+    /// A referrer without a directory leaves the name as it is (no "./"), as qemu-img
+    /// combines them (its full-backing-filename).
     public static func resolve(_ name: String, relativeTo referrer: String) -> String {
-        name.hasPrefix("/") ? name : directory(of: referrer) + "/" + name
+        if name.hasPrefix("/") || !referrer.contains("/") { return name }
+        let dir = directory(of: referrer)
+        return dir == "/" ? "/" + name : dir + "/" + name
     }
 }
