@@ -124,7 +124,7 @@ struct MountCommand: ParsableCommand {
             let comm = open("/proc/self/comm", O_WRONLY)
             if comm >= 0 { _ = write(comm, "rawmount", 8); close(comm) }
         }
-        let (imagePath, mp, target) = try checkedPaths()
+        let (imagePath, mp, target) = try checkedPaths(readOnly: s.readOnly)
         defer { close(target.fd) }
         let mode = target.mode
         let pidFile = try Paths.pidFile(forMountpoint: mp)
@@ -180,7 +180,9 @@ struct MountCommand: ParsableCommand {
 
     /// The image path as named and the mountpoint, resolved once and opened as a
     /// descriptor (kept open until the mount is made), with every check on them.
-    private func checkedPaths() throws -> (imagePath: String, mountpoint: String, target: Paths.Mountpoint) {
+    /// `readOnly`: an image may then be shown over its own file (as qemu-storage-daemon
+    /// allows): it is opened before the mount hides it, and nothing reopens it by name.
+    private func checkedPaths(readOnly: Bool) throws -> (imagePath: String, mountpoint: String, target: Paths.Mountpoint) {
         // The image as named (absolute, its directory resolved, a symlink at the end kept):
         // backing files, Bochs layers and VDI parents are found next to that name, as QEMU
         // and Bochs find them. The fully resolved path only guards against mounting on itself.
@@ -202,7 +204,10 @@ struct MountCommand: ParsableCommand {
             throw BlockError.usage("\(mountpoint): mountpoint must be a directory or a regular file")
         }
         if mp == realImage || (try? ImageFile(path: realImage, writable: false))?.identity.map({ ($0.device, $0.inode) == target.identity }) == true {
-            throw BlockError.usage("\(mountpoint): cannot mount an image on itself")
+            // Writable, its own writes would go through the view that hides it: only read-only.
+            guard readOnly, mode == S_IFREG else {
+                throw BlockError.usage("\(mountpoint): an image can be shown over its own file only read-only (-r)")
+            }
         }
         if let why = Paths.unsuitableMountpoint(mp) {
             throw BlockError.usage("mountpoint \(mountpoint): refused: \(why)")

@@ -460,4 +460,25 @@ final class RawMountTests: XCTestCase {
         XCTAssertTrue(try Harness.run([Harness.rawmount, "list"]).out.contains("mr.qcow2"))
         try s.unmount()
     }
+
+    /// As qemu-storage-daemon allows: an image shown read-only over its own file (the file
+    /// reads as the guest disk until the unmount, then is the image again); a writable mount
+    /// over itself is refused.
+    func testImageShownReadOnlyOverItsOwnFile() throws {
+        try Harness.requireFuse()
+        let s = try Scratch()
+        let img = s.path("self.qcow2")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", img, "8M"])
+        try Harness.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x61 0 1M", img])
+        let oracle = try s.qemuRaw(img)
+        let sha = try Files.sha(img)
+        let w = try Harness.run([Harness.rawmount, "mount", img, img], check: false)
+        XCTAssertEqual(w.status, 1)
+        XCTAssertTrue(w.err.contains("only read-only"), w.err)
+        try s.mount(img, at: img, options: ["-r"])
+        XCTAssertEqual(try Data(contentsOf: URL(fileURLWithPath: img)), oracle)
+        try s.unmount(img)
+        XCTAssertEqual(try Files.sha(img), sha)
+        try Harness.run(["qemu-img", "check", img])
+    }
 }
