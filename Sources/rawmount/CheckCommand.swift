@@ -14,7 +14,7 @@ struct CheckCommand: ParsableCommand {
     @Flag(help: "Fix what can be fixed (needs exclusive access).")
     var repair = false
 
-    @Option(help: ArgumentHelp("human (default) or json (qemu-img check's keys: filename, format, check-errors, corruptions, leaks, corruptions-fixed, leaks-fixed, allocated-clusters, total-clusters, image-end-offset).", valueName: "format"))
+    @Option(help: ArgumentHelp("human (default) or json (qemu-img check's keys: filename, format, check-errors, corruptions, leaks, corruptions-fixed, leaks-fixed, allocated-clusters, fragmented-clusters, total-clusters, image-end-offset).", valueName: "format"))
     var output: String = "human"
 
     @Argument(help: "The disk image.", completion: .file())
@@ -115,9 +115,12 @@ struct CheckCommand: ParsableCommand {
             // The end of the last cluster the file holds: never before a cluster in use, so
             // truncating there (what scripts use it for) keeps everything.
             o.extra = ["total-clusters": (header.size + cs - 1) / cs, "image-end-offset": (try file.size() + cs - 1) / cs * cs]
-            let allocated = report.dataClusters + report.compressedClusters
-            if allocated > 0 { o.extra["allocated-clusters"] = allocated }
-            if report.compressedClusters > 0 { o.extra["compressed-clusters"] = report.compressedClusters }
+            // qemu-img's keys, counted as it counts them (the active tables, in guest order).
+            if report.allocatedClusters > 0 {
+                o.extra["allocated-clusters"] = report.allocatedClusters
+                o.extra["fragmented-clusters"] = report.fragmentedClusters
+            }
+            if report.activeCompressedClusters > 0 { o.extra["compressed-clusters"] = report.activeCompressedClusters }
             return o
         case .vmdk:
             let device = try ImageOpener.open(path: image, options: .init(writable: false, format: .vmdk, lock: false))

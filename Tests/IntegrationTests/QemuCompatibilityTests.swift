@@ -133,9 +133,23 @@ final class QemuCompatibilityTests: XCTestCase {
         // check --output=json, also after the image was damaged into leaking a cluster.
         let clean = try json(try Harness.run([Harness.rawmount, "check", "--output=json", top]).out) as? [String: Any]
         let qclean = try json(try Harness.run(["qemu-img", "check", "--output=json", top]).out) as? [String: Any]
-        for key in ["filename", "format", "check-errors", "total-clusters", "allocated-clusters", "image-end-offset", "leaks", "corruptions"] {
+        for key in ["filename", "format", "check-errors", "total-clusters", "allocated-clusters", "fragmented-clusters", "image-end-offset", "leaks", "corruptions"] {
             XCTAssertEqual(clean?[key].map { "\($0)" }, qclean?[key].map { "\($0)" }, "check \(key)")
         }
+        // Fragmentation counted as qemu-img counts it: out-of-order clusters, a compressed
+        // one, a zero-allocated one, and an L2 table copied for a snapshot.
+        let frag = s.path("frag.qcow2")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", frag, "16M"])
+        try Harness.run(["qemu-io", "-f", "qcow2", "-c", "write -c 0 64k", "-c", "write 1M 128k", "-c", "write 64k 64k", "-c", "write -z 3M 64k",
+                         "-c", "write 8M 64k", "-c", "write 5M 64k", frag])
+        try Harness.run(["qemu-img", "snapshot", "-c", "s", frag])
+        try Harness.run(["qemu-io", "-f", "qcow2", "-c", "write 1M 4k", frag])
+        let ourFrag = try json(try Harness.run([Harness.rawmount, "check", "--output=json", frag]).out) as? [String: Any]
+        let theirFrag = try json(try Harness.run(["qemu-img", "check", "--output=json", frag]).out) as? [String: Any]
+        for key in ["allocated-clusters", "fragmented-clusters", "compressed-clusters", "total-clusters", "image-end-offset"] {
+            XCTAssertEqual(ourFrag?[key].map { "\($0)" }, theirFrag?[key].map { "\($0)" }, "check \(key) of a fragmented image")
+        }
+        XCTAssertGreaterThan(theirFrag?["fragmented-clusters"] as? Int ?? 0, 1)
         let leaky = s.path("leaky.qcow2")
         try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", leaky, "8M"])
         try Harness.run(["qemu-io", "-c", "write 0 64k", leaky])

@@ -6,6 +6,10 @@ public struct QCOW2CheckReport: Sendable, CustomStringConvertible {
     public var l2Tables = 0
     public var dataClusters = 0
     public var compressedClusters = 0
+    /// Over the active tables, as qemu-img check counts them.
+    public var allocatedClusters = 0
+    public var fragmentedClusters = 0
+    public var activeCompressedClusters = 0
     /// Entries that point outside the file or at unaligned offsets, bad subcluster bitmaps.
     public var invalidEntries = 0
     /// Clusters referenced more often than their refcount says (or with refcount 0).

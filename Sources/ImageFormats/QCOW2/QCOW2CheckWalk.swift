@@ -20,6 +20,14 @@ final class QCOW2CheckWalk {
     /// once, so aliased entries (hostile, or many snapshots sharing tables) cost no more
     /// reading than the tables the file holds.
     var l2References: [UInt64: (count: UInt64, name: String)] = [:]
+    /// The active L1's L2 tables in L1 order, and per table what qemu-img's fragmentation
+    /// count needs: its first and last data cluster and the breaks inside it.
+    var activeL2Order: [UInt64] = []
+    var activeTables: [UInt64: TableRun] = [:]
+    struct TableRun {
+        var first: UInt64? = nil, last: UInt64? = nil
+        var breaks = 0, allocated = 0, compressed = 0
+    }
 
     init(file: ImageFile, header: QCOW2Header, repair: Bool, progress: ((UInt64, UInt64) -> Void)?) throws {
         self.file = file; h = header; self.repair = repair; self.progress = progress
@@ -41,6 +49,7 @@ final class QCOW2CheckWalk {
             invalid("\(e)")
         }
         try walkL2Tables()
+        (report.allocatedClusters, report.fragmentedClusters, report.activeCompressedClusters) = fragmentation()
         do {
             try QCOW2Check.walkBitmaps(file: file, header: h, fileSize: fileSize, addRange)
         } catch let e as BlockError {
@@ -87,6 +96,10 @@ final class QCOW2CheckWalk {
                 return
             }
             l2References[t, default: (0, name)].count += 1
+            if name == "active" {
+                activeL2Order.append(t)
+                activeTables[t] = TableRun()
+            }
         }
     }
 
@@ -108,9 +121,24 @@ final class QCOW2CheckWalk {
         let bytes = try file.readBytes(count: Int(cs), at: table, what: "qcow2 L2 table")
         let view = TableView(bytes: bytes, encoding: .u64BE)
         let step = Int(h.l2EntryBytes / 8)
+        var run = activeTables[table]
+        defer { if let run { activeTables[table] = run } }
         for i in stride(from: 0, to: view.count, by: step) {
             let e = view[i]
             let bitmap = h.extendedL2 ? view[i + 1] : 0
+            // qemu-img's allocation and fragmentation counts (active tables): a compressed
+            // cluster is allocated and fragmented by nature; a data cluster is fragmented
+            // when it does not follow the one before it on the host.
+            if run != nil {
+                if e & QCOW2Driver.compressedFlag != 0 {
+                    run!.allocated += 1; run!.compressed += 1
+                } else if e & QCOW2Driver.offsetMask != 0 {
+                    let host = e & QCOW2Driver.offsetMask
+                    run!.allocated += 1
+                    if let last = run!.last { if host != last + cs { run!.breaks += 1 } } else { run!.first = host }
+                    run!.last = host
+                }
+            }
             if e & QCOW2Driver.compressedFlag != 0 {
                 let (host, bytes) = h.compressedRange(e)
                 if e & QCOW2Driver.copiedFlag != 0 {
@@ -135,6 +163,24 @@ final class QCOW2CheckWalk {
             }
             if try addRange(host, cs, "data cluster (L2 table at \(table))") { report.dataClusters += 1 }
         }
+    }
+
+    /// qemu-img check's allocated-clusters and fragmented-clusters over the active tables,
+    /// in guest order (the host order continues from one L2 table to the next).
+    func fragmentation() -> (allocated: Int, fragmented: Int, compressed: Int) {
+        var allocated = 0, fragmented = 0, compressed = 0
+        var last: UInt64? = nil
+        for t in activeL2Order {
+            guard let r = activeTables[t] else { continue }
+            allocated += r.allocated
+            compressed += r.compressed
+            fragmented += r.compressed + r.breaks
+            if let first = r.first {
+                if let last, first != last + cs { fragmented += 1 }
+                last = r.last
+            }
+        }
+        return (allocated, fragmented, compressed)
     }
 
     /// The refcount table and blocks are counted as references too.
