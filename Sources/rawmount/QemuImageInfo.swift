@@ -53,8 +53,15 @@ enum QemuImageInfo {
             if let d = v.descriptor {
                 var data: [String: Any] = ["cid": d.cid ?? 0, "parent-cid": d.parentCID ?? 0xFFFF_FFFF]
                 if let t = d.createType { data["create-type"] = t }
-                data["extents"] = d.extents.map { e -> [String: Any] in
-                    ["filename": e.fileName.map { PathName.resolve($0, relativeTo: v.file.path) } ?? "", "virtual-size": e.sectors * 512]
+                let details = v.extentDetails
+                data["extents"] = d.extents.enumerated().map { i, e -> [String: Any] in
+                    var x: [String: Any] = ["filename": e.fileName.map { PathName.resolve($0, relativeTo: v.file.path) } ?? "", "virtual-size": e.sectors * 512]
+                    if i < details.count {
+                        x["format"] = details[i].format
+                        if let cs = details[i].clusterSize { x["cluster-size"] = cs }
+                        if details[i].compressed { x["compressed"] = true }
+                    }
+                    return x
                 }
                 f["format-specific"] = ["type": "vmdk", "data": data]
             }

@@ -96,6 +96,24 @@ final class QemuCompatibilityTests: XCTestCase {
         try s.assertMountRefused(["-r", child], mentions: ["gone.qcow2", "not found"], "missing backing file")
     }
 
+    /// VMDK `extents` in info's format-specific data, field for field as qemu-img lists them
+    /// (type as the descriptor names it or empty, grain size, compression), for every subformat.
+    func testVMDKExtentsListedAsQemuImgListsThem() throws {
+        let s = try Scratch()
+        for sub in ["monolithicSparse", "twoGbMaxExtentSparse", "monolithicFlat", "streamOptimized"] {
+            let img = "x-\(sub).vmdk"
+            try Harness.run(["qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=\(sub)", s.path(img), "64M"])
+            func extents(_ tool: [String]) throws -> [String] {
+                let j = try json(try Harness.run(["env", "-C", s.dir] + tool + [img]).out) as? [String: Any]
+                let data = (j?["format-specific"] as? [String: Any])?["data"] as? [String: Any]
+                return (data?["extents"] as? [[String: Any]] ?? []).map { e in e.keys.sorted().map { "\($0)=\(e[$0]!)" }.joined(separator: " ") }
+            }
+            let theirs = try extents(["qemu-img", "info", "--output=json"])
+            XCTAssertFalse(theirs.isEmpty, sub)
+            XCTAssertEqual(try extents([Harness.rawmount, "info", "--json"]), theirs, sub)
+        }
+    }
+
     /// Keys qemu-img info prints mean the same, with the same types, in rawmount's JSON.
     func testInfoJsonSpeaksQemuImgsKeys() throws {
         let s = try Scratch()

@@ -34,6 +34,21 @@ public final class VMDKDriver: ImageAllocating, MultiFileMapping {
     public let isWritable: Bool
     public let readOnlyReason: String?
     public let descriptor: VMDKDescriptor?
+    /// The descriptor lives inside the sparse file (monolithicSparse, streamOptimized).
+    public let descriptorIsEmbedded: Bool
+
+    /// Per extent, what qemu-img info lists: the descriptor's extent type (empty for a
+    /// sparse file holding its own descriptor, as QEMU shows it), the grain size of a sparse
+    /// extent, and whether its grains are compressed.
+    public var extentDetails: [(format: String, clusterSize: UInt64?, compressed: Bool)] {
+        extents.enumerated().map { i, e in
+            let type = descriptorIsEmbedded ? "" : descriptor.flatMap { i < $0.extents.count ? $0.extents[i].type.rawValue : nil } ?? ""
+            switch e.kind {
+            case let .sparse(s): return (type, s.header.grainBytes, s.header.isCompressed)
+            case .flat, .zero: return (type, nil, false)
+            }
+        }
+    }
     let extents: [Extent]
     /// Host addresses carry the extent's index above bit 47 (128 TiB per extent file, 65536
     /// extents: an 8 TiB twoGbMaxExtent image has 4096).
@@ -51,7 +66,8 @@ public final class VMDKDriver: ImageAllocating, MultiFileMapping {
         var built: [Extent] = []
         var desc: VMDKDescriptor? = nil
         var cid: (ImageFile, UInt64, Int)? = nil
-        if VMDKSparseHeader.probe(head) {
+        descriptorIsEmbedded = VMDKSparseHeader.probe(head)
+        if descriptorIsEmbedded {
             let sparse = try VMDKSparseExtent(file: file)
             let h = sparse.header
             if h.descriptorOffset != 0 && h.descriptorSize != 0 {
