@@ -31,8 +31,9 @@ public enum VHDXCheck {
         var r = VHDXCheckReport()
         let m = d.metadata, h = d.header, size = try d.file.size()
         let group = m.chunkRatio + 1
-        // Block offsets in MiB (4 bytes each: half the memory of the table itself).
-        var starts: [UInt32] = []
+        // Block offsets in MiB of the blocks that lie inside the file (no more memory than
+        // the table itself; a bad entry is reported once, not again as an overlap).
+        var starts: [UInt64] = []
         try FlatTable.forEachEntry(d.file, start: h.batOffset, count: m.tableEntries, encoding: .u64LE, what: "VHDX block allocation table") { i, e in
             guard i % group != m.chunkRatio, e & 7 == VHDXDriver.State.fullyPresent.rawValue else { return }
             r.blocks += 1
@@ -44,8 +45,9 @@ public enum VHDXCheck {
                 r.problems.add("block \(block) at \(offset) lies on \(o.what) at \(o.start)")
             } else if offset > size || needed > size - offset {
                 r.problems.add("block \(block) at \(offset) runs past the end of the \(size)-byte file")
+            } else {
+                starts.append(e >> 20)
             }
-            starts.append(UInt32(truncatingIfNeeded: e >> 20))
         }
         starts.sort()
         r.problems.overlapping(starts, unit: 1 << 20, span: m.blockSize)
