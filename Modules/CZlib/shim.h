@@ -22,4 +22,18 @@ static inline int rm_inflate(const void *src, size_t src_len, void *dst, size_t 
     if (rc == Z_STREAM_END || s.avail_out == 0) return Z_OK;
     return rc == Z_OK ? Z_DATA_ERROR : rc;
 }
+// Inflates a zlib stream whole: Z_STREAM_END (its Adler-32 checked) when it ends within
+// `dst_len` bytes, with *produced set; anything else (damaged, longer, cut short) is an error.
+static inline int rm_inflate_to_end(const void *src, size_t src_len, void *dst, size_t dst_len, size_t *produced) {
+    z_stream s;
+    memset(&s, 0, sizeof s);
+    int rc = inflateInit(&s);
+    if (rc != Z_OK) return rc;
+    s.next_in = (Bytef *)src; s.avail_in = (uInt)src_len;
+    s.next_out = (Bytef *)dst; s.avail_out = (uInt)dst_len;
+    rc = inflate(&s, Z_FINISH);
+    *produced = dst_len - s.avail_out;
+    inflateEnd(&s);
+    return rc == Z_STREAM_END ? Z_STREAM_END : (rc == Z_OK || rc == Z_BUF_ERROR ? Z_DATA_ERROR : rc);
+}
 #endif

@@ -108,6 +108,9 @@ public protocol ImageMapping: AnyObject, Sendable {
     /// Why this image is served read-only even when writing was asked for (nil: it is not,
     /// or only because its file was opened read-only); `mount` tells the user.
     var readOnlyReason: String? { get }
+    /// Digests of the whole disk the image stores (EWF's MD5 and SHA-1 of the acquired
+    /// media), by algorithm name (md5, sha1), in lowercase hex; empty for most formats.
+    var storedDigests: [(algorithm: String, hex: String)] { get }
 }
 
 /// The lifecycle role: metadata write-back and closing (read-only formats only close).
@@ -179,6 +182,7 @@ public protocol ImageAllocating: ImageDriver {
 
 extension ImageMapping {
     public var readOnlyReason: String? { nil }
+    public var storedDigests: [(algorithm: String, hex: String)] { [] }
     public var allocatedBytesHint: UInt64? { nil }
     public var hostAllocatedBytes: UInt64 { file.allocatedBytes() }
     public var dirtyBitmaps: [(name: String, bits: DirtyBitmap)] { [] }

@@ -77,8 +77,14 @@ public final class TableCache: Sendable {
     public typealias Journal = @Sendable (_ tables: [(offset: UInt64, bytes: [UInt8])]) throws -> Void
     private let journal: Journal?
 
+    /// Reads the table a key names, for tables that are not `tableBytes` in place in `file`
+    /// (EWF chunk tables: of any length, in any segment file, checked against their
+    /// checksum and mirror copy): returns exactly `tableBytes` bytes. Such a cache is read-only.
+    public typealias Loader = @Sendable (_ key: UInt64) throws -> [UInt8]
+    private let loader: Loader?
+
     public init(file: ImageFile, tableBytes: Int, encoding: TableEncoding, capacity: Int,
-                beforeWriteBack: (@Sendable () throws -> Void)? = nil, journal: Journal? = nil) {
+                beforeWriteBack: (@Sendable () throws -> Void)? = nil, journal: Journal? = nil, loader: Loader? = nil) {
         precondition(tableBytes > 0 && tableBytes % encoding.width == 0 && capacity > 0)
         self.file = file
         maxAge = file.sharedWithWriters ? Self.sharedMaxAge : nil
@@ -87,10 +93,21 @@ public final class TableCache: Sendable {
         self.capacity = capacity
         self.beforeWriteBack = beforeWriteBack
         self.journal = journal
+        self.loader = loader
         self.state = Mutex(State())
     }
 
     public var stats: Stats { state.withLock { $0.stats } }
+
+    /// The table at `table`, from the file or the loader.
+    private func readTable(_ table: UInt64) throws -> [UInt8] {
+        if let loader {
+            let bytes = try loader(table)
+            precondition(bytes.count == tableBytes, "a table loader returns whole tables")
+            return bytes
+        }
+        return try file.readBytes(count: tableBytes, at: table, what: "metadata table")
+    }
     /// Tables held now (tests: the capacity bound).
     var cachedCount: Int { state.withLock { $0.slots.count } }
     public var dirtyCount: Int { state.withLock { $0.slots.values.filter { $0.dirtySeq != nil }.count } }
@@ -103,7 +120,7 @@ public final class TableCache: Sendable {
             slot.referenced = true; s.stats.hits += 1
             return decode(slot.bytes, index)
         }) { return v }
-        let bytes = try file.readBytes(count: tableBytes, at: table, what: "metadata table")
+        let bytes = try readTable(table)
         return try state.withLock { s in
             let slot = try insertLocked(&s, table: table, bytes: bytes)
             return decode(slot.bytes, index)
@@ -117,7 +134,7 @@ public final class TableCache: Sendable {
             slot.referenced = true; s.stats.hits += 1
             return try body(TableView(bytes: slot.bytes, encoding: encoding))
         }) { return r }
-        let bytes = try file.readBytes(count: tableBytes, at: table, what: "metadata table")
+        let bytes = try readTable(table)
         return try state.withLock { s in
             let slot = try insertLocked(&s, table: table, bytes: bytes)
             return try body(TableView(bytes: slot.bytes, encoding: encoding))
@@ -162,7 +179,7 @@ public final class TableCache: Sendable {
             slot.referenced = true; s.stats.hits += 1
             return try body(slot)
         }) { return r }
-        let bytes = try file.readBytes(count: tableBytes, at: table, what: "metadata table")
+        let bytes = try readTable(table)
         return try state.withLock { s in try body(try insertLocked(&s, table: table, bytes: bytes)) }
     }
 
@@ -170,7 +187,7 @@ public final class TableCache: Sendable {
     public func setEntry(table: UInt64, index: Int, value: UInt64) throws {
         precondition(index >= 0 && index < entriesPerTable)
         let loaded: [UInt8]? = state.withLock { $0.slots[table] == nil } ?
-            try file.readBytes(count: tableBytes, at: table, what: "metadata table") : nil
+            try readTable(table) : nil
         try state.withLock { s in
             let slot: Slot
             if let existing = s.slots[table] { slot = existing } else {
@@ -192,7 +209,7 @@ public final class TableCache: Sendable {
     /// Changes the table's raw bytes and marks it dirty (moving it to the back of the write order).
     public func modify<R>(table: UInt64, _ body: (inout [UInt8]) throws -> R) throws -> R {
         let loaded: [UInt8]? = state.withLock { $0.slots[table] == nil } ?
-            try file.readBytes(count: tableBytes, at: table, what: "metadata table") : nil
+            try readTable(table) : nil
         let result = try state.withLock { s in
             let slot: Slot
             if let existing = s.slots[table] { slot = existing } else {
@@ -212,7 +229,7 @@ public final class TableCache: Sendable {
     /// a VMDK grain directory, would otherwise pay one read per table); tables already held
     /// are kept as they are. At most as many as the cache holds.
     public func readAhead(from table: UInt64, upTo end: UInt64, count: Int) throws {
-        guard end > table, !isCached(table: table) else { return }
+        guard loader == nil, end > table, !isCached(table: table) else { return }
         let n = Int(min(UInt64(min(count, capacity)), (end - table) / UInt64(tableBytes)))
         guard n > 1 else { return }
         let bytes = try file.readBytes(count: n * tableBytes, at: table, what: "metadata tables")
@@ -232,6 +249,7 @@ public final class TableCache: Sendable {
     /// its cached bytes, which may be newer than the file's; the first table that differs is
     /// cached, since the caller reads it next.
     public func countFilled(from table: UInt64, upTo end: UInt64, byte: UInt8, limit: Int) throws -> Int {
+        precondition(loader == nil, "countFilled reads tables in place")
         guard end > table else { return 0 }
         let n = Int(min(UInt64(max(limit, 0)), (end - table) / UInt64(tableBytes)))
         guard n > 0 else { return 0 }

@@ -12,6 +12,7 @@ public enum FormatRegistry {
         VHDFormat.self,
         VHDXFormat.self,
         SplitRawFormat.self,
+        EWFFormat.self,
     ]
 }
 

@@ -23,7 +23,7 @@ struct HashCommand: ParsableCommand {
     @Option(help: "Hash only partition N (numbered as the mount's <stem>-pN.raw files).")
     var partition: Int?
 
-    @Option(help: "The expected digest (hex); its length picks the algorithm when --algorithm is not given.")
+    @Option(help: "The expected digest (hex); its length picks the algorithm when --algorithm is not given. Without a digest, the ones the image stores (EWF), as the verify verb.")
     var verify: String?
 
     @Option(name: [.customShort("f"), .long], help: "Image format; probed when omitted.", completion: .list(ImageFormat.allCases.map(\.rawValue)))
@@ -37,6 +37,14 @@ struct HashCommand: ParsableCommand {
 
     func run() throws {
         do {
+            if verify == "stored" {
+                guard partition == nil, algorithm.isEmpty else {
+                    throw BlockError.usage("--verify without a digest checks the whole disk against the image's stored digests: no --partition or --algorithm")
+                }
+                let device = try ImageOpener.open(path: image, options: .init(writable: false, format: try parseFormat(format), lock: !forceShare))
+                defer { try? device.close() }
+                return try VerifyCommand.verify(device, image: image, json: json)
+            }
             let expected = verify?.lowercased()
             if let expected, expected.isEmpty || !expected.allSatisfy(\.isHexDigit) {
                 throw BlockError.usage("--verify \(verify!): not a hex digest")

@@ -11,7 +11,7 @@ struct Rawmount: ParsableCommand {
         discussion: "Reads and writes raw, qcow2, QED, VDI, VMDK, VHD (vpc) and VHDX; reads qcow2 internal snapshots and Bochs images." + Examples.overview,
         version: "0.5.0",
         // mount.fuse3 (mount -t fuse.rawmount, fstab) runs `rawmount IMAGE DIR -o OPTS`.
-        subcommands: [MountCommand.self, UnmountCommand.self, ListCommand.self, InfoCommand.self, CreateCommand.self, CheckCommand.self, BitmapCommand.self, HashCommand.self, MapCommand.self, ConvertCommand.self, ServeCommand.self],
+        subcommands: [MountCommand.self, UnmountCommand.self, ListCommand.self, InfoCommand.self, CreateCommand.self, CheckCommand.self, BitmapCommand.self, HashCommand.self, VerifyCommand.self, MapCommand.self, ConvertCommand.self, ServeCommand.self],
         defaultSubcommand: MountCommand.self)
 
     /// Swift's arguments replace bytes that are not UTF-8, so such a file name would be opened
@@ -40,7 +40,16 @@ struct Rawmount: ParsableCommand {
             limit.rlim_cur = limit.rlim_max
             _ = setrlimit(nofile, &limit)
         }
-        Self.main(nil)
+        Self.main(argumentsWithStoredVerify())
+    }
+
+    /// `hash --verify` without a digest after it (the next word is the image) checks against
+    /// the digests the image stores: rewritten as `--verify=stored`, which ArgumentParser takes.
+    static func argumentsWithStoredVerify() -> [String] {
+        var args = Array(CommandLine.arguments.dropFirst())
+        guard args.first == "hash", let i = args.firstIndex(of: "--verify") else { return args }
+        if i + 1 == args.count || !(args[i + 1].allSatisfy(\.isHexDigit) && !args[i + 1].isEmpty) { args[i] = "--verify=stored" }
+        return args
     }
 }
 

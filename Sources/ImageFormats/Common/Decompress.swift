@@ -64,6 +64,22 @@ enum Decompress {
         return ok ? out : nil
     }
 
+    /// A whole zlib stream of `atLeast` to `atMost` bytes (its Adler-32 checked at its end):
+    /// for a chunk whose exact length the metadata does not say.
+    static func complete(_ input: [UInt8], atMost: Int, atLeast: Int, file: String, what: String) throws -> [UInt8] {
+        var produced = 0
+        var rc: Int32 = 0
+        let out = [UInt8](unsafeUninitializedCapacity: atMost + 1) { buffer, n in
+            rc = input.withUnsafeBytes { rm_inflate_to_end($0.baseAddress, $0.count, buffer.baseAddress, atMost + 1, &produced) }
+            n = rc == Z_STREAM_END ? produced : 0
+        }
+        guard rc == Z_STREAM_END, produced >= atLeast, produced <= atMost else {
+            throw BlockError.invalid(file: file, field: what, detail: rc == Z_STREAM_END ? "inflates to \(produced) bytes, not \(atLeast) to \(atMost)"
+                                                                                 : "the compressed stream is damaged")
+        }
+        return out
+    }
+
     private static func streamed(_ limit: Int, of input: [UInt8], as stream: Stream, whole: Int, file: String, what: String) throws -> [UInt8] {
         var produced = 0
         var ok = false

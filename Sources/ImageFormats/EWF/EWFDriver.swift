@@ -1,0 +1,147 @@
+import BlockEngine
+
+/// EWF (E01, SMART s01 and their EnCase/FTK/linen variants), read-only. Every chunk is
+/// served through the engine's compressed path, compressed or not: a compressed chunk is
+/// inflated whole (its zlib Adler-32 checked), a stored one read with its trailing Adler-32
+/// and checked, so a damaged chunk reads as an I/O error naming it, never as other bytes.
+/// Host addresses carry the segment number, so no run crosses segment files.
+public final class EWFDriver: MultiFileMapping, ImageDriver {
+    public let file: ImageFile
+    public let info: ImageInfo
+    public let segments: [ImageFile]
+    public let media: EWFMedia
+    public let caseInfo: EWFCaseInfo
+    /// Which tool family wrote the set, as far as its sections tell.
+    public let flavour: String
+    let tables: EWFChunkTables
+    let entries: TableCache
+    let inflated: InflatedClusters
+    let chunkBytes: UInt64
+
+    public var readOnlyReason: String? { "EWF evidence is always read-only (--overlay takes writes)" }
+    public var contributingFiles: [ImageFile] { segments }
+    public var hostAllocatedBytes: UInt64 { segments.reduce(0) { $0 + $1.allocatedBytes() } }
+    public func hostFile(_ index: Int) -> ImageFile { segments[index] }
+    public var storedDigests: [(algorithm: String, hex: String)] {
+        [("md5", caseInfo.md5), ("sha1", caseInfo.sha1)].compactMap { a, h in h.map { (a, $0) } }
+    }
+
+    init(segments: [ImageFile], media: EWFMedia, caseInfo: EWFCaseInfo, tables: EWFChunkTables, flavour: String, notes: [String]) {
+        file = segments[0]
+        self.segments = segments
+        self.media = media
+        self.caseInfo = caseInfo
+        self.tables = tables
+        self.flavour = flavour
+        chunkBytes = media.chunkBytes
+        let tableBytes = tables.tableBytes
+        let t = tables, files = segments
+        entries = TableCache(file: segments[0], tableBytes: tableBytes, encoding: .u32LE,
+                             capacity: max(4, (8 << 20) / tableBytes), loader: { try t.load(Int($0), files: files, tableBytes: tableBytes) })
+        inflated = InflatedClusters(clusterBytes: Int(media.chunkBytes), budget: 16 << 20)
+        var details: [(String, String)] = [("file format", flavour), ("segments", "\(segments.count)")]
+        details += caseInfo.values.map { ($0.name, $0.value.escapingControls) }
+        details.append(("bytes per sector", "\(media.bytesPerSector)"))
+        details.append(("sectors", "\(media.sectorCount)"))
+        details.append(("sectors per chunk", "\(media.sectorsPerChunk)"))
+        if let t = media.mediaTypeText { details.append(("media type", t)) }
+        if let p = media.isPhysical { details.append(("is physical", p ? "yes" : "no")) }
+        if let c = media.compressionText { details.append(("compression level", c)) }
+        if let g = media.errorGranularity, g > 0 { details.append(("error granularity", "\(g)")) }
+        if let s = media.setIdentifierText { details.append(("set identifier", s)) }
+        details.append(("stored MD5", caseInfo.md5 ?? "none"))
+        details.append(("stored SHA1", caseInfo.sha1 ?? "none"))
+        details.append(("acquisition errors", caseInfo.errors.isEmpty ? "none" : caseInfo.errors.prefix(Self.errorsShown).map {
+            "sectors \($0.first)-\($0.first + max($0.count, 1) - 1)"
+        }.joined(separator: ", ") + (caseInfo.errors.count > Self.errorsShown ? " and \(caseInfo.errors.count - Self.errorsShown) more" : "")))
+        details += notes.map { ("warning", $0) }
+        details.append(("holes", "none (EWF stores every chunk; zeros are stored data)"))
+        info = ImageInfo(format: "ewf", virtualSize: media.mediaSize, clusterSize: chunkBytes, details: details)
+    }
+
+    static let errorsShown = 32
+
+    /// Chunk `c`: its segment, where its stored bytes start, how many, and whether they are
+    /// a zlib stream (else the chunk's bytes and their Adler-32).
+    func chunk(_ c: UInt64) throws -> (segment: Int, offset: UInt64, stored: UInt64, compressed: Bool) {
+        let ti = tables.tableIndex(of: c)
+        let t = tables.tables[ti]
+        let k = Int(c - t.firstChunk)
+        let (e, following) = try entries.withEntries(table: UInt64(ti)) { v in
+            (v[k], k + 1 < t.count ? v[k + 1] : nil)
+        }
+        let segment = segments[t.segment]
+        func bad(_ detail: String) -> BlockError {
+            .invalid(file: segment.path, field: "EWF chunk \(c) (table at \(t.entries - 24), entry \(k))", detail: detail)
+        }
+        let compressed = e & 0x8000_0000 != 0
+        let (at, overflow) = t.base.addingReportingOverflow(e & 0x7FFF_FFFF)
+        guard !overflow, at >= t.dataStart, at < t.dataEnd else {
+            throw bad("offset \(e & 0x7FFF_FFFF) from base \(t.base) lies outside its chunk data (\(t.dataStart)-\(t.dataEnd))")
+        }
+        // Stored bytes end where the next chunk starts, or at the end of the chunk data.
+        var end = t.dataEnd
+        if let f = following {
+            let next = t.base &+ (f & 0x7FFF_FFFF)
+            if next > at && next < end { end = next }
+        }
+        let length = min(chunkBytes, media.mediaSize - c * chunkBytes)
+        if compressed {
+            let stored = end - at
+            guard stored <= chunkBytes + chunkBytes / 8 + 1024 else {
+                throw bad("a compressed chunk of \(stored) bytes, more than any deflate stream of a \(chunkBytes)-byte chunk")
+            }
+            return (t.segment, at, stored, true)
+        }
+        guard end - at >= length + 4 else {
+            throw bad("a stored chunk needs \(length + 4) bytes, only \(end - at) remain before \(end)")
+        }
+        // The last chunk may hold a trailing part-sector beyond the counted sectors (ewfacquire
+        // of a source whose size is not whole sectors): its checksum covers those bytes too.
+        if c + 1 == media.neededChunks, end - at - 4 <= chunkBytes { return (t.segment, at, end - at, false) }
+        return (t.segment, at, length + 4, false)
+    }
+
+    public func map(_ offset: UInt64, maxLength: UInt64) throws -> Mapping {
+        let c = offset / chunkBytes
+        let n = min(maxLength, min((c + 1) * chunkBytes, media.mediaSize) - offset)
+        let ch = try chunk(c)
+        return .compressed(host: HostAddress(file: ch.segment, offset: ch.offset).packed, size: ch.stored, length: n)
+    }
+
+    public func readCompressed(_ mapping: Mapping, guestOffset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws {
+        let c = guestOffset / chunkBytes
+        let inChunk = Int(guestOffset - c * chunkBytes)
+        let bytes = try chunkData(c)
+        bytes.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[inChunk..<(inChunk + buffer.count)])) }
+    }
+
+    /// The whole of chunk `c`, checked (kept a while for the next small read in it).
+    func chunkData(_ c: UInt64) throws -> [UInt8] {
+        let ch = try chunk(c)
+        let length = Int(min(chunkBytes, media.mediaSize - c * chunkBytes))
+        let key = HostAddress(file: ch.segment, offset: ch.offset).packed
+        return try inflated.cluster(at: key, need: length) { _ in
+            let segment = segments[ch.segment]
+            let what = "EWF chunk \(c) (sectors \(c * UInt64(media.sectorsPerChunk))-\(c * UInt64(media.sectorsPerChunk) + UInt64(length) / UInt64(media.bytesPerSector) - 1), at \(ch.offset))"
+            let stored = try Decompress.stored(segment, count: Int(ch.stored), at: ch.offset)
+            if ch.compressed {
+                if c + 1 == media.neededChunks, UInt64(length) < chunkBytes {
+                    // Possibly a trailing part-sector more (see `chunk`): inflate to the end.
+                    return Array(try Decompress.complete(stored, atMost: Int(chunkBytes), atLeast: length, file: segment.path, what: what)[0..<length])
+                }
+                return try Decompress.first(length, of: stored, as: .zlib, whole: length, file: segment.path, what: what)
+            }
+            let sum = stored.count - 4
+            guard stored.count == Int(ch.stored), sum >= length else {
+                throw BlockError.truncated(file: segment.path, what: what, offset: ch.offset, needed: ch.stored, fileSize: try segment.size())
+            }
+            guard ewfAdler32(stored[0..<sum]) == le32(stored, sum) else {
+                throw BlockError.invalid(file: segment.path, field: what, detail: "checksum mismatch (the stored chunk is damaged)")
+            }
+            return Array(stored[0..<length])
+        }
+    }
+
+    public func close() throws {}
+}
