@@ -127,12 +127,16 @@ final class DamagedImageFuzzTests: XCTestCase {
         return .opened
     }
 
-    func fuzz(_ name: String, _ original: [UInt8], format: ImageFormat, writable: Bool, seed: UInt64) throws {
+    /// `fix`: applied to every other damaged copy (checksums made right again, so the damage
+    /// reaches what the checksums guard).
+    func fuzz(_ name: String, _ original: [UInt8], format: ImageFormat, writable: Bool, seed: UInt64,
+              fix: ((inout [UInt8]) -> Void)? = nil) throws {
         var rng = SeededRandom(seed: seed &+ Self.seedOffset &* 1000)
         let path = dir + "/case-" + name
         var opened = 0
         for n in 0..<Self.casesPerImage {
-            let damaged = damage(original, &rng)
+            var damaged = damage(original, &rng)
+            if let fix, n % 2 == 0 { fix(&damaged) }
             FuzzImages.write(path, damaged)
             let seed = rng.next()
             let writes = writable && n % 2 == 1
@@ -225,6 +229,17 @@ final class DamagedImageFuzzTests: XCTestCase {
         XCTAssertEqual(try run(["qemu-img", "convert", "-f", qemuFormat, "-O", "raw", p, p + ".raw"]), 0)
         XCTAssertEqual(try run(["python3", script, p, p + ".raw", child, child + ".expected", mode]), 0)
         return [UInt8](try Data(contentsOf: URL(fileURLWithPath: child)))
+    }
+
+    /// EWF as ewfacquire writes it: EnCase 6 (sectors, table, table2, digest), stored chunks
+    /// and compressed ones, and the original layout (chunks in the table section).
+    func testDamagedEWF() throws {
+        for (name, options, seed) in [("ewf6.E01", ["-f", "encase6", "-c", "fast", "-d", "sha1"], UInt64(81)),
+                                      ("ewf-stored.E01", ["-f", "encase6", "-c", "none", "-b", "16"], 82),
+                                      ("ewf-smart.s01", ["-f", "smart", "-c", "best"], 83)] {
+            let bytes = try images.ewfImage(name, options)
+            try fuzz(name, bytes, format: .ewf, writable: false, seed: seed, fix: FuzzImages.ewfChecksumFixer(bytes))
+        }
     }
 
     func testDamagedVMDK() throws {

@@ -32,7 +32,8 @@ final class ExtremeFieldSweepTests: XCTestCase {
     /// `partitionsOnly`: the copy is only opened and its partition table read (a raw disk's
     /// data says nothing more).
     func sweep(_ name: String, _ original: [UInt8], format: ImageFormat, regions: [Range<Int>], bigEndian: Bool,
-               partitionsOnly: Bool = false, fixedRange: Range<Int> = 512..<604, fix: ((inout [UInt8]) -> Void)? = nil) throws {
+               partitionsOnly: Bool = false, fixedRange: Range<Int> = 512..<604, alsoFixed: [Range<Int>] = [],
+               fix: ((inout [UInt8]) -> Void)? = nil) throws {
         let path = fuzz.dir + "/sweep-" + name
         var cases = 0, opened = 0
         // The file is written whole once; each case changes only its bytes (and the
@@ -54,7 +55,7 @@ final class ExtremeFieldSweepTests: XCTestCase {
                     for v in Self.extremes where width == 8 || v <= UInt64(UInt32.max) {
                         let value = (0..<width).map { i in UInt8(truncatingIfNeeded: v >> (UInt64(bigEndian ? width - 1 - i : i) * 8)) }
                         if Array(original[spot ..< spot + width]) == value { continue }
-                        let touched = [spot ..< spot + width, fixed]
+                        let touched = [spot ..< spot + width, fixed] + (fix == nil ? [] : alsoFixed)
                         b.replaceSubrange(spot ..< spot + width, with: value)
                         fix?(&b)
                         defer { for t in touched where !t.isEmpty { b.replaceSubrange(t, with: original[t]) } }
@@ -120,6 +121,28 @@ final class ExtremeFieldSweepTests: XCTestCase {
     /// VHD: the footer (its checksum made valid again after each change, so the parser meets
     /// the values), the dynamic header and the first block table entries; and a fixed
     /// image's footer at its end.
+    /// EWF: the descriptors and data of the first sections (header2, header, volume), the
+    /// table and table2 headers and first entries, the data, digest and hash sections, every
+    /// checksum made right after each change.
+    func testEWFFields() throws {
+        let img = try fuzz.ewfImage("s.E01", ["-f", "encase6", "-c", "fast", "-d", "sha1"])
+        let (fix, sums) = FuzzImages.ewfChecksums(img)
+        var regions: [Range<Int>] = [], at = 13
+        while at + 76 <= img.count && regions.count < 64 {
+            let type = String(decoding: img[at..<(at + 16)].prefix { $0 != 0 }, as: UTF8.self)
+            let next = Int(le64(img, at + 16))
+            regions.append(at + 16 ..< at + 32)  // next offset and size
+            switch type {
+            case "volume", "data": regions.append(at + 76 ..< at + 76 + 80)
+            case "table", "table2": regions.append(at + 76 ..< at + 76 + 24 + 16)
+            default: break
+            }
+            if next <= at { break }
+            at = next
+        }
+        try sweep("ewf", img, format: .ewf, regions: regions, bigEndian: false, fixedRange: 0..<0, alsoFixed: sums, fix: fix)
+    }
+
     func testVHDFields() throws {
         func fixFooter(at o: Int) -> (inout [UInt8]) -> Void {
             { b in

@@ -1,4 +1,5 @@
 import XCTest
+@testable import ImageFormats
 import Foundation
 #if canImport(Glibc)
 import Glibc
@@ -77,6 +78,49 @@ struct FuzzImages {
         }
         guard done.wait(timeout: .now() + seconds) == .success else { return nil }
         return result.withLock { $0 }
+    }
+
+    /// The source acquired by libewf's ewfacquire (`options` before the paths) as one EWF
+    /// segment file named `name` (…E01, …s01 or …e01 as the format names it), as bytes.
+    func ewfImage(_ name: String, _ options: [String]) throws -> [UInt8] {
+        let target = dir + "/" + name
+        XCTAssertEqual(try run(["ewfacquire", "-u", "-q"] + options + ["-t", String(target.dropLast(4)), try source()]), 0, "ewfacquire \(options)")
+        return [UInt8](try Data(contentsOf: URL(fileURLWithPath: target)))
+    }
+
+    /// Makes every checksum of an EWF segment right again after a change, at the places the
+    /// original's sections have them (descriptors, volume/data, table headers and entries,
+    /// hash, digest), so damage reaches the parsing behind the checksums. Writes only there.
+    static func ewfChecksumFixer(_ original: [UInt8]) -> @Sendable (inout [UInt8]) -> Void { ewfChecksums(original).fix }
+
+    /// The fixer, and the 4-byte ranges it writes.
+    static func ewfChecksums(_ original: [UInt8]) -> (fix: @Sendable (inout [UInt8]) -> Void, at: [Range<Int>]) {
+        var sums: [(at: Int, from: Int, to: Int)] = []
+        var at = 13
+        while at + 76 <= original.count && sums.count < 1000 {
+            let type = String(decoding: original[at..<(at + 16)].prefix { $0 != 0 }, as: UTF8.self)
+            let next = Int(le64(original, at + 16))
+            sums.append((at + 72, at, at + 72))
+            let data = at + 76
+            switch type {
+            case "volume", "disk", "data" where next - data >= 1052: sums.append((data + 1048, data, data + 1048))
+            case "table", "table2":
+                let n = Int(le32(original, data))
+                sums.append((data + 20, data, data + 20))
+                if next - data >= 24 + 4 * n + 4 { sums.append((data + 24 + 4 * n, data + 24, data + 24 + 4 * n)) }
+            case "hash": sums.append((data + 32, data, data + 32))
+            case "digest": sums.append((data + 76, data, data + 76))
+            default: break
+            }
+            if next <= at { break }
+            at = next
+        }
+        let fixes = sums
+        return ({ b in
+            for f in fixes where f.at + 4 <= b.count && f.to <= b.count {
+                put32(&b, f.at, ewfAdler32(b[f.from..<f.to]))
+            }
+        }, fixes.map { $0.at ..< $0.at + 4 })
     }
 
     /// The source converted by qemu-img (`convertArgs` before the two paths), as bytes.
