@@ -12,7 +12,7 @@ SIZE_MB = int(os.environ.get("BENCH_SIZE_MB", "1024"))
 WRITE_MB = int(os.environ.get("BENCH_WRITE_MB", str(SIZE_MB)))
 WRITE_ROUNDS = int(os.environ.get("BENCH_WRITE_ROUNDS", "5"))
 RUNTIME = os.environ.get("BENCH_RUNTIME", "5")
-FORMATS = os.environ.get("BENCH_FORMATS", "raw,qed,vdi,vmdk,vmdk-stream,qcow2,qcow2-compressed,qcow2-zstd,qcow2-bitmaps").split(",")
+FORMATS = os.environ.get("BENCH_FORMATS", "raw,qed,vdi,vmdk,vmdk-stream,qcow2,qcow2-compressed,qcow2-zstd,qcow2-bitmaps,ewf,ewf-stored").split(",")
 ONLY = os.environ.get("BENCH_ONLY", "")  # run only tests whose title contains this
 # "vmdk-stream" is a streamOptimized VMDK: read-only, compressed grains; "qcow2-compressed"
 # holds deflate clusters (from a half-compressible source, so qemu-img keeps them compressed),
@@ -25,7 +25,11 @@ SUBFORMAT = {"vmdk-stream": ("vmdk", ["-o", "subformat=streamOptimized"]),
 BITMAPS = {"qcow2-bitmaps"}
 # Only random reads are measured on compressed images; rawmount mounts these read-only.
 COMPRESSED = {"vmdk-stream", "qcow2-compressed", "qcow2-zstd"}
-READ_ONLY = COMPRESSED
+# EWF evidence (ewfacquire, EnCase 6, 256 MiB segments): "ewf" with compressed chunks of a
+# half-compressible source, "ewf-stored" uncompressed chunks (each with its Adler-32). QEMU
+# has no EWF driver: the peers are libewf's ewfmount and xmount.
+EWF = {"ewf": ["-c", "fast"], "ewf-stored": ["-c", "none"]}
+READ_ONLY = COMPRESSED | set(EWF)
 # Rows only some formats run: qcow2 (the format #12 made writable) gets the overwrite, job
 # scaling and buffered dd rows.
 QCOW2_ONLY = {"rand write 64k x1 job (allocating)", "rand overwrite 4k x4 jobs", "dd 1M conv=fdatasync (buffered)"}
@@ -136,9 +140,28 @@ class QcowmountServer(LibyalServer):
     name, shown = "qcowmount", "qcow1"
 
 
+class EwfmountServer(LibyalServer):
+    name, shown = "ewfmount", "ewf1"
+
+
+class XmountServer(LibyalServer):
+    """xmount 0.7: --in ewf, shows MOUNTPOINT/<image stem>.dd."""
+    name = "xmount"
+
+    def __enter__(self):
+        sh("xmount", "--in", "ewf", self.image, "--out", "raw", self.mnt)
+        for _ in range(500):
+            if sh("mountpoint", "-q", self.mnt, check=False).returncode == 0:
+                return os.path.join(self.mnt, os.path.basename(self.image).rsplit(".", 1)[0] + ".dd")
+            time.sleep(0.01)
+        raise RuntimeError("xmount did not mount")
+
+
 def peers(fmt, writes):
     """The servers each row compares rawmount with: qsd always; libyal's read-only
     vmdkmount / qcowmount on VMDK / qcow2 read rows when installed."""
+    if fmt in EWF:
+        return [p for p in (EwfmountServer, XmountServer) if sh("sh", "-c", f"command -v {p.name}", check=False).returncode == 0]
     out = [QsdServer]
     if writes and os.environ.get("BENCH_WRITEBACK") == "1":
         out.append(RawmountNoWriteBack)
@@ -184,6 +207,17 @@ def make_image(work, fmt):
         with open(raw, "wb") as f:
             for _ in range(SIZE_MB * 16):
                 f.write(os.urandom(32768) + bytes(32768))
+    if fmt in EWF:
+        src = raw
+        if fmt == "ewf":  # half random, half zeros per 64 KiB: chunks that compress
+            src = os.path.join(work, "half.raw")
+            if not os.path.exists(src):
+                with open(src, "wb") as f:
+                    for _ in range(SIZE_MB * 16):
+                        f.write(os.urandom(32768) + bytes(32768))
+        target = os.path.join(work, f"bench-{fmt}")
+        sh("ewfacquire", "-u", "-q", "-f", "encase6", "-S", "256MiB", *EWF[fmt], "-t", target, src)
+        return target + ".E01"
     img = os.path.join(work, f"bench.{fmt}")
     if fmt == "raw":
         sh("cp", "--reflink=auto", raw, img)
@@ -261,6 +295,7 @@ def main():
     work = tempfile.mkdtemp(prefix="rawmount-bench-", dir=where)
     print(f"images in {work}")
     rows = []
+    cpu_rows = []
     old_delay = hold_freed_pages()
     try:
         for fmt in FORMATS:
@@ -297,6 +332,8 @@ def main():
                 for name, theirs in medians.items():
                     line += f"   {name} {theirs/1e6:9.1f} MB/s  ratio {ours/theirs:5.2f}x ({spread(results[name])})"
                 print(line + f"   (rawmount runs: {spread(results[RawmountServer.name])})", flush=True)
+            if fmt in EWF:
+                cpu_rows.append((fmt, {server.name: cpu_per_gib(server, img, fmt, work) for server in [RawmountServer] + peers(fmt, False)}))
     finally:
         restore_freed_pages(old_delay)
         subprocess.run(["rm", "-rf", work])
@@ -309,14 +346,38 @@ def main():
                 off = medians[RawmountNoWriteBack.name]
                 print(f"| {fmt} | {title} | {ours/1e6:.1f} | {off/1e6:.1f} | {100 * (off - ours) / off:+.1f}% |")
     print()
-    print(f"| format | test | rawmount MB/s | qemu-storage-daemon MB/s | ratio | libyal (vmdkmount/qcowmount) or plain file MB/s | ratio |  (median of {ROUNDS} reads, {WRITE_ROUNDS} writes; reads: {SIZE_MB} MiB image, writes: {WRITE_MB} MiB)")
-    print("|---|---|---|---|---|---|---|")
+    print(f"| format | test | rawmount MB/s | qemu-storage-daemon MB/s | ratio | libyal (vmdkmount/qcowmount/ewfmount) or plain file MB/s | ratio | xmount MB/s | ratio |  (median of {ROUNDS} reads, {WRITE_ROUNDS} writes; reads: {SIZE_MB} MiB image, writes: {WRITE_MB} MiB)")
+    print("|---|---|---|---|---|---|---|---|---|")
     for fmt, title, ours, medians in rows:
         cells = []
-        for names in ((QsdServer.name,), (VmdkmountServer.name, QcowmountServer.name, PlainFileServer.name)):
+        for names in ((QsdServer.name,), (VmdkmountServer.name, QcowmountServer.name, EwfmountServer.name, PlainFileServer.name), (XmountServer.name,)):
             theirs = next((medians[n] for n in names if n in medians), None)
             cells += [f"{theirs/1e6:.1f}", f"{ours/theirs:.2f}x"] if theirs else ["—", "—"]
         print(f"| {fmt} | {title} | {ours/1e6:.1f} | " + " | ".join(cells) + " |")
+
+    if cpu_rows:
+        print()
+        print("| format | server CPU seconds per GiB read sequentially (user+sys, one dd of the whole disk) |")
+        print("|---|---|")
+        for fmt, cpu in cpu_rows:
+            print(f"| {fmt} | " + ", ".join(f"{name} {sec:.2f} s" for name, sec in cpu.items()) + " |")
+
+
+def cpu_per_gib(server, img, fmt, work):
+    """CPU seconds (user+sys) the server process spends per GiB of one sequential read of the
+    whole disk through the page cache (what inflating and checking costs)."""
+    with server(img, fmt, work) as path:
+        mnt = os.path.dirname(path)
+        pid = next(int(p) for p in sh("pgrep", "-f", mnt).stdout.split())
+        def cpu():
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        before = cpu()
+        sh("dd", f"if={path}", "of=/dev/null", "bs=1M", "status=none")
+        used = cpu() - before
+        size = os.path.getsize(path)
+    return used / (size / (1 << 30))
+
 
 if __name__ == "__main__":
     sys.exit(main())
