@@ -242,6 +242,16 @@ final class DamagedImageFuzzTests: XCTestCase {
         }
     }
 
+    /// Split raw: the first piece damaged (cut, grown, changed) beside intact later pieces.
+    func testDamagedSplitRaw() throws {
+        let src = [UInt8](try Data(contentsOf: URL(fileURLWithPath: try source())))
+        let piece = 1 << 20
+        for k in 1 ..< src.count / piece {
+            FuzzImages.write(dir + "/case-split.\(String(format: "%03d", k + 1))", Array(src[(k * piece)..<((k + 1) * piece)]))
+        }
+        try fuzz("split.001", Array(src[0..<piece]), format: .splitraw, writable: true, seed: 91)
+    }
+
     func testDamagedVMDK() throws {
         try fuzz("vmdk", try image("a.vmdk", ["-O", "vmdk"]), format: .vmdk, writable: true, seed: 31)
         try fuzz("vmdk-stream", try image("b.vmdk", ["-O", "vmdk", "-o", "subformat=streamOptimized"]), format: .vmdk, writable: false, seed: 32)

@@ -286,6 +286,22 @@ final class EWFTests: XCTestCase {
         let fr = try Harness.run([Harness.rawmount, "hash", s.path("far.E01")], check: false)
         XCTAssertEqual(fr.status, 2)
         XCTAssertTrue(fr.err.contains("far.E01") && fr.err.contains("outside its chunk data"), fr.err)
+        // A compressed chunk whose stream inflates to twice the chunk size: EIO, the chunk named.
+        var big = bytes
+        let table0 = try XCTUnwrap(secs.first { $0.type == "table" })
+        let base = Int(EWFFile.le64(big, table0.offset + 76 + 8))
+        let n0 = Int(EWFFile.le32(big, table0.offset + 76))
+        let entry = try XCTUnwrap((0..<n0).first { EWFFile.le32(big, table0.offset + 100 + 4 * $0) & 0x8000_0000 != 0 && $0 > 0 })
+        let at = base + Int(EWFFile.le32(big, table0.offset + 100 + 4 * entry) & 0x7FFF_FFFF)
+        let stream = try Harness.run(["python3", "-c", "import sys,zlib; sys.stdout.write(zlib.compress(bytes(65536)).hex())"]).out
+        let inflating = stride(from: 0, to: stream.count, by: 2).map { i -> UInt8 in
+            UInt8(stream[stream.index(stream.startIndex, offsetBy: i)..<stream.index(stream.startIndex, offsetBy: i + 2)], radix: 16)!
+        }
+        big.replaceSubrange(at..<(at + inflating.count), with: inflating)
+        try big.write(to: URL(fileURLWithPath: s.path("big.E01")))
+        let bg = try Harness.run([Harness.rawmount, "hash", s.path("big.E01")], check: false)
+        XCTAssertEqual(bg.status, 2)
+        XCTAssertTrue(bg.err.contains("big.E01") && bg.err.contains("chunk \(entry)"), bg.err)
         // A damaged first table falls back to its table2 copy.
         var mirror = bytes
         let table = try XCTUnwrap(secs.first { $0.type == "table" })

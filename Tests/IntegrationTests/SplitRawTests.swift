@@ -67,7 +67,7 @@ final class SplitRawTests: XCTestCase {
         try Harness.run(["split", "-b", "3M", "-d", "-a", "3", "--numeric-suffixes=1", path, path + "."])
         // A middle piece cut short.
         try Harness.run(["truncate", "-s", "1M", path + ".002"])
-        try s.assertMountRefused(["-r", path + ".001"], mentions: ["disk.dd.002", "bytes where the pieces before it"], "short piece")
+        try s.assertMountRefused(["-r", path + ".001"], mentions: ["disk.dd.002", "bytes where the other pieces have"], "short piece")
         // A middle piece missing while later ones exist.
         try FileManager.default.removeItem(atPath: path + ".002")
         try s.assertMountRefused(["-r", path + ".001"], mentions: ["disk.dd.002", "missing", "disk.dd.003"], "missing piece")

@@ -31,13 +31,19 @@ public final class SplitRawDriver: MultiFileMapping, ImageAllocating {
         self.detected = detected
         let sizes = try pieces.map { try $0.size() }
         // Equal pieces, the last one no larger (what split, FTK Imager and ewfexport write).
-        for (i, size) in sizes.enumerated().dropLast() where size != sizes[0] {
+        // The piece size is the one most pieces before the last have (the first piece's on a
+        // tie), so the damaged piece is the one named, the first one included.
+        var tally: [UInt64: Int] = [:]
+        for size in sizes.dropLast() { tally[size, default: 0] += 1 }
+        let most = tally.values.max() ?? 0
+        let reference = tally[sizes[0]] == most || sizes.count == 1 ? sizes[0] : tally.first { $0.value == most }!.key
+        for (i, size) in sizes.enumerated().dropLast() where size != reference {
             throw BlockError.invalid(file: names[i], field: "split raw piece size",
-                                     detail: "\(size) bytes where the pieces before it have \(sizes[0]) (a damaged or foreign piece)")
+                                     detail: "\(size) bytes where the other pieces have \(reference) (a damaged or foreign piece)")
         }
-        if let last = sizes.last, pieces.count > 1, last > sizes[0] || last == 0 {
+        if let last = sizes.last, pieces.count > 1, last > reference || last == 0 {
             throw BlockError.invalid(file: names[names.count - 1], field: "split raw piece size",
-                                     detail: "\(last) bytes after pieces of \(sizes[0]): the last piece must be no larger, and not empty")
+                                     detail: "\(last) bytes after pieces of \(reference) (from \(PathName.baseName(names[0]).escapingControls)): the last piece must be no larger, and not empty")
         }
         var starts: [UInt64] = [], total: UInt64 = 0
         for size in sizes {
