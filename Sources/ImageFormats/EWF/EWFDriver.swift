@@ -1,4 +1,5 @@
 import BlockEngine
+import CDeflate
 
 /// EWF (E01, SMART s01 and their EnCase/FTK/linen variants), read-only. Every chunk is
 /// served through the engine's compressed path, compressed or not: a compressed chunk is
@@ -102,28 +103,64 @@ public final class EWFDriver: MultiFileMapping, ImageDriver {
         return (t.segment, at, length + 4, false)
     }
 
+    /// The stored size's top bit in a mapping says the chunk is compressed, so a read does not
+    /// look the chunk up twice.
+    static let compressedFlag: UInt64 = 1 << 63
+
     public func map(_ offset: UInt64, maxLength: UInt64) throws -> Mapping {
         let c = offset / chunkBytes
         let n = min(maxLength, min((c + 1) * chunkBytes, media.mediaSize) - offset)
         let ch = try chunk(c)
-        return .compressed(host: HostAddress(file: ch.segment, offset: ch.offset).packed, size: ch.stored, length: n)
+        return .compressed(host: HostAddress(file: ch.segment, offset: ch.offset).packed,
+                           size: ch.stored | (ch.compressed ? Self.compressedFlag : 0), length: n)
     }
 
     public func readCompressed(_ mapping: Mapping, guestOffset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws {
+        guard case let .compressed(host, size, _) = mapping else { return }
+        let a = HostAddress(packed: host)
+        let ch = (segment: a.file, offset: a.offset, stored: size & ~Self.compressedFlag, compressed: size & Self.compressedFlag != 0)
         let c = guestOffset / chunkBytes
         let inChunk = Int(guestOffset - c * chunkBytes)
-        let bytes = try chunkData(c)
+        let length = Int(min(chunkBytes, media.mediaSize - c * chunkBytes))
+        // A read of a whole chunk (sequential reads) goes straight into the caller's buffer:
+        // no copy, no cache entry it would never use again.
+        if inChunk == 0, buffer.count == length, try readWhole(c, ch, into: buffer) { return }
+        let bytes = try chunkData(c, ch)
         bytes.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[inChunk..<(inChunk + buffer.count)])) }
     }
 
+    /// Chunk `c`, all of it, checked, into `buffer`; false when only the cached path can
+    /// (a last chunk with a part-sector tail, a stream libdeflate does not take exactly).
+    private func readWhole(_ c: UInt64, _ ch: (segment: Int, offset: UInt64, stored: UInt64, compressed: Bool),
+                           into buffer: UnsafeMutableRawBufferPointer) throws -> Bool {
+        let segment = segments[ch.segment]
+        if !ch.compressed {
+            guard ch.stored == UInt64(buffer.count) + 4 else { return false }
+            try segment.read(into: buffer, at: ch.offset, what: "EWF chunk \(c)")
+            let sum = try segment.readBytes(count: 4, at: ch.offset + UInt64(buffer.count), what: "EWF chunk \(c) checksum")
+            guard ewfAdler32(UnsafeRawBufferPointer(buffer)) == le32(sum, 0) else {
+                throw BlockError.invalid(file: segment.path, field: chunkName(c, ch.offset, length: buffer.count),
+                                         detail: "checksum mismatch (the stored chunk is damaged)")
+            }
+            return true
+        }
+        guard c + 1 < media.neededChunks || UInt64(buffer.count) == chunkBytes else { return false }
+        let stored = try Decompress.stored(segment, count: Int(ch.stored), at: ch.offset)
+        return stored.withUnsafeBytes { rm_libdeflate_exact($0.baseAddress, $0.count, buffer.baseAddress, buffer.count, 1) == 0 }
+    }
+
+    private func chunkName(_ c: UInt64, _ offset: UInt64, length: Int) -> String {
+        let first = c * UInt64(media.sectorsPerChunk)
+        return "EWF chunk \(c) (sectors \(first)-\(first + UInt64(length) / UInt64(media.bytesPerSector) - 1), at \(offset))"
+    }
+
     /// The whole of chunk `c`, checked (kept a while for the next small read in it).
-    func chunkData(_ c: UInt64) throws -> [UInt8] {
-        let ch = try chunk(c)
+    func chunkData(_ c: UInt64, _ ch: (segment: Int, offset: UInt64, stored: UInt64, compressed: Bool)) throws -> [UInt8] {
         let length = Int(min(chunkBytes, media.mediaSize - c * chunkBytes))
         let key = HostAddress(file: ch.segment, offset: ch.offset).packed
         return try inflated.cluster(at: key, need: length) { _ in
             let segment = segments[ch.segment]
-            let what = "EWF chunk \(c) (sectors \(c * UInt64(media.sectorsPerChunk))-\(c * UInt64(media.sectorsPerChunk) + UInt64(length) / UInt64(media.bytesPerSector) - 1), at \(ch.offset))"
+            let what = chunkName(c, ch.offset, length: length)
             let stored = try Decompress.stored(segment, count: Int(ch.stored), at: ch.offset)
             if ch.compressed {
                 if c + 1 == media.neededChunks, UInt64(length) < chunkBytes {
