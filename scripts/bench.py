@@ -19,7 +19,7 @@ ONLY = os.environ.get("BENCH_ONLY", "")  # run only tests whose title contains t
 # "qcow2-zstd" the same data as zstd clusters.
 SUBFORMAT = {"vmdk-stream": ("vmdk", ["-o", "subformat=streamOptimized"]),
              "qcow2-compressed": ("qcow2", ["-c"]), "qcow2-zstd": ("qcow2", ["-c", "-o", "compression_type=zstd"]),
-             "qcow2-bitmaps": ("qcow2", [])}
+             "qcow2-bitmaps": ("qcow2", []), "ewf-stored": ("ewf", [])}
 # "qcow2-bitmaps" (BENCH_FORMATS=qcow2-bitmaps) carries two enabled persistent dirty bitmaps
 # (64 KiB and 4 KiB granularity) that both servers keep up to date on every write.
 BITMAPS = {"qcow2-bitmaps"}

@@ -13,7 +13,9 @@ import Synchronization
 /// - N: the operation (of those kinds, on files opened for writing) that fails, from 1 (0:
 ///   none, only count them);
 /// - KIND: `eio`, `enospc`, or `short` (the bytes up to the last 4 KiB boundary of the file
-///   before the write's middle land, then ENOSPC: a file system that ran out of blocks);
+///   before the write's middle land, then ENOSPC: a file system that ran out of blocks), or
+///   `kill` (the process is killed with SIGKILL instead of doing the operation: a crash at
+///   exactly that point);
 /// - `from`: every later operation of those kinds fails too (a disk that stays full or dead).
 /// RAWMOUNT_TEST_FAULT_REPORT=FILE gets one line when the first fault fires, so a campaign
 /// knows its fault was reached, and `ops write=A sync=B fallocate=C` when the process exits.
@@ -27,6 +29,7 @@ public enum HostFaults {
         var short: Bool
         var from: Bool
         var report: String?
+        var kill: Bool
     }
 
     static let plan: Plan? = {
@@ -37,7 +40,7 @@ public enum HostFaults {
         let kind = parts[2]
         return Plan(operations: Set(ops), n: n, errno: kind == "eio" ? EIO : ENOSPC, short: kind == "short",
                     from: parts.count > 3 && parts[3] == "from",
-                    report: getenv("RAWMOUNT_TEST_FAULT_REPORT").map { String(cString: $0) })
+                    report: getenv("RAWMOUNT_TEST_FAULT_REPORT").map { String(cString: $0) }, kill: kind == "kill")
     }()
 
     static let enabled = plan != nil
@@ -66,10 +69,20 @@ public enum HostFaults {
         guard plan.operations.contains(op.rawValue) else { return nil }
         let k = counter.add(1, ordering: .sequentiallyConsistent).newValue
         guard plan.n > 0, k == plan.n || (plan.from && k > plan.n) else { return nil }
+        if plan.kill {
+            appendReport("test fault: killed before \(op.rawValue) #\(k) of \(file)\n")
+            Glibc.kill(getpid(), SIGKILL)
+        }
         if !fired.exchange(true, ordering: .sequentiallyConsistent) {
             appendReport("test fault: \(op.rawValue) #\(k) of \(file) fails (\(String(cString: strerror(plan.errno)))\(plan.short && op == .write ? ", after half of it" : ""))\n")
         }
         return (plan.errno, plan.short && op == .write)
+    }
+
+    /// The same test point for host writes made outside `ImageFile` (a manifest, a rename):
+    /// throws the planned error, or kills the process, when this is the planned operation.
+    public static func point(_ op: Operation, _ file: String) throws {
+        if enabled, let (err, _) = check(op, file) { throw BlockError.io(file: file, operation: op.rawValue, offset: nil, errno: err) }
     }
 
     static func appendReport(_ line: String) {

@@ -72,7 +72,7 @@ struct ConvertCommand: ParsableCommand {
                                                                      : progress ? .lines : .off)
             let copied: ImageCopy.Totals
             do {
-                copied = try ImageCopy(source: src, destination: dst).run { bar.show($0) }
+                copied = try ImageCopy(source: src, destination: dst).run { at, _ in bar.show(at) }
                 try dst.flush()
                 try dst.close()
             } catch {
@@ -110,100 +110,4 @@ struct ConvertCommand: ParsableCommand {
         }
         guard unlink(destination) == 0 else { throw BlockError.io(file: destination, operation: "replace", offset: nil, errno: errno) }
     }
-}
-
-/// The copy itself: the source's data runs are read in large pieces and written to the
-/// destination through the engine, skipping every 4 KiB block that reads as zeros (the new
-/// image already reads as zeros there).
-struct ImageCopy {
-    let source: BlockDevice
-    let destination: BlockDevice
-    static let piece = 4 << 20, block = 4096
-
-    struct Totals { var read: UInt64 = 0, written: UInt64 = 0 }
-
-    func run(progress: (UInt64) -> Void) throws -> Totals {
-        var totals = Totals()
-        let size = source.virtualSize
-        // The pieces to copy: data runs only, each at most `piece` long.
-        var runs: [(offset: UInt64, length: Int)] = []
-        var pos: UInt64 = 0
-        while pos < size {
-            let s = try source.status(pos, maxLength: size - pos)
-            if s.data {
-                var o = pos
-                while o < pos + s.length {
-                    let n = Int(min(UInt64(Self.piece), pos + s.length - o))
-                    runs.append((o, n)); o += UInt64(n)
-                }
-            }
-            pos += s.length
-        }
-        let pieces = Pieces(source: source, runs: runs, size: Self.piece)
-        defer { pieces.deallocate() }
-        // Piece i+1 is read on a serial queue into the other buffer while piece i is written
-        // (the read-ahead DiskHasher uses).
-        let reader = DispatchQueue(label: "rawmount.convert-read")
-        let read = pieces.read
-        var current = runs.isEmpty ? nil : read(0)
-        for (i, run) in runs.enumerated() {
-            if let e = current?.error { throw e }
-            let group = DispatchGroup()
-            let box = Pieces.Box()
-            if i + 1 < runs.count { reader.async(group: group) { box.value = read(i + 1) } }
-            let buf = pieces.buffers[i % 2]
-            totals.read += UInt64(run.length)
-            var b = 0
-            while b < run.length {
-                // The longest stretch of blocks that are not all zeros, written in one call.
-                while b < run.length, Self.isZero(buf, b, min(Self.block, run.length - b)) { b += Self.block }
-                let start = b
-                while b < run.length, !Self.isZero(buf, b, min(Self.block, run.length - b)) { b += Self.block }
-                let end = min(b, run.length)
-                if end > start {
-                    do {
-                        try destination.write(UnsafeRawBufferPointer(rebasing: buf[start..<end]), at: run.offset + UInt64(start))
-                    } catch { group.wait(); throw error }
-                    totals.written += UInt64(end - start)
-                }
-            }
-            group.wait()
-            current = box.value
-            progress(run.offset + UInt64(run.length))
-        }
-        return totals
-    }
-
-    static func isZero(_ buf: UnsafeMutableRawBufferPointer, _ at: Int, _ count: Int) -> Bool {
-        let base = buf.baseAddress! + at
-        var i = 0
-        while i + 8 <= count {
-            if base.loadUnaligned(fromByteOffset: i, as: UInt64.self) != 0 { return false }
-            i += 8
-        }
-        while i < count { if base.load(fromByteOffset: i, as: UInt8.self) != 0 { return false }; i += 1 }
-        return true
-    }
-}
-
-/// The two piece buffers and the source, shared with the read-ahead queue.
-private final class Pieces: @unchecked Sendable {
-    final class Ahead: @unchecked Sendable { var error: (any Error)? }
-    final class Box: @unchecked Sendable { var value: Ahead? }
-    let source: BlockDevice
-    let runs: [(offset: UInt64, length: Int)]
-    let buffers: [UnsafeMutableRawBufferPointer]
-
-    init(source: BlockDevice, runs: [(offset: UInt64, length: Int)], size: Int) {
-        self.source = source; self.runs = runs
-        buffers = (0..<2).map { _ in UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: 4096) }
-    }
-
-    @Sendable func read(_ i: Int) -> Ahead {
-        let a = Ahead()
-        do { try source.read(into: UnsafeMutableRawBufferPointer(rebasing: buffers[i % 2][0..<runs[i].length]), at: runs[i].offset) } catch { a.error = error }
-        return a
-    }
-
-    func deallocate() { for b in buffers { b.deallocate() } }
 }
