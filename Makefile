@@ -4,7 +4,7 @@
 SWIFT ?= swift
 DEBUG_BIN := .build/debug/rawmount
 RELEASE_BIN := .build/release/rawmount
-APT_PACKAGES := libfuse3-dev fuse3 pkg-config zlib1g-dev libdeflate-dev libzstd-dev libisal-dev qemu-utils qemu-system-common fio e2fsprogs util-linux fdisk sleuthkit bximage python3 libvmdk-utils libqcow-utils libnbd-bin man-db nbdkit nbdkit-plugin-dev iproute2 ewf-tools xmount
+APT_PACKAGES := libfuse3-dev fuse3 pkg-config zlib1g-dev libdeflate-dev libzstd-dev libisal-dev qemu-utils qemu-system-common fio e2fsprogs util-linux fdisk sleuthkit bximage python3 libvmdk-utils libqcow-utils libnbd-bin man-db nbdkit nbdkit-plugin-dev iproute2 ewf-tools xmount python3-libnbd
 
 # `make install [PREFIX=/usr/local] [DESTDIR=] [BIN=path]`: the binary (release build unless
 # BIN names one) where mount(8)'s helpers find it (mount.fuse3 runs it with the shell's
@@ -56,6 +56,7 @@ bench: release
 	RAWMOUNT=$(RELEASE_BIN) python3 scripts/hashbench.py
 	RAWMOUNT=$(RELEASE_BIN) python3 scripts/convertbench.py
 	RAWMOUNT=$(RELEASE_BIN) python3 scripts/nbdbench.py
+	RAWMOUNT=$(RELEASE_BIN) /usr/bin/python3 scripts/backupbench.py
 	RAWMOUNT=$(RELEASE_BIN) python3 scripts/scale.py
 
 # kill -9 campaigns (CRASH_ROUNDS per format, default 20), then host fault campaigns (the Nth
