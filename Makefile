@@ -20,7 +20,7 @@ BASHDIR := $(DESTDIR)$(PREFIX)/share/bash-completion/completions
 ZSHDIR := $(DESTDIR)$(PREFIX)/share/zsh/site-functions
 FISHDIR := $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d
 
-.PHONY: all deps build release test demo bench crash clean man man-tool install uninstall
+.PHONY: all deps build release test demo bench crash clean man man-tool install uninstall deb
 
 all: build
 
@@ -42,10 +42,12 @@ build: deps
 man-tool: deps
 	@[ -x .build/debug/generate-manual ] || $(SWIFT) build --product generate-manual
 
+# Swift's standard library and Foundation are linked in, so the binary and the plugin run
+# on a machine without the Swift toolchain (only Debian's own libraries are loaded).
 release: deps
-	$(SWIFT) build -c release
+	$(SWIFT) build -c release --static-swift-stdlib
 
-test: build man-tool
+test: build man-tool release
 	$(SWIFT) test
 
 demo: release
@@ -65,6 +67,11 @@ bench: release
 crash: build
 	RAWMOUNT=$(DEBUG_BIN) python3 scripts/crash.py --rounds $${CRASH_ROUNDS:-20}
 	RAWMOUNT=$(DEBUG_BIN) python3 scripts/faults.py --rounds $${FAULT_ROUNDS:-40}
+
+# `make deb [BIN=path] [OUT=dir]`: a Debian package of what `make install` installs under /usr,
+# its Depends worked out from the libraries the binary and the plugin load.
+deb: man
+	BIN=$(INSTALL_BIN) OUT=$(if $(OUT),$(OUT),.build) sh scripts/deb.sh
 
 # The manual is generated from the argument parser's own description of every verb and option.
 man: $(if $(BIN),deps,release) man-tool

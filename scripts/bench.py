@@ -375,7 +375,7 @@ def main():
 def cpu_per_gib(server, img, fmt, work):
     """CPU seconds (user+sys) the server process spends per GiB of one sequential read of the
     whole disk through the page cache (what inflating and checking costs)."""
-    with server(img, fmt, work) as path:
+    with server(img, SUBFORMAT.get(fmt, (fmt, []))[0], work) as path:
         mnt = os.path.dirname(path)
         pid = next(int(p) for p in sh("pgrep", "-f", mnt).stdout.split())
         def cpu():

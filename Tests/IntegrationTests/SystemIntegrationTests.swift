@@ -19,7 +19,7 @@ final class SystemIntegrationTests: XCTestCase {
 
         // The manual covers every verb and the options mount(8) users need.
         let manual = try Harness.run(["env", "MANWIDTH=200", "man", "-l", prefix + "/share/man/man1/rawmount.1"]).out
-        for verb in ["mount", "unmount", "list", "info", "create", "check", "bitmap", "hash", "map", "convert", "serve"] {
+        for verb in ["mount", "unmount", "list", "info", "create", "check", "bitmap", "hash", "verify", "backup", "map", "convert", "serve"] {
             XCTAssertTrue(manual.contains("     \(verb)"), "man page lacks the verb \(verb)")
         }
         for option in ["--overlay", "--force-share", "uid=", "umask=", "nofail", "--quiet", "--verbose"] {
@@ -85,6 +85,52 @@ final class SystemIntegrationTests: XCTestCase {
 
         try Harness.run(["make", "-s", "-C", root, "uninstall", "DESTDIR=\(stage)", "PREFIX=/usr/local"])
         for f in installed { XCTAssertFalse(FileManager.default.fileExists(atPath: prefix + "/" + f), "uninstall left \(f)") }
+    }
+
+    /// `make deb` packages the release binary (Swift's standard library and Foundation linked
+    /// in) with Depends taken from what it loads: unpacked, it mounts, serves and runs with the
+    /// Swift toolchain's libraries hidden (a private mount namespace), where a binary linked
+    /// against the toolchain does not even start.
+    func testPackageRunsWithoutTheSwiftToolchain() throws {
+        let root = Harness.packageRoot.path
+        let release = root + "/.build/release/rawmount"
+        XCTAssertTrue(FileManager.default.fileExists(atPath: release), "make test builds the release binary first")
+        // Where the toolchain's runtime is: from the debug binary, which links against it.
+        let ldd = try Harness.run(["ldd", Harness.rawmount]).out
+        let core = try XCTUnwrap(ldd.split(separator: "\n").first { $0.contains("libswiftCore.so") })
+        let swiftLib = try XCTUnwrap(core.split(separator: " ").first { $0.hasPrefix("/") }.map { String($0).split(separator: "/").dropLast().joined(separator: "/") })
+        XCTAssertFalse(try Harness.run(["ldd", release]).out.contains("/" + swiftLib), "the release binary loads the toolchain's libraries")
+
+        let s = try Scratch()
+        let deb = try Harness.run(["make", "-s", "-C", root, "deb", "BIN=\(release)", "OUT=\(s.dir)"]).out
+            .split(separator: "\n").last.map(String.init) ?? ""
+        XCTAssertTrue(deb.hasSuffix(".deb") && FileManager.default.fileExists(atPath: deb), deb)
+        let depends = try Harness.run(["dpkg-deb", "-f", deb, "Depends"]).out
+        for p in ["fuse3", "libfuse3-3", "zlib1g", "libzstd1", "libdeflate0", "libisal2", "libc6"] {
+            XCTAssertTrue(depends.contains(p), "Depends lacks \(p): \(depends)")
+        }
+        XCTAssertTrue(try Harness.run(["dpkg-deb", "-f", deb, "Recommends"]).out.contains("bash-completion"))
+        let unpacked = s.path("root")
+        try Harness.run(["dpkg-deb", "-x", deb, unpacked])
+        for f in ["usr/bin/rawmount", "usr/lib/rawmount/librawmount-nbdkit.so", "usr/share/man/man1/rawmount.1",
+                  "usr/share/bash-completion/completions/rawmount", "usr/share/zsh/site-functions/_rawmount"] {
+            XCTAssertTrue(FileManager.default.fileExists(atPath: unpacked + "/" + f), f)
+        }
+        let img = s.path("disk.qcow2")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", img, "16M"])
+        try Harness.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 1M 64k", img])
+        let bin = unpacked + "/usr/bin/rawmount"
+        let script = """
+            mount -t tmpfs none /\(swiftLib) || exit 90
+            \(Harness.rawmount) --version >/dev/null 2>&1 && echo "toolchain binary started" || echo "toolchain binary needs the toolchain"
+            \(bin) info \(img) | grep -q 'format: qcow2' && echo "info ok"
+            \(bin) mount \(img) \(s.mnt) >/dev/null && cmp -n 65536 -i 1048576:0 \(s.mnt)/disk.raw <(head -c 65536 /dev/zero | tr '\\000' Z) && echo "mount ok"
+            \(bin) unmount \(s.mnt)
+            nbdkit --dump-plugin \(unpacked)/usr/lib/rawmount/librawmount-nbdkit.so >/dev/null && echo "plugin ok"
+            """
+        let r = try Harness.run(["unshare", "--mount", "--propagation", "private", "bash", "-c", script], check: false)
+        XCTAssertTrue(r.out.contains("toolchain binary needs the toolchain"), "hiding the toolchain did not work: \(r.out) \(r.err)")
+        for line in ["info ok", "mount ok", "plugin ok"] { XCTAssertTrue(r.out.contains(line), "\(line): \(r.out) \(r.err)") }
     }
 
     /// rawmount's own options through `-o` (what mount(8) can pass), mount(8)'s options

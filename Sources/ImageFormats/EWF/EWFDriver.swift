@@ -161,7 +161,7 @@ public final class EWFDriver: MultiFileMapping, ImageDriver {
         return try inflated.cluster(at: key, need: length) { _ in
             let segment = segments[ch.segment]
             let what = chunkName(c, ch.offset, length: length)
-            let stored = try Decompress.stored(segment, count: Int(ch.stored), at: ch.offset)
+            var stored = try Decompress.stored(segment, count: Int(ch.stored), at: ch.offset)
             if ch.compressed {
                 if c + 1 == media.neededChunks, UInt64(length) < chunkBytes {
                     // Possibly a trailing part-sector more (see `chunk`): inflate to the end.
@@ -176,7 +176,8 @@ public final class EWFDriver: MultiFileMapping, ImageDriver {
             guard ewfAdler32(stored[0..<sum]) == le32(stored, sum) else {
                 throw BlockError.invalid(file: segment.path, field: what, detail: "checksum mismatch (the stored chunk is damaged)")
             }
-            return Array(stored[0..<length])
+            stored.removeLast(stored.count - length)  // the checksum (and a part-sector tail): no copy
+            return stored
         }
     }
 
