@@ -81,6 +81,10 @@ man: $(if $(BIN),deps,release) man-tool
 install: man
 	install -D -m 0755 $(INSTALL_BIN) $(BINDIR)/rawmount
 	install -D -m 0644 $(dir $(INSTALL_BIN))librawmount-nbdkit.so $(LIBDIR)/librawmount-nbdkit.so
+	@# SwiftPM links a shared library against the toolchain's runtime even with --static-swift-stdlib:
+	@# the runtime libraries the plugin loads go beside it (its RUNPATH has $$ORIGIN).
+	@rm -f $(LIBDIR)/.runtime; for lib in $$(ldd $(dir $(INSTALL_BIN))librawmount-nbdkit.so | awk '/=>/ {print $$3}' | grep -v '^/lib/\|^/usr/lib/'); do \
+	  install -m 0644 $$lib $(LIBDIR)/; echo "$$(basename $$lib)" >> $(LIBDIR)/.runtime; done
 	install -D -m 0644 .build/man/rawmount.1 $(MANDIR)/rawmount.1
 	mkdir -p $(BASHDIR) $(ZSHDIR) $(FISHDIR)
 	$(INSTALL_BIN) --generate-completion-script bash > $(BASHDIR)/rawmount
@@ -90,6 +94,7 @@ install: man
 
 uninstall:
 	rm -f $(BINDIR)/rawmount $(LIBDIR)/librawmount-nbdkit.so $(MANDIR)/rawmount.1 $(BASHDIR)/rawmount $(ZSHDIR)/_rawmount $(FISHDIR)/rawmount.fish
+	-[ -f $(LIBDIR)/.runtime ] && for lib in $$(cat $(LIBDIR)/.runtime); do rm -f $(LIBDIR)/$$lib; done; rm -f $(LIBDIR)/.runtime
 	-rmdir $(LIBDIR) 2>/dev/null
 
 clean:

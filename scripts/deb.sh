@@ -12,13 +12,18 @@ STAGE=$(mktemp -d)
 trap 'rm -rf "$STAGE"' EXIT
 make --no-print-directory install DESTDIR="$STAGE" PREFIX=/usr BIN="$BIN" >/dev/null
 
-# A library from the Swift toolchain would not exist on the target: refuse to package it.
-libs=$(ldd "$BIN" "$(dirname "$BIN")/librawmount-nbdkit.so" | awk '/=>/ {print $3}' | sort -u)
-if echo "$libs" | grep -v '^/lib\|^/usr/lib' | grep -q .; then
-  echo "deb: these libraries are not from Debian packages (build with --static-swift-stdlib):" >&2
-  echo "$libs" | grep -v '^/lib\|^/usr/lib' >&2
+# The binary must load only Debian's libraries (the Swift runtime linked in); the plugin's
+# Swift runtime libraries are installed beside it (make install), the rest are Debian's.
+outside=$(ldd "$BIN" | awk '/=>/ {print $3}' | grep -v '^/lib/\|^/usr/lib/' || true)
+if [ -n "$outside" ]; then
+  echo "deb: the binary loads libraries from outside Debian (build it with make release):" >&2
+  echo "$outside" >&2
   exit 1
 fi
+for l in $(ldd "$(dirname "$BIN")/librawmount-nbdkit.so" | awk '/=>/ {print $3}' | grep -v '^/lib/\|^/usr/lib/'); do
+  [ -f "$STAGE/usr/lib/rawmount/$(basename "$l")" ] || { echo "deb: $l is not installed beside the plugin" >&2; exit 1; }
+done
+libs=$(ldd "$BIN" "$(dirname "$BIN")/librawmount-nbdkit.so" | awk '/=>/ {print $3}' | grep '^/lib/\|^/usr/lib/' | sort -u)
 depends=$(for l in $libs; do dpkg -S "$(readlink -f "$l")" 2>/dev/null || dpkg -S "$l"; done \
   | cut -d: -f1 | sort -u | tr '\n' ' ' | sed 's/ $//; s/ /, /g')
 

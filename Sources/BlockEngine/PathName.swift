@@ -1,3 +1,7 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// File-name arithmetic for images that name other files (backing files, VMDK extents and
 /// parents): names are relative to the directory of the file that mentions them.
 public enum PathName {
@@ -19,5 +23,22 @@ public enum PathName {
         if name.hasPrefix("/") || !referrer.contains("/") { return name }
         let dir = directory(of: referrer)
         return dir == "/" ? "/" + name : dir + "/" + name
+    }
+
+    /// The names in `folder` (not "." and ".."), in no particular order.
+    public static func entries(of folder: String) throws -> [String] {
+        guard let d = opendir(folder) else { throw BlockError.io(file: folder, operation: "list", offset: nil, errno: errno) }
+        defer { closedir(d) }
+        var names: [String] = []
+        while let e = readdir(d) {
+            let name = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            if name != "." && name != ".." { names.append(name) }
+        }
+        return names
+    }
+
+    /// `name` inside `folder`.
+    public static func join(_ folder: String, _ name: String) -> String {
+        folder.hasSuffix("/") ? folder + name : folder + "/" + name
     }
 }

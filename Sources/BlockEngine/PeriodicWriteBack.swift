@@ -1,5 +1,4 @@
 import Dispatch
-import Foundation
 import Synchronization
 #if canImport(Glibc)
 import Glibc
@@ -45,7 +44,8 @@ public final class PeriodicWriteBack: Sendable {
         self.onError = onError
         guard !self.targets.isEmpty else { return }
         let written = self.targets.map { $0.changes() }
-        Thread { [self] in run(written) }.start()
+        // A queue of its own: the loop sleeps on the semaphore most of the time.
+        DispatchQueue(label: "rawmount.periodic-write-back").async { [self] in run(written) }
     }
 
     private func run(_ start: [UInt64]) {

@@ -43,7 +43,7 @@ public final class ServerLog: Sendable {
     public func record(_ message: String) {
         // One line per record, whatever an image's strings hold.
         let message = message.escapingControls
-        if toSyslog { withVaList([message]) { vsyslog(LOG_ERR, "%s", $0) } }
+        if toSyslog { message.withCString { text in withVaList([text]) { vsyslog(LOG_ERR, "%s", $0) } } }
         writeLock.withLock { _ in
             if toStandardError { _ = "rawmount: \(message)\n".withCString { write(2, $0, strlen($0)) } }
             guard fd >= 0 else { return }

@@ -1,7 +1,6 @@
 import BlockEngine
 import ImageFormats
 import Synchronization
-import Foundation
 #if canImport(Glibc)
 import Glibc
 #endif

@@ -2,7 +2,6 @@ import BlockEngine
 #if canImport(Glibc)
 import Glibc
 #endif
-import Foundation
 
 /// Where the parent of a VirtualBox differencing image is. VirtualBox links them in its
 /// media registry, not by file name; on disk the child names only its parent's UUID. A VM
@@ -15,17 +14,17 @@ enum VDIParent {
     /// candidates are refused, naming both: a copy planted next to the real parent must not
     /// win by its name) and belongs to the child's owner or to root.
     static func find(for child: String, header: VDIHeader) throws -> String {
-        let dir = (child as NSString).deletingLastPathComponent
-        let up = (dir as NSString).deletingLastPathComponent
+        let dir = child.contains("/") ? PathName.directory(of: child) : ""
+        let up = dir.isEmpty || !dir.contains("/") ? "" : PathName.directory(of: dir)
         var owner = stat()
         guard stat(child, &owner) == 0 else { throw BlockError.io(file: child, operation: "stat", offset: nil, errno: errno) }
         var looked = 0
         var found: [(path: String, id: FileIdentity?)] = []
         var foreign: [String] = []
         for folder in [dir.isEmpty ? "." : dir, up.isEmpty ? "." : up] {
-            let names = (try? FileManager.default.contentsOfDirectory(atPath: folder)) ?? []
+            let names = (try? PathName.entries(of: folder)) ?? []
             for name in names.sorted() where name.lowercased().hasSuffix(".vdi") {
-                let path = (folder as NSString).appendingPathComponent(name)
+                let path = PathName.join(folder, name)
                 guard path != child, looked < maxCandidates else { continue }
                 looked += 1
                 guard let f = try? ImageFile(path: path, writable: false) else { continue }

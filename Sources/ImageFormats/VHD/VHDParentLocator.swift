@@ -39,10 +39,10 @@ public struct VHDParentLocator: Sendable {
     /// The name to look for, relative to the child's folder.
     var candidate: String? {
         var p = path
-        if platform == "MacX", let r = p.range(of: "://") {  // file://host/path
+        if platform == "MacX", let r = p.firstRange(of: "://") {  // file://host/path
             p = String(p[r.upperBound...])
         }
-        p = p.replacingOccurrences(of: "\\", with: "/")
+        p = p.replacing("\\", with: "/")
         guard platform == "W2ru" else { return p.split(separator: "/").last.map(String.init) }
         while p.hasPrefix("./") { p.removeFirst(2) }
         return p.isEmpty ? nil : p

@@ -42,12 +42,12 @@ public struct VHDXParentLocator: Sendable {
     /// Names to look for, beside the child, in the order tried.
     var candidates: [String] {
         var names: [String] = []
-        if var rel = entries["relative_path"]?.replacingOccurrences(of: "\\", with: "/") {
+        if var rel = entries["relative_path"]?.replacing("\\", with: "/") {
             while rel.hasPrefix("./") { rel.removeFirst(2) }
             names.append(rel)
         }
         for key in ["absolute_win32_path", "volume_path"] {
-            if let last = entries[key]?.replacingOccurrences(of: "\\", with: "/").split(separator: "/").last.map(String.init), !names.contains(last) {
+            if let last = entries[key]?.replacing("\\", with: "/").split(separator: "/").last.map(String.init), !names.contains(last) {
                 names.append(last)
             }
         }

@@ -169,22 +169,8 @@ struct BackupRun {
 
     /// Temporary files an interrupted run left (never part of the chain).
     private func removeStalePartials(stem: String) throws {
-        for name in (try? FileManagerShim.list(folder)) ?? [] where name.hasPrefix("." + stem + ".") && name.hasSuffix(".partial") {
+        for name in (try? PathName.entries(of: folder)) ?? [] where name.hasPrefix("." + stem + ".") && name.hasSuffix(".partial") {
             unlink(folder + "/" + name)
         }
-    }
-}
-
-/// Folder listing without Foundation's FileManager in the hot path.
-enum FileManagerShim {
-    static func list(_ folder: String) throws -> [String] {
-        guard let d = opendir(folder) else { throw BlockError.io(file: folder, operation: "list", offset: nil, errno: errno) }
-        defer { closedir(d) }
-        var names: [String] = []
-        while let e = readdir(d) {
-            let name = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-            if name != "." && name != ".." { names.append(name) }
-        }
-        return names
     }
 }

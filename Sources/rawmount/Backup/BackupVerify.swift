@@ -18,7 +18,7 @@ struct BackupVerify {
         guard stat(path, &st) == 0 else { throw BlockError.io(file: path, operation: "open", offset: nil, errno: errno) }
         var chains: [(BackupChain, upTo: String?)] = []
         if st.st_mode & S_IFMT == S_IFDIR {
-            for name in try FileManagerShim.list(path).sorted() where name.hasSuffix(".backup.json") {
+            for name in try PathName.entries(of: path).sorted() where name.hasSuffix(".backup.json") {
                 chains.append((try BackupChain.load(folder: path, stem: String(name.dropLast(".backup.json".count))), nil))
             }
             guard !chains.isEmpty else { throw BlockError.usage("\(path): no backup manifest (<stem>.backup.json) in this folder") }
