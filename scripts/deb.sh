@@ -27,6 +27,8 @@ libs=$(ldd "$BIN" "$(dirname "$BIN")/librawmount-nbdkit.so" | awk '/=>/ {print $
 depends=$(for l in $libs; do dpkg -S "$(readlink -f "$l")" 2>/dev/null || dpkg -S "$l"; done \
   | cut -d: -f1 | sort -u | tr '\n' ' ' | sed 's/ $//; s/ /, /g')
 
+# Symbols are for debugging builds, not for the package (96 MB -> 64 MB for the binary).
+strip --strip-unneeded "$STAGE/usr/bin/rawmount" "$STAGE/usr/lib/rawmount/librawmount-nbdkit.so"
 mkdir -p "$STAGE/DEBIAN"
 cat > "$STAGE/DEBIAN/control" <<CONTROL
 Package: rawmount
