@@ -127,10 +127,15 @@ final class SystemIntegrationTests: XCTestCase {
             \(bin) mount \(img) \(s.mnt) >/dev/null && cmp -n 65536 -i 1048576:0 \(s.mnt)/disk.raw <(head -c 65536 /dev/zero | tr '\\000' Z) && echo "mount ok"
             \(bin) unmount \(s.mnt)
             nbdkit --dump-plugin \(unpacked)/usr/lib/rawmount/librawmount-nbdkit.so >/dev/null && echo "plugin ok"
+            # As installed: mount(8) finds the helper through the default PATH, from fstab.
+            mount --bind \(unpacked)/usr/bin /usr/local/bin || exit 91
+            echo "\(img) \(s.mnt) fuse.rawmount ro,nofail 0 0" > \(s.path("fstab"))
+            mount -T \(s.path("fstab")) \(s.mnt) && cmp -n 65536 -i 1048576:0 \(s.mnt)/disk.raw <(head -c 65536 /dev/zero | tr '\\000' Z) && echo "fstab ok"
+            rawmount unmount \(s.mnt)
             """
         let r = try Harness.run(["unshare", "--mount", "--propagation", "private", "bash", "-c", script], check: false)
         XCTAssertTrue(r.out.contains("toolchain binary needs the toolchain"), "hiding the toolchain did not work: \(r.out) \(r.err)")
-        for line in ["info ok", "mount ok", "plugin ok"] { XCTAssertTrue(r.out.contains(line), "\(line): \(r.out) \(r.err)") }
+        for line in ["info ok", "mount ok", "plugin ok", "fstab ok"] { XCTAssertTrue(r.out.contains(line), "\(line): \(r.out) \(r.err)") }
     }
 
     /// rawmount's own options through `-o` (what mount(8) can pass), mount(8)'s options
