@@ -22,6 +22,12 @@ struct ConvertCommand: ParsableCommand {
     @Option(name: .customShort("o"), help: ArgumentHelp("Creation options for DESTINATION (qemu-img's names: cluster_size=, compat=, subformat=, static=on, ...).", valueName: "options"))
     var creationOptions: [String] = []
 
+    @Option(name: .customShort("B"), help: ArgumentHelp("DESTINATION gets this backing file (as -o backing_file=); only what differs from it is written, as qemu-img convert -B does.", valueName: "backing"))
+    var backing: String?
+
+    @Option(name: .customShort("F"), help: ArgumentHelp("Format of -B's backing file (probed when omitted).", valueName: "format"))
+    var backingFormat: String?
+
     @Option(name: [.customShort("l"), .customLong("snapshot")], help: "qcow2: copy this internal snapshot (ID or name) instead of the current disk.")
     var snapshot: String?
 
@@ -53,7 +59,8 @@ struct ConvertCommand: ParsableCommand {
             guard cache == "unsafe" || cache == "writeback" else { throw BlockError.usage("-t \(cache): unsafe or writeback") }
             let src = try ImageOpener.open(path: source, options: .init(writable: false, format: fmt, lock: !forceShare, snapshot: snapshot))
             defer { try? src.close() }
-            var create = try CreateCommand.parse(["-f", out, "-q"] + creationOptions.flatMap { ["-o", $0] } + [destination, String(src.virtualSize)])
+            let backingArgs = (backing.map { ["-b", $0] } ?? []) + (backingFormat.map { ["-F", $0] } ?? [])
+            var create = try CreateCommand.parse(["-f", out, "-q"] + creationOptions.flatMap { ["-o", $0] } + backingArgs + [destination, String(src.virtualSize)])
             try create.applyCreationOptions()
             // A streamOptimized VMDK is written once, in order, compressed: not through the
             // engine, which writes in place. Refused before anything is created.
@@ -72,7 +79,8 @@ struct ConvertCommand: ParsableCommand {
                                                                      : progress ? .lines : .off)
             let copied: ImageCopy.Totals
             do {
-                copied = try ImageCopy(source: src, destination: dst).run { at, _ in bar.show(at) }
+                // With a backing file (-B, -o backing_file=), only what differs from it.
+                copied = try ImageCopy(source: src, destination: dst, against: dst.backing).run { at, _ in bar.show(at) }
                 try dst.flush()
                 try dst.close()
             } catch {

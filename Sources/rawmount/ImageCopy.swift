@@ -16,6 +16,9 @@ struct ImageCopy {
     let destination: BlockDevice
     var ranges: [(offset: UInt64, length: UInt64)]? = nil
     var zeroing = false
+    /// The destination's backing chain (convert -B): only blocks that differ from it are
+    /// written, zeros where the source reads zeros and the backing does not.
+    var against: BlockDevice? = nil
     static let piece = 4 << 20, block = 4096
 
     struct Totals { var read: UInt64 = 0, written: UInt64 = 0, zeroed: UInt64 = 0 }
@@ -57,7 +60,19 @@ struct ImageCopy {
                 try destination.zero(at: z.offset, length: z.length, deallocate: false)
                 totals.zeroed += z.length
             }
+        } else if let against {
+            // The source reads zeros here: hide whatever data the backing holds.
+            for z in zeros {
+                var pos = z.offset
+                while pos < z.offset + z.length {
+                    let st = try against.status(pos, maxLength: z.offset + z.length - pos)
+                    if st.data { try destination.zero(at: pos, length: st.length, deallocate: false); totals.zeroed += st.length }
+                    pos += st.length
+                }
+            }
         }
+        let old = against.map { _ in UnsafeMutableRawBufferPointer.allocate(byteCount: Self.piece, alignment: 4096) }
+        defer { old?.deallocate() }
         let pieces = Pieces(source: source, runs: runs, size: Self.piece)
         defer { pieces.deallocate() }
         // Piece i+1 is read on a serial queue into the other buffer while piece i is written
@@ -72,31 +87,44 @@ struct ImageCopy {
             if i + 1 < runs.count { reader.async(group: group) { box.value = read(i + 1) } }
             let buf = pieces.buffers[i % 2]
             totals.read += UInt64(run.length)
-            var b = 0
-            while b < run.length {
-                // The longest stretch of blocks that are not all zeros, written in one call.
-                let zeroStart = b
-                while b < run.length, Self.isZero(buf, b, min(Self.block, run.length - b)) { b += Self.block }
-                if zeroing, min(b, run.length) > zeroStart {
-                    let n = UInt64(min(b, run.length) - zeroStart)
-                    do { try destination.zero(at: run.offset + UInt64(zeroStart), length: n, deallocate: false) } catch { group.wait(); throw error }
-                    totals.zeroed += n
+            do {
+                if let against, let old { try against.read(into: UnsafeMutableRawBufferPointer(rebasing: old[0..<run.length]), at: run.offset) }
+                // Stretches of blocks that need the same thing, each done in one call.
+                var b = 0
+                while b < run.length {
+                    let kind = need(buf, b, min(Self.block, run.length - b), old: old)
+                    var e = b + Self.block
+                    while e < run.length, need(buf, e, min(Self.block, run.length - e), old: old) == kind { e += Self.block }
+                    let end = min(e, run.length), at = run.offset + UInt64(b)
+                    switch kind {
+                    case .skip: break
+                    case .zero:
+                        try destination.zero(at: at, length: UInt64(end - b), deallocate: false)
+                        totals.zeroed += UInt64(end - b)
+                    case .write:
+                        try destination.write(UnsafeRawBufferPointer(rebasing: buf[b..<end]), at: at)
+                        totals.written += UInt64(end - b)
+                    }
+                    b = end
                 }
-                let start = b
-                while b < run.length, !Self.isZero(buf, b, min(Self.block, run.length - b)) { b += Self.block }
-                let end = min(b, run.length)
-                if end > start {
-                    do {
-                        try destination.write(UnsafeRawBufferPointer(rebasing: buf[start..<end]), at: run.offset + UInt64(start))
-                    } catch { group.wait(); throw error }
-                    totals.written += UInt64(end - start)
-                }
-            }
+            } catch { group.wait(); throw error }
             group.wait()
             current = box.value
             progress(run.offset + UInt64(run.length), totals.read)
         }
         return totals
+    }
+
+    /// What one block of the source needs in the destination.
+    enum Need { case skip, write, zero }
+
+    private func need(_ buf: UnsafeMutableRawBufferPointer, _ at: Int, _ count: Int, old: UnsafeMutableRawBufferPointer?) -> Need {
+        let zero = Self.isZero(buf, at, count)
+        if let old {
+            if memcmp(buf.baseAddress! + at, old.baseAddress! + at, count) == 0 { return .skip }
+            return zero ? .zero : .write
+        }
+        return zero ? (zeroing ? .zero : .skip) : .write
     }
 
     static func isZero(_ buf: UnsafeMutableRawBufferPointer, _ at: Int, _ count: Int) -> Bool {
