@@ -71,6 +71,23 @@ def main():
                 ceiling = f"{statistics.median(cps):.1f}"
             a, b = statistics.median(ours), statistics.median(theirs)
             print(f"| {fmt} | {out} | {a:.1f} | {b:.1f} | {a / b:.2f}x | {ceiling} |", flush=True)
+    # compare: each source against the raw disk, and qcow2 against VMDK (identical disks:
+    # every data byte is read and compared), alternating, as qemu-img compare.
+    print()
+    print(f"| compare | rawmount compare MB/s | qemu-img compare MB/s | ratio |  (median of {ROUNDS}; {MB} MiB of data in a 4 GiB disk)")
+    print("|---|---|---|---|")
+    pairs = [(img, src_raw) for _, img in sources] + [(sources[0][1], sources[1][1])]
+    for a_img, b_img in pairs:
+        ours, theirs = [], []
+        for r in range(ROUNDS + 1):
+            t_ours = timed([RAWMOUNT, "compare", "-q", a_img, b_img])
+            t_theirs = timed(["qemu-img", "compare", "-q", a_img, b_img])
+            if r:
+                ours.append(data / t_ours / 1e6)
+                theirs.append(data / t_theirs / 1e6)
+        a, b = statistics.median(ours), statistics.median(theirs)
+        name = f"{os.path.basename(a_img)} vs {os.path.basename(b_img)}"
+        print(f"| {name} | {a:.1f} | {b:.1f} | {a / b:.2f}x |", flush=True)
     sh("rm", "-rf", work)
 
 
