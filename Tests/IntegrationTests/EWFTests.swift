@@ -308,6 +308,11 @@ final class EWFTests: XCTestCase {
         mirror[table.offset + 76 + 24 + 8] ^= 0xFF
         try mirror.write(to: URL(fileURLWithPath: s.path("mirror.E01")))
         XCTAssertEqual(try Harness.run([Harness.rawmount, "verify", s.path("mirror.E01")], check: false).status, 0)
+        // So does a table whose header fails its checksum.
+        var header = bytes
+        header[table.offset + 76 + 1] ^= 0x01
+        try header.write(to: URL(fileURLWithPath: s.path("header.E01")))
+        XCTAssertEqual(try Harness.run([Harness.rawmount, "verify", s.path("header.E01")], check: false).status, 0)
         // EWF2 and logical evidence: refused by name, not shown as raw bytes.
         for (name, sig) in [("v2.Ex01", "EVF2\r\n\u{81}\0"), ("files.L01", "LVF\t\r\n\u{FF}\0")] {
             var b = bytes

@@ -35,24 +35,30 @@ struct EWFChunkTables: Sendable {
         var sectors: EWFSection?
         var pending: Table?  // a table whose table2 copy may follow
         func finish() { if let t = pending { tables.append(t); pending = nil } }
-        for s in sections {
+        for (i, s) in sections.enumerated() {
             switch s.type {
             case "sectors":
                 finish()
                 sectors = s
             case "table", "table2":
                 let head = try readHeader(s, file: file)
-                if s.type == "table2", var t = pending, t.mirror == nil {
-                    // The copy: used when the table's entries are damaged.
-                    if let head, head.count == t.count, head.base == t.base { t.mirror = s.dataStart + 24; pending = t; continue }
-                    finish()
+                if s.type == "table2" {
+                    // Only ever a copy of the table before it, used when that table's entries
+                    // are damaged; one that matches no table maps nothing (a stray copy must
+                    // not shift every chunk after it).
+                    if var t = pending, t.mirror == nil, let head, head.count == t.count, head.base == t.base {
+                        t.mirror = s.dataStart + 24
+                        pending = t
+                    }
                     continue
                 }
                 finish()
                 guard let head else {
-                    // A damaged header: its table2 copy (next) stands in for it.
-                    if let copy = sections.first(where: { $0.type == "table2" && $0.offset > s.offset }),
-                       let h = try readHeader(copy, file: file) {
+                    // A damaged header: its table2 copy stands in for it, but only the copy
+                    // right after it (a later table's copy would map other chunks here).
+                    if s.type == "table", i + 1 < sections.count, sections[i + 1].type == "table2",
+                       let h = try readHeader(sections[i + 1], file: file) {
+                        let copy = sections[i + 1]
                         pending = try makeTable(head: h, section: copy, sectors: sectors, segment: segment, file: file)
                         pending!.mirror = nil
                         continue

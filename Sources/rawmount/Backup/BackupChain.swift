@@ -38,7 +38,7 @@ struct BackupChain {
             throw BlockError.invalid(file: chain.manifestPath, field: "backup manifest", detail: "not the JSON rawmount writes")
         }
         for item in list {
-            guard let file = item["file"] as? String, let kind = item["kind"] as? String, !file.contains("/") else {
+            guard let file = item["file"] as? String, let kind = item["kind"] as? String, !file.contains("/"), !file.hasPrefix(".") else {
                 throw BlockError.invalid(file: chain.manifestPath, field: "backup manifest", detail: "an entry without a plain file name")
             }
             guard access(folder + "/" + file, F_OK) == 0 else { break }
