@@ -1,0 +1,95 @@
+import ArgumentParser
+import BlockEngine
+import ImageFormats
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `rawmount rebase -b NEW IMAGE`, as `qemu-img rebase`: IMAGE gets a new backing file and
+/// keeps its guest disk. Safe mode copies into IMAGE every range IMAGE does not hold itself
+/// where the old backing chain and the new one differ (durable first), then names the new
+/// backing file in the header; `-u` only changes the name (the user vouches for the content).
+struct RebaseCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "rebase",
+        abstract: "Give a qcow2 image another backing file (or none, -b \"\"), its guest disk unchanged, as qemu-img rebase does.",
+        discussion: "The new name is stored as given and, like every backing name, read relative to IMAGE's folder. Safe mode reads "
+            + "the old and the new backing where IMAGE holds no data of its own and writes into IMAGE what differs (its data made "
+            + "durable before the header changes: a crash leaves the old backing named and the image's disk as it was). -u only "
+            + "rewrites the name." + Examples.section("rebase"))
+
+    @Option(name: [.customShort("b")], help: "The new backing file (\"\" for none).") var backing: String
+    @Option(name: [.customShort("F")], help: "The new backing file's format (stored in the image; probed when omitted).") var backingFormat: String?
+    @Option(name: [.customShort("f")], help: "IMAGE's format (qcow2).") var format: String?
+    @Flag(name: [.customShort("u")], help: "Unsafe: only change the name; the new backing file is not read (it need not exist).") var unsafe = false
+    @Flag(name: [.customShort("p")], help: "Show progress on the terminal.") var progress = false
+    @Flag(name: [.customShort("q")], help: "Quiet.") var quiet = false
+    @Argument(help: "The image to rebase.", completion: .file()) var image: String
+
+    func run() throws {
+        do {
+            let fmt = try parseFormat(format)
+            let newFormat = try parseFormat(backingFormat, what: "backing format")
+            var copied = ImageCopy.Totals()
+            if !unsafe {
+                let top = try ImageOpener.open(path: image, options: .init(writable: true, format: fmt))
+                do {
+                    guard top.driver is QCOW2Driver else { throw BlockError.usage("\(image): rebase changes qcow2 images; this one is \(top.driver.info.format)") }
+                    let new = backing.isEmpty ? nil : try ImageOpener.open(path: PathName.resolve(backing, relativeTo: image), options: .init(writable: false, format: newFormat))
+                    defer { try? new?.close() }
+                    copied = try copyDifferences(top, new: new)
+                    try top.flush()
+                    try top.close()
+                } catch { try? top.close(); throw error }
+            }
+            let file = try ImageFile(path: image, writable: true)
+            try ImageLock.acquire(file, writable: true)
+            let header = try QCOW2Header.read(from: file)
+            _ = try header.rewritingBacking(file, name: backing, format: backing.isEmpty ? nil : newFormat?.rawValue ?? backingFormat)
+            if !quiet && !unsafe && copied.written + copied.zeroed > 0 && progress {
+                printError("rawmount: \(image): \(copied.written) bytes copied, \(copied.zeroed) zeroed")
+            }
+        } catch let e as ExitCode { throw e } catch {
+            printError("rawmount: \(describe(error))")
+            throw ExitCode.failure
+        }
+    }
+
+    /// Where `top` holds nothing itself, the old backing's bytes (through `top`) against the
+    /// new chain's (zeros past its end or without one): differing 4 KiB blocks are written
+    /// into `top` (zero clusters where the old reads zeros).
+    private func copyDifferences(_ top: BlockDevice, new: BlockDevice?) throws -> ImageCopy.Totals {
+        var totals = ImageCopy.Totals()
+        let size = top.virtualSize, piece = 4 << 20, block = 4096
+        let a = UnsafeMutableRawBufferPointer.allocate(byteCount: piece, alignment: 4096)
+        let b = UnsafeMutableRawBufferPointer.allocate(byteCount: piece, alignment: 4096)
+        defer { a.deallocate(); b.deallocate() }
+        let bar = Progress(total: size, enabled: progress && !quiet && isatty(STDERR_FILENO) == 1)
+        var pos: UInt64 = 0
+        while pos < size {
+            let m = try top.driver.map(pos, maxLength: min(size - pos, UInt64(piece)))
+            let n = Int(min(max(m.length, 1), size - pos))
+            guard case .unallocated = m else { pos += UInt64(n); continue }
+            let old = UnsafeMutableRawBufferPointer(rebasing: a[0..<n]), fresh = UnsafeMutableRawBufferPointer(rebasing: b[0..<n])
+            try top.read(into: old, at: pos)  // through the old backing chain
+            if let new { try new.read(into: fresh, at: pos) } else { memset(fresh.baseAddress!, 0, n) }
+            var k = 0
+            while k < n {
+                let len = min(block, n - k)
+                if memcmp(old.baseAddress! + k, fresh.baseAddress! + k, len) != 0 {
+                    let at = pos + UInt64(k)
+                    if ImageCopy.isZero(old, k, len) {
+                        try top.zero(at: at, length: UInt64(len), deallocate: false); totals.zeroed += UInt64(len)
+                    } else {
+                        try top.write(UnsafeRawBufferPointer(rebasing: old[k..<(k + len)]), at: at); totals.written += UInt64(len)
+                    }
+                }
+                k += len
+            }
+            pos += UInt64(n)
+            bar.show(pos)
+        }
+        bar.finish()
+        return totals
+    }
+}
