@@ -19,7 +19,7 @@ public final class EWFDriver: MultiFileMapping, ImageDriver {
     let inflated: InflatedClusters
     let chunkBytes: UInt64
 
-    public var readOnlyReason: String? { "EWF evidence is always read-only (--overlay takes writes)" }
+    public var readOnlyReason: String? { "evidence is always served read-only; --overlay takes writes" }
     public var contributingFiles: [ImageFile] { segments }
     public var hostAllocatedBytes: UInt64 { segments.reduce(0) { $0 + $1.allocatedBytes() } }
     public func hostFile(_ index: Int) -> ImageFile { segments[index] }
