@@ -484,6 +484,35 @@ public final class BlockDevice: Sendable {
         }
     }
 
+    /// Makes the whole range read from the backing file again (`commit` empties the image it
+    /// committed into its backing file), freeing what it held once that is durable; throws
+    /// `unsupported` when the format cannot drop a part of it.
+    public func unallocate(at offset: UInt64, length: UInt64) throws {
+        guard isWritable else { throw BlockError.readOnly(file: driver.file.path) }
+        guard offset <= virtualSize, length <= virtualSize - offset else {
+            throw BlockError.outOfRange(offset: offset, length: length, size: virtualSize)
+        }
+        try checkNotFailed()
+        try checkNotCorrupt()
+        defer { changes.add(1, ordering: .releasing) }
+        try allocating().willWrite()
+        writer?.noteGuestChange(offset, length: length)
+        var pos = offset
+        let end = offset + length
+        while pos < end {
+            let (busy, done) = try allocationLock.withLock { inFlight -> (InFlight?, (offset: UInt64, length: UInt64)) in
+                if let busy = Self.busy(&inFlight, pos, end - pos, clusterSize) { return (busy, (pos, 0)) }
+                defer { collectUnlinked() }
+                return (nil, try allocating().unallocate(pos, length: end - pos))
+            }
+            if let busy { busy.done.wait(); continue }
+            guard done.length > 0, done.offset == pos else {
+                throw BlockError.unsupported(file: driver.file.path, feature: "dropping \(end - pos) bytes at \(pos) back to the backing file")
+            }
+            pos += done.length
+        }
+    }
+
     /// Writes zeros only where the range does not already read as zeros.
     private func writeZeros(at offset: UInt64, length: UInt64) throws {
         var pos = offset

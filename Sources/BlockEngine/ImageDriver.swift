@@ -158,6 +158,11 @@ public protocol ImageAllocating: ImageDriver {
     /// engine writes zeros over the rest.
     func zeroRange(_ offset: UInt64, length: UInt64, deallocate: Bool) throws -> (offset: UInt64, length: UInt64)
 
+    /// Makes whole clusters of `[offset, offset+length)` read from the backing file again
+    /// (the cluster the disk ends in counts as whole); returns the sub-range it handled
+    /// (length 0: the format cannot).
+    func unallocate(_ offset: UInt64, length: UInt64) throws -> (offset: UInt64, length: UInt64)
+
     /// Whether the engine may write an allocation's data outside its allocation lock while
     /// other allocations go on (the driver's commit and abandon then must not assume they
     /// come in allocation order).
@@ -214,6 +219,7 @@ extension ImageAllocating {
     public func zeroRange(_ offset: UInt64, length: UInt64, deallocate: Bool) throws -> (offset: UInt64, length: UInt64) {
         (offset, 0)
     }
+    public func unallocate(_ offset: UInt64, length: UInt64) throws -> (offset: UInt64, length: UInt64) { (offset, 0) }
 }
 
 extension ImageDriver {

@@ -223,22 +223,37 @@ extension QCOW2Driver {
     // MARK: zeroing
 
     public func zeroRange(_ offset: UInt64, length: UInt64, deallocate: Bool) throws -> (offset: UInt64, length: UInt64) {
-        let refcounts = try writer
-        let cs = header.clusterSize
-        let start = offset.alignedUp(cs)
-        let end = min((offset + length).alignedDown(cs), (start / header.l1Coverage + 1) * header.l1Coverage,
-                      start + UInt64(Self.maxClustersPerMap) * cs)
-        guard start < end else { return (offset, 0) }
         // Without a zero flag (version 2) only unallocation reads as zeros, and only with
         // nothing underneath.
         if header.version < 3 && hasBacking { return (offset, 0) }
-        if try l1.entry(start / header.l1Coverage) & Self.offsetMask == 0 && !hasBacking { return (start, end - start) }
+        return try setClusters(offset, length: length, toBacking: false)
+    }
+
+    /// Whole clusters of the range stop being this image's: they read from the backing file
+    /// again (`commit` empties the image it committed). The cluster the disk ends in counts
+    /// as whole.
+    public func unallocate(_ offset: UInt64, length: UInt64) throws -> (offset: UInt64, length: UInt64) {
+        try setClusters(offset, length: length, toBacking: true)
+    }
+
+    /// Sets whole clusters of the range to read as zeros (`toBacking` false: the zero flag,
+    /// or unallocated without a backing file) or from the backing file (unallocated), the
+    /// clusters they named freed once that is durable.
+    private func setClusters(_ offset: UInt64, length: UInt64, toBacking: Bool) throws -> (offset: UInt64, length: UInt64) {
+        let refcounts = try writer
+        let cs = header.clusterSize
+        let start = offset.alignedUp(cs)
+        let last = toBacking && offset + length >= header.size ? (offset + length).alignedUp(cs) : (offset + length).alignedDown(cs)
+        let end = min(last, (start / header.l1Coverage + 1) * header.l1Coverage, start + UInt64(Self.maxClustersPerMap) * cs)
+        guard start < end else { return (offset, 0) }
+        let unallocated = toBacking || !hasBacking
+        if try l1.entry(start / header.l1Coverage) & Self.offsetMask == 0 && unallocated { return (start, min(end, offset + length) - start) }
         let table = try writableL2(for: start)
         var pos = start
         while pos < end {
             let (e, bitmap) = try currentEntry(pos)
             let entry: UInt64, newBitmap: UInt64
-            if header.extendedL2 { (entry, newBitmap) = (0, hasBacking ? 0xFFFF_FFFF << 32 : 0) } else { (entry, newBitmap) = (hasBacking ? Self.zeroFlag : 0, 0) }
+            if header.extendedL2 { (entry, newBitmap) = (0, unallocated ? 0 : 0xFFFF_FFFF << 32) } else { (entry, newBitmap) = (unallocated ? 0 : Self.zeroFlag, 0) }
             if e != entry || bitmap != newBitmap {
                 try checkRelease(e, guest: pos)
                 try setL2(table, pos, entry: entry, bitmap: newBitmap)
@@ -246,7 +261,7 @@ extension QCOW2Driver {
             }
             pos += cs
         }
-        return (start, end - start)
+        return (start, min(end, offset + length) - start)
     }
 
     // MARK: lifecycle
