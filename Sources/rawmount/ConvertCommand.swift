@@ -28,6 +28,12 @@ struct ConvertCommand: ParsableCommand {
     @Option(name: .customShort("F"), help: ArgumentHelp("Format of -B's backing file (probed when omitted).", valueName: "format"))
     var backingFormat: String?
 
+    @Flag(name: .customShort("n"), help: "Do not create DESTINATION: write into the existing image (its format from -O, its size at least SOURCE's); ranges that read as zeros are made zero there, as qemu-img convert -n does.")
+    var noCreate = false
+
+    @Option(name: .customShort("S"), help: ArgumentHelp("Blocks of this many bytes that read as zeros are not written (a multiple of 512; default 4k, as qemu-img); 0 writes every byte of the data runs.", valueName: "size"))
+    var sparseSize: String?
+
     @Option(name: [.customShort("l"), .customLong("snapshot")], help: "qcow2: copy this internal snapshot (ID or name) instead of the current disk.")
     var snapshot: String?
 
@@ -59,18 +65,30 @@ struct ConvertCommand: ParsableCommand {
             guard cache == "unsafe" || cache == "writeback" else { throw BlockError.usage("-t \(cache): unsafe or writeback") }
             let src = try ImageOpener.open(path: source, options: .init(writable: false, format: fmt, lock: !forceShare, snapshot: snapshot))
             defer { try? src.close() }
-            let backingArgs = (backing.map { ["-b", $0] } ?? []) + (backingFormat.map { ["-F", $0] } ?? [])
-            var create = try CreateCommand.parse(["-f", out, "-q"] + creationOptions.flatMap { ["-o", $0] } + backingArgs + [destination, String(src.virtualSize)])
-            try create.applyCreationOptions()
-            // A streamOptimized VMDK is written once, in order, compressed: not through the
-            // engine, which writes in place. Refused before anything is created.
-            if out == "vmdk" && create.subformat == "streamOptimized" {
-                throw BlockError.unsupported(file: destination, feature: "writing a streamOptimized VMDK (convert to monolithicSparse, or use qemu-img convert -o subformat=streamOptimized)")
+            let sparse = try sparseSize.map(parseSize) ?? UInt64(ImageCopy.block)
+            guard sparse % 512 == 0, sparse <= UInt64(ImageCopy.piece) else {
+                throw BlockError.usage("-S \(sparseSize ?? ""): a multiple of 512 up to 4M (0: write every byte)")
             }
-            try replaceDestination(sourceChain: src)
-            try create.createImage()
+            if noCreate {
+                guard backing == nil, creationOptions.isEmpty else { throw BlockError.usage("-n writes into an existing image: no -B or -o") }
+            } else {
+                let backingArgs = (backing.map { ["-b", $0] } ?? []) + (backingFormat.map { ["-F", $0] } ?? [])
+                var create = try CreateCommand.parse(["-f", out, "-q"] + creationOptions.flatMap { ["-o", $0] } + backingArgs + [destination, String(src.virtualSize)])
+                try create.applyCreationOptions()
+                // A streamOptimized VMDK is written once, in order, compressed: not through the
+                // engine, which writes in place. Refused before anything is created.
+                if out == "vmdk" && create.subformat == "streamOptimized" {
+                    throw BlockError.unsupported(file: destination, feature: "writing a streamOptimized VMDK (convert to monolithicSparse, or use qemu-img convert -o subformat=streamOptimized)")
+                }
+                try replaceDestination(sourceChain: src)
+                try create.createImage()
+            }
             ImageFile.syncDisabled.store(cache == "unsafe", ordering: .relaxed)
             let dst = try ImageOpener.open(path: destination, options: .init(writable: true, format: ImageFormat(rawValue: out), lock: true))
+            if noCreate && dst.virtualSize < src.virtualSize {
+                try? dst.close()
+                throw BlockError.usage("\(destination): \(dst.virtualSize) bytes, smaller than the \(src.virtualSize)-byte source")
+            }
             let began = monotonicSeconds()
             // On a terminal when asked or when both outputs are one; whole lines into a pipe
             // or a log when asked (-p), as qemu-img gives them there.
@@ -80,7 +98,9 @@ struct ConvertCommand: ParsableCommand {
             let copied: ImageCopy.Totals
             do {
                 // With a backing file (-B, -o backing_file=), only what differs from it.
-                copied = try ImageCopy(source: src, destination: dst, against: dst.backing).run { at, _ in bar.show(at) }
+                // -n: the existing image may hold anything, so zeros are written as zeros.
+                copied = try ImageCopy(source: src, destination: dst, zeroing: noCreate, against: noCreate ? nil : dst.backing,
+                                       sparseBlock: Int(sparse)).run { at, _ in bar.show(at) }
                 try dst.flush()
                 try dst.close()
             } catch {

@@ -19,6 +19,9 @@ struct ImageCopy {
     /// The destination's backing chain (convert -B): only blocks that differ from it are
     /// written, zeros where the source reads zeros and the backing does not.
     var against: BlockDevice? = nil
+    /// Blocks of this size that read as zeros are skipped (or zeroed); 0: nothing in a data
+    /// run is skipped (convert -S 0).
+    var sparseBlock = Self.block
     static let piece = 4 << 20, block = 4096
 
     struct Totals { var read: UInt64 = 0, written: UInt64 = 0, zeroed: UInt64 = 0 }
@@ -34,7 +37,7 @@ struct ImageCopy {
             while pos < end {
                 let s = try source.status(pos, maxLength: end - pos)
                 let n = min(max(s.length, 1), end - pos)
-                if s.data {
+                if s.data || sparseBlock == 0 && against == nil {  // -S 0: every byte written, holes too
                     var o = pos
                     while o < pos + n {
                         let k = Int(min(UInt64(Self.piece), pos + n - o))
@@ -91,10 +94,11 @@ struct ImageCopy {
                 if let against, let old { try against.read(into: UnsafeMutableRawBufferPointer(rebasing: old[0..<run.length]), at: run.offset) }
                 // Stretches of blocks that need the same thing, each done in one call.
                 var b = 0
+                let unit = sparseBlock > 0 ? sparseBlock : Self.block
                 while b < run.length {
-                    let kind = need(buf, b, min(Self.block, run.length - b), old: old)
-                    var e = b + Self.block
-                    while e < run.length, need(buf, e, min(Self.block, run.length - e), old: old) == kind { e += Self.block }
+                    let kind = need(buf, b, min(unit, run.length - b), old: old)
+                    var e = b + unit
+                    while e < run.length, need(buf, e, min(unit, run.length - e), old: old) == kind { e += unit }
                     let end = min(e, run.length), at = run.offset + UInt64(b)
                     switch kind {
                     case .skip: break
@@ -119,6 +123,7 @@ struct ImageCopy {
     enum Need { case skip, write, zero }
 
     private func need(_ buf: UnsafeMutableRawBufferPointer, _ at: Int, _ count: Int, old: UnsafeMutableRawBufferPointer?) -> Need {
+        if sparseBlock == 0 && old == nil { return .write }
         let zero = Self.isZero(buf, at, count)
         if let old {
             if memcmp(buf.baseAddress! + at, old.baseAddress! + at, count) == 0 { return .skip }

@@ -31,4 +31,31 @@ final class ConvertBackingTests: XCTestCase {
             XCTAssertTrue(try Harness.run(["qemu-img", "info", out]).out.contains("backing file: " + base), fmt)
         }
     }
+
+    /// `-n` writes into an existing image (zeros made zero over what it held); `-S 0` writes
+    /// every byte (fully allocated, as qemu-img -S 0); `-S 64k` skips only whole zero 64 KiB
+    /// blocks. Each equal to the source through qemu-img.
+    func testConvertIntoAnExistingImageAndSparseSize() throws {
+        let s = try Scratch()
+        let src = s.path("src.qcow2")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", src, "16M"])
+        try Harness.run(["qemu-io", "-f", "qcow2", "-c", "write -P 1 0 1M", "-c", "write -z 2M 1M", "-c", "write -P 0 4M 64k",
+                         "-c", "write -P 3 8M 4k", src])
+        let existing = s.path("existing.qcow2")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", existing, "16M"])
+        try Harness.run(["qemu-io", "-f", "qcow2", "-c", "write -P 7 0 16M", existing])
+        try Harness.run([Harness.rawmount, "convert", "-n", "-O", "qcow2", src, existing])
+        XCTAssertEqual(try Harness.run(["qemu-img", "compare", src, existing], check: false).status, 0, "-n")
+        let full = s.path("full.qcow2"), theirs = s.path("theirs.qcow2")
+        try Harness.run([Harness.rawmount, "convert", "-O", "qcow2", "-S", "0", src, full])
+        try Harness.run(["qemu-img", "convert", "-O", "qcow2", "-S", "0", src, theirs])
+        XCTAssertEqual(try Harness.run(["qemu-img", "compare", src, full], check: false).status, 0, "-S 0")
+        let holes = try Harness.run(["qemu-img", "map", "--output=json", full]).out.split(separator: "\n").filter { $0.contains("\"data\": false") }
+        XCTAssertTrue(holes.isEmpty, "-S 0 left unallocated ranges: \(holes)")
+        XCTAssertEqual(try Files.size(full), try Files.size(theirs), "-S 0: not as fully allocated as qemu-img's")
+        let coarse = s.path("coarse.qcow2")
+        try Harness.run([Harness.rawmount, "convert", "-O", "qcow2", "-S", "64k", src, coarse])
+        XCTAssertEqual(try Harness.run(["qemu-img", "compare", src, coarse], check: false).status, 0, "-S 64k")
+        XCTAssertNotEqual(try Harness.run([Harness.rawmount, "convert", "-O", "qcow2", "-S", "1000", src, s.path("bad.qcow2")], check: false).status, 0)
+    }
 }
