@@ -1,0 +1,49 @@
+import Foundation
+import XCTest
+
+/// `rawmount resize` against `qemu-img resize` on copies of the same images: the same new
+/// size, the old content kept, the new space reading as zeros, the image checking clean.
+final class ResizeTests: XCTestCase {
+    override func setUpWithError() throws { try Harness.requireFuse() }
+
+    func testResizeEndsAsQemuImgResizeEnds() throws {
+        let s = try Scratch()
+        for (fmt, create) in [("raw", ["-f", "raw"]), ("qcow2", ["-f", "qcow2"]), ("qcow2", ["-f", "qcow2", "-o", "cluster_size=4k,compat=0.10"]), ("qed", ["-f", "qed"])] {
+            let ours = s.path("ours.\(fmt)"), theirs = s.path("theirs.\(fmt)"), before = s.path("before.raw")
+            for p in [ours, theirs] {
+                try Harness.run(["qemu-img", "create", "-q"] + create + [p, "16M"])
+                try Harness.run(["qemu-io", "-f", fmt, "-c", "write -P 5 1M 64k", "-c", "write -P 6 15M 1M", p])
+            }
+            try Harness.run(["qemu-img", "convert", "-f", fmt, "-O", "raw", ours, before])
+            for change in ["+16M", "40M"] {
+                try Harness.run([Harness.rawmount, "resize", "-q", ours, change])
+                try Harness.run(["qemu-img", "resize", "-q", "-f", fmt, theirs, change])
+                let size = { (p: String) in try Harness.run(["qemu-img", "info", "-f", fmt, "--output=json", p]).out
+                    .split(separator: "\n").first { $0.contains("\"virtual-size\"") }.map(String.init) ?? "" }
+                XCTAssertEqual(try size(ours), try size(theirs), "\(create) \(change)")
+                XCTAssertEqual(try Harness.run(["qemu-img", "compare", "-f", fmt, "-F", fmt, ours, theirs], check: false).status, 0, "\(create) \(change)")
+                if fmt != "raw" { XCTAssertEqual(try Harness.run(["qemu-img", "check", "-q", "-f", fmt, ours], check: false).status, 0) }
+            }
+            XCTAssertEqual(try Harness.run(["qemu-img", "compare", "-f", fmt, "-F", "raw", ours, before], check: false).status, 0,
+                           "\(create): the old disk and zeros after it")
+            // Smaller: refused without --shrink; raw shrinks with it, as qemu-img.
+            XCTAssertNotEqual(try Harness.run([Harness.rawmount, "resize", ours, "8M"], check: false).status, 0)
+            if fmt == "raw" {
+                try Harness.run([Harness.rawmount, "resize", "-q", "--shrink", ours, "8M"])
+                XCTAssertEqual(try Files.size(ours), 8 << 20)
+            }
+        }
+        // A qcow2 growing past what its L1 clusters map is refused with the reason.
+        let small = s.path("small.qcow2")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", small, "1M"])
+        let r = try Harness.run([Harness.rawmount, "resize", small, "1G"], check: false)
+        XCTAssertNotEqual(r.status, 0)
+        XCTAssertTrue(r.err.contains("L1 table"), r.err)
+        // Formats qemu-img does not resize.
+        let vdi = s.path("d.vdi")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "vdi", vdi, "8M"])
+        let v = try Harness.run([Harness.rawmount, "resize", vdi, "16M"], check: false)
+        XCTAssertNotEqual(v.status, 0)
+        XCTAssertTrue(v.err.contains("raw, qcow2 and QED"), v.err)
+    }
+}
