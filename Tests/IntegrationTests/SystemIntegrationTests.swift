@@ -19,7 +19,7 @@ final class SystemIntegrationTests: XCTestCase {
 
         // The manual covers every verb and the options mount(8) users need.
         let manual = try Harness.run(["env", "MANWIDTH=200", "man", "-l", prefix + "/share/man/man1/rawmount.1"]).out
-        for verb in ["mount", "unmount", "list", "info", "create", "check", "bitmap", "hash", "verify", "backup", "map", "convert", "serve"] {
+        for verb in ["mount", "unmount", "list", "info", "create", "check", "bitmap", "hash", "verify", "backup", "compare", "rebase", "commit", "resize", "map", "convert", "serve"] {
             XCTAssertTrue(manual.contains("     \(verb)"), "man page lacks the verb \(verb)")
         }
         for option in ["--overlay", "--force-share", "uid=", "umask=", "nofail", "--quiet", "--verbose"] {
