@@ -37,12 +37,7 @@ enum EWFFormat: FormatOpening {
                 + (r.path.count > 3 ? " (\(String(r.path.dropLast(3)).escapingControls)…01)" : ""))
         }
         var files = [r.file]
-        var tables = EWFChunkTables()
-        var caseInfo = EWFCaseInfo()
-        var media: EWFMedia?
-        var notes: [String] = []
-        var sawHeader2 = false, sawHeader = false, sawDigest = false
-        var kinds = Set<String>()
+        var scan = EWFSetScan()
         var index = 0
         while true {
             let file = files[index]
@@ -52,49 +47,11 @@ enum EWFFormat: FormatOpening {
                 throw BlockError.invalid(file: file.path, field: "EWF segment number",
                                          detail: "\(segmentNumber) where segment \(index + 1) was expected (a file of another set, or renamed)")
             }
-            for s in sections {
-                kinds.insert(s.type)
-                func metadata(_ body: () throws -> Void) {
-                    // Damaged case metadata does not keep the disk from being read: say so.
-                    do { try body() } catch { notes.append("\(PathName.baseName(file.path)): \(error)".escapingControls) }
-                }
-                switch s.type {
-                case "volume", "disk", "data":
-                    let d = try s.data(file, limit: 1 << 16)
-                    guard s.type == "data" || index == 0 else { continue }
-                    do {
-                        let m = try EWFMedia.parse(d, file: file.path, section: s.type)
-                        if let media {
-                            guard m.sameMedia(as: media) else {
-                                throw BlockError.invalid(file: file.path, field: "EWF \(s.type) section",
-                                                         detail: "describes other media than the first segment (a segment of another set)")
-                            }
-                        } else { media = m }
-                    } catch let e as BlockError where s.type == "data" && media != nil {
-                        if case .invalid(_, _, let detail) = e, detail.hasPrefix("describes") { throw e }
-                        notes.append("\(PathName.baseName(file.path)): \(e)".escapingControls)  // a copy; the volume section counts
-                    }
-                case "header2" where index == 0 && !sawHeader2:
-                    metadata { try caseInfo.readHeader(try s.data(file, limit: 1 << 20), utf16: true, file: file.path, section: "header2"); sawHeader2 = true }
-                case "header" where index == 0 && !sawHeader2 && !sawHeader:
-                    metadata { try caseInfo.readHeader(try s.data(file, limit: 1 << 20), utf16: false, file: file.path, section: "header"); sawHeader = true }
-                case "xheader" where index == 0:
-                    metadata { try caseInfo.readXHeader(try s.data(file, limit: 1 << 20), file: file.path) }
-                case "hash" where !sawDigest:
-                    metadata { try caseInfo.readHash(try s.data(file, limit: 4096), file: file.path) }
-                case "digest":
-                    metadata { try caseInfo.readDigest(try s.data(file, limit: 4096), file: file.path); sawDigest = true }
-                case "xhash":
-                    metadata { try caseInfo.readXHash(try s.data(file, limit: 1 << 20), file: file.path) }
-                case "error2":
-                    metadata { try caseInfo.readErrors(try s.data(file, limit: 520 + 8 * (1 << 20) + 4), file: file.path) }
-                default: break
-                }
-            }
-            guard media != nil else {
+            try scan.read(sections, of: file, segment: index)
+            guard scan.media != nil else {
                 throw BlockError.invalid(file: r.path, field: "EWF volume section", detail: "the first segment has no volume or disk section")
             }
-            try tables.add(segment: index, file: file, sections: sections)
+            try scan.tables.add(segment: index, file: file, sections: sections)
             if sections.last?.type == "done" { break }
             // A next section: the set goes on in the next segment file.
             guard let name, let nextName = name(index + 1), files.count < maxSegments, files.count < HostAddress.maxFiles else {
@@ -112,7 +69,7 @@ enum EWFFormat: FormatOpening {
             files.append(next)
             index += 1
         }
-        let m = media!
+        let m = scan.media!, tables = scan.tables, kinds = scan.kinds
         guard tables.chunksCovered >= m.neededChunks else {
             throw BlockError.invalid(file: files.last!.path, field: "EWF chunk tables",
                                      detail: "the tables list \(tables.chunksCovered) chunks, the media needs \(m.neededChunks) (a segment is truncated or missing)")
@@ -121,6 +78,6 @@ enum EWFFormat: FormatOpening {
             : kinds.contains("digest") || kinds.contains("header2") ? "EnCase (E01)"
             : kinds.contains("sectors") ? "FTK/EnCase (E01)"
             : EWFSegmentNames.scheme(of: r.path).map { _ in r.path.lowercased().hasSuffix(".s01") ? "SMART (s01)" : "EWF (e01)" } ?? "EWF"
-        return BlockDevice(driver: EWFDriver(segments: files, media: m, caseInfo: caseInfo, tables: tables, flavour: flavour, notes: notes))
+        return BlockDevice(driver: EWFDriver(segments: files, media: m, caseInfo: scan.caseInfo, tables: tables, flavour: flavour, notes: scan.notes))
     }
 }
