@@ -55,41 +55,23 @@ struct RebaseCommand: ParsableCommand {
         }
     }
 
-    /// Where `top` holds nothing itself, the old backing's bytes (through `top`) against the
-    /// new chain's (zeros past its end or without one): differing 4 KiB blocks are written
-    /// into `top` (zero clusters where the old reads zeros).
+    /// Where `top` holds nothing itself, the old chain's bytes (read through `top`) against
+    /// the new chain's (zeros without one): what differs is written into `top` (zeros as
+    /// zeros), in runs, by the copy `convert -B` uses.
     private func copyDifferences(_ top: BlockDevice, new: BlockDevice?) throws -> ImageCopy.Totals {
-        var totals = ImageCopy.Totals()
-        let size = top.virtualSize, piece = 4 << 20, block = 4096
-        let a = UnsafeMutableRawBufferPointer.allocate(byteCount: piece, alignment: 4096)
-        let b = UnsafeMutableRawBufferPointer.allocate(byteCount: piece, alignment: 4096)
-        defer { a.deallocate(); b.deallocate() }
-        let bar = Progress(total: size, enabled: progress && !quiet && isatty(STDERR_FILENO) == 1)
+        var ranges: [(offset: UInt64, length: UInt64)] = []
+        let size = top.virtualSize
         var pos: UInt64 = 0
         while pos < size {
-            let m = try top.driver.map(pos, maxLength: min(size - pos, UInt64(piece)))
-            let n = Int(min(max(m.length, 1), size - pos))
-            guard case .unallocated = m else { pos += UInt64(n); continue }
-            let old = UnsafeMutableRawBufferPointer(rebasing: a[0..<n]), fresh = UnsafeMutableRawBufferPointer(rebasing: b[0..<n])
-            try top.read(into: old, at: pos)  // through the old backing chain
-            if let new { try new.read(into: fresh, at: pos) } else { memset(fresh.baseAddress!, 0, n) }
-            var k = 0
-            while k < n {
-                let len = min(block, n - k)
-                if memcmp(old.baseAddress! + k, fresh.baseAddress! + k, len) != 0 {
-                    let at = pos + UInt64(k)
-                    if ImageCopy.isZero(old, k, len) {
-                        try top.zero(at: at, length: UInt64(len), deallocate: false); totals.zeroed += UInt64(len)
-                    } else {
-                        try top.write(UnsafeRawBufferPointer(rebasing: old[k..<(k + len)]), at: at); totals.written += UInt64(len)
-                    }
-                }
-                k += len
+            let m = try top.driver.map(pos, maxLength: size - pos)
+            let n = min(max(m.length, 1), size - pos)
+            if case .unallocated = m {
+                if let last = ranges.last, last.offset + last.length == pos { ranges[ranges.count - 1].length += n } else { ranges.append((pos, n)) }
             }
-            pos += UInt64(n)
-            bar.show(pos)
+            pos += n
         }
-        bar.finish()
-        return totals
+        let bar = Progress(total: ranges.reduce(0) { $0 + $1.length }, enabled: progress && !quiet && isatty(STDERR_FILENO) == 1)
+        defer { bar.finish() }
+        return try ImageCopy(source: top, destination: top, ranges: ranges, against: new).run { _, read in bar.show(read) }
     }
 }
