@@ -466,21 +466,33 @@ public final class BlockDevice: Sendable {
     private func zeroMapped(at offset: UInt64, length: UInt64, deallocate: Bool, fast: Bool) throws {
         try allocating().willWrite()
         writer?.noteGuestChange(offset, length: length)
-        var pos = offset
         let end = offset + length
+        try metadataSteps(offset, end, { try $0.zeroRange($1, length: $2, deallocate: deallocate) }) { pos, done in
+            // The driver handles nothing at `pos` (partial cluster): write zeros up to what it can take.
+            if fast { throw BlockError.unsupported(file: self.driver.file.path, feature: "fast zeroing of \(end - pos) bytes at \(pos)") }
+            let stop = done.length > 0 ? done.offset : pos + RangeWalk.toClusterEnd(pos, clusterSize: self.clusterSize, maxLength: end - pos)
+            try self.writeZeros(at: pos, length: stop - pos)
+            return stop
+        }
+    }
+
+    /// Runs a metadata-only driver operation (zeroing, unallocating) over `[offset, end)` in
+    /// the steps the driver takes, each under the allocation lock and after any fill in
+    /// flight there is linked; what it unlinks is collected for release after a flush.
+    /// `partial` handles a position the driver does nothing at and returns where to go on.
+    private func metadataSteps(_ offset: UInt64, _ end: UInt64,
+                               _ step: (any ImageAllocating, _ at: UInt64, _ length: UInt64) throws -> (offset: UInt64, length: UInt64),
+                               partial: (_ at: UInt64, _ done: (offset: UInt64, length: UInt64)) throws -> UInt64) throws {
+        var pos = offset
         while pos < end {
             let (busy, done) = try allocationLock.withLock { inFlight -> (InFlight?, (offset: UInt64, length: UInt64)) in
                 if let busy = Self.busy(&inFlight, pos, end - pos, clusterSize) { return (busy, (pos, 0)) }
                 defer { collectUnlinked() }
-                return (nil, try allocating().zeroRange(pos, length: end - pos, deallocate: deallocate))
+                return (nil, try step(allocating(), pos, end - pos))
             }
             if let busy { busy.done.wait(); continue }  // a fill there is being linked first
             if done.length > 0 && done.offset == pos { pos += done.length; continue }
-            // The driver handles nothing at `pos` (partial cluster): write zeros up to what it can take.
-            if fast { throw BlockError.unsupported(file: driver.file.path, feature: "fast zeroing of \(end - pos) bytes at \(pos)") }
-            let stop = done.length > 0 ? done.offset : pos + RangeWalk.toClusterEnd(pos, clusterSize: clusterSize, maxLength: end - pos)
-            try writeZeros(at: pos, length: stop - pos)
-            pos = stop
+            pos = try partial(pos, done)
         }
     }
 
@@ -497,19 +509,9 @@ public final class BlockDevice: Sendable {
         defer { changes.add(1, ordering: .releasing) }
         try allocating().willWrite()
         writer?.noteGuestChange(offset, length: length)
-        var pos = offset
         let end = offset + length
-        while pos < end {
-            let (busy, done) = try allocationLock.withLock { inFlight -> (InFlight?, (offset: UInt64, length: UInt64)) in
-                if let busy = Self.busy(&inFlight, pos, end - pos, clusterSize) { return (busy, (pos, 0)) }
-                defer { collectUnlinked() }
-                return (nil, try allocating().unallocate(pos, length: end - pos))
-            }
-            if let busy { busy.done.wait(); continue }
-            guard done.length > 0, done.offset == pos else {
-                throw BlockError.unsupported(file: driver.file.path, feature: "dropping \(end - pos) bytes at \(pos) back to the backing file")
-            }
-            pos += done.length
+        try metadataSteps(offset, end, { try $0.unallocate($1, length: $2) }) { pos, _ in
+            throw BlockError.unsupported(file: self.driver.file.path, feature: "dropping \(end - pos) bytes at \(pos) back to the backing file")
         }
     }
 
