@@ -31,6 +31,7 @@ struct RebaseCommand: ParsableCommand {
             let fmt = try parseFormat(format)
             let newFormat = try parseFormat(backingFormat, what: "backing format")
             var copied = ImageCopy.Totals()
+            var copiedInto: FileIdentity?
             if !unsafe {
                 let top = try ImageOpener.open(path: image, options: .init(writable: true, format: fmt))
                 do {
@@ -38,12 +39,17 @@ struct RebaseCommand: ParsableCommand {
                     let new = backing.isEmpty ? nil : try ImageOpener.open(path: PathName.resolve(backing, relativeTo: image), options: .init(writable: false, format: newFormat))
                     defer { try? new?.close() }
                     copied = try copyDifferences(top, new: new)
+                    copiedInto = top.driver.file.identity
                     try top.flush()
                     try top.close()
                 } catch { try? top.close(); throw error }
             }
             let file = try ImageFile(path: image, writable: true)
             try ImageLock.acquire(file, writable: true)
+            // The header changes in the file the data went into, not one swapped in since.
+            if let copiedInto, file.identity != copiedInto {
+                throw BlockError.invalid(file: image, field: "file", detail: "it was replaced by another file during the rebase; its backing file was not changed")
+            }
             let header = try QCOW2Header.read(from: file)
             _ = try header.rewritingBacking(file, name: backing, format: backing.isEmpty ? nil : newFormat?.rawValue ?? backingFormat)
             if !quiet && !unsafe && copied.written + copied.zeroed > 0 && progress {
