@@ -200,6 +200,11 @@ final class EWFTests: XCTestCase {
         XCTAssertEqual(pread(fd, &buf, 4096, 4 * 32768), 4096)
         XCTAssertEqual(pread(fd, &buf, 4096, 6 * 32768), 4096)
         XCTAssertEqual(Data(buf), try Files.pread(src, count: 4096, at: 6 * 32768))
+        // A part of a chunk read (and checked) whole before: read alone, the same bytes.
+        var whole = [UInt8](repeating: 0, count: 32768)
+        XCTAssertEqual(pread(fd, &whole, 32768, 7 * 32768), 32768)
+        XCTAssertEqual(pread(fd, &buf, 4096, 7 * 32768 + 12288), 4096)
+        XCTAssertEqual(Data(buf), try Files.pread(src, count: 4096, at: 7 * 32768 + 12288))
     }
 
     /// An error2 section (what EnCase and ewfacquire write for unreadable source sectors),

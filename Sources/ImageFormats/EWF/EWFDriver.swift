@@ -18,6 +18,10 @@ public final class EWFDriver: MultiFileMapping, ImageDriver {
     let entries: TableCache
     let inflated: InflatedClusters
     let chunkBytes: UInt64
+    /// Stored chunks whose Adler-32 this mount has checked (by chunk number): a later read of
+    /// part of one reads only those bytes instead of the whole chunk again. Not kept when
+    /// other processes may write the files (--force-share); the mount's lock keeps the rest.
+    let verified: DirtyBitmap?
 
     public var readOnlyReason: String? { "evidence is always served read-only; --overlay takes writes" }
     public var contributingFiles: [ImageFile] { segments }
@@ -40,6 +44,7 @@ public final class EWFDriver: MultiFileMapping, ImageDriver {
         entries = TableCache(file: segments[0], tableBytes: tableBytes, encoding: .u32LE,
                              capacity: max(4, (8 << 20) / tableBytes), loader: { try t.load(Int($0), files: files, tableBytes: tableBytes) })
         inflated = InflatedClusters(clusterBytes: Int(media.chunkBytes), budget: 16 << 20)
+        verified = segments.contains { $0.sharedWithWriters } ? nil : DirtyBitmap(granularity: 1, diskSize: max(1, media.neededChunks))
         var details: [(String, String)] = [("file format", flavour), ("segments", "\(segments.count)")]
         details += caseInfo.values.map { ($0.name, $0.value.escapingControls) }
         details.append(("bytes per sector", "\(media.bytesPerSector)"))
@@ -125,6 +130,10 @@ public final class EWFDriver: MultiFileMapping, ImageDriver {
         // A read of a whole chunk (sequential reads) goes straight into the caller's buffer:
         // no copy, no cache entry it would never use again.
         if inChunk == 0, buffer.count == length, try readWhole(c, ch, into: buffer) { return }
+        if !ch.compressed, let verified, verified.run(from: c, maxLength: 1).dirty {
+            try segments[ch.segment].read(into: buffer, at: ch.offset + UInt64(inChunk), what: "EWF chunk \(c)")
+            return
+        }
         let bytes = try chunkData(c, ch)
         bytes.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[inChunk..<(inChunk + buffer.count)])) }
     }
@@ -142,6 +151,7 @@ public final class EWFDriver: MultiFileMapping, ImageDriver {
                 throw BlockError.invalid(file: segment.path, field: chunkName(c, ch.offset, length: buffer.count),
                                          detail: "checksum mismatch (the stored chunk is damaged)")
             }
+            verified?.mark(c, length: 1)
             return true
         }
         guard c + 1 < media.neededChunks || UInt64(buffer.count) == chunkBytes else { return false }
@@ -177,6 +187,7 @@ public final class EWFDriver: MultiFileMapping, ImageDriver {
                 throw BlockError.invalid(file: segment.path, field: what, detail: "checksum mismatch (the stored chunk is damaged)")
             }
             stored.removeLast(stored.count - length)  // the checksum (and a part-sector tail): no copy
+            verified?.mark(c, length: 1)
             return stored
         }
     }
