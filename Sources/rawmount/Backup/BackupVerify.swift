@@ -76,7 +76,11 @@ struct BackupVerify {
         if json {
             print(QemuImageInfo.json(["path": path, "points": report, "problems": problems, "sound": problems.isEmpty] as [String: Any]))
         } else {
-            for r in report { print("\(r["file"] as! String): \(r["kind"] as! String), readable" + ((r["sha256-matches"] as? Bool) == true ? ", SHA-256 matches" : "")) }
+            // File names and kinds come from the manifest: escaped like every string from a file.
+            for r in report {
+                print("\((r["file"] as! String).escapingControls): \((r["kind"] as! String).escapingControls), readable"
+                    + ((r["sha256-matches"] as? Bool) == true ? ", SHA-256 matches" : ""))
+            }
             for p in problems { printError("rawmount: \(p.escapingControls)") }
             print(problems.isEmpty ? "rawmount: \(path.escapingControls): chain sound (\(report.count) file(s))" : "rawmount: \(path.escapingControls): chain BROKEN")
         }
