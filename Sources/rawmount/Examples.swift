@@ -22,6 +22,8 @@ enum Examples {
                    "rawmount rebase -b \"\" top.qcow2   # no backing file: the image becomes whole"],
         "commit": ["rawmount commit top.qcow2            # into its backing file, then top.qcow2 is emptied", "rawmount commit -d -b base.qcow2 top.qcow2"],
         "resize": ["rawmount resize disk.qcow2 +10G", "rawmount resize --shrink disk.img 8G"],
+        "snapshot": ["rawmount snapshot -l disk.qcow2", "rawmount snapshot -c before-upgrade disk.qcow2",
+                     "rawmount snapshot -a before-upgrade disk.qcow2   # the disk as it was", "rawmount snapshot -d before-upgrade disk.qcow2"],
         "verify": ["rawmount verify evidence.E01", "rawmount verify --json case/disk.s01"],
         "map": ["rawmount map disk.qcow2", "rawmount map --output=json disk.vhdx"],
         "convert": ["rawmount convert -O qcow2 disk.vmdk disk.qcow2", "rawmount convert -p -O vpc -o subformat=fixed disk.qcow2 disk.vhd"],

@@ -6,20 +6,19 @@ import Glibc
 #endif
 
 /// `rawmount resize IMAGE [+|-]SIZE`, as `qemu-img resize`, for the formats qemu-img resizes
-/// (raw, qcow2, QED). Growing changes the size fields (and a qcow2's L1 entry count, within
-/// the L1 table's clusters); new space reads as zeros. Shrinking needs --shrink and is done
-/// for raw only.
+/// (raw, qcow2, QED). Growing changes the size fields (a qcow2's L1 table moves when its
+/// clusters are full); new space reads as zeros. Shrinking needs --shrink (raw and qcow2).
 struct ResizeCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "resize",
-        abstract: "Change a raw, qcow2 or QED image's virtual size, as qemu-img resize does (shrinking: raw, with --shrink).",
-        discussion: "The image is locked for writing (a mounted or running image is refused). qcow2 grows while its L1 table's "
-            + "clusters have room for the new size (qemu-img would move the L1 table beyond that); images with internal snapshots or "
-            + "persistent bitmaps are refused, as qemu-img refuses them. Other formats: qemu-img does not resize them either."
+        abstract: "Change a raw, qcow2 or QED image's virtual size, as qemu-img resize does (shrinking: raw and qcow2, with --shrink).",
+        discussion: "The image is locked for writing (a mounted or running image is refused). A qcow2's L1 table moves when the new "
+            + "size needs more of it; internal snapshots keep their own size (applying one brings it back). qcow2 images with "
+            + "persistent dirty bitmaps are refused for now (qemu-img resizes the bitmaps). Other formats: qemu-img does not resize them either."
             + Examples.section("resize"))
 
     @Option(name: [.customShort("f")], help: "Format (probed when omitted).") var format: String?
-    @Flag(help: "Allow making the image smaller (raw only; data past the new end is lost).") var shrink = false
+    @Flag(help: "Allow making the image smaller (raw and qcow2; data past the new end is lost).") var shrink = false
     @Flag(name: [.customShort("q")], help: "Quiet.") var quiet = false
     @Argument(help: "The image.", completion: .file()) var image: String
     @Argument(help: "The new size, or +SIZE / -SIZE relative to the current one.") var size: String
@@ -50,7 +49,7 @@ struct ResizeCommand: ParsableCommand {
             case .raw:
                 try file.truncate(to: new)
                 try file.sync()
-            case .qcow2: try growQCOW2(file, to: new)
+            case .qcow2: try resizeQCOW2(file, to: new)
             default: try growQED(file, to: new)
             }
             if !quiet { print("Image resized.") }
@@ -70,34 +69,60 @@ struct ResizeCommand: ParsableCommand {
         return try parseSize(size)
     }
 
-    private func growQCOW2(_ file: ImageFile, to new: UInt64) throws {
+    /// Growing within the L1 table's clusters changes two header fields; past them the table
+    /// moves (QEMU's order: new table durable, header, old freed). Shrinking unallocates the
+    /// clusters past the new end first (durable), then changes the size, as qemu-img does.
+    private func resizeQCOW2(_ file: ImageFile, to new: UInt64) throws {
         let h = try QCOW2Header.read(from: file)
-        guard new > h.size || !shrink else { throw BlockError.usage("\(image): rawmount shrinks only raw images") }
         guard new % 512 == 0 else { throw BlockError.usage("\(image): qcow2 sizes are whole 512-byte sectors; \(new) is not") }
-        guard h.snapshots == 0 else { throw BlockError.usage("\(image): has internal snapshots; resizing it is refused, as qemu-img refuses it") }
-        guard !h.hasBitmaps else { throw BlockError.usage("\(image): has persistent dirty bitmaps; resizing it is refused, as qemu-img refuses it (remove them first)") }
+        guard !h.hasBitmaps else {
+            throw BlockError.unsupported(file: image, feature: "resizing an image with persistent dirty bitmaps (qemu-img resize resizes them; "
+                + "rawmount does not yet: `rawmount bitmap remove` them, or use qemu-img)")
+        }
         try VirtualSize.checked(new, file: image, field: "size")
         let needed = (new + h.l1Coverage - 1) / h.l1Coverage
+        guard needed <= QCOW2Header.maxL1Entries else {
+            throw BlockError.unsupported(file: image, feature: "\(new) bytes: the L1 table would pass QEMU's 32 MiB limit")
+        }
         let cs = UInt64(h.clusterSize)
         let room = (UInt64(h.l1Entries) * 8 + cs - 1) / cs * cs / 8  // entries the L1 clusters hold
-        guard needed <= room, needed <= UInt64(UInt32.max) else {
-            throw BlockError.unsupported(file: image, feature: "growing past what the L1 table's clusters map (\(room * h.l1Coverage) bytes; qemu-img resize moves the table)")
-        }
-        if needed > UInt64(h.l1Entries) {
-            // The new entries must be empty (they were never used: past the old count).
-            let extra = try file.readBytes(count: Int(needed - UInt64(h.l1Entries)) * 8, at: h.l1Offset + UInt64(h.l1Entries) * 8, what: "L1 table")
-            guard extra.allSatisfy({ $0 == 0 }) else {
-                throw BlockError.invalid(file: image, field: "L1 table", detail: "entries past its count are not empty")
+        if new > h.size && needed <= room {
+            if needed > UInt64(h.l1Entries) {
+                // The new entries must be empty (they were never used: past the old count).
+                let extra = try file.readBytes(count: Int(needed - UInt64(h.l1Entries)) * 8, at: h.l1Offset + UInt64(h.l1Entries) * 8, what: "L1 table")
+                guard extra.allSatisfy({ $0 == 0 }) else {
+                    throw BlockError.invalid(file: image, field: "L1 table", detail: "entries past its count are not empty")
+                }
+                try QCOW2Header.writeField(file, at: 36, needed, bytes: 4)
             }
-            try QCOW2Header.writeField(file, at: 36, needed, bytes: 4)
+            try QCOW2Header.writeField(file, at: 24, new, bytes: 8)
+            try file.sync()
+            return
         }
-        try QCOW2Header.writeField(file, at: 24, new, bytes: 8)
-        try file.sync()
+        let driver = try QCOW2Driver(file: file, onNote: { printError("rawmount: \(image): ".escapingControls + $0) })
+        do {
+            var at = new.alignedUp(cs)
+            while at < h.size {
+                let done = try driver.unallocate(at, length: h.size - at)
+                at = done.offset + max(done.length, 1)
+            }
+            // The unlinked clusters are freed once the tables no longer naming them are durable.
+            try driver.flush()
+            try driver.release(driver.takeUnlinked())
+            if needed > UInt64(h.l1Entries) { try driver.growL1(to: needed) }
+            try driver.flush()
+            try QCOW2Header.writeField(file, at: 24, new, bytes: 8)
+            try file.sync()
+            try driver.close()
+        } catch {
+            try? driver.close()
+            throw error
+        }
     }
 
     private func growQED(_ file: ImageFile, to new: UInt64) throws {
         let h = try QEDHeader.read(from: file)
-        guard new > h.imageSize || !shrink else { throw BlockError.usage("\(image): rawmount shrinks only raw images") }
+        guard new > h.imageSize else { throw BlockError.usage("\(image): QED images do not shrink (qemu-img: \"Shrinking images is currently not supported\")") }
         guard new % 512 == 0, new <= h.entriesPerTable * h.l2Coverage else {
             throw BlockError.usage("\(image): a QED image with these tables holds whole sectors up to \(h.entriesPerTable * h.l2Coverage) bytes; \(new) is not one")
         }

@@ -70,18 +70,8 @@ extension QCOW2Driver {
     func storeBitmaps() throws {
         guard let set = bitmaps, let refcounts, set.needsStore else { return }
         let cs = header.clusterSize
-        var held: [(UInt64, UInt64)] = []
-        defer { for r in held { try? refcounts.release(r.0, length: r.1) } }
-        /// `n` contiguous free clusters (shorter free runs are held until the end).
-        func run(_ n: UInt64) throws -> UInt64 {
-            while true {
-                let a = try refcounts.allocate(maxClusters: n)
-                if a.clusters >= n { return a.offset }
-                held.append((a.offset, a.clusters * cs))
-            }
-        }
         func write(_ bytes: [UInt8], clusters n: UInt64) throws -> UInt64 {
-            let at = try run(n)
+            let at = try refcounts.allocateRun(n)
             try file.write(bytes + [UInt8](repeating: 0, count: Int(n * cs) - bytes.count), at: at)
             return at
         }

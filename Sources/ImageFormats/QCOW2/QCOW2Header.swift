@@ -12,6 +12,7 @@ public struct QCOW2Header: Sendable {
     static let knownIncompatible: UInt64 = 0x1F
     /// QEMU's limits: L1 of at most 32 MiB, backing name of at most 1023 bytes.
     static let maxL1Bytes: UInt64 = 32 << 20
+    public static let maxL1Entries: UInt64 = maxL1Bytes / 8
     static let maxBackingName = 1023
 
     public var version: UInt32

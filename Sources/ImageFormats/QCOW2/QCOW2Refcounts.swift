@@ -210,6 +210,45 @@ final class QCOW2Refcounts: Sendable {
         }
     }
 
+    /// `n` free clusters in a row with refcount 1 (tables that must be contiguous): the first
+    /// free run if it is long enough, else fresh space past the file's end, with the refcount
+    /// blocks it needs placed just before it (a run longer than one block's range could
+    /// otherwise never be found: each new block sits at the start of its own range).
+    func allocateRun(_ n: UInt64) throws -> UInt64 {
+        let a = try allocate(maxClusters: n)
+        if a.clusters >= n { return a.offset }
+        try release(a.offset, length: a.clusters * clusterSize)
+        return try state.withLock { s in
+            let last = (s.endCluster + n + n / perBlock + 2) / perBlock
+            if last >= UInt64(s.table.count) { try growLocked(&s, toCover: last) }
+            let start = s.endCluster
+            // The blocks missing for [start, start + k + n) go at start: grow k until they fit.
+            var missing: [UInt64] = []
+            while true {
+                let k = UInt64(missing.count)
+                let ranges = (start / perBlock) ... ((start + k + n - 1) / perBlock)
+                missing = ranges.filter { $0 >= UInt64(s.table.count) || s.table[Int($0)] == 0 }
+                if UInt64(missing.count) <= k { break }
+            }
+            if let beyond = missing.last, beyond >= UInt64(s.table.count) {
+                throw BlockError.invalid(file: file.path, field: "refcount table", detail: "cannot cover clusters from \(beyond * perBlock)")
+            }
+            let k = UInt64(missing.count)
+            try metadata?.guardWrite(start * clusterSize, (k + n) * clusterSize, as: "a new table and its refcount blocks", file: file.path)
+            for (m, bi) in missing.enumerated() {
+                let offset = (start + UInt64(m)) * clusterSize
+                blocks.discard(offset, length: clusterSize)
+                try file.write([UInt8](repeating: 0, count: Int(clusterSize)), at: offset)
+                s.table[Int(bi)] = offset
+                s.dirtyEntries.insert(Int(bi))
+                metadata?.insert(.init(start: offset, length: clusterSize, what: "a refcount block"))
+            }
+            extendEnd(&s, to: start + k + n)
+            for c in start ..< start + k + n { try setLocked(&s, c, 1) }
+            return (start + k) * clusterSize
+        }
+    }
+
     /// A missing refcount block is created inside the range it covers (that whole range is
     /// free, having no block): at its first usable cluster, counting itself.
     private func ensureBlockLocked(_ s: inout State, for cluster: UInt64) throws {

@@ -10,7 +10,14 @@ public struct QCOW2Snapshot: Sendable {
     /// The disk's size when the snapshot was taken (extra data), else the image's size.
     public var diskSize: UInt64
     public var dateSeconds: UInt32
+    public var dateNanoseconds: UInt32 = 0
+    /// The guest clock when the snapshot was taken (0 for disk-only snapshots).
+    public var vmClockNanoseconds: UInt64 = 0
     public var vmStateSize: UInt64
+    /// Instructions counted (record/replay); nil when the entry does not store it.
+    public var icount: UInt64? = nil
+    /// The entry as stored (unknown extra data included), kept when the table is rewritten.
+    var stored: [UInt8] = []
 
     /// "YYYY-MM-DD hh:mm:ss" (UTC) of the snapshot.
     public var dateText: String {
@@ -25,12 +32,12 @@ public struct QCOW2Snapshot: Sendable {
 
 /// Reads and checks the snapshot table with QEMU's limits: at most 65536 snapshots, a table
 /// of at most 64 MiB, at most 1 KiB of extra data per entry, and every L1 like the active one.
-enum QCOW2Snapshots {
+public enum QCOW2Snapshots {
     static let maxSnapshots: UInt32 = 65536
     static let maxTableBytes: UInt64 = 64 << 20
     static let maxExtraData = 1024
 
-    static func read(from file: ImageFile, header h: QCOW2Header) throws -> [QCOW2Snapshot] {
+    public static func read(from file: ImageFile, header h: QCOW2Header) throws -> [QCOW2Snapshot] {
         try readTable(from: file, header: h).snapshots
     }
 
@@ -58,14 +65,36 @@ enum QCOW2Snapshots {
                 name: String(decoding: rest[(extraSize + idSize)...], as: UTF8.self),
                 l1Offset: be64(fixed, 0), l1Entries: be32(fixed, 8), diskSize: h.size, dateSeconds: be32(fixed, 16),
                 vmStateSize: UInt64(be32(fixed, 32)))
+            s.dateNanoseconds = be32(fixed, 20)
+            s.vmClockNanoseconds = be64(fixed, 24)
             if extraSize >= 8 { s.vmStateSize = be64(extra, 0) }
             if extraSize >= 16 { s.diskSize = be64(extra, 8) }
-            list.append(s)
+            if extraSize >= 24 { s.icount = be64(extra, 16) }
             let entryBytes = UInt64(40 + extraSize + idSize + nameSize)
+            s.stored = fixed + rest + [UInt8](repeating: 0, count: Int((entryBytes + 7) / 8 * 8 - entryBytes))
+            list.append(s)
             at += (entryBytes + 7) / 8 * 8
         }
         guard at - h.snapshotsOffset <= maxTableBytes else { throw bad("larger than QEMU's 64 MiB limit") }
         return (list, at - h.snapshotsOffset)
+    }
+
+    /// A new entry as QEMU writes it: 24 bytes of extra data (VM state size, disk size, icount),
+    /// then the ID and the name, padded to 8 bytes.
+    static func entry(l1Offset: UInt64, l1Entries: UInt32, id: String, name: String, dateSeconds: UInt32,
+                      dateNanoseconds: UInt32, diskSize: UInt64) -> [UInt8] {
+        let idBytes = Array(id.utf8), nameBytes = Array(name.utf8)
+        var e = [UInt8](repeating: 0, count: 40 + 24)
+        put64be(&e, 0, l1Offset)
+        put32be(&e, 8, l1Entries)
+        e[12] = UInt8(idBytes.count >> 8); e[13] = UInt8(idBytes.count & 0xFF)
+        e[14] = UInt8(nameBytes.count >> 8); e[15] = UInt8(nameBytes.count & 0xFF)
+        put32be(&e, 16, dateSeconds)
+        put32be(&e, 20, dateNanoseconds)
+        put32be(&e, 36, 24)
+        put64be(&e, 48, diskSize)
+        e += idBytes + nameBytes
+        return e + [UInt8](repeating: 0, count: (8 - e.count % 8) % 8)
     }
 
     /// The snapshot named `key`, by ID first and then by name, as qemu-img and qemu-nbd pick it.

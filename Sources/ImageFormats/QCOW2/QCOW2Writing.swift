@@ -59,7 +59,7 @@ extension QCOW2Driver {
         return (h, bitmaps)
     }
 
-    private var writer: QCOW2Refcounts {
+    var writer: QCOW2Refcounts {
         get throws {
             guard let refcounts else { throw BlockError.readOnly(file: file.path) }
             return refcounts
@@ -193,7 +193,7 @@ extension QCOW2Driver {
         try? refcounts?.release(n.offset, length: n.bytes)
     }
 
-    private func setL2(_ table: UInt64, _ guest: UInt64, entry: UInt64, bitmap: UInt64) throws {
+    func setL2(_ table: UInt64, _ guest: UInt64, entry: UInt64, bitmap: UInt64) throws {
         let perSlice = l2SliceBytes / 8
         let word = (guest / header.clusterSize) % header.l2Entries * (header.l2EntryBytes / 8)
         let slice = table + (word / perSlice) * l2SliceBytes
