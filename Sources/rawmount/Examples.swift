@@ -24,6 +24,7 @@ enum Examples {
         "resize": ["rawmount resize disk.qcow2 +10G", "rawmount resize --shrink disk.img 8G"],
         "snapshot": ["rawmount snapshot -l disk.qcow2", "rawmount snapshot -c before-upgrade disk.qcow2",
                      "rawmount snapshot -a before-upgrade disk.qcow2   # the disk as it was", "rawmount snapshot -d before-upgrade disk.qcow2"],
+        "measure": ["rawmount measure -O qcow2 disk.vmdk", "rawmount measure --output=json -O qcow2 -o cluster_size=2M --size 100G"],
         "verify": ["rawmount verify evidence.E01", "rawmount verify --json case/disk.s01"],
         "map": ["rawmount map disk.qcow2", "rawmount map --output=json disk.vhdx"],
         "convert": ["rawmount convert -O qcow2 disk.vmdk disk.qcow2", "rawmount convert -p -O vpc -o subformat=fixed disk.qcow2 disk.vhd"],

@@ -11,7 +11,7 @@ struct Rawmount: ParsableCommand {
         discussion: "Reads and writes raw, qcow2, QED, VDI, VMDK, VHD (vpc) and VHDX; reads qcow2 internal snapshots and Bochs images." + Examples.overview,
         version: "0.5.0",
         // mount.fuse3 (mount -t fuse.rawmount, fstab) runs `rawmount IMAGE DIR -o OPTS`.
-        subcommands: [MountCommand.self, UnmountCommand.self, ListCommand.self, InfoCommand.self, CreateCommand.self, CheckCommand.self, BitmapCommand.self, HashCommand.self, VerifyCommand.self, BackupCommand.self, CompareCommand.self, RebaseCommand.self, CommitCommand.self, ResizeCommand.self, SnapshotCommand.self, MapCommand.self, ConvertCommand.self, ServeCommand.self],
+        subcommands: [MountCommand.self, UnmountCommand.self, ListCommand.self, InfoCommand.self, CreateCommand.self, CheckCommand.self, BitmapCommand.self, HashCommand.self, VerifyCommand.self, BackupCommand.self, CompareCommand.self, RebaseCommand.self, CommitCommand.self, ResizeCommand.self, SnapshotCommand.self, MeasureCommand.self, MapCommand.self, ConvertCommand.self, ServeCommand.self],
         defaultSubcommand: MountCommand.self)
 
     /// Swift's arguments replace bytes that are not UTF-8, so such a file name would be opened

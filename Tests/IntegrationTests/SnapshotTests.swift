@@ -103,13 +103,17 @@ final class SnapshotTests: XCTestCase {
         XCTAssertTrue(try Harness.run([Harness.rawmount, "snapshot", "-l", "-U", img]).out.contains(" a "))
         try s.unmount()
         try check(img, "after the refused changes")
-        // Other formats: nothing to list; creating fails as qemu-img's does.
-        let vmdk = s.path("v.vmdk")
-        try Harness.run(["qemu-img", "create", "-q", "-f", "vmdk", vmdk, "8M"])
-        XCTAssertEqual(try Harness.run([Harness.rawmount, "snapshot", "-l", vmdk]).out, "")
-        let v = try Harness.run([Harness.rawmount, "snapshot", "-c", "x", vmdk], check: false)
-        XCTAssertEqual(v.status, 1)
-        XCTAssertTrue(v.err.contains("only qcow2"), v.err)
+        // Other formats: nothing to list; changing fails, as qemu-img's does.
+        for fmt in ["vmdk", "qed", "vdi"] {
+            let other = s.path("o.\(fmt)")
+            try Harness.run(["qemu-img", "create", "-q", "-f", fmt, other, "8M"])
+            XCTAssertEqual(try Harness.run([Harness.rawmount, "snapshot", "-l", other]).out, try Harness.run(["qemu-img", "snapshot", "-l", other]).out, fmt)
+            for action in [["-c", "x"], ["-a", "x"], ["-d", "x"]] {
+                let v = try Harness.run([Harness.rawmount, "snapshot"] + action + [other], check: false)
+                XCTAssertEqual(v.status, try Harness.run(["qemu-img", "snapshot"] + action + [other], check: false).status, "\(fmt) \(action)")
+                XCTAssertTrue(v.err.contains("only qcow2"), v.err)
+            }
+        }
         // A snapshot of another disk size: applying it brings its size back, as qemu-img does.
         let sized = s.path("sized.qcow2"), before = s.path("sized.raw")
         try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", sized, "1M"])
