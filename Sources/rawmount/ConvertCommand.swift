@@ -28,6 +28,9 @@ struct ConvertCommand: ParsableCommand {
     @Option(name: .customShort("F"), help: ArgumentHelp("Format of -B's backing file (probed when omitted).", valueName: "format"))
     var backingFormat: String?
 
+    @Flag(name: .customShort("c"), help: "qcow2: store clusters deflated (those that do not shrink are stored as they are), as qemu-img convert -c; reads of DESTINATION then inflate them.")
+    var compress = false
+
     @Flag(name: .customShort("n"), help: "Do not create DESTINATION: write into the existing image (its format from -O, its size at least SOURCE's); ranges that read as zeros are made zero there, as qemu-img convert -n does.")
     var noCreate = false
 
@@ -69,6 +72,10 @@ struct ConvertCommand: ParsableCommand {
             guard sparse % 512 == 0, sparse <= UInt64(ImageCopy.piece) else {
                 throw BlockError.usage("-S \(sparseSize ?? ""): a multiple of 512 up to 4M (0: write every byte)")
             }
+            if compress {
+                guard out == "qcow2" else { throw BlockError.usage("-c: rawmount writes compressed clusters into qcow2 (-O qcow2)") }
+                guard !noCreate, backing == nil else { throw BlockError.usage("-c writes into a new image without a backing file: no -n or -B") }
+            }
             if noCreate {
                 guard backing == nil, creationOptions.isEmpty else { throw BlockError.usage("-n writes into an existing image: no -B or -o") }
             } else {
@@ -99,8 +106,9 @@ struct ConvertCommand: ParsableCommand {
             do {
                 // With a backing file (-B, -o backing_file=), only what differs from it.
                 // -n: the existing image may hold anything, so zeros are written as zeros.
+                if compress && dst.backing != nil { throw BlockError.usage("-c writes into a new image without a backing file: no -o backing_file") }
                 copied = try ImageCopy(source: src, destination: dst, zeroing: noCreate, against: noCreate ? nil : dst.backing,
-                                       sparseBlock: Int(sparse)).run { at, _ in bar.show(at) }
+                                       sparseBlock: Int(sparse), compressInto: compress ? dst.driver as? QCOW2Driver : nil).run { at, _ in bar.show(at) }
                 try dst.flush()
                 try dst.close()
             } catch {

@@ -1,4 +1,5 @@
 import BlockEngine
+import ImageFormats
 import Dispatch
 #if canImport(Glibc)
 import Glibc
@@ -22,6 +23,9 @@ struct ImageCopy {
     /// Blocks of this size that read as zeros are skipped (or zeroed); 0: nothing in a data
     /// run is skipped (convert -S 0).
     var sparseBlock = Self.block
+    /// convert -c: whole clusters that are not all zeros are stored deflated in this qcow2
+    /// destination (each that does not shrink is written as it is).
+    var compressInto: QCOW2Driver? = nil
     static let piece = 4 << 20, block = 4096
 
     struct Totals { var read: UInt64 = 0, written: UInt64 = 0, zeroed: UInt64 = 0 }
@@ -57,7 +61,8 @@ struct ImageCopy {
     /// `progress` gets the disk offset reached and the bytes read so far.
     func run(progress: (_ offset: UInt64, _ read: UInt64) -> Void) throws -> Totals {
         var totals = Totals()
-        let (runs, zeros) = try plan()
+        var (runs, zeros) = try plan()
+        if let q = compressInto { runs = Self.clusterAligned(runs, cluster: q.header.clusterSize, size: source.virtualSize) }
         if zeroing {
             for z in zeros {
                 try destination.zero(at: z.offset, length: z.length, deallocate: false)
@@ -94,7 +99,7 @@ struct ImageCopy {
                 if let against, let old { try against.read(into: UnsafeMutableRawBufferPointer(rebasing: old[0..<run.length]), at: run.offset) }
                 // Stretches of blocks that need the same thing, each done in one call.
                 var b = 0
-                let unit = sparseBlock > 0 ? sparseBlock : Self.block
+                let unit = compressInto.map { Int($0.header.clusterSize) } ?? (sparseBlock > 0 ? sparseBlock : Self.block)
                 while b < run.length {
                     let kind = need(buf, b, min(unit, run.length - b), old: old)
                     var e = b + unit
@@ -106,7 +111,11 @@ struct ImageCopy {
                         try destination.zero(at: at, length: UInt64(end - b), deallocate: false)
                         totals.zeroed += UInt64(end - b)
                     case .write:
-                        try destination.write(UnsafeRawBufferPointer(rebasing: buf[b..<end]), at: at)
+                        if let q = compressInto {
+                            try storeCompressed(q, UnsafeRawBufferPointer(rebasing: buf[b..<end]), at: at)
+                        } else {
+                            try destination.write(UnsafeRawBufferPointer(rebasing: buf[b..<end]), at: at)
+                        }
                         totals.written += UInt64(end - b)
                     }
                     b = end
@@ -117,6 +126,54 @@ struct ImageCopy {
             progress(run.offset + UInt64(run.length), totals.read)
         }
         return totals
+    }
+
+    /// Runs widened to whole clusters (the disk's end closing the last), merged, and cut into
+    /// pieces again: compression takes whole clusters.
+    static func clusterAligned(_ runs: [(offset: UInt64, length: Int)], cluster: UInt64, size: UInt64) -> [(offset: UInt64, length: Int)] {
+        var merged: [(start: UInt64, end: UInt64)] = []
+        for r in runs {
+            let start = r.offset / cluster * cluster, end = min(size, (r.offset + UInt64(r.length) + cluster - 1) / cluster * cluster)
+            if let last = merged.last, start <= last.end { merged[merged.count - 1].end = max(last.end, end) } else { merged.append((start, end)) }
+        }
+        let step = max(UInt64(piece) / cluster, 1) * cluster
+        var out: [(offset: UInt64, length: Int)] = []
+        for m in merged {
+            var o = m.start
+            while o < m.end { let k = min(step, m.end - o); out.append((o, Int(k))); o += k }
+        }
+        return out
+    }
+
+    /// Deflates the clusters of `bytes` (from the cluster at `at`) on every core, then stores
+    /// them in order; one that does not shrink is written as it is.
+    private func storeCompressed(_ q: QCOW2Driver, _ bytes: UnsafeRawBufferPointer, at: UInt64) throws {
+        let cs = Int(q.header.clusterSize)
+        let count = (bytes.count + cs - 1) / cs
+        let workers = min(count, max(1, sysconf(Int32(_SC_NPROCESSORS_ONLN))))
+        // Each worker deflates every workers-th cluster with its own compressor.
+        let parts = onAllCores(workers) { w -> [[UInt8]?] in
+            let compressor = DeflateCompressor()
+            return stride(from: w, to: count, by: workers).map { i in
+                let piece = UnsafeRawBufferPointer(rebasing: bytes[i * cs ..< min(bytes.count, (i + 1) * cs)])
+                if piece.count == cs { return compressor.compress(piece, limit: cs - 1) }
+                // The disk's last cluster, zero-padded as QEMU pads it.
+                let padded = [UInt8](piece) + [UInt8](repeating: 0, count: cs - piece.count)
+                return padded.withUnsafeBytes { compressor.compress($0, limit: cs - 1) }
+            }
+        }
+        var streams = [[UInt8]?](repeating: nil, count: count)
+        for (w, part) in parts.enumerated() {
+            for (k, stream) in try part.get().enumerated() { streams[w + k * workers] = stream }
+        }
+        for i in 0..<count {
+            let offset = at + UInt64(i * cs)
+            if let stream = streams[i] {
+                try q.storeCompressed(stream, at: offset)
+            } else {
+                try destination.write(UnsafeRawBufferPointer(rebasing: bytes[i * cs ..< min(bytes.count, (i + 1) * cs)]), at: offset)
+            }
+        }
     }
 
     /// What one block of the source needs in the destination.

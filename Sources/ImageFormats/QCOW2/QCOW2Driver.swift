@@ -41,6 +41,9 @@ public final class QCOW2Driver: ImageAllocating {
     let aliasedL2: [UInt64: String]
     /// Writable images: built when a compressed entry is first released (`checkRelease`).
     let compressedOwners = Mutex<QCOW2CompressedOwners?>(nil)
+    /// Compressed output (`convert -c`): the next free byte of the cluster compressed data is
+    /// being packed into (0: none yet), as QEMU packs it.
+    let compressedTail = Mutex<UInt64>(0)
     static let offsetMask: UInt64 = 0x00FF_FFFF_FFFF_FE00
     static let copiedFlag: UInt64 = 1 << 63
     static let compressedFlag: UInt64 = 1 << 62

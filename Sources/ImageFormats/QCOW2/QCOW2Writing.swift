@@ -204,7 +204,7 @@ extension QCOW2Driver {
     /// The L2 table for guest `offset`, ready to change: a missing one is created zeroed, a
     /// shared one (L1 COPIED clear) is copied; either is written to its new cluster at once,
     /// and the L1 entry changes in memory, reaching the disk after the table (`flush`).
-    private func writableL2(for offset: UInt64) throws -> UInt64 {
+    func writableL2(for offset: UInt64) throws -> UInt64 {
         let refcounts = try writer
         let index = offset / header.l1Coverage
         let e = try l1.entry(index)
