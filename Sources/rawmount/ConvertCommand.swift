@@ -72,8 +72,9 @@ struct ConvertCommand: ParsableCommand {
             guard sparse % 512 == 0, sparse <= UInt64(ImageCopy.piece) else {
                 throw BlockError.usage("-S \(sparseSize ?? ""): a multiple of 512 up to 4M (0: write every byte)")
             }
+            var streamOptimized = false
             if compress {
-                guard out == "qcow2" else { throw BlockError.usage("-c: rawmount writes compressed clusters into qcow2 (-O qcow2)") }
+                guard out == "qcow2" || out == "vmdk" else { throw BlockError.usage("-c: rawmount writes compressed clusters into qcow2 (and streamOptimized VMDK)") }
                 guard !noCreate, backing == nil else { throw BlockError.usage("-c writes into a new image without a backing file: no -n or -B") }
             }
             if noCreate {
@@ -82,16 +83,22 @@ struct ConvertCommand: ParsableCommand {
                 let backingArgs = (backing.map { ["-b", $0] } ?? []) + (backingFormat.map { ["-F", $0] } ?? [])
                 var create = try CreateCommand.parse(["-f", out, "-q"] + creationOptions.flatMap { ["-o", $0] } + backingArgs + [destination, String(src.virtualSize)])
                 try create.applyCreationOptions()
-                // A streamOptimized VMDK is written once, in order, compressed: not through the
-                // engine, which writes in place. Refused before anything is created.
-                if out == "vmdk" && create.subformat == "streamOptimized" {
-                    throw BlockError.unsupported(file: destination, feature: "writing a streamOptimized VMDK (convert to monolithicSparse, or use qemu-img convert -o subformat=streamOptimized)")
+                // A streamOptimized VMDK is written once, in order, every grain compressed: not
+                // through the engine, which writes in place.
+                streamOptimized = out == "vmdk" && create.subformat == "streamOptimized"
+                if compress && out == "vmdk" && !streamOptimized {
+                    throw BlockError.usage("-c -O vmdk: compressed grains need -o subformat=streamOptimized")
                 }
+                if streamOptimized && backing != nil { throw BlockError.usage("a streamOptimized VMDK has no backing file") }
                 try replaceDestination(sourceChain: src)
                 try create.createImage()
             }
             ImageFile.syncDisabled.store(cache == "unsafe", ordering: .relaxed)
-            let dst = try ImageOpener.open(path: destination, options: .init(writable: true, format: ImageFormat(rawValue: out), lock: true))
+            // A stream is appended to by its writer (which holds the lock); the image opened
+            // read-only only stands in as the copy's destination, which it never writes.
+            let stream = streamOptimized ? try VMDKStreamWriter(path: destination) : nil
+            if let stream { try ImageLock.acquire(stream.file, writable: true) }
+            let dst = try ImageOpener.open(path: destination, options: .init(writable: stream == nil, format: ImageFormat(rawValue: out), lock: stream == nil))
             if noCreate && dst.virtualSize < src.virtualSize {
                 try? dst.close()
                 throw BlockError.usage("\(destination): \(dst.virtualSize) bytes, smaller than the \(src.virtualSize)-byte source")
@@ -107,8 +114,10 @@ struct ConvertCommand: ParsableCommand {
                 // With a backing file (-B, -o backing_file=), only what differs from it.
                 // -n: the existing image may hold anything, so zeros are written as zeros.
                 if compress && dst.backing != nil { throw BlockError.usage("-c writes into a new image without a backing file: no -o backing_file") }
+                let sink: (any CompressedClusterSink)? = stream ?? (compress ? dst.driver as? QCOW2Driver : nil)
                 copied = try ImageCopy(source: src, destination: dst, zeroing: noCreate, against: noCreate ? nil : dst.backing,
-                                       sparseBlock: Int(sparse), compressInto: compress ? dst.driver as? QCOW2Driver : nil).run { at, _ in bar.show(at) }
+                                       sparseBlock: Int(sparse), compressInto: sink).run { at, _ in bar.show(at) }
+                try stream?.finish()
                 try dst.flush()
                 try dst.close()
             } catch {

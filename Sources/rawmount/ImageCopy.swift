@@ -25,7 +25,7 @@ struct ImageCopy {
     var sparseBlock = Self.block
     /// convert -c: whole clusters that are not all zeros are stored deflated in this qcow2
     /// destination (each that does not shrink is written as it is).
-    var compressInto: QCOW2Driver? = nil
+    var compressInto: (any CompressedClusterSink)? = nil
     static let piece = 4 << 20, block = 4096
 
     struct Totals { var read: UInt64 = 0, written: UInt64 = 0, zeroed: UInt64 = 0 }
@@ -62,7 +62,7 @@ struct ImageCopy {
     func run(progress: (_ offset: UInt64, _ read: UInt64) -> Void) throws -> Totals {
         var totals = Totals()
         var (runs, zeros) = try plan()
-        if let q = compressInto { runs = Self.clusterAligned(runs, cluster: q.header.clusterSize, size: source.virtualSize) }
+        if let q = compressInto { runs = Self.clusterAligned(runs, cluster: q.unitBytes, size: source.virtualSize) }
         if zeroing {
             for z in zeros {
                 try destination.zero(at: z.offset, length: z.length, deallocate: false)
@@ -99,7 +99,7 @@ struct ImageCopy {
                 if let against, let old { try against.read(into: UnsafeMutableRawBufferPointer(rebasing: old[0..<run.length]), at: run.offset) }
                 // Stretches of blocks that need the same thing, each done in one call.
                 var b = 0
-                let unit = compressInto.map { Int($0.header.clusterSize) } ?? (sparseBlock > 0 ? sparseBlock : Self.block)
+                let unit = compressInto.map { Int($0.unitBytes) } ?? (sparseBlock > 0 ? sparseBlock : Self.block)
                 while b < run.length {
                     let kind = need(buf, b, min(unit, run.length - b), old: old)
                     var e = b + unit
@@ -147,8 +147,8 @@ struct ImageCopy {
 
     /// Deflates the clusters of `bytes` (from the cluster at `at`) on every core, then stores
     /// them in order; one that does not shrink is written as it is.
-    private func storeCompressed(_ q: QCOW2Driver, _ bytes: UnsafeRawBufferPointer, at: UInt64) throws {
-        let cs = Int(q.header.clusterSize)
+    private func storeCompressed(_ q: any CompressedClusterSink, _ bytes: UnsafeRawBufferPointer, at: UInt64) throws {
+        let cs = Int(q.unitBytes)
         let count = (bytes.count + cs - 1) / cs
         let workers = min(count, max(1, sysconf(Int32(_SC_NPROCESSORS_ONLN))))
         // Each worker deflates every workers-th cluster with its own compressor.
@@ -156,10 +156,10 @@ struct ImageCopy {
             let compressor = DeflateCompressor()
             return stride(from: w, to: count, by: workers).map { i in
                 let piece = UnsafeRawBufferPointer(rebasing: bytes[i * cs ..< min(bytes.count, (i + 1) * cs)])
-                if piece.count == cs { return compressor.compress(piece, limit: cs - 1) }
+                if piece.count == cs { return q.compress(piece, with: compressor) }
                 // The disk's last cluster, zero-padded as QEMU pads it.
                 let padded = [UInt8](piece) + [UInt8](repeating: 0, count: cs - piece.count)
-                return padded.withUnsafeBytes { compressor.compress($0, limit: cs - 1) }
+                return padded.withUnsafeBytes { q.compress($0, with: compressor) }
             }
         }
         var streams = [[UInt8]?](repeating: nil, count: count)

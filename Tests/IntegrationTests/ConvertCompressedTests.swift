@@ -52,4 +52,29 @@ final class ConvertCompressedTests: XCTestCase {
         XCTAssertNotEqual(try Harness.run([Harness.rawmount, "convert", "-c", "-O", "vdi", q, s.path("x.vdi")], check: false).status, 0)
         XCTAssertNotEqual(try Harness.run([Harness.rawmount, "convert", "-c", "-O", "qcow2", "-B", q, q, s.path("x.qcow2")], check: false).status, 0)
     }
+
+    /// `convert -O vmdk -o subformat=streamOptimized`: every grain compressed behind its
+    /// marker, as qemu-img writes it; qemu-img check clean and compare equal, rawmount reads
+    /// it back, no larger than qemu-img's stream.
+    func testStreamOptimizedOutputReadsAsTheSource() throws {
+        let s = try Scratch()
+        let random = s.path("random")
+        try Data((0..<(1 << 20)).map { _ in UInt8.random(in: 0...255) }).write(to: URL(fileURLWithPath: random))
+        for (fmt, size) in [("qcow2", UInt64(64 << 20)), ("vdi", UInt64(9 << 20) + 512)] {
+            let src = s.path("src.\(fmt)"), ours = s.path("ours.vmdk"), theirs = s.path("theirs.vmdk")
+            try Harness.run(["qemu-img", "create", "-q", "-f", fmt, src, "\(size)"])
+            try Harness.run(["qemu-io", "-f", fmt, "-c", "write -P 0x41 0 1M", "-c", "write -s \(random) 3M 1M", "-c", "write -P 3 \(size - 512) 512", src])
+            try Harness.run([Harness.rawmount, "convert", "-O", "vmdk", "-o", "subformat=streamOptimized", src, ours])
+            try Harness.run(["qemu-img", "convert", "-O", "vmdk", "-o", "subformat=streamOptimized", src, theirs])
+            XCTAssertEqual(try Harness.run(["qemu-img", "check", "-q", ours], check: false).status, 0, fmt)
+            XCTAssertEqual(try Harness.run(["qemu-img", "compare", "-F", fmt, ours, src], check: false).status, 0, fmt)
+            XCTAssertTrue(try Harness.run(["qemu-img", "info", ours]).out.contains("create type: streamOptimized"))
+            let sourceRaw = s.path("src.raw")
+            try Harness.run(["qemu-img", "convert", "-O", "raw", src, sourceRaw])
+            let digest = try Harness.run([Harness.rawmount, "hash", "--algorithm", "sha256", ours]).out
+            XCTAssertTrue(digest.contains(try Files.sha(sourceRaw)), "\(fmt): \(digest)")
+            XCTAssertLessThanOrEqual(try Files.size(ours), try Files.size(theirs) + (try Files.size(theirs)) / 10, fmt)
+            for p in [src, ours, theirs, sourceRaw] { try? FileManager.default.removeItem(atPath: p) }
+        }
+    }
 }

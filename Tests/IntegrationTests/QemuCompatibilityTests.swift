@@ -283,8 +283,8 @@ final class QemuCompatibilityTests: XCTestCase {
         XCTAssertNotEqual(onto.status, 0)
         XCTAssertTrue(onto.err.contains("backing file of the source"), onto.err)
         try Harness.run(["qemu-img", "check", out])
-        // A format rawmount cannot write is refused before anything is created.
-        let stream = try Harness.run([Harness.rawmount, "convert", "-O", "vmdk", "-o", "subformat=streamOptimized", top, s.path("s.vmdk")], check: false)
+        // What rawmount cannot write is refused before anything is created.
+        let stream = try Harness.run([Harness.rawmount, "convert", "-O", "vmdk", "-o", "subformat=streamOptimized", "-B", "base.qcow2", top, s.path("s.vmdk")], check: false)
         XCTAssertNotEqual(stream.status, 0)
         XCTAssertTrue(stream.err.contains("streamOptimized"), stream.err)
         XCTAssertFalse(FileManager.default.fileExists(atPath: s.path("s.vmdk")))

@@ -5,7 +5,14 @@ import BlockEngine
 /// that one is the next in the file, else starting a fresh cluster; every host cluster a
 /// stream touches counts it once. Data first, then refcounts, then the L2 entry (the L2
 /// cache's barrier orders them).
-extension QCOW2Driver {
+extension QCOW2Driver: CompressedClusterSink {
+    public var unitBytes: UInt64 { header.clusterSize }
+
+    /// Raw deflate, kept only when shorter than a cluster (QEMU's rule).
+    public func compress(_ unit: UnsafeRawBufferPointer, with compressor: DeflateCompressor) -> [UInt8]? {
+        compressor.compress(unit, limit: Int(header.clusterSize) - 1)
+    }
+
     /// Stores `stream` (the raw deflate of a whole cluster, the disk's last one zero-padded)
     /// as the guest cluster at `guestOffset`, which must be unallocated. Callers write one
     /// cluster at a time (convert's single writer).
