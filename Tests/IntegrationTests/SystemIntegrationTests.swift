@@ -127,15 +127,28 @@ final class SystemIntegrationTests: XCTestCase {
             \(bin) mount \(img) \(s.mnt) >/dev/null && cmp -n 65536 -i 1048576:0 \(s.mnt)/disk.raw <(head -c 65536 /dev/zero | tr '\\000' Z) && echo "mount ok"
             \(bin) unmount \(s.mnt)
             nbdkit --dump-plugin \(unpacked)/usr/lib/rawmount/librawmount-nbdkit.so >/dev/null && echo "plugin ok"
-            # As installed: mount(8) finds the helper through the default PATH, from fstab.
-            mount --bind \(unpacked)/usr/bin /usr/local/bin || exit 91
+            # Installed for real, with dpkg, into overlays of /usr, /var and /etc that vanish with
+            # this namespace: then mount(8) finds the helper on the default PATH, from fstab.
+            mkdir -p \(s.dir)/ov && mount -t tmpfs none \(s.dir)/ov || exit 94
+            for d in usr var etc; do
+              mkdir -p \(s.dir)/ov/$d/up \(s.dir)/ov/$d/work
+              mount -t overlay overlay -o lowerdir=/$d,upperdir=\(s.dir)/ov/$d/up,workdir=\(s.dir)/ov/$d/work /$d || exit 92
+            done
+            mount -t tmpfs none /\(swiftLib) || exit 93
+            dpkg -i \(deb) >/dev/null && dpkg -s rawmount | grep -q 'Status: install ok installed' && echo "dpkg ok"
+            [ "$(command -v rawmount)" = /usr/bin/rawmount ] && echo "on PATH"
             echo "\(img) \(s.mnt) fuse.rawmount ro,nofail 0 0" > \(s.path("fstab"))
             mount -T \(s.path("fstab")) \(s.mnt) && cmp -n 65536 -i 1048576:0 \(s.mnt)/disk.raw <(head -c 65536 /dev/zero | tr '\\000' Z) && echo "fstab ok"
+            rawmount list | grep -q disk.qcow2 && echo "list ok"
             rawmount unmount \(s.mnt)
+            # Bash completion loads as bash-completion loads it on a stock system (on demand).
+            bash -c 'source /usr/share/bash-completion/bash_completion; _completion_loader rawmount; complete -p rawmount' | grep -q rawmount && echo "completion ok"
+            ls /usr/share/man/man1/rawmount.1* >/dev/null && echo "man ok"
+            dpkg -r rawmount >/dev/null && [ ! -e /usr/bin/rawmount ] && echo "removed ok"
             """
         let r = try Harness.run(["unshare", "--mount", "--propagation", "private", "bash", "-c", script], check: false)
         XCTAssertTrue(r.out.contains("toolchain binary needs the toolchain"), "hiding the toolchain did not work: \(r.out) \(r.err)")
-        for line in ["info ok", "mount ok", "plugin ok", "fstab ok"] { XCTAssertTrue(r.out.contains(line), "\(line): \(r.out) \(r.err)") }
+        for line in ["info ok", "mount ok", "plugin ok", "dpkg ok", "on PATH", "fstab ok", "list ok", "completion ok", "man ok", "removed ok"] { XCTAssertTrue(r.out.contains(line), "\(line): \(r.out) \(r.err)") }
     }
 
     /// rawmount's own options through `-o` (what mount(8) can pass), mount(8)'s options
