@@ -13,8 +13,8 @@ struct ResizeCommand: ParsableCommand {
         commandName: "resize",
         abstract: "Change a raw, qcow2 or QED image's virtual size, as qemu-img resize does (shrinking: raw and qcow2, with --shrink).",
         discussion: "The image is locked for writing (a mounted or running image is refused). A qcow2's L1 table moves when the new "
-            + "size needs more of it; internal snapshots keep their own size (applying one brings it back). qcow2 images with "
-            + "persistent dirty bitmaps are refused for now (qemu-img resizes the bitmaps). Other formats: qemu-img does not resize them either."
+            + "size needs more of it; internal snapshots keep their own size (applying one brings it back); persistent dirty bitmaps "
+            + "are resized with the disk (new space clean), as qemu-img resizes them. Other formats: qemu-img does not resize them either."
             + Examples.section("resize"))
 
     @Option(name: [.customShort("f")], help: "Format (probed when omitted).") var format: String?
@@ -75,10 +75,6 @@ struct ResizeCommand: ParsableCommand {
     private func resizeQCOW2(_ file: ImageFile, to new: UInt64) throws {
         let h = try QCOW2Header.read(from: file)
         guard new % 512 == 0 else { throw BlockError.usage("\(image): qcow2 sizes are whole 512-byte sectors; \(new) is not") }
-        guard !h.hasBitmaps else {
-            throw BlockError.unsupported(file: image, feature: "resizing an image with persistent dirty bitmaps (qemu-img resize resizes them; "
-                + "rawmount does not yet: `rawmount bitmap remove` them, or use qemu-img)")
-        }
         try VirtualSize.checked(new, file: image, field: "size")
         let needed = (new + h.l1Coverage - 1) / h.l1Coverage
         guard needed <= QCOW2Header.maxL1Entries else {
@@ -86,7 +82,7 @@ struct ResizeCommand: ParsableCommand {
         }
         let cs = UInt64(h.clusterSize)
         let room = (UInt64(h.l1Entries) * 8 + cs - 1) / cs * cs / 8  // entries the L1 clusters hold
-        if new > h.size && needed <= room {
+        if new > h.size && needed <= room && !h.hasBitmaps {
             if needed > UInt64(h.l1Entries) {
                 // The new entries must be empty (they were never used: past the old count).
                 let extra = try file.readBytes(count: Int(needed - UInt64(h.l1Entries)) * 8, at: h.l1Offset + UInt64(h.l1Entries) * 8, what: "L1 table")
@@ -101,6 +97,9 @@ struct ResizeCommand: ParsableCommand {
         }
         let driver = try QCOW2Driver(file: file, onNote: { printError("rawmount: \(image): ".escapingControls + $0) })
         do {
+            if let e = driver.bitmaps?.entries.first(where: { !$0.consistent }) {
+                throw BlockError.usage("\(image): bitmap '\(e.bitmap.name)' is inconsistent and cannot be resized; remove it first (rawmount bitmap remove)")
+            }
             var at = new.alignedUp(cs)
             while at < h.size {
                 let done = try driver.unallocate(at, length: h.size - at)
@@ -110,6 +109,7 @@ struct ResizeCommand: ParsableCommand {
             try driver.flush()
             try driver.release(driver.takeUnlinked())
             if needed > UInt64(h.l1Entries) { try driver.growL1(to: needed) }
+            try driver.bitmaps?.resize(to: new)  // stored at close, for the new size
             try driver.flush()
             try QCOW2Header.writeField(file, at: 24, new, bytes: 8)
             try file.sync()

@@ -55,6 +55,27 @@ final class ResizeTests: XCTestCase {
         try Harness.run([Harness.rawmount, "resize", "-q", small, "2M"])
         try Harness.run(["qemu-img", "resize", "-q", peer, "2M"])
         XCTAssertEqual(try Harness.run(["qemu-img", "compare", small, peer], check: false).status, 0, "grown again: zeros past the old end")
+        // Persistent dirty bitmaps are resized with the disk, their bits kept, as qemu-img
+        // resizes them: the same dirty extents after growing and after shrinking.
+        let withBitmaps = [s.path("bm-ours.qcow2"), s.path("bm-theirs.qcow2")]
+        for p in withBitmaps {
+            try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", p, "16M"])
+            try Harness.run(["qemu-img", "bitmap", "--add", p, "b1"])
+            try Harness.run(["qemu-img", "bitmap", "--add", "-g", "1M", p, "b2"])
+            try Harness.run(["qemu-io", "-c", "write -P 1 1M 3M", "-c", "write 15M 1M", p])
+        }
+        for change in ["1G", "8M"] {
+            try Harness.run([Harness.rawmount, "resize", "-q", "--shrink", withBitmaps[0], change])
+            try Harness.run(["qemu-img", "resize", "-q", "--shrink", withBitmaps[1], change])
+            XCTAssertEqual(try Harness.run(["qemu-img", "check", "-q", withBitmaps[0]], check: false).status, 0, "bitmaps, \(change)")
+            for b in ["b1", "b2"] {
+                XCTAssertEqual(try Harness.run([Harness.rawmount, "bitmap", "dump", withBitmaps[0], b]).out,
+                               try Harness.run([Harness.rawmount, "bitmap", "dump", withBitmaps[1], b]).out, "\(b) after resizing to \(change)")
+            }
+            try Harness.run(["qemu-io", "-c", "write 7M 64k", withBitmaps[0]])  // QEMU loads and keeps them
+            XCTAssertEqual(try Harness.run(["qemu-img", "check", "-q", withBitmaps[0]], check: false).status, 0, "bitmaps, \(change), after QEMU wrote")
+            try Harness.run(["qemu-io", "-c", "write 7M 64k", withBitmaps[1]])
+        }
         // QED does not shrink (qemu-img refuses too).
         let qed = s.path("s.qed")
         try Harness.run(["qemu-img", "create", "-q", "-f", "qed", qed, "16M"])

@@ -24,6 +24,8 @@ public final class QCOW2BitmapSet: Sendable {
         var hadBitmaps: Bool
         /// Where the directory on disk lies (freed once a new one is stored).
         var directory: (offset: UInt64, size: UInt64)?
+        /// The disk size the bitmaps cover: the image's, until `resize`.
+        var diskSize: UInt64
     }
 
     let state: Mutex<State>
@@ -35,7 +37,8 @@ public final class QCOW2BitmapSet: Sendable {
 
     init(entries: [Entry], header: QCOW2Header, path: String) {
         state = Mutex(State(entries: entries, hadBitmaps: !entries.isEmpty,
-                            directory: header.hasBitmaps ? (header.bitmapDirectoryOffset, header.bitmapDirectorySize) : nil))
+                            directory: header.hasBitmaps ? (header.bitmapDirectoryOffset, header.bitmapDirectorySize) : nil,
+                            diskSize: header.size))
         self.header = header
         self.path = path
         recording.store(Self.recorders(entries), ordering: .releasing)
@@ -88,7 +91,25 @@ public final class QCOW2BitmapSet: Sendable {
             }
             let b = QCOW2Bitmap(name: name, nameBytes: Array(name.utf8), granularity: granularity, flags: enabled ? QCOW2Bitmaps.flagAuto : 0,
                                 tableOffset: 0, tableEntries: 0, entryOffset: 0)
-            s.entries.append(Entry(bitmap: b, bits: DirtyBitmap(granularity: granularity, diskSize: header.size), clusters: []))
+            s.entries.append(Entry(bitmap: b, bits: DirtyBitmap(granularity: granularity, diskSize: s.diskSize), clusters: []))
+        }
+    }
+
+    /// The disk is becoming `size` bytes: every bitmap covers that from now on, its bits kept
+    /// up to the new end (new space starts clean), as QEMU resizes them. An inconsistent
+    /// bitmap cannot be resized (nor, then, the image).
+    public func resize(to size: UInt64) throws {
+        try changing { s in
+            if let e = s.entries.first(where: { !$0.consistent }) {
+                throw bad("bitmap '\(e.bitmap.name)' is inconsistent and cannot be resized; remove it first (rawmount bitmap remove)")
+            }
+            for i in s.entries.indices {
+                guard let old = s.entries[i].bits else { continue }
+                let new = DirtyBitmap(granularity: old.granularity, diskSize: size)
+                old.forEachDirtyExtent { o, l in if o < size { new.mark(o, length: min(l, size - o)) } }
+                s.entries[i].bits = new
+            }
+            s.diskSize = size
         }
     }
 

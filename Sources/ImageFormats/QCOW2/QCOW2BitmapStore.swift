@@ -83,7 +83,7 @@ extension QCOW2Driver {
                 stored.append(e.bitmap); storedClusters.append(e.clusters)
                 continue
             }
-            let count = QCOW2Bitmaps.tableEntries(diskSize: header.size, granularity: bits.granularity, clusterSize: cs)
+            let count = QCOW2Bitmaps.tableEntries(diskSize: bits.diskSize, granularity: bits.granularity, clusterSize: cs)
             var table = [UInt8](repeating: 0, count: Int(count * 8))
             var clusters: [HostRange] = []
             for i in 0 ..< count {

@@ -63,9 +63,9 @@ extension QCOW2Driver {
             guard s.diskSize % 512 == 0 else {
                 throw BlockError.invalid(file: file.path, field: "snapshot '\(s.name)' disk size", detail: "\(s.diskSize) is not a multiple of 512")
             }
-            guard !header.hasBitmaps else {
-                throw BlockError.unsupported(file: file.path, feature: "reverting to a snapshot of another disk size (\(s.diskSize) bytes) "
-                    + "while the image has persistent dirty bitmaps (they cover \(header.size) bytes); remove them first")
+            if let e = bitmaps?.entries.first(where: { !$0.consistent }) {
+                throw BlockError.unsupported(file: file.path, feature: "reverting to a snapshot of another disk size while bitmap '\(e.bitmap.name)' "
+                    + "is inconsistent (it cannot be resized; remove it first)")
             }
         }
         try flush()
@@ -82,6 +82,7 @@ extension QCOW2Driver {
         for (i, e) in wanted.enumerated() where old[i] != e & ~Self.copiedFlag { l1.set(UInt64(i), e & ~Self.copiedFlag) }
         try flush()
         if s.diskSize != header.size {
+            try bitmaps?.resize(to: s.diskSize)  // stored at close, for the snapshot's size
             try QCOW2Header.writeField(file, at: 24, s.diskSize, bytes: 8)
             try file.sync()
         }
