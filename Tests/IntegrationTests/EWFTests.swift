@@ -327,6 +327,39 @@ final class EWFTests: XCTestCase {
         }
     }
 
+    /// Small reads in every order through a mount (O_DIRECT): each chunk's first read checks it whole,
+    /// later ones read (stored) or inflate (compressed) only as far as they need; every 4 KiB
+    /// block, visited in random order, equals the source, for stored and compressed chunks.
+    func testSmallReadsInAnyOrderReadTheSource() throws {
+        let s = try Scratch()
+        // Larger than the mount's 16 MiB chunk cache, so later reads miss it.
+        let (src, bytes) = try source(s, bytes: 40 << 20)
+        for (name, options) in [("best", ["-c", "best", "-b", "64"]), ("none", ["-c", "none", "-b", "16"])] {
+            let first = try acquire(src, to: s.path("r-\(name)"), ["-f", "encase6"] + options)
+            try s.mount(first, options: ["-r"])
+            let raw = try XCTUnwrap(try FileManager.default.contentsOfDirectory(atPath: s.mnt).first { $0.hasSuffix(".raw") })
+            // O_DIRECT, so each read reaches the server as it is (no page cache, no readahead).
+            let script = """
+                import mmap, os, random, sys
+                src = open(sys.argv[1], 'rb').read()
+                fd = os.open(sys.argv[2], os.O_RDONLY | os.O_DIRECT)
+                buf = mmap.mmap(-1, 4096)
+                order = list(range(len(src) // 4096)); random.Random(11).shuffle(order)
+                wrong = 0
+                for extra, size in ((0, 4096), (1024, 2048)):
+                    for b in order:
+                        at = b * 4096 + extra
+                        n = os.preadv(fd, [memoryview(buf)[:size]], at)
+                        wrong += bytes(buf[:n]) != src[at:at + size]
+                print(wrong)
+                """
+            let out = try Harness.run(["python3", "-c", script, src, s.mnt + "/" + raw]).out
+            let wrong = Int(out.trimmingCharacters(in: .whitespacesAndNewlines)) ?? -1
+            XCTAssertEqual(wrong, 0, name)
+            try s.unmount()
+        }
+    }
+
     /// The rest of rawmount works on evidence unchanged: partitions as files, the overlay
     /// for writes (the evidence untouched), convert to qcow2 (qemu-img compare equal).
     func testPartitionsOverlayAndConvert() throws {

@@ -18,8 +18,9 @@ public final class EWFDriver: MultiFileMapping, ImageDriver {
     let entries: TableCache
     let inflated: InflatedClusters
     let chunkBytes: UInt64
-    /// Stored chunks whose Adler-32 this mount has checked (by chunk number): a later read of
-    /// part of one reads only those bytes instead of the whole chunk again. Not kept when
+    /// Chunks whose Adler-32 this mount has checked (by chunk number; a compressed chunk's is
+    /// its zlib stream's, checked when it is inflated whole): a later read of part of one
+    /// reads only those bytes (stored) or inflates only that far (compressed). Not kept when
     /// other processes may write the files (--force-share); the mount's lock keeps the rest.
     let verified: DirtyBitmap?
 
@@ -134,7 +135,10 @@ public final class EWFDriver: MultiFileMapping, ImageDriver {
             try segments[ch.segment].read(into: buffer, at: ch.offset + UInt64(inChunk), what: "EWF chunk \(c)")
             return
         }
-        let bytes = try chunkData(c, ch)
+        // A compressed chunk checked once this mount: inflated only as far as the read needs
+        // (zlib stops there; on average half the chunk for random reads).
+        let checked = ch.compressed && verified?.run(from: c, maxLength: 1).dirty == true
+        let bytes = try chunkData(c, ch, need: checked ? inChunk + buffer.count : nil)
         bytes.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[inChunk..<(inChunk + buffer.count)])) }
     }
 
@@ -156,7 +160,9 @@ public final class EWFDriver: MultiFileMapping, ImageDriver {
         }
         guard c + 1 < media.neededChunks || UInt64(buffer.count) == chunkBytes else { return false }
         let stored = try Decompress.stored(segment, count: Int(ch.stored), at: ch.offset)
-        return stored.withUnsafeBytes { rm_libdeflate_exact($0.baseAddress, $0.count, buffer.baseAddress, buffer.count, 1) == 0 }
+        guard stored.withUnsafeBytes({ rm_libdeflate_exact($0.baseAddress, $0.count, buffer.baseAddress, buffer.count, 1) == 0 }) else { return false }
+        verified?.mark(c, length: 1)  // inflated whole, its Adler-32 matched
+        return true
     }
 
     private func chunkName(_ c: UInt64, _ offset: UInt64, length: Int) -> String {
@@ -164,11 +170,12 @@ public final class EWFDriver: MultiFileMapping, ImageDriver {
         return "EWF chunk \(c) (sectors \(first)-\(first + UInt64(length) / UInt64(media.bytesPerSector) - 1), at \(offset))"
     }
 
-    /// The whole of chunk `c`, checked (kept a while for the next small read in it).
-    func chunkData(_ c: UInt64, _ ch: (segment: Int, offset: UInt64, stored: UInt64, compressed: Bool)) throws -> [UInt8] {
+    /// The whole of chunk `c`, checked (kept a while for the next small read in it); with
+    /// `need`, of a compressed chunk already checked, at least its first `need` bytes.
+    func chunkData(_ c: UInt64, _ ch: (segment: Int, offset: UInt64, stored: UInt64, compressed: Bool), need: Int? = nil) throws -> [UInt8] {
         let length = Int(min(chunkBytes, media.mediaSize - c * chunkBytes))
         let key = HostAddress(file: ch.segment, offset: ch.offset).packed
-        return try inflated.cluster(at: key, need: length) { _ in
+        return try inflated.cluster(at: key, need: need ?? length) { limit in
             let segment = segments[ch.segment]
             let what = chunkName(c, ch.offset, length: length)
             var stored = try Decompress.stored(segment, count: Int(ch.stored), at: ch.offset)
@@ -177,7 +184,12 @@ public final class EWFDriver: MultiFileMapping, ImageDriver {
                     // Possibly a trailing part-sector more (see `chunk`): inflate to the end.
                     return Array(try Decompress.complete(stored, atMost: Int(chunkBytes), atLeast: length, file: segment.path, what: what)[0..<length])
                 }
-                return try Decompress.first(length, of: stored, as: .zlib, whole: length, file: segment.path, what: what)
+                if need != nil, limit < length {
+                    return try Decompress.first(limit, of: stored, as: .zlib, whole: length, file: segment.path, what: what)
+                }
+                let whole = try Decompress.first(length, of: stored, as: .zlib, whole: length, file: segment.path, what: what)
+                verified?.mark(c, length: 1)  // inflated whole, its Adler-32 matched
+                return whole
             }
             let sum = stored.count - 4
             guard stored.count == Int(ch.stored), sum >= length else {
