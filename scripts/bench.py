@@ -12,7 +12,7 @@ SIZE_MB = int(os.environ.get("BENCH_SIZE_MB", "1024"))
 WRITE_MB = int(os.environ.get("BENCH_WRITE_MB", str(SIZE_MB)))
 WRITE_ROUNDS = int(os.environ.get("BENCH_WRITE_ROUNDS", "5"))
 RUNTIME = os.environ.get("BENCH_RUNTIME", "5")
-FORMATS = os.environ.get("BENCH_FORMATS", "raw,qed,vdi,vmdk,vmdk-stream,qcow2,qcow2-compressed,qcow2-zstd,qcow2-bitmaps,ewf,ewf-stored").split(",")
+FORMATS = os.environ.get("BENCH_FORMATS", "raw,qed,vdi,vmdk,vmdk-stream,vpc,vhdx,qcow2,qcow2-compressed,qcow2-zstd,qcow2-bitmaps,ewf,ewf-stored").split(",")
 ONLY = os.environ.get("BENCH_ONLY", "")  # run only tests whose title contains this
 # "vmdk-stream" is a streamOptimized VMDK: read-only, compressed grains; "qcow2-compressed"
 # holds deflate clusters (from a half-compressible source, so qemu-img keeps them compressed),

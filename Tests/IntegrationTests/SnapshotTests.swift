@@ -114,6 +114,20 @@ final class SnapshotTests: XCTestCase {
                 XCTAssertTrue(v.err.contains("only qcow2"), v.err)
             }
         }
+        // An L1 naming one L2 table twice (QEMU never writes that) is refused, nothing changed:
+        // the walks would otherwise cost entries times tables.
+        let aliased = s.path("aliased.qcow2")
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", aliased, "1M"])
+        try Harness.run(["qemu-io", "-c", "write -P 1 0 512", "-c", "write -P 2 32k 512", aliased])
+        var bytes = try Data(contentsOf: URL(fileURLWithPath: aliased))
+        let l1 = Int(bytes[40 ..< 48].reduce(UInt64(0)) { $0 << 8 | UInt64($1) })
+        bytes.replaceSubrange(l1 + 8 ..< l1 + 16, with: bytes[l1 ..< l1 + 8])
+        try bytes.write(to: URL(fileURLWithPath: aliased))
+        let sum = try Files.sha(aliased)
+        let refused = try Harness.run([Harness.rawmount, "snapshot", "-c", "x", aliased], check: false)
+        XCTAssertEqual(refused.status, 1)
+        XCTAssertTrue(refused.err.contains("both name the L2 table"), refused.err)
+        XCTAssertEqual(try Files.sha(aliased), sum, "a refused snapshot changed the image")
         // A snapshot of another disk size: applying it brings its size back, as qemu-img does.
         let sized = s.path("sized.qcow2"), before = s.path("sized.raw")
         try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", sized, "1M"])

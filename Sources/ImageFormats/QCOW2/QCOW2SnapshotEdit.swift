@@ -23,6 +23,7 @@ extension QCOW2Driver {
         }
         guard name.utf8.count <= Int(UInt16.max) else { throw BlockError.usage("\(file.path): a snapshot name of \(name.utf8.count) bytes is too long") }
         let id = String((list.compactMap { UInt64($0.id) }.max() ?? 0) + 1)
+        try checkDistinctTables(l1.all)  // before anything is written
         try flush()
         // The copy of the active L1, as it is (QEMU keeps its COPIED flags).
         let entries = l1.entries, cs = header.clusterSize
@@ -68,12 +69,15 @@ extension QCOW2Driver {
                     + "is inconsistent (it cannot be resized; remove it first)")
             }
         }
+        var theirs = [UInt64](repeating: 0, count: Int(s.l1Entries))
+        try FlatTable.forEachEntry(file, start: s.l1Offset, count: UInt64(s.l1Entries), encoding: .u64BE, what: "snapshot '\(s.name)' L1") { i, e in
+            theirs[Int(i)] = e
+        }
+        try checkDistinctTables(theirs)  // before anything is written
+        try checkDistinctTables(l1.all)
         try flush()
         if UInt64(s.l1Entries) > l1.entries { try growL1(to: UInt64(s.l1Entries)) }
-        var wanted = [UInt64](repeating: 0, count: Int(l1.entries))
-        try FlatTable.forEachEntry(file, start: s.l1Offset, count: UInt64(s.l1Entries), encoding: .u64BE, what: "snapshot '\(s.name)' L1") { i, e in
-            wanted[Int(i)] = e
-        }
+        let wanted = theirs + [UInt64](repeating: 0, count: Int(l1.entries) - theirs.count)
         try addReferences(l1Entries: wanted, by: 1)
         try flush()
         // Written without COPIED (every table is shared with the snapshot now); the flags
@@ -106,6 +110,8 @@ extension QCOW2Driver {
         try FlatTable.forEachEntry(file, start: s.l1Offset, count: UInt64(s.l1Entries), encoding: .u64BE, what: "snapshot '\(s.name)' L1") { i, e in
             theirs[Int(i)] = e
         }
+        try checkDistinctTables(theirs)
+        try checkDistinctTables(l1.all)
         try flush()
         var rest = list
         rest.remove(at: index)
@@ -137,6 +143,7 @@ extension QCOW2Driver {
     private func addReferences(l1Entries: [UInt64], by delta: Int64) throws {
         let refcounts = try writer
         let cs = header.clusterSize, end = knownEnd
+        try checkDistinctTables(l1Entries)
         for (i, e) in l1Entries.enumerated() {
             let table = e & Self.offsetMask
             guard table != 0 else { continue }
@@ -183,6 +190,7 @@ extension QCOW2Driver {
     private func setCopiedFlags(clearingAll: Bool = false) throws {
         let refcounts = try writer
         let cs = header.clusterSize
+        try checkDistinctTables(l1.all)
         for (i, e) in l1.all.enumerated() {
             let table = e & Self.offsetMask
             guard table != 0 else { continue }
@@ -194,6 +202,19 @@ extension QCOW2Driver {
                 var wanted = entry & ~Self.copiedFlag
                 if !clearingAll, entry & Self.compressedFlag == 0, host != 0, try refcounts.refcount(host / cs) == 1 { wanted |= Self.copiedFlag }
                 if wanted != entry { try setL2(table, UInt64(i) * header.l1Coverage + j * cs, entry: wanted, bitmap: bitmap) }
+            }
+        }
+    }
+
+    /// QEMU never names one L2 table twice in an L1; a hostile L1 that does would make these
+    /// walks cost its entries times a table's, so it is refused (its L2 walks stay bounded by
+    /// the tables the file holds).
+    private func checkDistinctTables(_ entries: [UInt64]) throws {
+        var seen: [UInt64: Int] = [:]
+        for (i, e) in entries.enumerated() where e & Self.offsetMask != 0 {
+            if let j = seen.updateValue(i, forKey: e & Self.offsetMask) {
+                throw BlockError.invalid(file: file.path, field: "L1 entries \(j) and \(i)",
+                                         detail: "both name the L2 table at \(e & Self.offsetMask) (check the image: qemu-img check)")
             }
         }
     }
