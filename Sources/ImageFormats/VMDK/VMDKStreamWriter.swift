@@ -4,12 +4,13 @@ import BlockEngine
 /// directories and grain tables at the front) with compressed grains, in disk order, as
 /// qemu-img convert writes one: each grain is a marker (its first sector, its stream's
 /// length) and a zlib stream, padded to a sector, appended to the file; the grain tables
-/// (both copies) are written once every grain is on disk, then an end-of-stream marker.
+/// (both copies) are written once their grains are on disk, each table when the stream
+/// moves past it (only one table's entries are held), then an end-of-stream marker.
 public final class VMDKStreamWriter: CompressedClusterSink, @unchecked Sendable {  // one writer thread
     public let file: ImageFile
     let header: VMDKSparseHeader
-    /// Grain table entries (sector of each grain's marker), all tables in a row.
-    private var entries: [UInt32]
+    /// The entries (sector of each grain's marker) of the grain table being filled.
+    private var table: (index: Int, entries: [UInt32])
     private var end: UInt64
     private let gtOffsets: [[UInt64]]  // per directory copy, each table's sector
 
@@ -26,7 +27,7 @@ public final class VMDKStreamWriter: CompressedClusterSink, @unchecked Sendable 
             tables.append((0 ..< Int(h.gdEntries)).map { UInt64(le32(bytes, $0 * 4)) })
         }
         gtOffsets = tables
-        entries = [UInt32](repeating: 0, count: Int(h.gdEntries) * Int(h.numGTEsPerGT))
+        table = (0, [UInt32](repeating: 0, count: Int(h.numGTEsPerGT)))
         end = try file.size().alignedUp(512)
     }
 
@@ -38,10 +39,15 @@ public final class VMDKStreamWriter: CompressedClusterSink, @unchecked Sendable 
     }
 
     public func storeCompressed(_ stream: [UInt8], at guestOffset: UInt64) throws {
-        let grain = guestOffset / header.grainBytes
-        guard guestOffset % header.grainBytes == 0, grain < UInt64(entries.count), entries[Int(grain)] == 0 else {
-            throw BlockError.usage("\(file.path): grain at \(guestOffset) is not a new whole grain")
+        let grain = guestOffset / header.grainBytes, perTable = UInt64(header.numGTEsPerGT)
+        guard guestOffset % header.grainBytes == 0, grain / perTable < header.gdEntries, grain / perTable >= UInt64(table.index) else {
+            throw BlockError.usage("\(file.path): grain at \(guestOffset) is not a whole grain past those written (a stream is written in order)")
         }
+        if grain / perTable != UInt64(table.index) {
+            try writeTable()
+            table = (Int(grain / perTable), [UInt32](repeating: 0, count: Int(perTable)))
+        }
+        guard table.entries[Int(grain % perTable)] == 0 else { throw BlockError.usage("\(file.path): grain at \(guestOffset) written twice") }
         guard end / 512 <= UInt64(UInt32.max) else { throw BlockError.unsupported(file: file.path, feature: "a sparse VMDK past 2 TiB of grains") }
         var record = [UInt8](repeating: 0, count: 12)
         put64(&record, 0, guestOffset / 512)
@@ -49,24 +55,25 @@ public final class VMDKStreamWriter: CompressedClusterSink, @unchecked Sendable 
         record += stream
         record += [UInt8](repeating: 0, count: (512 - record.count % 512) % 512)
         try file.write(record, at: end)
-        entries[Int(grain)] = UInt32(end / 512)
+        table.entries[Int(grain % perTable)] = UInt32(end / 512)
         end += UInt64(record.count)
     }
 
-    /// The grain tables naming every grain, then the end-of-stream marker; durable.
-    public func finish() throws {
-        try file.sync()
-        let perTable = Int(header.numGTEsPerGT)
+    /// The table being filled, in both directory copies (nothing when it names no grain).
+    private func writeTable() throws {
+        guard table.entries.contains(where: { $0 != 0 }) else { return }
+        var bytes = [UInt8](repeating: 0, count: table.entries.count * 4)
+        for (k, e) in table.entries.enumerated() { put32(&bytes, k * 4, e) }
         for copy in gtOffsets {
-            for (t, sector) in copy.enumerated() {
-                let slice = entries[t * perTable ..< (t + 1) * perTable]
-                guard slice.contains(where: { $0 != 0 }) else { continue }
-                guard sector != 0 else { throw BlockError.invalid(file: file.path, field: "VMDK grain directory", detail: "table \(t) has no place") }
-                var bytes = [UInt8](repeating: 0, count: perTable * 4)
-                for (k, e) in slice.enumerated() { put32(&bytes, k * 4, e) }
-                try file.write(bytes, at: sector * 512)
-            }
+            let sector = copy[table.index]
+            guard sector != 0 else { throw BlockError.invalid(file: file.path, field: "VMDK grain directory", detail: "table \(table.index) has no place") }
+            try file.write(bytes, at: sector * 512)
         }
+    }
+
+    /// The last grain table, then the end-of-stream marker; durable.
+    public func finish() throws {
+        try writeTable()
         try file.write([UInt8](repeating: 0, count: 512), at: end)  // end-of-stream marker
         try file.sync()
     }
