@@ -99,6 +99,10 @@ struct ConvertCommand: ParsableCommand {
             let stream = streamOptimized ? try VMDKStreamWriter(path: destination) : nil
             if let stream { try ImageLock.acquire(stream.file, writable: true) }
             let dst = try ImageOpener.open(path: destination, options: .init(writable: stream == nil, format: ImageFormat(rawValue: out), lock: stream == nil))
+            if let stream, !dst.driver.file.isSameFile(as: stream.file) {
+                try? dst.close()
+                throw BlockError.invalid(file: destination, field: "file", detail: "it was replaced while being written")
+            }
             if noCreate && dst.virtualSize < src.virtualSize {
                 try? dst.close()
                 throw BlockError.usage("\(destination): \(dst.virtualSize) bytes, smaller than the \(src.virtualSize)-byte source")
