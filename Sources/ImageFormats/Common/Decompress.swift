@@ -92,6 +92,11 @@ enum Decompress {
                     var length = uLongf(limit)
                     ok = uncompress(buffer.baseAddress, &length, c.baseAddress?.assumingMemoryBound(to: Bytef.self), uLong(c.count)) == Z_OK
                     produced = Int(length)
+                case .zlib where c.count > 2 && c[0] & 0x0F == 8 && c[1] & 0x20 == 0 && (UInt16(c[0]) << 8 | UInt16(c[1])) % 31 == 0:
+                    // Part of a zlib stream: its Adler-32 covers the whole cluster and cannot be
+                    // checked here, so the deflate data after the 2-byte header is inflated
+                    // raw (zlib would otherwise sum every byte it produces for nothing).
+                    ok = rm_inflate(c.baseAddress! + 2, c.count - 2, buffer.baseAddress, limit, &produced, -15) == Z_OK
                 case .zlib, .rawDeflate:
                     ok = rm_inflate(c.baseAddress, c.count, buffer.baseAddress, limit, &produced, stream == .zlib ? 15 : -15) == Z_OK
                 }
