@@ -96,26 +96,23 @@ struct ResizeCommand: ParsableCommand {
             return
         }
         let driver = try QCOW2Driver(file: file, onNote: { printError("rawmount: \(image): ".escapingControls + $0) })
+        let device = BlockDevice(driver: driver)
         do {
             if let e = driver.bitmaps?.entries.first(where: { !$0.consistent }) {
                 throw BlockError.usage("\(image): bitmap '\(e.bitmap.name)' is inconsistent and cannot be resized; remove it first (rawmount bitmap remove)")
             }
-            var at = new.alignedUp(cs)
-            while at < h.size {
-                let done = try driver.unallocate(at, length: h.size - at)
-                at = done.offset + max(done.length, 1)
-            }
-            // The unlinked clusters are freed once the tables no longer naming them are durable.
-            try driver.flush()
-            try driver.release(driver.takeUnlinked())
+            // The engine's unallocation: durable at the flush, the clusters freed after it.
+            let from = new.alignedUp(cs)
+            if from < h.size { try device.unallocate(at: from, length: h.size - from) }
+            try device.flush()
             if needed > UInt64(h.l1Entries) { try driver.growL1(to: needed) }
             try driver.bitmaps?.resize(to: new)  // stored at close, for the new size
             try driver.flush()
             try QCOW2Header.writeField(file, at: 24, new, bytes: 8)
             try file.sync()
-            try driver.close()
+            try device.close()
         } catch {
-            try? driver.close()
+            try? device.close()
             throw error
         }
     }

@@ -84,12 +84,7 @@ struct SnapshotCommand: ParsableCommand {
         print("Snapshot list:")
         print(row("ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT"))
         for s in snapshots {
-            var t = time_t(s.dateSeconds)
-            var parts = tm()
-            localtime_r(&t, &parts)
-            var out = [CChar](repeating: 0, count: 32)
-            strftime(&out, out.count, "%Y-%m-%d %H:%M:%S", &parts)
-            let date = String(decoding: out.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+            let date = s.dateText(local: true)
             let seconds = s.vmClockNanoseconds / 1_000_000_000
             let clock = zeroPadded(seconds / 3600, 2) + ":" + zeroPadded(seconds / 60 % 60, 2) + ":" + zeroPadded(seconds % 60, 2)
                 + "." + zeroPadded(s.vmClockNanoseconds / 1_000_000 % 1000, 3)

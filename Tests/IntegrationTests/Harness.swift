@@ -69,6 +69,15 @@ enum Harness {
         XCTAssertTrue(FileManager.default.fileExists(atPath: rawmount), "build rawmount first (make test does)")
     }
 
+    /// The host writes and syncs a command made, from the file RAWMOUNT_TEST_FAULT_REPORT
+    /// named ("ops write=N sync=M ..."): the points a fault sweep can stop it at.
+    static func writesAndSyncs(inReport path: String) throws -> Int {
+        try String(contentsOfFile: path, encoding: .utf8).split(separator: " ").compactMap { part -> Int? in
+            guard part.hasPrefix("write=") || part.hasPrefix("sync=") else { return nil }
+            return Int(part.split(separator: "=")[1].trimmingCharacters(in: .whitespacesAndNewlines))
+        }.reduce(0, +)
+    }
+
     static func tool(_ name: String) throws {
         let r = try run(["sh", "-c", "command -v \(name)"], check: false)
         if r.status != 0 {

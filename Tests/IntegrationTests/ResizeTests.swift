@@ -105,10 +105,7 @@ final class ResizeTests: XCTestCase {
         for (label, args, kept) in [("grow", ["64M"], 1 << 20), ("shrink", ["--shrink", "200k"], 200 << 10)] {
             let count = try make("count-\(label).qcow2"), report = s.path("ops-\(label)")
             try Harness.run(["env", "RAWMOUNT_TEST_FAULT=write,sync:0:eio", "RAWMOUNT_TEST_FAULT_REPORT=\(report)", Harness.rawmount, "resize", "-q"] + [count] + args)
-            let total = try String(contentsOfFile: report, encoding: .utf8).split(separator: " ").compactMap { part -> Int? in
-                guard part.hasPrefix("write=") || part.hasPrefix("sync=") else { return nil }
-                return Int(part.split(separator: "=")[1].trimmingCharacters(in: .whitespacesAndNewlines))
-            }.reduce(0, +)
+            let total = try Harness.writesAndSyncs(inReport: report)
             XCTAssertGreaterThan(total, 3, label)
             for n in stride(from: 1, through: total, by: max(1, total / 25)) {
                 let img = try make("k.qcow2")

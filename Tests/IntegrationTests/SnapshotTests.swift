@@ -165,10 +165,7 @@ final class SnapshotTests: XCTestCase {
         for (action, args) in [("create", ["-c", "new"]), ("apply", ["-a", "old"]), ("delete", ["-d", "old"])] {
             let count = try make("count-\(action).qcow2"), report = s.path("ops-\(action)")
             try Harness.run(["env", "RAWMOUNT_TEST_FAULT=write,sync:0:eio", "RAWMOUNT_TEST_FAULT_REPORT=\(report)", Harness.rawmount, "snapshot"] + args + [count])
-            let total = try String(contentsOfFile: report, encoding: .utf8).split(separator: " ").compactMap { part -> Int? in
-                guard part.hasPrefix("write=") || part.hasPrefix("sync=") else { return nil }
-                return Int(part.split(separator: "=")[1].trimmingCharacters(in: .whitespacesAndNewlines))
-            }.reduce(0, +)
+            let total = try Harness.writesAndSyncs(inReport: report)
             XCTAssertGreaterThan(total, 4, action)
             // Killed at sampled writes and syncs, and (every third) failed there with EIO instead:
             // the command then stops with an error and leaves the same guarantees.

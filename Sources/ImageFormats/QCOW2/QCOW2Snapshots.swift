@@ -20,10 +20,13 @@ public struct QCOW2Snapshot: Sendable {
     var stored: [UInt8] = []
 
     /// "YYYY-MM-DD hh:mm:ss" (UTC) of the snapshot.
-    public var dateText: String {
+    public var dateText: String { dateText(local: false) }
+
+    /// The date in UTC, or (`local`) in the local time zone, as qemu-img snapshot -l prints it.
+    public func dateText(local: Bool) -> String {
         var t = time_t(dateSeconds)
         var parts = tm()
-        gmtime_r(&t, &parts)
+        if local { localtime_r(&t, &parts) } else { gmtime_r(&t, &parts) }
         var out = [CChar](repeating: 0, count: 32)
         strftime(&out, out.count, "%Y-%m-%d %H:%M:%S", &parts)
         return String(decoding: out.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
