@@ -42,8 +42,11 @@ enum QemuImageInfo {
             f["format-specific"] = ["type": "qcow2", "data": data]
             if let snaps = try? q.snapshots(), !snaps.isEmpty {
                 f["snapshots"] = snaps.map { s -> [String: Any] in
-                    ["id": s.id, "name": s.name, "vm-state-size": s.vmStateSize, "date-sec": s.dateSeconds, "date-nsec": 0,
-                     "vm-clock-sec": 0, "vm-clock-nsec": 0, "icount": 0]
+                    var item: [String: Any] = ["id": s.id, "name": s.name, "vm-state-size": s.vmStateSize, "date-sec": s.dateSeconds,
+                                               "date-nsec": s.dateNanoseconds, "vm-clock-sec": s.vmClockNanoseconds / 1_000_000_000,
+                                               "vm-clock-nsec": s.vmClockNanoseconds % 1_000_000_000]
+                    if let icount = s.icount, icount != .max { item["icount"] = icount }  // qemu-img leaves out an unknown one
+                    return item
                 }
             }
         case let q as QEDDriver:

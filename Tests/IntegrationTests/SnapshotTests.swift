@@ -43,8 +43,13 @@ final class SnapshotTests: XCTestCase {
             try check(img, "\(label): after writes over two snapshots")
             try same(img, snapshot: "first", as: states[0], "\(label): our snapshot reads as the disk was")
             try same(img, snapshot: "second", as: states[1], "\(label): qemu-img's snapshot")
-            // The list is qemu-img's, line for line.
+            // The list is qemu-img's, line for line, and info's JSON has the same snapshots.
             XCTAssertEqual(try Harness.run([Harness.rawmount, "snapshot", "-l", img]).out, try Harness.run(["qemu-img", "snapshot", "-l", img]).out, label)
+            let snapshots = { (tool: [String]) throws -> NSArray? in
+                let json = try JSONSerialization.jsonObject(with: Data(try Harness.run(tool + ["info", "--output=json", img]).out.utf8)) as? NSDictionary
+                return json?["snapshots"] as? NSArray
+            }
+            XCTAssertEqual(try snapshots([Harness.rawmount]), try snapshots(["qemu-img"]), label)
             // Ours applies qemu-img's snapshot and then our own; qemu-img applies ours.
             try Harness.run([Harness.rawmount, "snapshot", "-a", "second", img])
             try check(img, "\(label): after rawmount snapshot -a second")
