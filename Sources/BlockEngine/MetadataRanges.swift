@@ -26,6 +26,9 @@ public final class MetadataRanges: Sendable {
     /// Sorted by start; ranges may overlap (aliased or damaged tables), so `maxEnd[i]` is the
     /// largest end among the first i+1 ranges, which keeps the search logarithmic.
     private let state: Mutex<(ranges: [Range], maxEnd: [UInt64])>
+    /// A set that never changes after open (VHD, VHDX: their structures stay where they are)
+    /// is searched without the lock, which every data mapping would otherwise take.
+    private let fixed: (ranges: [Range], maxEnd: [UInt64])?
 
     /// Drivers call this as they collect ranges, so the list never grows past the bound.
     public static func checkCount(_ n: Int, file: String) throws {
@@ -34,7 +37,8 @@ public final class MetadataRanges: Sendable {
         }
     }
 
-    public init(_ ranges: [Range], file: String) throws {
+    /// `fixed`: the set never changes (`insert` and `remove` must not be called on it).
+    public init(_ ranges: [Range], file: String, fixed isFixed: Bool = false) throws {
         try Self.checkCount(ranges.count, file: file)
         var sorted = ranges.filter { $0.end > $0.start }.sorted { ($0.start, $0.end) < ($1.start, $1.end) }
         // Aliased tables (many entries naming one) are recorded once.
@@ -43,6 +47,7 @@ public final class MetadataRanges: Sendable {
         for r in sorted where unique.last.map({ $0.start != r.start || $0.end != r.end }) ?? true { unique.append(r) }
         sorted = unique
         state = Mutex((sorted, Self.prefixMax(sorted)))
+        fixed = isFixed ? (sorted, Self.prefixMax(sorted)) : nil
     }
 
     private static func prefixMax(_ ranges: [Range]) -> [UInt64] {
@@ -55,6 +60,7 @@ public final class MetadataRanges: Sendable {
 
     /// Records a table allocated while the image is open.
     public func insert(_ r: Range) {
+        precondition(fixed == nil, "a fixed set of metadata ranges does not change")
         state.withLock { s in
             let i = s.ranges.partitionIndex { ($0.start, $0.end) >= (r.start, r.end) }
             if i == s.ranges.count {
@@ -72,6 +78,7 @@ public final class MetadataRanges: Sendable {
     /// open adds up to a million refcount blocks and 65536 snapshot L1 tables).
     public func insert(contentsOf more: [Range], file: String) throws {
         guard !more.isEmpty else { return }
+        precondition(fixed == nil, "a fixed set of metadata ranges does not change")
         try state.withLock { s in
             try Self.checkCount(s.ranges.count + more.count, file: file)
             s.ranges = (s.ranges + more.filter { $0.end > $0.start }).sorted { ($0.start, $0.end) < ($1.start, $1.end) }
@@ -81,6 +88,7 @@ public final class MetadataRanges: Sendable {
 
     /// Forgets the table recorded at `start` (freed by a writer that reuses space: qcow2).
     public func remove(start: UInt64) {
+        precondition(fixed == nil, "a fixed set of metadata ranges does not change")
         state.withLock { s in
             let i = s.ranges.partitionIndex { $0.start >= start }
             guard i < s.ranges.count, s.ranges[i].start == start else { return }
@@ -93,15 +101,18 @@ public final class MetadataRanges: Sendable {
     /// that kind do not count (an L2 table may alias another L2 table, not the L1).
     public func overlap(_ start: UInt64, _ length: UInt64, except: StaticString? = nil) -> Range? {
         let end = start &+ length < start ? UInt64.max : start + length
-        return state.withLock { s -> Range? in
-            // The last range starting before `end`; walk back while some earlier one may still reach `start`.
-            var i = s.ranges.partitionIndex { $0.start >= end } - 1
-            while i >= 0 && s.maxEnd[i] > start {
-                if s.ranges[i].end > start && !(except.map { Self.same($0, s.ranges[i].what) } ?? false) { return s.ranges[i] }
-                i -= 1
-            }
-            return nil
+        if let f = fixed { return Self.find(f.ranges, f.maxEnd, start, end, except) }
+        return state.withLock { s in Self.find(s.ranges, s.maxEnd, start, end, except) }
+    }
+
+    /// The last range starting before `end`; walk back while some earlier one may still reach `start`.
+    private static func find(_ ranges: [Range], _ maxEnd: [UInt64], _ start: UInt64, _ end: UInt64, _ except: StaticString?) -> Range? {
+        var i = ranges.partitionIndex { $0.start >= end } - 1
+        while i >= 0 && maxEnd[i] > start {
+            if ranges[i].end > start && !(except.map { same($0, ranges[i].what) } ?? false) { return ranges[i] }
+            i -= 1
         }
+        return nil
     }
 
     private static func same(_ a: StaticString, _ b: StaticString) -> Bool {

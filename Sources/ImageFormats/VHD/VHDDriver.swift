@@ -53,7 +53,7 @@ public final class VHDDriver: ImageAllocating {
         guard f.kind == .dynamic else {
             dynamic = nil; table = nil; bitmaps = nil
             dataEnd = fileSize - UInt64(VHDFooter.size)
-            metadata = try MetadataRanges([.init(start: dataEnd, length: UInt64(VHDFooter.size), what: "the footer")], file: file.path)
+            metadata = try MetadataRanges([.init(start: dataEnd, length: UInt64(VHDFooter.size), what: "the footer")], file: file.path, fixed: true)
             frontier = Mutex(Frontier(free: dataEnd, unwrittenFrom: fileSize, presentBlocks: 0))
             preallocator = nil
             info = ImageInfo(format: "vpc", virtualSize: f.virtualSize, clusterSize: 512, details: details, hasClusters: false)
@@ -69,7 +69,7 @@ public final class VHDDriver: ImageAllocating {
             .init(start: f.dataOffset, length: VHDDynamicHeader.size, what: "the dynamic header"),
             .init(start: h.tableOffset, length: h.tableRegionBytes, what: "the block allocation table"),
         ]
-        metadata = try MetadataRanges(structures, file: file.path)
+        metadata = try MetadataRanges(structures, file: file.path, fixed: true)  // new blocks go past them; they never move
         // Every block the table names must lie inside the file, or QEMU calls the image
         // truncated and refuses it; one pass over the table (its size is bounded by the file).
         // New blocks go after every block and every structure (QEMU only looks past the table).

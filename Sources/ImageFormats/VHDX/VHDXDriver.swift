@@ -75,7 +75,7 @@ public final class VHDXDriver: ImageAllocating {
             .init(start: h.metadataOffset, length: h.metadataLength, what: "the metadata region"),
         ]
         if h.logLength > 0 { ranges.append(.init(start: h.logOffset, length: h.logLength, what: "the log")) }
-        structures = try MetadataRanges(ranges, file: file.path)
+        structures = try MetadataRanges(ranges, file: file.path, fixed: true)  // headers, log, table, metadata never move
         // Every present block must lie inside the file, or QEMU calls the image truncated;
         // the last one only up to the disk's end (qemu-img makes fixed images that end there).
         var present: UInt64 = 0
