@@ -66,7 +66,10 @@ public final class VMDKStreamWriter: CompressedClusterSink, @unchecked Sendable 
         for (k, e) in table.entries.enumerated() { put32(&bytes, k * 4, e) }
         for copy in gtOffsets {
             let sector = copy[table.index]
-            guard sector != 0 else { throw BlockError.invalid(file: file.path, field: "VMDK grain directory", detail: "table \(table.index) has no place") }
+            // A table goes only where the tables are: between the header and the first grain.
+            guard sector != 0, sector < header.overHead, UInt64(bytes.count) <= (header.overHead - sector) * 512 else {
+                throw BlockError.invalid(file: file.path, field: "VMDK grain directory", detail: "table \(table.index) at sector \(sector) is not in the table area")
+            }
             try file.write(bytes, at: sector * 512)
         }
     }
