@@ -18,13 +18,16 @@ public enum TableEncoding: Sendable {
 /// always written after the child. `beforeWriteBack` runs once before each batch of table
 /// writes (formats pass an fdatasync so data lands before the metadata that points at it).
 ///
-/// Locks: lookups take only `state`, which is never held across a barrier (fdatasync). A
-/// write-back copies the dirty tables under `state`, runs the barrier holding only
-/// `writeBackLock` (one write-back at a time), then writes the copies. Eviction drops
-/// clean tables only; when every table is dirty the cache runs over its capacity until the
-/// next change writes them back (`relieve`), and lookups stop keeping new tables at twice
-/// the capacity, so memory stays bounded whatever the barrier does.
-public final class TableCache: Sendable {
+/// Locks: the tables are spread over shards by key, each with its own lock, so parallel
+/// readers of different tables do not queue on one lock (a small cache has one shard and
+/// is exact about its capacity). Lookups take only their shard's lock, which is never held
+/// across a barrier (fdatasync). A write-back copies the dirty tables shard by shard, runs
+/// the barrier holding only `writeBackLock` (one write-back at a time), then writes the
+/// copies. Change order is one clock over all shards. Eviction drops clean tables only;
+/// when every table is dirty the cache runs over its capacity until the next change writes
+/// them back (`relieve`), and lookups stop keeping new tables at twice the capacity, so
+/// memory stays bounded whatever the barrier does.
+public final class TableCache: MetadataLayer {
     public let tableBytes: Int
     public let encoding: TableEncoding
     public let capacity: Int
@@ -36,11 +39,22 @@ public final class TableCache: Sendable {
     private let maxAge: Double?
     static let sharedMaxAge = 0.5
     private let beforeWriteBack: (@Sendable () throws -> Void)?
-    private let state: Mutex<State>
+    /// A shard: its tables and eviction queue under one lock.
+    final class Shard: Sendable {
+        let state = Mutex(State())
+    }
+    private let shards: [Shard]
+    /// Tables one shard keeps (the cache's capacity split evenly).
+    private let shardCapacity: Int
+    /// The order of changes over all shards (write-back goes oldest change first).
+    private let clock = Atomic<UInt64>(0)
+    /// Caches at least this large are sharded (`shardCount` ways).
+    static let shardedFrom = 64
+    static let shardCount = 8
     /// One write-back (copy, barrier, write) at a time; lookups never take it.
     private let writeBackLock = Mutex<Void>(())
 
-    final class Slot: @unchecked Sendable { // only touched under `state`
+    final class Slot: @unchecked Sendable { // only touched under its shard's lock
         var bytes: [UInt8]
         /// Used since it was loaded or last passed by the eviction hand (second chance).
         var referenced = false
@@ -63,7 +77,6 @@ public final class TableCache: Sendable {
         /// stays linear. Keys of slots dropped elsewhere are skipped when they come up.
         var queue: [UInt64] = []
         var head = 0
-        var clock: UInt64 = 0
         var stats = Stats()
     }
     public struct Stats: Sendable, Equatable {
@@ -83,6 +96,15 @@ public final class TableCache: Sendable {
     public typealias Loader = @Sendable (_ key: UInt64) throws -> [UInt8]
     private let loader: Loader?
 
+    /// The write-back chain this cache is a layer of (set once, before any change): its own
+    /// write-backs then go through the chain, which writes the layers it depends on first.
+    final class ChainLink: @unchecked Sendable { weak var chain: WriteBackChain? }
+    private let link = ChainLink()
+    func join(_ chain: WriteBackChain) {
+        precondition(beforeWriteBack == nil, "a cache in a chain gets its barriers from the chain")
+        link.chain = chain
+    }
+
     public init(file: ImageFile, tableBytes: Int, encoding: TableEncoding, capacity: Int,
                 beforeWriteBack: (@Sendable () throws -> Void)? = nil, journal: Journal? = nil, loader: Loader? = nil) {
         precondition(tableBytes > 0 && tableBytes % encoding.width == 0 && capacity > 0)
@@ -94,10 +116,30 @@ public final class TableCache: Sendable {
         self.beforeWriteBack = beforeWriteBack
         self.journal = journal
         self.loader = loader
-        self.state = Mutex(State())
+        let n = capacity >= Self.shardedFrom ? Self.shardCount : 1
+        shards = (0..<n).map { _ in Shard() }
+        shardCapacity = (capacity + n - 1) / n
     }
 
-    public var stats: Stats { state.withLock { $0.stats } }
+    /// The shard holding `table` (keys are spread by a multiplicative hash, so neighbouring
+    /// tables land in different shards).
+    @inline(__always) private func shard(_ table: UInt64) -> Shard {
+        if shards.count == 1 { return shards[0] }
+        return shards[Int(truncatingIfNeeded: (table &* 0x9E37_79B9_7F4A_7C15) >> 61)]
+    }
+
+    /// The next change stamp (called under a shard's lock).
+    @inline(__always) private func tick() -> UInt64 {
+        clock.wrappingAdd(1, ordering: .relaxed).newValue
+    }
+
+    public var stats: Stats {
+        shards.reduce(into: Stats()) { sum, sh in
+            let s = sh.state.withLock { $0.stats }
+            sum.hits += s.hits; sum.misses += s.misses; sum.evictions += s.evictions
+            sum.tableWrites += s.tableWrites; sum.writeBackBatches += s.writeBackBatches
+        }
+    }
 
     /// The table at `table`, from the file or the loader.
     private func readTable(_ table: UInt64) throws -> [UInt8] {
@@ -109,19 +151,22 @@ public final class TableCache: Sendable {
         return try file.readBytes(count: tableBytes, at: table, what: "metadata table")
     }
     /// Tables held now (tests: the capacity bound).
-    var cachedCount: Int { state.withLock { $0.slots.count } }
-    public var dirtyCount: Int { state.withLock { $0.slots.values.filter { $0.dirtySeq != nil }.count } }
+    var cachedCount: Int { shards.reduce(0) { n, sh in n + sh.state.withLock { $0.slots.count } } }
+    public var dirtyCount: Int {
+        shards.reduce(0) { n, sh in n + sh.state.withLock { $0.slots.values.filter { $0.dirtySeq != nil }.count } }
+    }
 
     /// Entry `index` of the table at `table`, reading the table on a miss.
     public func entry(table: UInt64, index: Int) throws -> UInt64 {
         precondition(index >= 0 && index < entriesPerTable)
-        if let v = state.withLock({ s -> UInt64? in
+        let sh = shard(table)
+        if let v = sh.state.withLock({ s -> UInt64? in
             guard let slot = s.slots[table], isFresh(slot) else { return nil }
             slot.referenced = true; s.stats.hits += 1
             return decode(slot.bytes, index)
         }) { return v }
         let bytes = try readTable(table)
-        return try state.withLock { s in
+        return try sh.state.withLock { s in
             let slot = try insertLocked(&s, table: table, bytes: bytes)
             return decode(slot.bytes, index)
         }
@@ -129,13 +174,14 @@ public final class TableCache: Sendable {
 
     /// Calls `body` with entries `range` of the table, under the lock (no I/O in `body`).
     public func withEntries<R>(table: UInt64, _ body: (TableView) throws -> R) throws -> R {
-        if let r = try state.withLock({ s -> R? in
+        let sh = shard(table)
+        if let r = try sh.state.withLock({ s -> R? in
             guard let slot = s.slots[table], isFresh(slot) else { return nil }
             slot.referenced = true; s.stats.hits += 1
             return try body(TableView(bytes: slot.bytes, encoding: encoding))
         }) { return r }
         let bytes = try readTable(table)
-        return try state.withLock { s in
+        return try sh.state.withLock { s in
             let slot = try insertLocked(&s, table: table, bytes: bytes)
             return try body(TableView(bytes: slot.bytes, encoding: encoding))
         }
@@ -174,28 +220,30 @@ public final class TableCache: Sendable {
     }
 
     private func withSlot<R>(_ table: UInt64, _ body: (Slot) throws -> R) throws -> R {
-        if let r = try state.withLock({ s -> R? in
+        let sh = shard(table)
+        if let r = try sh.state.withLock({ s -> R? in
             guard let slot = s.slots[table], isFresh(slot) else { return nil }
             slot.referenced = true; s.stats.hits += 1
             return try body(slot)
         }) { return r }
         let bytes = try readTable(table)
-        return try state.withLock { s in try body(try insertLocked(&s, table: table, bytes: bytes)) }
+        return try sh.state.withLock { s in try body(try insertLocked(&s, table: table, bytes: bytes)) }
     }
 
     /// Sets an entry and marks the table dirty (moving it to the back of the write order).
     public func setEntry(table: UInt64, index: Int, value: UInt64) throws {
         precondition(index >= 0 && index < entriesPerTable)
-        let loaded: [UInt8]? = state.withLock { $0.slots[table] == nil } ?
+        let sh = shard(table)
+        let loaded: [UInt8]? = sh.state.withLock { $0.slots[table] == nil } ?
             try readTable(table) : nil
-        try state.withLock { s in
+        try sh.state.withLock { s in
             let slot: Slot
             if let existing = s.slots[table] { slot = existing } else {
                 slot = try insertLocked(&s, table: table, bytes: loaded ?? [UInt8](repeating: 0, count: tableBytes), forChange: true)
             }
             encode(&slot.bytes, index, value)
             slot.uniform = nil
-            s.clock += 1; slot.referenced = true; slot.dirtySeq = s.clock
+            slot.referenced = true; slot.dirtySeq = tick()
         }
         try relieveIfOverfull()
     }
@@ -208,16 +256,17 @@ public final class TableCache: Sendable {
 
     /// Changes the table's raw bytes and marks it dirty (moving it to the back of the write order).
     public func modify<R>(table: UInt64, _ body: (inout [UInt8]) throws -> R) throws -> R {
-        let loaded: [UInt8]? = state.withLock { $0.slots[table] == nil } ?
+        let sh = shard(table)
+        let loaded: [UInt8]? = sh.state.withLock { $0.slots[table] == nil } ?
             try readTable(table) : nil
-        let result = try state.withLock { s in
+        let result = try sh.state.withLock { s in
             let slot: Slot
             if let existing = s.slots[table] { slot = existing } else {
                 slot = try insertLocked(&s, table: table, bytes: loaded ?? [UInt8](repeating: 0, count: tableBytes), forChange: true)
             }
             let r = try body(&slot.bytes)
             slot.uniform = nil
-            s.clock += 1; slot.referenced = true; slot.dirtySeq = s.clock
+            slot.referenced = true; slot.dirtySeq = tick()
             return r
         }
         try relieveIfOverfull()
@@ -233,9 +282,9 @@ public final class TableCache: Sendable {
         let n = Int(min(UInt64(min(count, capacity)), (end - table) / UInt64(tableBytes)))
         guard n > 1 else { return }
         let bytes = try file.readBytes(count: n * tableBytes, at: table, what: "metadata tables")
-        try state.withLock { s in
-            for k in 0 ..< n {
-                let t = table + UInt64(k * tableBytes)
+        for k in 0 ..< n {
+            let t = table + UInt64(k * tableBytes)
+            try shard(t).state.withLock { s in
                 if s.slots[t] == nil { _ = try insertLocked(&s, table: t, bytes: Array(bytes[k * tableBytes ..< (k + 1) * tableBytes])) }
             }
         }
@@ -260,9 +309,7 @@ public final class TableCache: Sendable {
         while done < n {
             let first = table + UInt64(done * tableBytes)
             let bytes = try file.readBytes(count: batch * tableBytes, at: first, what: "metadata tables")
-            let filled = try state.withLock { s in
-                try filledPrefix(&s, bytes, at: first, count: batch, byte: byte)
-            }
+            let filled = try filledPrefix(bytes, at: first, count: batch, byte: byte)
             done += filled
             if filled < batch { break }
             batch = min(n - done, most)
@@ -277,18 +324,16 @@ public final class TableCache: Sendable {
     /// How many of the `count` tables read into `bytes` from `first` on are all `byte`,
     /// judging held tables by the cache (checked under the lock, after the read: a table
     /// loaded and perhaps changed meanwhile is never judged by the older file bytes).
-    private func filledPrefix(_ s: inout State, _ bytes: [UInt8], at first: UInt64, count: Int, byte: UInt8) throws -> Int {
+    private func filledPrefix(_ bytes: [UInt8], at first: UInt64, count: Int, byte: UInt8) throws -> Int {
         for k in 0 ..< count {
             let t = first + UInt64(k * tableBytes)
-            if let slot = s.slots[t] {
-                if uniformByte(slot) != Int(byte) { return k }
-                continue
+            let same = try shard(t).state.withLock { s -> Bool in
+                if let slot = s.slots[t] { return uniformByte(slot) == Int(byte) }
+                let same = bytes.withUnsafeBytes { Self.allBytes($0.baseAddress.map { $0 + k * tableBytes }, tableBytes, equal: byte) }
+                if !same { _ = try insertLocked(&s, table: t, bytes: Array(bytes[k * tableBytes ..< (k + 1) * tableBytes])) }
+                return same
             }
-            let same = bytes.withUnsafeBytes { Self.allBytes($0.baseAddress.map { $0 + k * tableBytes }, tableBytes, equal: byte) }
-            if !same {
-                _ = try insertLocked(&s, table: t, bytes: Array(bytes[k * tableBytes ..< (k + 1) * tableBytes]))
-                return k
-            }
+            if !same { return k }
         }
         return count
     }
@@ -297,34 +342,42 @@ public final class TableCache: Sendable {
     /// unless it is held already.
     public func seed(table: UInt64, bytes: [UInt8]) {
         guard bytes.count == tableBytes else { return }
-        try? state.withLock { s in
+        try? shard(table).state.withLock { s in
             if s.slots[table] == nil { _ = try insertLocked(&s, table: table, bytes: bytes) }
         }
     }
 
     /// Whether any table starting in `[start, end)` is held.
     public func holdsAny(from start: UInt64, to end: UInt64) -> Bool {
-        state.withLock { $0.slots.keys.contains { $0 >= start && $0 < end } }
+        shards.contains { sh in sh.state.withLock { $0.slots.keys.contains { $0 >= start && $0 < end } } }
     }
 
     /// Whether the table is held (possibly changed and not yet written back).
-    public func isCached(table: UInt64) -> Bool { state.withLock { $0.slots[table] != nil } }
+    public func isCached(table: UInt64) -> Bool { shard(table).state.withLock { $0.slots[table] != nil } }
 
     /// Drops every cached table in `[start, start+length)` without writing it: the space was
     /// freed (nothing points at it any more) and may come back as a different table.
     public func discard(_ start: UInt64, length: UInt64) {
-        state.withLock { s in
-            if UInt64(s.slots.count) <= length / UInt64(tableBytes) {
-                for key in s.slots.keys where key >= start && key < start + length { s.slots[key] = nil }
-            } else {
-                var t = start
-                while t < start + length { s.slots[t] = nil; t += UInt64(tableBytes) }
+        if UInt64(cachedCount) <= length / UInt64(tableBytes) {
+            for sh in shards {
+                sh.state.withLock { s in
+                    for key in s.slots.keys where key >= start && key < start + length { s.slots[key] = nil }
+                }
+            }
+        } else {
+            var t = start
+            while t < start + length {
+                let key = t
+                shard(key).state.withLock { _ = $0.slots.removeValue(forKey: key) }
+                t += UInt64(tableBytes)
             }
         }
     }
 
     /// Whether any table waits to be written.
-    public var isDirty: Bool { state.withLock { s in s.slots.values.contains { $0.dirtySeq != nil } } }
+    public var isDirty: Bool {
+        shards.contains { sh in sh.state.withLock { s in s.slots.values.contains { $0.dirtySeq != nil } } }
+    }
 
     /// Makes the child table every two-level format creates on demand (QED L2, VMDK grain
     /// table, qcow2 L2): `bytes` at `offset` read as `contents` (zeros when nil) in the file
@@ -351,60 +404,66 @@ public final class TableCache: Sendable {
     public func install(table: UInt64, fill: UInt64 = 0) throws {
         var bytes = [UInt8](repeating: 0, count: tableBytes)
         if fill != 0 { for i in 0..<entriesPerTable { encode(&bytes, i, fill) } }
-        try state.withLock { s in
+        try shard(table).state.withLock { s in
             let slot = try insertLocked(&s, table: table, bytes: bytes, forChange: true)
             slot.bytes = bytes
             slot.uniform = nil
-            s.clock += 1; slot.referenced = true; slot.dirtySeq = s.clock
+            slot.referenced = true; slot.dirtySeq = tick()
         }
         try relieveIfOverfull()
     }
 
-    /// Writes `table` and every table dirtied before its last change.
+    /// Writes `table` and every table dirtied before its last change (in a chain: every
+    /// table, after the layers before it).
     public func writeBack(table: UInt64) throws {
-        guard let seq = state.withLock({ $0.slots[table]?.dirtySeq }) else { return }
-        try writeCopies(upTo: seq)
+        guard let seq = shard(table).state.withLock({ $0.slots[table]?.dirtySeq }) else { return }
+        try writeOwn(upTo: seq)
     }
 
     /// Writes every dirty table, oldest change first, after one barrier.
-    public func flush() throws { try writeCopies(upTo: .max) }
+    public func flush() throws { try writeOwn(upTo: .max) }
 
     /// The periodic write-back: the same as `flush` (the caller adds no fdatasync after it).
-    public func writeBackSettled() throws { try writeCopies(upTo: .max) }
+    public func writeBackSettled() throws { try writeOwn(upTo: .max) }
+
+    /// As a layer of a chain: every dirty table, without a barrier of its own.
+    public func writeChanges() throws { try writeCopies(upTo: .max, barrier: false) }
+
+    private func writeOwn(upTo seq: UInt64) throws {
+        if let chain = link.chain { try chain.write(through: self) } else { try writeCopies(upTo: seq) }
+    }
+
+    private struct Copy {
+        let offset: UInt64, slot: Slot, bytes: [UInt8], seq: UInt64, written: UInt64
+    }
 
     /// Every table dirtied at or before `seq`, as it is now, reaches the file after the
-    /// barrier, oldest change first. Copies are taken under `state`; the barrier runs with
-    /// only `writeBackLock` held, so lookups and changes go on while it waits. A table changed
-    /// after its copy was taken stays dirty for its newer entries; one dropped meanwhile (its
-    /// space freed) is not written.
-    private func writeCopies(upTo seq: UInt64) throws {
+    /// barrier, oldest change first. Copies are taken shard by shard under its lock (a
+    /// batch has no barrier inside it, so the copies need not be one instant's state: what
+    /// was changed before this call is in them); the barrier runs with only `writeBackLock`
+    /// held, so lookups and changes go on while it waits. A table changed after its copy
+    /// was taken stays dirty for its newer entries; one dropped meanwhile (its space freed)
+    /// is not written.
+    private func writeCopies(upTo seq: UInt64, barrier: Bool = true) throws {
         try writeBackLock.withLock { _ in
-            let copies = state.withLock { s in
-                s.slots.compactMap { (offset, slot) -> (offset: UInt64, slot: Slot, bytes: [UInt8], seq: UInt64, written: UInt64)? in
-                    guard let d = slot.dirtySeq, d <= seq else { return nil }
-                    return (offset, slot, slot.bytes, d, slot.writes)
-                }.sorted { $0.seq < $1.seq }
-            }
-            guard !copies.isEmpty else { return }
-            try beforeWriteBack?()
-            if let journal {
-                try journal(copies.map { ($0.offset, $0.bytes) })
-                state.withLock { s in
-                    s.stats.writeBackBatches += 1
-                    for c in copies where s.slots[c.offset] === c.slot && c.slot.writes == c.written {
-                        c.slot.writes += 1
-                        if c.slot.dirtySeq == c.seq { c.slot.dirtySeq = nil }
-                        s.stats.tableWrites += 1
+            let copies = shards.flatMap { sh in
+                sh.state.withLock { s in
+                    s.slots.compactMap { (offset, slot) -> Copy? in
+                        guard let d = slot.dirtySeq, d <= seq else { return nil }
+                        return Copy(offset: offset, slot: slot, bytes: slot.bytes, seq: d, written: slot.writes)
                     }
                 }
-                return
-            }
-            // (The writes go to the page cache; under `state` so a table freed and reused
-            // meanwhile is never overwritten with its old bytes.)
-            try state.withLock { s in
-                s.stats.writeBackBatches += 1
-                for c in copies where s.slots[c.offset] === c.slot && c.slot.writes == c.written {
-                    try file.write(c.bytes, at: c.offset)
+            }.sorted { $0.seq < $1.seq }
+            guard !copies.isEmpty else { return }
+            if barrier { try beforeWriteBack?() }
+            if let journal { try journal(copies.map { ($0.offset, $0.bytes) }) }
+            shards[0].state.withLock { $0.stats.writeBackBatches += 1 }
+            for c in copies {
+                // Under the shard's lock, so a table freed and reused meanwhile is never
+                // overwritten with its old bytes (the write goes to the page cache).
+                try shard(c.offset).state.withLock { s in
+                    guard s.slots[c.offset] === c.slot && c.slot.writes == c.written else { return }
+                    if journal == nil { try file.write(c.bytes, at: c.offset) }
                     c.slot.writes += 1
                     if c.slot.dirtySeq == c.seq { c.slot.dirtySeq = nil }
                     s.stats.tableWrites += 1
@@ -413,12 +472,12 @@ public final class TableCache: Sendable {
         }
     }
 
-    /// After a change: when dirty tables have pushed the cache past its capacity, they are
-    /// written back (outside `state`) and clean tables evicted down to the capacity.
+    /// After a change: when dirty tables have pushed a shard past its capacity, they are
+    /// written back (outside the shards' locks) and clean tables evicted down to the capacity.
     private func relieveIfOverfull() throws {
-        guard state.withLock({ $0.slots.count > capacity }) else { return }
-        try writeCopies(upTo: .max)
-        state.withLock { s in evictClean(&s, keeping: capacity) }
+        guard shards.contains(where: { sh in sh.state.withLock { $0.slots.count > shardCapacity } }) else { return }
+        try writeOwn(upTo: .max)
+        for sh in shards { sh.state.withLock { s in evictClean(&s, keeping: shardCapacity) } }
     }
 
     // MARK: - internals (state lock held)
@@ -441,13 +500,13 @@ public final class TableCache: Sendable {
             return existing  // (or another thread loaded it meanwhile)
         }
         s.stats.misses += 1
-        evictClean(&s, keeping: capacity - 1)
+        evictClean(&s, keeping: shardCapacity - 1)
         let slot = Slot(bytes: bytes)
         if maxAge != nil { slot.loadedAt = monotonicSeconds() }
-        if !forChange && s.slots.count >= 2 * capacity { return slot }  // every table dirty: not kept
+        if !forChange && s.slots.count >= 2 * shardCapacity { return slot }  // every table dirty: not kept
         s.slots[table] = slot
         s.queue.append(table)
-        if s.queue.count - s.head > 2 * capacity + 64 { s.queue = Array(s.slots.keys); s.head = 0 }
+        if s.queue.count - s.head > 2 * shardCapacity + 64 { s.queue = Array(s.slots.keys); s.head = 0 }
         return slot
     }
 

@@ -17,7 +17,7 @@ public enum FormatRegistry {
 }
 
 /// How the opener recognises and opens one format.
-protocol FormatOpening {
+protocol FormatOpening: Sendable {
     static var format: ImageFormat { get }
     /// Whether rawmount writes this format (false unless a format says so).
     static var writes: Bool { get }

@@ -288,11 +288,11 @@ struct CreateCommand: ParsableCommand {
         let cs = (try? clusterSize.map(parseSize)) ?? 65536
         switch fmt {
         case "qcow2":
-            f += ["cluster_size=\(cs ?? 65536)", "extended_l2=\(extendedL2 ? "on" : "off")", "compression_type=zlib", "size=\(size)"] + back
+            f += ["cluster_size=\(cs)", "extended_l2=\(extendedL2 ? "on" : "off")", "compression_type=zlib", "size=\(size)"] + back
             if preallocation != "off" { f.append("preallocation=\(preallocation)") }
             f += ["lazy_refcounts=\(lazyRefcounts ? "on" : "off")", "refcount_bits=\(refcountBits)"]
             if compat != "1.1" { f.append("compat=\(compat)") }
-        case "qed": f += ["size=\(size)"] + back + ["cluster_size=\(cs ?? 65536)", "table_size=\(tableSize)"]
+        case "qed": f += ["size=\(size)"] + back + ["cluster_size=\(cs)", "table_size=\(tableSize)"]
         case "vdi": f += ["size=\(size)", "static=\(isStatic ? "on" : "off")"]
         case "vmdk": f += ["size=\(size)"] + back.prefix(1) + ["compat6=off", "hwversion=undefined", "subformat=\(subformat ?? "monolithicSparse")"]
         case "vpc": f += ["size=\(size)"] + (subformat.map { ["subformat=\($0)"] } ?? []) + (forceSize ? ["force_size=on"] : [])

@@ -103,7 +103,8 @@ struct FuzzImages {
             sums.append((at + 72, at, at + 72))
             let data = at + 76
             switch type {
-            case "volume", "disk", "data" where next - data >= 1052: sums.append((data + 1048, data, data + 1048))
+            case "volume", "disk": sums.append((data + 1048, data, data + 1048))
+            case "data" where next - data >= 1052: sums.append((data + 1048, data, data + 1048))
             case "table", "table2":
                 let n = Int(le32(original, data))
                 sums.append((data + 20, data, data + 20))

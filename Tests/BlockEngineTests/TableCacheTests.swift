@@ -204,6 +204,38 @@ final class TableCacheTests: XCTestCase {
         XCTAssertGreaterThan(c.stats.evictions, 0, "the working set exceeded the capacity")
     }
 
+    /// A cache large enough to be sharded: the capacity still bounds it, write-back is
+    /// still oldest change first over all shards, and parallel readers and writers of many
+    /// tables see and leave consistent values.
+    func testShardedCacheKeepsItsBoundOrderAndValues() throws {
+        let tables = 1024, perTable = 8, cap = TableCache.shardedFrom * 2
+        let f = try makeFile([UInt8](repeating: 0, count: tables * perTable * 8))
+        let c = TableCache(file: f, tableBytes: perTable * 8, encoding: .u64LE, capacity: cap)
+        DispatchQueue.concurrentPerform(iterations: 4) { w in
+            for t in stride(from: w, to: tables, by: 4) {
+                try? c.setEntry(table: UInt64(t * perTable * 8), index: 0, value: UInt64(t + 1))
+                _ = try? c.entry(table: UInt64(((t * 7) % tables) * perTable * 8), index: 0)
+            }
+        }
+        XCTAssertLessThanOrEqual(c.cachedCount, 2 * cap, "lookups and changes grew the cache past twice its capacity")
+        try c.flush()
+        XCTAssertEqual(c.dirtyCount, 0)
+        let check = TableCache(file: f, tableBytes: perTable * 8, encoding: .u64LE, capacity: 4)
+        for t in 0..<tables { XCTAssertEqual(try check.entry(table: UInt64(t * perTable * 8), index: 0), UInt64(t + 1)) }
+        // Order over shards: a write-back of one table writes every table changed before it
+        // (whatever shard holds it) and none changed after.
+        let keys = (0..<40).map { UInt64($0 * perTable * 8) }
+        for (n, k) in keys.enumerated() { try c.setEntry(table: k, index: 1, value: UInt64(1000 + n)) }
+        try c.writeBack(table: keys[19])
+        for (n, k) in keys.enumerated() {
+            let v = try f.readBytes(count: 8, at: k + 8, what: "t").enumerated().reduce(UInt64(0)) { $0 | UInt64($1.element) << (8 * UInt64($1.offset)) }
+            XCTAssertEqual(v, n <= 19 ? UInt64(1000 + n) : 0, "table \(n) after writing back table 19")
+        }
+        let s = c.stats
+        XCTAssertGreaterThan(s.evictions, 0)
+        XCTAssertGreaterThan(s.hits + s.misses, tables)
+    }
+
     func testConcurrentWritersToDistinctEntriesAllLand() throws {
         let f = try makeFile([UInt8](repeating: 0, count: 4 * 64 * 4))
         let c = TableCache(file: f, tableBytes: 64 * 4, encoding: .u32LE, capacity: 2)

@@ -20,6 +20,9 @@ public final class QCOW2Driver: ImageAllocating {
     let l2: TableCache
     /// Writable images only: the refcounts and the allocator on them.
     let refcounts: QCOW2Refcounts?
+    /// Writable: the order metadata reaches the disk (refcounts, then L2 tables after the
+    /// data, then the L1), as QEMU orders it.
+    let writeBackChain: WriteBackChain?
     /// Writable images: the persistent dirty bitmaps being kept (nil for version 2).
     public let bitmaps: QCOW2BitmapSet?
     /// Read-only images: consistent bitmaps, loaded when first asked for.
@@ -88,9 +91,12 @@ public final class QCOW2Driver: ImageAllocating {
         let refcounts = writable ? try QCOW2Refcounts(file: file, header: h, fileSize: fileSize, metadata: metadata) : nil
         self.refcounts = refcounts
         l2SliceBytes = min(h.clusterSize, 4096)
-        var barrier: (@Sendable () throws -> Void)? = nil
-        if let refcounts { barrier = { [file] in try refcounts.writeDirty(); try file.sync() } }
-        l2 = TableCache(file: file, tableBytes: Int(l2SliceBytes), encoding: .u64BE, capacity: 4096, beforeWriteBack: barrier)
+        l2 = TableCache(file: file, tableBytes: Int(l2SliceBytes), encoding: .u64BE, capacity: 4096)
+        if let refcounts, writable {
+            writeBackChain = WriteBackChain([.init(refcounts.chain), .init(l2, afterData: true), .init(l1)], barrier: { [file] in try file.sync() })
+        } else {
+            writeBackChain = nil
+        }
         inflated = InflatedClusters(clusterBytes: Int(h.clusterSize))
         if let refcounts {
             // A write must never land on the refcount structures, the snapshot table, a

@@ -49,12 +49,13 @@ final class QCOW2Refcounts: Sendable {
     let sliceBytes: UInt64
     var perSlice: UInt64 { sliceBytes * 8 / codec.bits }
 
+    /// The refcount table, held whole; changed only under `state`.
+    let table: HeldTable
+    /// Blocks, then (after a barrier, so the table never names a block that is not on
+    /// disk) the table: the first layers of the driver's write-back chain.
+    let chain: WriteBackChain
+
     struct State: ~Copyable {
-        var table: [UInt64]
-        var tableOffset: UInt64
-        var tableClusters: UInt64
-        /// Table entries changed in memory but not yet written.
-        var dirtyEntries = Set<Int>()
         /// No cluster below this one is free.
         var freeHint: UInt64 = 1
         /// Clusters in the file or handed out (fresh space starts here).
@@ -91,8 +92,10 @@ final class QCOW2Refcounts: Sendable {
             if e & 0x1FF != 0 && reserved.count < 1000 { reserved.append(i) }
         }
         entriesWithReservedBits = reserved
-        state = Mutex(State(table: table, tableOffset: h.refcountTableOffset, tableClusters: UInt64(h.refcountTableClusters),
-                            endCluster: (fileSize + h.clusterSize - 1) / h.clusterSize))
+        let held = HeldTable(file: file, offset: h.refcountTableOffset, entries: table)
+        self.table = held
+        chain = WriteBackChain([.init(blocks), .init(held)], barrier: { [file] in try file.sync() })
+        state = Mutex(State(endCluster: (fileSize + h.clusterSize - 1) / h.clusterSize))
         endBytes = Atomic((fileSize + h.clusterSize - 1) / h.clusterSize * h.clusterSize)
     }
 
@@ -103,12 +106,17 @@ final class QCOW2Refcounts: Sendable {
     }
 
     var tableRange: (offset: UInt64, bytes: UInt64) {
-        state.withLock { ($0.tableOffset, $0.tableClusters * clusterSize) }
+        state.withLock { _ in (table.offset, UInt64(table.count) * 8) }
     }
     /// Every refcount block's host offset (for metadata ranges and checks).
-    var blockOffsets: [UInt64] { state.withLock { $0.table.filter { $0 != 0 } } }
+    var blockOffsets: [UInt64] { state.withLock { _ in table.all.filter { $0 != 0 } } }
     /// The refcount table indices that name a block (block i covers clusters from i * perBlock).
-    var blockIndices: [UInt64] { state.withLock { s in s.table.indices.filter { s.table[$0] != 0 }.map(UInt64.init) } }
+    var blockIndices: [UInt64] {
+        state.withLock { _ in
+            let t = table.all
+            return t.indices.filter { t[$0] != 0 }.map(UInt64.init)
+        }
+    }
 
     // MARK: reading and changing single refcounts
 
@@ -118,8 +126,8 @@ final class QCOW2Refcounts: Sendable {
 
     private func blockOffset(_ s: borrowing State, _ cluster: UInt64) throws -> UInt64? {
         let bi = cluster / perBlock
-        guard bi < UInt64(s.table.count), s.table[Int(bi)] != 0 else { return nil }
-        let b = s.table[Int(bi)]
+        guard bi < UInt64(table.count), table.entry(Int(bi)) != 0 else { return nil }
+        let b = table.entry(Int(bi))
         guard b % clusterSize == 0 else {
             throw BlockError.invalid(file: file.path, field: "refcount table entry \(bi)", detail: "block offset \(b) is not cluster aligned")
         }
@@ -183,8 +191,8 @@ final class QCOW2Refcounts: Sendable {
             var c = hint
             while true {
                 let bi = c / perBlock
-                if bi >= UInt64(s.table.count) { try growLocked(&s, toCover: bi); continue }
-                if s.table[Int(bi)] == 0 { try ensureBlockLocked(&s, for: c); continue }
+                if bi >= UInt64(table.count) { try growLocked(&s, toCover: bi); continue }
+                if table.entry(Int(bi)) == 0 { try ensureBlockLocked(&s, for: c); continue }
                 // Past the file's end nothing can be in use: a damaged block claiming otherwise
                 // must not make the scan walk its whole range.
                 func free(_ c: UInt64) throws -> Bool {
@@ -220,17 +228,17 @@ final class QCOW2Refcounts: Sendable {
         try release(a.offset, length: a.clusters * clusterSize)
         return try state.withLock { s in
             let last = (s.endCluster + n + n / perBlock + 2) / perBlock
-            if last >= UInt64(s.table.count) { try growLocked(&s, toCover: last) }
+            if last >= UInt64(table.count) { try growLocked(&s, toCover: last) }
             let start = s.endCluster
             // The blocks missing for [start, start + k + n) go at start: grow k until they fit.
             var missing: [UInt64] = []
             while true {
                 let k = UInt64(missing.count)
                 let ranges = (start / perBlock) ... ((start + k + n - 1) / perBlock)
-                missing = ranges.filter { $0 >= UInt64(s.table.count) || s.table[Int($0)] == 0 }
+                missing = ranges.filter { $0 >= UInt64(table.count) || table.entry(Int($0)) == 0 }
                 if UInt64(missing.count) <= k { break }
             }
-            if let beyond = missing.last, beyond >= UInt64(s.table.count) {
+            if let beyond = missing.last, beyond >= UInt64(table.count) {
                 throw BlockError.invalid(file: file.path, field: "refcount table", detail: "cannot cover clusters from \(beyond * perBlock)")
             }
             let k = UInt64(missing.count)
@@ -239,8 +247,7 @@ final class QCOW2Refcounts: Sendable {
                 let offset = (start + UInt64(m)) * clusterSize
                 blocks.discard(offset, length: clusterSize)
                 try file.write([UInt8](repeating: 0, count: Int(clusterSize)), at: offset)
-                s.table[Int(bi)] = offset
-                s.dirtyEntries.insert(Int(bi))
+                table.set(Int(bi), offset)
                 metadata?.insert(.init(start: offset, length: clusterSize, what: "a refcount block"))
             }
             extendEnd(&s, to: start + k + n)
@@ -253,8 +260,8 @@ final class QCOW2Refcounts: Sendable {
     /// free, having no block): at its first usable cluster, counting itself.
     private func ensureBlockLocked(_ s: inout State, for cluster: UInt64) throws {
         let bi = cluster / perBlock
-        if bi >= UInt64(s.table.count) { try growLocked(&s, toCover: bi) }
-        guard s.table[Int(bi)] == 0 else { return }
+        if bi >= UInt64(table.count) { try growLocked(&s, toCover: bi) }
+        guard table.entry(Int(bi)) == 0 else { return }
         var at = bi * perBlock
         while at < (bi + 1) * perBlock && (at == 0 || excluded?(at) == true) { at += 1 }
         guard at < (bi + 1) * perBlock else {
@@ -265,8 +272,7 @@ final class QCOW2Refcounts: Sendable {
         try metadata?.guardWrite(offset, clusterSize, as: "a new refcount block", file: file.path)
         blocks.discard(offset, length: clusterSize)
         try file.write([UInt8](repeating: 0, count: Int(clusterSize)), at: offset)
-        s.table[Int(bi)] = offset
-        s.dirtyEntries.insert(Int(bi))
+        table.set(Int(bi), offset)
         metadata?.insert(.init(start: offset, length: clusterSize, what: "a refcount block"))
         extendEnd(&s, to: at + 1)
         try setLocked(&s, at, 1)
@@ -278,11 +284,11 @@ final class QCOW2Refcounts: Sendable {
     /// then the old table's clusters are freed.
     private func growLocked(_ s: inout State, toCover need: UInt64) throws {
         let e = perBlock, perTableCluster = clusterSize / 8
-        let first = UInt64(s.table.count)  // first range the table does not cover
+        let first = UInt64(table.count)  // first range the table does not cover
         var j = first
         var k: UInt64 = 1, t: UInt64 = 1, count: UInt64 = 0
         while true {
-            count = max(need + 1, j + k, UInt64(s.table.count) * 2)
+            count = max(need + 1, j + k, UInt64(table.count) * 2)
             t = (count + perTableCluster - 1) / perTableCluster
             let k2 = (k + t + e - 1) / e
             if k2 <= k {
@@ -300,7 +306,8 @@ final class QCOW2Refcounts: Sendable {
         try blocks.flush()
         let area = j * e
         try metadata?.guardWrite(area * clusterSize, (k + t) * clusterSize, as: "a new refcount table and its blocks", file: file.path)
-        var newTable = s.table + [UInt64](repeating: 0, count: Int(count) - s.table.count)
+        let current = table.all
+        var newTable = current + [UInt64](repeating: 0, count: Int(count) - current.count)
         for m in 0..<k {
             var block = [UInt8](repeating: 0, count: Int(clusterSize))
             let rangeStart = (j + m) * e
@@ -319,13 +326,10 @@ final class QCOW2Refcounts: Sendable {
         try QCOW2Header.writeField(file, at: QCOW2Header.Field.refcountTableOffset, tableOffset, bytes: 8)
         try QCOW2Header.writeField(file, at: QCOW2Header.Field.refcountTableClusters, t, bytes: 4)
         try file.sync()
-        let old = (s.tableOffset, s.tableClusters * clusterSize)
+        let old = (table.offset, UInt64(current.count) * 8)
         metadata?.remove(start: old.0)
         metadata?.insert(.init(start: tableOffset, length: t * clusterSize, what: "the refcount table"))
-        s.table = newTable
-        s.tableOffset = tableOffset
-        s.tableClusters = t
-        s.dirtyEntries = []
+        table.move(to: tableOffset, entries: newTable)
         extendEnd(&s, to: area + k + t)
         try changeLocked(&s, bytes: old.0, length: old.1, by: -1)
     }
@@ -370,25 +374,9 @@ final class QCOW2Refcounts: Sendable {
 
     // MARK: write-back
 
-    var isDirty: Bool { blocks.isDirty || state.withLock { !$0.dirtyEntries.isEmpty } }
+    var isDirty: Bool { chain.isDirty }
 
-    /// Writes changed refcount blocks, then (after a barrier, so the table never names a
-    /// block that is not on disk) the changed table clusters. Not durable by itself.
-    func writeDirty() throws {
-        try blocks.flush()
-        let pending: (offset: UInt64, clusters: [(Int, [UInt8])])? = state.withLock { s in
-            guard !s.dirtyEntries.isEmpty else { return nil }
-            let per = Int(clusterSize / 8)
-            let clusters = Set(s.dirtyEntries.map { $0 / per }).sorted().map { ci -> (Int, [UInt8]) in
-                var bytes = [UInt8](repeating: 0, count: per * 8)
-                for i in 0..<per where ci * per + i < s.table.count { put64be(&bytes, i * 8, s.table[ci * per + i]) }
-                return (ci, bytes)
-            }
-            s.dirtyEntries = []
-            return (s.tableOffset, clusters)
-        }
-        guard let pending else { return }
-        try file.sync()
-        for (ci, bytes) in pending.clusters { try file.write(bytes, at: pending.offset + UInt64(ci) * clusterSize) }
-    }
+    /// Writes changed refcount blocks, then (after a barrier) the changed table pieces. Not
+    /// durable by itself.
+    func writeDirty() throws { try chain.writeChanges() }
 }

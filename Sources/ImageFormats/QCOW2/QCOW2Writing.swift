@@ -290,25 +290,16 @@ extension QCOW2Driver {
         for cluster in freed { l2.discard(cluster, length: header.clusterSize) }
     }
 
+    /// Every metadata layer in its order (`writeBackChain`), then a barrier.
     public func flush() throws {
-        guard let refcounts else { return }
-        try flushLock.withLock { _ in
-            try l2.flush()  // its barrier: refcounts, then data and refcounts durable
-            if l1.isDirty {
-                try refcounts.writeDirty()
-                try file.sync()  // new L2 tables (and their refcounts) before the L1 names them
-                if Self.testPause > 0 { usleep(Self.testPause) }
-                try l1.writeDirty(file)
-            }
-            try refcounts.writeDirty()
-            try file.sync()
-        }
+        guard let writeBackChain else { return }
+        try flushLock.withLock { _ in try writeBackChain.flush() }
     }
 
-    /// The periodic write-back: a full flush, but only when a table changed or frees wait
-    /// (in-place data writes need no metadata; fsync makes them durable).
+    /// The periodic write-back: a full flush, but only when a table changed (in-place data
+    /// writes need no metadata; fsync makes them durable).
     public func writeBack() throws {
-        guard let refcounts, l2.isDirty || l1.isDirty || refcounts.isDirty else { return }
+        guard let writeBackChain, writeBackChain.isDirty else { return }
         try flush()
     }
 

@@ -8,6 +8,7 @@ final class VMDKSparseExtent: Sendable {
     let header: VMDKSparseHeader
     let directory: TableCache   // GD and redundant GD, in 512-byte chunks (never past their region)
     let tables: TableCache      // grain tables (GT and redundant GT), one table per entry
+    let writeBackChain: WriteBackChain
     let allocator: Allocator
     /// Header area (overHead), descriptor, both grain directories and every grain table: no
     /// grain may point into them (a grain at sector 1 would let a guest write rewrite the
@@ -28,9 +29,10 @@ final class VMDKSparseExtent: Sendable {
         let t = TableCache(file: file, tableBytes: h.gtBytes, encoding: .u32LE, capacity: max(64, (8 << 20) / h.gtBytes),
                            beforeWriteBack: { [file] in try file.sync() })
         tables = t
-        // A directory entry may only reach the disk after the grain table it points to.
-        directory = TableCache(file: file, tableBytes: Self.gdChunk, encoding: .u32LE, capacity: 1024,
-                               beforeWriteBack: { [t, file] in try t.flush(); try file.sync() })
+        directory = TableCache(file: file, tableBytes: Self.gdChunk, encoding: .u32LE, capacity: 1024)
+        // Grain tables after the grains they name; a directory entry only after the grain
+        // table it points to.
+        writeBackChain = WriteBackChain([.init(t, afterData: true), .init(directory)], barrier: { [file] in try file.sync() })
         allocator = Allocator(file: file.path, nextOffset: size, alignment: 512, limit: UInt64(UInt32.max) * 512,
                               preallocating: file)
         // Only compressed grains are ever inflated: other extents (thousands in a split
@@ -287,15 +289,8 @@ final class VMDKSparseExtent: Sendable {
         }
     }
 
-    func flush() throws {
-        try tables.flush()
-        try directory.flush()
-        try file.sync()
-    }
+    func flush() throws { try writeBackChain.flush() }
 
-    /// Grain tables that settled, then the directory entries pointing at them.
-    func writeBack() throws {
-        try tables.writeBackSettled()
-        try directory.writeBackSettled()
-    }
+    /// Grain tables, then the directory entries pointing at them (no barrier after).
+    func writeBack() throws { try writeBackChain.writeChanges() }
 }

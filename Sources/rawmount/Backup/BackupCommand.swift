@@ -108,7 +108,7 @@ struct BackupCommand: ParsableCommand {
     }
 
     private func restorePoint() throws {
-        var convert = try ConvertCommand.parse(["-O", outputFormat, paths[0], paths[1]])
+        let convert = try ConvertCommand.parse(["-O", outputFormat, paths[0], paths[1]])
         try convert.run()
     }
 }
