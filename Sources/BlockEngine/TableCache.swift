@@ -214,7 +214,7 @@ public final class TableCache: MetadataLayer {
 
     /// Whether all `count` bytes at `p` are `byte`: the range equals itself shifted by one
     /// byte only if every byte is its first (one memcmp, no pattern buffer).
-    static func allBytes(_ p: UnsafeRawPointer?, _ count: Int, equal byte: UInt8) -> Bool {
+    public static func allBytes(_ p: UnsafeRawPointer?, _ count: Int, equal byte: UInt8) -> Bool {
         guard count > 0, let p else { return true }
         return p.load(as: UInt8.self) == byte && (count == 1 || memcmp(p, p + 1, count - 1) == 0)
     }

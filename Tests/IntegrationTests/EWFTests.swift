@@ -332,7 +332,9 @@ final class EWFTests: XCTestCase {
     /// block, visited in random order, equals the source, for stored and compressed chunks.
     func testSmallReadsInAnyOrderReadTheSource() throws {
         let s = try Scratch()
-        // Larger than the mount's 16 MiB chunk cache, so later reads miss it.
+        // Larger than the mount's 16 MiB chunk cache, so later reads miss it. Its all-zero
+        // chunks are read again from the mount's zero marks, and its chunks of one other
+        // byte value must not be taken for them.
         let (src, bytes) = try source(s, bytes: 40 << 20)
         for (name, options) in [("best", ["-c", "best", "-b", "64"]), ("none", ["-c", "none", "-b", "16"])] {
             let first = try acquire(src, to: s.path("r-\(name)"), ["-f", "encase6"] + options)

@@ -1,5 +1,6 @@
 import BlockEngine
 import CDeflate
+import Glibc
 
 /// EWF (E01, SMART s01 and their EnCase/FTK/linen variants), read-only. Every chunk is
 /// served through the engine's compressed path, compressed or not: a compressed chunk is
@@ -22,7 +23,11 @@ public final class EWFDriver: MultiFileMapping, ImageDriver {
     /// its zlib stream's, checked when it is inflated whole): a later read of part of one
     /// reads only those bytes (stored) or inflates only that far (compressed). Not kept when
     /// other processes may write the files (--force-share); the mount's lock keeps the rest.
-    let verified: DirtyBitmap?
+    let verified: AtomicBits?
+    /// Compressed chunks this mount inflated whole, checked, to all zeros (unused space, much
+    /// of most evidence): a later read of one is a memset, without a read or an inflate.
+    /// Kept only with `verified`.
+    let zeroChunks: AtomicBits?
 
     public var readOnlyReason: String? { "evidence is always served read-only; --overlay takes writes" }
     public var contributingFiles: [ImageFile] { segments }
@@ -45,7 +50,8 @@ public final class EWFDriver: MultiFileMapping, ImageDriver {
         entries = TableCache(file: segments[0], tableBytes: tableBytes, encoding: .u32LE,
                              capacity: max(4, (8 << 20) / tableBytes), loader: { try t.load(Int($0), files: files, tableBytes: tableBytes) })
         inflated = InflatedClusters(clusterBytes: Int(media.chunkBytes), budget: 16 << 20)
-        verified = segments.contains { $0.sharedWithWriters } ? nil : DirtyBitmap(granularity: 1, diskSize: max(1, media.neededChunks))
+        verified = segments.contains { $0.sharedWithWriters } ? nil : AtomicBits(count: media.neededChunks)
+        zeroChunks = verified == nil ? nil : AtomicBits(count: media.neededChunks)
         var details: [(String, String)] = [("file format", flavour), ("segments", "\(segments.count)")]
         details += caseInfo.values.map { ($0.name, $0.value.escapingControls) }
         details.append(("bytes per sector", "\(media.bytesPerSector)"))
@@ -128,16 +134,20 @@ public final class EWFDriver: MultiFileMapping, ImageDriver {
         let c = guestOffset / chunkBytes
         let inChunk = Int(guestOffset - c * chunkBytes)
         let length = Int(min(chunkBytes, media.mediaSize - c * chunkBytes))
+        if ch.compressed, let zeroChunks, zeroChunks.contains(c) {
+            memset(buffer.baseAddress!, 0, buffer.count)
+            return
+        }
         // A read of a whole chunk (sequential reads) goes straight into the caller's buffer:
         // no copy, no cache entry it would never use again.
         if inChunk == 0, buffer.count == length, try readWhole(c, ch, into: buffer) { return }
-        if !ch.compressed, let verified, verified.run(from: c, maxLength: 1).dirty {
+        if !ch.compressed, let verified, verified.contains(c) {
             try segments[ch.segment].read(into: buffer, at: ch.offset + UInt64(inChunk), what: "EWF chunk \(c)")
             return
         }
         // A compressed chunk checked once this mount: inflated only as far as the read needs
         // (zlib stops there; on average half the chunk for random reads).
-        let checked = ch.compressed && verified?.run(from: c, maxLength: 1).dirty == true
+        let checked = ch.compressed && verified?.contains(c) == true
         let bytes = try chunkData(c, ch, need: checked ? inChunk + buffer.count : nil)
         bytes.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[inChunk..<(inChunk + buffer.count)])) }
     }
@@ -155,13 +165,13 @@ public final class EWFDriver: MultiFileMapping, ImageDriver {
                 throw BlockError.invalid(file: segment.path, field: chunkName(c, ch.offset, length: buffer.count),
                                          detail: "checksum mismatch (the stored chunk is damaged)")
             }
-            verified?.mark(c, length: 1)
+            verified?.insert(c)
             return true
         }
         guard c + 1 < media.neededChunks || UInt64(buffer.count) == chunkBytes else { return false }
         let stored = try Decompress.stored(segment, count: Int(ch.stored), at: ch.offset)
         guard stored.withUnsafeBytes({ rm_libdeflate_exact($0.baseAddress, $0.count, buffer.baseAddress, buffer.count, 1) == 0 }) else { return false }
-        verified?.mark(c, length: 1)  // inflated whole, its Adler-32 matched
+        checkedWhole(c, UnsafeRawBufferPointer(buffer))
         return true
     }
 
@@ -188,7 +198,7 @@ public final class EWFDriver: MultiFileMapping, ImageDriver {
                     return try Decompress.first(limit, of: stored, as: .zlib, whole: length, file: segment.path, what: what)
                 }
                 let whole = try Decompress.first(length, of: stored, as: .zlib, whole: length, file: segment.path, what: what)
-                verified?.mark(c, length: 1)  // inflated whole, its Adler-32 matched
+                whole.withUnsafeBytes { checkedWhole(c, $0) }
                 return whole
             }
             let sum = stored.count - 4
@@ -199,9 +209,15 @@ public final class EWFDriver: MultiFileMapping, ImageDriver {
                 throw BlockError.invalid(file: segment.path, field: what, detail: "checksum mismatch (the stored chunk is damaged)")
             }
             stored.removeLast(stored.count - length)  // the checksum (and a part-sector tail): no copy
-            verified?.mark(c, length: 1)
+            verified?.insert(c)
             return stored
         }
+    }
+
+    /// Compressed chunk `c` was inflated whole and its Adler-32 matched.
+    private func checkedWhole(_ c: UInt64, _ bytes: UnsafeRawBufferPointer) {
+        verified?.insert(c)
+        if UInt64(bytes.count) == chunkBytes, TableCache.allBytes(bytes.baseAddress, bytes.count, equal: 0) { zeroChunks?.insert(c) }
     }
 
     public func close() throws {}
