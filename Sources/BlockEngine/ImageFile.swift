@@ -173,6 +173,21 @@ public final class ImageFile: Sendable {
         }
     }
 
+    /// Reads `head` and then `tail` from the consecutive bytes at `offset`, in one preadv
+    /// when it returns them all (a stored chunk and its checksum); the file ending early is
+    /// an error naming `what`.
+    public func read(into head: UnsafeMutableRawBufferPointer, then tail: UnsafeMutableRawBufferPointer,
+                     at offset: UInt64, what: String) throws {
+        let total = head.count + tail.count
+        if offset <= UInt64(Int.max) - UInt64(total) {
+            var iov = [iovec(iov_base: head.baseAddress, iov_len: head.count), iovec(iov_base: tail.baseAddress, iov_len: tail.count)]
+            if preadv(fd, &iov, 2, off_t(offset)) == total { return }
+        }
+        // Short, interrupted or failed: piece by piece, which reports what went wrong.
+        try read(into: head, at: offset, what: what)
+        try read(into: tail, at: offset + UInt64(head.count), what: what)
+    }
+
     /// Reads until the buffer is full or the file ends; returns the bytes read.
     public func readUpTo(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws -> Int {
         guard let base = buffer.baseAddress, buffer.count > 0 else { return 0 }

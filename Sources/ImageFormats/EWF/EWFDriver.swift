@@ -159,9 +159,9 @@ public final class EWFDriver: MultiFileMapping, ImageDriver {
         let segment = segments[ch.segment]
         if !ch.compressed {
             guard ch.stored == UInt64(buffer.count) + 4 else { return false }
-            try segment.read(into: buffer, at: ch.offset, what: "EWF chunk \(c)")
-            let sum = try segment.readBytes(count: 4, at: ch.offset + UInt64(buffer.count), what: "EWF chunk \(c) checksum")
-            guard ewfAdler32(UnsafeRawBufferPointer(buffer)) == le32(sum, 0) else {
+            var sum: UInt32 = 0
+            try withUnsafeMutableBytes(of: &sum) { try segment.read(into: buffer, then: $0, at: ch.offset, what: "EWF chunk \(c)") }
+            guard ewfAdler32(UnsafeRawBufferPointer(buffer)) == UInt32(littleEndian: sum) else {
                 throw BlockError.invalid(file: segment.path, field: chunkName(c, ch.offset, length: buffer.count),
                                          detail: "checksum mismatch (the stored chunk is damaged)")
             }
