@@ -1,4 +1,3 @@
-import Dispatch
 import BlockEngine
 import CFuse3
 import Synchronization
@@ -138,14 +137,6 @@ public final class FuseFilesystem: Sendable {
     /// `-o max_read=N`: the connection must say the same at INIT, or libfuse aborts the
     /// session after the mount was made (set once by `FuseMount`, before the session runs).
     let maxRead = Mutex<UInt32?>(nil)
-    /// Runs once, on the first name or attribute request: the kernel sends none before it
-    /// has taken the INIT reply, so connection settings it applied there (read-ahead) are
-    /// in place and may be changed from here. Set before the mount is served.
-    public let afterInit = Mutex<(@Sendable () -> Void)?>(nil)
-    func runAfterInit() {
-        guard let body = afterInit.withLock({ b -> (@Sendable () -> Void)? in defer { b = nil }; return b }) else { return }
-        DispatchQueue.global().async { body() }
-    }
 
     /// `-o uid=,gid=,umask=`: the owner and permissions shown instead of the image file's,
     /// as other FUSE file systems take them (umask applies to 0666 files, 0777 directories).

@@ -64,7 +64,6 @@ private func setSessionOperations(_ ops: inout fuse_lowlevel_ops) {
 private func setAttributesOperations(_ ops: inout fuse_lowlevel_ops) {
     ops.lookup = { req, parent, name in
         let fs = filesystem(req)
-        fs.runAfterInit()
         guard parent == FuseFilesystem.rootInode, let name, let ino = fs.inode(named: String(cString: name)) else {
             fuse_reply_err(req, ENOENT); return
         }
@@ -72,7 +71,6 @@ private func setAttributesOperations(_ ops: inout fuse_lowlevel_ops) {
     }
 
     ops.getattr = { req, ino, _ in
-        filesystem(req).runAfterInit()
         guard var st = filesystem(req).attributes(ino) else { fuse_reply_err(req, ENOENT); return }
         fuse_reply_attr(req, &st, attrTimeout)
     }

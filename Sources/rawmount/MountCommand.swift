@@ -159,7 +159,6 @@ struct MountCommand: ParsableCommand {
             throw error
         }
         unlink(errorFile)
-        fs.afterInit.withLock { $0 = { ReadAhead.widen(mountedAt: mp) } }
         let overlayFile = try Paths.overlayFile(forMountpoint: mp)
         if let overlay = s.overlay { Paths.writeFile(overlayFile, (try? Paths.asNamed(overlay)) ?? overlay) } else { unlink(overlayFile) }
         Paths.writeFile(pidFile, "\(getpid())\n")

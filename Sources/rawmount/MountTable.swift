@@ -11,22 +11,6 @@ enum MountTable {
         all().last { $0.mountpoint == path }?.image
     }
 
-    /// The device number ("major:minor", digits checked) of the newest rawmount mount at `path`.
-    static func device(mountedAt path: String) -> String? {
-        guard let text = Paths.readFile("/proc/self/mountinfo") else { return nil }
-        var found: String? = nil
-        for line in text.split(separator: "\n") {
-            let parts = line.split(separator: " ")
-            guard parts.count > 5, let dash = parts.firstIndex(of: "-"), dash + 1 < parts.count,
-                  parts[dash + 1] == "fuse.rawmount", unescape(String(parts[4])) == path else { continue }
-            let numbers = parts[2].split(separator: ":", omittingEmptySubsequences: false)
-            if numbers.count == 2, numbers.allSatisfy({ !$0.isEmpty && $0.allSatisfy(\.isASCII) && $0.allSatisfy(\.isNumber) }) {
-                found = String(parts[2])
-            }
-        }
-        return found
-    }
-
     /// Every rawmount mount visible here, oldest first.
     static func all() -> [(mountpoint: String, image: String, readOnly: Bool)] {
         guard let text = Paths.readFile("/proc/self/mountinfo") else { return [] }
