@@ -63,9 +63,11 @@ public final class HeldTable: MetadataLayer {
     public var isDirty: Bool { state.withLock { !$0.dirty.isEmpty } }
 
     /// Writes the pieces holding changed entries (not durable by itself; the last piece is
-    /// cut at the table's end).
+    /// cut at the table's end). A failed write leaves them marked changed.
     public func writeChanges() throws {
+        var taken = Set<Int>()
         let pieces: [(offset: UInt64, bytes: [UInt8])] = state.withLock { s in
+            taken = s.dirty
             defer { s.dirty = [] }
             let at = place.load(ordering: .relaxed)
             return Set(s.dirty.map { $0 / Self.perPiece }).sorted().map { p in
@@ -78,6 +80,11 @@ public final class HeldTable: MetadataLayer {
                 return (at + UInt64(p * Self.pieceBytes), bytes)
             }
         }
-        for p in pieces { try file.write(p.bytes, at: p.offset) }
+        do {
+            for p in pieces { try file.write(p.bytes, at: p.offset) }
+        } catch {
+            state.withLock { s in s.dirty.formUnion(taken.filter { $0 < s.entries.count }) }
+            throw error
+        }
     }
 }
