@@ -2,7 +2,7 @@
 """make bench: rawmount against qemu-storage-daemon's FUSE export (and libyal's vmdkmount /
 qcowmount on VMDK / qcow2 reads) on the same image, in the same run, alternating them; prints
 medians and ratios (rawmount / peer; > 1 is better)."""
-import json, os, statistics, subprocess, sys, tempfile, time
+import json, os, random, statistics, subprocess, sys, tempfile, time
 
 RAWMOUNT = os.path.abspath(os.environ.get("RAWMOUNT", ".build/release/rawmount"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
@@ -12,23 +12,25 @@ SIZE_MB = int(os.environ.get("BENCH_SIZE_MB", "1024"))
 WRITE_MB = int(os.environ.get("BENCH_WRITE_MB", str(SIZE_MB)))
 WRITE_ROUNDS = int(os.environ.get("BENCH_WRITE_ROUNDS", "5"))
 RUNTIME = os.environ.get("BENCH_RUNTIME", "5")
-FORMATS = os.environ.get("BENCH_FORMATS", "raw,qed,vdi,vmdk,vmdk-stream,vpc,vhdx,qcow2,qcow2-compressed,qcow2-zstd,qcow2-bitmaps,ewf,ewf-stored").split(",")
+FORMATS = os.environ.get("BENCH_FORMATS", "raw,qed,vdi,vmdk,vmdk-stream,vpc,vhdx,qcow2,qcow2-compressed,qcow2-zstd,qcow2-bitmaps,ewf,ewf-text,ewf-stored").split(",")
 ONLY = os.environ.get("BENCH_ONLY", "")  # run only tests whose title contains this
 # "vmdk-stream" is a streamOptimized VMDK: read-only, compressed grains; "qcow2-compressed"
 # holds deflate clusters (from a half-compressible source, so qemu-img keeps them compressed),
 # "qcow2-zstd" the same data as zstd clusters.
 SUBFORMAT = {"vmdk-stream": ("vmdk", ["-o", "subformat=streamOptimized"]),
              "qcow2-compressed": ("qcow2", ["-c"]), "qcow2-zstd": ("qcow2", ["-c", "-o", "compression_type=zstd"]),
-             "qcow2-bitmaps": ("qcow2", []), "ewf-stored": ("ewf", [])}
+             "qcow2-bitmaps": ("qcow2", []), "ewf-stored": ("ewf", []), "ewf-text": ("ewf", [])}
 # "qcow2-bitmaps" (BENCH_FORMATS=qcow2-bitmaps) carries two enabled persistent dirty bitmaps
 # (64 KiB and 4 KiB granularity) that both servers keep up to date on every write.
 BITMAPS = {"qcow2-bitmaps"}
 # Only random reads are measured on compressed images; rawmount mounts these read-only.
 COMPRESSED = {"vmdk-stream", "qcow2-compressed", "qcow2-zstd"}
-# EWF evidence (ewfacquire, EnCase 6, 256 MiB segments): "ewf" with compressed chunks of a
-# half-compressible source, "ewf-stored" uncompressed chunks (each with its Adler-32). QEMU
-# has no EWF driver: the peers are libewf's ewfmount and xmount.
-EWF = {"ewf": ["-c", "fast"], "ewf-stored": ["-c", "none"]}
+# EWF evidence (ewfacquire, EnCase 6, 256 MiB segments): "ewf" from a source of random and
+# zero halves (the random chunks are stored, the zero chunks compressed: free space), "ewf-text"
+# from text-like data (every chunk compressed, none of them zeros), "ewf-stored" uncompressed
+# chunks (each with its Adler-32). QEMU has no EWF driver: the peers are libewf's ewfmount and
+# xmount.
+EWF = {"ewf": ["-c", "fast"], "ewf-text": ["-c", "fast"], "ewf-stored": ["-c", "none"]}
 READ_ONLY = COMPRESSED | set(EWF)
 # Rows only some formats run: qcow2 (the format #12 made writable) gets the overwrite, job
 # scaling and buffered dd rows.
@@ -209,6 +211,14 @@ def make_image(work, fmt):
                 f.write(os.urandom(32768) + bytes(32768))
     if fmt in EWF:
         src = raw
+        if fmt == "ewf-text":  # words: every chunk deflates (about 3:1), none is zeros
+            src = os.path.join(work, "text.raw")
+            if not os.path.exists(src):
+                rng = random.Random(7)
+                words = [bytes("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(3 + k % 9)), "ascii") for k in range(4000)]
+                with open(src, "wb") as f:
+                    for _ in range(SIZE_MB):
+                        f.write(b" ".join(rng.choice(words) for _ in range(200_000))[: 1 << 20])
         if fmt == "ewf":  # half random, half zeros per 64 KiB: chunks that compress
             src = os.path.join(work, "half.raw")
             if not os.path.exists(src):

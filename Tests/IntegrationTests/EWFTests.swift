@@ -246,7 +246,7 @@ final class EWFTests: XCTestCase {
     func testDamagedAndHostileSetsAreRefusedNamingTheFile() throws {
         let s = try Scratch()
         let (src, _) = try source(s, bytes: 4 << 20)
-        let first = try acquire(src, to: s.path("h"), ["-f", "encase6", "-c", "none", "-S", "1MiB"])
+        try acquire(src, to: s.path("h"), ["-f", "encase6", "-c", "none", "-S", "1MiB"])
         let segs = try FileManager.default.contentsOfDirectory(atPath: s.dir).filter { $0.hasPrefix("h.E") }.sorted()
         XCTAssertGreaterThanOrEqual(segs.count, 3, "\(segs)")
         func copySet(_ name: String) throws -> String {
@@ -335,7 +335,7 @@ final class EWFTests: XCTestCase {
         // Larger than the mount's 16 MiB chunk cache, so later reads miss it. Its all-zero
         // chunks are read again from the mount's zero marks, and its chunks of one other
         // byte value must not be taken for them.
-        let (src, bytes) = try source(s, bytes: 40 << 20)
+        let (src, _) = try source(s, bytes: 40 << 20)
         for (name, options) in [("best", ["-c", "best", "-b", "64"]), ("none", ["-c", "none", "-b", "16"])] {
             let first = try acquire(src, to: s.path("r-\(name)"), ["-f", "encase6"] + options)
             try s.mount(first, options: ["-r"])
