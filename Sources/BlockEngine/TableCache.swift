@@ -236,7 +236,7 @@ public final class TableCache: MetadataLayer {
         let sh = shard(table)
         let loaded: [UInt8]? = sh.state.withLock { $0.slots[table] == nil } ?
             try readTable(table) : nil
-        try sh.state.withLock { s in
+        let overfull = try sh.state.withLock { s in
             let slot: Slot
             if let existing = s.slots[table] { slot = existing } else {
                 slot = try insertLocked(&s, table: table, bytes: loaded ?? [UInt8](repeating: 0, count: tableBytes), forChange: true)
@@ -244,8 +244,9 @@ public final class TableCache: MetadataLayer {
             encode(&slot.bytes, index, value)
             slot.uniform = nil
             slot.referenced = true; slot.dirtySeq = tick()
+            return s.slots.count > shardCapacity
         }
-        try relieveIfOverfull()
+        if overfull { try relieve() }
     }
 
     /// Calls `body` with the table's raw bytes, under the lock (no I/O in `body`): for
@@ -259,7 +260,7 @@ public final class TableCache: MetadataLayer {
         let sh = shard(table)
         let loaded: [UInt8]? = sh.state.withLock { $0.slots[table] == nil } ?
             try readTable(table) : nil
-        let result = try sh.state.withLock { s in
+        let (result, overfull) = try sh.state.withLock { s in
             let slot: Slot
             if let existing = s.slots[table] { slot = existing } else {
                 slot = try insertLocked(&s, table: table, bytes: loaded ?? [UInt8](repeating: 0, count: tableBytes), forChange: true)
@@ -267,9 +268,9 @@ public final class TableCache: MetadataLayer {
             let r = try body(&slot.bytes)
             slot.uniform = nil
             slot.referenced = true; slot.dirtySeq = tick()
-            return r
+            return (r, s.slots.count > shardCapacity)
         }
-        try relieveIfOverfull()
+        if overfull { try relieve() }
         return result
     }
 
@@ -404,13 +405,14 @@ public final class TableCache: MetadataLayer {
     public func install(table: UInt64, fill: UInt64 = 0) throws {
         var bytes = [UInt8](repeating: 0, count: tableBytes)
         if fill != 0 { for i in 0..<entriesPerTable { encode(&bytes, i, fill) } }
-        try shard(table).state.withLock { s in
+        let overfull = try shard(table).state.withLock { s in
             let slot = try insertLocked(&s, table: table, bytes: bytes, forChange: true)
             slot.bytes = bytes
             slot.uniform = nil
             slot.referenced = true; slot.dirtySeq = tick()
+            return s.slots.count > shardCapacity
         }
-        try relieveIfOverfull()
+        if overfull { try relieve() }
     }
 
     /// Writes `table` and every table dirtied before its last change (in a chain: every
@@ -472,10 +474,10 @@ public final class TableCache: MetadataLayer {
         }
     }
 
-    /// After a change: when dirty tables have pushed a shard past its capacity, they are
-    /// written back (outside the shards' locks) and clean tables evicted down to the capacity.
-    private func relieveIfOverfull() throws {
-        guard shards.contains(where: { sh in sh.state.withLock { $0.slots.count > shardCapacity } }) else { return }
+    /// After a change that left its shard past its capacity (judged under the change's own
+    /// lock: a change takes no other shard's): the dirty tables are written back (outside
+    /// the shards' locks) and clean tables evicted down to the capacity.
+    private func relieve() throws {
         try writeOwn(upTo: .max)
         for sh in shards { sh.state.withLock { s in evictClean(&s, keeping: shardCapacity) } }
     }
