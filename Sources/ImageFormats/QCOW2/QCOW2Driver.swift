@@ -31,8 +31,6 @@ public final class QCOW2Driver: ImageAllocating {
     let hasBacking: Bool
     /// Allocations handed out and not yet linked, by host offset (engine's allocation lock).
     let inFlight = Mutex<[UInt64: InFlightAllocation]>([:])
-    /// One flush at a time (fsync and the periodic write-back may overlap).
-    let flushLock = Mutex<Void>(())
     let l2SliceBytes: UInt64
     let fileSize: UInt64
     let inflated: InflatedClusters

@@ -374,8 +374,6 @@ final class QCOW2Refcounts: Sendable {
 
     // MARK: write-back
 
-    var isDirty: Bool { chain.isDirty }
-
     /// Writes changed refcount blocks, then (after a barrier) the changed table pieces. Not
     /// durable by itself.
     func writeDirty() throws { try chain.writeChanges() }

@@ -290,10 +290,9 @@ extension QCOW2Driver {
         for cluster in freed { l2.discard(cluster, length: header.clusterSize) }
     }
 
-    /// Every metadata layer in its order (`writeBackChain`), then a barrier.
+    /// Every metadata layer in its order (`writeBackChain`, one pass at a time), then a barrier.
     public func flush() throws {
-        guard let writeBackChain else { return }
-        try flushLock.withLock { _ in try writeBackChain.flush() }
+        try writeBackChain?.flush()
     }
 
     /// The periodic write-back: a full flush, but only when a table changed (in-place data
