@@ -41,7 +41,9 @@ public final class TableCache: MetadataLayer {
     private let beforeWriteBack: (@Sendable () throws -> Void)?
     /// A shard: its tables and eviction queue under one lock.
     final class Shard: Sendable {
-        let state = Mutex(State())
+        let generation = TableMemo.Generation()
+        let state: Mutex<State>
+        init() { state = Mutex(State(generation: generation)) }
     }
     private let shards: [Shard]
     /// Tables one shard keeps (the cache's capacity split evenly).
@@ -53,6 +55,10 @@ public final class TableCache: MetadataLayer {
     static let shardCount = 8
     /// One write-back (copy, barrier, write) at a time; lookups never take it.
     private let writeBackLock = Mutex<Void>(())
+    /// This cache's name in threads' memos, and whether lookups use them (small tables of a
+    /// file no other process writes).
+    private let serial = TableMemo.newSerial()
+    private let memoized: Bool
 
     final class Slot: @unchecked Sendable { // only touched under its shard's lock
         var bytes: [UInt8]
@@ -70,6 +76,9 @@ public final class TableCache: MetadataLayer {
         init(bytes: [UInt8]) { self.bytes = bytes }
     }
     struct State: ~Copyable {
+        /// Moved on by every change of a held table's bytes and every table dropped, so
+        /// threads' memos of this shard's tables (`TableMemo`) stop being used.
+        let generation: TableMemo.Generation
         var slots: [UInt64: Slot] = [:]
         /// Keys in the order eviction visits them (second chance: a table used since it was
         /// queued goes to the back once), from `head`; new tables join at the back. A miss
@@ -116,6 +125,7 @@ public final class TableCache: MetadataLayer {
         self.beforeWriteBack = beforeWriteBack
         self.journal = journal
         self.loader = loader
+        memoized = maxAge == nil && tableBytes <= TableMemo.maxTableBytes
         let n = capacity >= Self.shardedFrom ? Self.shardCount : 1
         shards = (0..<n).map { _ in Shard() }
         shardCapacity = (capacity + n - 1) / n
@@ -160,9 +170,13 @@ public final class TableCache: MetadataLayer {
     public func entry(table: UInt64, index: Int) throws -> UInt64 {
         precondition(index >= 0 && index < entriesPerTable)
         let sh = shard(table)
+        if memoized, let v = TableMemo.read(cache: serial, table: table, generation: sh.generation.load(), { decode($0, index) }) {
+            return v
+        }
         if let v = sh.state.withLock({ s -> UInt64? in
             guard let slot = s.slots[table], isFresh(slot) else { return nil }
             slot.referenced = true; s.stats.hits += 1
+            remember(s, table, slot)
             return decode(slot.bytes, index)
         }) { return v }
         let bytes = try readTable(table)
@@ -175,9 +189,13 @@ public final class TableCache: MetadataLayer {
     /// Calls `body` with entries `range` of the table, under the lock (no I/O in `body`).
     public func withEntries<R>(table: UInt64, _ body: (TableView) throws -> R) throws -> R {
         let sh = shard(table)
+        if memoized, let r = try TableMemo.read(cache: serial, table: table, generation: sh.generation.load(), {
+            try body(TableView(bytes: $0, encoding: encoding))
+        }) { return r }
         if let r = try sh.state.withLock({ s -> R? in
             guard let slot = s.slots[table], isFresh(slot) else { return nil }
             slot.referenced = true; s.stats.hits += 1
+            remember(s, table, slot)
             return try body(TableView(bytes: slot.bytes, encoding: encoding))
         }) { return r }
         let bytes = try readTable(table)
@@ -241,7 +259,9 @@ public final class TableCache: MetadataLayer {
             if let existing = s.slots[table] { slot = existing } else {
                 slot = try insertLocked(&s, table: table, bytes: loaded ?? [UInt8](repeating: 0, count: tableBytes), forChange: true)
             }
+            if memoized { TableMemo.forget(cache: serial, table: table) }
             encode(&slot.bytes, index, value)
+            s.generation.bump()
             slot.uniform = nil
             slot.referenced = true; slot.dirtySeq = tick()
             return s.slots.count > shardCapacity
@@ -265,7 +285,9 @@ public final class TableCache: MetadataLayer {
             if let existing = s.slots[table] { slot = existing } else {
                 slot = try insertLocked(&s, table: table, bytes: loaded ?? [UInt8](repeating: 0, count: tableBytes), forChange: true)
             }
+            if memoized { TableMemo.forget(cache: serial, table: table) }
             let r = try body(&slot.bytes)
+            s.generation.bump()
             slot.uniform = nil
             slot.referenced = true; slot.dirtySeq = tick()
             return (r, s.slots.count > shardCapacity)
@@ -363,13 +385,16 @@ public final class TableCache: MetadataLayer {
             for sh in shards {
                 sh.state.withLock { s in
                     for key in s.slots.keys where key >= start && key < start + length { s.slots[key] = nil }
+                    s.generation.bump()
                 }
             }
         } else {
             var t = start
             while t < start + length {
                 let key = t
-                shard(key).state.withLock { _ = $0.slots.removeValue(forKey: key) }
+                shard(key).state.withLock { s in
+                    if s.slots.removeValue(forKey: key) != nil { s.generation.bump() }
+                }
                 t += UInt64(tableBytes)
             }
         }
@@ -408,6 +433,7 @@ public final class TableCache: MetadataLayer {
         let overfull = try shard(table).state.withLock { s in
             let slot = try insertLocked(&s, table: table, bytes: bytes, forChange: true)
             slot.bytes = bytes
+            s.generation.bump()
             slot.uniform = nil
             slot.referenced = true; slot.dirtySeq = tick()
             return s.slots.count > shardCapacity
@@ -484,6 +510,11 @@ public final class TableCache: MetadataLayer {
 
     // MARK: - internals (state lock held)
 
+    /// Lets this thread find the table without the lock until the shard changes.
+    @inline(__always) private func remember(_ s: borrowing State, _ table: UInt64, _ slot: Slot) {
+        if memoized { TableMemo.remember(cache: serial, table: table, generation: s.generation.load(), bytes: slot.bytes) }
+    }
+
     @inline(__always) private func isFresh(_ slot: Slot) -> Bool {
         guard let maxAge, slot.dirtySeq == nil else { return true }
         return monotonicSeconds() - slot.loadedAt < maxAge
@@ -496,6 +527,7 @@ public final class TableCache: MetadataLayer {
             existing.referenced = true
             if !isFresh(existing) {  // read again for a shared file: take what is on disk now
                 existing.bytes = bytes
+                s.generation.bump()
                 existing.uniform = nil
                 existing.loadedAt = monotonicSeconds()
             }
@@ -523,6 +555,7 @@ public final class TableCache: MetadataLayer {
             guard let victim = s.slots[key] else { continue }  // dropped elsewhere (or a stale duplicate)
             if victim.referenced || victim.dirtySeq != nil { victim.referenced = false; s.queue.append(key); continue }
             s.slots[key] = nil
+            s.generation.bump()
             s.stats.evictions += 1
         }
         if s.head > 4096 && s.head * 2 > s.queue.count { s.queue.removeFirst(s.head); s.head = 0 }

@@ -204,6 +204,58 @@ final class TableCacheTests: XCTestCase {
         XCTAssertGreaterThan(c.stats.evictions, 0, "the working set exceeded the capacity")
     }
 
+    /// Lookups of small tables are served from the thread's memo without the lock; the memo
+    /// must never outlive a change made by another thread, a discard of the space (rewritten
+    /// on disk since) or an eviction.
+    func testLockFreeLookupsNeverSeeAStaleTable() throws {
+        let f = try makeFile([UInt8](repeating: 0, count: 8 * 64))
+        let c = TableCache(file: f, tableBytes: 64, encoding: .u64LE, capacity: 2)
+        // (DispatchQueue.sync may run its block on the calling thread: a Thread does not.)
+        func onAnotherThread<R: Sendable>(_ body: @escaping @Sendable () throws -> R) throws -> R {
+            let result = Mutex<Result<R, any Error>?>(nil), done = DispatchSemaphore(value: 0)
+            Thread { result.withLock { $0 = Result { try body() } }; done.signal() }.start()
+            done.wait()
+            return try result.withLock { $0! }.get()
+        }
+        XCTAssertEqual(try c.entry(table: 0, index: 3), 0)
+        XCTAssertEqual(try c.entry(table: 0, index: 3), 0)  // now from this thread's memo
+        try onAnotherThread { try c.setEntry(table: 0, index: 3, value: 77) }
+        XCTAssertEqual(try c.entry(table: 0, index: 3), 77, "a change by another thread")
+        try c.setEntry(table: 0, index: 3, value: 78)
+        XCTAssertEqual(try c.entry(table: 0, index: 3), 78, "this thread's own change")
+        XCTAssertEqual(try c.withEntries(table: 0) { $0[3] }, 78)
+        try c.flush()
+        // The space is freed and comes back as something else, written on disk directly.
+        c.discard(0, length: 64)
+        try f.write([UInt8](repeating: 0x11, count: 64), at: 0)
+        XCTAssertEqual(try c.entry(table: 0, index: 3), 0x1111_1111_1111_1111, "a discarded table")
+        // Evicted (two other tables read), then changed on disk behind the cache's back: the
+        // next lookup must read the file, not this thread's memo.
+        XCTAssertEqual(try c.entry(table: 0, index: 0), 0x1111_1111_1111_1111)
+        for t in 1...4 { _ = try onAnotherThread { try c.entry(table: UInt64(t * 64), index: 0) } }
+        XCTAssertFalse(c.isCached(table: 0))
+        try f.write([UInt8](repeating: 0x22, count: 64), at: 0)
+        XCTAssertEqual(try c.entry(table: 0, index: 0), 0x2222_2222_2222_2222, "an evicted table")
+
+        // Readers racing one writer never see a value older than one they saw before.
+        let d = TableCache(file: f, tableBytes: 64, encoding: .u64LE, capacity: 8)
+        let stale = Mutex(0), rounds = 20_000
+        DispatchQueue.concurrentPerform(iterations: 4) { w in
+            if w == 0 {
+                for v in 1...rounds { try? d.setEntry(table: 128, index: 5, value: UInt64(v)) }
+                return
+            }
+            var seen: UInt64 = 0
+            for _ in 0..<(rounds * 2) {
+                guard let v = try? d.entry(table: 128, index: 5) else { continue }
+                if v < seen { stale.withLock { $0 += 1 } }
+                seen = max(seen, v)
+            }
+        }
+        XCTAssertEqual(stale.withLock { $0 }, 0)
+        XCTAssertEqual(try d.entry(table: 128, index: 5), UInt64(rounds))
+    }
+
     /// A cache large enough to be sharded: the capacity still bounds it, write-back is
     /// still oldest change first over all shards, and parallel readers and writers of many
     /// tables see and leave consistent values.
