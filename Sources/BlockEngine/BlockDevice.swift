@@ -176,27 +176,11 @@ public final class BlockDevice: Sendable {
         try inflate(compressed)
     }
 
-    /// One compressed cluster's share of a read buffer (disjoint from every other piece).
-    struct CompressedPiece: @unchecked Sendable {
-        let mapping: Mapping, guestOffset: UInt64, piece: UnsafeMutableRawBufferPointer
-    }
-
-    /// Inflates the compressed clusters of one request, several at once when there are
-    /// several (a sequential read of a compressed image is otherwise bound by one core).
+    /// Inflates the compressed clusters of one request: the driver reads a batch its own way
+    /// (`ImageMapping.readCompressed(_:)`, by default several at once).
     private func inflate(_ pieces: [CompressedPiece]) throws {
-        if pieces.count <= 1 {
-            for p in pieces { try driver.readCompressed(p.mapping, guestOffset: p.guestOffset, into: p.piece) }
-            return
-        }
-        let failure = Mutex<(any Error)?>(nil)
-        let driver = self.driver
-        DispatchQueue.concurrentPerform(iterations: pieces.count) { i in
-            let p = pieces[i]
-            do { try driver.readCompressed(p.mapping, guestOffset: p.guestOffset, into: p.piece) } catch {
-                failure.withLock { if $0 == nil { $0 = error } }
-            }
-        }
-        if let error = failure.withLock({ $0 }) { throw error }
+        if pieces.count == 1 { try driver.readCompressed(pieces[0].mapping, guestOffset: pieces[0].guestOffset, into: pieces[0].piece) }
+        else if pieces.count > 1 { try driver.readCompressed(pieces) }
     }
 
     private func readBacking(into piece: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {

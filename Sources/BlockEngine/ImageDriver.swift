@@ -95,6 +95,11 @@ public protocol ImageMapping: AnyObject, Sendable {
 
     /// Inflates one compressed cluster and copies guest bytes `[offset, offset+buffer.count)` out.
     func readCompressed(_ mapping: Mapping, guestOffset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws
+    /// The compressed clusters of one request (2 or more). The default inflates them several
+    /// at once (a sequential read of a compressed image is otherwise bound by one core); a
+    /// driver whose pieces are cheaper read together (EWF's stored chunks lying back to
+    /// back: one preadv) reads them its own way.
+    func readCompressed(_ pieces: [CompressedPiece]) throws
 
     /// Guest bytes holding data as the header counts them, when it does (VDI's
     /// blocks_allocated): st_blocks shows it until the first walk of the tables is done.
@@ -198,6 +203,7 @@ extension ImageMapping {
     public func readCompressed(_ mapping: Mapping, guestOffset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws {
         throw BlockError.unsupported(file: file.path, feature: "compressed clusters")
     }
+    public func readCompressed(_ pieces: [CompressedPiece]) throws { try CompressedPiece.readInParallel(pieces, from: self) }
 }
 
 extension ImageLifecycle {

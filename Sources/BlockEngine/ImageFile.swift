@@ -178,15 +178,29 @@ public final class ImageFile: Sendable {
     /// an error naming `what`.
     public func read(into head: UnsafeMutableRawBufferPointer, then tail: UnsafeMutableRawBufferPointer,
                      at offset: UInt64, what: String) throws {
-        let total = head.count + tail.count
-        if offset <= UInt64(Int.max) - UInt64(total) {
-            var iov = [iovec(iov_base: head.baseAddress, iov_len: head.count), iovec(iov_base: tail.baseAddress, iov_len: tail.count)]
-            if preadv(fd, &iov, 2, off_t(offset)) == total { return }
-        }
-        // Short, interrupted or failed: piece by piece, which reports what went wrong.
-        try read(into: head, at: offset, what: what)
-        try read(into: tail, at: offset + UInt64(head.count), what: what)
+        try read(scatter: [head, tail], at: offset, what: what)
     }
+
+    /// Fills `buffers` in order from the consecutive bytes at `offset`, in one preadv when it
+    /// returns them all (a run of stored chunks, each followed by its checksum); the file
+    /// ending early is an error naming `what`.
+    public func read(scatter buffers: [UnsafeMutableRawBufferPointer], at offset: UInt64, what: String) throws {
+        let total = buffers.reduce(0) { $0 + $1.count }
+        if buffers.count <= Self.maxIovecs, offset <= UInt64(Int.max) - UInt64(total) {
+            var iov = buffers.map { iovec(iov_base: $0.baseAddress, iov_len: $0.count) }
+            if preadv(fd, &iov, Int32(iov.count), off_t(offset)) == total { return }
+        }
+        // Short, interrupted, failed or too many pieces: piece by piece, which reports what
+        // went wrong.
+        var at = offset
+        for b in buffers {
+            try read(into: b, at: at, what: what)
+            at += UInt64(b.count)
+        }
+    }
+
+    /// Pieces one preadv takes (Linux's IOV_MAX).
+    public static let maxIovecs = 1024
 
     /// Reads until the buffer is full or the file ends; returns the bytes read.
     public func readUpTo(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws -> Int {

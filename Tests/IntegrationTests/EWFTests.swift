@@ -205,6 +205,16 @@ final class EWFTests: XCTestCase {
         XCTAssertEqual(pread(fd, &whole, 32768, 7 * 32768), 32768)
         XCTAssertEqual(pread(fd, &buf, 4096, 7 * 32768 + 12288), 4096)
         XCTAssertEqual(Data(buf), try Files.pread(src, count: 4096, at: 7 * 32768 + 12288))
+        // A read of several whole chunks takes them in one preadv: the damaged chunk among
+        // them fails the request; a run without it reads the source.
+        let dfd = open(s.mnt + "/d.raw", O_RDONLY | 0o40000 /* O_DIRECT: one request of 4 chunks */)
+        defer { close(dfd) }
+        let big = UnsafeMutableRawBufferPointer.allocate(byteCount: 4 * 32768, alignment: 4096)
+        defer { big.deallocate() }
+        XCTAssertEqual(pread(dfd, big.baseAddress, big.count, 4 * 32768), -1)
+        XCTAssertEqual(errno, EIO)
+        XCTAssertEqual(pread(dfd, big.baseAddress, big.count, 8 * 32768), big.count)
+        XCTAssertEqual(Data(big), try Files.pread(src, count: big.count, at: 8 * 32768))
     }
 
     /// An error2 section (what EnCase and ewfacquire write for unreadable source sectors),
