@@ -152,12 +152,12 @@ public final class EWFDriver: MultiFileMapping, ImageDriver {
         bytes.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[inChunk..<(inChunk + buffer.count)])) }
     }
 
-    /// A request's chunks: runs of whole stored chunks lying back to back in one segment
-    /// are read with one preadv per part of up to `storedPartBytes` (the chunks straight into
-    /// the caller's buffer, their checksums beside them), then checked; every other piece
-    /// (compressed, partial, a last chunk with a tail) through the one-chunk path. Parts and
-    /// pieces are spread over the cores when there are several; a part alone (a 128 KiB
-    /// read) is read on the calling thread, which costs less than waking another.
+    /// A request's chunks: runs of two or more whole stored chunks lying back to back in one
+    /// segment are read with one preadv per part of up to `storedPartBytes` (the chunks
+    /// straight into the caller's buffer, their checksums beside them), then checked; every
+    /// other piece (compressed, partial, a stored chunk alone) through the one-chunk path.
+    /// Parts and pieces are spread over the cores when there are several; a part alone (a
+    /// 128 KiB read) is read on the calling thread, which costs less than waking another.
     public func readCompressed(_ pieces: [CompressedPiece]) throws {
         var parts: [ArraySlice<CompressedPiece>] = [], others: [CompressedPiece] = []
         var i = 0
@@ -168,16 +168,15 @@ public final class EWFDriver: MultiFileMapping, ImageDriver {
                   b.chunk == a.chunk + UInt64(j - i), bytes + b.stored <= Self.storedPartBytes {
                 end += b.stored; bytes += b.stored; j += 1
             }
-            parts.append(pieces[i..<j])
+            if j - i > 1 { parts.append(pieces[i..<j]) } else { others.append(pieces[i]) }
             i = j
         }
-        if parts.count == 1 && others.isEmpty { return try readStored(parts[0]) }
-        for r in onAllCores(parts.count + others.count, { k in
+        try CompressedPiece.concurrently(parts.count + others.count) { k in
             if k < parts.count { try readStored(parts[k]) } else {
                 let p = others[k - parts.count]
                 try readCompressed(p.mapping, guestOffset: p.guestOffset, into: p.piece)
             }
-        }) { try r.get() }
+        }
     }
 
     /// Stored chunks one preadv reads together at most (more go to another core).
