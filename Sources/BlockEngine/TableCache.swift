@@ -286,8 +286,8 @@ public final class TableCache: MetadataLayer {
                 slot = try insertLocked(&s, table: table, bytes: loaded ?? [UInt8](repeating: 0, count: tableBytes), forChange: true)
             }
             if memoized { TableMemo.forget(cache: serial, table: table) }
+            s.generation.bump()  // first: `body` may throw after changing some bytes
             let r = try body(&slot.bytes)
-            s.generation.bump()
             slot.uniform = nil
             slot.referenced = true; slot.dirtySeq = tick()
             return (r, s.slots.count > shardCapacity)
