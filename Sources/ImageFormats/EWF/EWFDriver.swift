@@ -213,8 +213,7 @@ public final class EWFDriver: MultiFileMapping, ImageDriver {
             defer { at += UInt64(p.piece.count) + 4 }
             if let verified, verified.contains(c) { continue }
             guard ewfAdler32(UnsafeRawBufferPointer(p.piece)) == UInt32(littleEndian: sums[k]) else {
-                throw BlockError.invalid(file: segments[first.segment].path, field: chunkName(c, at, length: p.piece.count),
-                                         detail: "checksum mismatch (the stored chunk is damaged)")
+                throw damagedStored(c, at: at, length: p.piece.count, segment: first.segment)
             }
             verified?.insert(c)
         }
@@ -230,8 +229,7 @@ public final class EWFDriver: MultiFileMapping, ImageDriver {
             var sum: UInt32 = 0
             try withUnsafeMutableBytes(of: &sum) { try segment.read(into: buffer, then: $0, at: ch.offset, what: "EWF chunk \(c)") }
             guard ewfAdler32(UnsafeRawBufferPointer(buffer)) == UInt32(littleEndian: sum) else {
-                throw BlockError.invalid(file: segment.path, field: chunkName(c, ch.offset, length: buffer.count),
-                                         detail: "checksum mismatch (the stored chunk is damaged)")
+                throw damagedStored(c, at: ch.offset, length: buffer.count, segment: ch.segment)
             }
             verified?.insert(c)
             return true
@@ -241,6 +239,12 @@ public final class EWFDriver: MultiFileMapping, ImageDriver {
         guard stored.withUnsafeBytes({ rm_libdeflate_exact($0.baseAddress, $0.count, buffer.baseAddress, buffer.count, 1) == 0 }) else { return false }
         checkedWhole(c, UnsafeRawBufferPointer(buffer))
         return true
+    }
+
+    /// Stored chunk `c` at `offset` of segment `segment` failed its Adler-32.
+    private func damagedStored(_ c: UInt64, at offset: UInt64, length: Int, segment: Int) -> BlockError {
+        .invalid(file: segments[segment].path, field: chunkName(c, offset, length: length),
+                 detail: "checksum mismatch (the stored chunk is damaged)")
     }
 
     private func chunkName(_ c: UInt64, _ offset: UInt64, length: Int) -> String {
@@ -274,7 +278,7 @@ public final class EWFDriver: MultiFileMapping, ImageDriver {
                 throw BlockError.truncated(file: segment.path, what: what, offset: ch.offset, needed: ch.stored, fileSize: try segment.size())
             }
             guard ewfAdler32(stored[0..<sum]) == le32(stored, sum) else {
-                throw BlockError.invalid(file: segment.path, field: what, detail: "checksum mismatch (the stored chunk is damaged)")
+                throw damagedStored(c, at: ch.offset, length: length, segment: ch.segment)
             }
             stored.removeLast(stored.count - length)  // the checksum (and a part-sector tail): no copy
             verified?.insert(c)
