@@ -187,8 +187,12 @@ public final class ImageFile: Sendable {
     public func read(scatter buffers: [UnsafeMutableRawBufferPointer], at offset: UInt64, what: String) throws {
         let total = buffers.reduce(0) { $0 + $1.count }
         if buffers.count <= Self.maxIovecs, offset <= UInt64(Int.max) - UInt64(total) {
-            var iov = buffers.map { iovec(iov_base: $0.baseAddress, iov_len: $0.count) }
-            if preadv(fd, &iov, Int32(iov.count), off_t(offset)) == total { return }
+            // (On the stack: this runs once per stored EWF chunk.)
+            let whole = withUnsafeTemporaryAllocation(of: iovec.self, capacity: buffers.count) { iov in
+                for (k, b) in buffers.enumerated() { iov[k] = iovec(iov_base: b.baseAddress, iov_len: b.count) }
+                return preadv(fd, iov.baseAddress, Int32(buffers.count), off_t(offset)) == total
+            }
+            if whole { return }
         }
         // Short, interrupted, failed or too many pieces: piece by piece, which reports what
         // went wrong.
@@ -200,7 +204,7 @@ public final class ImageFile: Sendable {
     }
 
     /// Pieces one preadv takes (Linux's IOV_MAX).
-    public static let maxIovecs = 1024
+    static let maxIovecs = 1024
 
     /// Reads until the buffer is full or the file ends; returns the bytes read.
     public func readUpTo(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws -> Int {

@@ -15,3 +15,18 @@ public func onAllCores<T: Sendable>(_ count: Int, _ work: (Int) throws -> T) -> 
     }
     return results.withLock { $0 }.map { $0! }
 }
+
+/// `work(k)` for every k below `count`, spread over the cores (one alone on the calling
+/// thread), when only success matters: the first error is thrown once every k is done, so
+/// nothing is still being written after (lighter than `onAllCores`: no results are kept).
+public func eachOnAllCores(_ count: Int, _ work: (Int) throws -> Void) throws {
+    if count == 1 { return try work(0) }
+    let failure = Mutex<(any Error)?>(nil)
+    withoutActuallyEscaping(work) { work in
+        nonisolated(unsafe) let work = work  // concurrentPerform returns after every iteration
+        DispatchQueue.concurrentPerform(iterations: count) { k in
+            do { try work(k) } catch { failure.withLock { if $0 == nil { $0 = error } } }
+        }
+    }
+    if let error = failure.withLock({ $0 }) { throw error }
+}

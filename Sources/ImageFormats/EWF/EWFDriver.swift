@@ -171,7 +171,7 @@ public final class EWFDriver: MultiFileMapping, ImageDriver {
             if j - i > 1 { parts.append(pieces[i..<j]) } else { others.append(pieces[i]) }
             i = j
         }
-        try CompressedPiece.concurrently(parts.count + others.count) { k in
+        try eachOnAllCores(parts.count + others.count) { k in
             if k < parts.count { try readStored(parts[k]) } else {
                 let p = others[k - parts.count]
                 try readCompressed(p.mapping, guestOffset: p.guestOffset, into: p.piece)
