@@ -30,8 +30,10 @@ public struct ExposedFile: Sendable {
     /// A partition of the disk shown as the mount's first file: served with direct I/O, and
     /// each change through it drops the same bytes from the disk file's page cache.
     public let isPartition: Bool
-    /// Served without the kernel's page cache, so it always shows the disk as it is now.
-    var directIO: Bool { isView || isPartition }
+    /// Served without the kernel's page cache, so it always shows the disk as it is now. A
+    /// partition that cannot change (read-only, and no other writer shares the image) is
+    /// cached like the disk file: the two caches can then never disagree.
+    var directIO: Bool { isView || (isPartition && (!readOnly || device.driver.file.sharedWithWriters)) }
 
     public init(name: String, device: BlockDevice, readOnly: Bool) {
         self.name = name

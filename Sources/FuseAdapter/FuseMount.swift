@@ -23,13 +23,19 @@ public final class FuseMount {
         self.filesystem = filesystem
         self.mountpoint = mountpoint
         self.threads = threads
+        var opts = ["fsname=" + Self.escapedOptionValue(fsName), "subtype=rawmount", "default_permissions"]
+        if readOnly { opts.append("ro") }
         // The last max_read given wins, as libfuse reads its options.
         if let last = extraOptions.flatMap({ $0.split(separator: ",") }).last(where: { $0.hasPrefix("max_read=") }),
            let n = UInt32(last.dropFirst("max_read=".count)) {
             filesystem.maxRead.withLock { $0 = n }
+        } else if readOnly {
+            // Reads of at most 128 KiB: the kernel's read-ahead then keeps several in flight
+            // and splits an O_DIRECT read into requests served at once (see `open`), where a
+            // 1 MiB request is answered alone while the reader waits. Writes keep 1 MiB.
+            opts.append("max_read=\(Self.readOnlyMaxRead)")
+            filesystem.maxRead.withLock { $0 = Self.readOnlyMaxRead }
         }
-        var opts = ["fsname=" + Self.escapedOptionValue(fsName), "subtype=rawmount", "default_permissions"]
-        if readOnly { opts.append("ro") }
         opts.append(contentsOf: extraOptions.filter { !$0.isEmpty })
         let argv = ["rawmount", "-o", opts.joined(separator: ",")]
         argStorage = argv.map { strdup($0) } + [nil]
@@ -55,6 +61,7 @@ public final class FuseMount {
     }
 
     let threads: Int
+    static let readOnlyMaxRead: UInt32 = 128 << 10
     static let detach: Int32 = 2, noFollow: Int32 = 8  // MNT_DETACH, UMOUNT_NOFOLLOW
 
     /// libfuse opens /dev/fuse as the calling user before anything else (fusermount3 only

@@ -111,7 +111,11 @@ private func setHandlesOperations(_ ops: inout fuse_lowlevel_ops) {
         }
         let flags = rm_fi_flags(fi)
         if (flags & O_ACCMODE) != O_RDONLY && file.readOnly { fuse_reply_err(req, EROFS); return }
-        if flags & rm_O_DIRECT != 0 || file.directIO { rm_fi_set_direct_io(fi, 1) }
+        // A file that cannot change takes O_DIRECT through the kernel's own direct I/O path
+        // (still past the page cache), which sends a large read's max_read parts at once;
+        // direct_io would send them one after another. Writable files keep direct_io: the
+        // other path takes the inode lock exclusively for each write.
+        if (flags & rm_O_DIRECT != 0 && !file.readOnly) || file.directIO { rm_fi_set_direct_io(fi, 1) }
         // FLUSH (on close) carries only this handle, not the open flags: keep them in it.
         fi.pointee.fh = UInt64(UInt32(bitPattern: flags))
         fuse_reply_open(req, fi)

@@ -211,6 +211,56 @@ final class PartitionTests: XCTestCase {
         try Harness.run(["qemu-img", "check", img])
     }
 
+    /// A read-only mount asks the kernel for reads of at most 128 KiB, lets O_DIRECT reads
+    /// take the kernel's own direct I/O path (a large read's parts sent at once) and caches
+    /// its partitions: every way of reading still gives QEMU's bytes, up to a disk and a
+    /// partition that end inside a page, from aligned and unaligned buffers.
+    func testReadOnlyMountReadsEveryWay() throws {
+        let s = try Scratch()
+        let raw = s.path("r.raw")
+        try Harness.run(["dd", "if=/dev/urandom", "of=\(raw)", "bs=512", "count=\((12 << 11) + 3)", "status=none"])
+        try Harness.run(["sfdisk", "-q", raw], input: Data("label: dos\nstart=2048, size=16383, type=83\n".utf8))
+        let img = s.path("r.qcow2")
+        try Harness.run(["qemu-img", "convert", "-O", "qcow2", raw, img])
+        let oracle = try s.qemuRaw(img)
+        try s.mount(img, options: ["-r"])
+        let mountinfo = try String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8)
+        let line = mountinfo.split(separator: "\n").first { $0.contains(" \(s.mnt) ") } ?? ""
+        XCTAssertTrue(line.contains("max_read=131072"), "read-only mount without max_read=131072: \(line)")
+        let files = [("r.raw", oracle), ("r-p1.raw", oracle[(2048 * 512) ..< ((2048 + 16383) * 512)])]
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: 3 << 20, alignment: 4096)
+        defer { buffer.deallocate() }
+        for (name, expected) in files {
+            let size = expected.count
+            // Whole reads, buffered (read-ahead in 128 KiB requests) and cached: equal.
+            XCTAssertTrue(try Files.read(s.mnt + "/" + name) == expected, "\(name): buffered read differs")
+            XCTAssertTrue(try Files.read(s.mnt + "/" + name) == expected, "\(name): cached read differs")
+            let fd = open(s.mnt + "/" + name, O_RDONLY | 0o40000 /* O_DIRECT */)
+            XCTAssertGreaterThanOrEqual(fd, 0, "\(name): O_DIRECT open")
+            // 2 MiB + 4 KiB reads (17 parts), from an aligned and an unaligned buffer, in the
+            // middle and across the end (a short read).
+            for (at, misalign) in [(4096, 0), (1 << 20, 1), (size - (1 << 20) - 512, 0), (size - 4096, 3)] {
+                let want = min((2 << 20) + 4096, size - at)
+                let n = pread(fd, buffer + misalign, (2 << 20) + 4096, off_t(at))
+                XCTAssertEqual(n, want, "\(name): O_DIRECT read at \(at)")
+                guard n == want else { continue }
+                let got = Data(bytes: buffer + misalign, count: n)
+                XCTAssertTrue(got == expected[(expected.startIndex + at) ..< (expected.startIndex + at + n)],
+                              "\(name): O_DIRECT read at \(at) (buffer +\(misalign)) differs from QEMU's bytes")
+            }
+            XCTAssertEqual(pread(fd, buffer, 1 << 20, off_t(size)), 0, "\(name): O_DIRECT read at the end")
+            close(fd)
+        }
+        try s.unmount()
+        // A writable mount keeps 1 MiB requests (and its partitions past the page cache).
+        try s.mount(img)
+        let rw = try String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8).split(separator: "\n").first { $0.contains(" \(s.mnt) ") } ?? ""
+        XCTAssertFalse(rw.contains("max_read=131072"), "writable mount with 128 KiB reads: \(rw)")
+        XCTAssertTrue(try Files.read(s.mnt + "/r-p1.raw") == files[1].1, "writable mount: partition differs")
+        try s.unmount()
+        try Harness.run(["qemu-img", "check", img])
+    }
+
     /// Tables no tool would write: an EBR chain that loops, partitions past the disk's end
     /// and overlapping ones, an absurd GPT entry count. Nothing hangs or crashes; bad entries
     /// are clipped or left out, and `info` and the mount say so.

@@ -156,27 +156,48 @@ public final class EWFDriver: MultiFileMapping, ImageDriver {
     /// segment are read with one preadv per part of up to `storedPartBytes` (the chunks
     /// straight into the caller's buffer, their checksums beside them), then checked; every
     /// other piece (compressed, partial, a stored chunk alone) through the one-chunk path.
-    /// Parts and pieces are spread over the cores when there are several; a part alone (a
-    /// 128 KiB read) is read on the calling thread, which costs less than waking another.
+    /// Parts and pieces are spread over the cores only when that pays: two or more chunks to
+    /// inflate, or more stored bytes than one core copies in the time it takes to wake
+    /// another; a 128 KiB read of stored and zero chunks is read on the calling thread.
     public func readCompressed(_ pieces: [CompressedPiece]) throws {
         var parts: [ArraySlice<CompressedPiece>] = [], others: [CompressedPiece] = []
+        var inflating = 0, copying = 0
         var i = 0
         while i < pieces.count {
-            guard let a = storedWhole(pieces[i]) else { others.append(pieces[i]); i += 1; continue }
+            guard let a = storedWhole(pieces[i]) else {
+                if inflates(pieces[i]) { inflating += 1 } else { copying += pieces[i].piece.count }
+                others.append(pieces[i]); i += 1; continue
+            }
             var j = i + 1, end = a.offset + a.stored, bytes = a.stored
             while j < pieces.count, let b = storedWhole(pieces[j]), b.segment == a.segment, b.offset == end,
                   b.chunk == a.chunk + UInt64(j - i), bytes + b.stored <= Self.storedPartBytes {
                 end += b.stored; bytes += b.stored; j += 1
             }
             if j - i > 1 { parts.append(pieces[i..<j]) } else { others.append(pieces[i]) }
+            copying += Int(bytes)
             i = j
         }
-        try eachOnAllCores(parts.count + others.count) { k in
-            if k < parts.count { try readStored(parts[k]) } else {
+        let read = { (k: Int) throws in
+            if k < parts.count { try self.readStored(parts[k]) } else {
                 let p = others[k - parts.count]
-                try readCompressed(p.mapping, guestOffset: p.guestOffset, into: p.piece)
+                try self.readCompressed(p.mapping, guestOffset: p.guestOffset, into: p.piece)
             }
         }
+        if inflating < 2 && copying <= Self.copiedOnOneCore {
+            for k in 0 ..< parts.count + others.count { try read(k) }
+        } else {
+            try eachOnAllCores(parts.count + others.count, read)
+        }
+    }
+
+    /// Stored bytes a request copies on its own thread at most (waking another core costs
+    /// about as much as copying this much).
+    static let copiedOnOneCore = 256 << 10
+
+    /// Whether reading the piece inflates a chunk (not a stored one, nor one known to be zeros).
+    private func inflates(_ p: CompressedPiece) -> Bool {
+        guard case let .compressed(_, size, _) = p.mapping, size & Self.compressedFlag != 0 else { return false }
+        return !(zeroChunks?.contains(p.guestOffset / chunkBytes) ?? false)
     }
 
     /// Stored chunks one preadv reads together at most (more go to another core).
