@@ -183,6 +183,18 @@ public final class BlockDevice: Sendable {
         else if pieces.count > 1 { try driver.readCompressed(pieces) }
     }
 
+    /// Serves a read of a read-only disk without copying its bytes when the driver lends
+    /// every one of them (`ImageMapping.lend`): `reply` gets the regions while they hold.
+    /// False: nothing was done, read the bytes.
+    public func lend(at offset: UInt64, count: Int, _ reply: ([UnsafeRawBufferPointer]) -> Void) -> Bool {
+        guard writer == nil, backing == nil, count > 0, offset < virtualSize, UInt64(count) <= virtualSize - offset else { return false }
+        let epoch = enterAccess()
+        defer { leaveAccess(epoch) }
+        guard let regions = driver.lend(offset, count: count) else { return false }
+        reply(regions)
+        return true
+    }
+
     private func readBacking(into piece: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
         if let backing { try backing.read(into: piece, at: offset) } // zeros past its end
         else { memset(piece.baseAddress!, 0, piece.count) }

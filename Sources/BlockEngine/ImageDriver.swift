@@ -100,6 +100,10 @@ public protocol ImageMapping: AnyObject, Sendable {
     /// driver whose pieces are cheaper read together (EWF's stored chunks lying back to
     /// back: one preadv) reads them its own way.
     func readCompressed(_ pieces: [CompressedPiece]) throws
+    /// Where guest bytes `[offset, offset + count)` already lie in memory a reply can be
+    /// written from (`LentFile`: mapped image bytes this mount has checked, zeros), when every
+    /// one of them does: the regions in order. nil (the default): read them.
+    func lend(_ offset: UInt64, count: Int) -> [UnsafeRawBufferPointer]?
 
     /// Guest bytes holding data as the header counts them, when it does (VDI's
     /// blocks_allocated): st_blocks shows it until the first walk of the tables is done.
@@ -204,6 +208,7 @@ extension ImageMapping {
         throw BlockError.unsupported(file: file.path, feature: "compressed clusters")
     }
     public func readCompressed(_ pieces: [CompressedPiece]) throws { try CompressedPiece.readInParallel(pieces, from: self) }
+    public func lend(_ offset: UInt64, count: Int) -> [UnsafeRawBufferPointer]? { nil }
 }
 
 extension ImageLifecycle {

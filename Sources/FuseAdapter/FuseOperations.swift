@@ -146,6 +146,19 @@ private func setHandlesOperations(_ ops: inout fuse_lowlevel_ops) {
     }
 }
 
+/// Answers a read from lent memory (`BlockDevice.lend`): the kernel copies it straight into
+/// the reader's pages. If it cannot (an image file shrank under its mapping), the kernel has
+/// already failed the read with EIO; the log says why.
+private func replyLent(_ req: fuse_req_t?, _ fs: FuseFilesystem, _ regions: [UnsafeRawBufferPointer], _ n: Int, _ off: off_t) {
+    let r = withUnsafeTemporaryAllocation(of: iovec.self, capacity: regions.count) { iov in
+        for (k, b) in regions.enumerated() { iov[k] = iovec(iov_base: UnsafeMutableRawPointer(mutating: b.baseAddress), iov_len: b.count) }
+        return fuse_reply_iov(req, iov.baseAddress, Int32(regions.count))
+    }
+    if r != 0, let log = fs.log {
+        log.record("read \(n) bytes at \(off): \(String(cString: strerror(EIO))): the kernel could not copy the image's mapped bytes (\(String(cString: strerror(-r))): an image file shrank under the mount?)")
+    }
+}
+
 /// The callbacks for guest bytes: reads, writes, zeroing and discards, SEEK_DATA/SEEK_HOLE.
 private func setDataOperations(_ ops: inout fuse_lowlevel_ops) {
     ops.read = { req, ino, size, off, _ in
@@ -154,6 +167,7 @@ private func setDataOperations(_ ops: inout fuse_lowlevel_ops) {
         let disk = file.size
         guard off >= 0, UInt64(off) < disk else { fuse_reply_buf(req, nil, 0); return }
         let n = Int(min(UInt64(size), disk - UInt64(off)))
+        if file.readOnly, file.device.lend(at: file.start + UInt64(off), count: n, { replyLent(req, fs, $0, n, off) }) { return }
         let buf = ThreadBuffer.get(n)
         file.pendingWrites?.drain()
         do {

@@ -372,6 +372,45 @@ final class EWFTests: XCTestCase {
         }
     }
 
+    /// Chunks a mount has checked are answered from the mapped segment (stored ones) or from
+    /// zeros (zero ones) without a copy: the second read of every byte, buffered and
+    /// O_DIRECT, equals the source. A segment that shrinks under the mount fails the read of
+    /// what it lost (EIO, logged), never a crash or other bytes, and the rest still reads.
+    func testCheckedChunksAreLentAndAShrunkSegmentFailsTheRead() throws {
+        let s = try Scratch()
+        let (src, data) = try source(s, bytes: 6 << 20)
+        let first = try acquire(src, to: s.path("l"), ["-f", "encase6", "-c", "none"])
+        try s.mount(first, options: ["-r"])
+        let raw = s.mnt + "/l.raw"
+        for pass in 0..<3 { XCTAssertTrue(try Files.read(raw) == data, "buffered pass \(pass)") }
+        let fd = open(raw, O_RDONLY | 0o40000 /* O_DIRECT */)
+        let big = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
+        defer { big.deallocate() }
+        for pass in 0..<2 {
+            for at in stride(from: 0, to: data.count, by: big.count) {
+                let n = pread(fd, big.baseAddress, big.count, off_t(at + 512))
+                XCTAssertEqual(n, min(big.count, data.count - at - 512), "O_DIRECT pass \(pass) at \(at + 512)")
+                if n > 0 { XCTAssertTrue(Data(big[0..<n]) == data[(at + 512) ..< (at + 512 + n)], "O_DIRECT pass \(pass) at \(at + 512)") }
+            }
+        }
+        // The segment loses its second half under the mount.
+        let half = try Files.size(first) / 2
+        XCTAssertEqual(truncate(first, off_t(half)), 0)
+        XCTAssertEqual(pread(fd, big.baseAddress, 65536, off_t(data.count - 65536 * 4)), -1)
+        XCTAssertEqual(errno, EIO)
+        XCTAssertEqual(pread(fd, big.baseAddress, 65536, 65536), 65536)
+        XCTAssertTrue(Data(big[0..<65536]) == data[65536 ..< 131072])
+        // The server logs after the kernel has failed the read: give it a moment.
+        var log = ""
+        for _ in 0..<100 where !log.contains("could not copy the image's mapped bytes") {
+            usleep(50_000)
+            log = Files.readAll(s.serverLog)
+        }
+        XCTAssertTrue(log.contains("could not copy the image's mapped bytes"), log)
+        close(fd)
+        try s.unmount()
+    }
+
     /// The rest of rawmount works on evidence unchanged: partitions as files, the overlay
     /// for writes (the evidence untouched), convert to qcow2 (qemu-img compare equal).
     func testPartitionsOverlayAndConvert() throws {

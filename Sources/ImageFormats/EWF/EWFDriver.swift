@@ -28,6 +28,8 @@ public final class EWFDriver: MultiFileMapping, ImageDriver {
     /// of most evidence): a later read of one is a memset, without a read or an inflate.
     /// Kept only with `verified`.
     let zeroChunks: AtomicBits?
+    /// Each segment mapped for replies without a copy (`lend`), when first asked.
+    let lent: [LentFile]
 
     public var readOnlyReason: String? { "evidence is always served read-only; --overlay takes writes" }
     public var contributingFiles: [ImageFile] { segments }
@@ -52,6 +54,7 @@ public final class EWFDriver: MultiFileMapping, ImageDriver {
         inflated = InflatedClusters(clusterBytes: Int(media.chunkBytes), budget: 16 << 20)
         verified = segments.contains { $0.sharedWithWriters } ? nil : AtomicBits(count: media.neededChunks)
         zeroChunks = verified == nil ? nil : AtomicBits(count: media.neededChunks)
+        lent = segments.map { LentFile(file: $0) }
         var details: [(String, String)] = [("file format", flavour), ("segments", "\(segments.count)")]
         details += caseInfo.values.map { ($0.name, $0.value.escapingControls) }
         details.append(("bytes per sector", "\(media.bytesPerSector)"))
@@ -189,6 +192,32 @@ public final class EWFDriver: MultiFileMapping, ImageDriver {
             try eachOnAllCores(parts.count + others.count, read)
         }
     }
+
+    /// A read of chunks this mount has checked, stored ones (mapped from their segment) and
+    /// zero ones, is answered from memory without a copy; any other chunk, or a read of more
+    /// regions than a reply takes, is read. Never with --force-share (`verified` is nil).
+    public func lend(_ offset: UInt64, count: Int) -> [UnsafeRawBufferPointer]? {
+        guard let verified, let zeroChunks else { return nil }
+        var regions: [UnsafeRawBufferPointer] = []
+        var pos = offset
+        let end = offset + UInt64(count)
+        while pos < end {
+            let c = pos / chunkBytes
+            let n = Int(min(end, (c + 1) * chunkBytes) - pos)
+            guard verified.contains(c), regions.count < Self.lentRegions, let ch = try? chunk(c) else { return nil }
+            if ch.compressed {
+                guard zeroChunks.contains(c), LentFile.appendZeros(n, to: &regions) else { return nil }
+            } else {
+                guard let bytes = lent[ch.segment].bytes(at: ch.offset + (pos - c * chunkBytes), count: n) else { return nil }
+                regions.append(bytes)
+            }
+            pos += UInt64(n)
+        }
+        return regions
+    }
+
+    /// Regions one lent reply holds at most (each one an iovec of the reply's writev).
+    static let lentRegions = 256
 
     /// Stored bytes a request copies on its own thread at most (waking another core costs
     /// about as much as copying this much).
