@@ -12,16 +12,17 @@ import Synchronization
 /// (EFAULT, the reader gets EIO) where a read here would raise SIGBUS.
 public final class LentFile: Sendable {
     public let file: ImageFile
-    /// The mapping's address and length once made (0: not yet, or it cannot be made).
+    /// The mapping's address and length once made (0: not yet; `unmappable`: it cannot be).
     private let base = Atomic<UInt>(0)
+    private static let unmappable: UInt = 1
     private let length = Atomic<Int>(0)
-    private let making = Mutex<Bool>(false)
+    private let making = Mutex<Void>(())
 
     public init(file: ImageFile) { self.file = file }
 
     deinit {
         let b = base.load(ordering: .acquiring)
-        if b != 0 { munmap(UnsafeMutableRawPointer(bitPattern: b), length.load(ordering: .relaxed)) }
+        if b > Self.unmappable { munmap(UnsafeMutableRawPointer(bitPattern: b), length.load(ordering: .relaxed)) }
     }
 
     /// The file's bytes `[offset, offset + count)`, when the mapping (made at the file's size
@@ -30,17 +31,19 @@ public final class LentFile: Sendable {
         var b = base.load(ordering: .acquiring)
         if b == 0 { b = map() }
         let n = length.load(ordering: .relaxed)
-        guard b != 0, count >= 0, offset <= UInt64(n), UInt64(count) <= UInt64(n) - offset else { return nil }
+        guard b > Self.unmappable, count >= 0, offset <= UInt64(n), UInt64(count) <= UInt64(n) - offset else { return nil }
         return UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: b + UInt(offset)), count: count)
     }
 
     private func map() -> UInt {
-        making.withLock { tried in
+        making.withLock { _ in
             let made = base.load(ordering: .acquiring)
-            guard made == 0, !tried else { return made }
-            tried = true
+            guard made == 0 else { return made }
             guard let size = file.fileStatus().map({ Int($0.st_size) }), size > 0,
-                  let p = mmap(nil, size, PROT_READ, MAP_SHARED, file.fd, 0), p != MAP_FAILED else { return 0 }
+                  let p = mmap(nil, size, PROT_READ, MAP_SHARED, file.fd, 0), p != MAP_FAILED else {
+                base.store(Self.unmappable, ordering: .releasing)
+                return Self.unmappable
+            }
             length.store(size, ordering: .relaxed)
             base.store(UInt(bitPattern: p), ordering: .releasing)
             return UInt(bitPattern: p)

@@ -32,7 +32,7 @@ public final class FuseMount {
         } else if readOnly {
             // Reads of at most 128 KiB: the kernel's read-ahead then keeps several in flight
             // and splits an O_DIRECT read into requests served at once (see `open`), where a
-            // 1 MiB request is answered alone while the reader waits. Writes keep 1 MiB.
+            // 1 MiB request is answered alone while the reader waits.
             opts.append("max_read=\(Self.readOnlyMaxRead)")
             filesystem.maxRead.withLock { $0 = Self.readOnlyMaxRead }
         }

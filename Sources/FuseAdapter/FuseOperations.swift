@@ -167,9 +167,9 @@ private func setDataOperations(_ ops: inout fuse_lowlevel_ops) {
         let disk = file.size
         guard off >= 0, UInt64(off) < disk else { fuse_reply_buf(req, nil, 0); return }
         let n = Int(min(UInt64(size), disk - UInt64(off)))
+        file.pendingWrites?.drain()
         if file.readOnly, file.device.lend(at: file.start + UInt64(off), count: n, { replyLent(req, fs, $0, n, off) }) { return }
         let buf = ThreadBuffer.get(n)
-        file.pendingWrites?.drain()
         do {
             try file.device.read(into: buf, at: file.start + UInt64(off))
             fuse_reply_buf(req, buf.baseAddress!.assumingMemoryBound(to: CChar.self), n)

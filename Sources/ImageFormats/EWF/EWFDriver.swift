@@ -199,6 +199,7 @@ public final class EWFDriver: MultiFileMapping, ImageDriver {
     public func lend(_ offset: UInt64, count: Int) -> [UnsafeRawBufferPointer]? {
         guard let verified, let zeroChunks else { return nil }
         var regions: [UnsafeRawBufferPointer] = []
+        regions.reserveCapacity(min(Self.lentRegions, count / Int(chunkBytes) + 2))
         var pos = offset
         let end = offset + UInt64(count)
         while pos < end {
