@@ -187,9 +187,9 @@ public final class BlockDevice: Sendable {
     /// every one of them (`ImageMapping.lend`): `reply` gets the regions while they hold.
     /// False: nothing was done, read the bytes.
     public func lend(at offset: UInt64, count: Int, _ reply: ([UnsafeRawBufferPointer]) -> Void) -> Bool {
+        // Not counted as an access: a disk that never writes never unlinks space, so no
+        // release waits for it (and a read-only mount of any format asks here first).
         guard writer == nil, backing == nil, count > 0, offset < virtualSize, UInt64(count) <= virtualSize - offset else { return false }
-        let epoch = enterAccess()
-        defer { leaveAccess(epoch) }
         guard let regions = driver.lend(offset, count: count) else { return false }
         reply(regions)
         return true

@@ -27,8 +27,9 @@ public struct ExposedFile: Sendable {
     /// one partition of it.
     public let start: UInt64
     public let size: UInt64
-    /// A partition of the disk shown as the mount's first file: served with direct I/O, and
-    /// each change through it drops the same bytes from the disk file's page cache.
+    /// A partition of the disk shown as the mount's first file: served with direct I/O when
+    /// it can change (`directIO`), and each change through it drops the same bytes from the
+    /// disk file's page cache.
     public let isPartition: Bool
     /// Served without the kernel's page cache, so it always shows the disk as it is now. A
     /// partition that cannot change (read-only, and no other writer shares the image) is
