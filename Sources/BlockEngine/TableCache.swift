@@ -87,6 +87,9 @@ public final class TableCache: MetadataLayer {
         var queue: [UInt64] = []
         var head = 0
         var stats = Stats()
+        /// Tables dropped so far (evicted or discarded): a table read outside the lock is
+        /// kept only if none was dropped meanwhile (`withLoadedSlot`).
+        var drops: UInt64 = 0
     }
     public struct Stats: Sendable, Equatable {
         public var hits = 0, misses = 0, evictions = 0, tableWrites = 0, writeBackBatches = 0
@@ -133,10 +136,12 @@ public final class TableCache: MetadataLayer {
 
     /// The shard holding `table` (keys are spread by a multiplicative hash, so neighbouring
     /// tables land in different shards).
-    @inline(__always) private func shard(_ table: UInt64) -> Shard {
-        if shards.count == 1 { return shards[0] }
-        return shards[Int(truncatingIfNeeded: (table &* 0x9E37_79B9_7F4A_7C15) >> 61)]
+    @inline(__always) private func shard(_ table: UInt64) -> Shard { shards[shardIndex(table)] }
+    @inline(__always) private func shardIndex(_ table: UInt64) -> Int {
+        shards.count == 1 ? 0 : Int(truncatingIfNeeded: (table &* 0x9E37_79B9_7F4A_7C15) >> 61)
     }
+    /// Every shard's drop count now (taken before a read that fills several tables).
+    private var dropCounts: [UInt64] { shards.map { $0.state.withLock { $0.drops } } }
 
     /// The next change stamp (called under a shard's lock).
     @inline(__always) private func tick() -> UInt64 {
@@ -179,11 +184,7 @@ public final class TableCache: MetadataLayer {
             remember(s, table, slot)
             return decode(slot.bytes, index)
         }) { return v }
-        let bytes = try readTable(table)
-        return try sh.state.withLock { s in
-            let slot = try insertLocked(&s, table: table, bytes: bytes)
-            return decode(slot.bytes, index)
-        }
+        return try withLoadedSlot(table, forChange: false) { _, slot in decode(slot.bytes, index) }
     }
 
     /// Calls `body` with entries `range` of the table, under the lock (no I/O in `body`).
@@ -198,11 +199,7 @@ public final class TableCache: MetadataLayer {
             remember(s, table, slot)
             return try body(TableView(bytes: slot.bytes, encoding: encoding))
         }) { return r }
-        let bytes = try readTable(table)
-        return try sh.state.withLock { s in
-            let slot = try insertLocked(&s, table: table, bytes: bytes)
-            return try body(TableView(bytes: slot.bytes, encoding: encoding))
-        }
+        return try withLoadedSlot(table, forChange: false) { _, slot in try body(TableView(bytes: slot.bytes, encoding: encoding)) }
     }
 
     /// The table's entries as they are now, to scan without holding the cache's lock: the
@@ -244,21 +241,48 @@ public final class TableCache: MetadataLayer {
             slot.referenced = true; s.stats.hits += 1
             return try body(slot)
         }) { return r }
-        let bytes = try readTable(table)
-        return try sh.state.withLock { s in try body(try insertLocked(&s, table: table, bytes: bytes)) }
+        return try withLoadedSlot(table, forChange: false) { _, slot in try body(slot) }
+    }
+
+    /// Tries at reading a missing table outside the lock before `withLoadedSlot` reads it
+    /// holding the lock.
+    static let unlockedReadTries = 3
+
+    /// Runs `body` on `table`'s slot under its shard's lock, reading the table outside the
+    /// lock when it is missing (or, for a lookup, when the held copy of a shared file is too
+    /// old). `forChange`: the table is about to be changed (kept past the capacity; a held
+    /// copy is used however old). The bytes read are kept only if the shard dropped no
+    /// table meanwhile: the read may predate a change that was written back before the
+    /// table was evicted, and keeping it would undo that change. A read that lost that race
+    /// (or a table evicted between the two locks) is made again; the last try reads
+    /// holding the lock, so a cache evicting without pause cannot make this spin.
+    private func withLoadedSlot<R>(_ table: UInt64, forChange: Bool, _ body: (inout State, Slot) throws -> R) throws -> R {
+        let sh = shard(table)
+        func usable(_ slot: Slot?) -> Slot? {
+            guard let slot, forChange || isFresh(slot) else { return nil }
+            slot.referenced = true
+            return slot
+        }
+        for _ in 0 ..< Self.unlockedReadTries {
+            let since = sh.state.withLock { s in usable(s.slots[table]) == nil ? s.drops : nil }
+            let bytes = try since.map { _ in try readTable(table) }
+            if let r = try sh.state.withLock({ s -> R? in
+                if let slot = usable(s.slots[table]) { return try body(&s, slot) }
+                // A held but too old copy of a shared file takes the newer bytes.
+                guard let bytes, s.slots[table] != nil || s.drops == since else { return nil }
+                return try body(&s, try insertLocked(&s, table: table, bytes: bytes, forChange: forChange))
+            }) { return r }
+        }
+        return try sh.state.withLock { s in
+            if let slot = usable(s.slots[table]) { return try body(&s, slot) }
+            return try body(&s, try insertLocked(&s, table: table, bytes: try readTable(table), forChange: forChange))
+        }
     }
 
     /// Sets an entry and marks the table dirty (moving it to the back of the write order).
     public func setEntry(table: UInt64, index: Int, value: UInt64) throws {
         precondition(index >= 0 && index < entriesPerTable)
-        let sh = shard(table)
-        let loaded: [UInt8]? = sh.state.withLock { $0.slots[table] == nil } ?
-            try readTable(table) : nil
-        let overfull = try sh.state.withLock { s in
-            let slot: Slot
-            if let existing = s.slots[table] { slot = existing } else {
-                slot = try insertLocked(&s, table: table, bytes: loaded ?? [UInt8](repeating: 0, count: tableBytes), forChange: true)
-            }
+        let overfull = try withLoadedSlot(table, forChange: true) { s, slot in
             if memoized { TableMemo.forget(cache: serial, table: table) }
             encode(&slot.bytes, index, value)
             s.generation.bump()
@@ -277,14 +301,7 @@ public final class TableCache: MetadataLayer {
 
     /// Changes the table's raw bytes and marks it dirty (moving it to the back of the write order).
     public func modify<R>(table: UInt64, _ body: (inout [UInt8]) throws -> R) throws -> R {
-        let sh = shard(table)
-        let loaded: [UInt8]? = sh.state.withLock { $0.slots[table] == nil } ?
-            try readTable(table) : nil
-        let (result, overfull) = try sh.state.withLock { s in
-            let slot: Slot
-            if let existing = s.slots[table] { slot = existing } else {
-                slot = try insertLocked(&s, table: table, bytes: loaded ?? [UInt8](repeating: 0, count: tableBytes), forChange: true)
-            }
+        let (result, overfull) = try withLoadedSlot(table, forChange: true) { s, slot in
             if memoized { TableMemo.forget(cache: serial, table: table) }
             s.generation.bump()  // first: `body` may throw after changing some bytes
             let r = try body(&slot.bytes)
@@ -304,11 +321,14 @@ public final class TableCache: MetadataLayer {
         guard loader == nil, end > table, !isCached(table: table) else { return }
         let n = Int(min(UInt64(min(count, capacity)), (end - table) / UInt64(tableBytes)))
         guard n > 1 else { return }
+        let since = dropCounts
         let bytes = try file.readBytes(count: n * tableBytes, at: table, what: "metadata tables")
         for k in 0 ..< n {
             let t = table + UInt64(k * tableBytes)
+            // Not kept if its shard dropped a table meanwhile (see `withLoadedSlot`).
             try shard(t).state.withLock { s in
-                if s.slots[t] == nil { _ = try insertLocked(&s, table: t, bytes: Array(bytes[k * tableBytes ..< (k + 1) * tableBytes])) }
+                guard s.slots[t] == nil, s.drops == since[shardIndex(t)] else { return }
+                _ = try insertLocked(&s, table: t, bytes: Array(bytes[k * tableBytes ..< (k + 1) * tableBytes]))
             }
         }
     }
@@ -331,8 +351,9 @@ public final class TableCache: MetadataLayer {
         var done = 0, batch = min(n, Self.firstFilledBatch)
         while done < n {
             let first = table + UInt64(done * tableBytes)
+            let since = dropCounts
             let bytes = try file.readBytes(count: batch * tableBytes, at: first, what: "metadata tables")
-            let filled = try filledPrefix(bytes, at: first, count: batch, byte: byte)
+            let filled = try filledPrefix(bytes, at: first, count: batch, byte: byte, since: since)
             done += filled
             if filled < batch { break }
             batch = min(n - done, most)
@@ -346,14 +367,19 @@ public final class TableCache: MetadataLayer {
 
     /// How many of the `count` tables read into `bytes` from `first` on are all `byte`,
     /// judging held tables by the cache (checked under the lock, after the read: a table
-    /// loaded and perhaps changed meanwhile is never judged by the older file bytes).
-    private func filledPrefix(_ bytes: [UInt8], at first: UInt64, count: Int, byte: UInt8) throws -> Int {
+    /// loaded and perhaps changed meanwhile is never judged by the older file bytes). `since`:
+    /// the shards' drop counts before the read; a table missing from a shard that dropped one
+    /// meanwhile may have been changed, written back and evicted after the read, so it is
+    /// read again (holding the lock: rare).
+    private func filledPrefix(_ bytes: [UInt8], at first: UInt64, count: Int, byte: UInt8, since: [UInt64]) throws -> Int {
         for k in 0 ..< count {
             let t = first + UInt64(k * tableBytes)
             let same = try shard(t).state.withLock { s -> Bool in
                 if let slot = s.slots[t] { return uniformByte(slot) == Int(byte) }
-                let same = bytes.withUnsafeBytes { Self.allBytes($0.baseAddress.map { $0 + k * tableBytes }, tableBytes, equal: byte) }
-                if !same { _ = try insertLocked(&s, table: t, bytes: Array(bytes[k * tableBytes ..< (k + 1) * tableBytes])) }
+                let reread = s.drops == since[shardIndex(t)] ? nil : try readTable(t)
+                let same = reread.map { $0.withUnsafeBytes { Self.allBytes($0.baseAddress, tableBytes, equal: byte) } }
+                    ?? bytes.withUnsafeBytes { Self.allBytes($0.baseAddress.map { $0 + k * tableBytes }, tableBytes, equal: byte) }
+                if !same { _ = try insertLocked(&s, table: t, bytes: reread ?? Array(bytes[k * tableBytes ..< (k + 1) * tableBytes])) }
                 return same
             }
             if !same { return k }
@@ -384,7 +410,7 @@ public final class TableCache: MetadataLayer {
         if UInt64(cachedCount) <= length / UInt64(tableBytes) {
             for sh in shards {
                 sh.state.withLock { s in
-                    for key in s.slots.keys where key >= start && key < start + length { s.slots[key] = nil }
+                    for key in s.slots.keys where key >= start && key < start + length { s.slots[key] = nil; s.drops += 1 }
                     s.generation.bump()
                 }
             }
@@ -393,7 +419,7 @@ public final class TableCache: MetadataLayer {
             while t < start + length {
                 let key = t
                 shard(key).state.withLock { s in
-                    if s.slots.removeValue(forKey: key) != nil { s.generation.bump() }
+                    if s.slots.removeValue(forKey: key) != nil { s.generation.bump(); s.drops += 1 }
                 }
                 t += UInt64(tableBytes)
             }
@@ -556,6 +582,7 @@ public final class TableCache: MetadataLayer {
             if victim.referenced || victim.dirtySeq != nil { victim.referenced = false; s.queue.append(key); continue }
             s.slots[key] = nil
             s.generation.bump()
+            s.drops += 1
             s.stats.evictions += 1
         }
         if s.head > 4096 && s.head * 2 > s.queue.count { s.queue.removeFirst(s.head); s.head = 0 }

@@ -288,15 +288,28 @@ final class TableCacheTests: XCTestCase {
         XCTAssertGreaterThan(s.hits + s.misses, tables)
     }
 
+    /// Four writers of four tables in a cache of two: tables are written back and evicted
+    /// while others are read in again outside the lock. No change is lost: a table evicted
+    /// between a change's two locks, or read before a change of it was written back and
+    /// evicted, is read again (before: entries lost in 4 of 6 runs of 1000 rounds).
     func testConcurrentWritersToDistinctEntriesAllLand() throws {
-        let f = try makeFile([UInt8](repeating: 0, count: 4 * 64 * 4))
-        let c = TableCache(file: f, tableBytes: 64 * 4, encoding: .u32LE, capacity: 2)
-        DispatchQueue.concurrentPerform(iterations: 4) { w in
-            for i in 0..<64 { try? c.setEntry(table: UInt64(w * 256), index: i, value: UInt64(w << 16 | i)) }
+        var lost = 0, failed = 0
+        for _ in 0 ..< 1000 {
+            let f = try makeFile([UInt8](repeating: 0, count: 4 * 64 * 4))
+            let c = TableCache(file: f, tableBytes: 64 * 4, encoding: .u32LE, capacity: 2)
+            let errors = Mutex(0)
+            DispatchQueue.concurrentPerform(iterations: 4) { w in
+                for i in 0..<64 {
+                    do { try c.setEntry(table: UInt64(w * 256), index: i, value: UInt64(w << 16 | i)) } catch { errors.withLock { $0 += 1 } }
+                }
+            }
+            failed += errors.withLock { $0 }
+            try c.flush()
+            let check = TableCache(file: f, tableBytes: 64 * 4, encoding: .u32LE, capacity: 4)
+            for w in 0..<4 { for i in 0..<64 where try check.entry(table: UInt64(w * 256), index: i) != UInt64(w << 16 | i) { lost += 1 } }
         }
-        try c.flush()
-        let check = TableCache(file: f, tableBytes: 64 * 4, encoding: .u32LE, capacity: 4)
-        for w in 0..<4 { for i in 0..<64 { XCTAssertEqual(try check.entry(table: UInt64(w * 256), index: i), UInt64(w << 16 | i)) } }
+        XCTAssertEqual(failed, 0, "changes that threw")
+        XCTAssertEqual(lost, 0, "entries lost over 1000 rounds")
     }
 }
 
