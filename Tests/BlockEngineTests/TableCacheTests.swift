@@ -311,6 +311,38 @@ final class TableCacheTests: XCTestCase {
         XCTAssertEqual(failed, 0, "changes that threw")
         XCTAssertEqual(lost, 0, "entries lost over 1000 rounds")
     }
+
+    /// A lookup reads a missing table outside the lock; meanwhile a change of that table is
+    /// written back and the table evicted. The lookup's older bytes are not kept: they would
+    /// hide the change from later lookups, and the next change of the table would write
+    /// the older entries back over it. (The loader pauses the lookup's read on cue.)
+    func testAReadOlderThanAWrittenBackChangeIsNotKept() throws {
+        let f = try makeFile([UInt8](repeating: 0, count: 2 * 64))
+        let pauseNext = Mutex(false)
+        let read = DispatchSemaphore(value: 0), resume = DispatchSemaphore(value: 0)
+        let c = TableCache(file: f, tableBytes: 64, encoding: .u32LE, capacity: 1, loader: { key in
+            let bytes = try f.readBytes(count: 64, at: key, what: "table")
+            if pauseNext.withLock({ p in defer { p = false }; return p }) { read.signal(); resume.wait() }
+            return bytes
+        })
+        pauseNext.withLock { $0 = true }
+        let looked = Mutex<UInt64?>(nil)
+        let done = DispatchSemaphore(value: 0)
+        let reader = Thread { looked.withLock { $0 = try? c.entry(table: 0, index: 3) }; done.signal() }
+        reader.start()
+        read.wait()  // the lookup holds table 0 as it was: all zeros
+        try c.setEntry(table: 0, index: 3, value: 7)
+        try c.flush()
+        try c.setEntry(table: 64, index: 0, value: 1)  // evicts table 0 (clean, capacity 1)
+        XCTAssertFalse(c.isCached(table: 0))
+        resume.signal()
+        XCTAssertEqual(done.wait(timeout: .now() + 30), .success)
+        XCTAssertEqual(looked.withLock { $0 }, 7, "the lookup answered from bytes older than a written-back change")
+        XCTAssertEqual(try c.entry(table: 0, index: 3), 7)
+        try c.setEntry(table: 0, index: 4, value: 9)
+        try c.flush()
+        XCTAssertEqual(try f.readBytes(count: 4, at: 12, what: "entry"), [7, 0, 0, 0], "a later change wrote older entries back")
+    }
 }
 
 extension TableCacheTests {
