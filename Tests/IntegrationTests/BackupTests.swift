@@ -186,6 +186,19 @@ final class BackupTests: XCTestCase {
         let busy = try backup(q, s.path("b"))
         XCTAssertEqual(busy.status, 2)
         XCTAssertTrue(busy.err.contains("busy.qcow2"), busy.err)
+        let busyDry = try backup(q, s.path("b"), ["--dry-run"])
+        XCTAssertEqual(busyDry.status, 2, "a dry run beside a writer: \(busyDry.out)")
         try s.unmount()
+        // A read-only mount: the dry run (it changes nothing) runs beside it, the backup
+        // itself (it resets the bitmap) does not.
+        try s.mount(q, options: ["-r"])
+        let dry = try backup(q, s.path("b"), ["--dry-run", "--json"])
+        XCTAssertEqual(dry.status, 0, dry.err)
+        XCTAssertTrue(dry.out.contains("\"kind\" : \"full\""), dry.out)
+        let refused = try backup(q, s.path("b"))
+        XCTAssertEqual(refused.status, 2)
+        XCTAssertTrue(refused.err.contains("busy.qcow2") && refused.err.contains("does not allow writing"), refused.err)
+        try s.unmount()
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: s.path("b")).filter { !$0.hasPrefix(".") }, [])
     }
 }

@@ -36,11 +36,13 @@ struct BackupRun {
         var sha256: String?
     }
 
-    /// Opens the image read-only under an exclusive lock held by `guardFile` (the lock a
-    /// mount or QEMU takes for writing, so nothing writes while the backup runs).
-    private func openSource() throws -> (guardFile: ImageFile, source: BlockDevice, qcow2: QCOW2Driver) {
-        let guardFile = try ImageFile(path: image, writable: true)
-        try ImageLock.acquire(guardFile, writable: true)
+    /// Opens the image read-only under a lock held by `guardFile`: a writer's (the lock a
+    /// mount or QEMU takes for writing, so nothing writes while the backup runs and resets
+    /// the bitmap), or for a dry run, which changes nothing, a reader's (it refuses writers
+    /// too, and runs beside read-only mounts of the image).
+    private func openSource(writing: Bool) throws -> (guardFile: ImageFile, source: BlockDevice, qcow2: QCOW2Driver) {
+        let guardFile = try ImageFile(path: image, writable: writing)
+        try ImageLock.acquire(guardFile, writable: writing)
         let src = try ImageOpener.open(path: image, options: .init(writable: false, lock: false))
         guard src.driver.file.isSameFile(as: guardFile) else {
             try? src.close()
@@ -90,7 +92,7 @@ struct BackupRun {
     }
 
     func run(dryRun: Bool, progress: (_ read: UInt64, _ total: UInt64) -> Void) throws -> Result {
-        let (guardFile, src, qcow2) = try openSource()
+        let (guardFile, src, qcow2) = try openSource(writing: !dryRun)
         defer { _ = guardFile }
         var sourceOpen = true
         defer { if sourceOpen { try? src.close() } }
