@@ -31,6 +31,10 @@ public enum BlockError: Error, Equatable, CustomStringConvertible {
     /// that lies): refused, and the image is marked corrupt and served read-only from then on.
     case metadataOverlap(file: String, detail: String)
 
+    /// How a reader looks at an image another program holds (the commands that only read
+    /// take -r -U / --force-share).
+    public static let forceShareHint = "(to look at it anyway: -r -U, which may show a disk that changes under you)"
+
     public var description: String {
         switch self {
         case let .io(file, op, offset, err):
@@ -49,7 +53,7 @@ public enum BlockError: Error, Equatable, CustomStringConvertible {
         case let .readOnly(file):
             return "\(file): image is open read-only"
         case let .locked(file, detail):
-            return "\(file): image is in use: \(detail) (to look at it anyway: -r -U, which may show a disk that changes under you)"
+            return "\(file): image is in use: \(detail) \(Self.forceShareHint)"
         case let .usage(text):
             return text
         case let .metadataOverlap(file, detail):

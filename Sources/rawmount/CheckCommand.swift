@@ -37,7 +37,7 @@ struct CheckCommand: ParsableCommand {
         do {
             outcome = try check()
         } catch let e as ExitCode { throw e } catch {
-            printError("rawmount: \(describe(error))")
+            printError("rawmount: \(describe(error, forceShare: false))")
             throw ExitCode.failure
         }
         if output == "json" {

@@ -78,7 +78,7 @@ struct CommitCommand: ParsableCommand {
             if !quiet { print("Image committed.") }
             _ = totals
         } catch let e as ExitCode { throw e } catch {
-            printError("rawmount: \(describe(error))")
+            printError("rawmount: \(describe(error, forceShare: false))")
             throw ExitCode.failure
         }
     }

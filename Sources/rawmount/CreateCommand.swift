@@ -74,11 +74,11 @@ struct CreateCommand: ParsableCommand {
     func run() throws {
         var c = self
         do { try c.applyCreationOptions() } catch {
-            printError("rawmount: \(describe(error))")
+            printError("rawmount: \(describe(error, forceShare: false))")
             throw ExitCode.failure
         }
         do { try c.createImage() } catch {
-            printError("rawmount: \(describe(error))")
+            printError("rawmount: \(describe(error, forceShare: false))")
             throw ExitCode.failure
         }
     }

@@ -57,7 +57,7 @@ struct MapCommand: ParsableCommand {
             if let p = pending { emit(p) }
             if json { print("]") }
         } catch let e as ExitCode { throw e } catch {
-            printError("rawmount: \(describe(error))")
+            printError("rawmount: \(describe(error, forceShare: false))")
             throw ExitCode.failure
         }
     }

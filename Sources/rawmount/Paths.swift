@@ -211,11 +211,17 @@ func print(_ items: Any..., separator: String = " ", terminator: String = "\n") 
 }
 
 /// A message for any error: BlockError's sentence, or the error's own description.
-func describe(_ error: Error) -> String {
+/// `forceShare`: whether the command takes -U (--force-share); a lock refusal by one that
+/// does not (it changes the image, or it has no such option) says to free the image first
+/// instead of pointing at an option the command refuses.
+func describe(_ error: Error, forceShare: Bool = true) -> String {
     if let e = error as? BlockError {
         // Lock refusals name who holds the image when that can be found.
         if case let .locked(file, _) = e {
-            return "\(e.description) (\(Holders.lockHolders(of: file) ?? "is it mounted, or in use by QEMU?"))"
+            let holders = Holders.lockHolders(of: file) ?? "is it mounted, or in use by QEMU?"
+            guard !forceShare else { return "\(e.description) (\(holders))" }
+            let sentence = e.description.replacingOccurrences(of: " " + BlockError.forceShareHint, with: "")
+            return "\(sentence) (\(holders)); unmount it or stop that program first"
         }
         return e.description
     }

@@ -56,7 +56,7 @@ struct RebaseCommand: ParsableCommand {
                 printError("rawmount: \(image): \(copied.written) bytes copied, \(copied.zeroed) zeroed")
             }
         } catch let e as ExitCode { throw e } catch {
-            printError("rawmount: \(describe(error))")
+            printError("rawmount: \(describe(error, forceShare: false))")
             throw ExitCode.failure
         }
     }

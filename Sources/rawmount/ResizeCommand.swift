@@ -54,7 +54,7 @@ struct ResizeCommand: ParsableCommand {
             }
             if !quiet { print("Image resized.") }
         } catch let e as ExitCode { throw e } catch {
-            printError("rawmount: \(describe(error))")
+            printError("rawmount: \(describe(error, forceShare: false))")
             throw ExitCode.failure
         }
     }

@@ -198,6 +198,8 @@ final class BackupTests: XCTestCase {
         let refused = try backup(q, s.path("b"))
         XCTAssertEqual(refused.status, 2)
         XCTAssertTrue(refused.err.contains("busy.qcow2") && refused.err.contains("does not allow writing"), refused.err)
+        // backup has no -U: the refusal says to free the image, not to force-share it.
+        XCTAssertTrue(refused.err.contains("unmount it") && !refused.err.contains("-U"), refused.err)
         try s.unmount()
         XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: s.path("b")).filter { !$0.hasPrefix(".") }, [])
     }

@@ -64,7 +64,7 @@ struct BackupCommand: ParsableCommand {
             if verify { return try BackupVerify(path: paths[0], json: json).run() }
             try backup()
         } catch let e as ExitCode { throw e } catch {
-            printError("rawmount: \(describe(error))")
+            printError("rawmount: \(describe(error, forceShare: false))")
             throw ExitCode(2)
         }
     }
