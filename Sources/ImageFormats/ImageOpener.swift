@@ -11,6 +11,11 @@ public enum ImageOpener {
         public var writable: Bool
         public var format: ImageFormat?
         public var lock: Bool
+        /// The caller holds this image's lock already, through a descriptor of its own (kept
+        /// across steps that open and close the image): the image is not locked again (its
+        /// own lock would conflict), its backing files are, and it is not treated as a file
+        /// others write. The caller checks that the file opened is the one it holds.
+        public var lockHeldByCaller = false
         /// qcow2: show this internal snapshot (ID or name) instead of the active disk.
         public var snapshot: String?
         /// Told what the user should know about the image: what a repair-on-open fixed (QED
@@ -23,6 +28,12 @@ public enum ImageOpener {
         public init(writable: Bool, format: ImageFormat? = nil, lock: Bool = true, snapshot: String? = nil,
                     onNote: (@Sendable (String) -> Void)? = nil) {
             self.writable = writable; self.format = format; self.lock = lock; self.snapshot = snapshot; self.onNote = onNote
+        }
+        /// Options for an image whose lock the caller holds (`lockHeldByCaller`).
+        public static func heldByCaller(writable: Bool, format: ImageFormat? = nil) -> Options {
+            var o = Options(writable: writable, format: format)
+            o.lockHeldByCaller = true
+            return o
         }
     }
 
@@ -65,7 +76,7 @@ public enum ImageOpener {
         let writable = try options.writable && format.supportsWriting && options.snapshot == nil && !splitByName
             && (opening?.takesWrites(readOnlyFile) ?? true)
         let file = writable ? try ReferencedFiles.reopenForWriting(readOnlyFile) : readOnlyFile
-        if options.lock { try ImageLock.acquire(file, writable: writable) }
+        if options.lock && !options.lockHeldByCaller { try ImageLock.acquire(file, writable: writable) }
         if let key = options.snapshot, !(opening?.hasSnapshots ?? false) {
             throw BlockError.usage("\(path): snapshot '\(key)' asked for, but only qcow2 images hold internal snapshots (this is \(format.rawValue))")
         }

@@ -31,25 +31,27 @@ struct RebaseCommand: ParsableCommand {
             let fmt = try parseFormat(format)
             let newFormat = try parseFormat(backingFormat, what: "backing format")
             var copied = ImageCopy.Totals()
-            var copiedInto: FileIdentity?
+            // One writer's lock over the copy and the header change: no other program may
+            // open the image between them (a discard there would show the new backing where
+            // the copy had made the old one's bytes the image's own).
+            let file = try ImageFile(path: image, writable: true)
+            try ImageLock.acquire(file, writable: true)
             if !unsafe {
-                let top = try ImageOpener.open(path: image, options: .init(writable: true, format: fmt))
+                let top = try ImageOpener.open(path: image, options: .heldByCaller(writable: true, format: fmt))
                 do {
+                    // The data goes into the file the header is changed in, not one swapped in since.
+                    guard top.driver.file.isSameFile(as: file) else {
+                        throw BlockError.invalid(file: image, field: "file", detail: "it was replaced by another file during the rebase; its backing file was not changed")
+                    }
                     guard top.driver is QCOW2Driver else { throw BlockError.usage("\(image): rebase changes qcow2 images; this one is \(top.driver.info.format)") }
                     let new = backing.isEmpty ? nil : try ImageOpener.open(path: PathName.resolve(backing, relativeTo: image), options: .init(writable: false, format: newFormat))
                     defer { try? new?.close() }
                     copied = try copyDifferences(top, new: new)
-                    copiedInto = top.driver.file.identity
                     try top.flush()
                     try top.close()
                 } catch { try? top.close(); throw error }
             }
-            let file = try ImageFile(path: image, writable: true)
-            try ImageLock.acquire(file, writable: true)
-            // The header changes in the file the data went into, not one swapped in since.
-            if let copiedInto, file.identity != copiedInto {
-                throw BlockError.invalid(file: image, field: "file", detail: "it was replaced by another file during the rebase; its backing file was not changed")
-            }
+            if Self.testPauseBeforeHeader > 0 { usleep(Self.testPauseBeforeHeader) }
             let header = try QCOW2Header.read(from: file)
             _ = try header.rewritingBacking(file, name: backing, format: backing.isEmpty ? nil : newFormat?.rawValue ?? backingFormat)
             if !quiet && !unsafe && copied.written + copied.zeroed > 0 && progress {
@@ -60,6 +62,9 @@ struct RebaseCommand: ParsableCommand {
             throw ExitCode.failure
         }
     }
+
+    /// Tests only: a pause after the copy, before the header names the new backing file.
+    static let testPauseBeforeHeader: UInt32 = getenv("RAWMOUNT_TEST_REBASE_PAUSE_US").flatMap { UInt32(String(cString: $0)) } ?? 0
 
     /// Where `top` holds nothing itself, the old chain's bytes (read through `top`) against
     /// the new chain's (zeros without one): what differs is written into `top` (zeros as

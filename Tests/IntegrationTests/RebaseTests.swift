@@ -39,6 +39,32 @@ final class RebaseTests: XCTestCase {
             try Harness.run([Harness.rawmount, "rebase", "-u", "-b", "elsewhere/base.qcow2", "-F", "qcow2", theirs])
             XCTAssertTrue(try Harness.run(["qemu-img", "info", "-U", "--output=json", theirs]).out.contains("\"backing-filename\": \"elsewhere/base.qcow2\""))
         }
+        // The copy and the header change are one locked step: a writer that comes between
+        // them is refused (the rebase pauses there on cue).
+        let (base, img) = (s.path("b.qcow2"), s.path("i.qcow2"))
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", base, "8M"])
+        try Harness.run(["qemu-io", "-f", "qcow2", "-c", "write -P 3 0 1M", base])
+        try Harness.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", img])
+        let rebase = Process()
+        rebase.executableURL = URL(fileURLWithPath: Harness.rawmount)
+        rebase.arguments = ["rebase", "-b", "", img]
+        rebase.environment = ProcessInfo.processInfo.environment.merging(["RAWMOUNT_TEST_REBASE_PAUSE_US": "3000000"]) { $1 }
+        try rebase.run()
+        var refused: CommandResult?
+        for _ in 0 ..< 40 {  // until the copy is done and the pause began (the image holds the data)
+            usleep(100_000)
+            if try Harness.run(["qemu-img", "map", "-U", "--output=json", img]).out.contains("\"depth\": 0, \"present\": true, \"zero\": false, \"data\": true") {
+                refused = try Harness.run(["qemu-io", "-f", "qcow2", "-c", "discard 0 1M", img], check: false)
+                break
+            }
+        }
+        rebase.waitUntilExit()
+        XCTAssertEqual(rebase.terminationStatus, 0)
+        XCTAssertNotNil(refused, "the rebase's copy never showed")
+        XCTAssertTrue(refused.map { $0.status != 0 && $0.err.contains("lock") } ?? false, "a writer came between the copy and the header: \(refused?.err ?? "")")
+        XCTAssertEqual(try Harness.run(["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", img, base], check: false).status, 0)
+        XCTAssertFalse(try Harness.run(["qemu-img", "info", img]).out.contains("backing file"))
+
         // Other formats are told why.
         let vdi = s.path("d.vdi")
         try Harness.run(["qemu-img", "create", "-q", "-f", "vdi", vdi, "8M"])

@@ -43,7 +43,7 @@ struct BackupRun {
     private func openSource(writing: Bool) throws -> (guardFile: ImageFile, source: BlockDevice, qcow2: QCOW2Driver) {
         let guardFile = try ImageFile(path: image, writable: writing)
         try ImageLock.acquire(guardFile, writable: writing)
-        let src = try ImageOpener.open(path: image, options: .init(writable: false, lock: false))
+        let src = try ImageOpener.open(path: image, options: .heldByCaller(writable: false))
         guard src.driver.file.isSameFile(as: guardFile) else {
             try? src.close()
             throw BlockError.invalid(file: image, field: "file", detail: "it was replaced by another file while being opened")
@@ -148,7 +148,7 @@ struct BackupRun {
         sourceOpen = false
 
         // Only now the bitmap starts over (added by the first run).
-        let w = try ImageOpener.open(path: image, options: .init(writable: true, lock: false))
+        let w = try ImageOpener.open(path: image, options: .heldByCaller(writable: true))
         do {
             guard w.driver.file.isSameFile(as: guardFile), let set = (w.driver as? QCOW2Driver)?.bitmaps else {
                 throw BlockError.invalid(file: image, field: "file", detail: "it was replaced by another file during the backup")
