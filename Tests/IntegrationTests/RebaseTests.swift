@@ -48,19 +48,21 @@ final class RebaseTests: XCTestCase {
         let rebase = Process()
         rebase.executableURL = URL(fileURLWithPath: Harness.rawmount)
         rebase.arguments = ["rebase", "-b", "", img]
-        rebase.environment = ProcessInfo.processInfo.environment.merging(["RAWMOUNT_TEST_REBASE_PAUSE_US": "3000000"]) { $1 }
+        rebase.environment = ProcessInfo.processInfo.environment.merging(["RAWMOUNT_TEST_REBASE_PAUSE_US": "5000000"]) { $1 }
         try rebase.run()
-        var refused: CommandResult?
-        for _ in 0 ..< 40 {  // until the copy is done and the pause began (the image holds the data)
+        var refused: CommandResult?, inPause = false
+        for _ in 0 ..< 100 {  // until the copy is done and the pause began (the image holds the data)
             usleep(100_000)
             if try Harness.run(["qemu-img", "map", "-U", "--output=json", img]).out.contains("\"depth\": 0, \"present\": true, \"zero\": false, \"data\": true") {
                 refused = try Harness.run(["qemu-io", "-f", "qcow2", "-c", "discard 0 1M", img], check: false)
+                inPause = rebase.isRunning  // the attempt fell inside the pause
                 break
             }
         }
         rebase.waitUntilExit()
         XCTAssertEqual(rebase.terminationStatus, 0)
         XCTAssertNotNil(refused, "the rebase's copy never showed")
+        XCTAssertTrue(inPause, "the writer came only after the rebase ended (a slow machine?)")
         XCTAssertTrue(refused.map { $0.status != 0 && $0.err.contains("lock") } ?? false, "a writer came between the copy and the header: \(refused?.err ?? "")")
         XCTAssertEqual(try Harness.run(["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", img, base], check: false).status, 0)
         XCTAssertFalse(try Harness.run(["qemu-img", "info", img]).out.contains("backing file"))
