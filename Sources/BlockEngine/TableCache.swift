@@ -87,10 +87,26 @@ public final class TableCache: MetadataLayer {
         var queue: [UInt64] = []
         var head = 0
         var stats = Stats()
-        /// Tables dropped so far (evicted or discarded): a table read outside the lock is
-        /// kept only if none was dropped meanwhile (`withLoadedSlot`).
+        /// Tables dropped so far (evicted or discarded), and the keys of the last
+        /// `recentDrops` of them (drop n at n % recentDrops): a table read outside the lock
+        /// is kept only if it was not dropped meanwhile (`withLoadedSlot`).
         var drops: UInt64 = 0
+        var dropped: [UInt64] = []
+        mutating func drop(_ key: UInt64) {
+            if dropped.count < TableCache.recentDrops { dropped.append(key) } else { dropped[Int(drops % UInt64(TableCache.recentDrops))] = key }
+            drops += 1
+        }
+        /// Whether `key` may have been dropped since the count was `since` (when more were
+        /// dropped than are remembered, it may have been).
+        func dropped(_ key: UInt64, since: UInt64) -> Bool {
+            let n = drops - since
+            guard n > 0 else { return false }
+            guard n <= UInt64(TableCache.recentDrops) else { return true }
+            return (since ..< drops).contains { dropped[Int($0 % UInt64(TableCache.recentDrops))] == key }
+        }
     }
+    /// Dropped keys each shard remembers.
+    static let recentDrops = 64
     public struct Stats: Sendable, Equatable {
         public var hits = 0, misses = 0, evictions = 0, tableWrites = 0, writeBackBatches = 0
     }
@@ -107,6 +123,10 @@ public final class TableCache: MetadataLayer {
     /// checksum and mirror copy): returns exactly `tableBytes` bytes. Such a cache is read-only.
     public typealias Loader = @Sendable (_ key: UInt64) throws -> [UInt8]
     private let loader: Loader?
+    /// Nothing changes this cache's tables (the file is read-only: EWF's, a read-only mount's):
+    /// a table read outside the lock cannot be older than a change of ours, so it is kept
+    /// whatever was dropped meanwhile.
+    private let neverChanged: Bool
 
     /// The write-back chain this cache is a layer of (set once, before any change): its own
     /// write-backs then go through the chain, which writes the layers it depends on first.
@@ -128,6 +148,7 @@ public final class TableCache: MetadataLayer {
         self.beforeWriteBack = beforeWriteBack
         self.journal = journal
         self.loader = loader
+        neverChanged = !file.isWritable
         memoized = maxAge == nil && tableBytes <= TableMemo.maxTableBytes
         let n = capacity >= Self.shardedFrom ? Self.shardCount : 1
         shards = (0..<n).map { _ in Shard() }
@@ -251,9 +272,9 @@ public final class TableCache: MetadataLayer {
     /// Runs `body` on `table`'s slot under its shard's lock, reading the table outside the
     /// lock when it is missing (or, for a lookup, when the held copy of a shared file is too
     /// old). `forChange`: the table is about to be changed (kept past the capacity; a held
-    /// copy is used however old). The bytes read are kept only if the shard dropped no
-    /// table meanwhile: the read may predate a change that was written back before the
-    /// table was evicted, and keeping it would undo that change. A read that lost that race
+    /// copy is used however old). The bytes read are kept only if the table was not dropped
+    /// meanwhile: the read may predate a change that was written back before the table was
+    /// evicted, and keeping it would undo that change. A read that lost that race
     /// (or a table evicted between the two locks) is made again; the last try reads
     /// holding the lock, so a cache evicting without pause cannot make this spin.
     private func withLoadedSlot<R>(_ table: UInt64, forChange: Bool, _ body: (inout State, Slot) throws -> R) throws -> R {
@@ -269,7 +290,7 @@ public final class TableCache: MetadataLayer {
             if let r = try sh.state.withLock({ s -> R? in
                 if let slot = usable(s.slots[table]) { return try body(&s, slot) }
                 // A held but too old copy of a shared file takes the newer bytes.
-                guard let bytes, s.slots[table] != nil || s.drops == since else { return nil }
+                guard let bytes, let since, s.slots[table] != nil || !s.dropped(table, since: since) || neverChanged else { return nil }
                 return try body(&s, try insertLocked(&s, table: table, bytes: bytes, forChange: forChange))
             }) { return r }
         }
@@ -325,9 +346,9 @@ public final class TableCache: MetadataLayer {
         let bytes = try file.readBytes(count: n * tableBytes, at: table, what: "metadata tables")
         for k in 0 ..< n {
             let t = table + UInt64(k * tableBytes)
-            // Not kept if its shard dropped a table meanwhile (see `withLoadedSlot`).
+            // Not kept if it was dropped meanwhile (see `withLoadedSlot`).
             try shard(t).state.withLock { s in
-                guard s.slots[t] == nil, s.drops == since[shardIndex(t)] else { return }
+                guard s.slots[t] == nil, !s.dropped(t, since: since[shardIndex(t)]) || neverChanged else { return }
                 _ = try insertLocked(&s, table: t, bytes: Array(bytes[k * tableBytes ..< (k + 1) * tableBytes]))
             }
         }
@@ -368,15 +389,15 @@ public final class TableCache: MetadataLayer {
     /// How many of the `count` tables read into `bytes` from `first` on are all `byte`,
     /// judging held tables by the cache (checked under the lock, after the read: a table
     /// loaded and perhaps changed meanwhile is never judged by the older file bytes). `since`:
-    /// the shards' drop counts before the read; a table missing from a shard that dropped one
-    /// meanwhile may have been changed, written back and evicted after the read, so it is
-    /// read again (holding the lock: rare).
+    /// the shards' drop counts before the read; a missing table dropped meanwhile may have
+    /// been changed, written back and evicted after the read, so it is read again (holding
+    /// the lock: rare).
     private func filledPrefix(_ bytes: [UInt8], at first: UInt64, count: Int, byte: UInt8, since: [UInt64]) throws -> Int {
         for k in 0 ..< count {
             let t = first + UInt64(k * tableBytes)
             let same = try shard(t).state.withLock { s -> Bool in
                 if let slot = s.slots[t] { return uniformByte(slot) == Int(byte) }
-                let reread = s.drops == since[shardIndex(t)] ? nil : try readTable(t)
+                let reread = !s.dropped(t, since: since[shardIndex(t)]) || neverChanged ? nil : try readTable(t)
                 let same = reread.map { $0.withUnsafeBytes { Self.allBytes($0.baseAddress, tableBytes, equal: byte) } }
                     ?? bytes.withUnsafeBytes { Self.allBytes($0.baseAddress.map { $0 + k * tableBytes }, tableBytes, equal: byte) }
                 if !same { _ = try insertLocked(&s, table: t, bytes: reread ?? Array(bytes[k * tableBytes ..< (k + 1) * tableBytes])) }
@@ -410,7 +431,7 @@ public final class TableCache: MetadataLayer {
         if UInt64(cachedCount) <= length / UInt64(tableBytes) {
             for sh in shards {
                 sh.state.withLock { s in
-                    for key in s.slots.keys where key >= start && key < start + length { s.slots[key] = nil; s.drops += 1 }
+                    for key in s.slots.keys where key >= start && key < start + length { s.slots[key] = nil; s.drop(key) }
                     s.generation.bump()
                 }
             }
@@ -419,7 +440,7 @@ public final class TableCache: MetadataLayer {
             while t < start + length {
                 let key = t
                 shard(key).state.withLock { s in
-                    if s.slots.removeValue(forKey: key) != nil { s.generation.bump(); s.drops += 1 }
+                    if s.slots.removeValue(forKey: key) != nil { s.generation.bump(); s.drop(key) }
                 }
                 t += UInt64(tableBytes)
             }
@@ -582,7 +603,7 @@ public final class TableCache: MetadataLayer {
             if victim.referenced || victim.dirtySeq != nil { victim.referenced = false; s.queue.append(key); continue }
             s.slots[key] = nil
             s.generation.bump()
-            s.drops += 1
+            s.drop(key)
             s.stats.evictions += 1
         }
         if s.head > 4096 && s.head * 2 > s.queue.count { s.queue.removeFirst(s.head); s.head = 0 }
