@@ -4,7 +4,7 @@
 SWIFT ?= swift
 DEBUG_BIN := .build/debug/rawmount
 RELEASE_BIN := .build/release/rawmount
-APT_PACKAGES := libfuse3-dev fuse3 pkg-config zlib1g-dev libdeflate-dev libzstd-dev libisal-dev qemu-utils qemu-system-common fio e2fsprogs util-linux fdisk sleuthkit bximage python3 libvmdk-utils libqcow-utils libnbd-bin man-db nbdkit nbdkit-plugin-dev iproute2 ewf-tools xmount python3-libnbd
+APT_PACKAGES := libfuse3-dev fuse3 pkg-config bash-completion zlib1g-dev libdeflate-dev libzstd-dev libisal-dev qemu-utils qemu-system-common fio e2fsprogs util-linux fdisk sleuthkit bximage python3 libvmdk-utils libqcow-utils libnbd-bin man-db nbdkit nbdkit-plugin-dev iproute2 ewf-tools xmount python3-libnbd
 
 # `make install [PREFIX=/usr/local] [DESTDIR=] [BIN=path]`: the binary (release build unless
 # BIN names one) where mount(8)'s helpers find it (mount.fuse3 runs it with the shell's
