@@ -31,11 +31,11 @@ public enum BlockError: Error, Equatable, CustomStringConvertible {
     /// that lies): refused, and the image is marked corrupt and served read-only from then on.
     case metadataOverlap(file: String, detail: String)
 
-    /// How a reader looks at an image another program holds (the commands that only read
-    /// take -r -U / --force-share).
-    public static let forceShareHint = "(to look at it anyway: -r -U, which may show a disk that changes under you)"
+    public var description: String { description(hintingForceShare: true) }
 
-    public var description: String {
+    /// `hintingForceShare`: a lock refusal says how a reader looks at the image anyway
+    /// (-r -U); false for commands that have no such option.
+    public func description(hintingForceShare: Bool) -> String {
         switch self {
         case let .io(file, op, offset, err):
             let at = offset.map { " at offset \($0)" } ?? ""
@@ -53,7 +53,7 @@ public enum BlockError: Error, Equatable, CustomStringConvertible {
         case let .readOnly(file):
             return "\(file): image is open read-only"
         case let .locked(file, detail):
-            return "\(file): image is in use: \(detail) \(Self.forceShareHint)"
+            return "\(file): image is in use: \(detail)" + (hintingForceShare ? " (to look at it anyway: -r -U, which may show a disk that changes under you)" : "")
         case let .usage(text):
             return text
         case let .metadataOverlap(file, detail):

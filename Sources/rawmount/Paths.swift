@@ -219,9 +219,8 @@ func describe(_ error: Error, forceShare: Bool = true) -> String {
         // Lock refusals name who holds the image when that can be found.
         if case let .locked(file, _) = e {
             let holders = Holders.lockHolders(of: file) ?? "is it mounted, or in use by QEMU?"
-            guard !forceShare else { return "\(e.description) (\(holders))" }
-            let sentence = e.description.replacingOccurrences(of: " " + BlockError.forceShareHint, with: "")
-            return "\(sentence) (\(holders)); unmount it or stop that program first"
+            let sentence = "\(e.description(hintingForceShare: forceShare)) (\(holders))"
+            return forceShare ? sentence : sentence + "; unmount it or stop that program first"
         }
         return e.description
     }
