@@ -290,7 +290,7 @@ public final class TableCache: MetadataLayer {
             if let r = try sh.state.withLock({ s -> R? in
                 if let slot = usable(s.slots[table]) { return try body(&s, slot) }
                 // A held but too old copy of a shared file takes the newer bytes.
-                guard let bytes, let since, s.slots[table] != nil || !s.dropped(table, since: since) || neverChanged else { return nil }
+                guard let bytes, let since, s.slots[table] != nil || neverChanged || !s.dropped(table, since: since) else { return nil }
                 return try body(&s, try insertLocked(&s, table: table, bytes: bytes, forChange: forChange))
             }) { return r }
         }
@@ -348,7 +348,7 @@ public final class TableCache: MetadataLayer {
             let t = table + UInt64(k * tableBytes)
             // Not kept if it was dropped meanwhile (see `withLoadedSlot`).
             try shard(t).state.withLock { s in
-                guard s.slots[t] == nil, !s.dropped(t, since: since[shardIndex(t)]) || neverChanged else { return }
+                guard s.slots[t] == nil, neverChanged || !s.dropped(t, since: since[shardIndex(t)]) else { return }
                 _ = try insertLocked(&s, table: t, bytes: Array(bytes[k * tableBytes ..< (k + 1) * tableBytes]))
             }
         }
@@ -397,7 +397,7 @@ public final class TableCache: MetadataLayer {
             let t = first + UInt64(k * tableBytes)
             let same = try shard(t).state.withLock { s -> Bool in
                 if let slot = s.slots[t] { return uniformByte(slot) == Int(byte) }
-                let reread = !s.dropped(t, since: since[shardIndex(t)]) || neverChanged ? nil : try readTable(t)
+                let reread = neverChanged || !s.dropped(t, since: since[shardIndex(t)]) ? nil : try readTable(t)
                 let same = reread.map { $0.withUnsafeBytes { Self.allBytes($0.baseAddress, tableBytes, equal: byte) } }
                     ?? bytes.withUnsafeBytes { Self.allBytes($0.baseAddress.map { $0 + k * tableBytes }, tableBytes, equal: byte) }
                 if !same { _ = try insertLocked(&s, table: t, bytes: reread ?? Array(bytes[k * tableBytes ..< (k + 1) * tableBytes])) }

@@ -11,11 +11,12 @@ public enum ImageOpener {
         public var writable: Bool
         public var format: ImageFormat?
         public var lock: Bool
-        /// The caller holds this image's lock already, through a descriptor of its own (kept
-        /// across steps that open and close the image): the image is not locked again (its
-        /// own lock would conflict), its backing files are, and it is not treated as a file
-        /// others write. The caller checks that the file opened is the one it holds.
-        public var lockHeldByCaller = false
+        /// The caller holds this image's lock already, through this descriptor of its own
+        /// (kept across steps that open and close the image): the image is not locked again
+        /// (its own lock would conflict), its backing files are, it is not treated as a file
+        /// others write, and a file at the path other than the one held (replaced since) is
+        /// refused before anything reads it.
+        public var lockHeldBy: ImageFile?
         /// qcow2: show this internal snapshot (ID or name) instead of the active disk.
         public var snapshot: String?
         /// Told what the user should know about the image: what a repair-on-open fixed (QED
@@ -29,10 +30,10 @@ public enum ImageOpener {
                     onNote: (@Sendable (String) -> Void)? = nil) {
             self.writable = writable; self.format = format; self.lock = lock; self.snapshot = snapshot; self.onNote = onNote
         }
-        /// Options for an image whose lock the caller holds (`lockHeldByCaller`).
-        public static func heldByCaller(writable: Bool, format: ImageFormat? = nil) -> Options {
+        /// Options for an image whose lock the caller holds through `guardFile` (`lockHeldBy`).
+        public static func held(by guardFile: ImageFile, writable: Bool, format: ImageFormat? = nil) -> Options {
             var o = Options(writable: writable, format: format)
-            o.lockHeldByCaller = true
+            o.lockHeldBy = guardFile
             return o
         }
     }
@@ -62,6 +63,9 @@ public enum ImageOpener {
         guard let identity = readOnlyFile.identity else {
             throw BlockError.io(file: path, operation: "fstat", offset: nil, errno: 5 /* EIO */)
         }
+        if let held = options.lockHeldBy, !readOnlyFile.isSameFile(as: held) {
+            throw BlockError.invalid(file: path, field: "file", detail: "it was replaced by another file after it was locked; nothing was changed")
+        }
         if chain.contains(identity) {
             throw BlockError.invalid(file: path, field: "backing chain",
                                      detail: "it loops: this file is already in the chain above it (\(chain.count) images up)")
@@ -76,7 +80,7 @@ public enum ImageOpener {
         let writable = try options.writable && format.supportsWriting && options.snapshot == nil && !splitByName
             && (opening?.takesWrites(readOnlyFile) ?? true)
         let file = writable ? try ReferencedFiles.reopenForWriting(readOnlyFile) : readOnlyFile
-        if options.lock && !options.lockHeldByCaller { try ImageLock.acquire(file, writable: writable) }
+        if options.lock && options.lockHeldBy == nil { try ImageLock.acquire(file, writable: writable) }
         if let key = options.snapshot, !(opening?.hasSnapshots ?? false) {
             throw BlockError.usage("\(path): snapshot '\(key)' asked for, but only qcow2 images hold internal snapshots (this is \(format.rawValue))")
         }

@@ -37,12 +37,9 @@ struct RebaseCommand: ParsableCommand {
             let file = try ImageFile(path: image, writable: true)
             try ImageLock.acquire(file, writable: true)
             if !unsafe {
-                let top = try ImageOpener.open(path: image, options: .heldByCaller(writable: true, format: fmt))
+                // The data goes into the file the header is changed in (the open refuses one swapped in since).
+                let top = try ImageOpener.open(path: image, options: .held(by: file, writable: true, format: fmt))
                 do {
-                    // The data goes into the file the header is changed in, not one swapped in since.
-                    guard top.driver.file.isSameFile(as: file) else {
-                        throw BlockError.invalid(file: image, field: "file", detail: "it was replaced by another file during the rebase; its backing file was not changed")
-                    }
                     guard top.driver is QCOW2Driver else { throw BlockError.usage("\(image): rebase changes qcow2 images; this one is \(top.driver.info.format)") }
                     let new = backing.isEmpty ? nil : try ImageOpener.open(path: PathName.resolve(backing, relativeTo: image), options: .init(writable: false, format: newFormat))
                     defer { try? new?.close() }

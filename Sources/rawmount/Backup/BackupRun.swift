@@ -43,11 +43,7 @@ struct BackupRun {
     private func openSource(writing: Bool) throws -> (guardFile: ImageFile, source: BlockDevice, qcow2: QCOW2Driver) {
         let guardFile = try ImageFile(path: image, writable: writing)
         try ImageLock.acquire(guardFile, writable: writing)
-        let src = try ImageOpener.open(path: image, options: .heldByCaller(writable: false))
-        guard src.driver.file.isSameFile(as: guardFile) else {
-            try? src.close()
-            throw BlockError.invalid(file: image, field: "file", detail: "it was replaced by another file while being opened")
-        }
+        let src = try ImageOpener.open(path: image, options: .held(by: guardFile, writable: false))
         guard let qcow2 = src.driver as? QCOW2Driver, qcow2.header.version == 3 else {
             let format = src.driver.info.format
             try? src.close()
@@ -148,10 +144,10 @@ struct BackupRun {
         sourceOpen = false
 
         // Only now the bitmap starts over (added by the first run).
-        let w = try ImageOpener.open(path: image, options: .heldByCaller(writable: true))
+        let w = try ImageOpener.open(path: image, options: .held(by: guardFile, writable: true))
         do {
-            guard w.driver.file.isSameFile(as: guardFile), let set = (w.driver as? QCOW2Driver)?.bitmaps else {
-                throw BlockError.invalid(file: image, field: "file", detail: "it was replaced by another file during the backup")
+            guard let set = (w.driver as? QCOW2Driver)?.bitmaps else {
+                throw BlockError.invalid(file: image, field: "file", detail: "it is no longer a qcow2 image with bitmaps")
             }
             if let entry = set.entries.first(where: { $0.bitmap.name == bitmap }) {
                 if entry.consistent && entry.bitmap.auto { try set.clear(bitmap) } else {
